@@ -1,0 +1,1 @@
+//! Differential privacy for device activations (work in progress).

@@ -1,0 +1,1 @@
+//! Sans-IO Tandem protocol (work in progress).

@@ -1,0 +1,2 @@
+//! Tandem facade.
+pub use tandem_he as he;
