@@ -8,6 +8,9 @@ use crate::{Error, ErrorCode, Limits};
 /// A key id: SHA-256 digest of the device's key material (TDM-KEY-2).
 pub type KeyId = [u8; 32];
 
+/// `(offset, width)` of a length or count field inside an encoded frame.
+pub type LengthField = (usize, usize);
+
 /// Message type byte of the frame header (TDM-MSG-1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MessageType {
@@ -674,7 +677,7 @@ impl Message {
     /// Encodes the frame and returns, with it, the `(offset, width)` of
     /// every length or count field in it (frame length included). Used by
     /// length-rewrite tests and vector generation.
-    pub fn encode_with_length_fields(&self) -> Result<(Vec<u8>, Vec<(usize, usize)>), Error> {
+    pub fn encode_with_length_fields(&self) -> Result<(Vec<u8>, Vec<LengthField>), Error> {
         let w = self.write_body()?;
         let mut fields = vec![(2usize, 4usize)];
         fields.extend(
