@@ -510,7 +510,8 @@ fn negotiation_failures() {
 
 #[test]
 fn device_checks_server_hello() {
-    let bad: [(fn(&mut ServerHello), Error); 4] = [
+    type Case = (fn(&mut ServerHello), Error);
+    let bad: [Case; 4] = [
         // TDM-VER-2
         (|h| h.version = 9, Error::NoCommonVersion),
         // TDM-PAR-2
