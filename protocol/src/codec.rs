@@ -36,6 +36,7 @@ impl<'a> Reader<'a> {
 
     /// Takes exactly `n` bytes or fails with `UnexpectedEnd`.
     pub fn take(&mut self, n: usize, context: &'static str) -> Result<&'a [u8], Error> {
+        // TDM-FRAME-7: never read past the end; a short field is an error.
         let end = self
             .pos
             .checked_add(n)
@@ -288,6 +289,8 @@ pub(crate) struct Deframer {
 impl Deframer {
     /// Consumes bytes from `input` (advancing it) until one complete frame
     /// is available, which is returned as `(type, body)`.
+    ///
+    /// TDM-FRAME-8: frames may be split at any byte or arrive several at once.
     pub(crate) fn push(
         &mut self,
         input: &mut &[u8],

@@ -15,7 +15,9 @@ fn sample_limits() -> Limits {
 
 #[test]
 fn samples_round_trip() {
-    // TDM-FRAME-1, TDM-MSG-1: every sample encodes to a frame that decodes to itself.
+    // TDM-FRAME-1, TDM-MSG-1: every sample encodes to a frame that decodes to itself;
+    // the samples cover TDM-MSG-3 .. TDM-MSG-13 (ServerHello TDM-MSG-4, KeyAck TDM-MSG-6,
+    // InferResponse TDM-MSG-11, Close TDM-MSG-13).
     for (name, msg) in samples::messages() {
         let bytes = msg.encode().unwrap();
         let (back, used) = decode_frame(&bytes, &sample_limits()).unwrap();
@@ -361,6 +363,15 @@ fn field_domains_enforced() {
         code: ErrorCode::NoError,
     });
     assert!(decode_frame(&m.encode().unwrap(), &sample_limits()).is_err());
+}
+
+#[test]
+fn alpn_and_key_id() {
+    // TDM-ALPN-1: the ALPN id is `tandem/1`.
+    assert_eq!(ALPN, b"tandem/1");
+    // TDM-KEY-2: the key id of a blob is its SHA-256 digest (FIPS 180-2 "abc" vector).
+    assert_eq!(key_id_of(b"abc")[..4], [0xba, 0x78, 0x16, 0xbf]);
+    assert_eq!(samples::key_id(), key_id_of(&samples::key_blob()));
 }
 
 #[test]

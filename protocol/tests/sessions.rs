@@ -85,6 +85,7 @@ fn full_flow(p: &mut Pair) -> Vec<u64> {
 #[test]
 fn handshake_negotiates() {
     // TDM-SES-1, TDM-VER-1, TDM-PAR-1, TDM-LIM-1: hello exchange, both sides agree.
+    // TDM-BIND-1: both sessions were given the channel binding at construction.
     let mut d = samples::device_config();
     d.limits.max_in_flight = 2;
     let mut p = Pair::with(
