@@ -1,0 +1,71 @@
+//! `tandem-conformance`: runs the protocol vectors and reports requirement
+//! coverage.
+//!
+//! Subcommands (interface kept stable):
+//! - `vectors DIR` — verify `DIR/SHA256SUMS`, run every vector; last line
+//!   `N passed, M failed, K skipped`; exit 1 on any failure.
+//! - `coverage [ROOT]` — last line `requirements: T, cited in code: C, cited in tests: E`;
+//!   exit 1 unless every requirement is cited in code and in tests.
+//! - `gen-vectors DIR` — regenerate the vectors (fixed seed) and checksums.
+//!
+//! The transcript engine (`transcript::execute`) drives a local session; a
+//! later `remote` mode will replay the cloud-role transcripts against a
+//! remote cloud over mTLS and compare the frames it returns.
+#![forbid(unsafe_code)]
+
+mod coverage;
+mod gen;
+mod hexutil;
+mod json;
+mod run;
+mod transcript;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize, d: &str| PathBuf::from(args.get(i).map_or(d, String::as_str));
+    match args.first().map(String::as_str) {
+        Some("vectors") => match run::run(&arg(1, "specs/vectors")) {
+            Ok(t) => {
+                println!(
+                    "{} passed, {} failed, {} skipped",
+                    t.passed, t.failed, t.skipped
+                );
+                if t.failed == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                println!("FAILED setup: {e}");
+                println!("0 passed, 1 failed, 0 skipped");
+                ExitCode::FAILURE
+            }
+        },
+        Some("coverage") => match coverage::report(&arg(1, ".")) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("coverage: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Some("gen-vectors") => match gen::generate(&arg(1, "specs/vectors")) {
+            Ok(n) => {
+                println!("wrote {n} vectors (seed {:#x})", gen::SEED);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("gen-vectors: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        _ => {
+            eprintln!("usage: tandem-conformance vectors DIR | coverage [ROOT] | gen-vectors DIR");
+            ExitCode::from(2)
+        }
+    }
+}
