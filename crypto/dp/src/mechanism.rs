@@ -242,21 +242,22 @@ pub struct Mechanism {
     sampler: Sampler,
 }
 
+/// opendp's discrete Gaussian on quantised vectors (zCDP, L2 sensitivity as `f64`).
+pub type GaussianMeasurement = Measurement<
+    VectorDomain<AtomDomain<i64>>,
+    L2Distance<f64>,
+    ZeroConcentratedDivergence,
+    Vec<i64>,
+>;
+/// opendp's discrete Laplace on quantised vectors (pure DP, L1 sensitivity as `f64`).
+pub type LaplaceMeasurement =
+    Measurement<VectorDomain<AtomDomain<i64>>, L1Distance<f64>, MaxDivergence, Vec<i64>>;
+
 fn vec_domain(n: usize) -> VectorDomain<AtomDomain<i64>> {
     VectorDomain::new(AtomDomain::<i64>::default()).with_size(n)
 }
 
-fn gaussian_meas(
-    n: usize,
-    sigma: f64,
-) -> Result<
-    Measurement<
-        VectorDomain<AtomDomain<i64>>,
-        L2Distance<f64>,
-        ZeroConcentratedDivergence,
-        Vec<i64>,
-    >,
-> {
+fn gaussian_meas(n: usize, sigma: f64) -> Result<GaussianMeasurement> {
     Ok(make_gaussian::<_, _, ZeroConcentratedDivergence>(
         vec_domain(n),
         L2Distance::<f64>::default(),
@@ -265,10 +266,7 @@ fn gaussian_meas(
     )?)
 }
 
-fn laplace_meas(
-    n: usize,
-    scale: f64,
-) -> Result<Measurement<VectorDomain<AtomDomain<i64>>, L1Distance<f64>, MaxDivergence, Vec<i64>>> {
+fn laplace_meas(n: usize, scale: f64) -> Result<LaplaceMeasurement> {
     Ok(make_laplace::<_, _, MaxDivergence>(
         vec_domain(n),
         L1Distance::<f64>::default(),
@@ -528,19 +526,7 @@ impl Mechanism {
     /// The noise step alone as an opendp `Measurement` on quantised vectors, using our exact
     /// sampler and the privacy map of opendp's `make_gaussian` (zCDP).
     /// Evaluate `.map(&sensitivity().l2)` for the cost. `None` for Laplace.
-    #[allow(clippy::type_complexity)]
-    pub fn to_opendp(
-        &self,
-    ) -> Result<
-        Option<
-            Measurement<
-                VectorDomain<AtomDomain<i64>>,
-                L2Distance<f64>,
-                ZeroConcentratedDivergence,
-                Vec<i64>,
-            >,
-        >,
-    > {
+    pub fn to_opendp(&self) -> Result<Option<GaussianMeasurement>> {
         let NoiseKind::Gaussian { sigma } = self.kind else {
             return Ok(None);
         };

@@ -161,7 +161,7 @@ impl SecureBits {
         let dm1 = d - UBig::ONE;
         let bits = dm1.bit_len();
         let nbytes = bits.div_ceil(8);
-        let top_mask: u8 = if bits % 8 == 0 {
+        let top_mask: u8 = if bits.is_multiple_of(8) {
             0xff
         } else {
             (1u8 << (bits % 8)) - 1

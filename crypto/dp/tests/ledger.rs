@@ -11,7 +11,7 @@ fn tmp(name: &str) -> PathBuf {
     dir.join("ledger.bin")
 }
 
-fn write_n(path: &PathBuf, n: u64) {
+fn write_n(path: &std::path::Path, n: u64) {
     let (mut a, _) = Accountant::open(path, Policy::new(1e9, 3600).unwrap()).unwrap();
     for i in 0..n {
         let _ = a
