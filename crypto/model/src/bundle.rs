@@ -1,0 +1,678 @@
+//! Loading a signed bundle and running its exact integer split pipeline.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use sha2::{Digest, Sha256};
+
+use crate::error::{io_err, ModelError, Result};
+use crate::manifest::{Activation, LayerSpec, Limits, Manifest, Placement, MAX_ABS_BIAS};
+
+/// File name of the manifest inside a bundle directory.
+pub const MANIFEST_FILE: &str = "manifest.toml";
+/// File name of the signature inside a bundle directory.
+pub const SIGNATURE_FILE: &str = "manifest.sig";
+/// Domain-separation prefix of the signed message: the signature is over
+/// `SIGNING_CONTEXT || manifest bytes`.
+pub const SIGNING_CONTEXT: &[u8] = b"tandem-model-manifest/v1\n";
+/// Largest signature file accepted (hex text plus whitespace).
+const MAX_SIG_FILE_BYTES: u64 = 1024;
+
+/// The weights of one layer, as loaded and checked.
+#[derive(Clone, Debug)]
+enum Params {
+    /// f32 weights `[out][in]` and bias `[out]`.
+    Float { w: Vec<f32>, b: Vec<f32> },
+    /// int8 weights (held as i64) `[out][in]`, integer bias `[out]`, and the two scales.
+    Int {
+        w: Vec<i64>,
+        b: Vec<i64>,
+        input_scale: f32,
+        weight_scale: f32,
+        clip: i64,
+    },
+}
+
+/// One loaded layer: its manifest entry and its checked parameters.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    spec: LayerSpec,
+    params: Params,
+}
+
+impl Layer {
+    /// The manifest entry of this layer.
+    pub fn spec(&self) -> &LayerSpec {
+        &self.spec
+    }
+
+    /// Whether the layer is integer-quantised.
+    pub fn is_quantised(&self) -> bool {
+        matches!(self.params, Params::Int { .. })
+    }
+
+    /// Evaluates the layer on a real-valued input and returns its real-valued output (before
+    /// the activation) and, for a quantised layer, the exact integer output `W_q·q + b_q`.
+    fn eval(&self, x: &[f32]) -> Result<(Vec<f32>, Option<Vec<i64>>)> {
+        match &self.params {
+            Params::Float { w, b } => Ok((dense_f32(w, b, x), None)),
+            Params::Int {
+                input_scale, clip, ..
+            } => {
+                let q = quantize(x, *input_scale, *clip)?;
+                let z = self.eval_int(&q)?;
+                Ok((self.dequantize(&z), Some(z)))
+            }
+        }
+    }
+
+    /// Exact `W_q·q + b_q` of a quantised layer (any integer `q`, e.g. DP-noised).
+    fn eval_int(&self, q: &[i64]) -> Result<Vec<i64>> {
+        let Params::Int { w, b, .. } = &self.params else {
+            return Err(ModelError::InvalidInput(format!(
+                "layer {:?} is not quantised",
+                self.spec.name
+            )));
+        };
+        let n_in = self.spec.n_in;
+        if q.len() != n_in {
+            return Err(ModelError::InvalidInput(format!(
+                "layer {:?} takes {n_in} values, got {}",
+                self.spec.name,
+                q.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(b.len());
+        for (row, &bias) in w.chunks_exact(n_in).zip(b) {
+            let acc = row
+                .iter()
+                .zip(q)
+                .fold(i128::from(bias), |a, (&wi, &qi)| {
+                    a + i128::from(wi) * i128::from(qi)
+                });
+            out.push(i64::try_from(acc).map_err(|_| ModelError::Overflow(self.spec.name.clone()))?);
+        }
+        Ok(out)
+    }
+
+    /// Real value of an integer output: `z · input_scale · weight_scale` (computed in f64).
+    fn dequantize(&self, z: &[i64]) -> Vec<f32> {
+        match &self.params {
+            Params::Int {
+                input_scale,
+                weight_scale,
+                ..
+            } => {
+                let s = f64::from(*input_scale) * f64::from(*weight_scale);
+                z.iter().map(|&v| (v as f64 * s) as f32).collect()
+            }
+            Params::Float { .. } => z.iter().map(|&v| v as f32).collect(),
+        }
+    }
+}
+
+/// The integer layer the cloud evaluates: `z = W·x + b` with int8 `W` and `x`, i64 `b`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloudLayer {
+    /// Index of the layer in the manifest.
+    pub index: usize,
+    /// Layer name.
+    pub name: String,
+    /// Input length.
+    pub n_in: usize,
+    /// Output length.
+    pub n_out: usize,
+    /// Weights, row-major `[n_out][n_in]`, each in `-127..=127`.
+    pub weights: Vec<i64>,
+    /// Bias, length `n_out`, each of magnitude at most [`MAX_ABS_BIAS`].
+    pub bias: Vec<i64>,
+    /// Bound of the (un-noised) quantised inputs: `|x_i| <= input_clip`.
+    pub input_clip: i64,
+}
+
+/// A prediction: the class and the last layer's real-valued outputs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prediction {
+    /// Index of the largest output (first one on ties).
+    pub class: usize,
+    /// The last layer's outputs (for a quantised last layer, dequantised).
+    pub logits: Vec<f32>,
+}
+
+/// A verified, fully checked model bundle.
+#[derive(Clone, Debug)]
+pub struct Bundle {
+    manifest: Manifest,
+    digest: [u8; 32],
+    preprocess: Option<(Vec<f32>, Vec<f32>)>,
+    layers: Vec<Layer>,
+    cloud: usize,
+    cloud_layer: CloudLayer,
+}
+
+/// Reads a file of at most `limit` bytes, refusing larger files before reading them.
+pub(crate) fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    let f = std::fs::File::open(path).map_err(io_err(path))?;
+    let size = f.metadata().map_err(io_err(path))?.len();
+    if size > limit {
+        return Err(ModelError::TooLarge {
+            path: path.to_path_buf(),
+            size,
+            limit,
+        });
+    }
+    let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    // The file may grow between the size check and the read: never read past the limit.
+    f.take(limit.saturating_add(1))
+        .read_to_end(&mut buf)
+        .map_err(io_err(path))?;
+    if buf.len() as u64 > limit {
+        return Err(ModelError::TooLarge {
+            path: path.to_path_buf(),
+            size: buf.len() as u64,
+            limit,
+        });
+    }
+    Ok(buf)
+}
+
+/// Lower-case hex.
+pub(crate) fn to_hex(bytes: &[u8]) -> String {
+    const H: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        s.push(char::from(H[usize::from(b >> 4)]));
+        s.push(char::from(H[usize::from(b & 15)]));
+    }
+    s
+}
+
+/// Parses hex (either case) into exactly `N` bytes.
+pub(crate) fn from_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    let s = s.as_bytes();
+    if s.len() != 2 * N {
+        return None;
+    }
+    let nib = |c: u8| char::from(c).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let mut out = [0u8; N];
+    for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        *o = (nib(pair[0])? << 4) | nib(pair[1])?;
+    }
+    Some(out)
+}
+
+/// SHA-256 of `data`.
+pub(crate) fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// Resolves a bundle directory or manifest path into (manifest path, signature path).
+pub(crate) fn bundle_paths(path: &Path) -> (PathBuf, PathBuf) {
+    if path.is_dir() {
+        (path.join(MANIFEST_FILE), path.join(SIGNATURE_FILE))
+    } else {
+        (path.to_path_buf(), path.with_extension("sig"))
+    }
+}
+
+/// Parses a hex signature file.
+pub(crate) fn read_signature(path: &Path) -> Result<Signature> {
+    let bytes = read_limited(path, MAX_SIG_FILE_BYTES)?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| ModelError::SignatureFormat {
+        path: path.to_path_buf(),
+        reason: "not UTF-8".into(),
+    })?;
+    let raw = from_hex::<64>(text.trim()).ok_or_else(|| ModelError::SignatureFormat {
+        path: path.to_path_buf(),
+        reason: "expected 128 hex digits".into(),
+    })?;
+    Ok(Signature::from_bytes(&raw))
+}
+
+/// The message that is signed for a manifest.
+pub(crate) fn signed_message(manifest_bytes: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(SIGNING_CONTEXT.len() + manifest_bytes.len());
+    m.extend_from_slice(SIGNING_CONTEXT);
+    m.extend_from_slice(manifest_bytes);
+    m
+}
+
+fn tensor_err(name: &str, reason: impl Into<String>) -> ModelError {
+    ModelError::Tensor {
+        name: name.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn get_tensor<'a>(
+    st: &SafeTensors<'a>,
+    name: &str,
+    dtype: Dtype,
+    shape: &[usize],
+) -> Result<TensorView<'a>> {
+    let t = st
+        .tensor(name)
+        .map_err(|_| tensor_err(name, "missing from the weights file"))?;
+    if t.dtype() != dtype {
+        return Err(tensor_err(
+            name,
+            format!("dtype {:?}, expected {dtype:?}", t.dtype()),
+        ));
+    }
+    if t.shape() != shape {
+        return Err(tensor_err(
+            name,
+            format!("shape {:?}, expected {shape:?}", t.shape()),
+        ));
+    }
+    Ok(t)
+}
+
+fn read_f32(st: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    let t = get_tensor(st, name, Dtype::F32, shape)?;
+    let v: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(tensor_err(name, "non-finite value"));
+    }
+    Ok(v)
+}
+
+fn read_i8(st: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<i64>> {
+    let t = get_tensor(st, name, Dtype::I8, shape)?;
+    let v: Vec<i64> = t
+        .data()
+        .iter()
+        .map(|&b| i64::from(i8::from_le_bytes([b])))
+        .collect();
+    if v.contains(&-128) {
+        return Err(tensor_err(name, "int8 weights must be in -127..=127"));
+    }
+    Ok(v)
+}
+
+fn read_i64(st: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<i64>> {
+    let t = get_tensor(st, name, Dtype::I64, shape)?;
+    let v: Vec<i64> = t
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect();
+    if v.iter().any(|b| b.unsigned_abs() > MAX_ABS_BIAS.unsigned_abs()) {
+        return Err(tensor_err(name, "integer bias magnitude above 2^31"));
+    }
+    Ok(v)
+}
+
+/// Round-to-nearest (ties away from zero), clip to `-clip..=clip`; rejects non-finite input.
+fn quantize(x: &[f32], scale: f32, clip: i64) -> Result<Vec<i64>> {
+    let c = clip as f32;
+    x.iter()
+        .map(|&v| {
+            if !v.is_finite() {
+                return Err(ModelError::InvalidInput("non-finite activation".into()));
+            }
+            // `as` saturates; the clamp keeps the value in the int8 range anyway.
+            Ok((v / scale).round().clamp(-c, c) as i64)
+        })
+        .collect()
+}
+
+fn dense_f32(w: &[f32], b: &[f32], x: &[f32]) -> Vec<f32> {
+    let n_in = x.len();
+    w.chunks_exact(n_in.max(1))
+        .zip(b)
+        .map(|(row, &bias)| row.iter().zip(x).fold(bias, |a, (&wi, &xi)| a + wi * xi))
+        .collect()
+}
+
+fn activate(a: Activation, mut y: Vec<f32>) -> Vec<f32> {
+    if a == Activation::Relu {
+        for v in &mut y {
+            // NaN maps to 0 as well.
+            if !(*v > 0.0) {
+                *v = 0.0;
+            }
+        }
+    }
+    y
+}
+
+fn argmax_f32(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if v.get(best).is_some_and(|&b| x > b) {
+            best = i;
+        }
+    }
+    best
+}
+
+fn argmax_i64(v: &[i64]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if v.get(best).is_some_and(|&b| x > b) {
+            best = i;
+        }
+    }
+    best
+}
+
+impl Bundle {
+    /// Loads a bundle from its directory (`manifest.toml`, `manifest.sig`, weights) or from the
+    /// path of its manifest (the signature is then the same path with extension `.sig`).
+    ///
+    /// Order of checks: manifest size limit; Ed25519 signature (`verify_strict`) over
+    /// [`SIGNING_CONTEXT`] followed by the exact manifest bytes — before the TOML is parsed;
+    /// manifest schema and consistency; weights size against the limit and against the
+    /// manifest, before reading; SHA-256 of the weights; safetensors structure; every tensor's
+    /// dtype, shape and value range.
+    pub fn load(path: &Path, key: &VerifyingKey, limits: &Limits) -> Result<Bundle> {
+        let (manifest_path, sig_path) = bundle_paths(path);
+        let manifest_bytes = read_limited(&manifest_path, limits.max_manifest_bytes)?;
+        let sig = read_signature(&sig_path)?;
+        key.verify_strict(&signed_message(&manifest_bytes), &sig)
+            .map_err(|_| ModelError::BadSignature)?;
+        let manifest = parse_manifest(&manifest_bytes, limits)?;
+        let dir = manifest_path.parent().unwrap_or(Path::new("."));
+        let weights_path = dir.join(&manifest.weights.file);
+        let weights = read_weights(&weights_path, &manifest, limits)?;
+        Bundle::build(manifest, &manifest_bytes, &weights)
+    }
+
+    /// Builds a bundle from an already parsed manifest and weights whose digest has been
+    /// checked.
+    pub(crate) fn build(manifest: Manifest, manifest_bytes: &[u8], weights: &[u8]) -> Result<Bundle> {
+        let st =
+            SafeTensors::deserialize(weights).map_err(|e| ModelError::Safetensors(e.to_string()))?;
+        let preprocess = match &manifest.preprocess {
+            None => None,
+            Some(p) => {
+                let mean = read_f32(&st, &p.mean, &[manifest.input_dim])?;
+                let std = read_f32(&st, &p.std, &[manifest.input_dim])?;
+                if std.iter().any(|&s| !(s > 0.0)) {
+                    return Err(tensor_err(&p.std, "standard deviations must be > 0"));
+                }
+                Some((mean, std))
+            }
+        };
+        let mut layers = Vec::with_capacity(manifest.layers.len());
+        for spec in &manifest.layers {
+            let wshape = [spec.n_out, spec.n_in];
+            let bshape = [spec.n_out];
+            let params = match &spec.quant {
+                None => Params::Float {
+                    w: read_f32(&st, &spec.weight, &wshape)?,
+                    b: read_f32(&st, &spec.bias, &bshape)?,
+                },
+                Some(q) => Params::Int {
+                    w: read_i8(&st, &spec.weight, &wshape)?,
+                    b: read_i64(&st, &spec.bias, &bshape)?,
+                    input_scale: q.input_scale,
+                    weight_scale: q.weight_scale,
+                    clip: q.input_clip,
+                },
+            };
+            layers.push(Layer {
+                spec: spec.clone(),
+                params,
+            });
+        }
+        let cloud = manifest.cloud_index()?;
+        let mut bundle = Bundle {
+            manifest,
+            digest: sha256(manifest_bytes),
+            preprocess,
+            layers,
+            cloud,
+            cloud_layer: CloudLayer {
+                index: cloud,
+                name: String::new(),
+                n_in: 0,
+                n_out: 0,
+                weights: Vec::new(),
+                bias: Vec::new(),
+                input_clip: 0,
+            },
+        };
+        bundle.cloud_layer = bundle.layer_as_cloud(cloud)?;
+        Ok(bundle)
+    }
+
+    /// The verified manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// SHA-256 of the exact signed manifest bytes: the model digest a device sends in its
+    /// ClientHello. It covers the weights through the manifest's `weights.sha256`.
+    pub fn digest(&self) -> [u8; 32] {
+        self.digest
+    }
+
+    /// Model id (from the manifest).
+    pub fn id(&self) -> &str {
+        &self.manifest.id
+    }
+
+    /// Length of a raw input vector.
+    pub fn input_dim(&self) -> usize {
+        self.manifest.input_dim
+    }
+
+    /// Number of classes.
+    pub fn classes(&self) -> usize {
+        self.manifest.classes
+    }
+
+    /// All layers, in order.
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// The layers the device evaluates, with their indices.
+    pub fn device_layers(&self) -> impl Iterator<Item = (usize, &Layer)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.spec.placement == Placement::Device)
+    }
+
+    /// Index of the layer the cloud evaluates (the active split point).
+    pub fn cloud_index(&self) -> usize {
+        self.cloud
+    }
+
+    /// The layer the cloud evaluates, in the integer form the HE engine takes.
+    pub fn cloud_layer(&self) -> &CloudLayer {
+        &self.cloud_layer
+    }
+
+    /// Any quantised layer (e.g. another allowed split point) in the cloud's integer form.
+    pub fn layer_as_cloud(&self, index: usize) -> Result<CloudLayer> {
+        let l = self
+            .layers
+            .get(index)
+            .ok_or_else(|| ModelError::InvalidInput(format!("no layer {index}")))?;
+        match &l.params {
+            Params::Int { w, b, clip, .. } => Ok(CloudLayer {
+                index,
+                name: l.spec.name.clone(),
+                n_in: l.spec.n_in,
+                n_out: l.spec.n_out,
+                weights: w.clone(),
+                bias: b.clone(),
+                input_clip: *clip,
+            }),
+            Params::Float { .. } => Err(ModelError::InvalidInput(format!(
+                "layer {index} is not quantised"
+            ))),
+        }
+    }
+
+    /// Standardises a raw input (if the manifest has a `preprocess` section) after checking
+    /// its length and that it is finite.
+    pub fn preprocess(&self, x: &[f32]) -> Result<Vec<f32>> {
+        if x.len() != self.manifest.input_dim {
+            return Err(ModelError::InvalidInput(format!(
+                "expected {} features, got {}",
+                self.manifest.input_dim,
+                x.len()
+            )));
+        }
+        if x.iter().any(|v| !v.is_finite()) {
+            return Err(ModelError::InvalidInput("non-finite feature".into()));
+        }
+        Ok(match &self.preprocess {
+            None => x.to_vec(),
+            Some((mean, std)) => x
+                .iter()
+                .zip(mean.iter().zip(std))
+                .map(|(&v, (&m, &s))| (v - m) / s)
+                .collect(),
+        })
+    }
+
+    /// Runs the device layers before the cloud layer on a raw input and returns the real-valued
+    /// activation entering the cloud layer (after the previous layer's activation).
+    pub fn device_prefix(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let mut a = self.preprocess(x)?;
+        for l in &self.layers[..self.cloud] {
+            let (y, _) = l.eval(&a)?;
+            a = activate(l.spec.activation, y);
+        }
+        Ok(a)
+    }
+
+    /// Quantises the cloud layer's real-valued input to int8:
+    /// `clamp(round(a / input_scale), -input_clip, input_clip)`.
+    pub fn quantize_input(&self, activation: &[f32]) -> Result<Vec<i64>> {
+        let l = &self.layers[self.cloud];
+        match &l.params {
+            Params::Int {
+                input_scale, clip, ..
+            } if activation.len() == l.spec.n_in => quantize(activation, *input_scale, *clip),
+            _ => Err(ModelError::InvalidInput(format!(
+                "cloud layer takes {} values, got {}",
+                l.spec.n_in,
+                activation.len()
+            ))),
+        }
+    }
+
+    /// Device side before the cloud: [`Bundle::device_prefix`] then
+    /// [`Bundle::quantize_input`]. The result is what gets (noised and) encrypted.
+    pub fn device_encode(&self, x: &[f32]) -> Result<Vec<i64>> {
+        self.quantize_input(&self.device_prefix(x)?)
+    }
+
+    /// The cloud's computation in the clear: the exact integer `W·q + b` of the cloud layer,
+    /// for any integer input (e.g. DP-noised, possibly outside the int8 range).
+    pub fn cloud_eval_plain(&self, q: &[i64]) -> Result<Vec<i64>> {
+        self.layers[self.cloud].eval_int(q)
+    }
+
+    /// Device side after the cloud: dequantises the cloud layer's integer output, applies its
+    /// activation and the remaining device layers, and takes the argmax.
+    pub fn finish_on_device(&self, cloud_output: &[i64]) -> Result<Prediction> {
+        let l = &self.layers[self.cloud];
+        if cloud_output.len() != l.spec.n_out {
+            return Err(ModelError::InvalidInput(format!(
+                "cloud layer outputs {} values, got {}",
+                l.spec.n_out,
+                cloud_output.len()
+            )));
+        }
+        let y = l.dequantize(cloud_output);
+        self.finish_from(self.cloud, y, Some(cloud_output.to_vec()))
+    }
+
+    /// Continues the pipeline after layer `i` produced `y` (pre-activation) and, if quantised,
+    /// the integer output `z`.
+    fn finish_from(&self, i: usize, y: Vec<f32>, z: Option<Vec<i64>>) -> Result<Prediction> {
+        let last = self.layers.len() - 1;
+        if i == last {
+            let class = match &z {
+                Some(z) => argmax_i64(z),
+                None => argmax_f32(&y),
+            };
+            return Ok(Prediction { class, logits: y });
+        }
+        let mut a = activate(self.layers[i].spec.activation, y);
+        for (j, l) in self.layers.iter().enumerate().skip(i + 1) {
+            let (y, z) = l.eval(&a)?;
+            if j == last {
+                return self.finish_from(j, y, z);
+            }
+            a = activate(l.spec.activation, y);
+        }
+        Err(ModelError::InvalidInput("empty model".into()))
+    }
+
+    /// The plaintext reference: exactly the split pipeline (device prefix, quantisation, the
+    /// cloud's integer `W·q + b`, device finish) run locally. An encrypted inference whose
+    /// decryption is exact returns the same prediction by construction.
+    pub fn predict_plain(&self, x: &[f32]) -> Result<Prediction> {
+        let q = self.device_encode(x)?;
+        let z = self.cloud_eval_plain(&q)?;
+        self.finish_on_device(&z)
+    }
+
+    /// Accuracy of [`Bundle::predict_plain`] on labelled examples.
+    pub fn accuracy(&self, x: &[Vec<f32>], y: &[usize]) -> Result<f64> {
+        if x.len() != y.len() || x.is_empty() {
+            return Err(ModelError::InvalidInput(
+                "need as many labels as inputs, at least one".into(),
+            ));
+        }
+        let mut ok = 0usize;
+        for (xi, &yi) in x.iter().zip(y) {
+            if self.predict_plain(xi)?.class == yi {
+                ok += 1;
+            }
+        }
+        Ok(ok as f64 / x.len() as f64)
+    }
+}
+
+/// Parses and validates manifest bytes.
+pub(crate) fn parse_manifest(bytes: &[u8], limits: &Limits) -> Result<Manifest> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| ModelError::ManifestParse("manifest is not UTF-8".into()))?;
+    let manifest = Manifest::from_toml(text)?;
+    manifest.validate(limits)?;
+    Ok(manifest)
+}
+
+/// Reads the weights file named by a manifest, checking size (before reading) and digest.
+pub(crate) fn read_weights(path: &Path, manifest: &Manifest, limits: &Limits) -> Result<Vec<u8>> {
+    let size = std::fs::metadata(path).map_err(io_err(path))?.len();
+    if size > limits.max_weights_bytes {
+        return Err(ModelError::TooLarge {
+            path: path.to_path_buf(),
+            size,
+            limit: limits.max_weights_bytes,
+        });
+    }
+    if size != manifest.weights.bytes {
+        return Err(ModelError::SizeMismatch {
+            expected: manifest.weights.bytes,
+            actual: size,
+        });
+    }
+    let data = read_limited(path, manifest.weights.bytes.min(limits.max_weights_bytes))?;
+    let actual = to_hex(&sha256(&data));
+    if actual != manifest.weights.sha256 {
+        return Err(ModelError::DigestMismatch {
+            expected: manifest.weights.sha256.clone(),
+            actual,
+        });
+    }
+    Ok(data)
+}

@@ -1,0 +1,44 @@
+//! Signed model bundles for Tandem and the exact integer split-inference pipeline.
+//!
+//! A bundle is a directory with
+//! * `manifest.toml` — the [`Manifest`]: model id, version, dataset, layers (shapes,
+//!   activations, placement on the device or in the cloud, int8 quantisation scales), allowed
+//!   split points, and the SHA-256 digest and size of the weights file;
+//! * `weights.safetensors` — the tensors (f32 for device float layers; int8 weights and i64
+//!   biases for quantised layers; optional f32 input standardisation);
+//! * `manifest.sig` — hex Ed25519 signature over [`SIGNING_CONTEXT`] followed by the exact
+//!   manifest bytes.
+//!
+//! Verifying the signature and then the weights digest covers the whole bundle.
+//! [`Bundle::digest`] (SHA-256 of the manifest bytes) is the model digest of the protocol.
+//!
+//! # The split pipeline
+//! The device standardises the input and runs the layers before the cloud layer in f32, then
+//! quantises the activation to int8 ([`Bundle::device_encode`]). The cloud computes the exact
+//! integer `W·q + b` (int8 `W`, i64 `b`; [`Bundle::cloud_layer`], [`Bundle::cloud_eval_plain`]),
+//! which is what the HE engine evaluates under encryption. The device dequantises and finishes
+//! ([`Bundle::finish_on_device`]). [`Bundle::predict_plain`] chains exactly these three steps,
+//! so an exact encrypted evaluation yields the plaintext prediction by construction.
+#![forbid(unsafe_code)]
+
+mod bundle;
+mod error;
+mod manifest;
+mod sign;
+mod testset;
+
+pub use bundle::{
+    Bundle, CloudLayer, Layer, Prediction, MANIFEST_FILE, SIGNATURE_FILE, SIGNING_CONTEXT,
+};
+pub use ed25519_dalek::{SigningKey, VerifyingKey};
+pub use error::{ModelError, Result};
+pub use manifest::{
+    Activation, LayerKind, LayerSpec, Limits, Manifest, Placement, Preprocess, QuantSpec,
+    TrainingInfo, WeightsRef, FORMAT, INT8_MAX, MAX_ABS_BIAS,
+};
+pub use sign::{
+    format_signing_key, format_verifying_key, read_signing_key, read_verifying_key,
+    serialize_tensors, sign_bundle, sign_manifest, verify_bundle, write_bundle, LayerSummary,
+    NamedTensor, Summary, TensorData,
+};
+pub use testset::TestSet;

@@ -1,0 +1,343 @@
+//! The bundle manifest: a TOML document describing the model, its layers, their placement
+//! (device or cloud), their integer quantisation, and the digest of the weights file.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+
+/// The manifest `format` string this crate reads and writes.
+pub const FORMAT: &str = "tandem-model/1";
+
+/// Largest magnitude of a quantised value (int8, symmetric: `-127..=127`).
+pub const INT8_MAX: i64 = 127;
+
+/// Largest magnitude accepted for an integer bias (keeps `W·x + b` far from `i64` overflow and
+/// within what the HE engine's plaintext space can represent).
+pub const MAX_ABS_BIAS: i64 = 1 << 31;
+
+/// A model bundle manifest (the signed part of a bundle).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// Model identifier, e.g. `digits-mlp`.
+    pub id: String,
+    /// Model version, e.g. `1.0.0`.
+    pub version: String,
+    /// Dataset the model was trained on, e.g. `digits`.
+    pub dataset: String,
+    /// Length of a raw input vector.
+    pub input_dim: usize,
+    /// Number of output classes (length of the last layer's output).
+    pub classes: usize,
+    /// Layer indices that may be evaluated by the cloud (each must be quantised).
+    pub split_points: Vec<usize>,
+    /// The weights file and its digest.
+    pub weights: WeightsRef,
+    /// Optional input standardisation applied on the device before layer 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preprocess: Option<Preprocess>,
+    /// The layers, applied in order.
+    pub layers: Vec<LayerSpec>,
+    /// Informational provenance (seed, split, measured accuracy); covered by the signature but
+    /// not used for inference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingInfo>,
+}
+
+/// Reference to the weights file, bound to the manifest by its SHA-256 digest and size.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightsRef {
+    /// File name, relative to the manifest's directory (a plain name, no path separators).
+    pub file: String,
+    /// Lower-case hex SHA-256 of the whole file.
+    pub sha256: String,
+    /// Size of the file in bytes.
+    pub bytes: u64,
+}
+
+/// Per-feature standardisation `x' = (x - mean) / std`, tensors of shape `[input_dim]`, f32.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preprocess {
+    /// Name of the f32 mean tensor.
+    pub mean: String,
+    /// Name of the f32 standard-deviation tensor (all entries must be > 0).
+    pub std: String,
+}
+
+/// The kind of a layer. Only dense (fully connected) layers exist today.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerKind {
+    /// `y = W·x + b`.
+    Dense,
+}
+
+/// Activation applied to a layer's output (on the device, wherever the layer ran).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `max(0, y)`.
+    Relu,
+    /// Identity.
+    None,
+    /// Identity, and the prediction is the index of the largest output (last layer only).
+    Argmax,
+}
+
+/// Where a layer is evaluated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    /// On the device, in the clear.
+    Device,
+    /// In the cloud, on encrypted or DP-noised int8 inputs.
+    Cloud,
+}
+
+/// Integer quantisation of a dense layer.
+///
+/// The layer's input `x` (f32) is quantised to `q = clamp(round(x / input_scale), -clip, clip)`;
+/// weights are int8 (`W ≈ w_q · weight_scale`), the bias is an integer in units of
+/// `input_scale · weight_scale`; the layer computes the exact integer `z = W_q·q + b_q` and its
+/// real-valued output is `z · input_scale · weight_scale`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantSpec {
+    /// Scale of the quantised input (real value per integer step), finite and > 0.
+    pub input_scale: f32,
+    /// Scale of the int8 weights, finite and > 0.
+    pub weight_scale: f32,
+    /// Clipping bound of the quantised input, `1..=127`.
+    pub input_clip: i64,
+}
+
+/// One layer of the manifest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerSpec {
+    /// Layer name (informational, used in errors).
+    pub name: String,
+    /// Layer kind.
+    pub kind: LayerKind,
+    /// Input length.
+    #[serde(rename = "in")]
+    pub n_in: usize,
+    /// Output length.
+    #[serde(rename = "out")]
+    pub n_out: usize,
+    /// Activation applied to the output.
+    pub activation: Activation,
+    /// Who evaluates the layer.
+    pub placement: Placement,
+    /// Weight tensor name: shape `[out, in]`, f32 for a float layer, i8 for a quantised one.
+    pub weight: String,
+    /// Bias tensor name: shape `[out]`, f32 for a float layer, i64 for a quantised one.
+    pub bias: String,
+    /// Integer quantisation; required for cloud layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quant: Option<QuantSpec>,
+}
+
+/// How the model was produced (informational).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingInfo {
+    /// The command that produced the bundle.
+    pub command: String,
+    /// Seed of the split, initialisation and mini-batch order.
+    pub seed: u64,
+    /// Description of the train/test split.
+    pub split: String,
+    /// Number of training examples.
+    pub train_samples: usize,
+    /// Number of test examples.
+    pub test_samples: usize,
+    /// Test accuracy of the float model before quantisation.
+    pub float_test_accuracy: f64,
+    /// Test accuracy of this bundle's exact integer pipeline.
+    pub quantised_test_accuracy: f64,
+}
+
+/// Limits applied to untrusted bundles before and while reading them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest manifest file accepted, in bytes.
+    pub max_manifest_bytes: u64,
+    /// Largest weights file accepted, in bytes.
+    pub max_weights_bytes: u64,
+    /// Most layers accepted.
+    pub max_layers: usize,
+    /// Largest input/output length of any layer.
+    pub max_dim: usize,
+}
+
+impl Default for Limits {
+    /// 64 KiB manifest, 64 MiB weights, 32 layers, dimensions up to 8192.
+    fn default() -> Self {
+        Limits {
+            max_manifest_bytes: 64 * 1024,
+            max_weights_bytes: 64 * 1024 * 1024,
+            max_layers: 32,
+            max_dim: 8192,
+        }
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> ModelError {
+    ModelError::InvalidManifest(msg.into())
+}
+
+fn positive_finite(v: f32) -> bool {
+    v.is_finite() && v > 0.0
+}
+
+impl Manifest {
+    /// Parses a manifest from TOML text (no signature check; see [`crate::Bundle::load`]).
+    pub fn from_toml(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| ModelError::ManifestParse(e.to_string()))
+    }
+
+    /// The canonical TOML serialisation (what the signer writes and signs).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| invalid(format!("cannot serialise: {e}")))
+    }
+
+    /// Index of the single cloud layer.
+    pub fn cloud_index(&self) -> Result<usize> {
+        let mut it = self
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.placement == Placement::Cloud)
+            .map(|(i, _)| i);
+        match (it.next(), it.next()) {
+            (Some(i), None) => Ok(i),
+            (None, _) => Err(invalid("no layer has placement = \"cloud\"")),
+            (Some(_), Some(_)) => Err(invalid(
+                "more than one cloud layer (the cloud evaluates exactly one linear layer)",
+            )),
+        }
+    }
+
+    /// Checks the manifest's internal consistency (not the tensors; see [`crate::Bundle`]).
+    pub fn validate(&self, limits: &Limits) -> Result<()> {
+        if self.format != FORMAT {
+            return Err(invalid(format!(
+                "format is {:?}, expected {FORMAT:?}",
+                self.format
+            )));
+        }
+        for (what, s) in [
+            ("id", &self.id),
+            ("version", &self.version),
+            ("dataset", &self.dataset),
+        ] {
+            if s.is_empty() || s.len() > 128 {
+                return Err(invalid(format!("{what} must be 1..=128 bytes")));
+            }
+        }
+        let f = &self.weights.file;
+        if f.is_empty()
+            || f.len() > 255
+            || f.contains(['/', '\\', '\0'])
+            || f == "."
+            || f == ".."
+            || f.starts_with('.')
+        {
+            return Err(invalid(format!(
+                "weights.file {f:?} must be a plain file name"
+            )));
+        }
+        if self.weights.sha256.len() != 64
+            || !self
+                .weights
+                .sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(invalid("weights.sha256 must be 64 lower-case hex digits"));
+        }
+        if self.layers.is_empty() || self.layers.len() > limits.max_layers {
+            return Err(invalid(format!(
+                "{} layers (allowed 1..={})",
+                self.layers.len(),
+                limits.max_layers
+            )));
+        }
+        let dim_ok = |d: usize| (1..=limits.max_dim).contains(&d);
+        if !dim_ok(self.input_dim) {
+            return Err(invalid(format!("input_dim {} out of range", self.input_dim)));
+        }
+        let mut prev = self.input_dim;
+        let last = self.layers.len() - 1;
+        for (i, l) in self.layers.iter().enumerate() {
+            let ctx = |m: &str| invalid(format!("layer {i} ({:?}): {m}", l.name));
+            if !dim_ok(l.n_in) || !dim_ok(l.n_out) {
+                return Err(ctx("in/out out of range"));
+            }
+            if l.n_in != prev {
+                return Err(ctx(&format!("in = {} but previous output is {prev}", l.n_in)));
+            }
+            prev = l.n_out;
+            if l.weight.is_empty() || l.bias.is_empty() || l.weight == l.bias {
+                return Err(ctx("weight and bias must be distinct non-empty tensor names"));
+            }
+            if l.activation == Activation::Argmax && i != last {
+                return Err(ctx("argmax is only allowed on the last layer"));
+            }
+            if i == last && l.activation == Activation::Relu {
+                return Err(ctx("the last layer must have activation none or argmax"));
+            }
+            if let Some(q) = &l.quant {
+                if !positive_finite(q.input_scale) || !positive_finite(q.weight_scale) {
+                    return Err(ctx("quantisation scales must be finite and > 0"));
+                }
+                let s = q.input_scale * q.weight_scale;
+                if !positive_finite(s) {
+                    return Err(ctx("input_scale * weight_scale must be finite and > 0"));
+                }
+                if !(1..=INT8_MAX).contains(&q.input_clip) {
+                    return Err(ctx("input_clip must be in 1..=127"));
+                }
+            } else if l.placement == Placement::Cloud {
+                return Err(ctx("a cloud layer must be quantised"));
+            }
+        }
+        if prev != self.classes || self.classes < 2 {
+            return Err(invalid(format!(
+                "classes = {} but the last layer outputs {prev} (need >= 2)",
+                self.classes
+            )));
+        }
+        let cloud = self.cloud_index()?;
+        if cloud == 0 {
+            return Err(invalid(
+                "the cloud layer cannot be layer 0: the device must run at least one layer \
+                 so that raw inputs never leave it",
+            ));
+        }
+        if self.split_points.is_empty() {
+            return Err(invalid("split_points is empty"));
+        }
+        for &s in &self.split_points {
+            match self.layers.get(s) {
+                Some(l) if s > 0 && l.quant.is_some() => {}
+                _ => {
+                    return Err(invalid(format!(
+                        "split point {s} is not a quantised layer after layer 0"
+                    )))
+                }
+            }
+        }
+        if !self.split_points.contains(&cloud) {
+            return Err(invalid(format!(
+                "cloud layer {cloud} is not among split_points"
+            )));
+        }
+        Ok(())
+    }
+}
