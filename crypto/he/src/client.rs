@@ -1,0 +1,168 @@
+//! Device side: encrypt quantised activations, decrypt and decode layer outputs.
+
+use crate::context::Context;
+use crate::error::HeError;
+use crate::keys::{EvaluationKey, KeyId, SecretKey};
+use crate::limits::MAX_BATCH;
+use crate::plan::LayerPlan;
+use crate::poly;
+use crate::rng::{mask_generator, NoiseSource};
+use crate::wire::{EncryptedInput, EncryptedOutput};
+use std::sync::Arc;
+
+/// The device's encryption state: its secret key and a noise source.
+pub struct Client {
+    ctx: Arc<Context>,
+    sk: SecretKey,
+    noise: NoiseSource,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("sk", &self.sk).finish()
+    }
+}
+
+impl Client {
+    /// A client with a fresh secret key.
+    pub fn new(ctx: Arc<Context>) -> Self {
+        let sk = SecretKey::generate(ctx.params(), &ctx.ntt);
+        Self::with_key(ctx, sk)
+    }
+
+    /// A client whose key is derived from `seed` (reproducible; for stored device keys).
+    pub fn from_seed(ctx: Arc<Context>, seed: u128) -> Self {
+        let sk = SecretKey::from_seed(ctx.params(), &ctx.ntt, seed);
+        Self::with_key(ctx, sk)
+    }
+
+    fn with_key(ctx: Arc<Context>, sk: SecretKey) -> Self {
+        Self {
+            ctx,
+            sk,
+            noise: NoiseSource::new(),
+        }
+    }
+
+    /// The key id every ciphertext of this client carries.
+    pub fn key_id(&self) -> KeyId {
+        self.sk.key_id()
+    }
+
+    /// Generates the packing key for inputs chunks up to `max_chunk` values.
+    pub fn evaluation_key(&self, max_chunk: usize) -> Result<EvaluationKey, HeError> {
+        EvaluationKey::generate(&self.sk, &self.ctx.ntt, max_chunk)
+    }
+
+    /// Encrypts a batch of input vectors for `plan`'s layer.
+    pub fn encrypt(
+        &mut self,
+        plan: &LayerPlan,
+        batch: &[Vec<i64>],
+    ) -> Result<EncryptedInput, HeError> {
+        let params = self.ctx.params();
+        if plan.params != params {
+            return Err(HeError::ParameterMismatch {
+                expected: params.id,
+                got: plan.params.id,
+            });
+        }
+        if batch.is_empty() || batch.len() > MAX_BATCH {
+            return Err(HeError::Shape(format!(
+                "batch of {} (1..={MAX_BATCH})",
+                batch.len()
+            )));
+        }
+        let n = params.poly_size;
+        let chunks = plan.in_chunks();
+        let mask_seed = crate::rng::fresh_seed();
+        let mut masks = mask_generator(mask_seed);
+        let mut bodies = Vec::with_capacity(batch.len() * chunks);
+        for x in batch {
+            if x.len() != plan.n_in {
+                return Err(HeError::Shape(format!(
+                    "input of {} values, layer takes {}",
+                    x.len(),
+                    plan.n_in
+                )));
+            }
+            if let Some(v) = x.iter().find(|v| v.unsigned_abs() > plan.max_abs_input) {
+                return Err(HeError::OutOfRange(format!(
+                    "input {v} exceeds ±{}",
+                    plan.max_abs_input
+                )));
+            }
+            for c in 0..chunks {
+                let mut m = vec![0u64; n];
+                for (i, &v) in x.iter().skip(c * plan.chunk).take(plan.chunk).enumerate() {
+                    m[i] = (v as u64).wrapping_shl(plan.delta_in_log2);
+                }
+                let (_, body) =
+                    self.sk
+                        .encrypt_poly(&self.ctx.ntt, &m, &mut masks, &mut self.noise);
+                bodies.push(
+                    body.iter()
+                        .map(|&v| poly::round_to_bits(v, plan.upload_bits))
+                        .collect(),
+                );
+            }
+        }
+        Ok(EncryptedInput {
+            params_id: params.id,
+            key_id: self.key_id(),
+            mask_seed,
+            batch: batch.len(),
+            chunks,
+            bits: plan.upload_bits,
+            bodies,
+        })
+    }
+
+    /// Decrypts and decodes a layer's output: one vector of `n_out` integers per batch row.
+    pub fn decrypt(
+        &self,
+        plan: &LayerPlan,
+        out: &EncryptedOutput,
+    ) -> Result<Vec<Vec<i64>>, HeError> {
+        Ok(self
+            .decrypt_with_noise(plan, out)?
+            .into_iter()
+            .map(|row| row.into_iter().map(|(y, _)| y).collect())
+            .collect())
+    }
+
+    /// Like [`Client::decrypt`], also returning each output's residual noise (64-bit units).
+    pub fn decrypt_with_noise(
+        &self,
+        plan: &LayerPlan,
+        out: &EncryptedOutput,
+    ) -> Result<Vec<Vec<(i64, i64)>>, HeError> {
+        out.check_against(plan, &self.key_id())?;
+        let d = plan.delta_out_log2;
+        let mut result = Vec::with_capacity(out.rows.len());
+        for cts in &out.rows {
+            let mut row = vec![(0i64, 0i64); plan.n_out];
+            for (ci, ct) in cts.iter().enumerate() {
+                let a: Vec<u64> = ct
+                    .mask
+                    .iter()
+                    .map(|&v| poly::lift_from_bits(v, out.bits))
+                    .collect();
+                let a_s = self.sk.mul_mask(&self.ctx.ntt, &a);
+                let first = plan.first_output(ci);
+                for (k, &b) in ct.body.iter().enumerate() {
+                    let j = first + k;
+                    let phase =
+                        poly::lift_from_bits(b, out.bits).wrapping_sub(a_s[plan.output_slot(j).1]);
+                    let y = (phase.wrapping_add(1u64 << (d - 1)) as i64) >> d;
+                    let noise = phase.wrapping_sub((y as u64).wrapping_shl(d)) as i64;
+                    if let Some(slot) = row.get_mut(j) {
+                        *slot = (y, noise);
+                    }
+                }
+            }
+            result.push(row);
+        }
+        Ok(result)
+    }
+}

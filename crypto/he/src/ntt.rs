@@ -1,0 +1,261 @@
+//! Exact negacyclic products modulo 2^64 in the NTT domain (tfhe-ntt's five 30-bit primes).
+//!
+//! A polynomial in the NTT domain is five residue vectors laid out prime-major in one buffer.
+//! The CRT modulus is about 2^150, and every product the engine forms is far below half of it
+//! (at most N·2^64·2^15 per product times a few hundred accumulations), so the centred
+//! reconstruction that tfhe-ntt performs is exact and reduction modulo 2^64 is exact.
+//!
+//! Small signed operands (weights, gadget digits, the secret key) are reduced per prime as
+//! `p - |v|` instead of being wrapped to 2^64 - |v|: the integer being transformed is then the
+//! true small value, which keeps accumulated products small.
+
+use std::collections::HashMap;
+use tfhe_ntt::native64::Plan32;
+use tfhe_ntt::prime32::Plan;
+
+const PRIMES: usize = 5;
+
+/// A polynomial in the NTT domain (5 residue vectors of length N, prime-major).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NttPoly(pub(crate) Vec<u32>);
+
+/// Transform plan for one ring degree, with precomputed automorphism slot permutations.
+pub struct Ntt {
+    plan: Plan32,
+    n: usize,
+    primes: [u32; PRIMES],
+    /// For odd g: `perm[g][i]` is the slot whose value `τ_g(f)` takes at slot i.
+    perms: HashMap<usize, Vec<u32>>,
+}
+
+impl std::fmt::Debug for Ntt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ntt").field("n", &self.n).finish()
+    }
+}
+
+impl Ntt {
+    /// Builds the plan for ring degree `n` (a power of two tfhe-ntt supports).
+    pub fn new(n: usize) -> Option<Self> {
+        let plan = Plan32::try_new(n)?;
+        let primes = [
+            plan.ntt_0().modulus(),
+            plan.ntt_1().modulus(),
+            plan.ntt_2().modulus(),
+            plan.ntt_3().modulus(),
+            plan.ntt_4().modulus(),
+        ];
+        Some(Self {
+            plan,
+            n,
+            primes,
+            perms: HashMap::new(),
+        })
+    }
+
+    /// Ring degree.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    fn prime_plan(&self, i: usize) -> &Plan {
+        match i {
+            0 => self.plan.ntt_0(),
+            1 => self.plan.ntt_1(),
+            2 => self.plan.ntt_2(),
+            3 => self.plan.ntt_3(),
+            _ => self.plan.ntt_4(),
+        }
+    }
+
+    /// The zero polynomial.
+    pub fn zero(&self) -> NttPoly {
+        NttPoly(vec![0; PRIMES * self.n])
+    }
+
+    /// Forward transform of a polynomial with arbitrary coefficients modulo 2^64.
+    pub fn fwd_u64(&self, coeffs: &[u64], out: &mut NttPoly) {
+        let (p0, rest) = out.0.split_at_mut(self.n);
+        let (p1, rest) = rest.split_at_mut(self.n);
+        let (p2, rest) = rest.split_at_mut(self.n);
+        let (p3, p4) = rest.split_at_mut(self.n);
+        self.plan.fwd(coeffs, p0, p1, p2, p3, p4);
+    }
+
+    /// Forward transform of a polynomial with small signed coefficients (|v| < 2^30).
+    pub fn fwd_small(&self, coeffs: &[i64], out: &mut NttPoly) {
+        for (i, chunk) in out.0.chunks_exact_mut(self.n).enumerate() {
+            let p = self.primes[i] as i64;
+            for (o, &v) in chunk.iter_mut().zip(coeffs) {
+                *o = if v < 0 { (p + v) as u32 } else { v as u32 };
+            }
+            self.prime_plan(i).fwd(chunk);
+        }
+    }
+
+    /// Inverse transform into coefficients modulo 2^64. `scratch` is consumed (overwritten).
+    pub fn inv(&self, scratch: &mut NttPoly, out: &mut [u64]) {
+        for (i, chunk) in scratch.0.chunks_exact_mut(self.n).enumerate() {
+            self.prime_plan(i).normalize(chunk);
+        }
+        let (p0, rest) = scratch.0.split_at_mut(self.n);
+        let (p1, rest) = rest.split_at_mut(self.n);
+        let (p2, rest) = rest.split_at_mut(self.n);
+        let (p3, p4) = rest.split_at_mut(self.n);
+        self.plan.inv(out, p0, p1, p2, p3, p4);
+    }
+
+    /// `acc += a ⊙ b` (slot-wise product).
+    pub fn mul_acc(&self, acc: &mut NttPoly, a: &NttPoly, b: &NttPoly) {
+        for (i, ((acc, a), b)) in acc
+            .0
+            .chunks_exact_mut(self.n)
+            .zip(a.0.chunks_exact(self.n))
+            .zip(b.0.chunks_exact(self.n))
+            .enumerate()
+        {
+            self.prime_plan(i).mul_accumulate(acc, a, b);
+        }
+    }
+
+    /// `acc += b`.
+    pub fn add_assign(&self, acc: &mut NttPoly, b: &NttPoly) {
+        for (i, (acc, b)) in acc
+            .0
+            .chunks_exact_mut(self.n)
+            .zip(b.0.chunks_exact(self.n))
+            .enumerate()
+        {
+            let p = self.primes[i];
+            for (x, &y) in acc.iter_mut().zip(b) {
+                let s = *x + y; // both < p < 2^30: no overflow
+                *x = if s >= p { s - p } else { s };
+            }
+        }
+    }
+
+    /// Applies the ring automorphism `X -> X^g` (g odd) in the NTT domain: a slot permutation.
+    ///
+    /// Panics only if `g` was not registered with [`Ntt::register_automorphism`] — a local
+    /// invariant of the engine, never reachable from peer input (the engine validates which
+    /// automorphisms a key carries before use).
+    pub fn automorphism(&self, g: usize, input: &NttPoly, out: &mut NttPoly) {
+        let Some(perm) = self.perms.get(&g) else {
+            unreachable!("automorphism {g} not registered");
+        };
+        for (pi, (o, inp)) in out
+            .0
+            .chunks_exact_mut(self.n)
+            .zip(input.0.chunks_exact(self.n))
+            .enumerate()
+        {
+            let perm = &perm[pi * self.n..(pi + 1) * self.n];
+            for (o, &src) in o.iter_mut().zip(perm) {
+                *o = inp[src as usize];
+            }
+        }
+    }
+
+    /// Whether the automorphism `X -> X^g` can be applied.
+    pub fn has_automorphism(&self, g: usize) -> bool {
+        self.perms.contains_key(&g)
+    }
+
+    /// Derives the slot permutation of `X -> X^g` from the transform itself.
+    ///
+    /// Slot i of the transform of f is f(ω_i) for some root ω_i; the slot order is tfhe-ntt's
+    /// business, so instead of assuming it we transform X and X^g: τ_g(f)(ω_i) = f(ω_i^g), and
+    /// ω_i^g is the value of slot i in the transform of X^g, found among the ω_j.
+    pub fn register_automorphism(&mut self, g: usize) {
+        if self.perms.contains_key(&g) {
+            return;
+        }
+        let n = self.n;
+        let mut x = vec![0i64; n];
+        x[1] = 1;
+        let mut x_ntt = self.zero();
+        self.fwd_small(&x, &mut x_ntt);
+        // X^g reduced negacyclically.
+        let e = g % (2 * n);
+        let mut xg = vec![0i64; n];
+        if e < n {
+            xg[e] = 1;
+        } else {
+            xg[e - n] = -1;
+        }
+        let mut xg_ntt = self.zero();
+        self.fwd_small(&xg, &mut xg_ntt);
+        let mut perm = vec![0u32; PRIMES * n];
+        for pi in 0..PRIMES {
+            let roots = &x_ntt.0[pi * n..(pi + 1) * n];
+            let index: HashMap<u32, u32> = roots
+                .iter()
+                .enumerate()
+                .map(|(j, &w)| (w, j as u32))
+                .collect();
+            for i in 0..n {
+                let target = xg_ntt.0[pi * n + i];
+                // The roots are the N distinct primitive 2N-th roots, closed under odd powers.
+                perm[pi * n + i] = index.get(&target).copied().unwrap_or(0);
+            }
+        }
+        self.perms.insert(g, perm);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::poly;
+
+    fn rand_u64(n: usize, seed: u64) -> Vec<u64> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                s ^ (s >> 29)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn product_matches_schoolbook_mod_2_64() {
+        let n = 64;
+        let ntt = Ntt::new(n).unwrap();
+        let a = rand_u64(n, 1);
+        let b: Vec<i64> = rand_u64(n, 2)
+            .iter()
+            .map(|&v| (v % 255) as i64 - 127)
+            .collect();
+        let mut fa = ntt.zero();
+        let mut fb = ntt.zero();
+        ntt.fwd_u64(&a, &mut fa);
+        ntt.fwd_small(&b, &mut fb);
+        let mut acc = ntt.zero();
+        ntt.mul_acc(&mut acc, &fa, &fb);
+        let mut out = vec![0u64; n];
+        ntt.inv(&mut acc, &mut out);
+        let bu: Vec<u64> = b.iter().map(|&v| v as u64).collect();
+        assert_eq!(out, poly::schoolbook_mul(&a, &bu));
+    }
+
+    #[test]
+    fn automorphism_matches_coefficient_domain() {
+        let n = 128;
+        let mut ntt = Ntt::new(n).unwrap();
+        let a = rand_u64(n, 3);
+        for g in [3usize, 5, 2 * n - 1, n + 1, 17] {
+            ntt.register_automorphism(g);
+            let mut fa = ntt.zero();
+            ntt.fwd_u64(&a, &mut fa);
+            let mut ft = ntt.zero();
+            ntt.automorphism(g, &fa, &mut ft);
+            let mut out = vec![0u64; n];
+            ntt.inv(&mut ft, &mut out);
+            assert_eq!(out, poly::automorphism(&a, g), "g = {g}");
+        }
+    }
+}

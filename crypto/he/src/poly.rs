@@ -1,0 +1,136 @@
+//! Coefficient-domain helpers on polynomials modulo (X^N + 1, 2^64).
+
+/// The automorphism `X -> X^g` (g odd) applied to `a`.
+pub fn automorphism(a: &[u64], g: usize) -> Vec<u64> {
+    let n = a.len();
+    let mut out = vec![0u64; n];
+    for (i, &c) in a.iter().enumerate() {
+        let e = (i * g) % (2 * n);
+        if e < n {
+            out[e] = out[e].wrapping_add(c);
+        } else {
+            out[e - n] = out[e - n].wrapping_sub(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+/// Multiplies `a` by the monomial `X^k` (any k, reduced modulo 2N).
+pub fn mul_monomial(a: &[u64], k: usize) -> Vec<u64> {
+    let n = a.len();
+    let k = k % (2 * n);
+    let mut out = vec![0u64; n];
+    for (i, &c) in a.iter().enumerate() {
+        let e = (i + k) % (2 * n);
+        if e < n {
+            out[e] = c;
+        } else {
+            out[e - n] = c.wrapping_neg();
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+/// Schoolbook negacyclic product (reference for tests and tiny rings).
+pub fn schoolbook_mul(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let n = a.len();
+    let mut out = vec![0u64; n];
+    for (i, &x) in a.iter().enumerate() {
+        for (j, &y) in b.iter().enumerate() {
+            let p = x.wrapping_mul(y);
+            if i + j < n {
+                out[i + j] = out[i + j].wrapping_add(p);
+            } else {
+                out[i + j - n] = out[i + j - n].wrapping_sub(p);
+            }
+        }
+    }
+    out
+}
+
+/// Signed gadget decomposition: `a ≈ Σ_j digits[j]·2^(64 - (j+1)·base_log)`, digits in
+/// `[-B/2, B/2)`, the low `64 - levels·base_log` bits rounded to nearest.
+///
+/// `out[j]` receives level j (j = 0 most significant) for every coefficient.
+pub fn decompose(a: &[u64], base_log: u32, levels: u32, out: &mut [Vec<i64>]) {
+    let kept = base_log * levels;
+    let shift = 64 - kept;
+    let base = 1i64 << base_log;
+    let mask = (1u64 << base_log) - 1;
+    for (i, &c) in a.iter().enumerate() {
+        // Round to the nearest multiple of 2^shift, keep the top `kept` bits.
+        let mut v = if shift == 0 {
+            c
+        } else {
+            (c >> shift).wrapping_add((c >> (shift - 1)) & 1)
+        };
+        for j in (0..levels as usize).rev() {
+            let mut d = (v & mask) as i64;
+            v >>= base_log;
+            if d >= base / 2 {
+                d -= base;
+                v = v.wrapping_add(1);
+            }
+            out[j][i] = d;
+        }
+    }
+}
+
+/// Rounds a value modulo 2^64 to its top `bits` bits (modulus switch to 2^bits).
+pub fn round_to_bits(v: u64, bits: u32) -> u64 {
+    if bits >= 64 {
+        return v;
+    }
+    let shift = 64 - bits;
+    let r = (v >> shift).wrapping_add((v >> (shift - 1)) & 1);
+    r & ((1u64 << bits) - 1)
+}
+
+/// Lifts a value modulo 2^bits back to modulo 2^64.
+pub fn lift_from_bits(v: u64, bits: u32) -> u64 {
+    if bits >= 64 {
+        v
+    } else {
+        v << (64 - bits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn decomposition_recomposes_within_rounding(a in proptest::collection::vec(any::<u64>(), 8)) {
+            let (base_log, levels) = (15u32, 3u32);
+            let mut out = vec![vec![0i64; 8]; levels as usize];
+            decompose(&a, base_log, levels, &mut out);
+            for (i, &c) in a.iter().enumerate() {
+                let mut rec = 0u64;
+                for j in 0..levels as usize {
+                    let d = out[j][i];
+                    prop_assert!((-(1i64 << 14)..(1i64 << 14)).contains(&d));
+                    rec = rec.wrapping_add((d as u64).wrapping_mul(1u64 << (64 - (j as u32 + 1) * base_log)));
+                }
+                let err = c.wrapping_sub(rec) as i64;
+                prop_assert!(err.unsigned_abs() <= 1u64 << (64 - 45 - 1));
+            }
+        }
+
+        #[test]
+        fn automorphisms_compose(a in proptest::collection::vec(any::<u64>(), 16), g in 0usize..16, h in 0usize..16) {
+            let (g, h) = (2 * g + 1, 2 * h + 1);
+            prop_assert_eq!(automorphism(&automorphism(&a, g), h), automorphism(&a, (g * h) % 32));
+        }
+
+        #[test]
+        fn monomial_matches_schoolbook(a in proptest::collection::vec(any::<u64>(), 16), k in 0usize..32) {
+            let mut m = vec![0u64; 16];
+            if k < 16 { m[k] = 1 } else { m[k - 16] = u64::MAX }
+            prop_assert_eq!(mul_monomial(&a, k), schoolbook_mul(&a, &m));
+        }
+    }
+}

@@ -1,0 +1,412 @@
+//! Server side: prepare a layer once (weights to the NTT domain), then evaluate ciphertexts.
+
+use crate::context::Context;
+use crate::error::HeError;
+use crate::keys::{automorphism_for_stride, PreparedEvaluationKey};
+use crate::ntt::NttPoly;
+use crate::plan::{LayerPlan, OutputMode, PlanOptions, WeightStats};
+use crate::poly;
+use crate::wire::{EncryptedInput, EncryptedOutput, OutputCiphertext};
+use std::sync::Arc;
+
+/// A GLWE ciphertext in the NTT domain.
+#[derive(Clone)]
+struct NttCiphertext {
+    mask: NttPoly,
+    body: NttPoly,
+}
+
+/// A layer ready for evaluation: its plan, and its weights and bias in the NTT domain.
+pub struct PreparedLayer {
+    ctx: Arc<Context>,
+    plan: LayerPlan,
+    /// `weights[o * in_chunks + c]`: block o's weight polynomial for chunk c.
+    weights: Vec<NttPoly>,
+    /// Per block: Δ_in·bias placed at the block's output slots.
+    bias: Vec<Option<NttPoly>>,
+}
+
+impl std::fmt::Debug for PreparedLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedLayer")
+            .field("plan", &self.plan)
+            .finish()
+    }
+}
+
+/// Evaluation options.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EvalOptions {
+    /// Spread blocks and packing-tree nodes over rayon's thread pool.
+    pub parallel: bool,
+}
+
+/// Computes the statistics a plan needs from row-major weights `w[out][in]` and a bias.
+pub fn weight_stats(
+    w: &[i64],
+    n_in: usize,
+    n_out: usize,
+    bias: &[i64],
+    rows_per_block: usize,
+) -> WeightStats {
+    let mut max_row_l1 = 0u64;
+    let mut max_block = 0f64;
+    let mut block = 0f64;
+    for r in 0..n_out {
+        let row = &w[r * n_in..(r + 1) * n_in];
+        max_row_l1 = max_row_l1.max(row.iter().map(|v| v.unsigned_abs()).sum());
+        block += row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+        if (r + 1) % rows_per_block == 0 || r + 1 == n_out {
+            max_block = max_block.max(block);
+            block = 0.0;
+        }
+    }
+    WeightStats {
+        max_row_l1,
+        max_abs_bias: bias.iter().map(|b| b.unsigned_abs()).max().unwrap_or(0),
+        max_block_sq_norm: max_block,
+    }
+}
+
+impl PreparedLayer {
+    /// Plans and prepares a layer `y = W·x + b` with row-major `weights` (n_out × n_in),
+    /// inputs bounded by `max_abs_input`. Refuses layers whose failure bound is too high.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prepare(
+        ctx: Arc<Context>,
+        mode: OutputMode,
+        n_in: usize,
+        n_out: usize,
+        weights: &[i64],
+        bias: &[i64],
+        max_abs_input: u64,
+        opts: PlanOptions,
+    ) -> Result<Self, HeError> {
+        let params = ctx.params();
+        let n = params.poly_size;
+        if weights.len() != n_in.saturating_mul(n_out) || bias.len() != n_out {
+            return Err(HeError::Shape(format!(
+                "weights {} / bias {} do not match {n_out}x{n_in}",
+                weights.len(),
+                bias.len()
+            )));
+        }
+        // Weights go into the NTT as small signed values: keep them far below the primes.
+        if weights.iter().any(|w| w.unsigned_abs() >= 1 << 20) {
+            return Err(HeError::OutOfRange(
+                "weights must satisfy |w| < 2^20".into(),
+            ));
+        }
+        // Candidate chunks: the caller's, or the mode's default and then smaller ones — a
+        // smaller chunk means a smaller packing factor, hence less key-switching noise.
+        let n_total = n;
+        let first = opts
+            .chunk
+            .unwrap_or_else(|| crate::plan::default_chunk(n_total, mode, n_in, n_out));
+        let candidates: Vec<usize> = match (opts.chunk, mode) {
+            (None, OutputMode::Packed) => (1..=first.trailing_zeros())
+                .rev()
+                .map(|l| 1usize << l)
+                .collect(),
+            _ => vec![first],
+        };
+        let mut planned = Err(HeError::Shape("no chunk candidate".into()));
+        for chunk in candidates {
+            let stats = weight_stats(weights, n_in, n_out, bias, (n / chunk.max(1)).max(1));
+            planned = LayerPlan::new(
+                params,
+                mode,
+                n_in,
+                n_out,
+                max_abs_input,
+                stats,
+                PlanOptions { chunk: Some(chunk) },
+            );
+            if planned.is_ok() {
+                break;
+            }
+        }
+        let plan = planned?;
+        let rows = plan.rows();
+        let (chunk, in_chunks, blocks) = (plan.chunk, plan.in_chunks(), plan.out_blocks());
+        let ntt = &ctx.ntt;
+        let mut polys = Vec::with_capacity(blocks * in_chunks);
+        let mut coeffs = vec![0i64; n];
+        for o in 0..blocks {
+            for c in 0..in_chunks {
+                coeffs.iter_mut().for_each(|v| *v = 0);
+                for r in 0..rows {
+                    let row = o * rows + r;
+                    if row >= n_out {
+                        break;
+                    }
+                    for i in 0..chunk {
+                        let col = c * chunk + i;
+                        if col >= n_in {
+                            break;
+                        }
+                        // Row r, input i at X^(r·chunk − i): the dot product lands on X^(r·chunk).
+                        let w = weights[row * n_in + col];
+                        let e = r * chunk;
+                        if e >= i {
+                            coeffs[e - i] += w;
+                        } else {
+                            coeffs[n + e - i] -= w;
+                        }
+                    }
+                }
+                let mut f = ntt.zero();
+                ntt.fwd_small(&coeffs, &mut f);
+                polys.push(f);
+            }
+        }
+        let mut bias_polys = Vec::with_capacity(blocks);
+        for o in 0..blocks {
+            let mut b = vec![0u64; n];
+            let mut any = false;
+            for r in 0..rows {
+                let row = o * rows + r;
+                if row < n_out && bias[row] != 0 {
+                    b[r * chunk] = (bias[row] as u64).wrapping_shl(plan.delta_in_log2);
+                    any = true;
+                }
+            }
+            bias_polys.push(any.then(|| {
+                let mut f = ntt.zero();
+                ntt.fwd_u64(&b, &mut f);
+                f
+            }));
+        }
+        Ok(Self {
+            ctx,
+            plan,
+            weights: polys,
+            bias: bias_polys,
+        })
+    }
+
+    /// The layer's plan (public: the device needs it to encrypt and decrypt).
+    pub fn plan(&self) -> &LayerPlan {
+        &self.plan
+    }
+
+    /// Evaluates the layer on an encrypted batch.
+    pub fn eval(
+        &self,
+        input: &EncryptedInput,
+        key: Option<&PreparedEvaluationKey>,
+        opts: EvalOptions,
+    ) -> Result<EncryptedOutput, HeError> {
+        let plan = &self.plan;
+        input.check_against(plan)?;
+        if plan.mode == OutputMode::Packed {
+            match key {
+                None => return Err(HeError::MissingEvaluationKey("packed mode needs a key")),
+                Some(k) if k.key_id != input.key_id => return Err(HeError::KeyIdMismatch),
+                Some(k) => {
+                    for stride in 1..=plan.chunk.trailing_zeros() {
+                        let g = automorphism_for_stride(plan.params.poly_size, 1 << stride);
+                        if !k.levels.contains_key(&g) {
+                            return Err(HeError::MissingEvaluationKey("automorphism not covered"));
+                        }
+                    }
+                }
+            }
+        }
+        let n = plan.params.poly_size;
+        let chunks = plan.in_chunks();
+        let mut masks = crate::rng::mask_generator(input.mask_seed);
+        let mut rows_out = Vec::with_capacity(input.batch);
+        for row in 0..input.batch {
+            // Expand and transform the row's input ciphertexts.
+            let mut inputs = Vec::with_capacity(chunks);
+            let mut a = vec![0u64; n];
+            for c in 0..chunks {
+                masks.fill(&mut a);
+                let body: Vec<u64> = input.bodies[row * chunks + c]
+                    .iter()
+                    .map(|&v| poly::lift_from_bits(v, plan.upload_bits))
+                    .collect();
+                let (mut fa, mut fb) = (self.ctx.ntt.zero(), self.ctx.ntt.zero());
+                self.ctx.ntt.fwd_u64(&a, &mut fa);
+                self.ctx.ntt.fwd_u64(&body, &mut fb);
+                inputs.push(NttCiphertext { mask: fa, body: fb });
+            }
+            let products = self.products(&inputs, opts);
+            let cts = match plan.mode {
+                OutputMode::NoKey => products
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, p)| self.finish(p, i))
+                    .collect(),
+                OutputMode::Packed => {
+                    let Some(key) = key else {
+                        return Err(HeError::MissingEvaluationKey("packed mode needs a key"));
+                    };
+                    let per = plan.blocks_per_group();
+                    let mut groups: Vec<Vec<NttCiphertext>> = Vec::new();
+                    let mut it = products.into_iter().peekable();
+                    while it.peek().is_some() {
+                        groups.push(it.by_ref().take(per).collect());
+                    }
+                    let packed = map_maybe_par(groups, opts.parallel, |g| self.pack(g, key, opts));
+                    packed
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, ct)| self.finish(ct, i))
+                        .collect()
+                }
+            };
+            rows_out.push(cts);
+        }
+        Ok(EncryptedOutput {
+            params_id: plan.params.id,
+            key_id: input.key_id,
+            mode: plan.mode,
+            bits: plan.download_bits,
+            n_out: plan.n_out,
+            rows: rows_out,
+        })
+    }
+
+    /// One accumulated product ciphertext per output block (NTT domain, bias added).
+    fn products(&self, inputs: &[NttCiphertext], opts: EvalOptions) -> Vec<NttCiphertext> {
+        let chunks = inputs.len();
+        let blocks: Vec<usize> = (0..self.plan.out_blocks()).collect();
+        map_maybe_par(blocks, opts.parallel, |o| {
+            let ntt = &self.ctx.ntt;
+            let (mut acc_a, mut acc_b) = (ntt.zero(), ntt.zero());
+            for (c, inp) in inputs.iter().enumerate() {
+                let w = &self.weights[o * chunks + c];
+                ntt.mul_acc(&mut acc_a, &inp.mask, w);
+                ntt.mul_acc(&mut acc_b, &inp.body, w);
+            }
+            if let Some(b) = &self.bias[o] {
+                ntt.add_assign(&mut acc_b, b);
+            }
+            NttCiphertext {
+                mask: acc_a,
+                body: acc_b,
+            }
+        })
+    }
+
+    /// Packs a group of product ciphertexts into one (PackLWEs-style tree, then a partial
+    /// trace that clears every slot but the outputs).
+    fn pack(
+        &self,
+        mut level: Vec<NttCiphertext>,
+        key: &PreparedEvaluationKey,
+        opts: EvalOptions,
+    ) -> NttCiphertext {
+        let n = self.plan.params.poly_size;
+        let ntt = &self.ctx.ntt;
+        let leaves = self.plan.leaves_per_group();
+        let mut stride = self.plan.chunk;
+        let mut width = leaves;
+        while width > 1 {
+            let half = width / 2;
+            let g = automorphism_for_stride(n, stride);
+            let k = stride / 2;
+            let mut odds: Vec<Option<NttCiphertext>> =
+                level.drain(half.min(level.len())..).map(Some).collect();
+            odds.resize(half, None);
+            let pairs: Vec<(NttCiphertext, Option<NttCiphertext>)> =
+                level.drain(..).zip(odds).collect();
+            level = map_maybe_par(pairs, opts.parallel, |(even, odd)| {
+                let (u, v) = match odd {
+                    None => (even.clone(), even),
+                    Some(odd) => {
+                        let (pos, neg) = &self.ctx.monomials[&k];
+                        let mut u = even.clone();
+                        let mut v = even;
+                        ntt.mul_acc(&mut u.mask, pos, &odd.mask);
+                        ntt.mul_acc(&mut u.body, pos, &odd.body);
+                        ntt.mul_acc(&mut v.mask, neg, &odd.mask);
+                        ntt.mul_acc(&mut v.body, neg, &odd.body);
+                        (u, v)
+                    }
+                };
+                self.add_rotated(u, &v, g, key)
+            });
+            width = half;
+            stride /= 2;
+        }
+        let mut ct = level.pop().unwrap_or_else(|| NttCiphertext {
+            mask: ntt.zero(),
+            body: ntt.zero(),
+        });
+        while stride > 1 {
+            let g = automorphism_for_stride(n, stride);
+            let copy = ct.clone();
+            ct = self.add_rotated(ct, &copy, g, key);
+            stride /= 2;
+        }
+        ct
+    }
+
+    /// `u + KeySwitch(τ_g(v))`: the one non-linear step, done in the NTT domain.
+    fn add_rotated(
+        &self,
+        mut u: NttCiphertext,
+        v: &NttCiphertext,
+        g: usize,
+        key: &PreparedEvaluationKey,
+    ) -> NttCiphertext {
+        let ntt = &self.ctx.ntt;
+        let p = &self.plan.params;
+        let n = p.poly_size;
+        let mut tb = ntt.zero();
+        ntt.automorphism(g, &v.body, &mut tb);
+        ntt.add_assign(&mut u.body, &tb);
+        let mut ta = ntt.zero();
+        ntt.automorphism(g, &v.mask, &mut ta);
+        let mut a = vec![0u64; n];
+        ntt.inv(&mut ta, &mut a);
+        let mut digits = vec![vec![0i64; n]; p.ks_levels as usize];
+        poly::decompose(&a, p.ks_base_log, p.ks_levels, &mut digits);
+        // Checked in eval(): the key covers every automorphism of the plan.
+        let levels = &key.levels[&g];
+        let mut d = ta; // reuse the buffer
+        for (digit, (neg_a, neg_b)) in digits.iter().zip(levels) {
+            ntt.fwd_small(digit, &mut d);
+            ntt.mul_acc(&mut u.mask, &d, neg_a);
+            ntt.mul_acc(&mut u.body, &d, neg_b);
+        }
+        u
+    }
+
+    /// Back to coefficients, modulus-switch, keep the full mask and the output slots only.
+    fn finish(&self, mut ct: NttCiphertext, index: usize) -> OutputCiphertext {
+        let plan = &self.plan;
+        let n = plan.params.poly_size;
+        let ntt = &self.ctx.ntt;
+        let (mut a, mut b) = (vec![0u64; n], vec![0u64; n]);
+        ntt.inv(&mut ct.mask, &mut a);
+        ntt.inv(&mut ct.body, &mut b);
+        let bits = plan.download_bits;
+        let count = plan.outputs_in_ciphertext(index);
+        let first = plan.first_output(index);
+        let body = (first..first + count)
+            .map(|j| poly::round_to_bits(b[plan.output_slot(j).1], bits))
+            .collect();
+        OutputCiphertext {
+            mask: a.iter().map(|&v| poly::round_to_bits(v, bits)).collect(),
+            body,
+        }
+    }
+}
+
+fn map_maybe_par<T: Send, U: Send>(
+    items: Vec<T>,
+    parallel: bool,
+    f: impl Fn(T) -> U + Sync + Send,
+) -> Vec<U> {
+    #[cfg(feature = "parallel")]
+    if parallel {
+        use rayon::prelude::*;
+        return items.into_par_iter().map(f).collect();
+    }
+    let _ = parallel;
+    items.into_iter().map(f).collect()
+}

@@ -1,0 +1,120 @@
+//! decrypt(eval(W, enc(x))) = W·x + b, exactly, in both output modes.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use common::*;
+use proptest::prelude::*;
+use tandem_he::*;
+
+fn check(mode: OutputMode, n_in: usize, n_out: usize, w: Vec<i64>, b: Vec<i64>, xs: Vec<Vec<i64>>) {
+    let f = fixture();
+    let layer = PreparedLayer::prepare(
+        f.ctx.clone(),
+        mode,
+        n_in,
+        n_out,
+        &w,
+        &b,
+        128,
+        PlanOptions::default(),
+    )
+    .unwrap();
+    let got = run(&layer, &xs);
+    for (x, y) in xs.iter().zip(&got) {
+        assert_eq!(
+            y,
+            &reference(&w, &b, x, n_in, n_out),
+            "mode {mode:?} {n_in}x{n_out} plan {:?}",
+            layer.plan()
+        );
+    }
+}
+
+#[test]
+fn worst_case_all_extremes_1024_square() {
+    let (n_in, n_out) = (1024, 1024);
+    for mode in [OutputMode::NoKey, OutputMode::Packed] {
+        // All +127 weights against all −128 inputs, maximal bias, and the mirror case.
+        check(
+            mode,
+            n_in,
+            n_out,
+            vec![127; n_in * n_out],
+            vec![1 << 20; n_out],
+            vec![vec![-128; n_in]],
+        );
+        check(
+            mode,
+            n_in,
+            n_out,
+            vec![-128; n_in * n_out],
+            vec![-(1 << 20); n_out],
+            vec![vec![-128; n_in], vec![127; n_in]],
+        );
+    }
+}
+
+#[test]
+fn tiny_and_odd_shapes() {
+    for mode in [OutputMode::NoKey, OutputMode::Packed] {
+        for (n_in, n_out) in [(1, 1), (3, 5), (64, 10), (65, 7), (30, 2), (5, 300)] {
+            let w = values(n_in * n_out, (n_in * 31 + n_out) as u64, -128, 127);
+            let b = values(n_out, 7, -5000, 5000);
+            let xs = vec![values(n_in, 3, -128, 127), values(n_in, 4, -128, 127)];
+            check(mode, n_in, n_out, w, b, xs);
+        }
+    }
+}
+
+#[test]
+fn forced_chunks_cover_multi_chunk_and_multi_group_layouts() {
+    let f = fixture();
+    let (n_in, n_out) = (300, 700);
+    let w = values(n_in * n_out, 11, -128, 127);
+    let b = values(n_out, 12, -100, 100);
+    let x = vec![values(n_in, 13, -128, 127)];
+    for (mode, chunk) in [
+        (OutputMode::Packed, 64),
+        (OutputMode::Packed, 128),
+        (OutputMode::NoKey, 1024),
+        (OutputMode::NoKey, 2),
+    ] {
+        let layer = PreparedLayer::prepare(
+            f.ctx.clone(),
+            mode,
+            n_in,
+            n_out,
+            &w,
+            &b,
+            128,
+            PlanOptions { chunk: Some(chunk) },
+        )
+        .unwrap();
+        assert_eq!(
+            run(&layer, &x)[0],
+            reference(&w, &b, &x[0], n_in, n_out),
+            "{mode:?} chunk {chunk}"
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, .. ProptestConfig::default() })]
+    #[test]
+    fn random_shapes_decrypt_exactly(
+        n_in in 1usize..=2048,
+        n_out in 1usize..=2048,
+        batch in 1usize..=8,
+        packed in any::<bool>(),
+        seed in any::<u64>(),
+        extreme in any::<bool>(),
+    ) {
+        let mode = if packed { OutputMode::Packed } else { OutputMode::NoKey };
+        // Keep packed cases affordable: the key-switch count grows with n_out·chunk/N.
+        let batch = if packed { batch.min(2) } else { batch };
+        let w = if extreme { vec![-128; n_in * n_out] } else { values(n_in * n_out, seed, -128, 127) };
+        let b = values(n_out, seed ^ 1, -(1 << 16), 1 << 16);
+        let xs: Vec<Vec<i64>> = (0..batch).map(|i| if extreme { vec![-128; n_in] } else { values(n_in, seed ^ (i as u64 + 2), -128, 127) }).collect();
+        check(mode, n_in, n_out, w, b, xs);
+    }
+}
