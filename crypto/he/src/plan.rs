@@ -299,42 +299,69 @@ impl LayerPlan {
         Ok(plan)
     }
 
-    /// Variance of one key switch's added noise.
+    /// Variance bound of one key switch's added noise: digits counted at their maximum
+    /// (B/2)² and the secret at full weight N.
     pub fn key_switch_variance(&self) -> f64 {
-        let p = &self.params;
-        let n = p.poly_size as f64;
-        let half_base = 2f64.powi(p.ks_base_log as i32 - 1);
-        let dropped = 2f64.powi(64 - (p.ks_base_log * p.ks_levels) as i32);
-        p.ks_levels as f64 * n * half_base * half_base * p.fresh_noise_variance()
-            + n * dropped * dropped / 12.0
+        let half_base = 2f64.powi(self.params.ks_base_log as i32 - 1);
+        self.key_switch_variance_with(half_base * half_base, self.params.poly_size as f64)
     }
 
-    /// Output noise variance before the download switch, for a given upload width.
+    fn key_switch_variance_with(&self, digit_sq: f64, key_weight: f64) -> f64 {
+        let p = &self.params;
+        let dropped = 2f64.powi(64 - (p.ks_base_log * p.ks_levels) as i32);
+        p.ks_levels as f64 * p.poly_size as f64 * digit_sq * p.fresh_noise_variance()
+            + key_weight * dropped * dropped / 12.0
+    }
+
+    /// Output noise variance bound before the download switch, for a given upload width.
     pub fn pre_switch_variance(&self, stats: WeightStats, upload_bits: u32) -> f64 {
+        self.pre_switch_with(
+            stats.max_block_sq_norm,
+            upload_bits,
+            self.key_switch_variance(),
+        )
+    }
+
+    fn pre_switch_with(&self, block_sq_norm: f64, upload_bits: u32, v_ks: f64) -> f64 {
         let rounding = if upload_bits >= 64 {
             0.0
         } else {
             2f64.powi(2 * (64 - upload_bits as i32)) / 12.0
         };
         let v_in = self.params.fresh_noise_variance() + rounding;
-        let product = stats.max_block_sq_norm * v_in;
+        let product = block_sq_norm * v_in;
         match self.mode {
             OutputMode::NoKey => product,
             OutputMode::Packed => {
                 let f = (self.chunk as f64).powi(2);
-                f * product + self.key_switch_variance() * (f - 1.0) / 3.0
+                f * product + v_ks * (f - 1.0) / 3.0
             }
         }
     }
 
-    /// Output variance after switching to `bits` (mask rounding times a binary secret of
-    /// weight ≤ N, plus the body's own rounding), in 64-bit units.
+    /// Output variance bound after switching to `bits` (mask rounding times a binary secret
+    /// of weight ≤ N, plus the body's own rounding), in 64-bit units.
     pub fn download_variance(&self, v_pre: f64, bits: u32) -> f64 {
+        self.download_with(v_pre, bits, self.params.poly_size as f64)
+    }
+
+    fn download_with(&self, v_pre: f64, bits: u32, key_weight: f64) -> f64 {
         if bits >= 64 {
             return v_pre;
         }
         let unit = 2f64.powi(64 - bits as i32);
-        v_pre + (self.params.poly_size as f64 + 1.0) * unit * unit / 12.0
+        v_pre + (key_weight + 1.0) * unit * unit / 12.0
+    }
+
+    /// Average-case prediction of the decrypted output's noise variance (not a bound): digits
+    /// at their variance B²/12 and a secret of Hamming weight `key_weight` (≈ N/2), for an
+    /// output block whose squared weight norm is `block_sq_norm`. Tests compare measured noise
+    /// with it.
+    pub fn expected_variance(&self, block_sq_norm: f64, key_weight: f64) -> f64 {
+        let base = 2f64.powi(self.params.ks_base_log as i32);
+        let v_ks = self.key_switch_variance_with(base * base / 12.0, key_weight);
+        let v_pre = self.pre_switch_with(block_sq_norm, self.upload_bits, v_ks);
+        self.download_with(v_pre, self.download_bits, key_weight)
     }
 }
 
