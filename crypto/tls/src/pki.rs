@@ -12,7 +12,8 @@
 //! verifier mishandled extended key usages), a leaked device-CA key cannot impersonate the
 //! cloud, and the device-enrolment CA can be operated apart from the cloud's. All keys are
 //! ECDSA P-256; every certificate gets a random 128-bit serial (so re-issuing for the same key
-//! gives a new serial, and a revocation names exactly one certificate).
+//! gives a new serial, and a revocation names exactly one certificate). CA names carry a random
+//! tag (`Tandem device CA 1a2b3c4d`) so that two dev PKIs are never confused.
 //!
 //! This PKI is for development, tests and demos: CA private keys are written next to the
 //! certificates (mode 0600 on Unix). A production deployment keeps CA keys offline.
@@ -329,8 +330,11 @@ impl DevPki {
             });
         }
         let now = OffsetDateTime::now_utc();
-        let cloud_ca = Ca::generate("Tandem cloud CA", now)?;
-        let device_ca = Ca::generate("Tandem device CA", now)?;
+        // A random tag in the CA names tells PKIs apart (in logs, and for verifiers, which
+        // look issuers up by name).
+        let tag = crate::identity::hex(&random_serial()?.to_bytes()[..4]);
+        let cloud_ca = Ca::generate(&format!("Tandem cloud CA {tag}"), now)?;
+        let device_ca = Ca::generate(&format!("Tandem device CA {tag}"), now)?;
         let cloud = issue_leaf(
             &cloud_ca,
             CLOUD_NAMES[0],
