@@ -147,6 +147,7 @@ pub fn peer_identity<D>(conn: &ConnectionCommon<D>) -> Result<PeerIdentity> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 

@@ -128,6 +128,7 @@ pub(crate) fn to_pem(label: &str, der: &[u8]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 

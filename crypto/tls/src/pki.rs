@@ -722,6 +722,7 @@ fn parse_crl(crl: &CertificateRevocationListDer<'_>) -> Result<(u64, Vec<Revoked
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 
@@ -767,6 +768,34 @@ mod tests {
             DevPki::generate(MAX_DEV_PKI_DEVICES + 1),
             Err(Error::OutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn identity_survives_reissue_with_the_same_key_but_not_a_new_key() {
+        let pki = DevPki::generate(0).unwrap();
+        let now = OffsetDateTime::now_utc();
+        let key = KeyPair::generate().unwrap();
+        let issue = |cn: &str, days: i64, key: &KeyPair| {
+            let mut p = CertificateParams::default();
+            p.distinguished_name = dn(cn);
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            p.not_before = now - BACKDATE;
+            p.not_after = now + Duration::days(days);
+            p.serial_number = Some(random_serial().unwrap());
+            let c = p.signed_by(key, &pki.device_ca.issuer).unwrap();
+            identity_from_certificate(c.der()).unwrap()
+        };
+        let first = issue("device-a", 30, &key);
+        let renewed = issue("device-a-renamed", 365, &key);
+        assert_eq!(first.id(), renewed.id());
+        assert_ne!(first.common_name(), renewed.common_name());
+        let rekeyed = issue("device-a", 30, &KeyPair::generate().unwrap());
+        assert_ne!(first.id(), rekeyed.id());
+        // The id is SHA-256 of the SubjectPublicKeyInfo DER.
+        use rcgen::PublicKeyData;
+        use sha2::Digest;
+        let expected: [u8; 32] = sha2::Sha256::digest(key.subject_public_key_info()).into();
+        assert_eq!(first.id(), expected);
     }
 
     #[test]
