@@ -16,6 +16,35 @@
 //!
 //! Certificates, keys and CRLs are treated as untrusted input: every loader returns a typed
 //! [`Error`] and never panics.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use tandem_tls::{client_config, established, server_config, server_name, DevPki};
+//!
+//! // A throw-away PKI (or load files written by `tandem pki init` with `ServerFiles`).
+//! let pki = DevPki::generate(1)?;
+//!
+//! // Cloud: hand this to `tokio_rustls::TlsAcceptor::from(server)`. A refused device shows up
+//! // as an error of `acceptor.accept(tcp).await`; on success call
+//! // `established(tls_stream.get_ref().1)?` and create the session with
+//! // `CloudSession::new(config, est.peer.id(), est.channel_binding, now_ms)`.
+//! let server = server_config(pki.server_credentials())?;
+//!
+//! // Device (here with blocking std I/O).
+//! let client = client_config(pki.client_credentials("device-1")?)?;
+//! let mut tcp = std::net::TcpStream::connect("127.0.0.1:4433")?;
+//! let mut conn = tandem_tls::rustls::ClientConnection::new(client, server_name("localhost")?)?;
+//! while conn.is_handshaking() {
+//!     conn.complete_io(&mut tcp)?;
+//! }
+//! let est = established(&conn)?; // TLS 1.3 + ALPN tandem/1 checked
+//! // DeviceSession::new(config, est.channel_binding, now_ms) ...
+//! # let _ = (server, est);
+//! # Ok(())
+//! # }
+//! ```
 #![forbid(unsafe_code)]
 
 mod binding;
