@@ -52,7 +52,7 @@ use time::{Duration, OffsetDateTime};
 use crate::config::{ClientCredentials, ServerCredentials};
 use crate::identity::{identity_from_certificate, PeerIdentity};
 use crate::limits::{MAX_DEVICE_NAME_LEN, MAX_DEV_PKI_DEVICES};
-use crate::load::{load_certificates, load_crls, load_private_key, read_limited, to_pem};
+use crate::load::{load_certificates, load_crls, load_private_key, to_pem};
 use crate::{Error, Result};
 
 /// File names of the on-disk layout (see the module documentation).
@@ -454,36 +454,29 @@ impl DevPki {
     /// Revokes a certificate issued by the device CA (by serial) and re-signs the CRL.
     /// Revoking twice is harmless.
     pub fn revoke(&mut self, cert: &IssuedCert) -> Result<()> {
-        let now = OffsetDateTime::now_utc();
-        if !self
-            .revoked
-            .iter()
-            .any(|r| r.serial_number.as_ref() == cert.serial.as_slice())
-        {
-            self.revoked.push(revoked_entry(&cert.serial, now));
-        }
-        self.crl_number = self.crl_number.saturating_add(1);
-        self.crl = sign_crl(&self.device_ca, &self.revoked, self.crl_number, now)?;
-        Ok(())
+        let serial = cert.serial.clone();
+        self.revoke_serial(&serial)
     }
 
     /// Revokes the device called `name` (see [`DevPki::revoke`]).
     pub fn revoke_device(&mut self, name: &str) -> Result<()> {
-        let idx = self
-            .devices
-            .iter()
-            .position(|d| d.name == name)
-            .ok_or_else(|| Error::UnknownDevice {
-                name: name.to_owned(),
-            })?;
-        let serial = self.devices[idx].serial.clone();
+        let serial =
+            self.device(name)
+                .map(|d| d.serial.clone())
+                .ok_or_else(|| Error::UnknownDevice {
+                    name: name.to_owned(),
+                })?;
+        self.revoke_serial(&serial)
+    }
+
+    fn revoke_serial(&mut self, serial: &[u8]) -> Result<()> {
         let now = OffsetDateTime::now_utc();
         if !self
             .revoked
             .iter()
-            .any(|r| r.serial_number.as_ref() == serial.as_slice())
+            .any(|r| r.serial_number.as_ref() == serial)
         {
-            self.revoked.push(revoked_entry(&serial, now));
+            self.revoked.push(revoked_entry(serial, now));
         }
         self.crl_number = self.crl_number.saturating_add(1);
         self.crl = sign_crl(&self.device_ca, &self.revoked, self.crl_number, now)?;
@@ -639,7 +632,8 @@ pub fn init(dir: &Path, devices: usize) -> Result<PkiSummary> {
 ///
 /// Keeps every serial revoked before and increments the CRL number. Revoking a device twice
 /// is harmless. Fails with [`Error::UnknownDevice`] if the device's certificate does not
-/// exist, and with [`Error::InvalidCertificate`] if it was not issued by this device CA. A
+/// exist, with [`Error::FileNotFound`] if the CRL is missing (never starts an empty one, which
+/// would un-revoke earlier devices), and with [`Error::InvalidCertificate`] if it was not issued by this device CA. A
 /// cloud picks the new CRL up when it next builds its server configuration.
 pub fn revoke(dir: &Path, device: &str) -> Result<()> {
     check_device_name(device)?;
@@ -674,20 +668,14 @@ pub fn revoke(dir: &Path, device: &str) -> Result<()> {
 
     let now = OffsetDateTime::now_utc();
     let crl_path = dir.join(layout::DEVICE_CA_CRL);
-    let (mut revoked, previous_number) = match read_limited(&crl_path) {
-        Ok(_) => {
-            let mut revoked = Vec::new();
-            let mut number = 0u64;
-            for crl in load_crls(&crl_path)? {
-                let (n, entries) = parse_crl(&crl)?;
-                number = number.max(n);
-                revoked.extend(entries);
-            }
-            (revoked, number)
-        }
-        Err(Error::FileNotFound { .. }) => (Vec::new(), 0),
-        Err(e) => return Err(e),
-    };
+    // A missing CRL is an error, not an empty list: starting afresh would silently un-revoke.
+    let mut revoked = Vec::new();
+    let mut previous_number = 0u64;
+    for crl in load_crls(&crl_path)? {
+        let (n, entries) = parse_crl(&crl)?;
+        previous_number = previous_number.max(n);
+        revoked.extend(entries);
+    }
     if !revoked
         .iter()
         .any(|r: &RevokedCertParams| r.serial_number.as_ref() == serial.as_slice())
@@ -760,6 +748,11 @@ mod tests {
         let (n, entries) = parse_crl(pki.crl()).unwrap();
         assert_eq!((n, entries.len()), (3, 1));
         assert_eq!(entries[0].serial_number.as_ref(), pki.devices()[1].serial());
+        let extra = pki.issue_device("extra", DeviceCertProfile::Valid).unwrap();
+        pki.revoke(&extra).unwrap();
+        let (n, entries) = parse_crl(pki.crl()).unwrap();
+        assert_eq!((n, entries.len()), (4, 2));
+        assert_eq!(entries[1].serial_number.as_ref(), extra.serial());
         assert!(matches!(
             pki.revoke_device("device-9"),
             Err(Error::UnknownDevice { .. })

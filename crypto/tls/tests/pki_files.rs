@@ -133,6 +133,15 @@ fn revoke_errors_are_typed() {
         pki_revoke(dir, "stranger"),
         Err(Error::InvalidCertificate(_))
     ));
+    // A missing CRL is an error (starting an empty one would un-revoke earlier devices).
+    let crl = dir.join(layout::DEVICE_CA_CRL);
+    let saved = fs::read(&crl).unwrap();
+    fs::remove_file(&crl).unwrap();
+    assert!(matches!(
+        pki_revoke(dir, "device-1"),
+        Err(Error::FileNotFound { .. })
+    ));
+    fs::write(&crl, saved).unwrap();
     // A corrupted CRL is reported, not overwritten.
     fs::write(dir.join(layout::DEVICE_CA_CRL), b"garbage").unwrap();
     assert!(matches!(
