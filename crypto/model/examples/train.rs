@@ -30,10 +30,9 @@ use std::path::{Path, PathBuf};
 use ndarray::{Array1, Array2, Axis};
 use sha2::{Digest, Sha256};
 use tandem_model::{
-    format_signing_key, format_verifying_key, read_signing_key, read_verifying_key,
-    write_bundle, Activation, Bundle, LayerKind, LayerSpec, Limits, Manifest, NamedTensor,
-    Placement, Preprocess, QuantSpec, SigningKey, TensorData, TestSet, TrainingInfo, WeightsRef,
-    FORMAT,
+    format_signing_key, format_verifying_key, read_signing_key, read_verifying_key, write_bundle,
+    Activation, Bundle, LayerKind, LayerSpec, Limits, Manifest, NamedTensor, Placement, Preprocess,
+    QuantSpec, SigningKey, TensorData, TestSet, TrainingInfo, WeightsRef, FORMAT,
 };
 
 /// Seed of the split, the initialisation and the mini-batch order.
@@ -87,7 +86,10 @@ fn load(name: &str, dir: &Path) -> Result<Data, Error> {
             std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(f), &mut s)?;
             (s, false)
         }
-        "breast_cancer" => (std::fs::read_to_string(dir.join("breast_cancer.csv"))?, true),
+        "breast_cancer" => (
+            std::fs::read_to_string(dir.join("breast_cancer.csv"))?,
+            true,
+        ),
         other => return Err(format!("unknown dataset {other:?} (digits, breast_cancer)").into()),
     };
     let mut d = Data {
@@ -120,7 +122,9 @@ impl Mlp {
         let mut b = Vec::new();
         for p in sizes.windows(2) {
             let std = (2.0 / p[0] as f64).sqrt();
-            w.push(Array2::from_shape_fn((p[1], p[0]), |_| (rng.normal() * std) as f32));
+            w.push(Array2::from_shape_fn((p[1], p[0]), |_| {
+                (rng.normal() * std) as f32
+            }));
             b.push(Array1::zeros(p[1]));
         }
         Mlp { w, b }
@@ -152,7 +156,10 @@ impl Mlp {
             .map(|r| {
                 r.iter()
                     .enumerate()
-                    .fold((0, f32::MIN), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) })
+                    .fold(
+                        (0, f32::MIN),
+                        |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) },
+                    )
                     .0
             })
             .collect()
@@ -259,7 +266,10 @@ fn write_dev_keys(dir: &Path) -> Result<(), Error> {
                 anyone can sign with it. Never trust it outside development; use your own key\n\
                 (a file with one line of 64 hex digits, the Ed25519 seed) for real bundles.";
     std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join("dev-signing-key.txt"), format_signing_key(&key, warn))?;
+    std::fs::write(
+        dir.join("dev-signing-key.txt"),
+        format_signing_key(&key, warn),
+    )?;
     std::fs::write(
         dir.join("dev-verifying-key.txt"),
         format_verifying_key(
@@ -267,7 +277,10 @@ fn write_dev_keys(dir: &Path) -> Result<(), Error> {
             "DEV-ONLY Ed25519 verifying key matching dev-signing-key.txt (hex, 32 bytes).",
         ),
     )?;
-    println!("wrote {}/dev-signing-key.txt and dev-verifying-key.txt", dir.display());
+    println!(
+        "wrote {}/dev-signing-key.txt and dev-verifying-key.txt",
+        dir.display()
+    );
     Ok(())
 }
 
@@ -322,7 +335,11 @@ fn main() -> Result<(), Error> {
         let m = col.iter().sum::<f64>() / col.len() as f64;
         let v = col.iter().map(|c| (c - m) * (c - m)).sum::<f64>() / col.len() as f64;
         mean[j] = m as f32;
-        std[j] = if v.sqrt() > 1e-12 { v.sqrt() as f32 } else { 1.0 };
+        std[j] = if v.sqrt() > 1e-12 {
+            v.sqrt() as f32
+        } else {
+            1.0
+        };
     }
     let standardise = |rows: &[Vec<f32>]| -> Array2<f32> {
         let mut a = to_array(rows);
@@ -370,17 +387,18 @@ fn main() -> Result<(), Error> {
         .map(|&v| (f64::from(v) / bias_scale).round() as i64)
         .collect();
 
-    let layer = |i: usize, act: Activation, placement: Placement, quant: Option<QuantSpec>| LayerSpec {
-        name: format!("fc{i}"),
-        kind: LayerKind::Dense,
-        n_in: sizes[i],
-        n_out: sizes[i + 1],
-        activation: act,
-        placement,
-        weight: format!("fc{i}.weight"),
-        bias: format!("fc{i}.bias"),
-        quant,
-    };
+    let layer =
+        |i: usize, act: Activation, placement: Placement, quant: Option<QuantSpec>| LayerSpec {
+            name: format!("fc{i}"),
+            kind: LayerKind::Dense,
+            n_in: sizes[i],
+            n_out: sizes[i + 1],
+            activation: act,
+            placement,
+            weight: format!("fc{i}.weight"),
+            bias: format!("fc{i}.bias"),
+            quant,
+        };
     let split_desc = format!(
         "rows shuffled by SplitMix64(seed {SEED}), first 70% train ({}), last 30% test ({}); \
          standardised with training mean/std",
@@ -439,7 +457,11 @@ fn main() -> Result<(), Error> {
     let tensors = vec![
         f32t("input.mean", vec![dim], mean.clone()),
         f32t("input.std", vec![dim], std.clone()),
-        f32t("fc0.weight", vec![sizes[1], sizes[0]], net.w[0].iter().copied().collect()),
+        f32t(
+            "fc0.weight",
+            vec![sizes[1], sizes[0]],
+            net.w[0].iter().copied().collect(),
+        ),
         f32t("fc0.bias", vec![sizes[1]], net.b[0].to_vec()),
         NamedTensor {
             name: "fc1.weight".into(),
@@ -451,7 +473,11 @@ fn main() -> Result<(), Error> {
             shape: vec![sizes[2]],
             data: TensorData::I64(b1q),
         },
-        f32t("fc2.weight", vec![sizes[3], sizes[2]], net.w[2].iter().copied().collect()),
+        f32t(
+            "fc2.weight",
+            vec![sizes[3], sizes[2]],
+            net.w[2].iter().copied().collect(),
+        ),
         f32t("fc2.bias", vec![sizes[3]], net.b[2].to_vec()),
     ];
 
@@ -489,6 +515,9 @@ fn main() -> Result<(), Error> {
     );
     println!("float test accuracy     {float_acc:.4}");
     println!("quantised test accuracy {q_acc:.4}");
-    println!("bundle digest {}", tandem_model::Summary::of(&bundle).digest);
+    println!(
+        "bundle digest {}",
+        tandem_model::Summary::of(&bundle).digest
+    );
     Ok(())
 }

@@ -87,12 +87,9 @@ impl Layer {
         }
         let mut out = Vec::with_capacity(b.len());
         for (row, &bias) in w.chunks_exact(n_in).zip(b) {
-            let acc = row
-                .iter()
-                .zip(q)
-                .fold(i128::from(bias), |a, (&wi, &qi)| {
-                    a + i128::from(wi) * i128::from(qi)
-                });
+            let acc = row.iter().zip(q).fold(i128::from(bias), |a, (&wi, &qi)| {
+                a + i128::from(wi) * i128::from(qi)
+            });
             out.push(i64::try_from(acc).map_err(|_| ModelError::Overflow(self.spec.name.clone()))?);
         }
         Ok(out)
@@ -196,7 +193,11 @@ pub(crate) fn from_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
     if s.len() != 2 * N {
         return None;
     }
-    let nib = |c: u8| char::from(c).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let nib = |c: u8| {
+        char::from(c)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
     let mut out = [0u8; N];
     for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
         *o = (nib(pair[0])? << 4) | nib(pair[1])?;
@@ -304,7 +305,9 @@ fn read_i64(st: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<i64
         .chunks_exact(8)
         .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
         .collect();
-    if v.iter().any(|b| b.unsigned_abs() > MAX_ABS_BIAS.unsigned_abs()) {
+    if v.iter()
+        .any(|b| b.unsigned_abs() > MAX_ABS_BIAS.unsigned_abs())
+    {
         return Err(tensor_err(name, "integer bias magnitude above 2^31"));
     }
     Ok(v)
@@ -336,7 +339,7 @@ fn activate(a: Activation, mut y: Vec<f32>) -> Vec<f32> {
     if a == Activation::Relu {
         for v in &mut y {
             // NaN maps to 0 as well.
-            if !(*v > 0.0) {
+            if v.is_nan() || *v <= 0.0 {
                 *v = 0.0;
             }
         }
@@ -388,15 +391,19 @@ impl Bundle {
 
     /// Builds a bundle from an already parsed manifest and weights whose digest has been
     /// checked.
-    pub(crate) fn build(manifest: Manifest, manifest_bytes: &[u8], weights: &[u8]) -> Result<Bundle> {
-        let st =
-            SafeTensors::deserialize(weights).map_err(|e| ModelError::Safetensors(e.to_string()))?;
+    pub(crate) fn build(
+        manifest: Manifest,
+        manifest_bytes: &[u8],
+        weights: &[u8],
+    ) -> Result<Bundle> {
+        let st = SafeTensors::deserialize(weights)
+            .map_err(|e| ModelError::Safetensors(e.to_string()))?;
         let preprocess = match &manifest.preprocess {
             None => None,
             Some(p) => {
                 let mean = read_f32(&st, &p.mean, &[manifest.input_dim])?;
                 let std = read_f32(&st, &p.std, &[manifest.input_dim])?;
-                if std.iter().any(|&s| !(s > 0.0)) {
+                if std.iter().any(|&s| s.is_nan() || s <= 0.0) {
                     return Err(tensor_err(&p.std, "standard deviations must be > 0"));
                 }
                 Some((mean, std))

@@ -270,7 +270,10 @@ impl Manifest {
         }
         let dim_ok = |d: usize| (1..=limits.max_dim).contains(&d);
         if !dim_ok(self.input_dim) {
-            return Err(invalid(format!("input_dim {} out of range", self.input_dim)));
+            return Err(invalid(format!(
+                "input_dim {} out of range",
+                self.input_dim
+            )));
         }
         let mut prev = self.input_dim;
         let last = self.layers.len() - 1;
@@ -280,11 +283,16 @@ impl Manifest {
                 return Err(ctx("in/out out of range"));
             }
             if l.n_in != prev {
-                return Err(ctx(&format!("in = {} but previous output is {prev}", l.n_in)));
+                return Err(ctx(&format!(
+                    "in = {} but previous output is {prev}",
+                    l.n_in
+                )));
             }
             prev = l.n_out;
             if l.weight.is_empty() || l.bias.is_empty() || l.weight == l.bias {
-                return Err(ctx("weight and bias must be distinct non-empty tensor names"));
+                return Err(ctx(
+                    "weight and bias must be distinct non-empty tensor names",
+                ));
             }
             if l.activation == Activation::Argmax && i != last {
                 return Err(ctx("argmax is only allowed on the last layer"));

@@ -99,7 +99,10 @@ fn finalize(
     let sig = key.sign(&signed_message(text.as_bytes()));
     let (_, sig_path) = bundle_paths(manifest_path);
     write_atomic(manifest_path, text.as_bytes())?;
-    write_atomic(&sig_path, format!("{}\n", to_hex(&sig.to_bytes())).as_bytes())
+    write_atomic(
+        &sig_path,
+        format!("{}\n", to_hex(&sig.to_bytes())).as_bytes(),
+    )
 }
 
 /// Signs a manifest in place: re-computes the digest and size of the weights file it names,

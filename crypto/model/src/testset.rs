@@ -35,10 +35,15 @@ impl TestSet {
         };
         let t: TestSet = serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))?;
         if t.x.len() != t.y.len() || t.indices.len() != t.y.len() || t.y.is_empty() {
-            return Err(err("x, y and indices must have the same non-zero length".into()));
+            return Err(err(
+                "x, y and indices must have the same non-zero length".into()
+            ));
         }
         let w = t.x.first().map_or(0, Vec::len);
-        if t.x.iter().any(|r| r.len() != w || r.iter().any(|v| !v.is_finite())) {
+        if t.x
+            .iter()
+            .any(|r| r.len() != w || r.iter().any(|v| !v.is_finite()))
+        {
             return Err(err("ragged or non-finite feature rows".into()));
         }
         Ok(t)
