@@ -1,0 +1,221 @@
+//! `tandem bench matmul`: the encrypted linear layer on the fixed shapes, with a plaintext
+//! baseline measured in the same run.
+
+use anyhow::{bail, Context as _};
+use ndarray::Array2;
+use std::sync::Arc;
+use std::time::Instant;
+use tandem::he::{
+    Client, Context, EncryptedInput, EncryptedOutput, EvalOptions, OutputMode, PlanOptions,
+    PreparedEvaluationKey, PreparedLayer, DEFAULT_PARAMETERS,
+};
+
+/// The shapes the anchor (concrete-ml-extensions) was measured on: (batch, in, out).
+pub const SHAPES: [(usize, usize, usize); 5] = [
+    (1, 64, 10),
+    (1, 784, 128),
+    (1, 1024, 1024),
+    (8, 768, 768),
+    (1, 4096, 4096),
+];
+
+/// Parses `BxI@IxO`.
+pub fn parse_shape(s: &str) -> anyhow::Result<(usize, usize, usize)> {
+    let (lhs, rhs) = s
+        .split_once('@')
+        .context("shape must look like 1x1024@1024x1024")?;
+    let (b, i) = lhs.split_once('x').context("left side must be BxI")?;
+    let (i2, o) = rhs.split_once('x').context("right side must be IxO")?;
+    let (b, i, i2, o): (usize, usize, usize, usize) =
+        (b.parse()?, i.parse()?, i2.parse()?, o.parse()?);
+    if i != i2 || b == 0 || i == 0 || o == 0 {
+        bail!("inner dimensions must agree and be non-zero");
+    }
+    Ok((b, i, o))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Deterministic int8-range values (xorshift), so every run measures the same layer.
+fn int8_values(n: usize, seed: u64) -> Vec<i64> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % 256) as i64 - 128
+        })
+        .collect()
+}
+
+/// Runs the benchmark; prints one JSON object per (shape, mode) with `--json`.
+pub fn matmul(shape: Option<&str>, runs: usize, threads: usize, json: bool) -> anyhow::Result<()> {
+    let shapes = match shape {
+        Some(s) => vec![parse_shape(s)?],
+        None => SHAPES.to_vec(),
+    };
+    let runs = runs.max(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build()?;
+    let opts = EvalOptions {
+        parallel: threads > 1,
+    };
+    let ctx = Arc::new(Context::new(DEFAULT_PARAMETERS));
+    if !json {
+        println!(
+            "{:<20} {:<7} {:>9} {:>10} {:>9} {:>10} {:>9} {:>10} {:>10} {:>7} {:>9}",
+            "shape",
+            "mode",
+            "keygen_ms",
+            "key_bytes",
+            "enc_ms",
+            "server_ms",
+            "dec_ms",
+            "up_bytes",
+            "down_bytes",
+            "err",
+            "plain_ms"
+        );
+    }
+    for (batch, n_in, n_out) in shapes {
+        let w = int8_values(n_in * n_out, 1);
+        let bias: Vec<i64> = int8_values(n_out, 2).iter().map(|v| v * 64).collect();
+        let xs: Vec<Vec<i64>> = (0..batch)
+            .map(|r| int8_values(n_in, 3 + r as u64))
+            .collect();
+        let reference: Vec<Vec<i64>> = xs
+            .iter()
+            .map(|x| {
+                (0..n_out)
+                    .map(|o| {
+                        w[o * n_in..(o + 1) * n_in]
+                            .iter()
+                            .zip(x)
+                            .map(|(a, b)| a * b)
+                            .sum::<i64>()
+                            + bias[o]
+                    })
+                    .collect()
+            })
+            .collect();
+        let plaintext_ms = plaintext_baseline(&w, &xs, n_in, n_out, runs);
+        for mode in [OutputMode::NoKey, OutputMode::Packed] {
+            let t = Instant::now();
+            let layer = PreparedLayer::prepare(
+                ctx.clone(),
+                mode,
+                n_in,
+                n_out,
+                &w,
+                &bias,
+                128,
+                PlanOptions::default(),
+            )?;
+            let prepare_ms = ms(t);
+            let plan = *layer.plan();
+            let (mut keygen, mut enc, mut server, mut dec) = (vec![], vec![], vec![], vec![]);
+            let (mut up, mut down, mut key_bytes, mut max_err) = (0, 0, 0, 0i64);
+            for _ in 0..runs {
+                let t = Instant::now();
+                let mut client = Client::new(ctx.clone());
+                let eval_key = match mode {
+                    OutputMode::Packed => Some(client.evaluation_key(plan.chunk)?),
+                    OutputMode::NoKey => None,
+                };
+                keygen.push(ms(t));
+                let key_blob = eval_key.as_ref().map(|k| k.to_bytes());
+                key_bytes = key_blob.as_ref().map_or(0, Vec::len);
+                // Key expansion happens once per device on the server, not per request.
+                let prepared_key = match &key_blob {
+                    Some(b) => Some(PreparedEvaluationKey::prepare(
+                        &tandem::he::EvaluationKey::from_bytes(b, b.len(), &DEFAULT_PARAMETERS)?,
+                        &ctx,
+                    )?),
+                    None => None,
+                };
+                let t = Instant::now();
+                let upload = client.encrypt(&plan, &xs)?.to_bytes();
+                enc.push(ms(t));
+                up = upload.len();
+                let t = Instant::now();
+                let download = pool.install(|| -> anyhow::Result<Vec<u8>> {
+                    let ct = EncryptedInput::from_bytes(&upload, upload.len(), &plan)?;
+                    Ok(layer.eval(&ct, prepared_key.as_ref(), opts)?.to_bytes())
+                })?;
+                server.push(ms(t));
+                down = download.len();
+                let t = Instant::now();
+                let out = EncryptedOutput::from_bytes(
+                    &download,
+                    download.len(),
+                    &plan,
+                    &client.key_id(),
+                )?;
+                let ys = client.decrypt(&plan, &out)?;
+                dec.push(ms(t));
+                for (y, r) in ys.iter().zip(&reference) {
+                    for (a, b) in y.iter().zip(r) {
+                        max_err = max_err.max((a - b).abs());
+                    }
+                }
+            }
+            let server_ms = median(server);
+            let row = serde_json::json!({
+                "shape": format!("{batch}x{n_in}@{n_in}x{n_out}"),
+                "mode": mode.name(),
+                "threads": threads,
+                "runs": runs,
+                "params": DEFAULT_PARAMETERS.name,
+                "chunk": plan.chunk,
+                "keygen_ms": median(keygen),
+                "eval_key_bytes": key_bytes,
+                "prepare_ms": prepare_ms,
+                "encrypt_ms": median(enc),
+                "server_ms": server_ms,
+                "decrypt_ms": median(dec),
+                "upload_bytes": up,
+                "download_bytes": down,
+                "max_abs_err": max_err,
+                "log2_p_fail": plan.log2_p_fail,
+                "plaintext_ms": plaintext_ms,
+                "server_over_plaintext": server_ms / plaintext_ms,
+            });
+            if json {
+                println!("{row}");
+            } else {
+                println!(
+                    "{:<20} {:<7} {:>9.1} {:>10} {:>9.2} {:>10.2} {:>9.2} {:>10} {:>10} {:>7} {:>9.3}",
+                    row["shape"].as_str().unwrap_or(""), mode.name(), row["keygen_ms"].as_f64().unwrap_or(0.0), key_bytes,
+                    row["encrypt_ms"].as_f64().unwrap_or(0.0), server_ms, row["decrypt_ms"].as_f64().unwrap_or(0.0),
+                    up, down, max_err, plaintext_ms
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Median time of an ndarray f32 matmul of the same shape.
+fn plaintext_baseline(w: &[i64], xs: &[Vec<i64>], n_in: usize, n_out: usize, runs: usize) -> f64 {
+    let wm = Array2::from_shape_fn((n_in, n_out), |(i, o)| w[o * n_in + i] as f32);
+    let xm = Array2::from_shape_fn((xs.len(), n_in), |(r, i)| xs[r][i] as f32);
+    let mut times = Vec::with_capacity(runs.max(5));
+    let mut sink = 0f32;
+    for _ in 0..runs.max(5) {
+        let t = Instant::now();
+        let y = xm.dot(&wm);
+        sink += y[[0, 0]];
+        times.push(ms(t));
+    }
+    std::hint::black_box(sink);
+    median(times)
+}
