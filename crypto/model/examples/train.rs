@@ -14,6 +14,8 @@
 //! * Model: MLP `in → h1 → h2 → classes` with ReLU, f32, He-normal initialisation from the same
 //!   SplitMix64 stream, Adam (lr 3e-3, β = 0.9/0.999), mini-batches of 32 in a freshly
 //!   shuffled order each epoch, softmax cross-entropy, L2 1e-4.
+//! * Bundle: `manifest.toml` + `manifest.sig`, `device.safetensors` (standardisation, layers 0
+//!   and 2) and `cloud.safetensors` (layer 1): each party gets only its own weights file.
 //! * Split inference: layer 0 on the device (f32), layer 1 in the cloud (int8 weights with a
 //!   per-layer scale, integer bias, int8 input with a scale calibrated as the largest layer-0
 //!   activation on the training set), layer 2 on the device (f32) followed by argmax.
@@ -32,7 +34,7 @@ use sha2::{Digest, Sha256};
 use tandem_model::{
     format_signing_key, format_verifying_key, read_signing_key, read_verifying_key, write_bundle,
     Activation, Bundle, LayerKind, LayerSpec, Limits, Manifest, NamedTensor, Placement, Preprocess,
-    QuantSpec, SigningKey, TensorData, TestSet, TrainingInfo, WeightsRef, FORMAT,
+    QuantSpec, SigningKey, TensorData, TestSet, TrainingInfo, Weights, WeightsRef, FORMAT,
 };
 
 /// Seed of the split, the initialisation and the mini-batch order.
@@ -413,10 +415,17 @@ fn main() -> Result<(), Error> {
         input_dim: dim,
         classes,
         split_points: vec![1],
-        weights: WeightsRef {
-            file: "weights.safetensors".into(),
-            sha256: String::new(),
-            bytes: 0,
+        weights: Weights {
+            device: WeightsRef {
+                file: "device.safetensors".into(),
+                sha256: String::new(),
+                bytes: 0,
+            },
+            cloud: WeightsRef {
+                file: "cloud.safetensors".into(),
+                sha256: String::new(),
+                bytes: 0,
+            },
         },
         preprocess: Some(Preprocess {
             mean: "input.mean".into(),

@@ -9,7 +9,9 @@ use safetensors::{Dtype, SafeTensors};
 use sha2::{Digest, Sha256};
 
 use crate::error::{io_err, ModelError, Result};
-use crate::manifest::{Activation, LayerSpec, Limits, Manifest, Placement, MAX_ABS_BIAS};
+use crate::manifest::{
+    Activation, LayerSpec, Limits, Manifest, Placement, WeightsRef, MAX_ABS_BIAS,
+};
 
 /// File name of the manifest inside a bundle directory.
 pub const MANIFEST_FILE: &str = "manifest.toml";
@@ -26,21 +28,41 @@ const MAX_SIG_FILE_BYTES: u64 = 1024;
 enum Params {
     /// f32 weights `[out][in]` and bias `[out]`.
     Float { w: Vec<f32>, b: Vec<f32> },
-    /// int8 weights (held as i64) `[out][in]`, integer bias `[out]`, and the two scales.
-    Int {
-        w: Vec<i64>,
-        b: Vec<i64>,
-        input_scale: f32,
-        weight_scale: f32,
-        clip: i64,
-    },
+    /// int8 weights (held as i64) `[out][in]` and integer bias `[out]`; the scales are in the
+    /// layer's [`crate::QuantSpec`].
+    Int { w: Vec<i64>, b: Vec<i64> },
 }
 
-/// One loaded layer: its manifest entry and its checked parameters.
+/// Which part of a bundle is loaded: each party needs only its own weights file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// Both weights files (plaintext reference, tests, tools).
+    Full,
+    /// Only the device file: preprocessing and device layers (what a device holds).
+    Device,
+    /// Only the cloud file: the cloud layer (what the cloud holds).
+    Cloud,
+}
+
+impl Part {
+    /// Whether this part includes the weights of layers placed on `p`.
+    pub fn has(self, p: Placement) -> bool {
+        matches!(
+            (self, p),
+            (Part::Full, _) | (Part::Device, Placement::Device) | (Part::Cloud, Placement::Cloud)
+        )
+    }
+}
+
+fn not_loaded(what: &str) -> ModelError {
+    ModelError::NotLoaded(what.to_string())
+}
+
+/// One layer: its manifest entry and, if its party's part is loaded, its checked parameters.
 #[derive(Clone, Debug)]
 pub struct Layer {
     spec: LayerSpec,
-    params: Params,
+    params: Option<Params>,
 }
 
 impl Layer {
@@ -51,27 +73,40 @@ impl Layer {
 
     /// Whether the layer is integer-quantised.
     pub fn is_quantised(&self) -> bool {
-        matches!(self.params, Params::Int { .. })
+        self.spec.quant.is_some()
+    }
+
+    /// Whether the layer's weights are loaded (its party's part of the bundle is).
+    pub fn is_loaded(&self) -> bool {
+        self.params.is_some()
+    }
+
+    fn params(&self) -> Result<&Params> {
+        self.params
+            .as_ref()
+            .ok_or_else(|| not_loaded(&format!("weights of layer {:?}", self.spec.name)))
     }
 
     /// Evaluates the layer on a real-valued input and returns its real-valued output (before
     /// the activation) and, for a quantised layer, the exact integer output `W_q·q + b_q`.
     fn eval(&self, x: &[f32]) -> Result<(Vec<f32>, Option<Vec<i64>>)> {
-        match &self.params {
-            Params::Float { w, b } => Ok((dense_f32(w, b, x), None)),
-            Params::Int {
-                input_scale, clip, ..
-            } => {
-                let q = quantize(x, *input_scale, *clip)?;
+        match (self.params()?, &self.spec.quant) {
+            (Params::Float { w, b }, _) => Ok((dense_f32(w, b, x), None)),
+            (Params::Int { .. }, Some(qs)) => {
+                let q = quantize(x, qs.input_scale, qs.input_clip)?;
                 let z = self.eval_int(&q)?;
                 Ok((self.dequantize(&z), Some(z)))
             }
+            (Params::Int { .. }, None) => Err(ModelError::InvalidManifest(format!(
+                "layer {:?} has int8 weights but no quant section",
+                self.spec.name
+            ))),
         }
     }
 
     /// Exact `W_q·q + b_q` of a quantised layer (any integer `q`, e.g. DP-noised).
     fn eval_int(&self, q: &[i64]) -> Result<Vec<i64>> {
-        let Params::Int { w, b, .. } = &self.params else {
+        let Params::Int { w, b } = self.params()? else {
             return Err(ModelError::InvalidInput(format!(
                 "layer {:?} is not quantised",
                 self.spec.name
@@ -96,18 +131,12 @@ impl Layer {
     }
 
     /// Real value of an integer output: `z · input_scale · weight_scale` (computed in f64).
+    /// Needs only the manifest, not the weights.
     fn dequantize(&self, z: &[i64]) -> Vec<f32> {
-        match &self.params {
-            Params::Int {
-                input_scale,
-                weight_scale,
-                ..
-            } => {
-                let s = f64::from(*input_scale) * f64::from(*weight_scale);
-                z.iter().map(|&v| (v as f64 * s) as f32).collect()
-            }
-            Params::Float { .. } => z.iter().map(|&v| v as f32).collect(),
-        }
+        let s = self.spec.quant.as_ref().map_or(1.0, |q| {
+            f64::from(q.input_scale) * f64::from(q.weight_scale)
+        });
+        z.iter().map(|&v| (v as f64 * s) as f32).collect()
     }
 }
 
@@ -147,7 +176,8 @@ pub struct Bundle {
     preprocess: Option<(Vec<f32>, Vec<f32>)>,
     layers: Vec<Layer>,
     cloud: usize,
-    cloud_layer: CloudLayer,
+    cloud_layer: Option<CloudLayer>,
+    part: Part,
 }
 
 /// Reads a file of at most `limit` bytes, refusing larger files before reading them.
@@ -367,16 +397,64 @@ fn argmax_i64(v: &[i64]) -> usize {
     best
 }
 
+/// Parses the weights file of party `p` (if `part` includes it) and checks that it holds exactly
+/// the tensors that party owns: no more (nothing leaks into the wrong party's file), no fewer.
+fn parse_part<'a>(
+    owners: &[(String, Placement)],
+    part: Part,
+    bytes: Option<&'a [u8]>,
+    p: Placement,
+) -> Result<Option<SafeTensors<'a>>> {
+    if !part.has(p) {
+        return Ok(None);
+    }
+    let bytes = bytes.ok_or_else(|| not_loaded("weights file"))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors(e.to_string()))?;
+    let mut want: Vec<&str> = owners
+        .iter()
+        .filter(|(_, o)| *o == p)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    want.sort_unstable();
+    let mut have = st.names();
+    have.sort_unstable();
+    if let Some(extra) = have.iter().find(|n| want.binary_search(n).is_err()) {
+        return Err(tensor_err(
+            extra,
+            format!("not expected in the {p:?} weights file"),
+        ));
+    }
+    if let Some(missing) = want.iter().find(|n| have.binary_search(n).is_err()) {
+        return Err(tensor_err(
+            missing,
+            format!("missing from the {p:?} weights file"),
+        ));
+    }
+    Ok(Some(st))
+}
+
 impl Bundle {
-    /// Loads a bundle from its directory (`manifest.toml`, `manifest.sig`, weights) or from the
-    /// path of its manifest (the signature is then the same path with extension `.sig`).
+    /// Loads a whole bundle (both weights files) from its directory (`manifest.toml`,
+    /// `manifest.sig`, weights) or from the path of its manifest (the signature is then the
+    /// same path with extension `.sig`). Same as [`Bundle::load_part`] with [`Part::Full`].
+    pub fn load(path: &Path, key: &VerifyingKey, limits: &Limits) -> Result<Bundle> {
+        Bundle::load_part(path, key, limits, Part::Full)
+    }
+
+    /// Loads the part of a bundle one party needs: the signed manifest and that party's
+    /// weights file (the other file need not be present).
     ///
     /// Order of checks: manifest size limit; Ed25519 signature (`verify_strict`) over
     /// [`SIGNING_CONTEXT`] followed by the exact manifest bytes — before the TOML is parsed;
-    /// manifest schema and consistency; weights size against the limit and against the
-    /// manifest, before reading; SHA-256 of the weights; safetensors structure; every tensor's
-    /// dtype, shape and value range.
-    pub fn load(path: &Path, key: &VerifyingKey, limits: &Limits) -> Result<Bundle> {
+    /// manifest schema and consistency; each weights file's size against the limit and against
+    /// the manifest, before reading it; its SHA-256; safetensors structure; the exact set of
+    /// tensor names in each file; every tensor's dtype, shape and value range.
+    pub fn load_part(
+        path: &Path,
+        key: &VerifyingKey,
+        limits: &Limits,
+        part: Part,
+    ) -> Result<Bundle> {
         let (manifest_path, sig_path) = bundle_paths(path);
         let manifest_bytes = read_limited(&manifest_path, limits.max_manifest_bytes)?;
         let sig = read_signature(&sig_path)?;
@@ -384,47 +462,64 @@ impl Bundle {
             .map_err(|_| ModelError::BadSignature)?;
         let manifest = parse_manifest(&manifest_bytes, limits)?;
         let dir = manifest_path.parent().unwrap_or(Path::new("."));
-        let weights_path = dir.join(&manifest.weights.file);
-        let weights = read_weights(&weights_path, &manifest, limits)?;
-        Bundle::build(manifest, &manifest_bytes, &weights)
+        let mut files = [None, None];
+        for (slot, p) in files.iter_mut().zip([Placement::Device, Placement::Cloud]) {
+            if part.has(p) {
+                let r = manifest.weights.of(p);
+                *slot = Some(read_weights(&dir.join(&r.file), r, limits)?);
+            }
+        }
+        let [device, cloud] = files;
+        Bundle::build(
+            manifest,
+            &manifest_bytes,
+            device.as_deref(),
+            cloud.as_deref(),
+            part,
+        )
     }
 
-    /// Builds a bundle from an already parsed manifest and weights whose digest has been
-    /// checked.
+    /// Builds a bundle from a validated manifest and the weights files of `part`, whose
+    /// digests have been checked.
     pub(crate) fn build(
         manifest: Manifest,
         manifest_bytes: &[u8],
-        weights: &[u8],
+        device: Option<&[u8]>,
+        cloud: Option<&[u8]>,
+        part: Part,
     ) -> Result<Bundle> {
-        let st = SafeTensors::deserialize(weights)
-            .map_err(|e| ModelError::Safetensors(e.to_string()))?;
-        let preprocess = match &manifest.preprocess {
-            None => None,
-            Some(p) => {
-                let mean = read_f32(&st, &p.mean, &[manifest.input_dim])?;
-                let std = read_f32(&st, &p.std, &[manifest.input_dim])?;
+        let owners = manifest.tensor_owners();
+        let dev = parse_part(&owners, part, device, Placement::Device)?;
+        let cl = parse_part(&owners, part, cloud, Placement::Cloud)?;
+        let preprocess = match (&manifest.preprocess, &dev) {
+            (Some(p), Some(st)) => {
+                let mean = read_f32(st, &p.mean, &[manifest.input_dim])?;
+                let std = read_f32(st, &p.std, &[manifest.input_dim])?;
                 if std.iter().any(|&s| s.is_nan() || s <= 0.0) {
                     return Err(tensor_err(&p.std, "standard deviations must be > 0"));
                 }
                 Some((mean, std))
             }
+            _ => None,
         };
         let mut layers = Vec::with_capacity(manifest.layers.len());
         for spec in &manifest.layers {
+            let st = match spec.placement {
+                Placement::Device => dev.as_ref(),
+                Placement::Cloud => cl.as_ref(),
+            };
             let wshape = [spec.n_out, spec.n_in];
             let bshape = [spec.n_out];
-            let params = match &spec.quant {
-                None => Params::Float {
-                    w: read_f32(&st, &spec.weight, &wshape)?,
-                    b: read_f32(&st, &spec.bias, &bshape)?,
-                },
-                Some(q) => Params::Int {
-                    w: read_i8(&st, &spec.weight, &wshape)?,
-                    b: read_i64(&st, &spec.bias, &bshape)?,
-                    input_scale: q.input_scale,
-                    weight_scale: q.weight_scale,
-                    clip: q.input_clip,
-                },
+            let params = match (st, &spec.quant) {
+                (None, _) => None,
+                (Some(st), None) => Some(Params::Float {
+                    w: read_f32(st, &spec.weight, &wshape)?,
+                    b: read_f32(st, &spec.bias, &bshape)?,
+                }),
+                (Some(st), Some(_)) => Some(Params::Int {
+                    w: read_i8(st, &spec.weight, &wshape)?,
+                    b: read_i64(st, &spec.bias, &bshape)?,
+                }),
             };
             layers.push(Layer {
                 spec: spec.clone(),
@@ -438,17 +533,12 @@ impl Bundle {
             preprocess,
             layers,
             cloud,
-            cloud_layer: CloudLayer {
-                index: cloud,
-                name: String::new(),
-                n_in: 0,
-                n_out: 0,
-                weights: Vec::new(),
-                bias: Vec::new(),
-                input_clip: 0,
-            },
+            cloud_layer: None,
+            part,
         };
-        bundle.cloud_layer = bundle.layer_as_cloud(cloud)?;
+        if part.has(Placement::Cloud) {
+            bundle.cloud_layer = Some(bundle.layer_as_cloud(cloud)?);
+        }
         Ok(bundle)
     }
 
@@ -458,7 +548,7 @@ impl Bundle {
     }
 
     /// SHA-256 of the exact signed manifest bytes: the model digest a device sends in its
-    /// ClientHello. It covers the weights through the manifest's `weights.sha256`.
+    /// ClientHello. It covers both weights files through the manifest's digests.
     pub fn digest(&self) -> [u8; 32] {
         self.digest
     }
@@ -496,9 +586,17 @@ impl Bundle {
         self.cloud
     }
 
-    /// The layer the cloud evaluates, in the integer form the HE engine takes.
-    pub fn cloud_layer(&self) -> &CloudLayer {
-        &self.cloud_layer
+    /// Which part of the bundle is loaded.
+    pub fn part(&self) -> Part {
+        self.part
+    }
+
+    /// The layer the cloud evaluates, in the integer form the HE engine takes (needs the cloud
+    /// part).
+    pub fn cloud_layer(&self) -> Result<&CloudLayer> {
+        self.cloud_layer
+            .as_ref()
+            .ok_or_else(|| not_loaded("cloud part of the bundle"))
     }
 
     /// Any quantised layer (e.g. another allowed split point) in the cloud's integer form.
@@ -507,17 +605,17 @@ impl Bundle {
             .layers
             .get(index)
             .ok_or_else(|| ModelError::InvalidInput(format!("no layer {index}")))?;
-        match &l.params {
-            Params::Int { w, b, clip, .. } => Ok(CloudLayer {
+        match (l.params()?, &l.spec.quant) {
+            (Params::Int { w, b }, Some(q)) => Ok(CloudLayer {
                 index,
                 name: l.spec.name.clone(),
                 n_in: l.spec.n_in,
                 n_out: l.spec.n_out,
                 weights: w.clone(),
                 bias: b.clone(),
-                input_clip: *clip,
+                input_clip: q.input_clip,
             }),
-            Params::Float { .. } => Err(ModelError::InvalidInput(format!(
+            _ => Err(ModelError::InvalidInput(format!(
                 "layer {index} is not quantised"
             ))),
         }
@@ -526,6 +624,9 @@ impl Bundle {
     /// Standardises a raw input (if the manifest has a `preprocess` section) after checking
     /// its length and that it is finite.
     pub fn preprocess(&self, x: &[f32]) -> Result<Vec<f32>> {
+        if !self.part.has(Placement::Device) {
+            return Err(not_loaded("device part of the bundle"));
+        }
         if x.len() != self.manifest.input_dim {
             return Err(ModelError::InvalidInput(format!(
                 "expected {} features, got {}",
@@ -561,10 +662,10 @@ impl Bundle {
     /// `clamp(round(a / input_scale), -input_clip, input_clip)`.
     pub fn quantize_input(&self, activation: &[f32]) -> Result<Vec<i64>> {
         let l = &self.layers[self.cloud];
-        match &l.params {
-            Params::Int {
-                input_scale, clip, ..
-            } if activation.len() == l.spec.n_in => quantize(activation, *input_scale, *clip),
+        match &l.spec.quant {
+            Some(q) if activation.len() == l.spec.n_in => {
+                quantize(activation, q.input_scale, q.input_clip)
+            }
             _ => Err(ModelError::InvalidInput(format!(
                 "cloud layer takes {} values, got {}",
                 l.spec.n_in,
@@ -586,8 +687,12 @@ impl Bundle {
     }
 
     /// Device side after the cloud: dequantises the cloud layer's integer output, applies its
-    /// activation and the remaining device layers, and takes the argmax.
+    /// activation and the remaining device layers, and takes the argmax (needs the device
+    /// part only: the scales are in the manifest).
     pub fn finish_on_device(&self, cloud_output: &[i64]) -> Result<Prediction> {
+        if !self.part.has(Placement::Device) {
+            return Err(not_loaded("device part of the bundle"));
+        }
         let l = &self.layers[self.cloud];
         if cloud_output.len() != l.spec.n_out {
             return Err(ModelError::InvalidInput(format!(
@@ -657,8 +762,8 @@ pub(crate) fn parse_manifest(bytes: &[u8], limits: &Limits) -> Result<Manifest> 
     Ok(manifest)
 }
 
-/// Reads the weights file named by a manifest, checking size (before reading) and digest.
-pub(crate) fn read_weights(path: &Path, manifest: &Manifest, limits: &Limits) -> Result<Vec<u8>> {
+/// Reads a weights file named by a manifest, checking size (before reading) and digest.
+pub(crate) fn read_weights(path: &Path, wref: &WeightsRef, limits: &Limits) -> Result<Vec<u8>> {
     let size = std::fs::metadata(path).map_err(io_err(path))?.len();
     if size > limits.max_weights_bytes {
         return Err(ModelError::TooLarge {
@@ -667,17 +772,17 @@ pub(crate) fn read_weights(path: &Path, manifest: &Manifest, limits: &Limits) ->
             limit: limits.max_weights_bytes,
         });
     }
-    if size != manifest.weights.bytes {
+    if size != wref.bytes {
         return Err(ModelError::SizeMismatch {
-            expected: manifest.weights.bytes,
+            expected: wref.bytes,
             actual: size,
         });
     }
-    let data = read_limited(path, manifest.weights.bytes.min(limits.max_weights_bytes))?;
+    let data = read_limited(path, wref.bytes.min(limits.max_weights_bytes))?;
     let actual = to_hex(&sha256(&data));
-    if actual != manifest.weights.sha256 {
+    if actual != wref.sha256 {
         return Err(ModelError::DigestMismatch {
-            expected: manifest.weights.sha256.clone(),
+            expected: wref.sha256.clone(),
             actual,
         });
     }

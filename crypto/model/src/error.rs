@@ -85,6 +85,9 @@ pub enum ModelError {
     /// Integer evaluation overflowed `i64` (only possible with out-of-range inputs).
     #[error("integer overflow in layer {0:?}")]
     Overflow(String),
+    /// The operation needs a part of the bundle that was not loaded (see [`crate::Part`]).
+    #[error("not loaded: {0}")]
+    NotLoaded(String),
     /// A test-set file is malformed.
     #[error("test set {path}: {reason}")]
     TestSet {

@@ -3,13 +3,14 @@
 //! A bundle is a directory with
 //! * `manifest.toml` — the [`Manifest`]: model id, version, dataset, layers (shapes,
 //!   activations, placement on the device or in the cloud, int8 quantisation scales), allowed
-//!   split points, and the SHA-256 digest and size of the weights file;
-//! * `weights.safetensors` — the tensors (f32 for device float layers; int8 weights and i64
-//!   biases for quantised layers; optional f32 input standardisation);
+//!   split points, and the SHA-256 digests and sizes of the two weights files;
+//! * `device.safetensors` — the device's tensors (f32 input standardisation and f32 device
+//!   layers) and `cloud.safetensors` — the cloud layer's int8 weights and i64 bias: each party
+//!   holds only its own file ([`Bundle::load_part`]);
 //! * `manifest.sig` — hex Ed25519 signature over [`SIGNING_CONTEXT`] followed by the exact
 //!   manifest bytes.
 //!
-//! Verifying the signature and then the weights digest covers the whole bundle.
+//! Verifying the signature and then the weights digests covers the whole bundle.
 //! [`Bundle::digest`] (SHA-256 of the manifest bytes) is the model digest of the protocol.
 //!
 //! # The split pipeline
@@ -28,13 +29,13 @@ mod sign;
 mod testset;
 
 pub use bundle::{
-    Bundle, CloudLayer, Layer, Prediction, MANIFEST_FILE, SIGNATURE_FILE, SIGNING_CONTEXT,
+    Bundle, CloudLayer, Layer, Part, Prediction, MANIFEST_FILE, SIGNATURE_FILE, SIGNING_CONTEXT,
 };
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use error::{ModelError, Result};
 pub use manifest::{
     Activation, LayerKind, LayerSpec, Limits, Manifest, Placement, Preprocess, QuantSpec,
-    TrainingInfo, WeightsRef, FORMAT, INT8_MAX, MAX_ABS_BIAS,
+    TrainingInfo, Weights, WeightsRef, FORMAT, INT8_MAX, MAX_ABS_BIAS,
 };
 pub use sign::{
     format_signing_key, format_verifying_key, read_signing_key, read_verifying_key,

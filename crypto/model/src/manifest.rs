@@ -33,8 +33,8 @@ pub struct Manifest {
     pub classes: usize,
     /// Layer indices that may be evaluated by the cloud (each must be quantised).
     pub split_points: Vec<usize>,
-    /// The weights file and its digest.
-    pub weights: WeightsRef,
+    /// The two weights files (device part and cloud part) and their digests.
+    pub weights: Weights,
     /// Optional input standardisation applied on the device before layer 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preprocess: Option<Preprocess>,
@@ -46,7 +46,37 @@ pub struct Manifest {
     pub training: Option<TrainingInfo>,
 }
 
-/// Reference to the weights file, bound to the manifest by its SHA-256 digest and size.
+/// The weights are split in two files so that each party holds only its own layers: the
+/// device file has the preprocessing tensors and the device layers, the cloud file has the
+/// cloud layer. Both are bound to the one signed manifest, so both parties share one digest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Weights {
+    /// Tensors of the preprocessing and of the device layers.
+    pub device: WeightsRef,
+    /// Tensors of the cloud layer.
+    pub cloud: WeightsRef,
+}
+
+impl Weights {
+    /// The file of one party.
+    pub fn of(&self, placement: Placement) -> &WeightsRef {
+        match placement {
+            Placement::Device => &self.device,
+            Placement::Cloud => &self.cloud,
+        }
+    }
+
+    /// Mutable access to the file of one party.
+    pub fn of_mut(&mut self, placement: Placement) -> &mut WeightsRef {
+        match placement {
+            Placement::Device => &mut self.device,
+            Placement::Cloud => &mut self.cloud,
+        }
+    }
+}
+
+/// Reference to a weights file, bound to the manifest by its SHA-256 digest and size.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WeightsRef {
@@ -223,6 +253,20 @@ impl Manifest {
         }
     }
 
+    /// Every tensor the manifest names, with the party whose weights file holds it.
+    pub fn tensor_owners(&self) -> Vec<(String, Placement)> {
+        let mut v = Vec::new();
+        if let Some(p) = &self.preprocess {
+            v.push((p.mean.clone(), Placement::Device));
+            v.push((p.std.clone(), Placement::Device));
+        }
+        for l in &self.layers {
+            v.push((l.weight.clone(), l.placement));
+            v.push((l.bias.clone(), l.placement));
+        }
+        v
+    }
+
     /// Checks the manifest's internal consistency (not the tensors; see [`crate::Bundle`]).
     pub fn validate(&self, limits: &Limits) -> Result<()> {
         if self.format != FORMAT {
@@ -240,26 +284,30 @@ impl Manifest {
                 return Err(invalid(format!("{what} must be 1..=128 bytes")));
             }
         }
-        let f = &self.weights.file;
-        if f.is_empty()
-            || f.len() > 255
-            || f.contains(['/', '\\', '\0'])
-            || f == "."
-            || f == ".."
-            || f.starts_with('.')
-        {
-            return Err(invalid(format!(
-                "weights.file {f:?} must be a plain file name"
-            )));
+        for (p, w) in [
+            ("device", &self.weights.device),
+            ("cloud", &self.weights.cloud),
+        ] {
+            let f = &w.file;
+            if f.is_empty() || f.len() > 255 || f.contains(['/', '\\', '\0']) || f.starts_with('.')
+            {
+                return Err(invalid(format!(
+                    "weights.{p}.file {f:?} must be a plain file name"
+                )));
+            }
+            if w.sha256.len() != 64
+                || !w
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err(invalid(format!(
+                    "weights.{p}.sha256 must be 64 lower-case hex digits"
+                )));
+            }
         }
-        if self.weights.sha256.len() != 64
-            || !self
-                .weights
-                .sha256
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            return Err(invalid("weights.sha256 must be 64 lower-case hex digits"));
+        if self.weights.device.file == self.weights.cloud.file {
+            return Err(invalid("the device and cloud weights files must differ"));
         }
         if self.layers.is_empty() || self.layers.len() > limits.max_layers {
             return Err(invalid(format!(
@@ -320,6 +368,12 @@ impl Manifest {
                 "classes = {} but the last layer outputs {prev} (need >= 2)",
                 self.classes
             )));
+        }
+        let names = self.tensor_owners();
+        let mut sorted: Vec<&str> = names.iter().map(|(n, _)| n.as_str()).collect();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(invalid(format!("tensor name {:?} is used twice", w[0])));
         }
         let cloud = self.cloud_index()?;
         if cloud == 0 {

@@ -8,10 +8,11 @@ use safetensors::Dtype;
 use serde::Serialize;
 
 use crate::bundle::{
-    bundle_paths, from_hex, read_limited, sha256, signed_message, to_hex, Bundle, MANIFEST_FILE,
+    bundle_paths, from_hex, read_limited, sha256, signed_message, to_hex, Bundle, Part,
+    MANIFEST_FILE,
 };
 use crate::error::{io_err, ModelError, Result};
-use crate::manifest::{Limits, Manifest, Placement};
+use crate::manifest::{Limits, Manifest, Placement, Weights};
 
 /// Largest key file accepted.
 const MAX_KEY_FILE_BYTES: u64 = 4096;
@@ -81,21 +82,31 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
-/// Binds `manifest` to `weights` (digest and size), checks the whole bundle, then writes the
-/// canonical manifest and its signature next to `manifest_path`.
+/// Binds `manifest` to the two weights files (digests and sizes), checks the whole bundle,
+/// then writes the canonical manifest and its signature next to `manifest_path`.
 fn finalize(
     manifest_path: &Path,
     mut manifest: Manifest,
-    weights: &[u8],
+    device: &[u8],
+    cloud: &[u8],
     key: &SigningKey,
 ) -> Result<()> {
-    manifest.weights.sha256 = to_hex(&sha256(weights));
-    manifest.weights.bytes = weights.len() as u64;
+    for (p, bytes) in [(Placement::Device, device), (Placement::Cloud, cloud)] {
+        let r = manifest.weights.of_mut(p);
+        r.sha256 = to_hex(&sha256(bytes));
+        r.bytes = bytes.len() as u64;
+    }
     let limits = Limits::default();
     manifest.validate(&limits)?;
     let text = manifest.to_toml()?;
     // Refuse to sign anything that would not load.
-    Bundle::build(manifest, text.as_bytes(), weights)?;
+    Bundle::build(
+        manifest,
+        text.as_bytes(),
+        Some(device),
+        Some(cloud),
+        Part::Full,
+    )?;
     let sig = key.sign(&signed_message(text.as_bytes()));
     let (_, sig_path) = bundle_paths(manifest_path);
     write_atomic(manifest_path, text.as_bytes())?;
@@ -105,9 +116,15 @@ fn finalize(
     )
 }
 
-/// Signs a manifest in place: re-computes the digest and size of the weights file it names,
-/// checks the whole bundle (shapes, dtypes, ranges), rewrites the manifest in canonical form
-/// and writes `<manifest>.sig` (hex Ed25519 signature over
+/// Placeholder digest used while a manifest is being bound to its files.
+fn unbind(m: &mut Manifest) {
+    m.weights.device.sha256 = "0".repeat(64);
+    m.weights.cloud.sha256 = "0".repeat(64);
+}
+
+/// Signs a manifest in place: re-computes the digests and sizes of the two weights files it
+/// names, checks the whole bundle (tensor sets, shapes, dtypes, ranges), rewrites the manifest
+/// in canonical form and writes `<manifest>.sig` (hex Ed25519 signature over
 /// [`crate::SIGNING_CONTEXT`] followed by the manifest bytes).
 pub fn sign_manifest(manifest_path: &Path, key: &SigningKey) -> Result<()> {
     let limits = Limits::default();
@@ -115,12 +132,19 @@ pub fn sign_manifest(manifest_path: &Path, key: &SigningKey) -> Result<()> {
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| ModelError::ManifestParse("manifest is not UTF-8".into()))?;
     let mut manifest = Manifest::from_toml(text)?;
-    // Validate the file name before touching the file system with it.
-    manifest.weights.sha256 = "0".repeat(64);
+    // Validate the file names before touching the file system with them.
+    unbind(&mut manifest);
     manifest.validate(&limits)?;
     let dir = manifest_path.parent().unwrap_or(Path::new("."));
-    let weights = read_limited(&dir.join(&manifest.weights.file), limits.max_weights_bytes)?;
-    finalize(manifest_path, manifest, &weights, key)
+    let device = read_limited(
+        &dir.join(&manifest.weights.device.file),
+        limits.max_weights_bytes,
+    )?;
+    let cloud = read_limited(
+        &dir.join(&manifest.weights.cloud.file),
+        limits.max_weights_bytes,
+    )?;
+    finalize(manifest_path, manifest, &device, &cloud, key)
 }
 
 /// `tandem model sign`: signs `dir/manifest.toml` with the key in `key_file`
@@ -164,10 +188,8 @@ pub struct Summary {
     pub cloud_layer: usize,
     /// Hex SHA-256 of the manifest bytes (the protocol's model digest).
     pub digest: String,
-    /// Hex SHA-256 of the weights file.
-    pub weights_sha256: String,
-    /// Size of the weights file.
-    pub weights_bytes: u64,
+    /// The two weights files with their digests and sizes.
+    pub weights: Weights,
 }
 
 impl Summary {
@@ -193,8 +215,7 @@ impl Summary {
                 .collect(),
             cloud_layer: b.cloud_index(),
             digest: to_hex(&b.digest()),
-            weights_sha256: m.weights.sha256.clone(),
-            weights_bytes: m.weights.bytes,
+            weights: m.weights.clone(),
         }
     }
 }
@@ -218,11 +239,17 @@ impl std::fmt::Display for Summary {
             )?;
         }
         writeln!(f, "  digest  {}", self.digest)?;
-        write!(
-            f,
-            "  weights {} ({} bytes)",
-            self.weights_sha256, self.weights_bytes
-        )
+        for (p, w) in [
+            ("device", &self.weights.device),
+            ("cloud", &self.weights.cloud),
+        ] {
+            writeln!(
+                f,
+                "  {p:<6} weights {} sha256 {} ({} bytes)",
+                w.file, w.sha256, w.bytes
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -275,8 +302,9 @@ pub fn serialize_tensors(tensors: &[NamedTensor]) -> Result<Vec<u8>> {
     safetensors::serialize(views, None).map_err(|e| ModelError::Safetensors(e.to_string()))
 }
 
-/// Writes a new bundle into `dir` (created if missing): the tensors to `manifest.weights.file`,
-/// then the manifest (with the weights' digest and size filled in) and its signature.
+/// Writes a new bundle into `dir` (created if missing): the tensors, split by owner into the
+/// device and cloud weights files the manifest names, then the manifest (with the files'
+/// digests and sizes filled in) and its signature. Every tensor must be named by the manifest.
 pub fn write_bundle(
     dir: &Path,
     manifest: &Manifest,
@@ -285,9 +313,24 @@ pub fn write_bundle(
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut m = manifest.clone();
-    m.weights.sha256 = "0".repeat(64);
+    unbind(&mut m);
     m.validate(&Limits::default())?;
-    let weights = serialize_tensors(tensors)?;
-    write_atomic(&dir.join(&m.weights.file), &weights)?;
-    finalize(&dir.join(MANIFEST_FILE), m, &weights, key)
+    let owners = m.tensor_owners();
+    let mut parts: [Vec<NamedTensor>; 2] = [Vec::new(), Vec::new()];
+    for t in tensors {
+        let owner = owners
+            .iter()
+            .find(|(n, _)| *n == t.name)
+            .map(|(_, p)| *p)
+            .ok_or_else(|| ModelError::Tensor {
+                name: t.name.clone(),
+                reason: "not named by the manifest".into(),
+            })?;
+        parts[usize::from(owner == Placement::Cloud)].push(t.clone());
+    }
+    let device = serialize_tensors(&parts[0])?;
+    let cloud = serialize_tensors(&parts[1])?;
+    write_atomic(&dir.join(&m.weights.device.file), &device)?;
+    write_atomic(&dir.join(&m.weights.cloud.file), &cloud)?;
+    finalize(&dir.join(MANIFEST_FILE), m, &device, &cloud, key)
 }

@@ -9,7 +9,7 @@ use common::*;
 use sha2::{Digest, Sha256};
 use tandem_model::{
     serialize_tensors, sign_bundle, verify_bundle, write_bundle, Bundle, Limits, Manifest,
-    ModelError, NamedTensor, Placement, SigningKey, TensorData,
+    ModelError, NamedTensor, Part, Placement, SigningKey, TensorData,
 };
 
 fn load(dir: &Path) -> Result<Bundle, ModelError> {
@@ -39,10 +39,10 @@ fn committed_bundles_verify() {
         assert!(s.layers[1].quantised);
         assert!(!s.to_string().is_empty());
         // Bundles are small.
-        let w = std::fs::metadata(dir.join("weights.safetensors"))
-            .unwrap()
-            .len();
-        assert!(w < 64 * 1024, "{name}: {w} bytes");
+        for f in ["device.safetensors", "cloud.safetensors"] {
+            let w = std::fs::metadata(dir.join(f)).unwrap().len();
+            assert!(w < 64 * 1024, "{name}/{f}: {w} bytes");
+        }
     }
 }
 
@@ -62,16 +62,18 @@ fn flipped_manifest_byte_is_a_bad_signature() {
 
 #[test]
 fn flipped_weights_byte_is_a_digest_mismatch() {
-    let len = std::fs::read(models().join("digits/weights.safetensors"))
-        .unwrap()
-        .len();
-    for at in [0, 8, 100, len / 2, len - 1] {
-        let d = copy_bundle("digits");
-        flip(&d.join("weights.safetensors"), at);
-        assert!(
-            matches!(load(&d), Err(ModelError::DigestMismatch { .. })),
-            "byte {at}"
-        );
+    for f in ["device.safetensors", "cloud.safetensors"] {
+        let len = std::fs::read(models().join("digits").join(f))
+            .unwrap()
+            .len();
+        for at in [0, 8, 100, len / 2, len - 1] {
+            let d = copy_bundle("digits");
+            flip(&d.join(f), at);
+            assert!(
+                matches!(load(&d), Err(ModelError::DigestMismatch { .. })),
+                "{f} byte {at}"
+            );
+        }
     }
 }
 
@@ -100,21 +102,23 @@ fn malformed_or_missing_signature_is_refused() {
 
 #[test]
 fn truncated_weights_are_refused() {
-    // Without re-signing: the size no longer matches the signed manifest.
-    let d = copy_bundle("digits");
-    let w = std::fs::read(d.join("weights.safetensors")).unwrap();
-    std::fs::write(d.join("weights.safetensors"), &w[..w.len() - 10]).unwrap();
-    assert!(matches!(load(&d), Err(ModelError::SizeMismatch { .. })));
-    // Even when a signer vouches for the truncated file, safetensors parsing refuses it.
-    for cut in [0, 4, 8, 20, w.len() / 2, w.len() - 1] {
+    for f in ["device.safetensors", "cloud.safetensors"] {
+        // Without re-signing: the size no longer matches the signed manifest.
         let d = copy_bundle("digits");
-        std::fs::write(d.join("weights.safetensors"), &w[..cut]).unwrap();
-        rebind_raw(&d, &dev_key(), |_| {});
-        assert!(
-            matches!(load(&d), Err(ModelError::Safetensors(_))),
-            "cut at {cut}: {:?}",
-            load(&d).err()
-        );
+        let w = std::fs::read(d.join(f)).unwrap();
+        std::fs::write(d.join(f), &w[..w.len() - 10]).unwrap();
+        assert!(matches!(load(&d), Err(ModelError::SizeMismatch { .. })));
+        // Even when a signer vouches for the truncated file, safetensors parsing refuses it.
+        for cut in [0, 4, 8, 20, w.len() / 2, w.len() - 1] {
+            let d = copy_bundle("digits");
+            std::fs::write(d.join(f), &w[..cut]).unwrap();
+            rebind_raw(&d, &dev_key(), |_| {});
+            assert!(
+                matches!(load(&d), Err(ModelError::Safetensors(_))),
+                "{f} cut at {cut}: {:?}",
+                load(&d).err()
+            );
+        }
     }
 }
 
@@ -140,7 +144,7 @@ fn oversized_files_are_refused_before_reading() {
     // far longer (and fail) if it were read or hashed.
     let f = std::fs::OpenOptions::new()
         .write(true)
-        .open(d.join("weights.safetensors"))
+        .open(d.join("device.safetensors"))
         .unwrap();
     f.set_len(8 << 30).unwrap();
     drop(f);
@@ -162,7 +166,12 @@ fn oversized_files_are_refused_before_reading() {
 /// Replaces one tensor of the digits bundle and signs the result raw (no library checks).
 fn with_tensor(name: &str, shape: Vec<usize>, data: TensorData) -> std::path::PathBuf {
     let d = copy_bundle("digits");
-    let w = std::fs::read(d.join("weights.safetensors")).unwrap();
+    let file = if name.starts_with("fc1.") {
+        "cloud.safetensors"
+    } else {
+        "device.safetensors"
+    };
+    let w = std::fs::read(d.join(file)).unwrap();
     let st = safetensors::SafeTensors::deserialize(&w).unwrap();
     let mut tensors = Vec::new();
     for (n, v) in st.tensors() {
@@ -197,11 +206,7 @@ fn with_tensor(name: &str, shape: Vec<usize>, data: TensorData) -> std::path::Pa
         shape,
         data,
     });
-    std::fs::write(
-        d.join("weights.safetensors"),
-        serialize_tensors(&tensors).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(d.join(file), serialize_tensors(&tensors).unwrap()).unwrap();
     rebind_raw(&d, &dev_key(), |_| {});
     d
 }
@@ -248,8 +253,33 @@ fn tensor_shape_dtype_and_range_are_checked() {
 #[test]
 fn missing_tensor_is_refused() {
     let d = copy_bundle("digits");
+    // The manifest names a tensor the file lacks (and the file's `fc2.bias` is now stray).
     rebind_raw(&d, &dev_key(), |m| m.layers[2].bias = "nope".into());
-    assert!(matches!(load(&d), Err(ModelError::Tensor { name, .. }) if name == "nope"));
+    let r = load(&d);
+    assert!(
+        matches!(&r, Err(ModelError::Tensor { name, .. }) if name == "nope" || name == "fc2.bias"),
+        "{r:?}"
+    );
+    // A tensor the manifest names is missing from the file.
+    let d = copy_bundle("digits");
+    let w = std::fs::read(d.join("cloud.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&w).unwrap();
+    let views: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != "fc1.bias")
+        .collect();
+    std::fs::write(
+        d.join("cloud.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    rebind_raw(&d, &dev_key(), |_| {});
+    let r = load(&d);
+    assert!(
+        matches!(&r, Err(ModelError::Tensor { name, .. }) if name == "fc1.bias"),
+        "{r:?}"
+    );
 }
 
 #[test]
@@ -287,7 +317,15 @@ fn inconsistent_manifests_are_refused() {
         ),
         (
             "path traversal",
-            Box::new(|m| m.weights.file = "../digits/weights.safetensors".into()),
+            Box::new(|m| m.weights.cloud.file = "../digits/cloud.safetensors".into()),
+        ),
+        (
+            "same file twice",
+            Box::new(|m| m.weights.cloud.file = m.weights.device.file.clone()),
+        ),
+        (
+            "tensor name reused",
+            Box::new(|m| m.layers[2].bias = m.layers[0].bias.clone()),
         ),
         ("classes", Box::new(|m| m.classes = 9)),
         ("split point", Box::new(|m| m.split_points = vec![2])),
@@ -319,29 +357,103 @@ fn inconsistent_manifests_are_refused() {
 
 #[test]
 fn corrupted_but_signed_weights_never_panic() {
-    let w = std::fs::read(models().join("breast_cancer/weights.safetensors")).unwrap();
     let d = copy_bundle("breast_cancer");
     let key = dev_key();
-    // Every byte of the header and a stride through the data, each flipped in three ways.
-    let header = 8 + u64::from_le_bytes(w[..8].try_into().unwrap()) as usize;
-    let positions: Vec<usize> = (0..header).chain((header..w.len()).step_by(97)).collect();
     let mut refused = 0;
-    for &at in &positions {
-        for mask in [0x01u8, 0x20, 0xff] {
-            let mut c = w.clone();
-            c[at] ^= mask;
-            std::fs::write(d.join("weights.safetensors"), &c).unwrap();
-            rebind_raw(&d, &key, |_| {});
-            match load(&d) {
-                Ok(b) => {
-                    let x = vec![0.5f32; 30];
-                    let _ = b.predict_plain(&x);
+    for f in ["device.safetensors", "cloud.safetensors"] {
+        let w = std::fs::read(models().join("breast_cancer").join(f)).unwrap();
+        // Every byte of the header and a stride through the data, each flipped in three ways.
+        let header = 8 + u64::from_le_bytes(w[..8].try_into().unwrap()) as usize;
+        let positions: Vec<usize> = (0..header).chain((header..w.len()).step_by(97)).collect();
+        for &at in &positions {
+            for mask in [0x01u8, 0x20, 0xff] {
+                let mut c = w.clone();
+                c[at] ^= mask;
+                std::fs::write(d.join(f), &c).unwrap();
+                rebind_raw(&d, &key, |_| {});
+                match load(&d) {
+                    Ok(b) => {
+                        let x = vec![0.5f32; 30];
+                        let _ = b.predict_plain(&x);
+                    }
+                    Err(_) => refused += 1,
                 }
-                Err(_) => refused += 1,
             }
         }
+        std::fs::write(d.join(f), &w).unwrap();
     }
     assert!(refused > 0);
+}
+
+#[test]
+fn each_party_needs_only_its_own_file() {
+    let d = copy_bundle("digits");
+    let full = load(&d).unwrap();
+    std::fs::remove_file(d.join("cloud.safetensors")).unwrap();
+    assert!(matches!(load(&d), Err(ModelError::Io { .. })));
+    let dev = Bundle::load_part(&d, &dev_pub(), &Limits::default(), Part::Device).unwrap();
+    assert_eq!(dev.digest(), full.digest());
+    assert!(matches!(dev.cloud_layer(), Err(ModelError::NotLoaded(_))));
+    assert!(matches!(
+        dev.cloud_eval_plain(&[0; 32]),
+        Err(ModelError::NotLoaded(_))
+    ));
+    assert!(!dev.layers()[1].is_loaded() && dev.layers()[0].is_loaded());
+
+    let d = copy_bundle("digits");
+    std::fs::remove_file(d.join("device.safetensors")).unwrap();
+    let cloud = Bundle::load_part(&d, &dev_pub(), &Limits::default(), Part::Cloud).unwrap();
+    assert_eq!(cloud.digest(), full.digest());
+    assert_eq!(cloud.cloud_layer().unwrap(), full.cloud_layer().unwrap());
+    assert!(matches!(
+        cloud.device_encode(&[0.0; 64]),
+        Err(ModelError::NotLoaded(_))
+    ));
+    assert!(matches!(
+        cloud.finish_on_device(&[0; 16]),
+        Err(ModelError::NotLoaded(_))
+    ));
+
+    // The two parts together reproduce the full bundle's plaintext prediction.
+    let t = tandem_model::TestSet::load(&models().join("digits/test.json")).unwrap();
+    for x in t.x.iter().take(50) {
+        let q = dev.device_encode(x).unwrap();
+        let z = cloud.cloud_eval_plain(&q).unwrap();
+        assert_eq!(
+            dev.finish_on_device(&z).unwrap(),
+            full.predict_plain(x).unwrap()
+        );
+    }
+}
+
+#[test]
+fn tensors_in_the_wrong_file_are_refused() {
+    // Put a copy of a device tensor into the cloud file: the cloud file must hold exactly the
+    // cloud layer's tensors.
+    let d = copy_bundle("digits");
+    let dev = std::fs::read(d.join("device.safetensors")).unwrap();
+    let cl = std::fs::read(d.join("cloud.safetensors")).unwrap();
+    let dst = safetensors::SafeTensors::deserialize(&dev).unwrap();
+    let cst = safetensors::SafeTensors::deserialize(&cl).unwrap();
+    let mut views = cst.tensors();
+    views.push(("fc0.weight".into(), dst.tensor("fc0.weight").unwrap()));
+    std::fs::write(
+        d.join("cloud.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    rebind_raw(&d, &dev_key(), |_| {});
+    assert!(matches!(load(&d), Err(ModelError::Tensor { name, .. }) if name == "fc0.weight"));
+    // The library's writer refuses tensors the manifest does not name.
+    let text = std::fs::read_to_string(models().join("digits/manifest.toml")).unwrap();
+    let m = Manifest::from_toml(&text).unwrap();
+    let extra = NamedTensor {
+        name: "stray".into(),
+        shape: vec![1],
+        data: TensorData::F32(vec![0.0]),
+    };
+    let r = write_bundle(&tmpdir("stray"), &m, &[extra], &dev_key());
+    assert!(matches!(r, Err(ModelError::Tensor { name, .. }) if name == "stray"));
 }
 
 #[test]
@@ -366,11 +478,11 @@ fn sign_and_verify_roundtrip_with_a_new_key() {
     // The dev key no longer verifies it.
     assert!(matches!(load(&d), Err(ModelError::BadSignature)));
     // Re-signing after replacing the weights re-binds the digest.
-    let w = std::fs::read(d.join("weights.safetensors")).unwrap();
+    let w = std::fs::read(d.join("cloud.safetensors")).unwrap();
     let mut w2 = w.clone();
     let last = w2.len() - 1;
-    w2[last] ^= 1; // a bias/weight byte of the last float tensor... or of an int tensor
-    std::fs::write(d.join("weights.safetensors"), &w2).unwrap();
+    w2[last] ^= 1; // a byte of the cloud layer's tensors
+    std::fs::write(d.join("cloud.safetensors"), &w2).unwrap();
     assert!(matches!(
         verify_bundle(&d, &pf),
         Err(ModelError::DigestMismatch { .. })
@@ -379,6 +491,8 @@ fn sign_and_verify_roundtrip_with_a_new_key() {
         Ok(()) => {
             let s2 = verify_bundle(&d, &pf).unwrap();
             assert_ne!(s2.digest, s.digest);
+            assert_ne!(s2.weights.cloud.sha256, s.weights.cloud.sha256);
+            assert_eq!(s2.weights.device, s.weights.device);
         }
         // The signer refuses bundles that would not load (e.g. a non-finite float).
         Err(e) => assert!(matches!(e, ModelError::Tensor { .. }), "{e:?}"),

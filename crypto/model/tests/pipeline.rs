@@ -39,7 +39,7 @@ fn quantised_accuracy_on_the_test_split() {
 fn split_pipeline_is_the_plaintext_reference() {
     for (name, _, _) in FLOORS {
         let (b, t) = bundle(name);
-        let cl = b.cloud_layer();
+        let cl = b.cloud_layer().unwrap();
         assert_eq!(cl.index, b.cloud_index());
         assert_eq!(cl.weights.len(), cl.n_in * cl.n_out);
         assert_eq!(cl.bias.len(), cl.n_out);
@@ -76,7 +76,7 @@ fn noised_inputs_are_evaluated_exactly() {
         .map(|(i, v)| v + (i as i64 * 37 % 500) - 250)
         .collect();
     let z = b.cloud_eval_plain(&noised).unwrap();
-    let cl = b.cloud_layer();
+    let cl = b.cloud_layer().unwrap();
     for (j, zj) in z.iter().enumerate() {
         let row = &cl.weights[j * cl.n_in..(j + 1) * cl.n_in];
         assert_eq!(

@@ -43,7 +43,12 @@ pub fn tmpdir(tag: &str) -> PathBuf {
 /// Copies a committed bundle (manifest, signature, weights) into a fresh directory.
 pub fn copy_bundle(name: &str) -> PathBuf {
     let d = tmpdir(name);
-    for f in ["manifest.toml", "manifest.sig", "weights.safetensors"] {
+    for f in [
+        "manifest.toml",
+        "manifest.sig",
+        "device.safetensors",
+        "cloud.safetensors",
+    ] {
         std::fs::copy(models().join(name).join(f), d.join(f)).unwrap();
     }
     d
@@ -67,9 +72,11 @@ pub fn sign_raw(dir: &Path, manifest_text: &str, key: &SigningKey) {
 pub fn rebind_raw(dir: &Path, key: &SigningKey, edit: impl FnOnce(&mut Manifest)) {
     let text = std::fs::read_to_string(dir.join("manifest.toml")).unwrap();
     let mut m = Manifest::from_toml(&text).unwrap();
-    let w = std::fs::read(dir.join(&m.weights.file)).unwrap();
-    m.weights.sha256 = hex(&Sha256::digest(&w));
-    m.weights.bytes = w.len() as u64;
+    for r in [&mut m.weights.device, &mut m.weights.cloud] {
+        let w = std::fs::read(dir.join(&r.file)).unwrap();
+        r.sha256 = hex(&Sha256::digest(&w));
+        r.bytes = w.len() as u64;
+    }
     edit(&mut m);
     sign_raw(dir, &m.to_toml().unwrap(), key);
 }
