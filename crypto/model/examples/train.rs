@@ -25,7 +25,6 @@
 //! Bit-exact reproduction of the float weights across machines is not guaranteed (ndarray's
 //! matrix product picks SIMD kernels at run time); the committed bundles are the reference.
 #![forbid(unsafe_code)]
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 
@@ -151,8 +150,10 @@ impl Mlp {
 
     fn predict(&self, x: &Array2<f32>) -> Vec<usize> {
         let (_, acts) = self.forward(x);
-        acts.last()
-            .unwrap()
+        let Some(logits) = acts.last() else {
+            return Vec::new();
+        };
+        logits
             .rows()
             .into_iter()
             .map(|r| {
@@ -207,14 +208,16 @@ impl Adam {
 
 fn train_epoch(net: &mut Mlp, opt: &mut Adam, x: &Array2<f32>, y: &[usize], rng: &mut SplitMix) {
     let n = x.nrows();
-    let classes = net.b.last().unwrap().len();
+    let classes = net.b.last().map_or(0, |b| b.len());
     let mut order: Vec<usize> = (0..n).collect();
     rng.shuffle(&mut order);
     for chunk in order.chunks(BATCH) {
         let xb = x.select(Axis(0), chunk);
         let (pre, acts) = net.forward(&xb);
         // Softmax cross-entropy gradient w.r.t. the logits, averaged over the batch.
-        let logits = acts.last().unwrap();
+        let Some(logits) = acts.last() else {
+            return;
+        };
         let mut delta = Array2::<f32>::zeros((chunk.len(), classes));
         for (r, &i) in chunk.iter().enumerate() {
             let row = logits.row(r);
@@ -244,9 +247,9 @@ fn accuracy(pred: &[usize], y: &[usize]) -> f64 {
     pred.iter().zip(y).filter(|(a, b)| a == b).count() as f64 / y.len() as f64
 }
 
-fn to_array(rows: &[Vec<f32>]) -> Array2<f32> {
-    let w = rows[0].len();
-    Array2::from_shape_vec((rows.len(), w), rows.concat()).unwrap()
+fn to_array(rows: &[Vec<f32>]) -> Result<Array2<f32>, Error> {
+    let w = rows.first().map_or(0, Vec::len);
+    Ok(Array2::from_shape_vec((rows.len(), w), rows.concat())?)
 }
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -311,8 +314,8 @@ fn main() -> Result<(), Error> {
     let epochs = arg(&args, "--epochs").map_or(Ok(epochs), |e| e.parse())?;
     let data = load(&dataset, &data_dir)?;
     let n = data.y.len();
-    let dim = data.x[0].len();
-    let classes = data.y.iter().max().unwrap() + 1;
+    let dim = data.x.first().map_or(0, Vec::len);
+    let classes = data.y.iter().max().ok_or("empty dataset")? + 1;
 
     // Split: SplitMix64(42) shuffle, 70 % train / 30 % test.
     let mut rng = SplitMix(SEED);
@@ -343,17 +346,17 @@ fn main() -> Result<(), Error> {
             1.0
         };
     }
-    let standardise = |rows: &[Vec<f32>]| -> Array2<f32> {
-        let mut a = to_array(rows);
+    let standardise = |rows: &[Vec<f32>]| -> Result<Array2<f32>, Error> {
+        let mut a = to_array(rows)?;
         for mut r in a.rows_mut() {
             for j in 0..dim {
                 r[j] = (r[j] - mean[j]) / std[j];
             }
         }
-        a
+        Ok(a)
     };
-    let xtr = standardise(&xtr_raw);
-    let xte = standardise(&xte_raw);
+    let xtr = standardise(&xtr_raw)?;
+    let xte = standardise(&xte_raw)?;
 
     // Train.
     let sizes = [dim, hidden[0], hidden[1], classes];
