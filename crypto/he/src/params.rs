@@ -73,6 +73,7 @@ impl ParameterSet {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use tfhe::core_crypto::commons::noise_formulas::secure_noise::minimal_glwe_variance_for_132_bits_security_tuniform;
     use tfhe::core_crypto::prelude::{GlweDimension, PolynomialSize};

@@ -110,8 +110,8 @@ mod tests {
             decompose(&a, base_log, levels, &mut out);
             for (i, &c) in a.iter().enumerate() {
                 let mut rec = 0u64;
-                for j in 0..levels as usize {
-                    let d = out[j][i];
+                for (j, level) in out.iter().enumerate() {
+                    let d = level[i];
                     prop_assert!((-(1i64 << 14)..(1i64 << 14)).contains(&d));
                     rec = rec.wrapping_add((d as u64).wrapping_mul(1u64 << (64 - (j as u32 + 1) * base_log)));
                 }

@@ -4,13 +4,19 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use tandem_he::*;
 
+/// Shared engine state for all tests of one binary.
 pub struct Fixture {
+    /// The parameter-set context.
     pub ctx: Arc<Context>,
+    /// A client with a fixed-seed key.
     pub client: Mutex<Client>,
+    /// Its full packing key.
     pub eval_key: EvaluationKey,
+    /// The packing key as the server holds it.
     pub prepared_key: PreparedEvaluationKey,
 }
 
+/// The fixture, built once per test binary.
 pub fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
