@@ -127,6 +127,117 @@ impl PreparedLayer {
             }
         }
         let plan = planned?;
+        Self::build(ctx, plan, weights, bias)
+    }
+
+    /// Plans a layer from public information only — its shape and bounds on the weights and
+    /// bias — so that a party without the weights (the device) derives the same plan as the
+    /// cloud, which then prepares its weights with [`PreparedLayer::prepare_with_plan`].
+    /// Chunk candidates are tried as in [`PreparedLayer::prepare`], with worst-case statistics.
+    #[allow(clippy::too_many_arguments)]
+    pub fn plan_public(
+        params: crate::ParameterSet,
+        mode: OutputMode,
+        n_in: usize,
+        n_out: usize,
+        max_abs_input: u64,
+        max_abs_weight: u64,
+        max_abs_bias: u64,
+        opts: PlanOptions,
+    ) -> Result<LayerPlan, HeError> {
+        let n = params.poly_size;
+        let first = opts
+            .chunk
+            .unwrap_or_else(|| crate::plan::default_chunk(n, mode, n_in, n_out));
+        let candidates: Vec<usize> = match (opts.chunk, mode) {
+            (None, OutputMode::Packed) => (1..=first.trailing_zeros())
+                .rev()
+                .map(|l| 1usize << l)
+                .collect(),
+            _ => vec![first],
+        };
+        let mut planned = Err(HeError::Shape("no chunk candidate".into()));
+        for chunk in candidates {
+            let rows = (n / chunk.max(1)).clamp(1, n_out.max(1));
+            let stats = WeightStats::worst_case(n_in, rows, max_abs_weight, max_abs_bias);
+            planned = LayerPlan::new(
+                params,
+                mode,
+                n_in,
+                n_out,
+                max_abs_input,
+                stats,
+                PlanOptions { chunk: Some(chunk) },
+            );
+            if planned.is_ok() {
+                break;
+            }
+        }
+        planned
+    }
+
+    /// Prepares weights under a plan fixed in advance (e.g. by [`PreparedLayer::plan_public`]).
+    /// Refuses weights whose outputs or noise would not fit the plan's bounds.
+    pub fn prepare_with_plan(
+        ctx: Arc<Context>,
+        plan: LayerPlan,
+        weights: &[i64],
+        bias: &[i64],
+    ) -> Result<Self, HeError> {
+        let (n_in, n_out) = (plan.n_in, plan.n_out);
+        if plan.params != ctx.params() {
+            return Err(HeError::ParameterMismatch {
+                expected: ctx.params().id,
+                got: plan.params.id,
+            });
+        }
+        if weights.len() != n_in.saturating_mul(n_out) || bias.len() != n_out {
+            return Err(HeError::Shape(format!(
+                "weights {} / bias {} do not match {n_out}x{n_in}",
+                weights.len(),
+                bias.len()
+            )));
+        }
+        if weights.iter().any(|w| w.unsigned_abs() >= 1 << 20) {
+            return Err(HeError::OutOfRange(
+                "weights must satisfy |w| < 2^20".into(),
+            ));
+        }
+        let stats = weight_stats(weights, n_in, n_out, bias, plan.rows());
+        let max_out = stats
+            .max_row_l1
+            .checked_mul(plan.max_abs_input)
+            .and_then(|v| v.checked_add(stats.max_abs_bias))
+            .ok_or_else(|| HeError::OutOfRange("output range overflows".into()))?;
+        // (2y+1)·Δ_out ≤ 2^64 must hold for the actual weights.
+        let span = 2u128 * max_out as u128 + 1;
+        if span << plan.delta_out_log2 > 1u128 << 64 {
+            return Err(HeError::OutOfRange(format!(
+                "outputs up to {max_out} do not fit the plan"
+            )));
+        }
+        let v_pre = plan.pre_switch_variance(stats, plan.upload_bits);
+        let p_fail = crate::plan::log2_fail(
+            plan.download_variance(v_pre, plan.download_bits),
+            plan.delta_out_log2,
+        );
+        if p_fail > -(plan.params.max_fail_log2 as f64) {
+            return Err(HeError::FailureBoundExceeded {
+                log2_p_fail: p_fail,
+                limit: plan.params.max_fail_log2,
+            });
+        }
+        Self::build(ctx, plan, weights, bias)
+    }
+
+    fn build(
+        ctx: Arc<Context>,
+        plan: LayerPlan,
+        weights: &[i64],
+        bias: &[i64],
+    ) -> Result<Self, HeError> {
+        let n = plan.params.poly_size;
+        let (n_in, n_out) = (plan.n_in, plan.n_out);
         let rows = plan.rows();
         let (chunk, in_chunks, blocks) = (plan.chunk, plan.in_chunks(), plan.out_blocks());
         let ntt = &ctx.ntt;
