@@ -20,6 +20,33 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// End-to-end demo: throw-away PKI, in-process cloud, the digits test split through every
+    /// protection mode, then a summary.
+    Demo {
+        /// Print one JSON object as the last line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The cloud server.
+    Cloud {
+        #[command(subcommand)]
+        what: cli::runtime::CloudCommand,
+    },
+    /// The device runtime.
+    Device {
+        #[command(subcommand)]
+        what: cli::runtime::DeviceCommand,
+    },
+    /// Development PKI.
+    Pki {
+        #[command(subcommand)]
+        what: cli::runtime::PkiCommand,
+    },
+    /// Signed model bundles.
+    Model {
+        #[command(subcommand)]
+        what: cli::runtime::ModelCommand,
+    },
     /// Accuracy versus ε of a model whose split activation is noised (writes an SVG plot).
     PrivacyCurve {
         /// `digits` or `breast_cancer`.
@@ -48,6 +75,9 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
+    /// N concurrent devices against an in-process cloud for T seconds: throughput, latency
+    /// percentiles, peak RSS.
+    Load(cli::runtime::LoadArgs),
     /// Discrete noise for 1024 activations.
     Dp {
         /// Print one JSON object.
@@ -67,7 +97,13 @@ fn main() -> anyhow::Result<()> {
                 threads,
             } => cli::bench::matmul(shape.as_deref(), runs, threads, json),
             BenchCommand::Dp { json } => cli::dp::bench_dp(json),
+            BenchCommand::Load(args) => cli::runtime::bench_load(args),
         },
+        Command::Demo { json } => cli::demo::run(json),
+        Command::Cloud { what } => cli::runtime::cloud(what),
+        Command::Device { what } => cli::runtime::device(what),
+        Command::Pki { what } => cli::runtime::pki(what),
+        Command::Model { what } => cli::runtime::model(what),
         Command::PrivacyCurve { dataset, out } => cli::dp::privacy_curve(&dataset, &out),
     }
 }

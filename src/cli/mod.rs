@@ -1,4 +1,6 @@
 //! Subcommand implementations.
 
 pub mod bench;
+pub mod demo;
 pub mod dp;
+pub mod runtime;

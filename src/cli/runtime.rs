@@ -1,0 +1,434 @@
+//! `tandem cloud serve`, `tandem device infer`, `tandem pki …`, `tandem model …` and
+//! `tandem bench load`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Subcommand};
+use serde::{Deserialize, Serialize};
+use tandem_cloud::{AdmissionLimits, Cloud, ServerOptions};
+use tandem_device::{Device, DeviceOptions, DpOptions, Protection};
+use tandem_he::OutputMode;
+use tandem_model::{read_verifying_key, TestSet};
+use tandem_tls::{
+    client_config, client_config_from_files, server_config, ClientFiles, DevPki, ServerFiles,
+};
+
+use super::demo::{percentile, repo_root};
+
+/// `tandem cloud …`
+#[derive(Subcommand)]
+pub enum CloudCommand {
+    /// Serves devices until Ctrl-C.
+    Serve {
+        /// TOML configuration (see `CloudToml`).
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+/// `tandem device …`
+#[derive(Subcommand)]
+pub enum DeviceCommand {
+    /// One inference (or one per row) on a JSON input: `[f32, …]` or `[[f32, …], …]`.
+    Infer {
+        /// TOML configuration (see `DeviceToml`).
+        #[arg(long)]
+        config: PathBuf,
+        /// JSON input file.
+        #[arg(long)]
+        input: PathBuf,
+    },
+}
+
+/// `tandem pki …`
+#[derive(Subcommand)]
+pub enum PkiCommand {
+    /// Writes a CA pair, a cloud certificate, N device certificates and a CRL.
+    Init {
+        /// Output directory.
+        dir: PathBuf,
+        /// Number of device certificates.
+        #[arg(long, default_value_t = 2)]
+        devices: usize,
+    },
+    /// Revokes a device certificate (adds it to the CRL).
+    Revoke {
+        /// PKI directory.
+        dir: PathBuf,
+        /// Device name, e.g. `device-1`.
+        device: String,
+    },
+}
+
+/// `tandem model …`
+#[derive(Subcommand)]
+pub enum ModelCommand {
+    /// Signs `DIR/manifest.toml` with an Ed25519 signing key.
+    Sign {
+        /// Bundle directory.
+        dir: PathBuf,
+        /// Signing-key file.
+        #[arg(long, default_value = "models/dev-signing-key.txt")]
+        key: PathBuf,
+    },
+    /// Verifies a bundle (signature, digests, shapes) and prints its summary.
+    Verify {
+        /// Bundle directory.
+        dir: PathBuf,
+        /// Verifying-key file.
+        #[arg(long, default_value = "models/dev-verifying-key.txt")]
+        key: PathBuf,
+    },
+}
+
+/// `tandem bench load` arguments.
+#[derive(Args)]
+pub struct LoadArgs {
+    /// Concurrent devices.
+    #[arg(long, default_value_t = 64)]
+    devices: usize,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// `digits` or `breast_cancer`.
+    #[arg(long, default_value = "digits")]
+    model: String,
+    /// Output mode: `packed` or `nokey`.
+    #[arg(long, default_value = "packed")]
+    mode: String,
+    /// Tokio worker threads of the cloud.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `cloud.toml`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloudToml {
+    listen: SocketAddr,
+    pki_dir: PathBuf,
+    models: Vec<PathBuf>,
+    verifying_key: PathBuf,
+    key_store: PathBuf,
+    max_connections: Option<usize>,
+    max_in_flight_per_device: Option<usize>,
+    max_request_bytes: Option<usize>,
+}
+
+/// `device.toml`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceToml {
+    cloud: SocketAddr,
+    server_name: Option<String>,
+    pki_dir: PathBuf,
+    device: String,
+    model: PathBuf,
+    verifying_key: PathBuf,
+    state_dir: PathBuf,
+    output_mode: Option<String>,
+    protection: Option<String>,
+    epsilon: Option<f64>,
+    clip_l2: Option<f64>,
+    delta: Option<f64>,
+    budget_epsilon: Option<f64>,
+    window_secs: Option<u64>,
+}
+
+fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()?)
+}
+
+fn parse_mode(s: &str) -> anyhow::Result<OutputMode> {
+    Ok(match s {
+        "packed" => OutputMode::Packed,
+        "nokey" | "no-key" => OutputMode::NoKey,
+        _ => bail!("output mode must be `packed` or `nokey`"),
+    })
+}
+
+/// `tandem cloud serve`.
+pub fn cloud(cmd: CloudCommand) -> anyhow::Result<()> {
+    let CloudCommand::Serve { config } = cmd;
+    init_tracing();
+    let c: CloudToml = read_toml(&config)?;
+    let tls = tandem_tls::server_config_from_files(&ServerFiles::from_pki_dir(&c.pki_dir))?;
+    let mut opts = ServerOptions::new(
+        c.listen,
+        tls,
+        read_verifying_key(&c.verifying_key)?,
+        c.key_store,
+    );
+    opts.models = c.models;
+    let d = AdmissionLimits::default();
+    opts.admission = AdmissionLimits {
+        max_connections: c.max_connections.unwrap_or(d.max_connections),
+        max_in_flight_per_device: c
+            .max_in_flight_per_device
+            .unwrap_or(d.max_in_flight_per_device),
+        max_request_bytes: c.max_request_bytes.unwrap_or(d.max_request_bytes),
+        ..d
+    };
+    runtime(std::thread::available_parallelism().map_or(2, |n| n.get()))?.block_on(async {
+        let cloud = Cloud::start(opts).await?;
+        eprintln!("tandem cloud listening on {}", cloud.local_addr());
+        tokio::signal::ctrl_c().await?;
+        eprintln!("shutting down");
+        cloud.shutdown().await;
+        Ok(())
+    })
+}
+
+#[derive(Serialize)]
+struct InferJson {
+    class: usize,
+    logits: Vec<f32>,
+    total_ms: f64,
+    network_ms: f64,
+    bytes_up: usize,
+    bytes_down: usize,
+    key_upload_bytes: usize,
+    epsilon_spent: f64,
+}
+
+/// `tandem device infer`.
+pub fn device(cmd: DeviceCommand) -> anyhow::Result<()> {
+    let DeviceCommand::Infer { config, input } = cmd;
+    init_tracing();
+    let c: DeviceToml = read_toml(&config)?;
+    let text =
+        std::fs::read_to_string(&input).with_context(|| format!("reading {}", input.display()))?;
+    let rows: Vec<Vec<f32>> =
+        match serde_json::from_str::<Vec<Vec<f32>>>(&text) {
+            Ok(r) => r,
+            Err(_) => vec![serde_json::from_str::<Vec<f32>>(&text)
+                .context("input must be [f32…] or [[f32…]…]")?],
+        };
+    let tls = client_config_from_files(&ClientFiles::from_pki_dir(&c.pki_dir, &c.device)?)?;
+    let mut opts = DeviceOptions::new(
+        c.cloud,
+        tls,
+        c.model,
+        read_verifying_key(&c.verifying_key)?,
+        c.state_dir.join("ledger.bin"),
+    );
+    opts.server_name = c.server_name.unwrap_or_else(|| "localhost".into());
+    opts.output_mode = parse_mode(c.output_mode.as_deref().unwrap_or("packed"))?;
+    opts.ledger_id = c.device.as_bytes().to_vec();
+    let d = DpOptions::default();
+    opts.dp = DpOptions {
+        clip_l2: c.clip_l2.unwrap_or(d.clip_l2),
+        delta: c.delta.unwrap_or(d.delta),
+        budget_epsilon: c.budget_epsilon.unwrap_or(d.budget_epsilon),
+        budget_rho: None,
+        window_secs: c.window_secs.unwrap_or(d.window_secs),
+    };
+    opts.state_dir = Some(c.state_dir);
+    let eps = c.epsilon.unwrap_or(4.0);
+    let protection = match c.protection.as_deref().unwrap_or("encrypted") {
+        "encrypted" => Protection::Encrypted,
+        "noised" => Protection::Noised { epsilon: eps },
+        "noised-encrypted" | "noised_encrypted" => Protection::NoisedEncrypted { epsilon: eps },
+        other => bail!("unknown protection {other}"),
+    };
+    runtime(2)?.block_on(async {
+        let mut dev = Device::connect(opts).await?;
+        for x in &rows {
+            let r = dev.infer(x, protection).await?;
+            println!(
+                "{}",
+                serde_json::to_string(&InferJson {
+                    class: r.class,
+                    logits: r.logits.clone(),
+                    total_ms: r.timings.total_ms(),
+                    network_ms: r.timings.network_ms,
+                    bytes_up: r.bytes_up,
+                    bytes_down: r.bytes_down,
+                    key_upload_bytes: r.key_upload_bytes,
+                    epsilon_spent: r.epsilon_spent,
+                })?
+            );
+        }
+        dev.close().await;
+        Ok(())
+    })
+}
+
+/// `tandem pki …`.
+pub fn pki(cmd: PkiCommand) -> anyhow::Result<()> {
+    match cmd {
+        PkiCommand::Init { dir, devices } => {
+            let s = tandem_tls::pki_init(&dir, devices)?;
+            println!("wrote a development PKI to {}", s.dir.display());
+            for d in &s.devices {
+                println!("  {}  identity {}", d.name, d.identity.to_hex());
+            }
+        }
+        PkiCommand::Revoke { dir, device } => {
+            tandem_tls::pki_revoke(&dir, &device)?;
+            println!("revoked {device}; restart the cloud to load the new CRL");
+        }
+    }
+    Ok(())
+}
+
+/// `tandem model …`.
+pub fn model(cmd: ModelCommand) -> anyhow::Result<()> {
+    match cmd {
+        ModelCommand::Sign { dir, key } => {
+            tandem_model::sign_bundle(&dir, &key)?;
+            println!("signed {}", dir.join("manifest.toml").display());
+        }
+        ModelCommand::Verify { dir, key } => {
+            let s = tandem_model::verify_bundle(&dir, &key)?;
+            println!("{}", serde_json::to_string_pretty(&s)?);
+        }
+    }
+    Ok(())
+}
+
+fn peak_rss_kb() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+#[derive(Serialize)]
+struct LoadJson {
+    devices: usize,
+    seconds: f64,
+    model: String,
+    mode: String,
+    inferences: usize,
+    errors: usize,
+    throughput_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    peak_rss_mb: f64,
+}
+
+/// `tandem bench load`: an in-process cloud and N devices on loopback mTLS (the devices'
+/// own work shares the machine, so this is a lower bound for the cloud alone).
+pub fn bench_load(args: LoadArgs) -> anyhow::Result<()> {
+    let root = repo_root();
+    let model_dir = root.join("models").join(&args.model);
+    let vk = read_verifying_key(&root.join("models/dev-verifying-key.txt"))?;
+    let test = TestSet::load(&model_dir.join("test.json"))?;
+    let mode = parse_mode(&args.mode)?;
+    let tmp = tempfile::tempdir()?;
+    let pki = DevPki::generate(args.devices.max(1))?;
+    let rt = runtime(args.threads)?;
+    let (lat, errors, wall) = rt.block_on(async {
+        let mut o = ServerOptions::new(
+            "127.0.0.1:0".parse()?,
+            server_config(pki.server_credentials())?,
+            vk,
+            tmp.path().join("keys.redb"),
+        );
+        o.models = vec![model_dir.clone()];
+        o.admission.max_connections = args.devices + 8;
+        let cloud = Cloud::start(o).await?;
+        let mut devices = Vec::new();
+        for i in 0..args.devices {
+            let name = format!("device-{}", i + 1);
+            let mut d = DeviceOptions::new(
+                cloud.local_addr(),
+                client_config(pki.client_credentials(&name)?)?,
+                model_dir.clone(),
+                vk,
+                tmp.path().join(format!("ledger-{i}.bin")),
+            );
+            d.output_mode = mode;
+            d.state_dir = None;
+            devices.push(Device::connect(d).await?);
+        }
+        // Warm-up: one inference each (uploads the keys).
+        for d in devices.iter_mut() {
+            d.infer(&test.x[0], Protection::Encrypted).await?;
+        }
+        let xs = Arc::new(test.x.clone());
+        let start = Instant::now();
+        let until = start + Duration::from_secs_f64(args.seconds);
+        let mut tasks = Vec::new();
+        for (i, mut d) in devices.into_iter().enumerate() {
+            let xs = xs.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut errors = 0usize;
+                let mut k = i;
+                while Instant::now() < until {
+                    let s = Instant::now();
+                    match d.infer(&xs[k % xs.len()], Protection::Encrypted).await {
+                        Ok(_) => lat.push(s.elapsed().as_secs_f64() * 1e3),
+                        Err(_) => errors += 1,
+                    }
+                    k += 1;
+                }
+                d.close().await;
+                (lat, errors)
+            }));
+        }
+        let mut lat = Vec::new();
+        let mut errors = 0;
+        for t in tasks {
+            let (l, e) = t.await?;
+            lat.extend(l);
+            errors += e;
+        }
+        let wall = start.elapsed().as_secs_f64();
+        cloud.shutdown().await;
+        Ok::<_, anyhow::Error>((lat, errors, wall))
+    })?;
+    let mut lat = lat;
+    let n = lat.len();
+    let out = LoadJson {
+        devices: args.devices,
+        seconds: wall,
+        model: args.model.clone(),
+        mode: args.mode.clone(),
+        inferences: n,
+        errors,
+        throughput_per_s: n as f64 / wall,
+        p50_ms: percentile(&mut lat, 50.0),
+        p99_ms: percentile(&mut lat, 99.0),
+        peak_rss_mb: peak_rss_kb().map_or(0.0, |k| k as f64 / 1024.0),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        println!(
+            "{} devices × {:.1} s ({} {}): {} inferences, {} errors, {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, peak RSS {:.0} MB (cloud + devices, one process)",
+            out.devices, out.seconds, out.model, out.mode, out.inferences, out.errors,
+            out.throughput_per_s, out.p50_ms, out.p99_ms, out.peak_rss_mb
+        );
+    }
+    Ok(())
+}
