@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tandem_he::{Context, LayerPlan, OutputMode, PlanOptions, PreparedLayer};
-use tandem_model::{Bundle, Part, VerifyingKey, INT8_MAX, MAX_ABS_BIAS};
+use tandem_model::{Bundle, Part, VerifyingKey, INT8_MAX};
 
 use crate::CloudError;
 
@@ -12,13 +12,15 @@ use crate::CloudError;
 /// so clamped DP-noised values fit too).
 pub const MAX_ABS_INPUT: u64 = 128;
 
-/// The plan of a cloud layer, derived from public information only (shape and the manifest's
-/// bounds |w| ≤ 127, |b| ≤ 2^31), so the device derives the same plan without the weights.
+/// The plan of a cloud layer, derived from public information only (shape and the signed
+/// manifest's bounds |w| ≤ 127, |b| ≤ `bias_bound`), so the device derives the same plan
+/// without the weights.
 pub fn cloud_plan(
     params: tandem_he::ParameterSet,
     mode: OutputMode,
     n_in: usize,
     n_out: usize,
+    bias_bound: i64,
 ) -> Result<LayerPlan, tandem_he::HeError> {
     PreparedLayer::plan_public(
         params,
@@ -27,7 +29,7 @@ pub fn cloud_plan(
         n_out,
         MAX_ABS_INPUT,
         INT8_MAX.unsigned_abs(),
-        MAX_ABS_BIAS.unsigned_abs(),
+        bias_bound.unsigned_abs(),
         PlanOptions::default(),
     )
 }
@@ -101,7 +103,7 @@ impl ModelRegistry {
         let cl = bundle.cloud_layer()?;
         let params = ctx.params();
         let prep = |mode| -> Result<PreparedLayer, CloudError> {
-            let plan = cloud_plan(params, mode, cl.n_in, cl.n_out)?;
+            let plan = cloud_plan(params, mode, cl.n_in, cl.n_out, cl.bias_bound)?;
             Ok(PreparedLayer::prepare_with_plan(
                 ctx.clone(),
                 plan,

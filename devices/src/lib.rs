@@ -30,7 +30,7 @@ use tandem_he::{
     Client, Context, EncryptedOutput, EvaluationKey, LayerPlan, OutputMode, PlanOptions,
     PreparedLayer, DEFAULT_PARAMETERS,
 };
-use tandem_model::{Bundle, Part, VerifyingKey, INT8_MAX, MAX_ABS_BIAS};
+use tandem_model::{Bundle, Part, VerifyingKey, INT8_MAX};
 use tandem_protocol::{
     BudgetCharge, DeviceConfig, DeviceEvent, DeviceSession, DpMetadata, EncryptedBlock, ErrorCode,
     NoisedBlock, RequestPayload, ResponsePayload, Scale,
@@ -43,9 +43,15 @@ use tokio_rustls::TlsConnector;
 /// Largest absolute value the encrypted cloud layer accepts (must match the cloud's).
 pub const MAX_ABS_INPUT: u64 = 128;
 
-/// The cloud layer's HE plan from public information only (shape, |w| ≤ 127, |b| ≤ 2^31):
-/// the same function the cloud uses, so both sides agree without the device holding weights.
-pub fn cloud_plan(mode: OutputMode, n_in: usize, n_out: usize) -> Result<LayerPlan, DeviceError> {
+/// The cloud layer's HE plan from public information only (shape, |w| ≤ 127 and the signed
+/// manifest's bias bound): the same function the cloud uses, so both sides agree without the
+/// device holding the weights.
+pub fn cloud_plan(
+    mode: OutputMode,
+    n_in: usize,
+    n_out: usize,
+    bias_bound: i64,
+) -> Result<LayerPlan, DeviceError> {
     Ok(PreparedLayer::plan_public(
         DEFAULT_PARAMETERS,
         mode,
@@ -53,7 +59,7 @@ pub fn cloud_plan(mode: OutputMode, n_in: usize, n_out: usize) -> Result<LayerPl
         n_out,
         MAX_ABS_INPUT,
         INT8_MAX.unsigned_abs(),
-        MAX_ABS_BIAS.unsigned_abs(),
+        bias_bound.unsigned_abs(),
         PlanOptions::default(),
     )?)
 }
@@ -339,7 +345,7 @@ impl Device {
         let quant = spec
             .quant
             .ok_or_else(|| DeviceError::Config("cloud layer is not quantised".into()))?;
-        let plan = cloud_plan(opts.output_mode, spec.n_in, spec.n_out)?;
+        let plan = cloud_plan(opts.output_mode, spec.n_in, spec.n_out, quant.bias_bound())?;
         let ctx = Arc::new(Context::new(DEFAULT_PARAMETERS));
         let (client, key_blob) = Self::he_keys(&opts, ctx, &plan)?;
         let key_id = match opts.output_mode {

@@ -444,6 +444,7 @@ fn main() -> Result<(), Error> {
                     input_scale,
                     weight_scale,
                     input_clip: 127,
+                    max_abs_bias: Some(b1q.iter().map(|b| b.abs()).max().unwrap_or(0)),
                 }),
             ),
             layer(2, Activation::Argmax, Placement::Device, None),

@@ -157,6 +157,8 @@ pub struct CloudLayer {
     pub bias: Vec<i64>,
     /// Bound of the (un-noised) quantised inputs: `|x_i| <= input_clip`.
     pub input_clip: i64,
+    /// The manifest's declared bias bound (what both sides plan the encrypted layer with).
+    pub bias_bound: i64,
 }
 
 /// A prediction: the class and the last layer's real-valued outputs.
@@ -516,10 +518,21 @@ impl Bundle {
                     w: read_f32(st, &spec.weight, &wshape)?,
                     b: read_f32(st, &spec.bias, &bshape)?,
                 }),
-                (Some(st), Some(_)) => Some(Params::Int {
-                    w: read_i8(st, &spec.weight, &wshape)?,
-                    b: read_i64(st, &spec.bias, &bshape)?,
-                }),
+                (Some(st), Some(q)) => {
+                    let b = read_i64(st, &spec.bias, &bshape)?;
+                    if b.iter()
+                        .any(|v| v.unsigned_abs() > q.bias_bound().unsigned_abs())
+                    {
+                        return Err(tensor_err(
+                            &spec.bias,
+                            "bias above the manifest's max_abs_bias",
+                        ));
+                    }
+                    Some(Params::Int {
+                        w: read_i8(st, &spec.weight, &wshape)?,
+                        b,
+                    })
+                }
             };
             layers.push(Layer {
                 spec: spec.clone(),
@@ -614,6 +627,7 @@ impl Bundle {
                 weights: w.clone(),
                 bias: b.clone(),
                 input_clip: q.input_clip,
+                bias_bound: q.bias_bound(),
             }),
             _ => Err(ModelError::InvalidInput(format!(
                 "layer {index} is not quantised"

@@ -143,6 +143,19 @@ pub struct QuantSpec {
     pub weight_scale: f32,
     /// Clipping bound of the quantised input, `1..=127`.
     pub input_clip: i64,
+    /// Declared bound on the integer bias, `|b_r| <= max_abs_bias` (checked against the tensor
+    /// when the bundle loads). Public and signed: the device and the cloud both plan the
+    /// encrypted layer from it, so it must be tight — the default, [`MAX_ABS_BIAS`], costs
+    /// encoding headroom (smaller input chunks, larger uploads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_abs_bias: Option<i64>,
+}
+
+impl QuantSpec {
+    /// The bias bound both parties plan with.
+    pub fn bias_bound(&self) -> i64 {
+        self.max_abs_bias.unwrap_or(MAX_ABS_BIAS)
+    }
 }
 
 /// One layer of the manifest.
@@ -355,6 +368,9 @@ impl Manifest {
                 let s = q.input_scale * q.weight_scale;
                 if !positive_finite(s) {
                     return Err(ctx("input_scale * weight_scale must be finite and > 0"));
+                }
+                if !(0..=MAX_ABS_BIAS).contains(&q.bias_bound()) {
+                    return Err(ctx("max_abs_bias must be in 0..=2^31"));
                 }
                 if !(1..=INT8_MAX).contains(&q.input_clip) {
                     return Err(ctx("input_clip must be in 1..=127"));
