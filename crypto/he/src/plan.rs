@@ -374,6 +374,37 @@ pub fn log2_fail(variance: f64, delta_log2: u32) -> f64 {
     1.0 - t * t / (2.0 * variance) * std::f64::consts::LOG2_E
 }
 
+/// Plans with the caller's chunk, or else with the mode's default chunk and then (packed mode)
+/// ever smaller ones: a smaller chunk means a smaller packing factor, hence less key-switching
+/// noise. Returns the first plan that meets the failure bound, or the last refusal.
+pub(crate) fn plan_first_fitting(
+    params: ParameterSet,
+    mode: OutputMode,
+    n_in: usize,
+    n_out: usize,
+    opts: PlanOptions,
+    mut plan_with: impl FnMut(usize) -> Result<LayerPlan, HeError>,
+) -> Result<LayerPlan, HeError> {
+    let first = opts
+        .chunk
+        .unwrap_or_else(|| default_chunk(params.poly_size, mode, n_in, n_out));
+    let candidates: Vec<usize> = match (opts.chunk, mode) {
+        (None, OutputMode::Packed) => (1..=first.trailing_zeros())
+            .rev()
+            .map(|l| 1usize << l)
+            .collect(),
+        _ => vec![first],
+    };
+    let mut planned = Err(HeError::Shape("no chunk candidate".into()));
+    for chunk in candidates {
+        planned = plan_with(chunk);
+        if planned.is_ok() {
+            break;
+        }
+    }
+    planned
+}
+
 /// Default chunk: packed mode uploads one dense ciphertext per input (chunk covers the input);
 /// no-key mode balances upload (∝ rows) against download (∝ chunk): the fewest total
 /// coefficients.

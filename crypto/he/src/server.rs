@@ -97,23 +97,9 @@ impl PreparedLayer {
                 "weights must satisfy |w| < 2^20".into(),
             ));
         }
-        // Candidate chunks: the caller's, or the mode's default and then smaller ones — a
-        // smaller chunk means a smaller packing factor, hence less key-switching noise.
-        let n_total = n;
-        let first = opts
-            .chunk
-            .unwrap_or_else(|| crate::plan::default_chunk(n_total, mode, n_in, n_out));
-        let candidates: Vec<usize> = match (opts.chunk, mode) {
-            (None, OutputMode::Packed) => (1..=first.trailing_zeros())
-                .rev()
-                .map(|l| 1usize << l)
-                .collect(),
-            _ => vec![first],
-        };
-        let mut planned = Err(HeError::Shape("no chunk candidate".into()));
-        for chunk in candidates {
+        let plan = crate::plan::plan_first_fitting(params, mode, n_in, n_out, opts, |chunk| {
             let stats = weight_stats(weights, n_in, n_out, bias, (n / chunk.max(1)).max(1));
-            planned = LayerPlan::new(
+            LayerPlan::new(
                 params,
                 mode,
                 n_in,
@@ -121,12 +107,8 @@ impl PreparedLayer {
                 max_abs_input,
                 stats,
                 PlanOptions { chunk: Some(chunk) },
-            );
-            if planned.is_ok() {
-                break;
-            }
-        }
-        let plan = planned?;
+            )
+        })?;
         Self::build(ctx, plan, weights, bias)
     }
 
@@ -146,21 +128,10 @@ impl PreparedLayer {
         opts: PlanOptions,
     ) -> Result<LayerPlan, HeError> {
         let n = params.poly_size;
-        let first = opts
-            .chunk
-            .unwrap_or_else(|| crate::plan::default_chunk(n, mode, n_in, n_out));
-        let candidates: Vec<usize> = match (opts.chunk, mode) {
-            (None, OutputMode::Packed) => (1..=first.trailing_zeros())
-                .rev()
-                .map(|l| 1usize << l)
-                .collect(),
-            _ => vec![first],
-        };
-        let mut planned = Err(HeError::Shape("no chunk candidate".into()));
-        for chunk in candidates {
+        crate::plan::plan_first_fitting(params, mode, n_in, n_out, opts, |chunk| {
             let rows = (n / chunk.max(1)).clamp(1, n_out.max(1));
             let stats = WeightStats::worst_case(n_in, rows, max_abs_weight, max_abs_bias);
-            planned = LayerPlan::new(
+            LayerPlan::new(
                 params,
                 mode,
                 n_in,
@@ -168,12 +139,8 @@ impl PreparedLayer {
                 max_abs_input,
                 stats,
                 PlanOptions { chunk: Some(chunk) },
-            );
-            if planned.is_ok() {
-                break;
-            }
-        }
-        planned
+            )
+        })
     }
 
     /// Prepares weights under a plan fixed in advance (e.g. by [`PreparedLayer::plan_public`]).

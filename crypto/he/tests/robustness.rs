@@ -193,3 +193,35 @@ fn decoding_a_valid_input_with_a_mismatched_plan_is_refused() {
     assert!(EncryptedInput::from_bytes(&bytes, bytes.len(), b.plan()).is_err());
     assert!(b.eval(&ct, None, EvalOptions::default()).is_err());
 }
+
+#[test]
+fn invalid_forced_chunks_are_refused_not_panicking() {
+    let f = fixture();
+    let w = values(16 * 4, 5, -128, 127);
+    for chunk in [0usize, 3, 8192] {
+        for mode in [OutputMode::NoKey, OutputMode::Packed] {
+            let r = PreparedLayer::prepare(
+                f.ctx.clone(),
+                mode,
+                16,
+                4,
+                &w,
+                &[0; 4],
+                128,
+                PlanOptions { chunk: Some(chunk) },
+            );
+            assert!(matches!(r, Err(HeError::Shape(_))), "chunk {chunk}");
+            let p = PreparedLayer::plan_public(
+                DEFAULT_PARAMETERS,
+                mode,
+                16,
+                4,
+                128,
+                127,
+                100,
+                PlanOptions { chunk: Some(chunk) },
+            );
+            assert!(matches!(p, Err(HeError::Shape(_))), "chunk {chunk}");
+        }
+    }
+}
