@@ -17,6 +17,7 @@ mod coverage;
 mod gen;
 mod hexutil;
 mod json;
+mod remote;
 mod run;
 mod transcript;
 
@@ -53,6 +54,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Some("remote") => remote_main(&args[1..]),
         Some("gen-vectors") => match gen::generate(&arg(1, "specs/vectors")) {
             Ok(n) => {
                 println!("wrote {n} vectors (seed {:#x})", gen::SEED);
@@ -67,5 +69,46 @@ fn main() -> ExitCode {
             eprintln!("usage: tandem-conformance vectors DIR | coverage [ROOT] | gen-vectors DIR");
             ExitCode::from(2)
         }
+    }
+}
+
+/// `remote --server ADDR --pki DIR --device NAME --model ID --digest HEX [--server-name NAME]`
+fn remote_main(args: &[String]) -> ExitCode {
+    let get = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let (Some(server), Some(pki), Some(model_id), Some(digest)) = (
+        get("--server"),
+        get("--pki"),
+        get("--model"),
+        get("--digest"),
+    ) else {
+        eprintln!("usage: tandem-conformance remote --server ADDR --pki DIR --device NAME --model ID --digest HEX [--server-name NAME]");
+        return ExitCode::FAILURE;
+    };
+    let (Ok(server), Some(model_digest)) = (server.parse(), remote::parse_digest(&digest)) else {
+        eprintln!("remote: bad --server address or --digest (64 hex digits)");
+        return ExitCode::FAILURE;
+    };
+    let target = remote::Target {
+        server,
+        server_name: get("--server-name").unwrap_or_else(|| "localhost".into()),
+        pki: PathBuf::from(pki),
+        device: get("--device").unwrap_or_else(|| "device-1".into()),
+        model_id,
+        model_digest,
+    };
+    let t = remote::run(&target);
+    println!(
+        "{} passed, {} failed, {} skipped",
+        t.passed, t.failed, t.skipped
+    );
+    if t.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
