@@ -3,18 +3,13 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use tandem_he::{Context, LayerPlan, OutputMode, PlanOptions, PreparedLayer};
-use tandem_model::{Bundle, Part, VerifyingKey, INT8_MAX};
+use tandem_he::{Context, LayerPlan, OutputMode, PreparedLayer};
+use tandem_model::{Bundle, Part, VerifyingKey};
 
 use crate::CloudError;
 
-/// Largest absolute input value the encrypted cloud layers accept (int8 plus one unit of slack,
-/// so clamped DP-noised values fit too).
-pub const MAX_ABS_INPUT: u64 = 128;
-
 /// The plan of a cloud layer, derived from public information only (shape and the signed
-/// manifest's bounds |w| ≤ 127, |b| ≤ `bias_bound`), so the device derives the same plan
-/// without the weights.
+/// manifest's bounds), exactly as the device derives it.
 pub fn cloud_plan(
     params: tandem_he::ParameterSet,
     mode: OutputMode,
@@ -22,16 +17,7 @@ pub fn cloud_plan(
     n_out: usize,
     bias_bound: i64,
 ) -> Result<LayerPlan, tandem_he::HeError> {
-    PreparedLayer::plan_public(
-        params,
-        mode,
-        n_in,
-        n_out,
-        MAX_ABS_INPUT,
-        INT8_MAX.unsigned_abs(),
-        bias_bound.unsigned_abs(),
-        PlanOptions::default(),
-    )
+    PreparedLayer::plan_int8(params, mode, n_in, n_out, bias_bound.unsigned_abs())
 }
 
 /// One served model: its cloud part and its prepared layers.

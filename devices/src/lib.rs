@@ -27,10 +27,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tandem_dp::{Accountant, Clip, Mechanism, Policy, Quantizer, SecureBits};
 use tandem_he::{
-    Client, Context, EncryptedOutput, EvaluationKey, LayerPlan, OutputMode, PlanOptions,
-    PreparedLayer, DEFAULT_PARAMETERS,
+    Client, Context, EncryptedOutput, EvaluationKey, LayerPlan, OutputMode, PreparedLayer,
+    DEFAULT_PARAMETERS,
 };
-use tandem_model::{Bundle, Part, VerifyingKey, INT8_MAX};
+use tandem_model::{Bundle, Part, VerifyingKey};
 use tandem_protocol::{
     BudgetCharge, DeviceConfig, DeviceEvent, DeviceSession, DpMetadata, EncryptedBlock, ErrorCode,
     NoisedBlock, RequestPayload, ResponsePayload, Scale,
@@ -40,27 +40,24 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-/// Largest absolute value the encrypted cloud layer accepts (must match the cloud's).
-pub const MAX_ABS_INPUT: u64 = 128;
+/// Largest absolute value the encrypted cloud layer accepts (the cloud plans with the same).
+pub const MAX_ABS_INPUT: u64 = tandem_he::INT8_LAYER_MAX_INPUT;
 
-/// The cloud layer's HE plan from public information only (shape, |w| ≤ 127 and the signed
-/// manifest's bias bound): the same function the cloud uses, so both sides agree without the
-/// device holding the weights.
+/// The cloud layer's HE plan from public information only (shape and the signed manifest's
+/// bias bound): the same function the cloud uses, so both sides agree without the device
+/// holding the weights.
 pub fn cloud_plan(
     mode: OutputMode,
     n_in: usize,
     n_out: usize,
     bias_bound: i64,
 ) -> Result<LayerPlan, DeviceError> {
-    Ok(PreparedLayer::plan_public(
+    Ok(PreparedLayer::plan_int8(
         DEFAULT_PARAMETERS,
         mode,
         n_in,
         n_out,
-        MAX_ABS_INPUT,
-        INT8_MAX.unsigned_abs(),
         bias_bound.unsigned_abs(),
-        PlanOptions::default(),
     )?)
 }
 

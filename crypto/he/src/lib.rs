@@ -44,5 +44,5 @@ pub use params::{
     ParameterSet, ALL_PARAMETER_SETS, DEFAULT_PARAMETERS, PARAMS_V1_N4096_Q64_TUNIFORM4_SEC132_2M64,
 };
 pub use plan::{log2_fail, LayerPlan, OutputMode, PlanOptions, WeightStats};
-pub use server::{weight_stats, EvalOptions, PreparedLayer};
+pub use server::{weight_stats, EvalOptions, PreparedLayer, INT8_LAYER_MAX_INPUT};
 pub use wire::{EncryptedInput, EncryptedOutput, OutputCiphertext};

@@ -9,6 +9,10 @@ use crate::poly;
 use crate::wire::{EncryptedInput, EncryptedOutput, OutputCiphertext};
 use std::sync::Arc;
 
+/// Largest |x| an int8 layer plan accepts: int8 plus one unit, so clamped DP-noised values
+/// (which may reach −128) fit too.
+pub const INT8_LAYER_MAX_INPUT: u64 = 128;
+
 /// A GLWE ciphertext in the NTT domain.
 #[derive(Clone)]
 struct NttCiphertext {
@@ -141,6 +145,28 @@ impl PreparedLayer {
                 PlanOptions { chunk: Some(chunk) },
             )
         })
+    }
+
+    /// The plan both parties derive for an int8 layer (|x| ≤ [`INT8_LAYER_MAX_INPUT`],
+    /// |w| ≤ 127) from its shape and the public bias bound — what device and cloud runtimes
+    /// use so that neither needs the other's data to agree on the layout.
+    pub fn plan_int8(
+        params: crate::ParameterSet,
+        mode: OutputMode,
+        n_in: usize,
+        n_out: usize,
+        max_abs_bias: u64,
+    ) -> Result<LayerPlan, HeError> {
+        Self::plan_public(
+            params,
+            mode,
+            n_in,
+            n_out,
+            INT8_LAYER_MAX_INPUT,
+            127,
+            max_abs_bias,
+            PlanOptions::default(),
+        )
     }
 
     /// Prepares weights under a plan fixed in advance (e.g. by [`PreparedLayer::plan_public`]).
