@@ -350,37 +350,7 @@ impl DeviceSession {
 
     /// Feeds bytes received from the TLS stream.
     pub fn handle_input(&mut self, bytes: &[u8], now_ms: u64) -> Result<(), Error> {
-        // TDM-SES-3: nothing is processed after close.
-        if self.core.state == SessionState::Closed {
-            return Err(self.core.closed_error());
-        }
-        if !bytes.is_empty() {
-            self.core.last_activity_ms = self.core.last_activity_ms.max(now_ms);
-        }
-        let mut input = bytes;
-        loop {
-            let max = self.max_frame_len();
-            let frame = match self.core.deframer.push(&mut input, max) {
-                Ok(Some(f)) => f,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(self.fatal(e)),
-            };
-            let limits = self.limits();
-            let msg = match Message::decode_body(frame.0, &frame.1, &limits) {
-                Ok(m) => m,
-                Err(e) => return Err(self.fatal(e)),
-            };
-            if let Err(e) = self.handle_message(msg) {
-                return Err(self.fatal(e));
-            }
-            if self.core.state == SessionState::Closed {
-                // TDM-CLOSE-2: bytes after a Close are ignored.
-                return match &self.core.error {
-                    Some(e) => Err(e.clone()),
-                    None => Ok(()),
-                };
-            }
-        }
+        drive_input(self, bytes, now_ms)
     }
 
     /// Queues a `KeyRegister` for `key_blob` (TDM-KEY-*). For `Packed` the
@@ -796,44 +766,7 @@ impl CloudSession {
 
     /// Feeds bytes received from the TLS stream.
     pub fn handle_input(&mut self, bytes: &[u8], now_ms: u64) -> Result<(), Error> {
-        // TDM-SES-3: nothing is processed after close.
-        if self.core.state == SessionState::Closed {
-            return Err(self.core.closed_error());
-        }
-        if !bytes.is_empty() {
-            self.core.last_activity_ms = self.core.last_activity_ms.max(now_ms);
-        }
-        let mut input = bytes;
-        loop {
-            let max = match &self.negotiated {
-                Some(n) => n.limits.max_frame_len,
-                // TDM-LIM-3: before the handshake, frames are at most 1024 bytes.
-                None => HANDSHAKE_MAX_FRAME_LEN,
-            };
-            let frame = match self.core.deframer.push(&mut input, max) {
-                Ok(Some(f)) => f,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(self.fatal(e)),
-            };
-            let limits = self
-                .negotiated
-                .as_ref()
-                .map_or(self.config.limits, |n| n.limits);
-            let msg = match Message::decode_body(frame.0, &frame.1, &limits) {
-                Ok(m) => m,
-                Err(e) => return Err(self.fatal(e)),
-            };
-            if let Err(e) = self.handle_message(msg) {
-                return Err(self.fatal(e));
-            }
-            if self.core.state == SessionState::Closed {
-                // TDM-CLOSE-2: bytes after a Close are ignored.
-                return match &self.core.error {
-                    Some(e) => Err(e.clone()),
-                    None => Ok(()),
-                };
-            }
-        }
+        drive_input(self, bytes, now_ms)
     }
 
     /// Answers an accepted request (TDM-REQ-3). Fails without closing if
@@ -1067,5 +1000,95 @@ impl CloudSession {
             request: r,
         });
         Ok(())
+    }
+}
+
+/// What [`drive_input`] needs from either side of the protocol.
+trait Endpoint {
+    fn core(&mut self) -> &mut Core;
+    /// Largest frame accepted now (TDM-LIM-3: 1024 bytes before the handshake).
+    fn frame_limit(&self) -> u32;
+    /// Limits that bound message bodies now.
+    fn body_limits(&self) -> Limits;
+    fn on_message(&mut self, msg: Message) -> Result<(), Error>;
+    /// Records a fatal error (sticky) and queues the `Closed` event.
+    fn on_fatal(&mut self, e: Error) -> Error;
+}
+
+/// Deframes, decodes and dispatches input bytes; shared by both session types.
+fn drive_input<E: Endpoint>(ep: &mut E, bytes: &[u8], now_ms: u64) -> Result<(), Error> {
+    // TDM-SES-3: nothing is processed after close.
+    if ep.core().state == SessionState::Closed {
+        return Err(ep.core().closed_error());
+    }
+    if !bytes.is_empty() {
+        let core = ep.core();
+        core.last_activity_ms = core.last_activity_ms.max(now_ms);
+    }
+    let mut input = bytes;
+    loop {
+        let max = ep.frame_limit();
+        let frame = match ep.core().deframer.push(&mut input, max) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(ep.on_fatal(e)),
+        };
+        let limits = ep.body_limits();
+        let msg = match Message::decode_body(frame.0, &frame.1, &limits) {
+            Ok(m) => m,
+            Err(e) => return Err(ep.on_fatal(e)),
+        };
+        if let Err(e) = ep.on_message(msg) {
+            return Err(ep.on_fatal(e));
+        }
+        if ep.core().state == SessionState::Closed {
+            // TDM-CLOSE-2: bytes after a Close are ignored.
+            return match &ep.core().error {
+                Some(e) => Err(e.clone()),
+                None => Ok(()),
+            };
+        }
+    }
+}
+
+impl Endpoint for DeviceSession {
+    fn core(&mut self) -> &mut Core {
+        &mut self.core
+    }
+    fn frame_limit(&self) -> u32 {
+        self.max_frame_len()
+    }
+    fn body_limits(&self) -> Limits {
+        self.limits()
+    }
+    fn on_message(&mut self, msg: Message) -> Result<(), Error> {
+        self.handle_message(msg)
+    }
+    fn on_fatal(&mut self, e: Error) -> Error {
+        self.fatal(e)
+    }
+}
+
+impl Endpoint for CloudSession {
+    fn core(&mut self) -> &mut Core {
+        &mut self.core
+    }
+    fn frame_limit(&self) -> u32 {
+        match &self.negotiated {
+            Some(n) => n.limits.max_frame_len,
+            // TDM-LIM-3: before the handshake, frames are at most 1024 bytes.
+            None => HANDSHAKE_MAX_FRAME_LEN,
+        }
+    }
+    fn body_limits(&self) -> Limits {
+        self.negotiated
+            .as_ref()
+            .map_or(self.config.limits, |n| n.limits)
+    }
+    fn on_message(&mut self, msg: Message) -> Result<(), Error> {
+        self.handle_message(msg)
+    }
+    fn on_fatal(&mut self, e: Error) -> Error {
+        self.fatal(e)
     }
 }
