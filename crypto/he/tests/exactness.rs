@@ -118,3 +118,37 @@ proptest! {
         check(mode, n_in, n_out, w, b, xs);
     }
 }
+
+/// int16 activations: the plan widens Δ and, in packed mode, picks a smaller chunk so the
+/// failure bound still holds; results stay exact.
+#[test]
+fn int16_inputs_decrypt_exactly() {
+    let f = fixture();
+    let (n_in, n_out) = (256, 64);
+    let w = values(n_in * n_out, 21, -128, 127);
+    let b = values(n_out, 22, -1000, 1000);
+    let xs = vec![values(n_in, 23, -32768, 32767), vec![-32768; n_in]];
+    for mode in [OutputMode::NoKey, OutputMode::Packed] {
+        let layer = PreparedLayer::prepare(
+            f.ctx.clone(),
+            mode,
+            n_in,
+            n_out,
+            &w,
+            &b,
+            32768,
+            PlanOptions::default(),
+        )
+        .unwrap();
+        assert!(layer.plan().log2_p_fail <= -64.0);
+        let got = run(&layer, &xs);
+        for (x, y) in xs.iter().zip(&got) {
+            assert_eq!(
+                y,
+                &reference(&w, &b, x, n_in, n_out),
+                "{mode:?} plan {:?}",
+                layer.plan()
+            );
+        }
+    }
+}
