@@ -91,11 +91,15 @@ impl Layer {
     /// the activation) and, for a quantised layer, the exact integer output `W_q·q + b_q`.
     fn eval(&self, x: &[f32]) -> Result<(Vec<f32>, Option<Vec<i64>>)> {
         match (self.params()?, &self.spec.quant) {
-            (Params::Float { w, b }, _) => Ok((dense_f32(w, b, x), None)),
+            (Params::Float { w, b }, _) => {
+                let y = dense_f32(w, b, x);
+                check_finite(&y, || format!("layer {}", self.spec.name))?;
+                Ok((y, None))
+            }
             (Params::Int { .. }, Some(qs)) => {
-                let q = quantize(x, qs.input_scale, qs.input_clip)?;
+                let q = quantize(x, qs.input_scale, qs.input_clip, &self.spec.name)?;
                 let z = self.eval_int(&q)?;
-                Ok((self.dequantize(&z), Some(z)))
+                Ok((self.dequantize(&z)?, Some(z)))
             }
             (Params::Int { .. }, None) => Err(ModelError::InvalidManifest(format!(
                 "layer {:?} has int8 weights but no quant section",
@@ -130,13 +134,18 @@ impl Layer {
         Ok(out)
     }
 
-    /// Real value of an integer output: `z · input_scale · weight_scale` (computed in f64).
-    /// Needs only the manifest, not the weights.
-    fn dequantize(&self, z: &[i64]) -> Vec<f32> {
+    /// Real value of an integer output: `z · input_scale · weight_scale` (computed in f64,
+    /// then rounded to f32). Needs only the manifest, not the weights.
+    ///
+    /// # Errors
+    /// [`ModelError::NonFinite`] if a value does not fit a finite f32.
+    fn dequantize(&self, z: &[i64]) -> Result<Vec<f32>> {
         let s = self.spec.quant.as_ref().map_or(1.0, |q| {
             f64::from(q.input_scale) * f64::from(q.weight_scale)
         });
-        z.iter().map(|&v| (v as f64 * s) as f32).collect()
+        let y: Vec<f32> = z.iter().map(|&v| (v as f64 * s) as f32).collect();
+        check_finite(&y, || format!("dequantisation of {}", self.spec.name))?;
+        Ok(y)
     }
 }
 
@@ -345,18 +354,27 @@ fn read_i64(st: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<i64
     Ok(v)
 }
 
+/// Fails with [`ModelError::NonFinite`] naming `stage` and the first index where `v` holds
+/// NaN or ±∞.
+pub(crate) fn check_finite(v: &[f32], stage: impl FnOnce() -> String) -> Result<()> {
+    match v.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(index) => Err(ModelError::NonFinite {
+            stage: stage(),
+            index,
+        }),
+    }
+}
+
 /// Round-to-nearest (ties away from zero), clip to `-clip..=clip`; rejects non-finite input.
-fn quantize(x: &[f32], scale: f32, clip: i64) -> Result<Vec<i64>> {
+/// (A finite `v` whose quotient `v / scale` overflows is clipped, which is exact.)
+fn quantize(x: &[f32], scale: f32, clip: i64, layer: &str) -> Result<Vec<i64>> {
+    check_finite(x, || format!("quantisation of the input of {layer}"))?;
     let c = clip as f32;
-    x.iter()
-        .map(|&v| {
-            if !v.is_finite() {
-                return Err(ModelError::InvalidInput("non-finite activation".into()));
-            }
-            // `as` saturates; the clamp keeps the value in the int8 range anyway.
-            Ok((v / scale).round().clamp(-c, c) as i64)
-        })
-        .collect()
+    // `as` saturates; the clamp keeps the value in the int8 range anyway.
+    Ok(x.iter()
+        .map(|&v| (v / scale).round().clamp(-c, c) as i64)
+        .collect())
 }
 
 fn dense_f32(w: &[f32], b: &[f32], x: &[f32]) -> Vec<f32> {
@@ -367,16 +385,18 @@ fn dense_f32(w: &[f32], b: &[f32], x: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-fn activate(a: Activation, mut y: Vec<f32>) -> Vec<f32> {
+/// Applies a layer's activation. A NaN is refused, never mapped to a number (ReLU would
+/// otherwise turn it into a plausible 0).
+fn activate(a: Activation, mut y: Vec<f32>, layer: &str) -> Result<Vec<f32>> {
+    check_finite(&y, || format!("activation of {layer}"))?;
     if a == Activation::Relu {
         for v in &mut y {
-            // NaN maps to 0 as well.
-            if v.is_nan() || *v <= 0.0 {
+            if *v <= 0.0 {
                 *v = 0.0;
             }
         }
     }
-    y
+    Ok(y)
 }
 
 fn argmax_f32(v: &[f32]) -> usize {
@@ -461,8 +481,18 @@ impl Bundle {
         let manifest_bytes = read_limited(&manifest_path, limits.max_manifest_bytes)?;
         let sig = read_signature(&sig_path)?;
         key.verify_strict(&signed_message(&manifest_bytes), &sig)
-            .map_err(|_| ModelError::BadSignature)?;
-        let manifest = parse_manifest(&manifest_bytes, limits)?;
+            .map_err(|_| ModelError::BadSignature {
+                path: manifest_path.clone(),
+            })?;
+        let manifest = parse_manifest(&manifest_bytes, limits).map_err(|e| match e {
+            ModelError::ManifestParse(m) => {
+                ModelError::ManifestParse(format!("{}: {m}", manifest_path.display()))
+            }
+            ModelError::InvalidManifest(m) => {
+                ModelError::InvalidManifest(format!("{}: {m}", manifest_path.display()))
+            }
+            e => e,
+        })?;
         let dir = manifest_path.parent().unwrap_or(Path::new("."));
         let mut files = [None, None];
         for (slot, p) in files.iter_mut().zip([Placement::Device, Placement::Cloud]) {
@@ -479,6 +509,13 @@ impl Bundle {
             cloud.as_deref(),
             part,
         )
+        .map_err(|e| match e {
+            ModelError::Safetensors(m) => ModelError::Safetensors(format!(
+                "bundle {}: {m} (restore the bundle from its source)",
+                dir.display()
+            )),
+            e => e,
+        })
     }
 
     /// Builds a bundle from a validated manifest and the weights files of `part`, whose
@@ -648,26 +685,27 @@ impl Bundle {
                 x.len()
             )));
         }
-        if x.iter().any(|v| !v.is_finite()) {
-            return Err(ModelError::InvalidInput("non-finite feature".into()));
-        }
-        Ok(match &self.preprocess {
+        check_finite(x, || "input".into())?;
+        let y: Vec<f32> = match &self.preprocess {
             None => x.to_vec(),
             Some((mean, std)) => x
                 .iter()
                 .zip(mean.iter().zip(std))
                 .map(|(&v, (&m, &s))| (v - m) / s)
                 .collect(),
-        })
+        };
+        // A finite input can still overflow here (e.g. f32::MAX minus a negative mean).
+        check_finite(&y, || "standardisation".into())?;
+        Ok(y)
     }
 
     /// Runs the device layers before the cloud layer on a raw input and returns the real-valued
     /// activation entering the cloud layer (after the previous layer's activation).
     pub fn device_prefix(&self, x: &[f32]) -> Result<Vec<f32>> {
         let mut a = self.preprocess(x)?;
-        for l in &self.layers[..self.cloud] {
+        for l in self.layers.get(..self.cloud).unwrap_or_default() {
             let (y, _) = l.eval(&a)?;
-            a = activate(l.spec.activation, y);
+            a = activate(l.spec.activation, y, &l.spec.name)?;
         }
         Ok(a)
     }
@@ -678,7 +716,7 @@ impl Bundle {
         let l = &self.layers[self.cloud];
         match &l.spec.quant {
             Some(q) if activation.len() == l.spec.n_in => {
-                quantize(activation, q.input_scale, q.input_clip)
+                quantize(activation, q.input_scale, q.input_clip, &l.spec.name)
             }
             _ => Err(ModelError::InvalidInput(format!(
                 "cloud layer takes {} values, got {}",
@@ -715,7 +753,7 @@ impl Bundle {
                 cloud_output.len()
             )));
         }
-        let y = l.dequantize(cloud_output);
+        let y = l.dequantize(cloud_output)?;
         self.finish_from(self.cloud, y, Some(cloud_output.to_vec()))
     }
 
@@ -728,15 +766,17 @@ impl Bundle {
                 Some(z) => argmax_i64(z),
                 None => argmax_f32(&y),
             };
+            check_finite(&y, || "output".into())?;
             return Ok(Prediction { class, logits: y });
         }
-        let mut a = activate(self.layers[i].spec.activation, y);
+        let spec = &self.layers[i].spec;
+        let mut a = activate(spec.activation, y, &spec.name)?;
         for (j, l) in self.layers.iter().enumerate().skip(i + 1) {
             let (y, z) = l.eval(&a)?;
             if j == last {
                 return self.finish_from(j, y, z);
             }
-            a = activate(l.spec.activation, y);
+            a = activate(l.spec.activation, y, &l.spec.name)?;
         }
         Err(ModelError::InvalidInput("empty model".into()))
     }
@@ -788,6 +828,7 @@ pub(crate) fn read_weights(path: &Path, wref: &WeightsRef, limits: &Limits) -> R
     }
     if size != wref.bytes {
         return Err(ModelError::SizeMismatch {
+            path: path.to_path_buf(),
             expected: wref.bytes,
             actual: size,
         });
@@ -796,9 +837,107 @@ pub(crate) fn read_weights(path: &Path, wref: &WeightsRef, limits: &Limits) -> R
     let actual = to_hex(&sha256(&data));
     if actual != wref.sha256 {
         return Err(ModelError::DigestMismatch {
+            path: path.to_path_buf(),
             expected: wref.sha256.clone(),
             actual,
         });
     }
     Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+    use crate::manifest::{LayerKind, QuantSpec};
+
+    fn spec(name: &str, n_in: usize, n_out: usize, quant: Option<QuantSpec>) -> LayerSpec {
+        LayerSpec {
+            name: name.into(),
+            kind: LayerKind::Dense,
+            n_in,
+            n_out,
+            activation: Activation::Relu,
+            placement: Placement::Device,
+            weight: "w".into(),
+            bias: "b".into(),
+            quant,
+        }
+    }
+
+    fn stage_of(r: Result<impl std::fmt::Debug>) -> String {
+        match r {
+            Err(ModelError::NonFinite { stage, .. }) => stage,
+            other => panic!("expected NonFinite, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn float_layer_overflow_is_refused() {
+        let l = Layer {
+            spec: spec("fc", 2, 1, None),
+            params: Some(Params::Float {
+                w: vec![f32::MAX, f32::MAX],
+                b: vec![0.0],
+            }),
+        };
+        assert_eq!(stage_of(l.eval(&[2.0, 2.0])), "layer fc");
+        // inf - inf = NaN is refused as well, not mapped to a number.
+        let l = Layer {
+            spec: spec("fc", 2, 1, None),
+            params: Some(Params::Float {
+                w: vec![f32::MAX, -f32::MAX],
+                b: vec![0.0],
+            }),
+        };
+        assert_eq!(stage_of(l.eval(&[4.0, 4.0])), "layer fc");
+        assert!(l.eval(&[1.0, 1.0]).is_ok());
+    }
+
+    #[test]
+    fn relu_refuses_nan_instead_of_zeroing_it() {
+        assert_eq!(
+            stage_of(activate(Activation::Relu, vec![1.0, f32::NAN], "fc")),
+            "activation of fc"
+        );
+        assert_eq!(
+            stage_of(activate(Activation::None, vec![f32::INFINITY], "fc")),
+            "activation of fc"
+        );
+        assert_eq!(
+            activate(Activation::Relu, vec![-1.0, 2.0], "fc").unwrap(),
+            vec![0.0, 2.0]
+        );
+    }
+
+    #[test]
+    fn dequantisation_overflow_is_refused() {
+        let q = QuantSpec {
+            input_scale: 1e19,
+            weight_scale: 1e19,
+            input_clip: 127,
+            max_abs_bias: None,
+        };
+        let l = Layer {
+            spec: spec("fc1", 1, 2, Some(q)),
+            params: None,
+        };
+        assert_eq!(l.dequantize(&[0, 1]).unwrap()[1], 1e38);
+        assert_eq!(
+            stage_of(l.dequantize(&[0, 100_000])),
+            "dequantisation of fc1"
+        );
+    }
+
+    #[test]
+    fn quantisation_refuses_non_finite_and_clips_huge_finite() {
+        assert_eq!(
+            stage_of(quantize(&[0.0, f32::NAN], 0.1, 127, "fc1")),
+            "quantisation of the input of fc1"
+        );
+        assert_eq!(
+            quantize(&[f32::MAX, -f32::MAX], 1e-3, 127, "fc1").unwrap(),
+            vec![127, -127]
+        );
+    }
 }

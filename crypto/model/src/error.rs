@@ -43,20 +43,40 @@ pub enum ModelError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The manifest signature does not verify under the given key.
-    #[error("manifest signature does not verify under the given key")]
-    BadSignature,
+    /// The manifest signature does not verify under the given key (the manifest was altered,
+    /// damaged, or signed with another key).
+    #[error(
+        "{}: signature does not verify under the given key: restore the bundle from its \
+         source, or check that the verifying key is the signer's",
+        path.display()
+    )]
+    BadSignature {
+        /// The manifest whose signature failed.
+        path: PathBuf,
+    },
     /// The weights file does not have the SHA-256 digest the signed manifest names.
-    #[error("weights digest mismatch: manifest says {expected}, file has {actual}")]
+    #[error(
+        "{}: weights digest mismatch (manifest says {expected}, file has {actual}): the file \
+         is damaged or foreign; restore the bundle from its source",
+        path.display()
+    )]
     DigestMismatch {
+        /// The weights file.
+        path: PathBuf,
         /// Hex digest from the manifest.
         expected: String,
         /// Hex digest of the file.
         actual: String,
     },
     /// The weights file does not have the size the signed manifest names.
-    #[error("weights size mismatch: manifest says {expected} bytes, file has {actual}")]
+    #[error(
+        "{}: weights size mismatch (manifest says {expected} bytes, file has {actual}): the \
+         file is truncated or foreign; restore the bundle from its source",
+        path.display()
+    )]
     SizeMismatch {
+        /// The weights file.
+        path: PathBuf,
         /// Size from the manifest.
         expected: u64,
         /// Size of the file.
@@ -82,6 +102,20 @@ pub enum ModelError {
     /// An inference input has the wrong length or non-finite values.
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// A float stage of the pipeline produced (or was given) a value that is not finite
+    /// (NaN or ±∞), typically because the input is out of the model's range. Nothing derived
+    /// from it is charged or sent.
+    #[error(
+        "non-finite value at {stage} (element {index}): the input is outside the range the \
+         model can evaluate"
+    )]
+    NonFinite {
+        /// The stage: `input`, `standardisation`, `layer <name>`, `activation of <name>`,
+        /// `dequantisation of <name>`.
+        stage: String,
+        /// Index of the first non-finite element.
+        index: usize,
+    },
     /// Integer evaluation overflowed `i64` (only possible with out-of-range inputs).
     #[error("integer overflow in layer {0:?}")]
     Overflow(String),

@@ -38,8 +38,8 @@ pub use manifest::{
     TrainingInfo, Weights, WeightsRef, FORMAT, INT8_MAX, MAX_ABS_BIAS,
 };
 pub use sign::{
-    format_signing_key, format_verifying_key, read_signing_key, read_verifying_key,
-    serialize_tensors, sign_bundle, sign_manifest, verify_bundle, write_bundle, LayerSummary,
-    NamedTensor, Summary, TensorData,
+    dev_signing_key, format_signing_key, format_verifying_key, is_dev_key, read_signing_key,
+    read_verifying_key, serialize_tensors, sign_bundle, sign_manifest, verify_bundle, write_bundle,
+    LayerSummary, NamedTensor, Summary, TensorData, DEV_KEY_LABEL,
 };
 pub use testset::TestSet;

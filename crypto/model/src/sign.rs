@@ -51,6 +51,22 @@ pub fn read_verifying_key(path: &Path) -> Result<VerifyingKey> {
         .map_err(|_| key_err(path, "not a valid Ed25519 public key"))
 }
 
+/// What the committed development key is derived from: its Ed25519 seed is
+/// `SHA-256(DEV_KEY_LABEL)` (see `models/dev-signing-key.txt`).
+pub const DEV_KEY_LABEL: &[u8] = b"tandem dev-only model signing key v1";
+
+/// The public development signing key (committed in `models/`, anyone can sign with it).
+/// Never use it outside development.
+pub fn dev_signing_key() -> SigningKey {
+    SigningKey::from_bytes(&sha256(DEV_KEY_LABEL))
+}
+
+/// Whether `key` is the public development verifying key: a bundle that verifies under it
+/// proves nothing, since the signing key is public. Callers print a warning when it is used.
+pub fn is_dev_key(key: &VerifyingKey) -> bool {
+    dev_signing_key().verifying_key() == *key
+}
+
 /// Text of a signing key file (`comment` lines are prefixed with `# `).
 pub fn format_signing_key(key: &SigningKey, comment: &str) -> String {
     format_key(&key.to_bytes(), comment)

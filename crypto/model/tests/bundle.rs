@@ -54,7 +54,7 @@ fn flipped_manifest_byte_is_a_bad_signature() {
         let d = copy_bundle("digits");
         flip(&d.join("manifest.toml"), at);
         assert!(
-            matches!(load(&d), Err(ModelError::BadSignature)),
+            matches!(load(&d), Err(ModelError::BadSignature { .. })),
             "byte {at}"
         );
     }
@@ -85,7 +85,7 @@ fn wrong_key_is_refused() {
         &other.verifying_key(),
         &Limits::default(),
     );
-    assert!(matches!(r, Err(ModelError::BadSignature)));
+    assert!(matches!(r, Err(ModelError::BadSignature { .. })));
 }
 
 #[test]
@@ -476,7 +476,7 @@ fn sign_and_verify_roundtrip_with_a_new_key() {
     let committed = load(&models().join("breast_cancer")).unwrap();
     assert_eq!(s.digest, hex(&committed.digest()));
     // The dev key no longer verifies it.
-    assert!(matches!(load(&d), Err(ModelError::BadSignature)));
+    assert!(matches!(load(&d), Err(ModelError::BadSignature { .. })));
     // Re-signing after replacing the weights re-binds the digest.
     let w = std::fs::read(d.join("cloud.safetensors")).unwrap();
     let mut w2 = w.clone();
@@ -536,4 +536,54 @@ fn key_files_are_checked() {
     ));
     // The dev verifying key matches the dev signing key.
     assert_eq!(dev_key().verifying_key(), dev_pub());
+}
+
+/// Issue 12 item 8: every bundle file, damaged, truncated, zero-filled or foreign, gives a
+/// typed error whose message names the file concerned (never a panic).
+#[test]
+fn damaged_bundle_files_name_the_file() {
+    type Damage = fn(Vec<u8>) -> Vec<u8>;
+    let damages: [(&str, Damage); 4] = [
+        ("zero-filled", |b| vec![0u8; b.len()]),
+        ("truncated", |b| b[..b.len() / 2].to_vec()),
+        ("empty", |_| Vec::new()),
+        ("foreign", |b| {
+            let mut f = b"\x89PNG\r\n\x1a\n".to_vec();
+            f.resize(b.len(), 0xAB);
+            f
+        }),
+    ];
+    for f in [
+        "manifest.toml",
+        "manifest.sig",
+        "device.safetensors",
+        "cloud.safetensors",
+    ] {
+        for (what, damage) in damages {
+            let d = copy_bundle("digits");
+            let p = d.join(f);
+            std::fs::write(&p, damage(std::fs::read(&p).unwrap())).unwrap();
+            let e = match load(&d) {
+                Err(e) => e,
+                Ok(_) => panic!("{f} {what}: loaded"),
+            };
+            let msg = e.to_string();
+            assert!(
+                msg.contains(p.to_str().unwrap()),
+                "{f} {what}: message does not name the file: {msg}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_development_key_is_recognised() {
+    assert!(tandem_model::is_dev_key(&dev_pub()));
+    assert_eq!(
+        tandem_model::dev_signing_key().to_bytes(),
+        dev_key().to_bytes()
+    );
+    assert!(!tandem_model::is_dev_key(
+        &SigningKey::from_bytes(&[7u8; 32]).verifying_key()
+    ));
 }

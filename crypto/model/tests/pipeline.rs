@@ -104,11 +104,15 @@ fn bad_inputs_are_typed_errors() {
     x[3] = f32::NAN;
     assert!(matches!(
         b.predict_plain(&x),
-        Err(ModelError::InvalidInput(_))
+        Err(ModelError::NonFinite { index: 3, .. })
     ));
     x[3] = f32::INFINITY;
     assert!(matches!(
         b.device_encode(&x),
+        Err(ModelError::NonFinite { index: 3, .. })
+    ));
+    assert!(matches!(
+        b.predict_plain(&[]),
         Err(ModelError::InvalidInput(_))
     ));
     assert!(matches!(
@@ -148,5 +152,27 @@ fn test_sets_match_the_data_files() {
         let vals: Vec<f32> = rows[i].split(',').map(|v| v.parse().unwrap()).collect();
         assert_eq!(&vals[..30], &t.x[k][..]);
         assert_eq!(vals[30] as usize, t.y[k]);
+    }
+}
+
+/// Issue 12 item 3: 64 copies of f32::MAX (finite) overflow the digits standardisation. This
+/// used to yield NaN, which ReLU mapped to 0, and a confident prediction.
+#[test]
+fn finite_input_overflowing_standardisation_is_refused() {
+    let (b, _) = bundle("digits");
+    let x = vec![3.402_823_4e38_f32; 64];
+    for r in [
+        b.device_prefix(&x).map(|_| ()),
+        b.device_encode(&x).map(|_| ()),
+        b.predict_plain(&x).map(|_| ()),
+    ] {
+        match r {
+            Err(ModelError::NonFinite { stage, .. }) => assert_eq!(stage, "standardisation"),
+            other => panic!("expected NonFinite, got {other:?}"),
+        }
+    }
+    match b.predict_plain(&[f32::NAN; 64]) {
+        Err(ModelError::NonFinite { stage, index: 0 }) => assert_eq!(stage, "input"),
+        other => panic!("expected NonFinite, got {other:?}"),
     }
 }
