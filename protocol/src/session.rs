@@ -22,6 +22,11 @@ use crate::message::{
 };
 use crate::{Error, ErrorCode, Limits, PROTOCOL_VERSION};
 
+/// Most key ids from the cloud's key store one session accepts through
+/// [`CloudSession::allow_key`] (TDM-KEY-7); bounds the session's memory, not
+/// the registrations of TDM-KEY-6.
+pub const MAX_STORED_KEYS_PER_SESSION: usize = 1024;
+
 /// Identity of the TLS peer as established by the TLS layer, e.g. SHA-256 of
 /// the peer's leaf certificate (TDM-KEY-4).
 pub type PeerIdentity = [u8; 32];
@@ -609,7 +614,9 @@ impl CloudConfig {
 pub enum CloudEvent {
     /// The handshake completed.
     Connected(Negotiated),
-    /// A key was registered; store it under `(peer, key_id)` (TDM-KEY-4).
+    /// A key was registered; validate it and store it under `(peer, key_id)`
+    /// (TDM-KEY-4), then answer with [`CloudSession::accept_key`] or
+    /// [`CloudSession::refuse_key`] (TDM-KEY-8). No `KeyAck` is sent before that.
     KeyRegistered {
         /// TLS identity of the device.
         peer: PeerIdentity,
@@ -649,7 +656,13 @@ pub struct CloudSession {
     negotiated: Option<Negotiated>,
     highest_request_id: u64,
     in_flight: BTreeMap<u64, Pending>,
+    /// Keys registered in this session and accepted by the runtime (TDM-KEY-6 counts these
+    /// together with `pending_keys`).
     known_keys: BTreeSet<KeyId>,
+    /// Keys registered in this session, awaiting `accept_key` / `refuse_key` (TDM-KEY-8).
+    pending_keys: BTreeSet<KeyId>,
+    /// Keys loaded from the key store (TDM-KEY-7); they do not count against TDM-KEY-6.
+    stored_keys: BTreeSet<KeyId>,
 }
 
 impl CloudSession {
@@ -672,6 +685,8 @@ impl CloudSession {
             highest_request_id: 0,
             in_flight: BTreeMap::new(),
             known_keys: BTreeSet::new(),
+            pending_keys: BTreeSet::new(),
+            stored_keys: BTreeSet::new(),
         })
     }
 
@@ -706,16 +721,79 @@ impl CloudSession {
 
     /// Marks a key id, loaded from the key store under this session's peer
     /// identity, as usable without re-registration (TDM-KEY-7). The caller
-    /// MUST only pass keys stored under [`CloudSession::peer`].
+    /// MUST only pass keys stored under [`CloudSession::peer`]. Stored keys do
+    /// not count against the per-session registration limit (TDM-KEY-6); the
+    /// runtime bounds them with its per-device quota.
+    ///
+    /// # Errors
+    /// [`Error::LengthLimit`] (field `stored_keys`) past
+    /// [`MAX_STORED_KEYS_PER_SESSION`] ids, which bounds the session's memory.
     pub fn allow_key(&mut self, key_id: KeyId) -> Result<(), Error> {
-        if !self.known_keys.contains(&key_id) && self.known_keys.len() >= MAX_KEYS_PER_SESSION {
+        if !self.stored_keys.contains(&key_id)
+            && self.stored_keys.len() >= MAX_STORED_KEYS_PER_SESSION
+        {
             return Err(Error::LengthLimit {
-                field: "keys",
-                len: (self.known_keys.len() as u64).saturating_add(1),
-                max: MAX_KEYS_PER_SESSION as u64,
+                field: "stored_keys",
+                len: (self.stored_keys.len() as u64).saturating_add(1),
+                max: MAX_STORED_KEYS_PER_SESSION as u64,
             });
         }
+        self.stored_keys.insert(key_id);
+        Ok(())
+    }
+
+    /// Key registrations received ([`CloudEvent::KeyRegistered`]) and not yet
+    /// accepted or refused.
+    pub fn pending_keys(&self) -> usize {
+        self.pending_keys.len()
+    }
+
+    /// Acknowledges a pending registration: queues `KeyAck(key_id)` and makes
+    /// the key usable in this session (TDM-KEY-8). Call it only once the key
+    /// blob is decoded, validated and durably stored.
+    ///
+    /// # Errors
+    /// [`Error::InvalidField`] (field `accept_key.key_id`) if `key_id` is not
+    /// pending (not fatal); the sticky error if the session is closed.
+    pub fn accept_key(&mut self, key_id: KeyId, now_ms: u64) -> Result<(), Error> {
+        let neg = self.ready()?;
+        if !self.pending_keys.contains(&key_id) {
+            return Err(Error::InvalidField {
+                field: "accept_key.key_id",
+            });
+        }
+        let ack = Message::KeyAck(KeyAck { key_id }).encode_checked(&neg.limits)?;
+        self.pending_keys.remove(&key_id);
         self.known_keys.insert(key_id);
+        self.core.out.push_back(ack);
+        self.core.last_activity_ms = self.core.last_activity_ms.max(now_ms);
+        Ok(())
+    }
+
+    /// Refuses a pending registration (TDM-KEY-8): v1 has no per-key refusal
+    /// message, so the session closes with `code` (e.g. `InvalidRequest` for
+    /// a blob that does not decode or does not fit the plan, `LimitExceeded`
+    /// for a key larger than the device's quota, `InternalError` if it could
+    /// not be stored). `NoError` is replaced by `InternalError`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidField`] (field `refuse_key.key_id`) if `key_id` is not
+    /// pending (nothing is closed then); the sticky error if already closed.
+    pub fn refuse_key(&mut self, key_id: KeyId, code: ErrorCode) -> Result<(), Error> {
+        if self.core.state == SessionState::Closed {
+            return Err(self.core.closed_error());
+        }
+        if !self.pending_keys.remove(&key_id) {
+            return Err(Error::InvalidField {
+                field: "refuse_key.key_id",
+            });
+        }
+        let code = if code == ErrorCode::NoError {
+            ErrorCode::InternalError
+        } else {
+            code
+        };
+        self.close(code);
         Ok(())
     }
 
@@ -935,17 +1013,25 @@ impl CloudSession {
         if !k.key_blob.is_empty() && key_id_of(&k.key_blob) != k.key_id {
             return Err(Error::KeyIdMismatch);
         }
-        // TDM-KEY-6: at most MAX_KEYS_PER_SESSION distinct keys per session.
-        if !self.known_keys.contains(&k.key_id) && self.known_keys.len() >= MAX_KEYS_PER_SESSION {
+        // TDM-KEY-6: at most MAX_KEYS_PER_SESSION distinct keys registered per session;
+        // keys loaded from the store (TDM-KEY-7) do not count.
+        let registered = self.known_keys.len().saturating_add(self.pending_keys.len());
+        let already = self.known_keys.contains(&k.key_id) || self.pending_keys.contains(&k.key_id);
+        if !already && registered >= MAX_KEYS_PER_SESSION {
             return Err(Error::LengthLimit {
                 field: "keys",
-                len: (self.known_keys.len() as u64).saturating_add(1),
+                len: (registered as u64).saturating_add(1),
                 max: MAX_KEYS_PER_SESSION as u64,
             });
         }
-        let ack = Message::KeyAck(KeyAck { key_id: k.key_id }).encode_checked(&neg.limits)?;
-        self.known_keys.insert(k.key_id);
-        self.core.out.push_back(ack);
+        if self.pending_keys.contains(&k.key_id) {
+            // The same key is already awaiting the runtime's decision: one answer serves both.
+            return Ok(());
+        }
+        // TDM-KEY-8: no KeyAck yet; the runtime answers with accept_key / refuse_key once
+        // the blob is validated and stored.
+        self.known_keys.remove(&k.key_id);
+        self.pending_keys.insert(k.key_id);
         // TDM-KEY-4: the key is reported bound to the peer's TLS identity.
         self.events.push_back(CloudEvent::KeyRegistered {
             peer: self.peer,
@@ -974,8 +1060,13 @@ impl CloudSession {
                 if enc.param_set != neg.param_set {
                     return Err(Error::ParameterSetMismatch);
                 }
-                // TDM-KEY-5: an unknown key id fails the request, not the session.
-                if !self.known_keys.contains(&enc.key_id) {
+                // TDM-KEY-5: an unknown key id fails the request, not the session. A key
+                // still pending is passed on: its KeyRegistered event comes first, so the
+                // runtime decides on the key before it sees the request.
+                if !self.known_keys.contains(&enc.key_id)
+                    && !self.pending_keys.contains(&enc.key_id)
+                    && !self.stored_keys.contains(&enc.key_id)
+                {
                     let bytes = Message::RequestError(RequestError {
                         request_id: r.request_id,
                         code: ErrorCode::UnknownKey,

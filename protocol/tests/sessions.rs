@@ -667,6 +667,101 @@ fn key_registration_checks() {
         .is_err());
 }
 
+fn key_register(i: u8) -> Vec<u8> {
+    frame(Message::KeyRegister(KeyRegister {
+        key_id: [i; 32],
+        param_set: 1,
+        output_mode: OutputMode::NoKey,
+        channel_binding: samples::CHANNEL_BINDING,
+        key_blob: vec![],
+    }))
+}
+
+fn key_acks(c: &mut CloudSession) -> Vec<[u8; 32]> {
+    let mut acks = Vec::new();
+    while let Some(f) = c.poll_transmit() {
+        if let Message::KeyAck(a) = decode_frame(&f, &Limits::default()).unwrap().0 {
+            acks.push(a.key_id);
+        }
+    }
+    acks
+}
+
+#[test]
+fn key_ack_only_after_runtime_accepts() {
+    // TDM-KEY-8: receipt of a KeyRegister sends nothing; accept_key sends the KeyAck.
+    let mut c = raw_cloud();
+    let _ = key_acks(&mut c);
+    c.handle_input(&key_register(7), 2).unwrap();
+    assert!(key_acks(&mut c).is_empty(), "no KeyAck on receipt");
+    assert_eq!(c.pending_keys(), 1);
+    assert!(matches!(
+        c.poll_event(),
+        Some(CloudEvent::KeyRegistered { key_id, .. }) if key_id == [7; 32]
+    ));
+    // Accepting a key that is not pending is a local, non-fatal error.
+    assert!(c.accept_key([8; 32], 3).is_err());
+    assert!(!c.is_closed());
+    c.accept_key([7; 32], 3).unwrap();
+    assert_eq!(key_acks(&mut c), vec![[7; 32]]);
+    assert_eq!(c.pending_keys(), 0);
+    assert!(c.accept_key([7; 32], 3).is_err(), "one KeyAck per registration");
+}
+
+#[test]
+fn refused_key_closes_with_the_runtime_code() {
+    // TDM-KEY-8: a refused registration closes the session with the given code, no KeyAck.
+    let mut p = Pair::new();
+    p.refuse_keys = Some(ErrorCode::InvalidRequest);
+    p.connect();
+    p.device
+        .register_key(
+            samples::key_id(),
+            OutputMode::Packed,
+            samples::key_blob(),
+            p.now,
+        )
+        .unwrap();
+    p.drive(STEPS);
+    assert!(p.cloud.is_closed() && p.device.is_closed());
+    assert!(!p
+        .device_events
+        .iter()
+        .any(|e| matches!(e, DeviceEvent::KeyAccepted { .. })));
+    assert_eq!(
+        p.device.error(),
+        Some(&Error::PeerClosed(ErrorCode::InvalidRequest))
+    );
+    p.check_invariants();
+}
+
+#[test]
+fn stored_keys_do_not_count_against_the_session_limit() {
+    // TDM-KEY-6 / TDM-KEY-7: a device with many stored keys can still register new ones.
+    let mut c = raw_cloud();
+    for i in 0..=(limits::MAX_KEYS_PER_SESSION as u8 + 4) {
+        c.allow_key([200u8.wrapping_add(i); 32]).unwrap();
+    }
+    for i in 0..limits::MAX_KEYS_PER_SESSION as u8 {
+        c.handle_input(&key_register(i), 2).unwrap();
+        c.accept_key([i; 32], 2).unwrap();
+    }
+    assert!(!c.is_closed());
+    // The 17th registration in one session is still refused.
+    assert!(matches!(
+        c.handle_input(&key_register(100), 3),
+        Err(Error::LengthLimit { field: "keys", .. })
+    ));
+    // The stored-key set itself is bounded.
+    let mut c = raw_cloud();
+    for i in 0..session::MAX_STORED_KEYS_PER_SESSION {
+        let mut k = [0u8; 32];
+        k[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        c.allow_key(k).unwrap();
+    }
+    assert!(c.allow_key([0xff; 32]).is_err());
+}
+
 #[test]
 fn preloaded_key_is_usable() {
     // TDM-KEY-7: keys from the store are accepted without re-registration.

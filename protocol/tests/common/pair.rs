@@ -128,6 +128,9 @@ pub struct Pair {
     pub device_errors: Vec<Error>,
     pub cloud_errors: Vec<Error>,
     pub app: CloudApp,
+    /// How the cloud application answers key registrations (TDM-KEY-8): `None` accepts
+    /// each one as soon as it is reported, `Some(code)` refuses it with `code`.
+    pub refuse_keys: Option<ErrorCode>,
     pub steps: usize,
     pub device_closed_events: usize,
     pub cloud_closed_events: usize,
@@ -163,6 +166,7 @@ impl Pair {
             device_errors: vec![],
             cloud_errors: vec![],
             app: CloudApp::Echo,
+            refuse_keys: None,
             steps: 0,
             device_closed_events: 0,
             cloud_closed_events: 0,
@@ -187,6 +191,15 @@ impl Pair {
             while let Some(e) = self.cloud.poll_event() {
                 if let CloudEvent::Request { request, .. } = &e {
                     self.answer(request.clone());
+                }
+                if let CloudEvent::KeyRegistered { key_id, .. } = &e {
+                    let r = match self.refuse_keys {
+                        None => self.cloud.accept_key(*key_id, self.now),
+                        Some(code) => self.cloud.refuse_key(*key_id, code),
+                    };
+                    if let Err(e) = r {
+                        assert!(self.cloud.is_closed(), "cloud key answer failed: {e}");
+                    }
                 }
                 if matches!(e, CloudEvent::Closed { .. }) {
                     self.cloud_closed_events += 1;

@@ -198,7 +198,16 @@ fn drain(
                 if let CloudEvent::Request { request, .. } = &e {
                     reqs.push(request.clone());
                 }
+                // TDM-KEY-8: the transcript's cloud application accepts every registration
+                // as soon as it is reported (a runtime does so once the key is stored), so the
+                // KeyAck follows in the same step.
+                if let CloudEvent::KeyRegistered { key_id, .. } = &e {
+                    let _ = c.accept_key(*key_id, 0);
+                }
                 events.push(cloud_event(&e));
+            }
+            while let Some(f) = c.poll_transmit() {
+                out.push(hexutil::encode(&f));
             }
         }
     }
