@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::ClientCertVerifier;
@@ -12,6 +13,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 
+use crate::crl::effective_crls;
 use crate::load::{load_certificates, load_crls, load_private_key};
 use crate::pki::layout;
 use crate::{Error, Result, ALPN_TANDEM_V1};
@@ -31,7 +33,8 @@ pub struct ServerCredentials {
     pub key: PrivateKeyDer<'static>,
     /// Trust anchors for client certificates: the device CA (one or more certificates).
     pub device_ca: Vec<CertificateDer<'static>>,
-    /// CRLs issued by the device CA. Empty means no revocation checking.
+    /// CRLs issued by the device CA, in any order and number: [`server_config`] keeps the
+    /// newest per issuer ([`crate::effective_crls`]). Empty means no revocation checking.
     pub crls: Vec<CertificateRevocationListDer<'static>>,
 }
 
@@ -55,7 +58,8 @@ pub struct ServerFiles {
     pub key: PathBuf,
     /// Device CA certificate(s) (PEM).
     pub device_ca: PathBuf,
-    /// Device CA CRL file(s) (PEM `X509 CRL`). Empty: no revocation checking.
+    /// Device CA CRL file(s) (PEM `X509 CRL`), each holding one or more CRLs in any order;
+    /// the newest CRL of each device CA is used. Empty: no revocation checking.
     pub crls: Vec<PathBuf>,
 }
 
@@ -70,16 +74,24 @@ impl ServerFiles {
         }
     }
 
-    /// Loads and parses every file.
+    /// Loads and parses every file, and reduces the CRLs to the newest one per device CA
+    /// after checking their issuer, signature and dates ([`crate::effective_crls`]).
+    ///
+    /// # Errors
+    ///
+    /// Typed errors naming the file at fault: see [`load_certificates`],
+    /// [`load_private_key`], [`load_crls`] and [`crate::effective_crls`].
     pub fn load(&self) -> Result<ServerCredentials> {
+        let device_ca = load_certificates(&self.device_ca)?;
         let mut crls = Vec::new();
         for path in &self.crls {
-            crls.extend(load_crls(path)?);
+            crls.extend(load_crls(path)?.into_iter().map(|c| (path.clone(), c)));
         }
+        let crls = effective_crls(&crls, &device_ca, SystemTime::now())?;
         Ok(ServerCredentials {
             cert_chain: load_certificates(&self.cert)?,
             key: load_private_key(&self.key)?,
-            device_ca: load_certificates(&self.device_ca)?,
+            device_ca,
             crls,
         })
     }
@@ -148,24 +160,37 @@ impl ResolvesServerCert for AlpnEnforcingResolver {
 ///
 /// - ring provider ([`provider`]), TLS 1.3 only;
 /// - client certificate **required**, verified by `WebPkiClientVerifier` against
-///   `device_ca`, with the given CRLs (the whole chain is checked; a certificate whose
-///   revocation status is unknown is refused; CRL `nextUpdate` is not enforced, so a stale
-///   CRL still revokes what it lists); validity period and the clientAuth extended key usage
-///   are checked by webpki;
+///   `device_ca`, with the newest CRL of each device CA among `crls` (chosen and checked by
+///   [`crate::effective_crls`]: issuer, signature, `thisUpdate` not in the future, `nextUpdate`
+///   not passed); the whole chain is checked; a certificate whose revocation status is
+///   unknown is refused; `nextUpdate` is enforced at every handshake, so once the CRL expires
+///   every device is refused until a fresh CRL is loaded; validity period and the clientAuth
+///   extended key usage are checked by webpki;
 /// - ALPN `tandem/1`; a client that does not offer it fails in the handshake;
 /// - no session resumption (no tickets, no session cache): every connection runs full
 ///   certificate verification against the current CRL and clock;
 /// - no 0-RTT data.
 ///
-/// Fails if the cloud key does not match its certificate, a CA is unusable or a CRL does not
-/// parse.
+/// # Errors
+///
+/// Fails if the cloud key does not match its certificate, a CA is unusable or the CRLs break
+/// the policy of [`crate::effective_crls`] (in-memory CRLs are named
+/// `ServerCredentials.crls[i]` in errors).
 pub fn server_config(creds: ServerCredentials) -> Result<Arc<ServerConfig>> {
     let provider = provider();
     let roots = Arc::new(root_store(&creds.device_ca)?);
-    let verifier: Arc<dyn ClientCertVerifier> =
-        WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
-            .with_crls(creds.crls)
-            .build()?;
+    let labelled: Vec<(PathBuf, CertificateRevocationListDer<'static>)> = creds
+        .crls
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| (PathBuf::from(format!("ServerCredentials.crls[{i}]")), c))
+        .collect();
+    let crls = effective_crls(&labelled, &creds.device_ca, SystemTime::now())?;
+    let mut builder = WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider));
+    if !crls.is_empty() {
+        builder = builder.with_crls(crls).enforce_revocation_expiration();
+    }
+    let verifier: Arc<dyn ClientCertVerifier> = builder.build()?;
 
     let signing_key = provider.key_provider.load_private_key(creds.key)?;
     let certified = CertifiedKey::new(creds.cert_chain, signing_key);

@@ -18,3 +18,7 @@ pub const MAX_DEVICE_NAME_LEN: usize = 64;
 
 /// Largest number of devices `pki::init` / `DevPki::generate` will create in one call.
 pub const MAX_DEV_PKI_DEVICES: usize = 100_000;
+
+/// How far in the future a CRL's `thisUpdate` may be (clock difference between this machine
+/// and the CA), in seconds. A CRL dated later is refused at load time.
+pub const CRL_CLOCK_SKEW_SECS: i64 = 300;

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use common::{expect_server_rejects, run, ClientOutcome, ServerOutcome, PING};
 use tandem_tls::pki::{DevPki, DeviceCertProfile, IssuedCert};
 use tandem_tls::rustls::{self, CertificateError, ClientConfig, ServerConfig};
-use tandem_tls::{client_config, provider, server_config, ServerCredentials, ALPN_TANDEM_V1};
+use tandem_tls::{
+    client_config, provider, server_config, ClientCredentials, ServerCredentials, ALPN_TANDEM_V1,
+};
 
 fn server_for(pki: &DevPki) -> Arc<ServerConfig> {
     server_config(pki.server_credentials()).unwrap()
@@ -187,20 +189,42 @@ fn rejects_wrong_key_usage() {
 }
 
 #[test]
-fn rejects_crl_from_another_issuer_as_unknown_status() {
-    // A CRL that does not cover the device CA leaves the status unknown: refused.
+fn refuses_to_start_with_a_crl_of_another_issuer() {
+    // A CRL of another PKI is an operator mistake: refused when the configuration is built.
     let pki = DevPki::generate(1).unwrap();
     let other = DevPki::generate(0).unwrap();
     let mut creds = pki.server_credentials();
     creds.crls = vec![other.crl().clone()];
+    let r = server_config(creds);
+    assert!(
+        matches!(r, Err(tandem_tls::Error::CrlUntrustedIssuer { .. })),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn rejects_device_of_a_ca_without_crl_as_unknown_status() {
+    // Two device CAs trusted, a CRL for only one of them: a device of the other has an unknown
+    // revocation status and is refused; a device of the first is served.
+    let pki = DevPki::generate(1).unwrap();
+    let other = DevPki::generate(1).unwrap();
+    let mut creds = pki.server_credentials();
+    creds.device_ca.push(other.device_ca_cert().clone());
+    let server = server_config(creds).unwrap();
+    let foreign = ClientCredentials {
+        cloud_ca: vec![pki.cloud_ca_cert().clone()],
+        ..other.client_credentials("device-1").unwrap()
+    };
     let err = expect_server_rejects(
-        server_config(creds).unwrap(),
-        client_for(&pki, &pki.devices()[0]),
+        Arc::clone(&server),
+        client_config(foreign).unwrap(),
         "localhost",
     );
     assert_cert_error(&err, |e| {
         matches!(e, CertificateError::UnknownRevocationStatus)
     });
+    let (s, _) = run(server, client_for(&pki, &pki.devices()[0]), "localhost");
+    assert!(matches!(s, ServerOutcome::Completed { .. }), "{s:?}");
 }
 
 fn server_with_cloud_cert(pki: &DevPki, cloud: &IssuedCert) -> Arc<ServerConfig> {

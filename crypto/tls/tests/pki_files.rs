@@ -261,9 +261,16 @@ fn loaders_return_typed_errors_on_untrusted_files() {
     let creds = ServerFiles::from_pki_dir(dir).load().unwrap();
     let r = server_config(ServerCredentials {
         device_ca: vec![],
-        ..creds
+        crls: vec![],
+        ..ServerFiles::from_pki_dir(dir).load().unwrap()
     });
     assert!(matches!(r, Err(Error::Verifier(_))), "{r:?}");
+    // ... and a CRL whose issuer is then not a trusted device CA.
+    let r = server_config(ServerCredentials {
+        device_ca: vec![],
+        ..creds
+    });
+    assert!(matches!(r, Err(Error::CrlUntrustedIssuer { .. })), "{r:?}");
 
     // A CRL file holding junk DER.
     let junk_crl = dir.join("junk.crl");
@@ -273,11 +280,12 @@ fn loaders_return_typed_errors_on_untrusted_files() {
     )
     .unwrap();
     let mut files = ServerFiles::from_pki_dir(dir);
-    files.crls = vec![junk_crl];
-    assert!(matches!(
-        server_config_from_files(&files),
-        Err(Error::Verifier(_))
-    ));
+    files.crls = vec![junk_crl.clone()];
+    let r = server_config_from_files(&files);
+    match r {
+        Err(Error::InvalidCrl { path, index, .. }) => assert_eq!((path, index), (junk_crl, 1)),
+        other => panic!("{other:?}"),
+    }
     assert!(matches!(
         ClientFiles::from_pki_dir(dir, "../x"),
         Err(Error::InvalidDeviceName { .. })

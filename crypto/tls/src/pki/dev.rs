@@ -1,39 +1,4 @@
-//! Development PKI, generated with rcgen.
-//!
-//! # Two CAs
-//!
-//! The dev PKI has **two** certificate authorities:
-//!
-//! - the **cloud CA** issues the cloud's server certificate; devices trust only it;
-//! - the **device CA** issues device (client) certificates and signs the CRL; the cloud trusts
-//!   only it.
-//!
-//! Separate anchors mean a device certificate can never be presented as the cloud (even if a
-//! verifier mishandled extended key usages), a leaked device-CA key cannot impersonate the
-//! cloud, and the device-enrolment CA can be operated apart from the cloud's. All keys are
-//! ECDSA P-256; every certificate gets a random 128-bit serial (so re-issuing for the same key
-//! gives a new serial, and a revocation names exactly one certificate). CA names carry a random
-//! tag (`Tandem device CA 1a2b3c4d`) so that two dev PKIs are never confused.
-//!
-//! This PKI is for development, tests and demos: CA private keys are written next to the
-//! certificates (mode 0600 on Unix). A production deployment keeps CA keys offline.
-//!
-//! # Files written by [`init`]
-//!
-//! ```text
-//! <dir>/cloud-ca.crt          cloud CA certificate (PEM)      -> devices trust this
-//! <dir>/cloud-ca.key          cloud CA private key (PKCS#8 PEM, 0600)
-//! <dir>/device-ca.crt         device CA certificate (PEM)     -> the cloud trusts this
-//! <dir>/device-ca.key         device CA private key (PKCS#8 PEM, 0600)
-//! <dir>/device-ca.crl         CRL of the device CA (PEM "X509 CRL"), empty at init
-//! <dir>/cloud.crt             cloud certificate, SAN localhost + 127.0.0.1, EKU serverAuth
-//! <dir>/cloud.key             cloud private key (0600)
-//! <dir>/devices/<name>.crt    device certificate, CN <name>, EKU clientAuth
-//! <dir>/devices/<name>.key    device private key (0600)
-//! ```
-//!
-//! Devices are named `device-1` … `device-N`. [`revoke`] rewrites `device-ca.crl`
-//! (atomically: temporary file + rename) with every serial revoked so far plus the new one.
+//! The rcgen-based generator of the development PKI (feature `dev-pki`); see [`crate::pki`].
 
 use std::fs;
 use std::io::Write;
@@ -49,43 +14,12 @@ use rustls_pki_types::{
 };
 use time::{Duration, OffsetDateTime};
 
+use super::{check_device_name, layout};
 use crate::config::{ClientCredentials, ServerCredentials};
 use crate::identity::{identity_from_certificate, PeerIdentity};
-use crate::limits::{MAX_DEVICE_NAME_LEN, MAX_DEV_PKI_DEVICES};
+use crate::limits::MAX_DEV_PKI_DEVICES;
 use crate::load::{load_certificates, load_crls, load_private_key, to_pem};
 use crate::{Error, Result};
-
-/// File names of the on-disk layout (see the module documentation).
-pub mod layout {
-    use std::path::{Path, PathBuf};
-
-    /// Cloud CA certificate.
-    pub const CLOUD_CA_CERT: &str = "cloud-ca.crt";
-    /// Cloud CA private key.
-    pub const CLOUD_CA_KEY: &str = "cloud-ca.key";
-    /// Device CA certificate.
-    pub const DEVICE_CA_CERT: &str = "device-ca.crt";
-    /// Device CA private key.
-    pub const DEVICE_CA_KEY: &str = "device-ca.key";
-    /// The device CA's CRL.
-    pub const DEVICE_CA_CRL: &str = "device-ca.crl";
-    /// Cloud certificate.
-    pub const CLOUD_CERT: &str = "cloud.crt";
-    /// Cloud private key.
-    pub const CLOUD_KEY: &str = "cloud.key";
-    /// Directory holding device certificates and keys.
-    pub const DEVICES_DIR: &str = "devices";
-
-    /// `<dir>/devices/<name>.crt`
-    pub fn device_cert(dir: &Path, name: &str) -> PathBuf {
-        dir.join(DEVICES_DIR).join(format!("{name}.crt"))
-    }
-
-    /// `<dir>/devices/<name>.key`
-    pub fn device_key(dir: &Path, name: &str) -> PathBuf {
-        dir.join(DEVICES_DIR).join(format!("{name}.key"))
-    }
-}
 
 /// Names the cloud certificate of the dev PKI is valid for.
 pub const CLOUD_NAMES: [&str; 2] = ["localhost", "127.0.0.1"];
@@ -96,22 +30,6 @@ const CRL_VALIDITY: Duration = Duration::days(90);
 /// Backdating of `notBefore`, to tolerate small clock differences between machines.
 const BACKDATE: Duration = Duration::hours(1);
 const ORGANIZATION: &str = "Tandem development PKI";
-
-/// Checks a device name: 1..=64 characters from `[A-Za-z0-9_-]` (it becomes a file name).
-pub(crate) fn check_device_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_DEVICE_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidDeviceName {
-            name: name.chars().take(MAX_DEVICE_NAME_LEN + 8).collect(),
-        })
-    }
-}
 
 /// What kind of device certificate [`DevPki::issue_device`] makes. Everything but
 /// [`DeviceCertProfile::Valid`] exists to test that the cloud refuses it.
@@ -272,9 +190,19 @@ fn sign_crl(
     crl_number: u64,
     now: OffsetDateTime,
 ) -> Result<CertificateRevocationListDer<'static>> {
+    sign_crl_dated(ca, revoked, crl_number, now, now + CRL_VALIDITY)
+}
+
+fn sign_crl_dated(
+    ca: &Ca,
+    revoked: &[RevokedCertParams],
+    crl_number: u64,
+    this_update: OffsetDateTime,
+    next_update: OffsetDateTime,
+) -> Result<CertificateRevocationListDer<'static>> {
     let params = CertificateRevocationListParams {
-        this_update: now,
-        next_update: now + CRL_VALIDITY,
+        this_update,
+        next_update,
         crl_number: SerialNumber::from_slice(&crl_number.to_be_bytes()),
         issuing_distribution_point: None,
         revoked_certs: revoked.to_vec(),
@@ -329,6 +257,11 @@ impl DevPki {
                 got: devices,
             });
         }
+        tracing::warn!(
+            devices,
+            "generating a DEVELOPMENT PKI (CA private keys kept next to the certificates): \
+             for development and tests only, never for production devices"
+        );
         let now = OffsetDateTime::now_utc();
         // A random tag in the CA names tells PKIs apart (in logs, and for verifiers, which
         // look issuers up by name).
@@ -387,6 +320,28 @@ impl DevPki {
     /// The current CRL of the device CA.
     pub fn crl(&self) -> &CertificateRevocationListDer<'static> {
         &self.crl
+    }
+
+    /// Signs another CRL of the device CA listing the certificates revoked so far, with the
+    /// given CRL number and dates, without changing [`Self::crl`]. For testing the CRL policy
+    /// (old, stale, future or equal-numbered CRLs).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Generation`] if rcgen fails.
+    pub fn sign_crl_with(
+        &self,
+        crl_number: u64,
+        this_update: std::time::SystemTime,
+        next_update: std::time::SystemTime,
+    ) -> Result<CertificateRevocationListDer<'static>> {
+        sign_crl_dated(
+            &self.device_ca,
+            &self.revoked,
+            crl_number,
+            this_update.into(),
+            next_update.into(),
+        )
     }
 
     /// Credentials for [`crate::server_config`]: the cloud certificate, the device CA and the
@@ -666,13 +621,18 @@ pub fn revoke(dir: &Path, device: &str) -> Result<()> {
         dev.raw_serial().to_vec()
     };
 
+    tracing::warn!(
+        device,
+        dir = %dir.display(),
+        "re-signing the CRL with a DEVELOPMENT device CA key (development and tests only)"
+    );
     let now = OffsetDateTime::now_utc();
     let crl_path = dir.join(layout::DEVICE_CA_CRL);
     // A missing CRL is an error, not an empty list: starting afresh would silently un-revoke.
     let mut revoked = Vec::new();
     let mut previous_number = 0u64;
-    for crl in load_crls(&crl_path)? {
-        let (n, entries) = parse_crl(&crl)?;
+    for (i, crl) in load_crls(&crl_path)?.iter().enumerate() {
+        let (n, entries) = parse_crl(&crl_path, i + 1, crl)?;
         previous_number = previous_number.max(n);
         revoked.extend(entries);
     }
@@ -686,15 +646,25 @@ pub fn revoke(dir: &Path, device: &str) -> Result<()> {
     replace_file(&crl_path, to_pem("X509 CRL", &crl).as_bytes())
 }
 
-/// Reads the CRL number and the revoked entries of a CRL (untrusted input: typed errors).
-fn parse_crl(crl: &CertificateRevocationListDer<'_>) -> Result<(u64, Vec<RevokedCertParams>)> {
+/// Reads the CRL number and the revoked entries of CRL number `index` (from 1) of the file
+/// `path` (untrusted input: typed errors naming the file).
+fn parse_crl(
+    path: &Path,
+    index: usize,
+    crl: &CertificateRevocationListDer<'_>,
+) -> Result<(u64, Vec<RevokedCertParams>)> {
+    let invalid = |reason: String| Error::InvalidCrl {
+        path: path.to_path_buf(),
+        index,
+        reason,
+    };
     let (_, parsed) =
-        x509_parser::parse_x509_crl(crl.as_ref()).map_err(|e| Error::InvalidCrl(e.to_string()))?;
+        x509_parser::parse_x509_crl(crl.as_ref()).map_err(|e| invalid(e.to_string()))?;
     let number = match parsed.crl_number() {
         Some(n) => {
             let bytes = n.to_bytes_be();
             if bytes.len() > 8 {
-                return Err(Error::InvalidCrl("CRL number longer than 8 bytes".into()));
+                return Err(invalid("CRL number longer than 8 bytes".into()));
             }
             bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
         }
@@ -703,7 +673,7 @@ fn parse_crl(crl: &CertificateRevocationListDer<'_>) -> Result<(u64, Vec<Revoked
     let mut entries = Vec::new();
     for r in parsed.iter_revoked_certificates() {
         let time = OffsetDateTime::from_unix_timestamp(r.revocation_date.timestamp())
-            .map_err(|e| Error::InvalidCrl(e.to_string()))?;
+            .map_err(|e| invalid(e.to_string()))?;
         entries.push(revoked_entry(r.raw_serial(), time));
     }
     Ok((number, entries))
@@ -741,16 +711,16 @@ mod tests {
         let mut pki = DevPki::generate(2).unwrap();
         assert_eq!(pki.devices().len(), 2);
         assert_eq!(pki.devices()[1].name(), "device-2");
-        let (n, entries) = parse_crl(pki.crl()).unwrap();
+        let (n, entries) = parse_crl(Path::new("mem"), 1, pki.crl()).unwrap();
         assert_eq!((n, entries.len()), (1, 0));
         pki.revoke_device("device-2").unwrap();
         pki.revoke_device("device-2").unwrap();
-        let (n, entries) = parse_crl(pki.crl()).unwrap();
+        let (n, entries) = parse_crl(Path::new("mem"), 1, pki.crl()).unwrap();
         assert_eq!((n, entries.len()), (3, 1));
         assert_eq!(entries[0].serial_number.as_ref(), pki.devices()[1].serial());
         let extra = pki.issue_device("extra", DeviceCertProfile::Valid).unwrap();
         pki.revoke(&extra).unwrap();
-        let (n, entries) = parse_crl(pki.crl()).unwrap();
+        let (n, entries) = parse_crl(Path::new("mem"), 1, pki.crl()).unwrap();
         assert_eq!((n, entries.len()), (4, 2));
         assert_eq!(entries[1].serial_number.as_ref(), extra.serial());
         assert!(matches!(
