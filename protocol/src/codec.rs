@@ -106,6 +106,9 @@ impl<'a> Reader<'a> {
         self.check_count(field, n, max, min_elem_size)
     }
 
+    /// TDM-MSG-2: bound first (`LengthLimit`, whether or not the announced
+    /// bytes are present), then `n * min_elem_size` against the bytes left
+    /// (`UnexpectedEnd`), both before anything is allocated.
     fn check_count(
         &self,
         field: &'static str,
@@ -258,12 +261,19 @@ impl FrameHeader {
     }
 }
 
-/// Decodes one frame from the front of `input` under `limits`.
+/// Decodes one frame from the front of `input` under `limits`: the *frame
+/// decode* of `specs/protocol.md` §2.1, which treats `input` as complete.
 ///
 /// Returns the message and the number of bytes consumed; the caller's rest is
 /// `&input[consumed..]` (so `consumed + rest.len() == input.len()`).
-/// Truncated frames fail with `UnexpectedEnd`; a body with unread bytes fails
-/// with `TrailingBytes` (TDM-FRAME-6).
+/// Order (TDM-FRAME-7, TDM-MSG-2): fewer than 6 bytes is `UnexpectedEnd`; then
+/// version, type and length against `max_frame_len`; then fewer than `6 + L`
+/// bytes is `UnexpectedEnd`; then the body field by field. A stream receiver
+/// (the sessions) waits instead of failing on the two truncation cases.
+///
+/// # Errors
+/// The first failing check, as above; a body with unread bytes fails with
+/// `TrailingBytes` (TDM-FRAME-6).
 pub fn decode_frame(input: &[u8], limits: &Limits) -> Result<(Message, usize), Error> {
     let mut r = Reader::new(input);
     let hdr: [u8; FRAME_HEADER_LEN] = r.array("frame.header")?;

@@ -66,9 +66,12 @@ impl MessageType {
 /// How the cloud returns encrypted results (TDM-MSG-9).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OutputMode {
-    /// `0`: one LWE ciphertext per output, no evaluation key needed.
+    /// `0`: no evaluation key; the cloud returns one GLWE ciphertext per output block (its
+    /// full mask and only the body coefficients that hold outputs), modulus-switched
+    /// (`specs/he-formats.md`, output batch).
     NoKey = 0,
-    /// `1`: outputs packed into GLWE ciphertexts with the device's packing keys.
+    /// `1`: the outputs of several blocks packed into fewer GLWE ciphertexts with the device's
+    /// automorphism (packing) key.
     Packed = 1,
 }
 
@@ -138,7 +141,9 @@ pub struct DpMetadata {
     pub charge: BudgetCharge,
     /// L2 (Gaussian) or L1 (Laplace) clipping bound before quantisation.
     pub clip_bound: f64,
-    /// Quantisation scale (real value per integer step).
+    /// Quantisation scale `s`: integer grid steps per unit of real value, `q = round(s · x)`
+    /// (finite, > 0; TDM-MSG-10). A model that quantises with a step of `input_scale` real
+    /// units sends `1 / input_scale`.
     pub quant_scale: f64,
 }
 
@@ -524,6 +529,15 @@ impl Message {
 
     /// Decodes a message body of type `ty` under `limits`. The whole body
     /// must be consumed (TDM-FRAME-6).
+    ///
+    /// TDM-MSG-2: fields are read in wire order and each is checked as it is
+    /// read, so the first bad field decides the error; an upper bound on a
+    /// length, count or batch gives `LimitExceeded`, every other failure
+    /// `MalformedMessage` (see [`Error::code`]).
+    ///
+    /// # Errors
+    /// [`Error::LengthLimit`], [`Error::UnexpectedEnd`], [`Error::InvalidField`]
+    /// or [`Error::TrailingBytes`] for the first check that fails.
     pub fn decode_body(ty: MessageType, body: &[u8], limits: &Limits) -> Result<Self, Error> {
         let mut r = Reader::new(body);
         let msg = match ty {

@@ -441,3 +441,114 @@ fn round_trip(m: &Message) -> Result<(), TestCaseError> {
     prop_assert_eq!(used, b.len());
     Ok(())
 }
+
+fn frame(ty: u8, body: &[u8]) -> Vec<u8> {
+    let mut b = vec![1, ty];
+    b.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    b.extend_from_slice(body);
+    b
+}
+
+fn code_of(bytes: &[u8], limits: &Limits) -> ErrorCode {
+    match decode_frame(bytes, limits) {
+        Ok((m, _)) => panic!("decoded {m:?}"),
+        Err(e) => e.code(),
+    }
+}
+
+#[test]
+fn truncated_field_inside_complete_frame() {
+    // TDM-FRAME-7: a complete frame (length rewritten) whose body is cut anywhere has a short
+    // field: always `UnexpectedEnd`, never read past the body, never a limit error.
+    let l = samples::limits();
+    for (name, m) in samples::messages() {
+        let b = m.encode().unwrap();
+        for keep in 0..b.len() - 6 {
+            let f = frame(b[1], &b[6..6 + keep]);
+            let r = decode_frame(&f, &l);
+            assert!(
+                matches!(r, Err(Error::UnexpectedEnd { .. })),
+                "{name} body cut to {keep}: {r:?}"
+            );
+            // With the next frame right behind it, the decoder still does not read into it.
+            let mut two = f.clone();
+            two.extend_from_slice(&b);
+            assert!(matches!(
+                decode_frame(&two, &l),
+                Err(Error::UnexpectedEnd { .. })
+            ));
+        }
+    }
+}
+
+#[test]
+fn order_of_checks() {
+    // TDM-MSG-2, TDM-FRAME-2, TDM-FRAME-3, TDM-FRAME-5: which code wins.
+    let l = samples::limits();
+    let mal = ErrorCode::MalformedMessage;
+    let lim = ErrorCode::LimitExceeded;
+    // Header: version, then type, then length; a short header is truncation.
+    assert_eq!(code_of(&[2, 5, 0xff, 0xff, 0xff, 0xff], &l), mal);
+    assert_eq!(code_of(&[1, 0x42, 0xff, 0xff, 0xff, 0xff], &l), mal);
+    assert_eq!(code_of(&[1, 5, 0xff, 0xff, 0xff, 0xff], &l), lim);
+    assert_eq!(code_of(&[1, 5, 0xff, 0xff, 0xff], &l), mal);
+    // Values count: bound before bytes remaining.
+    let mut body = vec![0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1];
+    let dp = {
+        let m = Message::InferRequest(InferRequest {
+            request_id: 1,
+            layer_id: 0,
+            batch: 1,
+            payload: RequestPayload::Noised(NoisedBlock {
+                dp: samples::dp_gaussian(),
+                values: vec![],
+            }),
+        });
+        let b = m.encode().unwrap();
+        b[6 + 15..b.len() - 4].to_vec()
+    };
+    body.extend_from_slice(&dp);
+    let over = [&body[..], &4097u32.to_be_bytes()].concat();
+    assert_eq!(code_of(&frame(5, &over), &l), lim);
+    let short = [&body[..], &4096u32.to_be_bytes(), &[0; 8][..]].concat();
+    assert_eq!(code_of(&frame(5, &short), &l), mal);
+    // Ciphertext list: 2 ciphertexts need at least 10 bytes; with 9 left the list is refused
+    // before the first (oversized) ciphertext length is read.
+    let mut enc = vec![0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0];
+    enc.extend_from_slice(&[0, 1]);
+    enc.extend_from_slice(&[0; 32]);
+    enc.push(0);
+    enc.extend_from_slice(&2u32.to_be_bytes());
+    enc.extend_from_slice(&u32::MAX.to_be_bytes());
+    enc.extend_from_slice(&[0; 5]);
+    assert_eq!(code_of(&frame(6, &enc), &l), mal);
+    // With 10 bytes left the oversized length is reached: LimitExceeded.
+    enc.push(0);
+    assert_eq!(code_of(&frame(6, &enc), &l), lim);
+    // First bad field wins: batch over the limit before a bad protection byte, batch 0
+    // before an oversized value count.
+    let req = |batch: u16, values: Vec<i32>| {
+        Message::InferRequest(InferRequest {
+            request_id: 1,
+            layer_id: 0,
+            batch,
+            payload: RequestPayload::Noised(NoisedBlock {
+                dp: samples::dp_gaussian(),
+                values,
+            }),
+        })
+        .encode()
+        .unwrap()
+    };
+    let mut b = req(9, vec![1; 9]);
+    b[6 + 14] = 3;
+    assert_eq!(code_of(&b, &l), lim);
+    assert_eq!(code_of(&req(0, vec![0; 4097]), &l), mal);
+    // Fixed bounds are limits; limits-block values are settings (MalformedMessage).
+    let mut h = samples::client_hello();
+    h.model_id = "m".repeat(65);
+    assert_eq!(code_of(&Message::ClientHello(h).encode().unwrap(), &l), lim);
+    let mut h = samples::server_hello();
+    h.limits.max_frame_len = HARD_MAX_FRAME_LEN + 1;
+    assert_eq!(code_of(&Message::ServerHello(h).encode().unwrap(), &l), mal);
+}

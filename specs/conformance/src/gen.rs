@@ -86,6 +86,8 @@ fn invalid_vectors() -> Result<Vec<Value>, String> {
             3,
             FRAME_HEADER_LEN + rng.below(b.len() - FRAME_HEADER_LEN),
         ];
+        // One vector per distinct cut (ids are unique).
+        cuts.sort_unstable();
         cuts.dedup();
         for cut in cuts {
             out.push(invalid(
@@ -93,6 +95,21 @@ fn invalid_vectors() -> Result<Vec<Value>, String> {
                 &b[..cut],
                 mal,
                 "TDM-FRAME-7",
+            ));
+        }
+        // TDM-FRAME-7: a truncated field inside a complete frame — the body is cut (last
+        // byte, and a random point) and the length field rewritten to match, so the frame is
+        // whole but its last field is short.
+        let body_len = b.len() - FRAME_HEADER_LEN;
+        let mut body_cuts = vec![body_len - 1, rng.below(body_len)];
+        body_cuts.sort_unstable();
+        body_cuts.dedup();
+        for keep in body_cuts {
+            out.push(invalid(
+                format!("truncated_field/{name}/{keep}"),
+                &reframe(&b[..FRAME_HEADER_LEN + keep])?,
+                mal,
+                "TDM-FRAME-7 complete frame, short field",
             ));
         }
         // TDM-FRAME-6: one trailing byte inside the frame.
@@ -133,6 +150,7 @@ fn invalid_vectors() -> Result<Vec<Value>, String> {
             "TDM-FRAME-3 header only",
         ));
     }
+    order_vectors(&mut out)?;
     // Field domains.
     let mut push = |id: &str, m: Message, code: ErrorCode, note: &str| -> Result<(), String> {
         out.push(invalid(format!("field/{id}"), &enc(&m)?, code, note));
@@ -384,6 +402,204 @@ fn invalid_vectors() -> Result<Vec<Value>, String> {
     Ok(out)
 }
 
+/// Rewrites the frame length field to the number of body bytes present.
+fn reframe(frame: &[u8]) -> Result<Vec<u8>, String> {
+    let mut b = frame.to_vec();
+    let len = u32::try_from(b.len().saturating_sub(FRAME_HEADER_LEN)).map_err(|e| e.to_string())?;
+    b.get_mut(2..6)
+        .ok_or("frame shorter than a header")?
+        .copy_from_slice(&len.to_be_bytes());
+    Ok(b)
+}
+
+/// Vectors that pin the order of checks (TDM-MSG-2, protocol.md §2.1): which code wins when
+/// a frame breaks two rules, and limit-before-remaining for counts.
+fn order_vectors(out: &mut Vec<Value>) -> Result<(), String> {
+    let mal = ErrorCode::MalformedMessage;
+    let lim = ErrorCode::LimitExceeded;
+    let mut add = |id: &str, b: &[u8], code: ErrorCode, note: &str| {
+        out.push(invalid(format!("order/{id}"), b, code, note));
+    };
+    // Header: version, then type, then length; fewer than 6 bytes is truncation.
+    add(
+        "version_before_length",
+        &[2, 5, 0xff, 0xff, 0xff, 0xff],
+        mal,
+        "TDM-FRAME-2 before TDM-FRAME-3",
+    );
+    add(
+        "type_before_length",
+        &[1, 0x42, 0xff, 0xff, 0xff, 0xff],
+        mal,
+        "TDM-FRAME-5 before TDM-FRAME-3",
+    );
+    add(
+        "short_header_big_length",
+        &[1, 5, 0xff, 0xff, 0xff],
+        mal,
+        "TDM-FRAME-7 header incomplete: length not yet checked",
+    );
+    let g = samples::dp_gaussian();
+    let noised = |batch: u16, values: Vec<i32>| {
+        Message::InferRequest(InferRequest {
+            request_id: 1,
+            layer_id: 0,
+            batch,
+            payload: RequestPayload::Noised(NoisedBlock { dp: g, values }),
+        })
+    };
+    // A count above its limit is LimitExceeded even when the announced bytes are absent.
+    let mut b = enc(&noised(1, vec![]))?;
+    let n = b.len();
+    b[n - 4..].copy_from_slice(&4097u32.to_be_bytes());
+    add(
+        "count_over_limit_without_bytes",
+        &b,
+        lim,
+        "TDM-MSG-2 bound before bytes remaining",
+    );
+    // Within the limit but more than the bytes left: MalformedMessage.
+    let mut b = enc(&noised(1, vec![]))?;
+    b[n - 4..].copy_from_slice(&4096u32.to_be_bytes());
+    add(
+        "count_within_limit_short",
+        &b,
+        mal,
+        "TDM-MSG-2 bytes remaining",
+    );
+    // Ciphertext list: count 2 needs at least 2 x 5 bytes; 9 remain, so MalformedMessage
+    // before the first ciphertext's (oversized) length is read.
+    let resp = Message::InferResponse(InferResponse {
+        request_id: 1,
+        layer_id: 0,
+        payload: ResponsePayload::Encrypted(EncryptedBlock {
+            ciphertexts: vec![vec![]],
+            ..samples::encrypted(1, OutputMode::NoKey)
+        }),
+    });
+    let mut b = enc(&resp)?;
+    let n = b.len();
+    b[n - 8..n - 4].copy_from_slice(&2u32.to_be_bytes());
+    b[n - 4..].copy_from_slice(&u32::MAX.to_be_bytes());
+    b.extend_from_slice(&[0; 5]);
+    add(
+        "ciphertext_count_min_size",
+        &reframe(&b)?,
+        mal,
+        "TDM-MSG-2 minimum element size 5 checked before the first element",
+    );
+    // Key blob length above max_key_len with no blob bytes: LimitExceeded.
+    let kr = Message::KeyRegister(KeyRegister {
+        key_id: [0; 32],
+        param_set: 1,
+        output_mode: OutputMode::NoKey,
+        channel_binding: [0; 32],
+        key_blob: vec![],
+    });
+    let mut b = enc(&kr)?;
+    let n = b.len();
+    b[n - 4..].copy_from_slice(&(samples::limits().max_key_len + 1).to_be_bytes());
+    add(
+        "key_blob_over_limit_without_bytes",
+        &b,
+        lim,
+        "TDM-KEY-1, TDM-MSG-2",
+    );
+    // First bad field wins.
+    let mut b = enc(&noised(9, vec![1; 9]))?;
+    b[FRAME_HEADER_LEN + 14] = 3;
+    add(
+        "batch_over_limit_then_bad_protection",
+        &b,
+        lim,
+        "TDM-MSG-2 batch (LimitExceeded) before protection (Malformed)",
+    );
+    add(
+        "batch_zero_then_values_over_limit",
+        &enc(&noised(0, vec![0; 4097]))?,
+        mal,
+        "TDM-MSG-2 batch 0 (Malformed) before the value count (LimitExceeded)",
+    );
+    let mut h = samples::client_hello();
+    h.versions = vec![1; 17];
+    h.model_id = "bad id".into();
+    add(
+        "versions_17_then_bad_model_id",
+        &enc(&Message::ClientHello(h))?,
+        lim,
+        "TDM-MSG-2 list bound before model id",
+    );
+    let mut h = samples::client_hello();
+    h.versions.clear();
+    h.param_sets = vec![1; 17];
+    add(
+        "versions_empty_then_param_sets_17",
+        &enc(&Message::ClientHello(h))?,
+        mal,
+        "TDM-MSG-2 empty list before the next list's bound",
+    );
+    let mut h = samples::client_hello();
+    h.model_id = "m".repeat(65);
+    add(
+        "model_id_65",
+        &enc(&Message::ClientHello(h))?,
+        lim,
+        "TDM-MSG-2 fixed bound 64",
+    );
+    // A limits block value is a setting, not a length in this frame: MalformedMessage.
+    let mut h = samples::server_hello();
+    h.limits.max_frame_len = limits::HARD_MAX_FRAME_LEN + 1;
+    add(
+        "limits_frame_len_above_hard_max",
+        &enc(&Message::ServerHello(h))?,
+        mal,
+        "TDM-LIM-2, TDM-MSG-2",
+    );
+    let mut h = samples::server_hello();
+    h.limits.max_in_flight = 0;
+    h.limits.max_frame_len = u32::MAX;
+    add(
+        "limits_first_bad_value",
+        &enc(&Message::ServerHello(h))?,
+        mal,
+        "TDM-LIM-2 checked in wire order",
+    );
+    Ok(())
+}
+
+/// The `settings` object of `transcripts.json`: everything a runner needs besides the steps.
+pub fn settings_json() -> Result<Value, String> {
+    let d = samples::device_config();
+    let c = samples::cloud_config();
+    let mut requests = serde_json::Map::new();
+    for name in [
+        "request_noised_gaussian",
+        "request_noised_laplace",
+        "request_encrypted_packed",
+        "request_encrypted_nokey",
+        "request_noised_encrypted",
+    ] {
+        requests.insert(name.into(), json!(hexutil::encode(&enc(&sample(name)?)?)));
+    }
+    Ok(json!({
+        "device": {
+            "versions": d.versions, "param_sets": d.param_sets, "model_id": d.model_id,
+            "model_digest": hexutil::encode(&d.model_digest), "limits": limits_json(&d.limits),
+            "request_timeout_ms": d.request_timeout_ms,
+        },
+        "cloud": {
+            "versions": c.versions, "param_sets": c.param_sets,
+            "models": c.models.iter().map(|m| json!({"model_id": m.model_id,
+                "model_digest": hexutil::encode(&m.model_digest)})).collect::<Vec<_>>(),
+            "limits": limits_json(&c.limits),
+        },
+        "channel_binding": hexutil::encode(&samples::CHANNEL_BINDING),
+        "peer_identity": hexutil::encode(&samples::PEER_IDENTITY),
+        "register_key": {"key_blob": hexutil::encode(&samples::key_blob()), "output_mode": "packed"},
+        "requests": requests,
+    }))
+}
+
 fn step_input(bytes: &[u8], now: u64) -> Value {
     json!({"op": "input", "hex": hexutil::encode(bytes), "now": now})
 }
@@ -487,6 +703,43 @@ fn transcripts() -> Result<Vec<Value>, String> {
         (
             "hello_timeout",
             vec![json!({"op": "timeout", "now": 30_000})],
+        ),
+        (
+            // TDM-TIME-2, TDM-FRAME-7: half a frame is traffic and is waited for; the
+            // deadline (2 + 30 000) fires at its instant.
+            "partial_frame_then_idle_timeout",
+            vec![
+                step_input(&hello, 1),
+                step_input(
+                    request_with(1, "request_noised_laplace")?
+                        .get(..10)
+                        .ok_or("short")?,
+                    2,
+                ),
+                json!({"op": "timeout", "now": 30_001}),
+                json!({"op": "timeout", "now": 30_002}),
+            ],
+        ),
+        (
+            // TDM-TIME-2: no deadline while a response is owed; it restarts at the answer.
+            "idle_suspended_while_owing",
+            vec![
+                step_input(&hello, 1),
+                step_input(&request_with(1, "request_noised_gaussian")?, 2),
+                json!({"op": "timeout", "now": 100_000}),
+                json!({"op": "respond_echo", "request_id": 1, "now": 100_001}),
+                json!({"op": "timeout", "now": 130_000}),
+                json!({"op": "timeout", "now": 130_001}),
+            ],
+        ),
+        (
+            // TDM-LIM-3: a body of exactly 1024 bytes passes the header check (then fails as
+            // a malformed ClientHello); 1025 is refused from the header (next transcript).
+            "handshake_frame_at_limit",
+            vec![step_input(
+                &[&[1u8, 1, 0, 0, 4, 0][..], &[0u8; 1024][..]].concat(),
+                1,
+            )],
         ),
         (
             "oversized_handshake_frame",
@@ -621,6 +874,31 @@ fn transcripts() -> Result<Vec<Value>, String> {
             ],
         ),
         (
+            // TDM-TIME-3: a response is traffic; with nothing in flight the negotiated idle
+            // timeout (30 000) applies again from it.
+            "idle_after_response",
+            vec![
+                step_input(&shello, 1),
+                json!({"op": "send", "sample": "request_noised_laplace", "now": 2}),
+                step_input(
+                    &enc(&Message::InferResponse(InferResponse {
+                        request_id: 1,
+                        layer_id: 1,
+                        payload: ResponsePayload::Plain(vec![42]),
+                    }))?,
+                    10,
+                ),
+                json!({"op": "timeout", "now": 30_009}),
+                json!({"op": "timeout", "now": 30_010}),
+            ],
+        ),
+        ("server_hello_wrong_param_set", {
+            // TDM-PAR-2: a parameter set the device did not offer.
+            let mut h = samples::server_hello();
+            h.param_set = 9;
+            vec![step_input(&enc(&Message::ServerHello(h))?, 1)]
+        }),
+        (
             "peer_close_error",
             vec![
                 step_input(&shello, 1),
@@ -640,10 +918,11 @@ fn transcripts() -> Result<Vec<Value>, String> {
             ],
         ),
     ];
+    let settings = transcript::Settings::from_json(&settings_json()?)?;
     let mut out = Vec::new();
     for (role, list) in [("cloud", &mut cloud), ("device", &mut dev)] {
         for (name, steps) in list.drain(..) {
-            let (records, fin) = transcript::execute(role, &steps)?;
+            let (records, fin) = transcript::execute(role, &steps, &settings)?;
             out.push(
                 json!({"id": format!("transcript/{role}/{name}"), "role": role,
                 "steps": records, "final": fin}),
@@ -668,7 +947,8 @@ pub fn generate(dir: &std::path::Path) -> Result<usize, String> {
         ),
         (
             "transcripts.json",
-            json!({"kind": "transcript", "seed": SEED, "vectors": transcripts()?}),
+            json!({"kind": "transcript", "seed": SEED, "settings": settings_json()?,
+                "vectors": transcripts()?}),
         ),
     ];
     let mut sums = String::new();

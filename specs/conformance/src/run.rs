@@ -34,7 +34,8 @@ impl Tally {
     }
 }
 
-fn limits_from(v: &Value) -> Option<Limits> {
+/// Limits from a vector file's `limits` object.
+pub fn limits_from(v: &Value) -> Option<Limits> {
     let g = |k: &str| v.get(k).and_then(Value::as_u64);
     Some(Limits {
         max_frame_len: u32::try_from(g("max_frame_len")?).ok()?,
@@ -99,12 +100,12 @@ fn check_invalid(v: &Value, limits: &Limits) -> Result<(), String> {
     }
 }
 
-fn check_transcript(v: &Value) -> Result<(), String> {
+fn check_transcript(v: &Value, settings: &transcript::Settings) -> Result<(), String> {
     let role = v["role"].as_str().ok_or("no role")?;
     let steps = v["steps"].as_array().ok_or("no steps")?;
     // The first record is the implicit "start" step.
     let inputs: Vec<Value> = steps.iter().skip(1).cloned().collect();
-    let (records, fin) = transcript::execute(role, &inputs)?;
+    let (records, fin) = transcript::execute(role, &inputs, settings)?;
     if records.len() != steps.len() {
         return Err("step count differs".into());
     }
@@ -132,12 +133,19 @@ pub fn run(dir: &Path) -> Result<Tally, String> {
         let doc: Value = serde_json::from_str(&text).map_err(|e| format!("{name}: {e}"))?;
         let kind = doc["kind"].as_str().unwrap_or("");
         let limits = limits_from(&doc["limits"]);
+        let settings = match kind {
+            "transcript" => Some(
+                transcript::Settings::from_json(&doc["settings"])
+                    .map_err(|e| format!("{name}: {e}"))?,
+            ),
+            _ => None,
+        };
         for v in doc["vectors"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
             let id = v["id"].as_str().unwrap_or("?");
-            let r = match (kind, &limits) {
-                ("valid", Some(l)) => check_valid(v, l),
-                ("invalid", Some(l)) => check_invalid(v, l),
-                ("transcript", _) => check_transcript(v),
+            let r = match (kind, &limits, &settings) {
+                ("valid", Some(l), _) => check_valid(v, l),
+                ("invalid", Some(l), _) => check_invalid(v, l),
+                ("transcript", _, Some(s)) => check_transcript(v, s),
                 _ => {
                     t.skip(id, &format!("unknown vector kind {kind:?}"));
                     continue;

@@ -8,6 +8,95 @@ use tandem_protocol::*;
 
 use crate::hexutil;
 
+/// The fixed inputs every transcript of a file shares (its `settings` object): both sides'
+/// configurations, the connection's channel binding and peer identity, the key the device
+/// registers and the requests the device sends by name. Stored in the vector file, so a
+/// runner needs nothing from `tandem_protocol::samples`.
+pub struct Settings {
+    device: DeviceConfig,
+    cloud: CloudConfig,
+    channel_binding: [u8; 32],
+    peer_identity: [u8; 32],
+    key_blob: Vec<u8>,
+    requests: Vec<(String, InferRequest)>,
+}
+
+fn hex32(v: &Value, what: &str) -> Result<[u8; 32], String> {
+    hexutil::decode(v.as_str().ok_or(format!("settings: no {what}"))?)
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or(format!("settings: {what} is not 32 bytes of hex"))
+}
+
+fn u16_list(v: &Value, what: &str) -> Result<Vec<u16>, String> {
+    v.as_array()
+        .ok_or(format!("settings: no {what}"))?
+        .iter()
+        .map(|x| {
+            x.as_u64()
+                .and_then(|n| u16::try_from(n).ok())
+                .ok_or(format!("settings: bad {what}"))
+        })
+        .collect()
+}
+
+impl Settings {
+    /// Parses the `settings` object of a transcript file.
+    pub fn from_json(v: &Value) -> Result<Self, String> {
+        let limits = |w: &Value| crate::run::limits_from(w).ok_or("settings: bad limits");
+        let d = &v["device"];
+        let device = DeviceConfig {
+            versions: u16_list(&d["versions"], "device.versions")?,
+            param_sets: u16_list(&d["param_sets"], "device.param_sets")?,
+            model_id: d["model_id"]
+                .as_str()
+                .ok_or("settings: device.model_id")?
+                .into(),
+            model_digest: hex32(&d["model_digest"], "device.model_digest")?,
+            limits: limits(&d["limits"])?,
+            request_timeout_ms: d["request_timeout_ms"]
+                .as_u64()
+                .ok_or("settings: device.request_timeout_ms")?,
+        };
+        let c = &v["cloud"];
+        let models = c["models"]
+            .as_array()
+            .ok_or("settings: cloud.models")?
+            .iter()
+            .map(|m| {
+                Ok(ModelEntry {
+                    model_id: m["model_id"].as_str().ok_or("settings: model_id")?.into(),
+                    model_digest: hex32(&m["model_digest"], "model_digest")?,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let cloud = CloudConfig {
+            versions: u16_list(&c["versions"], "cloud.versions")?,
+            param_sets: u16_list(&c["param_sets"], "cloud.param_sets")?,
+            models,
+            limits: limits(&c["limits"])?,
+        };
+        let key_blob = hexutil::decode(v["register_key"]["key_blob"].as_str().unwrap_or("-"))
+            .ok_or("settings: register_key.key_blob")?;
+        let mut requests = Vec::new();
+        for (name, r) in v["requests"].as_object().ok_or("settings: no requests")? {
+            let bytes = hexutil::decode(r.as_str().unwrap_or("-"))
+                .ok_or(format!("settings: request {name}: bad hex"))?;
+            match decode_frame(&bytes, &device.limits) {
+                Ok((Message::InferRequest(m), _)) => requests.push((name.clone(), m)),
+                other => return Err(format!("settings: request {name}: {other:?}")),
+            }
+        }
+        Ok(Settings {
+            device,
+            cloud,
+            channel_binding: hex32(&v["channel_binding"], "channel_binding")?,
+            peer_identity: hex32(&v["peer_identity"], "peer_identity")?,
+            key_blob,
+            requests,
+        })
+    }
+}
+
 fn code_name(c: ErrorCode) -> String {
     format!("{c:?}")
 }
@@ -66,19 +155,23 @@ fn res(r: Result<(), Error>) -> String {
     }
 }
 
-/// Runs `steps` for `role` ("device" or "cloud") and returns one record per
-/// step plus the final state. Errors in the step list itself are `Err`.
-pub fn execute(role: &str, steps: &[Value]) -> Result<(Vec<Value>, Value), String> {
+/// Runs `steps` for `role` ("device" or "cloud") under `settings` and returns
+/// one record per step plus the final state. Errors in the step list itself are `Err`.
+pub fn execute(
+    role: &str,
+    steps: &[Value],
+    settings: &Settings,
+) -> Result<(Vec<Value>, Value), String> {
     let mut s = match role {
         "device" => Role::Device(Box::new(
-            DeviceSession::new(samples::device_config(), samples::CHANNEL_BINDING, 0)
+            DeviceSession::new(settings.device.clone(), settings.channel_binding, 0)
                 .map_err(|e| e.to_string())?,
         )),
         "cloud" => Role::Cloud(Box::new(
             CloudSession::new(
-                samples::cloud_config(),
-                samples::PEER_IDENTITY,
-                samples::CHANNEL_BINDING,
+                settings.cloud.clone(),
+                settings.peer_identity,
+                settings.channel_binding,
                 0,
             )
             .map_err(|e| e.to_string())?,
@@ -135,21 +228,20 @@ pub fn execute(role: &str, steps: &[Value]) -> Result<(Vec<Value>, Value), Strin
                 res(c.allow_key(k))
             }
             (Role::Device(d), "register_key") => res(d.register_key(
-                samples::key_id(),
+                key_id_of(&settings.key_blob),
                 OutputMode::Packed,
-                samples::key_blob(),
+                settings.key_blob.clone(),
                 now,
             )),
             (Role::Device(d), "send") => {
                 let name = step["sample"].as_str().ok_or("send without sample")?;
-                let m = samples::messages()
-                    .into_iter()
-                    .find(|(n, _)| *n == name)
-                    .ok_or("unknown sample")?
-                    .1;
-                let Message::InferRequest(r) = m else {
-                    return Err("sample is not a request".into());
-                };
+                let r = settings
+                    .requests
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .ok_or(format!("no request {name} in settings"))?
+                    .1
+                    .clone();
                 match d.send_request(r.layer_id, r.batch, r.payload, now) {
                     Ok(_) => "ok".into(),
                     Err(e) => code_name(e.code()),
