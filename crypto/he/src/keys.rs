@@ -74,8 +74,8 @@ impl SecretKey {
         }
     }
 
-    /// The key's id (a SHA-256 digest; the key has N bits of entropy, so the digest reveals
-    /// nothing usable about it).
+    /// The key's id (a SHA-256 digest; the key is derived from a 128-bit seed, so it has at
+    /// most 128 bits of entropy — enough that the digest reveals nothing usable about it).
     pub fn key_id(&self) -> KeyId {
         self.key_id
     }
