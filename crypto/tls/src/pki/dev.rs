@@ -762,6 +762,39 @@ mod tests {
     }
 
     #[test]
+    fn a_forged_crl_with_a_higher_number_cannot_displace_the_real_one() {
+        // Same issuer name as the device CA, another key: refused before selection, so its
+        // huge CRL number cannot un-revoke anything.
+        let mut pki = DevPki::generate(1).unwrap();
+        pki.revoke_device("device-1").unwrap();
+        let now = OffsetDateTime::now_utc();
+        let subject = x509_parser::parse_x509_certificate(pki.device_ca_cert().as_ref())
+            .unwrap()
+            .1
+            .subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let forger = Ca::generate(&subject, now).unwrap();
+        let forged = sign_crl(&forger, &[], u64::MAX, now).unwrap();
+        let crls = vec![
+            (PathBuf::from("device-ca.crl"), pki.crl().clone()),
+            (PathBuf::from("device-ca.crl"), forged),
+        ];
+        let r = crate::effective_crls(
+            &crls,
+            &[pki.device_ca_cert().clone()],
+            std::time::SystemTime::now(),
+        );
+        assert!(matches!(r, Err(Error::CrlBadSignature { .. })), "{r:?}");
+        let r = crate::effective_crls(&crls[..1], &[pki.device_ca_cert().clone()], now.into());
+        assert_eq!(r.unwrap(), vec![pki.crl().clone()]);
+    }
+
+    #[test]
     fn distinct_devices_have_distinct_identities() {
         let pki = DevPki::generate(3).unwrap();
         let ids: std::collections::HashSet<_> = pki
