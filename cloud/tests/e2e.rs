@@ -150,7 +150,7 @@ async fn tls_rejection_matrix_starts_no_session() {
             tmp.path(),
         );
         o.tls = tls;
-        o.max_attempts = 1;
+        o.retry = tandem_device::RetryPolicy::none();
         let r = Device::connect(o).await;
         assert!(r.is_err(), "{name}: must be refused");
         assert_eq!(cloud.sessions_started(), 0, "{name}: no session may start");

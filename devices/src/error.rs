@@ -1,0 +1,84 @@
+//! The crate's single error type.
+
+use std::path::PathBuf;
+
+use tandem_protocol::ErrorCode;
+
+/// Errors of the device runtime.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeviceError {
+    /// Socket or file I/O failed.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// TLS set-up or the connection's TLS state failed a check.
+    #[error("TLS: {0}")]
+    Tls(#[from] tandem_tls::Error),
+    /// The model bundle failed to load or verify, or the input (or a value derived from it)
+    /// is out of range: wrong length, empty, or non-finite at some float stage
+    /// ([`tandem_model::ModelError::NonFinite`]). Nothing was charged or sent.
+    #[error("model: {0}")]
+    Model(#[from] tandem_model::ModelError),
+    /// The HE engine failed.
+    #[error("HE: {0}")]
+    He(#[from] tandem_he::HeError),
+    /// Differential privacy or the ledger failed.
+    #[error("DP: {0}")]
+    Dp(#[from] tandem_dp::DpError),
+    /// The protocol session failed.
+    #[error("protocol: {0}")]
+    Protocol(#[from] tandem_protocol::Error),
+    /// The cloud closed the session.
+    #[error("session closed by the cloud ({0:?})")]
+    Closed(ErrorCode),
+    /// The cloud refused the request.
+    #[error("request refused by the cloud ({0:?})")]
+    Refused(ErrorCode),
+    /// The privacy budget of this window would be exceeded; nothing was charged or sent.
+    #[error("privacy budget exceeded")]
+    BudgetExceeded,
+    /// The cloud did not answer in time.
+    #[error("timed out")]
+    Timeout,
+    /// The handshake settled on a parameter-set id this build does not know
+    /// (not in [`tandem_he::ALL_PARAMETER_SETS`]); nothing was encrypted under it.
+    #[error(
+        "the cloud negotiated HE parameter set {0}, which this build does not implement: \
+         offer only known sets (DeviceOptions::param_sets) or upgrade the device"
+    )]
+    UnknownParameterSet(u16),
+    /// A durable state file (HE secret seed, …) is damaged, truncated, foreign or unreadable.
+    #[error("state file {}: {reason}; {action}", path.display())]
+    StateFile {
+        /// The file concerned.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+        /// What the operator can do about it.
+        action: &'static str,
+    },
+    /// The configuration is invalid.
+    #[error("config: {0}")]
+    Config(String),
+}
+
+impl DeviceError {
+    /// Whether a fresh attempt (new connection, same payload) may succeed: connection
+    /// failures, time-outs, an overloaded or restarting cloud. Refusals of the request
+    /// itself, TLS/certificate failures, protocol violations and local errors are final.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DeviceError::Io(e) => e.kind() != std::io::ErrorKind::InvalidData,
+            DeviceError::Timeout => true,
+            DeviceError::Closed(c) => matches!(
+                c,
+                ErrorCode::NoError
+                    | ErrorCode::Busy
+                    | ErrorCode::IdleTimeout
+                    | ErrorCode::InternalError
+            ),
+            DeviceError::Refused(c) => *c == ErrorCode::Busy,
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,542 @@
+//! The inference pipeline: device layers → (charge + noise) → (encrypt) → cloud →
+//! (decrypt) → device layers, with retries that never charge twice.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tandem_dp::{Accountant, Clip, Mechanism, Policy, Quantizer, SecureBits};
+use tandem_he::{EncryptedOutput, OutputMode};
+use tandem_model::{Bundle, Part};
+use tandem_protocol::{
+    BudgetCharge, DpMetadata, EncryptedBlock, ErrorCode, NoisedBlock, RequestPayload,
+    ResponsePayload, Scale,
+};
+
+use crate::conn::{Conn, ConnectParams};
+use crate::keys::{self, HeState, LayerShape};
+use crate::{
+    DeviceError, DeviceOptions, Inference, Protection, RetryPolicy, Timings, MAX_ABS_INPUT,
+};
+
+/// Largest encrypted output blob decoded.
+const MAX_OUTPUT_BLOB: usize = 64 << 20;
+
+/// A connected device.
+pub struct Device {
+    opts: DeviceOptions,
+    bundle: Bundle,
+    layer: LayerShape,
+    layer_id: u32,
+    /// Integer steps per real unit of the cloud layer's input (`1 / input_scale`), as the DP
+    /// quantiser takes it and as the request's DP metadata carries it today.
+    quant_scale: f64,
+    he: HeState,
+    accountant: Accountant,
+    rng: SecureBits,
+    mechanisms: HashMap<u64, Mechanism>,
+    conn: Option<Conn>,
+    epoch: Instant,
+    key_uploads: u64,
+    connects: u64,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("model", &self.bundle.id())
+            .field("he", &self.he)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What goes to the cloud, fixed once per inference (after any charge): retries resend it.
+enum Body {
+    /// Noised integers in the clear.
+    Plain(RequestPayload),
+    /// Integers to encrypt (noised or not); the encryption is cached per parameter set and
+    /// redone only if a reconnect negotiates another set (same integers: no new charge).
+    Encrypt {
+        values: Vec<i64>,
+        dp: Option<DpMetadata>,
+        cached: Option<(u16, RequestPayload)>,
+    },
+}
+
+impl Body {
+    fn encrypted(&self) -> bool {
+        matches!(self, Body::Encrypt { .. })
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+fn to_proto_mode(m: OutputMode) -> tandem_protocol::OutputMode {
+    match m {
+        OutputMode::NoKey => tandem_protocol::OutputMode::NoKey,
+        OutputMode::Packed => tandem_protocol::OutputMode::Packed,
+    }
+}
+
+/// Sleeps before the next attempt if the policy allows one; `false` when retries are spent.
+async fn pause(retry: &RetryPolicy, attempt: usize, started: Instant) -> bool {
+    if attempt >= retry.max_attempts {
+        return false;
+    }
+    let d = retry.backoff(attempt, rand::random::<f64>());
+    if started.elapsed() + d > retry.deadline {
+        return false;
+    }
+    tokio::time::sleep(d).await;
+    true
+}
+
+impl Device {
+    /// Loads the bundle's device part, the HE keys and the ledger, then connects (retrying
+    /// per [`DeviceOptions::retry`], so a cloud that is still starting is waited for).
+    ///
+    /// # Errors
+    /// Any [`DeviceError`]: a bundle that does not verify, a damaged state file, a ledger
+    /// that cannot be opened, or a connection that fails for good.
+    pub async fn connect(opts: DeviceOptions) -> Result<Device, DeviceError> {
+        let o = opts.clone();
+        let mut dev = tokio::task::spawn_blocking(move || Device::load(o))
+            .await
+            .map_err(|e| DeviceError::Config(format!("load task failed: {e}")))??;
+        let started = Instant::now();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match dev.ensure_connected().await {
+                Ok(()) => break,
+                Err(e) if e.is_transient() && pause(&dev.opts.retry, attempt, started).await => {
+                    tracing::warn!(error = %e, attempt, "cloud unreachable: retrying");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        dev.ensure_he().await?;
+        Ok(dev)
+    }
+
+    fn load(opts: DeviceOptions) -> Result<Device, DeviceError> {
+        if opts.retry.max_attempts == 0 {
+            return Err(DeviceError::Config(
+                "retry.max_attempts must be at least 1".into(),
+            ));
+        }
+        let bundle = Bundle::load_part(
+            &opts.bundle_dir,
+            &opts.verifying_key,
+            &tandem_model::Limits::default(),
+            Part::Device,
+        )?;
+        let spec = bundle
+            .layers()
+            .get(bundle.cloud_index())
+            .ok_or_else(|| DeviceError::Config("bundle has no cloud layer".into()))?
+            .spec()
+            .clone();
+        let quant = spec
+            .quant
+            .ok_or_else(|| DeviceError::Config("cloud layer is not quantised".into()))?;
+        let layer = LayerShape {
+            n_in: spec.n_in,
+            n_out: spec.n_out,
+            bias_bound: quant.bias_bound(),
+        };
+        // Keys for the preferred known set now; another negotiated set is loaded on connect.
+        let first = opts
+            .param_sets
+            .first()
+            .copied()
+            .ok_or_else(|| DeviceError::Config("param_sets is empty".into()))?;
+        let params = opts
+            .param_sets
+            .iter()
+            .find_map(|&id| keys::parameter_set(id).ok())
+            .ok_or(DeviceError::UnknownParameterSet(first))?;
+        let he = HeState::load(params, opts.output_mode, layer, opts.state_dir.as_deref())?;
+        let policy = match opts.dp.budget_rho {
+            Some(rho) => Policy::new(rho, opts.dp.window_secs)?,
+            None => Policy::from_epsilon_delta(
+                opts.dp.budget_epsilon,
+                opts.dp.delta,
+                opts.dp.window_secs,
+            )?,
+        };
+        let (accountant, _report) = Accountant::open(&opts.ledger_path, policy)?;
+        let layer_id = u32::try_from(bundle.cloud_index())
+            .map_err(|_| DeviceError::Config("layer index out of range".into()))?;
+        Ok(Device {
+            layer,
+            layer_id,
+            quant_scale: 1.0 / f64::from(quant.input_scale),
+            bundle,
+            he,
+            accountant,
+            rng: SecureBits::new()?,
+            mechanisms: HashMap::new(),
+            conn: None,
+            epoch: Instant::now(),
+            key_uploads: 0,
+            connects: 0,
+            opts,
+        })
+    }
+
+    /// The model's id.
+    pub fn model_id(&self) -> &str {
+        self.bundle.id()
+    }
+
+    /// The cloud layer's HE plan (under the parameter set in use).
+    pub fn plan(&self) -> &tandem_he::LayerPlan {
+        &self.he.plan
+    }
+
+    /// The HE parameter set in use (the one the last handshake negotiated).
+    pub fn parameter_set(&self) -> tandem_he::ParameterSet {
+        self.he.params
+    }
+
+    /// Size of the evaluation-key blob (0 in no-key mode).
+    pub fn key_blob_len(&self) -> usize {
+        self.he.key_blob.len()
+    }
+
+    /// Evaluation-key uploads so far.
+    pub fn key_uploads(&self) -> u64 {
+        self.key_uploads
+    }
+
+    /// Connections opened so far.
+    pub fn connects(&self) -> u64 {
+        self.connects
+    }
+
+    /// Records in the privacy ledger.
+    pub fn ledger_records(&self) -> u64 {
+        self.accountant.records()
+    }
+
+    /// ε spent in the current window (zCDP total converted at the configured δ).
+    ///
+    /// # Errors
+    /// [`DeviceError::Dp`] if the conversion fails.
+    pub fn epsilon_spent_total(&self) -> Result<f64, DeviceError> {
+        Ok(self
+            .accountant
+            .spent_epsilon(&self.opts.ledger_id, now_secs(), self.opts.dp.delta)?)
+    }
+
+    /// Points the device at another cloud address (the next connection uses it).
+    pub fn set_addr(&mut self, addr: std::net::SocketAddr) {
+        self.opts.addr = addr;
+    }
+
+    /// Drops the current connection (the next inference reconnects).
+    pub fn disconnect(&mut self) {
+        self.conn = None;
+    }
+
+    /// Closes the session cleanly.
+    pub async fn close(mut self) {
+        if let Some(c) = self.conn.take() {
+            c.close().await;
+        }
+    }
+
+    /// One connection attempt (no retry), unless the current session is still open.
+    async fn ensure_connected(&mut self) -> Result<(), DeviceError> {
+        if self.conn.as_ref().is_some_and(Conn::is_open) {
+            return Ok(());
+        }
+        self.conn = None;
+        let conn = Conn::open(ConnectParams {
+            addr: self.opts.addr,
+            server_name: &self.opts.server_name,
+            tls: self.opts.tls.clone(),
+            model_id: self.bundle.id(),
+            model_digest: self.bundle.digest(),
+            param_sets: &self.opts.param_sets,
+            io_timeout: self.opts.io_timeout,
+            epoch: self.epoch,
+        })
+        .await?;
+        self.connects += 1;
+        self.conn = Some(conn);
+        Ok(())
+    }
+
+    /// Makes the HE state match the parameter set the current connection negotiated.
+    async fn ensure_he(&mut self) -> Result<(), DeviceError> {
+        let Some(params) = self.conn.as_ref().map(|c| c.params) else {
+            return Ok(());
+        };
+        if params == self.he.params {
+            return Ok(());
+        }
+        tracing::info!(
+            param_set = params.id,
+            "cloud negotiated another parameter set: loading its keys"
+        );
+        let (mode, layer, dir) = (
+            self.opts.output_mode,
+            self.layer,
+            self.opts.state_dir.clone(),
+        );
+        self.he =
+            tokio::task::spawn_blocking(move || HeState::load(params, mode, layer, dir.as_deref()))
+                .await
+                .map_err(|e| DeviceError::Config(format!("key task failed: {e}")))??;
+        Ok(())
+    }
+
+    /// Uploads the evaluation key on the current connection.
+    async fn upload_key(&mut self) -> Result<usize, DeviceError> {
+        let mode = to_proto_mode(self.opts.output_mode);
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or(DeviceError::Closed(ErrorCode::NoError))?;
+        let sent = conn
+            .upload_key(self.he.key_id, mode, self.he.key_blob.clone())
+            .await?;
+        self.key_uploads += 1;
+        tracing::info!(bytes = sent, "evaluation key uploaded");
+        Ok(sent)
+    }
+
+    fn mechanism(&mut self, epsilon: f64) -> Result<Mechanism, DeviceError> {
+        if let Some(m) = self.mechanisms.get(&epsilon.to_bits()) {
+            return Ok(m.clone());
+        }
+        let q = Quantizer::new(
+            Clip::L2(self.opts.dp.clip_l2),
+            self.quant_scale,
+            self.layer.n_in,
+        )?;
+        let m = Mechanism::gaussian_for_epsilon_delta(q, epsilon, self.opts.dp.delta)?;
+        self.mechanisms.insert(epsilon.to_bits(), m.clone());
+        Ok(m)
+    }
+
+    /// Charges the ledger (durably) and noises the activation: called once per release, and
+    /// only on a finite activation.
+    fn release(
+        &mut self,
+        activation: &[f32],
+        epsilon: f64,
+    ) -> Result<(Vec<i64>, DpMetadata), DeviceError> {
+        if let Some(index) = activation.iter().position(|v| !v.is_finite()) {
+            return Err(tandem_model::ModelError::NonFinite {
+                stage: "activation before release".into(),
+                index,
+            }
+            .into());
+        }
+        let mech = self.mechanism(epsilon)?;
+        let rho = mech.cost_rho()?;
+        let now = now_secs();
+        if self.accountant.would_exceed(&self.opts.ledger_id, now, rho) {
+            return Err(DeviceError::BudgetExceeded);
+        }
+        let receipt = self.accountant.charge(&self.opts.ledger_id, now, rho)?;
+        let x: Vec<f64> = activation.iter().map(|&v| f64::from(v)).collect();
+        let noised = mech.release(&x, receipt, &mut self.rng)?;
+        let meta = DpMetadata {
+            mechanism: tandem_protocol::Mechanism::DiscreteGaussian,
+            scale: Scale::Float(mech.sigma_or_scale()),
+            charge: BudgetCharge::Rho(rho),
+            clip_bound: self.opts.dp.clip_l2,
+            quant_scale: self.quant_scale,
+        };
+        Ok((noised, meta))
+    }
+
+    /// The request for `body` under the HE state in use (encrypting at most once per set).
+    fn request_for(&mut self, body: &mut Body) -> Result<RequestPayload, DeviceError> {
+        match body {
+            Body::Plain(p) => Ok(p.clone()),
+            Body::Encrypt { values, dp, cached } => {
+                if let Some((id, p)) = cached {
+                    if *id == self.he.params.id {
+                        return Ok(p.clone());
+                    }
+                }
+                let input = self.he.client.encrypt(&self.he.plan, std::slice::from_ref(values))?;
+                let enc = EncryptedBlock {
+                    param_set: self.he.params.id,
+                    key_id: self.he.key_id,
+                    output_mode: to_proto_mode(self.opts.output_mode),
+                    ciphertexts: vec![input.to_bytes()],
+                };
+                let p = match *dp {
+                    None => RequestPayload::Encrypted(enc),
+                    Some(dp) => RequestPayload::NoisedEncrypted { dp, enc },
+                };
+                *cached = Some((self.he.params.id, p.clone()));
+                Ok(p)
+            }
+        }
+    }
+
+    /// One attempt: connect if needed, match keys to the negotiated set, send, await.
+    async fn attempt(
+        &mut self,
+        body: &mut Body,
+    ) -> Result<(ResponsePayload, usize, usize), DeviceError> {
+        self.ensure_connected().await?;
+        self.ensure_he().await?;
+        let request = self.request_for(body)?;
+        let layer_id = self.layer_id;
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or(DeviceError::Closed(ErrorCode::NoError))?;
+        conn.round_trip(layer_id, request).await
+    }
+
+    /// Runs one inference on a raw input vector.
+    ///
+    /// Every float stage (standardisation, each device layer and activation, quantisation,
+    /// dequantisation of the cloud's output, the remaining layers) refuses non-finite values;
+    /// an input of the wrong length (including empty) is refused. Both happen before anything
+    /// is charged to the ledger or sent.
+    ///
+    /// # Errors
+    /// [`DeviceError::Model`] for such inputs, [`DeviceError::BudgetExceeded`],
+    /// [`DeviceError::Refused`] / [`DeviceError::Closed`] from the cloud, and connection
+    /// errors once [`DeviceOptions::retry`] is spent.
+    pub async fn infer(
+        &mut self,
+        input: &[f32],
+        protection: Protection,
+    ) -> Result<Inference, DeviceError> {
+        let mut t = Timings::default();
+        let start = Instant::now();
+        let activation = self.bundle.device_prefix(input)?;
+        let q = self.bundle.quantize_input(&activation)?;
+        t.device_ms = ms(start);
+        let mut epsilon_spent = 0.0;
+        // Build the body exactly once: retries resend it (a release is charged once).
+        let mut body = match protection {
+            Protection::Encrypted => Body::Encrypt {
+                values: q,
+                dp: None,
+                cached: None,
+            },
+            Protection::Noised { epsilon } => {
+                let s = Instant::now();
+                let (noised, dp) = self.release(&activation, epsilon)?;
+                t.dp_ms = ms(s);
+                epsilon_spent = epsilon;
+                let values = noised
+                    .iter()
+                    .map(|&v| v.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32)
+                    .collect();
+                Body::Plain(RequestPayload::Noised(NoisedBlock { dp, values }))
+            }
+            Protection::NoisedEncrypted { epsilon } => {
+                let s = Instant::now();
+                let (noised, dp) = self.release(&activation, epsilon)?;
+                t.dp_ms = ms(s);
+                epsilon_spent = epsilon;
+                // Clamping after noising is post-processing: it costs no privacy.
+                let m = MAX_ABS_INPUT as i64;
+                Body::Encrypt {
+                    values: noised.iter().map(|&v| v.clamp(-m, m)).collect(),
+                    dp: Some(dp),
+                    cached: None,
+                }
+            }
+        };
+        if body.encrypted() {
+            let s = Instant::now();
+            self.request_for(&mut body)?;
+            t.encrypt_ms = ms(s);
+        }
+        let s = Instant::now();
+        let mut key_upload_bytes = 0;
+        let mut attempts = 0;
+        let mut key_tried = false;
+        let (response, up, down) = loop {
+            attempts += 1;
+            match self.attempt(&mut body).await {
+                Ok(v) => break v,
+                Err(DeviceError::Refused(ErrorCode::UnknownKey))
+                    if body.encrypted() && !key_tried =>
+                {
+                    key_tried = true;
+                    key_upload_bytes += self.upload_key().await?;
+                    attempts -= 1;
+                }
+                Err(e) if e.is_transient() => {
+                    if !matches!(e, DeviceError::Refused(_)) {
+                        self.conn = None;
+                    }
+                    if !pause(&self.opts.retry, attempts, s).await {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, attempt = attempts, "retrying with the same payload");
+                }
+                Err(e) => {
+                    if !matches!(e, DeviceError::Refused(_)) {
+                        self.conn = None;
+                    }
+                    return Err(e);
+                }
+            }
+        };
+        t.network_ms = ms(s);
+        let s = Instant::now();
+        let z = match response {
+            ResponsePayload::Plain(z) => z,
+            ResponsePayload::Encrypted(block) => {
+                let [ct] = block.ciphertexts.as_slice() else {
+                    return Err(DeviceError::Refused(ErrorCode::MalformedMessage));
+                };
+                let out = EncryptedOutput::from_bytes(
+                    ct,
+                    MAX_OUTPUT_BLOB,
+                    &self.he.plan,
+                    &self.he.client.key_id(),
+                )?;
+                let mut rows = self.he.client.decrypt(&self.he.plan, &out)?;
+                rows.pop()
+                    .ok_or(DeviceError::Refused(ErrorCode::MalformedMessage))?
+            }
+        };
+        if z.len() != self.layer.n_out {
+            return Err(DeviceError::Refused(ErrorCode::MalformedMessage));
+        }
+        // Dequantisation and the remaining layers refuse non-finite values.
+        let pred = self.bundle.finish_on_device(&z)?;
+        t.decrypt_ms = ms(s);
+        Ok(Inference {
+            class: pred.class,
+            logits: pred.logits,
+            timings: t,
+            bytes_up: up,
+            bytes_down: down,
+            key_upload_bytes,
+            epsilon_spent,
+            attempts,
+        })
+    }
+}
+
+/// How long [`Device::connect`] may wait in total under `retry` (sum of the largest pauses,
+/// capped by the deadline): what a caller should allow before giving up on it.
+pub fn worst_case_wait(retry: &RetryPolicy) -> Duration {
+    let pauses: Duration = (1..retry.max_attempts).map(|k| retry.backoff(k, 1.0)).sum();
+    pauses.min(retry.deadline)
+}

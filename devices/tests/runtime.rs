@@ -1,0 +1,365 @@
+//! The device runtime over real mutual TLS on loopback (issue 12: items 3, 7, 8, 9, 10).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tandem_cloud::{Cloud, ServerOptions};
+use tandem_device::{
+    state, Device, DeviceError, DeviceOptions, HeState, LayerShape, Protection, RetryPolicy,
+};
+use tandem_he::{OutputMode, DEFAULT_PARAMETERS};
+use tandem_model::{read_verifying_key, Bundle, ModelError, TestSet, VerifyingKey};
+use tandem_protocol::{CloudConfig, CloudEvent, CloudSession, ModelEntry};
+use tandem_tls::{client_config, server_config, DevPki};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn vk() -> VerifyingKey {
+    read_verifying_key(&repo().join("models/dev-verifying-key.txt")).unwrap()
+}
+
+fn digits() -> PathBuf {
+    repo().join("models/digits")
+}
+
+async fn start_cloud(pki: &DevPki, store: &Path, addr: SocketAddr) -> Cloud {
+    let tls = server_config(pki.server_credentials()).unwrap();
+    let mut o = ServerOptions::new(addr, tls, vk(), store.to_path_buf());
+    o.models = vec![digits()];
+    Cloud::start(o).await.unwrap()
+}
+
+fn dev_opts(pki: &DevPki, addr: SocketAddr, dir: &Path) -> DeviceOptions {
+    let tls = client_config(pki.client_credentials("device-1").unwrap()).unwrap();
+    let mut o = DeviceOptions::new(addr, tls, digits(), vk(), dir.join("ledger.bin"));
+    o.dp.budget_rho = Some(1e6);
+    o
+}
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+fn expect_non_finite(r: Result<tandem_device::Inference, DeviceError>, want_stage: &str) {
+    match r {
+        Err(DeviceError::Model(ModelError::NonFinite { stage, .. })) => {
+            assert_eq!(stage, want_stage)
+        }
+        other => panic!("expected NonFinite at {want_stage}, got {other:?}"),
+    }
+}
+
+/// Item 3: 64 copies of 3.4028234e38 (finite) used to overflow the standardisation to NaN,
+/// which ReLU mapped to 0: a prediction, exit 0, and in noised mode a ledger charge. Now a
+/// typed error before anything is charged or sent, in every protection mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overflowing_input_is_refused_before_any_charge_or_send() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = DevPki::generate(1).unwrap();
+    let cloud = start_cloud(&pki, &tmp.path().join("keys.redb"), free_addr()).await;
+    let mut dev = Device::connect(dev_opts(&pki, cloud.local_addr(), tmp.path()))
+        .await
+        .unwrap();
+    let huge = vec![3.402_823_4e38_f32; 64];
+    for p in [
+        Protection::Noised { epsilon: 4.0 },
+        Protection::NoisedEncrypted { epsilon: 4.0 },
+        Protection::Encrypted,
+    ] {
+        expect_non_finite(dev.infer(&huge, p).await, "standardisation");
+        let mut nan = vec![0.0f32; 64];
+        nan[7] = f32::NAN;
+        expect_non_finite(dev.infer(&nan, p).await, "input");
+        for bad in [&[][..], &[1.0f32; 63][..], &[1.0f32; 65][..]] {
+            match dev.infer(bad, p).await {
+                Err(DeviceError::Model(ModelError::InvalidInput(_))) => {}
+                other => panic!("length {}: {other:?}", bad.len()),
+            }
+        }
+    }
+    assert_eq!(dev.ledger_records(), 0, "nothing charged");
+    assert_eq!(dev.epsilon_spent_total().unwrap(), 0.0);
+    assert_eq!(cloud.metrics().requests(), 0, "nothing sent");
+    // The same device still works on a valid input (and is charged for it).
+    let x = TestSet::load(&digits().join("test.json")).unwrap().x[0].clone();
+    dev.infer(&x, Protection::Noised { epsilon: 4.0 })
+        .await
+        .unwrap();
+    assert_eq!(dev.ledger_records(), 1);
+    dev.close().await;
+    cloud.shutdown().await;
+}
+
+/// Item 10: the first connect retried with backoff: the device starts, the cloud 1.5 s later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_waits_for_a_cloud_that_starts_late() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = DevPki::generate(1).unwrap();
+    let addr = free_addr();
+    // Without retry this is exactly the reported failure.
+    let mut o = dev_opts(&pki, addr, tmp.path());
+    o.retry = RetryPolicy::none();
+    assert!(matches!(
+        Device::connect(o).await,
+        Err(DeviceError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    ));
+    let o = dev_opts(&pki, addr, tmp.path());
+    let started = Instant::now();
+    let device = tokio::spawn(Device::connect(o));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let cloud = start_cloud(&pki, &tmp.path().join("keys.redb"), addr).await;
+    let mut dev = device.await.unwrap().unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(dev.connects(), 1);
+    let x = TestSet::load(&digits().join("test.json")).unwrap().x[0].clone();
+    let r = dev
+        .infer(&x, Protection::Noised { epsilon: 4.0 })
+        .await
+        .unwrap();
+    assert_eq!(r.attempts, 1);
+
+    // An outage during use: the cloud goes away and comes back 1 s later; the inference
+    // rides it out with the same payload and one charge.
+    cloud.shutdown().await;
+    let restart = {
+        let pki_store = tmp.path().join("keys.redb");
+        let server = server_config(pki.server_credentials()).unwrap();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            let mut o = ServerOptions::new(addr, server, vk(), pki_store);
+            o.models = vec![digits()];
+            Cloud::start(o).await.unwrap()
+        })
+    };
+    let r = dev
+        .infer(&x, Protection::Noised { epsilon: 4.0 })
+        .await
+        .unwrap();
+    assert!(r.attempts >= 2, "attempts {}", r.attempts);
+    assert_eq!(
+        dev.ledger_records(),
+        2,
+        "one charge per release despite retries"
+    );
+    let cloud = restart.await.unwrap();
+    dev.close().await;
+    cloud.shutdown().await;
+}
+
+/// A retry policy bounded by its deadline gives up in about that time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_is_bounded_by_its_deadline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = DevPki::generate(1).unwrap();
+    let mut o = dev_opts(&pki, free_addr(), tmp.path());
+    o.retry = RetryPolicy {
+        max_attempts: 1000,
+        initial_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(100),
+        deadline: Duration::from_millis(600),
+    };
+    let started = Instant::now();
+    assert!(matches!(Device::connect(o).await, Err(DeviceError::Io(_))));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+}
+
+fn digits_shape() -> LayerShape {
+    let b = Bundle::load(&digits(), &vk(), &Default::default()).unwrap();
+    let l = b.cloud_layer().unwrap();
+    LayerShape {
+        n_in: l.n_in,
+        n_out: l.n_out,
+        bias_bound: l.bias_bound,
+    }
+}
+
+#[cfg(unix)]
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// Item 7: the state directory is 0700, the seed and key files 0600, nothing left behind;
+/// a directory created 0755 by an older version is tightened.
+#[cfg(unix)]
+#[test]
+fn state_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("state");
+    let he = HeState::load(
+        DEFAULT_PARAMETERS,
+        OutputMode::Packed,
+        digits_shape(),
+        Some(&dir),
+    )
+    .unwrap();
+    assert_eq!(mode(&dir), 0o700);
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    for n in &names {
+        assert!(!n.ends_with(".tmp"), "{n}");
+        assert_eq!(mode(&dir.join(n)), 0o600, "{n}");
+    }
+    // Reloading gives the same keys (the seed persisted) without rewriting anything.
+    let again = HeState::load(
+        DEFAULT_PARAMETERS,
+        OutputMode::Packed,
+        digits_shape(),
+        Some(&dir),
+    )
+    .unwrap();
+    assert_eq!(again.key_id, he.key_id);
+    // Older layout: 0755 directory, 0644 seed.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let seed = dir.join(state::SEED_FILE);
+    std::fs::set_permissions(&seed, std::fs::Permissions::from_mode(0o644)).unwrap();
+    HeState::load(
+        DEFAULT_PARAMETERS,
+        OutputMode::NoKey,
+        digits_shape(),
+        Some(&dir),
+    )
+    .unwrap();
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&seed), 0o600);
+    // A fresh secret file is 0600 whatever the umask-derived default would be.
+    let f = dir.join("x.bin");
+    state::write_private(&f, b"secret").unwrap();
+    assert_eq!(mode(&f), 0o600);
+    assert_eq!(std::fs::read(&f).unwrap(), b"secret");
+}
+
+/// Item 8: a damaged seed is a typed error naming the file (never a panic, never a silent new
+/// key); a damaged evaluation-key cache is rebuilt from the seed.
+#[test]
+fn damaged_state_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("state");
+    let load = |mode| HeState::load(DEFAULT_PARAMETERS, mode, digits_shape(), Some(&dir));
+    let good = load(OutputMode::Packed).unwrap();
+    let seed = dir.join(state::SEED_FILE);
+    let seed_bytes = std::fs::read(&seed).unwrap();
+    for (what, bytes) in [
+        ("zero-filled", vec![0u8; seed_bytes.len()]),
+        ("truncated", seed_bytes[..10].to_vec()),
+        ("empty", Vec::new()),
+        ("foreign", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec()),
+        ("too large", vec![b'a'; 100_000]),
+    ] {
+        std::fs::write(&seed, &bytes).unwrap();
+        match load(OutputMode::NoKey) {
+            Err(e @ DeviceError::StateFile { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains(seed.to_str().unwrap()), "{what}: {msg}");
+                assert!(msg.contains("move the file away"), "{what}: {msg}");
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    std::fs::write(&seed, &seed_bytes).unwrap();
+    let key = state::eval_key_path(&dir, DEFAULT_PARAMETERS.id, good.plan.chunk);
+    let blob = std::fs::read(&key).unwrap();
+    for bytes in [
+        vec![0u8; blob.len()],
+        blob[..blob.len() / 2].to_vec(),
+        Vec::new(),
+    ] {
+        std::fs::write(&key, &bytes).unwrap();
+        let again = load(OutputMode::Packed).unwrap();
+        assert_eq!(again.key_id, good.key_id);
+        assert_eq!(std::fs::read(&key).unwrap(), blob, "cache rebuilt");
+    }
+}
+
+/// A minimal cloud that negotiates parameter set `set` (over real mTLS), then waits.
+async fn fake_cloud(pki: &DevPki, set: u16) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(server_config(pki.server_credentials()).unwrap());
+    let digest = Bundle::load(&digits(), &vk(), &Default::default())
+        .unwrap()
+        .digest();
+    let task = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let est = tandem_tls::established(tls.get_ref().1).unwrap();
+        let mut config = CloudConfig::new(vec![ModelEntry {
+            model_id: "digits-mlp".into(),
+            model_digest: digest,
+        }]);
+        config.param_sets = vec![set];
+        let mut s = CloudSession::new(config, est.peer, est.channel_binding, 0).unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let _ = s.handle_input(&buf[..n], 1);
+            while let Some(f) = s.poll_transmit() {
+                if tls.write_all(&f).await.is_err() {
+                    return;
+                }
+            }
+            let _ = tls.flush().await;
+            while let Some(ev) = s.poll_event() {
+                if matches!(ev, CloudEvent::Closed { .. }) {
+                    return;
+                }
+            }
+        }
+    });
+    (addr, task)
+}
+
+/// Item 9 (device side): the device uses what was negotiated; a negotiated id this build does
+/// not implement is a typed error, and nothing is encrypted under an assumed set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negotiated_parameter_set_is_used_or_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = DevPki::generate(1).unwrap();
+    // The device offers [7, 1] (7 unknown here); a cloud that picks 7 is refused cleanly.
+    let (addr, task) = fake_cloud(&pki, 7).await;
+    let mut o = dev_opts(&pki, addr, tmp.path());
+    o.param_sets = vec![7, DEFAULT_PARAMETERS.id];
+    match Device::connect(o).await {
+        Err(DeviceError::UnknownParameterSet(7)) => {}
+        other => panic!("expected UnknownParameterSet(7), got {other:?}"),
+    }
+    task.await.unwrap();
+    // Offering only unknown sets is refused before connecting.
+    let mut o = dev_opts(&pki, addr, tmp.path());
+    o.param_sets = vec![9];
+    assert!(matches!(
+        Device::connect(o).await,
+        Err(DeviceError::UnknownParameterSet(9))
+    ));
+    // The real cloud picks set 1 from [7, 1]: the device uses it.
+    let cloud = start_cloud(&pki, &tmp.path().join("keys.redb"), free_addr()).await;
+    let mut o = dev_opts(&pki, cloud.local_addr(), tmp.path());
+    o.param_sets = vec![7, DEFAULT_PARAMETERS.id];
+    let mut dev = Device::connect(o).await.unwrap();
+    assert_eq!(dev.parameter_set(), DEFAULT_PARAMETERS);
+    let x = TestSet::load(&digits().join("test.json")).unwrap().x[0].clone();
+    dev.infer(&x, Protection::Encrypted).await.unwrap();
+    dev.close().await;
+    cloud.shutdown().await;
+}
