@@ -77,7 +77,6 @@ impl Client {
         let chunks = plan.in_chunks();
         let mask_seed = crate::rng::fresh_seed();
         let mut masks = mask_generator(mask_seed);
-        let mut bodies = Vec::with_capacity(batch.len() * chunks);
         for x in batch {
             if x.len() != plan.n_in {
                 return Err(HeError::Shape(format!(
@@ -92,10 +91,19 @@ impl Client {
                     plan.max_abs_input
                 )));
             }
+        }
+        let b1 = plan.batch_rows.max(1);
+        let blocks = plan.batch_blocks(batch.len());
+        let mut bodies = Vec::with_capacity(blocks * chunks);
+        for block in batch.chunks(b1) {
             for c in 0..chunks {
+                // Row k of the block, value i of chunk c at X^(k·n₁·m₁ + i).
                 let mut m = vec![0u64; n];
-                for (i, &v) in x.iter().skip(c * plan.chunk).take(plan.chunk).enumerate() {
-                    m[i] = (v as u64).wrapping_shl(plan.delta_in_log2);
+                for (k, x) in block.iter().enumerate() {
+                    let base = k * plan.row_offset();
+                    for (i, &v) in x.iter().skip(c * plan.chunk).take(plan.chunk).enumerate() {
+                        m[base + i] = (v as u64).wrapping_shl(plan.delta_in_log2);
+                    }
                 }
                 let (_, body) =
                     self.sk
@@ -139,9 +147,10 @@ impl Client {
     ) -> Result<Vec<Vec<(i64, i64)>>, HeError> {
         out.check_against(plan, &self.key_id())?;
         let d = plan.delta_out_log2;
-        let mut result = Vec::with_capacity(out.rows.len());
-        for cts in &out.rows {
-            let mut row = vec![(0i64, 0i64); plan.n_out];
+        let mut result = Vec::with_capacity(out.batch);
+        for (block, cts) in out.rows.iter().enumerate() {
+            let present = plan.rows_in_block(out.batch, block);
+            let mut rows = vec![vec![(0i64, 0i64); plan.n_out]; present];
             for (ci, ct) in cts.iter().enumerate() {
                 let a: Vec<u64> = ct
                     .mask
@@ -150,18 +159,21 @@ impl Client {
                     .collect();
                 let a_s = self.sk.mul_mask(&self.ctx.ntt, &a);
                 let first = plan.first_output(ci);
-                for (k, &b) in ct.body.iter().enumerate() {
-                    let j = first + k;
-                    let phase =
-                        poly::lift_from_bits(b, out.bits).wrapping_sub(a_s[plan.output_slot(j).1]);
+                let count = plan.outputs_in_ciphertext(ci);
+                for (idx, &b) in ct.body.iter().enumerate() {
+                    let (k, j) = (idx / count.max(1), first + idx % count.max(1));
+                    let Some(&a_s_j) = a_s.get(plan.output_slot_in_row(k, j).1) else {
+                        continue;
+                    };
+                    let phase = poly::lift_from_bits(b, out.bits).wrapping_sub(a_s_j);
                     let y = (phase.wrapping_add(1u64 << (d - 1)) as i64) >> d;
                     let noise = phase.wrapping_sub((y as u64).wrapping_shl(d)) as i64;
-                    if let Some(slot) = row.get_mut(j) {
+                    if let Some(slot) = rows.get_mut(k).and_then(|r| r.get_mut(j)) {
                         *slot = (y, noise);
                     }
                 }
             }
-            result.push(row);
+            result.extend(rows);
         }
         Ok(result)
     }

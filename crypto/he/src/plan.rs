@@ -4,11 +4,17 @@
 //! weights (row L1 norms for the message range, block Frobenius norms for the noise), and it
 //! tells the device everything it needs to encrypt inputs and decode outputs.
 //!
-//! Layout (Cheetah-style coefficient packing). The input vector is cut into chunks of `chunk`
-//! values, chunk c encoded as Σ_i x_{c·chunk+i} X^i. Output block o holds `rows` = N/chunk rows;
-//! its weight polynomial for chunk c is Σ_r Σ_i w_{o·rows+r, c·chunk+i} X^{r·chunk + chunk-1-i}.
-//! In the product, coefficient r·chunk + chunk − 1 is exactly the dot product of row r with the
-//! chunk, and no cross term lands there (|i − i'| < chunk).
+//! Layout (Cheetah's matrix-multiplication packing). The batch is cut into blocks of
+//! b₁ = `batch_rows` input rows and each row into chunks of n₁ = `chunk` values; one input
+//! polynomial carries a block's chunk, row k's value i at X^{k·n₁·m₁ + i}. Output block o holds
+//! m₁ = `rows()` = ⌊N/(n₁·b₁)⌋ weight rows; its weight polynomial for chunk c is
+//! Σ_j Σ_i w_{o·m₁+j, c·n₁+i} X^{j·n₁ − i} (negacyclic). In the product, coefficient
+//! n₁·(k·m₁ + j) is exactly the dot product of batch row k with weight row j over the chunk,
+//! and no cross term lands there: a cross term's exponent differs from it by
+//! (k'−k)·n₁·m₁ + (j'−j)·n₁ + (i'−i) with |i'−i| < n₁, never 0 mod 2N unless k'=k, j'=j, i'=i
+//! (b₁·n₁·m₁ ≤ N). The outputs of a product sit on the multiples of n₁, so packing (a tree
+//! over n₁ products) fills every coefficient of a download ciphertext with outputs of all the
+//! block's rows. b₁ = 1 is the row-by-row layout of format v1.
 //!
 //! Noise model (all variances in absolute units modulo 2^64; see `specs/parameters.md`):
 //! fresh noise, body rounding on upload, the weights' convolution with the input noise, key
@@ -93,6 +99,8 @@ pub struct LayerPlan {
     pub max_abs_input: u64,
     /// Input values per chunk (a power of two ≤ N).
     pub chunk: usize,
+    /// Batch rows carried by one input polynomial (b₁ ≥ 1; 1 = one row per polynomial).
+    pub batch_rows: usize,
     /// log2 of the input scaling factor Δ_in.
     pub delta_in_log2: u32,
     /// log2 of the output scaling factor (Δ_in times the packing factor).
@@ -108,8 +116,13 @@ pub struct LayerPlan {
 /// Options a caller (e.g. the planner) may set.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct PlanOptions {
-    /// Force the input chunk size (power of two ≤ N); otherwise chosen by mode.
+    /// Force the input chunk size (power of two ≤ N); otherwise chosen by mode (or, with
+    /// `batch`, by the cost model).
     pub chunk: Option<usize>,
+    /// Rows a request is expected to carry (public). `None` or `Some(1)` plans one row per
+    /// input polynomial (the v1 layout); a larger batch places ⌈batch⌉ ≤ N/chunk rows in one
+    /// polynomial (Cheetah's matrix layout) and picks the chunk from [`plan_cost`].
+    pub batch: Option<usize>,
 }
 
 /// Bits that must remain for a signed range [−y, y] times a power-of-two Δ within 2^64.
@@ -132,9 +145,22 @@ impl LayerPlan {
     pub fn in_chunks(&self) -> usize {
         self.n_in.div_ceil(self.chunk)
     }
-    /// Rows per weight polynomial (outputs per product ciphertext).
+    /// Weight rows per weight polynomial (outputs per batch row per product ciphertext): m₁.
     pub fn rows(&self) -> usize {
-        self.params.poly_size / self.chunk
+        (self.params.poly_size / self.chunk / self.batch_rows.max(1)).max(1)
+    }
+    /// Coefficient offset between consecutive batch rows of a block: n₁·m₁.
+    pub fn row_offset(&self) -> usize {
+        self.chunk * self.rows()
+    }
+    /// Number of batch blocks for `batch` input rows.
+    pub fn batch_blocks(&self, batch: usize) -> usize {
+        batch.div_ceil(self.batch_rows.max(1))
+    }
+    /// Rows present in batch block `block` of a `batch`-row request.
+    pub fn rows_in_block(&self, batch: usize, block: usize) -> usize {
+        let b1 = self.batch_rows.max(1);
+        b1.min(batch.saturating_sub(block * b1))
     }
     /// Number of output blocks (product ciphertexts).
     pub fn out_blocks(&self) -> usize {
@@ -155,7 +181,16 @@ impl LayerPlan {
             OutputMode::Packed => self.out_blocks().div_ceil(self.blocks_per_group()),
         }
     }
-    /// Key switches the server performs per input row (packed mode).
+    /// Key switches the server performs for a request of `batch` rows.
+    pub fn key_switches_for(&self, batch: usize) -> usize {
+        self.key_switches() * self.batch_blocks(batch)
+    }
+    /// Ciphertext × plaintext products the server performs for a request of `batch` rows.
+    pub fn ct_products_for(&self, batch: usize) -> usize {
+        self.batch_blocks(batch) * self.in_chunks() * self.out_blocks()
+    }
+    /// Key switches the server performs per batch block (packed mode; one row when
+    /// `batch_rows` is 1).
     pub fn key_switches(&self) -> usize {
         match self.mode {
             OutputMode::NoKey => 0,
@@ -166,7 +201,13 @@ impl LayerPlan {
             }
         }
     }
-    /// Coefficient position of output `j` inside returned ciphertext `ct`; `(ct, position)`.
+    /// Coefficient position of output `j` of the block's row `k`; `(ct, position)`.
+    pub fn output_slot_in_row(&self, k: usize, j: usize) -> (usize, usize) {
+        let (ct, pos) = self.output_slot(j);
+        (ct, pos + k * self.row_offset())
+    }
+    /// Coefficient position of output `j` (first row of a block) inside returned ciphertext
+    /// `ct`; `(ct, position)`.
     pub fn output_slot(&self, j: usize) -> (usize, usize) {
         let rows = self.rows();
         let (block, r) = (j / rows, j % rows);
@@ -191,7 +232,8 @@ impl LayerPlan {
     pub fn first_output(&self, ct: usize) -> usize {
         ct * self.outputs_per_ciphertext()
     }
-    /// Number of body coefficients returned in ciphertext `ct`.
+    /// Number of outputs per batch row returned in ciphertext `ct` (the body carries this
+    /// many for each row present in the block).
     pub fn outputs_in_ciphertext(&self, ct: usize) -> usize {
         let per_ct = self.outputs_per_ciphertext();
         per_ct.min(self.n_out.saturating_sub(ct * per_ct))
@@ -234,6 +276,13 @@ impl LayerPlan {
                 crate::limits::MAX_LAYER_DIM
             )));
         }
+        let batch = opts.batch.unwrap_or(1);
+        if batch == 0 || batch > crate::limits::MAX_BATCH {
+            return Err(HeError::Shape(format!(
+                "batch of {batch} (1..={})",
+                crate::limits::MAX_BATCH
+            )));
+        }
         let chunk = match opts.chunk {
             Some(c) if c.is_power_of_two() && c >= 2 && c <= n => c,
             Some(c) => {
@@ -265,6 +314,7 @@ impl LayerPlan {
             n_out,
             max_abs_input,
             chunk,
+            batch_rows: batch.min(n / chunk).max(1),
             delta_in_log2,
             delta_out_log2,
             upload_bits: 64,
@@ -374,17 +424,71 @@ pub fn log2_fail(variance: f64, delta_log2: u32) -> f64 {
     1.0 - t * t / (2.0 * variance) * std::f64::consts::LOG2_E
 }
 
-/// Plans with the caller's chunk, or else with the mode's default chunk and then (packed mode)
-/// ever smaller ones: a smaller chunk means a smaller packing factor, hence less key-switching
-/// noise. Returns the first plan that meets the failure bound, or the last refusal.
+/// Modelled server time of one key switch (ms, one thread, N = 4096; measured by
+/// `cargo bench -p tandem-he` on the reference machine, BENCHMARKS.md).
+pub const COST_KEY_SWITCH_MS: f64 = 0.40;
+/// Modelled time of one ciphertext × plaintext product in the NTT domain (ms).
+pub const COST_CT_PRODUCT_MS: f64 = 0.012;
+/// Modelled time to expand and transform one uploaded ciphertext, or to transform back and
+/// modulus-switch one returned ciphertext (ms).
+pub const COST_CT_TRANSFORM_MS: f64 = 0.09;
+/// Modelled link: 25 Mbit/s, so one byte costs 8 / 25 000 ms.
+pub const COST_BYTE_MS: f64 = 8.0 / 25_000.0;
+
+/// The cost model that picks the batch layout: modelled milliseconds for a request of `batch`
+/// rows under `plan` — key switches, ciphertext products, transforms of the uploaded and
+/// returned ciphertexts, and upload plus download bytes over a 25 Mbit/s link. It depends on
+/// public values only (the plan and the batch size), so device and cloud agree on it.
+pub fn plan_cost(plan: &LayerPlan, batch: usize) -> f64 {
+    let blocks = plan.batch_blocks(batch);
+    let cts = blocks * (plan.in_chunks() + plan.out_ciphertexts());
+    let bytes = plan.upload_bytes(batch) + plan.download_bytes(batch);
+    plan.key_switches_for(batch) as f64 * COST_KEY_SWITCH_MS
+        + plan.ct_products_for(batch) as f64 * COST_CT_PRODUCT_MS
+        + cts as f64 * COST_CT_TRANSFORM_MS
+        + bytes as f64 * COST_BYTE_MS
+}
+
+/// Plans with the caller's chunk, or else:
+/// * one row (`opts.batch` absent or 1): the mode's default chunk and then (packed mode) ever
+///   smaller ones — a smaller chunk means a smaller packing factor, hence less key-switching
+///   noise; the first plan that meets the failure bound wins (the v1 rule);
+/// * a batch of two or more rows: every chunk from 2 to the input width, the plan with the
+///   lowest [`plan_cost`] among those that meet the failure bound.
+///
+/// Returns the chosen plan, or the last refusal.
 pub(crate) fn plan_first_fitting(
     params: ParameterSet,
     mode: OutputMode,
     n_in: usize,
     n_out: usize,
     opts: PlanOptions,
-    mut plan_with: impl FnMut(usize) -> Result<LayerPlan, HeError>,
+    mut plan_with: impl FnMut(PlanOptions) -> Result<LayerPlan, HeError>,
 ) -> Result<LayerPlan, HeError> {
+    let batch = opts.batch.unwrap_or(1);
+    let with = |chunk: usize| PlanOptions {
+        chunk: Some(chunk),
+        batch: opts.batch,
+    };
+    if batch >= 2 && opts.chunk.is_none() {
+        let top = n_in.next_power_of_two().clamp(2, params.poly_size);
+        let mut best: Option<(f64, LayerPlan)> = None;
+        let mut last = Err(HeError::Shape("no chunk candidate".into()));
+        let mut chunk = 2;
+        while chunk <= top {
+            match plan_with(with(chunk)) {
+                Ok(plan) => {
+                    let cost = plan_cost(&plan, batch);
+                    if best.as_ref().is_none_or(|(c, _)| cost < *c) {
+                        best = Some((cost, plan));
+                    }
+                }
+                Err(e) => last = Err(e),
+            }
+            chunk *= 2;
+        }
+        return best.map_or(last, |(_, p)| Ok(p));
+    }
     let first = opts
         .chunk
         .unwrap_or_else(|| default_chunk(params.poly_size, mode, n_in, n_out));
@@ -397,7 +501,7 @@ pub(crate) fn plan_first_fitting(
     };
     let mut planned = Err(HeError::Shape("no chunk candidate".into()));
     for chunk in candidates {
-        planned = plan_with(chunk);
+        planned = plan_with(with(chunk));
         if planned.is_ok() {
             break;
         }

@@ -72,6 +72,14 @@ pub fn weight_stats(
     }
 }
 
+/// Weight rows per weight polynomial (m₁) for a chunk candidate, as [`LayerPlan::rows`]
+/// computes it, capped by the layer's output count.
+fn rows_per_block(n: usize, n_out: usize, o: PlanOptions) -> usize {
+    let chunk = o.chunk.unwrap_or(n).clamp(1, n);
+    let b1 = o.batch.unwrap_or(1).clamp(1, (n / chunk).max(1));
+    (n / chunk / b1).clamp(1, n_out.max(1))
+}
+
 impl PreparedLayer {
     /// Plans and prepares a layer `y = W·x + b` with row-major `weights` (n_out × n_in),
     /// inputs bounded by `max_abs_input`. Refuses layers whose failure bound is too high.
@@ -101,17 +109,9 @@ impl PreparedLayer {
                 "weights must satisfy |w| < 2^20".into(),
             ));
         }
-        let plan = crate::plan::plan_first_fitting(params, mode, n_in, n_out, opts, |chunk| {
-            let stats = weight_stats(weights, n_in, n_out, bias, (n / chunk.max(1)).max(1));
-            LayerPlan::new(
-                params,
-                mode,
-                n_in,
-                n_out,
-                max_abs_input,
-                stats,
-                PlanOptions { chunk: Some(chunk) },
-            )
+        let plan = crate::plan::plan_first_fitting(params, mode, n_in, n_out, opts, |o| {
+            let stats = weight_stats(weights, n_in, n_out, bias, rows_per_block(n, n_out, o));
+            LayerPlan::new(params, mode, n_in, n_out, max_abs_input, stats, o)
         })?;
         Self::build(ctx, plan, weights, bias)
     }
@@ -132,18 +132,10 @@ impl PreparedLayer {
         opts: PlanOptions,
     ) -> Result<LayerPlan, HeError> {
         let n = params.poly_size;
-        crate::plan::plan_first_fitting(params, mode, n_in, n_out, opts, |chunk| {
-            let rows = (n / chunk.max(1)).clamp(1, n_out.max(1));
+        crate::plan::plan_first_fitting(params, mode, n_in, n_out, opts, |o| {
+            let rows = rows_per_block(n, n_out, o);
             let stats = WeightStats::worst_case(n_in, rows, max_abs_weight, max_abs_bias);
-            LayerPlan::new(
-                params,
-                mode,
-                n_in,
-                n_out,
-                max_abs_input,
-                stats,
-                PlanOptions { chunk: Some(chunk) },
-            )
+            LayerPlan::new(params, mode, n_in, n_out, max_abs_input, stats, o)
         })
     }
 
@@ -166,6 +158,44 @@ impl PreparedLayer {
             127,
             max_abs_bias,
             PlanOptions::default(),
+        )
+    }
+
+    /// The plan both parties derive for an int8 layer serving requests of `batch` rows
+    /// (tokens × width): like [`PreparedLayer::plan_int8`], with the batch placed in the
+    /// polynomials by Cheetah's matrix layout and the chunk chosen by [`crate::plan_cost`].
+    /// `batch` = 1 gives exactly the plan of [`PreparedLayer::plan_int8`]. Requests may carry
+    /// any number of rows up to [`crate::limits::MAX_BATCH`]; `batch` only shapes the layout.
+    ///
+    /// # Errors
+    /// [`HeError::Shape`] for an empty layer or a batch outside 1..=`MAX_BATCH`;
+    /// [`HeError::FailureBoundExceeded`] / [`HeError::OutOfRange`] if no layout fits.
+    pub fn plan_int8_batch(
+        params: crate::ParameterSet,
+        mode: OutputMode,
+        n_in: usize,
+        n_out: usize,
+        max_abs_bias: u64,
+        batch: usize,
+    ) -> Result<LayerPlan, HeError> {
+        if batch == 0 || batch > crate::limits::MAX_BATCH {
+            return Err(HeError::Shape(format!(
+                "batch of {batch} (1..={})",
+                crate::limits::MAX_BATCH
+            )));
+        }
+        Self::plan_public(
+            params,
+            mode,
+            n_in,
+            n_out,
+            INT8_LAYER_MAX_INPUT,
+            127,
+            max_abs_bias,
+            PlanOptions {
+                chunk: None,
+                batch: (batch > 1).then_some(batch),
+            },
         )
     }
 
@@ -264,6 +294,8 @@ impl PreparedLayer {
                 polys.push(f);
             }
         }
+        // Bias at every batch row's output slots (the server drops padding rows' slots from
+        // what it returns, so a short last block never reveals the bias).
         let mut bias_polys = Vec::with_capacity(blocks);
         for o in 0..blocks {
             let mut b = vec![0u64; n];
@@ -271,7 +303,10 @@ impl PreparedLayer {
             for r in 0..rows {
                 let row = o * rows + r;
                 if row < n_out && bias[row] != 0 {
-                    b[r * chunk] = (bias[row] as u64).wrapping_shl(plan.delta_in_log2);
+                    for k in 0..plan.batch_rows {
+                        b[r * chunk + k * plan.row_offset()] =
+                            (bias[row] as u64).wrapping_shl(plan.delta_in_log2);
+                    }
                     any = true;
                 }
             }
@@ -294,7 +329,15 @@ impl PreparedLayer {
         &self.plan
     }
 
-    /// Evaluates the layer on an encrypted batch.
+    /// Evaluates the layer on an encrypted batch: per batch block, one product per (output
+    /// block, input chunk), then (no-key) one returned ciphertext per output block or
+    /// (packed) one packing tree per group of `chunk` output blocks, its leaves computed
+    /// as the tree needs them (no product buffers stay alive), tree halves in parallel.
+    ///
+    /// # Errors
+    /// [`HeError::Malformed`] / [`HeError::ParameterMismatch`] if the input does not match
+    /// the plan; [`HeError::MissingEvaluationKey`] / [`HeError::KeyIdMismatch`] in packed mode
+    /// without a fitting key.
     pub fn eval(
         &self,
         input: &EncryptedInput,
@@ -303,8 +346,9 @@ impl PreparedLayer {
     ) -> Result<EncryptedOutput, HeError> {
         let plan = &self.plan;
         input.check_against(plan)?;
-        if plan.mode == OutputMode::Packed {
-            match key {
+        let key = match plan.mode {
+            OutputMode::NoKey => None,
+            OutputMode::Packed => match key {
                 None => return Err(HeError::MissingEvaluationKey("packed mode needs a key")),
                 Some(k) if k.key_id != input.key_id => return Err(HeError::KeyIdMismatch),
                 Some(k) => {
@@ -314,132 +358,94 @@ impl PreparedLayer {
                             return Err(HeError::MissingEvaluationKey("automorphism not covered"));
                         }
                     }
+                    Some(k)
                 }
-            }
-        }
+            },
+        };
         let n = plan.params.poly_size;
         let chunks = plan.in_chunks();
+        let blocks = plan.batch_blocks(input.batch);
+        // Expand the masks in stream order, then transform every uploaded ciphertext.
         let mut masks = crate::rng::mask_generator(input.mask_seed);
-        let mut rows_out = Vec::with_capacity(input.batch);
-        for row in 0..input.batch {
-            // Expand and transform the row's input ciphertexts.
-            let mut inputs = Vec::with_capacity(chunks);
+        let mut raw = Vec::with_capacity(blocks * chunks);
+        for body in &input.bodies {
             let mut a = vec![0u64; n];
-            for c in 0..chunks {
-                masks.fill(&mut a);
-                let body: Vec<u64> = input.bodies[row * chunks + c]
-                    .iter()
-                    .map(|&v| poly::lift_from_bits(v, plan.upload_bits))
-                    .collect();
-                let (mut fa, mut fb) = (self.ctx.ntt.zero(), self.ctx.ntt.zero());
-                self.ctx.ntt.fwd_u64(&a, &mut fa);
-                self.ctx.ntt.fwd_u64(&body, &mut fb);
-                inputs.push(NttCiphertext { mask: fa, body: fb });
-            }
-            let products = self.products(&inputs, opts);
-            let cts = match plan.mode {
-                OutputMode::NoKey => products
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, p)| self.finish(p, i))
-                    .collect(),
-                OutputMode::Packed => {
-                    let Some(key) = key else {
-                        return Err(HeError::MissingEvaluationKey("packed mode needs a key"));
-                    };
-                    let per = plan.blocks_per_group();
-                    let mut groups: Vec<Vec<NttCiphertext>> = Vec::new();
-                    let mut it = products.into_iter().peekable();
-                    while it.peek().is_some() {
-                        groups.push(it.by_ref().take(per).collect());
-                    }
-                    let packed = map_maybe_par(groups, opts.parallel, |g| self.pack(g, key, opts));
-                    packed
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, ct)| self.finish(ct, i))
-                        .collect()
-                }
-            };
-            rows_out.push(cts);
+            masks.fill(&mut a);
+            raw.push((a, body));
         }
+        let inputs: Vec<NttCiphertext> = map_maybe_par(raw, opts.parallel, |(a, body)| {
+            let ntt = &self.ctx.ntt;
+            let body: Vec<u64> = body
+                .iter()
+                .map(|&v| poly::lift_from_bits(v, plan.upload_bits))
+                .collect();
+            let (mut fa, mut fb) = (ntt.zero(), ntt.zero());
+            ntt.fwd_u64(&a, &mut fa);
+            ntt.fwd_u64(&body, &mut fb);
+            NttCiphertext { mask: fa, body: fb }
+        });
+        let per_block = plan.out_ciphertexts();
+        let jobs: Vec<(usize, usize)> = (0..blocks)
+            .flat_map(|b| (0..per_block).map(move |ct| (b, ct)))
+            .collect();
+        let cts = map_maybe_par(jobs, opts.parallel, |(b, ct)| {
+            let ins = &inputs[b * chunks..(b + 1) * chunks];
+            let rows = plan.rows_in_block(input.batch, b);
+            let c = match key {
+                None => self.product(ins, ct),
+                Some(key) => self.pack(ins, ct, key, opts),
+            };
+            self.finish(c, ct, rows)
+        });
+        let mut it = cts.into_iter();
+        let rows_out = (0..blocks)
+            .map(|_| it.by_ref().take(per_block).collect())
+            .collect();
         Ok(EncryptedOutput {
             params_id: plan.params.id,
             key_id: input.key_id,
             mode: plan.mode,
             bits: plan.download_bits,
             n_out: plan.n_out,
+            batch: input.batch,
             rows: rows_out,
         })
     }
 
-    /// One accumulated product ciphertext per output block (NTT domain, bias added).
-    fn products(&self, inputs: &[NttCiphertext], opts: EvalOptions) -> Vec<NttCiphertext> {
+    /// The accumulated product ciphertext of output block `o` (NTT domain, bias added).
+    fn product(&self, inputs: &[NttCiphertext], o: usize) -> NttCiphertext {
+        let ntt = &self.ctx.ntt;
         let chunks = inputs.len();
-        let blocks: Vec<usize> = (0..self.plan.out_blocks()).collect();
-        map_maybe_par(blocks, opts.parallel, |o| {
-            let ntt = &self.ctx.ntt;
-            let (mut acc_a, mut acc_b) = (ntt.zero(), ntt.zero());
-            for (c, inp) in inputs.iter().enumerate() {
-                let w = &self.weights[o * chunks + c];
-                ntt.mul_acc(&mut acc_a, &inp.mask, w);
-                ntt.mul_acc(&mut acc_b, &inp.body, w);
-            }
-            if let Some(b) = &self.bias[o] {
-                ntt.add_assign(&mut acc_b, b);
-            }
-            NttCiphertext {
-                mask: acc_a,
-                body: acc_b,
-            }
-        })
+        let (mut acc_a, mut acc_b) = (ntt.zero(), ntt.zero());
+        for (c, inp) in inputs.iter().enumerate() {
+            let w = &self.weights[o * chunks + c];
+            ntt.mul_acc(&mut acc_a, &inp.mask, w);
+            ntt.mul_acc(&mut acc_b, &inp.body, w);
+        }
+        if let Some(b) = &self.bias[o] {
+            ntt.add_assign(&mut acc_b, b);
+        }
+        NttCiphertext {
+            mask: acc_a,
+            body: acc_b,
+        }
     }
 
-    /// Packs a group of product ciphertexts into one (PackLWEs-style tree, then a partial
-    /// trace that clears every slot but the outputs).
+    /// Packs group `group` of product ciphertexts into one (PackLWEs-style tree, then a
+    /// partial trace that clears every slot but the outputs).
     fn pack(
         &self,
-        mut level: Vec<NttCiphertext>,
+        inputs: &[NttCiphertext],
+        group: usize,
         key: &PreparedEvaluationKey,
         opts: EvalOptions,
     ) -> NttCiphertext {
         let n = self.plan.params.poly_size;
-        let ntt = &self.ctx.ntt;
         let leaves = self.plan.leaves_per_group();
-        let mut stride = self.plan.chunk;
-        let mut width = leaves;
-        while width > 1 {
-            let half = width / 2;
-            let g = automorphism_for_stride(n, stride);
-            let k = stride / 2;
-            let mut odds: Vec<Option<NttCiphertext>> =
-                level.drain(half.min(level.len())..).map(Some).collect();
-            odds.resize(half, None);
-            let pairs: Vec<(NttCiphertext, Option<NttCiphertext>)> =
-                level.drain(..).zip(odds).collect();
-            level = map_maybe_par(pairs, opts.parallel, |(even, odd)| {
-                let (u, v) = match odd {
-                    None => (even.clone(), even),
-                    Some(odd) => {
-                        let (pos, neg) = &self.ctx.monomials[&k];
-                        let mut u = even.clone();
-                        let mut v = even;
-                        ntt.mul_acc(&mut u.mask, pos, &odd.mask);
-                        ntt.mul_acc(&mut u.body, pos, &odd.body);
-                        ntt.mul_acc(&mut v.mask, neg, &odd.mask);
-                        ntt.mul_acc(&mut v.body, neg, &odd.body);
-                        (u, v)
-                    }
-                };
-                self.add_rotated(u, &v, g, key)
-            });
-            width = half;
-            stride /= 2;
-        }
-        let mut ct = level.pop().unwrap_or_else(|| NttCiphertext {
-            mask: ntt.zero(),
-            body: ntt.zero(),
-        });
+        let first = group * self.plan.blocks_per_group();
+        let last = (first + self.plan.blocks_per_group()).min(self.plan.out_blocks());
+        let mut ct = self.tree(inputs, first, last, 0, 1, leaves, key, opts);
+        let mut stride = self.plan.chunk / leaves;
         while stride > 1 {
             let g = automorphism_for_stride(n, stride);
             let copy = ct.clone();
@@ -447,6 +453,92 @@ impl PreparedLayer {
             stride /= 2;
         }
         ct
+    }
+
+    /// The packing tree over the leaves `offset + step·t` (t < width) of blocks
+    /// `first..last`: leaf t of the group sits at offset t·chunk/leaves in the result. The
+    /// even and odd halves are independent (computed in parallel when asked); missing leaves
+    /// (a short group) are empty subtrees.
+    #[allow(clippy::too_many_arguments)]
+    fn tree(
+        &self,
+        inputs: &[NttCiphertext],
+        first: usize,
+        last: usize,
+        offset: usize,
+        step: usize,
+        width: usize,
+        key: &PreparedEvaluationKey,
+        opts: EvalOptions,
+    ) -> NttCiphertext {
+        self.subtree(inputs, first, last, offset, step, width, key, opts)
+            .unwrap_or_else(|| NttCiphertext {
+                mask: self.ctx.ntt.zero(),
+                body: self.ctx.ntt.zero(),
+            })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn subtree(
+        &self,
+        inputs: &[NttCiphertext],
+        first: usize,
+        last: usize,
+        offset: usize,
+        step: usize,
+        width: usize,
+        key: &PreparedEvaluationKey,
+        opts: EvalOptions,
+    ) -> Option<NttCiphertext> {
+        let block = first + offset;
+        if block >= last {
+            return None;
+        }
+        if width == 1 {
+            return Some(self.product(inputs, block));
+        }
+        let half = width / 2;
+        let (even, odd) = join_maybe_par(
+            opts.parallel && width >= 4,
+            || self.subtree(inputs, first, last, offset, step * 2, half, key, opts),
+            || {
+                self.subtree(
+                    inputs,
+                    first,
+                    last,
+                    offset + step,
+                    step * 2,
+                    half,
+                    key,
+                    opts,
+                )
+            },
+        );
+        let even = even?;
+        // Leaves hold data on the multiples of `chunk`, a node of width w on those of
+        // 2·chunk/w: its children's data sit on the multiples of s = 2·chunk/w, the odd one
+        // moves to s/2, and X -> X^(2N/s + 1) clears the rest.
+        let n = self.plan.params.poly_size;
+        let stride = 2 * self.plan.chunk / width;
+        let g = automorphism_for_stride(n, stride);
+        let k = stride / 2;
+        let ntt = &self.ctx.ntt;
+        Some(match odd {
+            None => {
+                let copy = even.clone();
+                self.add_rotated(even, &copy, g, key)
+            }
+            Some(odd) => {
+                let (pos, neg) = &self.ctx.monomials[&k];
+                let mut u = even.clone();
+                let mut v = even;
+                ntt.mul_acc(&mut u.mask, pos, &odd.mask);
+                ntt.mul_acc(&mut u.body, pos, &odd.body);
+                ntt.mul_acc(&mut v.mask, neg, &odd.mask);
+                ntt.mul_acc(&mut v.body, neg, &odd.body);
+                self.add_rotated(u, &v, g, key)
+            }
+        })
     }
 
     /// `u + KeySwitch(τ_g(v))`: the one non-linear step, done in the NTT domain.
@@ -463,7 +555,7 @@ impl PreparedLayer {
         let mut tb = ntt.zero();
         ntt.automorphism(g, &v.body, &mut tb);
         ntt.add_assign(&mut u.body, &tb);
-        let mut ta = ntt.zero();
+        let mut ta = tb; // reuse the buffer
         ntt.automorphism(g, &v.mask, &mut ta);
         let mut a = vec![0u64; n];
         ntt.inv(&mut ta, &mut a);
@@ -480,8 +572,9 @@ impl PreparedLayer {
         u
     }
 
-    /// Back to coefficients, modulus-switch, keep the full mask and the output slots only.
-    fn finish(&self, mut ct: NttCiphertext, index: usize) -> OutputCiphertext {
+    /// Back to coefficients, modulus-switch, keep the full mask and the output slots of the
+    /// `rows` batch rows present (row-major), nothing else.
+    fn finish(&self, mut ct: NttCiphertext, index: usize, rows: usize) -> OutputCiphertext {
         let plan = &self.plan;
         let n = plan.params.poly_size;
         let ntt = &self.ctx.ntt;
@@ -491,14 +584,28 @@ impl PreparedLayer {
         let bits = plan.download_bits;
         let count = plan.outputs_in_ciphertext(index);
         let first = plan.first_output(index);
-        let body = (first..first + count)
-            .map(|j| poly::round_to_bits(b[plan.output_slot(j).1], bits))
+        let body = (0..rows)
+            .flat_map(|k| (first..first + count).map(move |j| (k, j)))
+            .map(|(k, j)| poly::round_to_bits(b[plan.output_slot_in_row(k, j).1], bits))
             .collect();
         OutputCiphertext {
             mask: a.iter().map(|&v| poly::round_to_bits(v, bits)).collect(),
             body,
         }
     }
+}
+
+fn join_maybe_par<A: Send, B: Send>(
+    parallel: bool,
+    a: impl FnOnce() -> A + Send,
+    b: impl FnOnce() -> B + Send,
+) -> (A, B) {
+    #[cfg(feature = "parallel")]
+    if parallel {
+        return rayon::join(a, b);
+    }
+    let _ = parallel;
+    (a(), b())
 }
 
 fn map_maybe_par<T: Send, U: Send>(

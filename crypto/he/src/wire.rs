@@ -30,15 +30,15 @@ pub struct EncryptedInput {
     pub params_id: u16,
     /// Key the ciphertexts are encrypted under.
     pub key_id: KeyId,
-    /// Seed of the mask stream (masks for row 0 chunk 0, row 0 chunk 1, …).
+    /// Seed of the mask stream (masks for block 0 chunk 0, block 0 chunk 1, …).
     pub mask_seed: u128,
     /// Number of input vectors.
     pub batch: usize,
-    /// Ciphertexts per input vector.
+    /// Ciphertexts per batch block (`plan.batch_rows` rows; one row in the v1 layout).
     pub chunks: usize,
     /// Bits kept of each body coefficient.
     pub bits: u32,
-    /// `bodies[row * chunks + c]`: N values of `bits` bits.
+    /// `bodies[block * chunks + c]`: N values of `bits` bits.
     pub bodies: Vec<Vec<u64>>,
 }
 
@@ -47,7 +47,8 @@ pub struct EncryptedInput {
 pub struct OutputCiphertext {
     /// N values of `bits` bits.
     pub mask: Vec<u64>,
-    /// One value per output carried.
+    /// One value per output carried, row-major over the block's rows present
+    /// (`rows × plan.outputs_in_ciphertext(ct)`).
     pub body: Vec<u64>,
 }
 
@@ -64,7 +65,10 @@ pub struct EncryptedOutput {
     pub bits: u32,
     /// Outputs per batch row.
     pub n_out: usize,
-    /// Per batch row, the returned ciphertexts.
+    /// Number of batch rows (input vectors) the result is for.
+    pub batch: usize,
+    /// Per batch block (`plan.batch_rows` rows; one row in the v1 layout), the returned
+    /// ciphertexts.
     pub rows: Vec<Vec<OutputCiphertext>>,
 }
 
@@ -76,18 +80,18 @@ fn bit_bytes(values: usize, bits: u32) -> usize {
 pub fn input_len(plan: &LayerPlan, batch: usize) -> usize {
     INPUT_FIXED
         + bit_bytes(
-            batch * plan.in_chunks() * plan.params.poly_size,
+            plan.batch_blocks(batch) * plan.in_chunks() * plan.params.poly_size,
             plan.upload_bits,
         )
 }
 
-fn output_values(plan: &LayerPlan) -> usize {
-    plan.out_ciphertexts() * plan.params.poly_size + plan.n_out
+fn output_values(plan: &LayerPlan, batch: usize) -> usize {
+    plan.batch_blocks(batch) * plan.out_ciphertexts() * plan.params.poly_size + batch * plan.n_out
 }
 
 /// Wire length of an output batch for `plan`.
 pub fn output_len(plan: &LayerPlan, batch: usize) -> usize {
-    OUTPUT_FIXED + bit_bytes(batch * output_values(plan), plan.download_bits)
+    OUTPUT_FIXED + bit_bytes(output_values(plan, batch), plan.download_bits)
 }
 
 /// Wire length of an evaluation key with `count` automorphisms.
@@ -317,8 +321,9 @@ impl EncryptedInput {
         }
         let n = plan.params.poly_size;
         let mut br = BitReader::new(r.bytes);
-        let mut bodies = Vec::with_capacity(batch * chunks);
-        for _ in 0..batch * chunks {
+        let count = plan.batch_blocks(batch) * chunks;
+        let mut bodies = Vec::with_capacity(count);
+        for _ in 0..count {
             let mut body = Vec::with_capacity(n);
             for _ in 0..n {
                 body.push(br.get(bits)?);
@@ -350,7 +355,7 @@ impl EncryptedInput {
             || self.batch > MAX_BATCH
             || self.chunks != plan.in_chunks()
             || self.bits != plan.upload_bits
-            || self.bodies.len() != self.batch * self.chunks
+            || self.bodies.len() != plan.batch_blocks(self.batch) * self.chunks
             || self.bodies.iter().any(|b| b.len() != n)
         {
             return Err(HeError::Malformed {
@@ -368,7 +373,7 @@ impl EncryptedOutput {
         let mut out = Vec::new();
         put_header(&mut out, KIND_OUTPUT, self.params_id, &self.key_id);
         out.push(self.mode.to_u8());
-        out.extend_from_slice(&(self.rows.len() as u16).to_le_bytes());
+        out.extend_from_slice(&(self.batch as u16).to_le_bytes());
         out.extend_from_slice(&(self.rows.first().map_or(0, Vec::len) as u16).to_le_bytes());
         out.push(self.bits as u8);
         out.extend_from_slice(&(self.n_out as u32).to_le_bytes());
@@ -424,15 +429,16 @@ impl EncryptedOutput {
         }
         let n = plan.params.poly_size;
         let mut br = BitReader::new(r.bytes);
-        let mut rows = Vec::with_capacity(batch);
-        for _ in 0..batch {
+        let blocks = plan.batch_blocks(batch);
+        let mut rows = Vec::with_capacity(blocks);
+        for block in 0..blocks {
             let mut row = Vec::with_capacity(cts);
             for ci in 0..cts {
                 let mut mask = Vec::with_capacity(n);
                 for _ in 0..n {
                     mask.push(br.get(bits)?);
                 }
-                let count = plan.outputs_in_ciphertext(ci);
+                let count = plan.outputs_in_ciphertext(ci) * plan.rows_in_block(batch, block);
                 let mut body = Vec::with_capacity(count);
                 for _ in 0..count {
                     body.push(br.get(bits)?);
@@ -448,6 +454,7 @@ impl EncryptedOutput {
             mode,
             bits,
             n_out,
+            batch,
             rows,
         })
     }
@@ -469,10 +476,14 @@ impl EncryptedOutput {
             && self.n_out == plan.n_out
             && self.bits >= 1
             && plan.delta_out_log2 >= 1
-            && self.rows.iter().all(|row| {
+            && (1..=MAX_BATCH).contains(&self.batch)
+            && self.rows.len() == plan.batch_blocks(self.batch)
+            && self.rows.iter().enumerate().all(|(block, row)| {
+                let present = plan.rows_in_block(self.batch, block);
                 row.len() == plan.out_ciphertexts()
                     && row.iter().enumerate().all(|(i, ct)| {
-                        ct.mask.len() == n && ct.body.len() == plan.outputs_in_ciphertext(i)
+                        ct.mask.len() == n
+                            && ct.body.len() == plan.outputs_in_ciphertext(i) * present
                     })
             });
         if !ok {

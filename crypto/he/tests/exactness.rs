@@ -7,19 +7,23 @@ use proptest::prelude::*;
 use tandem_he::*;
 
 fn check(mode: OutputMode, n_in: usize, n_out: usize, w: Vec<i64>, b: Vec<i64>, xs: Vec<Vec<i64>>) {
+    check_with(mode, n_in, n_out, w, b, xs, PlanOptions::default());
+}
+
+fn check_with(
+    mode: OutputMode,
+    n_in: usize,
+    n_out: usize,
+    w: Vec<i64>,
+    b: Vec<i64>,
+    xs: Vec<Vec<i64>>,
+    opts: PlanOptions,
+) {
     let f = fixture();
-    let layer = PreparedLayer::prepare(
-        f.ctx.clone(),
-        mode,
-        n_in,
-        n_out,
-        &w,
-        &b,
-        128,
-        PlanOptions::default(),
-    )
-    .unwrap();
+    let layer =
+        PreparedLayer::prepare(f.ctx.clone(), mode, n_in, n_out, &w, &b, 128, opts).unwrap();
     let got = run(&layer, &xs);
+    assert_eq!(got.len(), xs.len());
     for (x, y) in xs.iter().zip(&got) {
         assert_eq!(
             y,
@@ -87,7 +91,10 @@ fn forced_chunks_cover_multi_chunk_and_multi_group_layouts() {
             &w,
             &b,
             128,
-            PlanOptions { chunk: Some(chunk) },
+            PlanOptions {
+                chunk: Some(chunk),
+                ..Default::default()
+            },
         )
         .unwrap();
         assert_eq!(
@@ -148,6 +155,132 @@ fn int16_inputs_decrypt_exactly() {
                 &reference(&w, &b, x, n_in, n_out),
                 "{mode:?} plan {:?}",
                 layer.plan()
+            );
+        }
+    }
+}
+
+/// The batch layout (several rows per input polynomial): full blocks, a short last block,
+/// fewer rows than planned, forced chunks, both modes, worst-case extremes.
+#[test]
+fn batch_layout_decrypts_exactly() {
+    for mode in [OutputMode::NoKey, OutputMode::Packed] {
+        for (n_in, n_out, planned, rows, chunk) in [
+            (384, 1536, 16, 16, None),
+            (384, 384, 16, 5, None),
+            (100, 70, 3, 7, Some(16)),
+            (64, 10, 4, 4, Some(2)),
+            (33, 257, 8, 9, Some(64)),
+            (1024, 300, 64, 64, Some(64)),
+        ] {
+            let w = values(n_in * n_out, (n_in + n_out) as u64, -128, 127);
+            let b = values(n_out, 5, -5000, 5000);
+            let xs: Vec<Vec<i64>> = (0..rows)
+                .map(|r| values(n_in, 40 + r as u64, -128, 127))
+                .collect();
+            let opts = PlanOptions {
+                chunk,
+                batch: Some(planned),
+            };
+            check_with(mode, n_in, n_out, w, b, xs, opts);
+        }
+        // Worst case: all extremes, a full and a short block.
+        let (n_in, n_out) = (512, 512);
+        check_with(
+            mode,
+            n_in,
+            n_out,
+            vec![-128; n_in * n_out],
+            vec![1 << 20; n_out],
+            vec![vec![-128; n_in]; 11],
+            PlanOptions {
+                chunk: None,
+                batch: Some(8),
+            },
+        );
+    }
+}
+
+/// A batch plan puts several rows in one polynomial, so it needs fewer key switches and
+/// bytes than the row-by-row plan for the same batch (the point of the layout).
+#[test]
+fn batch_plan_beats_row_by_row() {
+    for (b, n_in, n_out) in [(16, 384, 1536), (16, 1536, 384), (8, 768, 768)] {
+        let row =
+            PreparedLayer::plan_int8(DEFAULT_PARAMETERS, OutputMode::Packed, n_in, n_out, 1 << 12)
+                .unwrap();
+        let bat = PreparedLayer::plan_int8_batch(
+            DEFAULT_PARAMETERS,
+            OutputMode::Packed,
+            n_in,
+            n_out,
+            1 << 12,
+            b,
+        )
+        .unwrap();
+        assert!(bat.batch_rows > 1, "{bat:?}");
+        assert!(plan_cost(&bat, b) < plan_cost(&row, b));
+        assert!(bat.key_switches_for(b) < row.key_switches_for(b), "{bat:?}");
+        assert!(bat.download_bytes(b) < row.download_bytes(b), "{bat:?}");
+        assert_eq!(
+            PreparedLayer::plan_int8_batch(
+                DEFAULT_PARAMETERS,
+                OutputMode::Packed,
+                n_in,
+                n_out,
+                1 << 12,
+                1
+            )
+            .unwrap(),
+            row
+        );
+    }
+}
+
+proptest! {
+    // Large shapes up to 128×2048@2048×2048 cost seconds each: few cases.
+    #![proptest_config(ProptestConfig { cases: 6, .. ProptestConfig::default() })]
+    #[test]
+    fn random_batched_shapes_decrypt_exactly(
+        n_in in 1usize..=2048,
+        n_out in 1usize..=2048,
+        rows in 1usize..=64,
+        planned in 2usize..=64,
+        packed in any::<bool>(),
+        seed in any::<u64>(),
+        extreme in any::<bool>(),
+    ) {
+        let mode = if packed { OutputMode::Packed } else { OutputMode::NoKey };
+        let w = if extreme { vec![127; n_in * n_out] } else { values(n_in * n_out, seed, -128, 127) };
+        let b = values(n_out, seed ^ 1, -(1 << 16), 1 << 16);
+        let xs: Vec<Vec<i64>> = (0..rows).map(|i| if extreme { vec![-128; n_in] } else { values(n_in, seed ^ (i as u64 + 2), -128, 127) }).collect();
+        check_with(mode, n_in, n_out, w, b, xs, PlanOptions { chunk: None, batch: Some(planned) });
+    }
+}
+
+/// The largest shape, 128×2048@2048×2048: packed as two requests of 64 rows (the
+/// request limit), no-key one request; exact.
+#[test]
+fn largest_batched_shape_decrypts_exactly() {
+    let (n_in, n_out) = (2048, 2048);
+    let w = values(n_in * n_out, 77, -128, 127);
+    let b = values(n_out, 78, -1000, 1000);
+    for (mode, requests) in [(OutputMode::Packed, 2u64), (OutputMode::NoKey, 1)] {
+        for half in 0..requests {
+            let xs: Vec<Vec<i64>> = (0..64)
+                .map(|i| values(n_in, 100 * half + i, -128, 127))
+                .collect();
+            check_with(
+                mode,
+                n_in,
+                n_out,
+                w.clone(),
+                b.clone(),
+                xs,
+                PlanOptions {
+                    chunk: None,
+                    batch: Some(64),
+                },
             );
         }
     }

@@ -180,7 +180,10 @@ fn decoding_a_valid_input_with_a_mismatched_plan_is_refused() {
         &w,
         &[0; 10],
         128,
-        PlanOptions { chunk: Some(16) },
+        PlanOptions {
+            chunk: Some(16),
+            ..Default::default()
+        },
     )
     .unwrap();
     let ct = f
@@ -208,7 +211,10 @@ fn invalid_forced_chunks_are_refused_not_panicking() {
                 &w,
                 &[0; 4],
                 128,
-                PlanOptions { chunk: Some(chunk) },
+                PlanOptions {
+                    chunk: Some(chunk),
+                    ..Default::default()
+                },
             );
             assert!(matches!(r, Err(HeError::Shape(_))), "chunk {chunk}");
             let p = PreparedLayer::plan_public(
@@ -219,7 +225,10 @@ fn invalid_forced_chunks_are_refused_not_panicking() {
                 128,
                 127,
                 100,
-                PlanOptions { chunk: Some(chunk) },
+                PlanOptions {
+                    chunk: Some(chunk),
+                    ..Default::default()
+                },
             );
             assert!(matches!(p, Err(HeError::Shape(_))), "chunk {chunk}");
         }

@@ -1,0 +1,416 @@
+//! Known-answer vectors for the HE blobs of `specs/he-formats.md`, with fixed seeds.
+//!
+//! The blobs are built here from the text of the spec (secret from a fixed seed, masks from
+//! the AES-CTR stream of TDM-HE-4, fixed-seed noise, explicit rounding), then the engine must
+//! accept them and compute with them exactly, and its outputs are decoded again by the spec's
+//! slot rule. The result is written to `specs/vectors/he/kat.json`; this test fails if the
+//! committed file differs. Regenerate after an intended format change with
+//! `TANDEM_WRITE_HE_KAT=1 cargo test --release -p tandem-he --test kat`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use tandem_he::{
+    Client, Context, EncryptedInput, EvalOptions, EvaluationKey, LayerPlan, OutputMode,
+    PlanOptions, PreparedEvaluationKey, PreparedLayer, DEFAULT_PARAMETERS,
+};
+use tfhe::core_crypto::commons::math::random::{RandomGenerator, Seed};
+use tfhe::core_crypto::prelude::{
+    allocate_and_generate_new_binary_glwe_secret_key, DefaultRandomGenerator, GlweDimension,
+    PolynomialSize, SecretRandomGenerator, TUniform,
+};
+
+const SK_SEED: u128 = 0x7A4D_4845_4B41_5400_0000_0000_0000_0001;
+const MASK_SEED: u128 = 0x0011_2233_4455_6677_8899_AABB_CCDD_EEFF;
+const KEY_MASK_SEED: u128 = 0x0F1E_2D3C_4B5A_6978_8796_A5B4_C3D2_E1F0;
+const NOISE_SEED: u128 = 42;
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Negacyclic product `a·s` modulo (X^N + 1, 2^64) for a binary `s` (reference, no NTT).
+fn mul_binary(a: &[u64], s: &[u64]) -> Vec<u64> {
+    let n = a.len();
+    let mut out = vec![0u64; n];
+    for (i, _) in s.iter().enumerate().filter(|(_, &c)| c == 1) {
+        for (t, &v) in a.iter().enumerate() {
+            let k = t + i;
+            if k < n {
+                out[k] = out[k].wrapping_add(v);
+            } else {
+                out[k - n] = out[k - n].wrapping_sub(v);
+            }
+        }
+    }
+    out
+}
+
+fn round_bits(v: u64, b: u32) -> u64 {
+    if b >= 64 {
+        return v;
+    }
+    let sh = 64 - b;
+    ((v >> sh).wrapping_add((v >> (sh - 1)) & 1)) & ((1u64 << b) - 1)
+}
+
+fn lift(v: u64, b: u32) -> u64 {
+    if b >= 64 {
+        v
+    } else {
+        v << (64 - b)
+    }
+}
+
+/// LSB-first b-bit stream reader (he-formats.md, notation).
+struct Bits<'a> {
+    bytes: &'a [u8],
+    bit: usize,
+}
+
+impl Bits<'_> {
+    fn get(&mut self, b: u32) -> u64 {
+        let mut v = 0u64;
+        for k in 0..b as usize {
+            let pos = self.bit + k;
+            let bit = (self.bytes[pos / 8] >> (pos % 8)) & 1;
+            v |= u64::from(bit) << k;
+        }
+        self.bit += b as usize;
+        v
+    }
+}
+
+/// The secret of `SK_SEED` the way the device derives it (tfhe's secret generator).
+fn secret(n: usize) -> Vec<u64> {
+    let mut gen = SecretRandomGenerator::<DefaultRandomGenerator>::new(Seed(SK_SEED));
+    let key = allocate_and_generate_new_binary_glwe_secret_key::<u64, _>(
+        GlweDimension(1),
+        PolynomialSize(n),
+        &mut gen,
+    );
+    key.as_ref().to_vec()
+}
+
+/// TDM-HE-2.
+fn he_key_id(s: &[u64]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"tandem-he key id v1");
+    h.update(1u16.to_le_bytes());
+    for &c in s {
+        h.update([c as u8]);
+    }
+    h.finalize().into()
+}
+
+/// Output slot of output `j` (he-formats.md, output batch): `(ciphertext, coefficient)`.
+fn slot(plan: &LayerPlan, j: usize) -> (usize, usize) {
+    let n = plan.params.poly_size;
+    let r_rows = n / plan.chunk;
+    let blocks = plan.n_out.div_ceil(r_rows);
+    let (beta, r) = (j / r_rows, j % r_rows);
+    match plan.mode {
+        OutputMode::NoKey => (beta, r * plan.chunk),
+        OutputMode::Packed => {
+            let g = blocks.min(plan.chunk);
+            let stride = plan.chunk / g.next_power_of_two();
+            (beta / g, r * plan.chunk + (beta % g) * stride)
+        }
+    }
+}
+
+/// Decodes an output blob by the text of he-formats.md alone and decrypts it with `s`.
+fn spec_decrypt_output(blob: &[u8], plan: &LayerPlan, s: &[u64]) -> Vec<Vec<i64>> {
+    let n = plan.params.poly_size;
+    assert_eq!(&blob[..4], b"TDHE");
+    assert_eq!((blob[4], blob[5]), (1, 2));
+    let batch = u16::from_le_bytes([blob[41], blob[42]]) as usize;
+    let k = u16::from_le_bytes([blob[43], blob[44]]) as usize;
+    let b = u32::from(blob[45]);
+    let n_out = u32::from_le_bytes(blob[46..50].try_into().unwrap()) as usize;
+    assert_eq!(n_out, plan.n_out);
+    let r_rows = n / plan.chunk;
+    let per = match plan.mode {
+        OutputMode::NoKey => r_rows,
+        OutputMode::Packed => r_rows * plan.n_out.div_ceil(r_rows).min(plan.chunk),
+    };
+    let mut bits = Bits {
+        bytes: &blob[50..],
+        bit: 0,
+    };
+    let d = plan.delta_out_log2;
+    let mut rows = Vec::new();
+    for _ in 0..batch {
+        let mut y = vec![0i64; n_out];
+        for ct in 0..k {
+            let a: Vec<u64> = (0..n).map(|_| lift(bits.get(b), b)).collect();
+            let a_s = mul_binary(&a, s);
+            for j in ct * per..((ct + 1) * per).min(n_out) {
+                let (c, pos) = slot(plan, j);
+                assert_eq!(c, ct);
+                let phase = lift(bits.get(b), b).wrapping_sub(a_s[pos]);
+                y[j] = (phase.wrapping_add(1u64 << (d - 1)) as i64) >> d;
+            }
+        }
+        rows.push(y);
+    }
+    assert_eq!(bits.bit.div_ceil(8), blob.len() - 50, "exact length");
+    rows
+}
+
+fn u64_list(v: &[u64]) -> String {
+    let items: Vec<String> = v.iter().map(|x| format!("\"{x:016x}\"")).collect();
+    format!("[{}]", items.join(", "))
+}
+
+fn i64_rows(v: &[Vec<i64>]) -> String {
+    let rows: Vec<String> = v
+        .iter()
+        .map(|r| {
+            let items: Vec<String> = r.iter().map(i64::to_string).collect();
+            format!("[{}]", items.join(", "))
+        })
+        .collect();
+    format!("[{}]", rows.join(", "))
+}
+
+struct Case {
+    id: &'static str,
+    mode: OutputMode,
+    n_in: usize,
+    n_out: usize,
+    chunk: Option<usize>,
+    x: Vec<Vec<i64>>,
+}
+
+#[test]
+fn he_known_answer_vectors() {
+    let params = DEFAULT_PARAMETERS;
+    let n = params.poly_size;
+    let ctx = Arc::new(Context::new(params));
+    let s = secret(n);
+    let client = Client::from_seed(ctx.clone(), SK_SEED);
+    // TDM-HE-2: the key id of the derived secret is the engine's key id.
+    let key_id = he_key_id(&s);
+    assert_eq!(key_id, client.key_id(), "secret derivation differs");
+    let mut s_bits = vec![0u8; n / 8];
+    for (i, &c) in s.iter().enumerate() {
+        s_bits[i / 8] |= (c as u8) << (i % 8);
+    }
+    let mut masks = RandomGenerator::<DefaultRandomGenerator>::new(Seed(MASK_SEED));
+    let mut first = vec![0u64; 4];
+    masks.fill_slice_with_random_uniform(&mut first);
+    let mut noise = RandomGenerator::<DefaultRandomGenerator>::new(Seed(NOISE_SEED));
+
+    // Evaluation key for chunk 2 (A = 1), built from TDM-HE-8's text.
+    let (base_log, levels) = (params.ks_base_log, params.ks_levels);
+    let g = 2 * n / 2 + 1;
+    let mut kblob = Vec::new();
+    kblob.extend_from_slice(b"TDHE");
+    kblob.extend_from_slice(&[1, 3]);
+    kblob.extend_from_slice(&params.id.to_le_bytes());
+    kblob.extend_from_slice(&key_id);
+    kblob.extend_from_slice(&KEY_MASK_SEED.to_le_bytes());
+    kblob.extend_from_slice(&[base_log as u8, levels as u8, 1]);
+    kblob.extend_from_slice(&(g as u16).to_le_bytes());
+    let mut kmasks = RandomGenerator::<DefaultRandomGenerator>::new(Seed(KEY_MASK_SEED));
+    let mut tau = vec![0u64; n];
+    for (i, &c) in s.iter().enumerate() {
+        let e = (i * g) % (2 * n);
+        if e < n {
+            tau[e] = tau[e].wrapping_add(c);
+        } else {
+            tau[e - n] = tau[e - n].wrapping_sub(c);
+        }
+    }
+    for j in 0..levels {
+        let mut a = vec![0u64; n];
+        kmasks.fill_slice_with_random_uniform(&mut a);
+        let mut e = vec![0u64; n];
+        noise.fill_slice_with_random_from_distribution(&mut e, TUniform::<u64>::new(4));
+        let gadget = 1u64 << (64 - (j + 1) * base_log);
+        let a_s = mul_binary(&a, &s);
+        for i in 0..n {
+            let body = a_s[i]
+                .wrapping_add(e[i])
+                .wrapping_add(tau[i].wrapping_mul(gadget));
+            kblob.extend_from_slice(&body.to_le_bytes());
+        }
+    }
+    assert_eq!(kblob.len(), 59 + 2 + 8 * levels as usize * n);
+    let ek = EvaluationKey::from_bytes(&kblob, kblob.len(), &params).expect("engine decodes key");
+    let pek = PreparedEvaluationKey::prepare(&ek, &ctx).expect("engine prepares key");
+
+    let cases = [
+        Case {
+            id: "he/nokey_6x3_batch2",
+            mode: OutputMode::NoKey,
+            n_in: 6,
+            n_out: 3,
+            chunk: None,
+            x: vec![vec![1, -2, 3, -4, 127, -128], vec![0, 5, -7, 100, -100, 9]],
+        },
+        Case {
+            id: "he/packed_4x3_chunk2",
+            mode: OutputMode::Packed,
+            n_in: 4,
+            n_out: 3,
+            chunk: Some(2),
+            x: vec![vec![7, -8, 9, -10]],
+        },
+    ];
+    let mut json = String::from("{\n  \"kind\": \"he-kat\",\n");
+    let _ = writeln!(
+        json,
+        "  \"params\": {{\"id\": {}, \"poly_size\": {n}, \"ks_base_log\": {base_log}, \"ks_levels\": {levels}}},",
+        params.id
+    );
+    let _ = writeln!(json, "  \"secret_key_seed\": \"{SK_SEED:032x}\",");
+    let _ = writeln!(json, "  \"secret_key_bits\": \"{}\",", hex(&s_bits));
+    let _ = writeln!(json, "  \"he_key_id\": \"{}\",", hex(&key_id));
+    let _ = writeln!(
+        json,
+        "  \"mask_stream\": {{\"seed\": \"{}\", \"first_values\": {}}},",
+        hex(&MASK_SEED.to_le_bytes()),
+        u64_list(&first)
+    );
+    let _ = writeln!(
+        json,
+        "  \"evaluation_key\": {{\"id\": \"he/eval_key_a1\", \"blob_sha256\": \"{}\", \"blob\": \"{}\"}},",
+        hex(&Sha256::digest(&kblob)),
+        hex(&kblob)
+    );
+    json.push_str("  \"vectors\": [\n");
+    let mut masks = RandomGenerator::<DefaultRandomGenerator>::new(Seed(MASK_SEED));
+    for (ci, case) in cases.iter().enumerate() {
+        let weights: Vec<i64> = (0..case.n_in * case.n_out)
+            .map(|i| (i as i64 * 37 % 255) - 127)
+            .collect();
+        let bias: Vec<i64> = (0..case.n_out as i64).map(|r| 1000 * r - 500).collect();
+        let layer = PreparedLayer::prepare(
+            ctx.clone(),
+            case.mode,
+            case.n_in,
+            case.n_out,
+            &weights,
+            &bias,
+            128,
+            PlanOptions {
+                chunk: case.chunk,
+                ..PlanOptions::default()
+            },
+        )
+        .expect("layer");
+        let plan = *layer.plan();
+        // The input blob, from the text: plaintexts, masks from the stream, noise, rounding.
+        let chunks = case.n_in.div_ceil(plan.chunk);
+        let mut bodies = Vec::new();
+        for x in &case.x {
+            for c in 0..chunks {
+                let mut m = vec![0u64; n];
+                for (i, &v) in x.iter().skip(c * plan.chunk).take(plan.chunk).enumerate() {
+                    m[i] = (v as u64).wrapping_shl(plan.delta_in_log2);
+                }
+                let mut a = vec![0u64; n];
+                masks.fill_slice_with_random_uniform(&mut a);
+                let mut e = vec![0u64; n];
+                noise.fill_slice_with_random_from_distribution(&mut e, TUniform::<u64>::new(4));
+                let a_s = mul_binary(&a, &s);
+                bodies.push(
+                    (0..n)
+                        .map(|i| {
+                            round_bits(
+                                a_s[i].wrapping_add(m[i]).wrapping_add(e[i]),
+                                plan.upload_bits,
+                            )
+                        })
+                        .collect::<Vec<u64>>(),
+                );
+            }
+        }
+        // Every case restarts the mask stream at the same seed, as a blob does.
+        masks = RandomGenerator::<DefaultRandomGenerator>::new(Seed(MASK_SEED));
+        let input = EncryptedInput {
+            params_id: params.id,
+            key_id,
+            mask_seed: MASK_SEED,
+            batch: case.x.len(),
+            chunks,
+            bits: plan.upload_bits,
+            bodies,
+        };
+        let in_blob = input.to_bytes();
+        let decoded = EncryptedInput::from_bytes(&in_blob, in_blob.len(), &plan).expect("decode");
+        assert_eq!(decoded, input);
+        let key = (case.mode == OutputMode::Packed).then_some(&pek);
+        let out = layer
+            .eval(&decoded, key, EvalOptions::default())
+            .expect("eval");
+        let out_blob = out.to_bytes();
+        let want: Vec<Vec<i64>> = case
+            .x
+            .iter()
+            .map(|x| {
+                (0..case.n_out)
+                    .map(|r| {
+                        (0..case.n_in)
+                            .map(|i| weights[r * case.n_in + i] * x[i])
+                            .sum::<i64>()
+                            + bias[r]
+                    })
+                    .collect()
+            })
+            .collect();
+        // The engine decrypts its own output exactly, and so does the spec's slot rule.
+        assert_eq!(
+            client.decrypt(&plan, &out).expect("decrypt"),
+            want,
+            "{}",
+            case.id
+        );
+        assert_eq!(
+            spec_decrypt_output(&out_blob, &plan, &s),
+            want,
+            "{}",
+            case.id
+        );
+        let weights_s: Vec<String> = weights.iter().map(i64::to_string).collect();
+        let bias_s: Vec<String> = bias.iter().map(i64::to_string).collect();
+        let _ = write!(
+            json,
+            "    {{\"id\": \"{}\", \"plan\": {{\"mode\": \"{}\", \"n_in\": {}, \"n_out\": {}, \"chunk\": {}, \"delta_in_log2\": {}, \"delta_out_log2\": {}, \"upload_bits\": {}, \"download_bits\": {}}},\n     \"weights\": [{}], \"bias\": [{}], \"x\": {}, \"y\": {},\n     \"input_blob\": \"{}\",\n     \"output_blob\": \"{}\"}}{}\n",
+            case.id,
+            case.mode.name(),
+            plan.n_in,
+            plan.n_out,
+            plan.chunk,
+            plan.delta_in_log2,
+            plan.delta_out_log2,
+            plan.upload_bits,
+            plan.download_bits,
+            weights_s.join(", "),
+            bias_s.join(", "),
+            i64_rows(&case.x),
+            i64_rows(&want),
+            hex(&in_blob),
+            hex(&out_blob),
+            if ci + 1 < cases.len() { "," } else { "" }
+        );
+    }
+    json.push_str("  ]\n}\n");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../specs/vectors/he/kat.json");
+    if std::env::var_os("TANDEM_WRITE_HE_KAT").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &json).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == json,
+        "specs/vectors/he/kat.json differs from what the engine produces; if the format change \
+         is intended, regenerate with TANDEM_WRITE_HE_KAT=1 cargo test --release -p tandem-he --test kat \
+         and update specs/he-formats.md"
+    );
+}
