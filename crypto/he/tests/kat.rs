@@ -6,7 +6,12 @@
 //! slot rule. The result is written to `specs/vectors/he/kat.json`; this test fails if the
 //! committed file differs. Regenerate after an intended format change with
 //! `TANDEM_WRITE_HE_KAT=1 cargo test --release -p tandem-he --test kat`.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::needless_range_loop
+)]
 
 use std::fmt::Write as _;
 use std::sync::Arc;
