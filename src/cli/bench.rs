@@ -10,13 +10,20 @@ use tandem::he::{
     PreparedEvaluationKey, PreparedLayer, DEFAULT_PARAMETERS,
 };
 
-/// The shapes the anchor (concrete-ml-extensions) was measured on: (batch, in, out).
-pub const SHAPES: [(usize, usize, usize); 5] = [
+/// The shapes the anchor (concrete-ml-extensions) was measured on, then the transformer
+/// shapes of all-MiniLM-L6-v2 (QKV fused, O, FFN up, FFN down; 16 and 128 tokens):
+/// (batch, in, out).
+pub const SHAPES: [(usize, usize, usize); 10] = [
     (1, 64, 10),
     (1, 784, 128),
     (1, 1024, 1024),
     (8, 768, 768),
     (1, 4096, 4096),
+    (16, 384, 1152),
+    (16, 384, 384),
+    (16, 384, 1536),
+    (16, 1536, 384),
+    (128, 384, 1536),
 ];
 
 /// Parses `BxI@IxO`.
@@ -110,6 +117,8 @@ pub fn matmul(shape: Option<&str>, runs: usize, threads: usize, json: bool) -> a
         let plaintext_ms = plaintext_baseline(&w, &xs, n_in, n_out, runs);
         for mode in [OutputMode::NoKey, OutputMode::Packed] {
             let t = Instant::now();
+            // Requests carry at most MAX_BATCH rows: larger batches go as several requests.
+            let per_request = batch.min(tandem::he::limits::MAX_BATCH);
             let layer = PreparedLayer::prepare(
                 ctx.clone(),
                 mode,
@@ -118,7 +127,10 @@ pub fn matmul(shape: Option<&str>, runs: usize, threads: usize, json: bool) -> a
                 &w,
                 &bias,
                 128,
-                PlanOptions::default(),
+                PlanOptions {
+                    chunk: None,
+                    batch: (per_request > 1).then_some(per_request),
+                },
             )?;
             let prepare_ms = ms(t);
             let plan = *layer.plan();
@@ -142,26 +154,34 @@ pub fn matmul(shape: Option<&str>, runs: usize, threads: usize, json: bool) -> a
                     )?),
                     None => None,
                 };
-                let t = Instant::now();
-                let upload = client.encrypt(&plan, &xs)?.to_bytes();
-                enc.push(ms(t));
-                up = upload.len();
-                let t = Instant::now();
-                let download = pool.install(|| -> anyhow::Result<Vec<u8>> {
-                    let ct = EncryptedInput::from_bytes(&upload, upload.len(), &plan)?;
-                    Ok(layer.eval(&ct, prepared_key.as_ref(), opts)?.to_bytes())
-                })?;
-                server.push(ms(t));
-                down = download.len();
-                let t = Instant::now();
-                let out = EncryptedOutput::from_bytes(
-                    &download,
-                    download.len(),
-                    &plan,
-                    &client.key_id(),
-                )?;
-                let ys = client.decrypt(&plan, &out)?;
-                dec.push(ms(t));
+                let (mut t_enc, mut t_server, mut t_dec) = (0.0, 0.0, 0.0);
+                let mut ys = Vec::with_capacity(batch);
+                (up, down) = (0, 0);
+                for rows in xs.chunks(per_request) {
+                    let t = Instant::now();
+                    let upload = client.encrypt(&plan, rows)?.to_bytes();
+                    t_enc += ms(t);
+                    up += upload.len();
+                    let t = Instant::now();
+                    let download = pool.install(|| -> anyhow::Result<Vec<u8>> {
+                        let ct = EncryptedInput::from_bytes(&upload, upload.len(), &plan)?;
+                        Ok(layer.eval(&ct, prepared_key.as_ref(), opts)?.to_bytes())
+                    })?;
+                    t_server += ms(t);
+                    down += download.len();
+                    let t = Instant::now();
+                    let out = EncryptedOutput::from_bytes(
+                        &download,
+                        download.len(),
+                        &plan,
+                        &client.key_id(),
+                    )?;
+                    ys.extend(client.decrypt(&plan, &out)?);
+                    t_dec += ms(t);
+                }
+                enc.push(t_enc);
+                server.push(t_server);
+                dec.push(t_dec);
                 for (y, r) in ys.iter().zip(&reference) {
                     for (a, b) in y.iter().zip(r) {
                         max_err = max_err.max((a - b).abs());
@@ -176,6 +196,9 @@ pub fn matmul(shape: Option<&str>, runs: usize, threads: usize, json: bool) -> a
                 "runs": runs,
                 "params": DEFAULT_PARAMETERS.name,
                 "chunk": plan.chunk,
+                "batch_rows": plan.batch_rows,
+                "key_switches": xs.chunks(per_request).map(|r| plan.key_switches_for(r.len())).sum::<usize>(),
+                "ct_products": xs.chunks(per_request).map(|r| plan.ct_products_for(r.len())).sum::<usize>(),
                 "keygen_ms": median(keygen),
                 "eval_key_bytes": key_bytes,
                 "prepare_ms": prepare_ms,
