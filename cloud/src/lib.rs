@@ -11,6 +11,9 @@
 //!   prepared keys cached in memory and reloaded lazily after a restart.
 //! * [`server`]: the accept loop, admission limits with typed refusals, graceful shutdown and
 //!   the counters tests read ([`server::Metrics`]).
+//! * [`config`] reads `cloud.toml`.
+//!
+//! Worst-case memory and how each bound is set: `specs/operations.md`.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), tandem_cloud::CloudError> {
@@ -25,13 +28,15 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod keystore;
 pub mod registry;
 pub mod server;
 
-pub use keystore::KeyStore;
-pub use registry::{cloud_plan, ModelRegistry, ServedModel};
-pub use server::{AdmissionLimits, Cloud, Metrics, ServerOptions};
+pub use config::{CloudToml, ModelToml};
+pub use keystore::{KeyQuota, KeyStore};
+pub use registry::{cloud_plan, ModelPolicy, ModelRegistry, ModelSpec, ServedModel, WireSizes};
+pub use server::{derive_limits, AdmissionLimits, Cloud, Metrics, ResourceLimits, ServerOptions};
 
 /// Errors of the cloud runtime.
 #[derive(Debug, thiserror::Error)]
@@ -52,9 +57,16 @@ pub enum CloudError {
     /// The protocol state machine refused an operation.
     #[error("protocol: {0}")]
     Protocol(#[from] tandem_protocol::Error),
-    /// The key store failed.
+    /// The key store failed (the message names the file and what to do).
     #[error("key store: {0}")]
     Store(String),
+    /// A key registration does not decode or does not fit the served plan (refused with
+    /// `InvalidRequest`).
+    #[error("key refused: {0}")]
+    KeyInvalid(String),
+    /// A key registration exceeds the per-device quota (refused with `LimitExceeded`).
+    #[error("key quota: {0}")]
+    Quota(String),
     /// The configuration is invalid.
     #[error("config: {0}")]
     Config(String),

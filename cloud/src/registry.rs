@@ -1,6 +1,7 @@
-//! Model registry: bundles verified and their cloud layers prepared once, at start-up.
+//! Model registry: bundles verified and their cloud layers prepared once, at start-up, for
+//! every parameter set served and every output mode the model's policy allows.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tandem_he::{Context, LayerPlan, OutputMode, PreparedLayer};
@@ -10,6 +11,9 @@ use crate::CloudError;
 
 /// The plan of a cloud layer, derived from public information only (shape and the signed
 /// manifest's bounds), exactly as the device derives it.
+///
+/// # Errors
+/// [`tandem_he::HeError`] if no plan meets the parameter set's failure bound.
 pub fn cloud_plan(
     params: tandem_he::ParameterSet,
     mode: OutputMode,
@@ -20,16 +24,84 @@ pub fn cloud_plan(
     PreparedLayer::plan_int8(params, mode, n_in, n_out, bias_bound.unsigned_abs())
 }
 
+/// Which HE output modes a model is served in (issue 12 item 9; `specs/threat-model.md`:
+/// serving `packed` only keeps the per-output ciphertext layout of no-key mode from revealing
+/// more about the weights). Noised (plaintext) requests are not affected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelPolicy {
+    /// Packed outputs (an evaluation key is registered).
+    pub packed: bool,
+    /// No-key outputs.
+    pub nokey: bool,
+}
+
+impl Default for ModelPolicy {
+    /// Both modes.
+    fn default() -> Self {
+        ModelPolicy {
+            packed: true,
+            nokey: true,
+        }
+    }
+}
+
+impl ModelPolicy {
+    /// True if `mode` is served.
+    pub fn allows(&self, mode: OutputMode) -> bool {
+        match mode {
+            OutputMode::Packed => self.packed,
+            OutputMode::NoKey => self.nokey,
+        }
+    }
+
+    /// Parses mode names (`packed`, `nokey`/`no-key`); at least one is required.
+    ///
+    /// # Errors
+    /// [`CloudError::Config`] on an unknown name or an empty list.
+    pub fn from_names<S: AsRef<str>>(names: &[S]) -> Result<Self, CloudError> {
+        let mut p = ModelPolicy {
+            packed: false,
+            nokey: false,
+        };
+        for n in names {
+            match n.as_ref() {
+                "packed" => p.packed = true,
+                "nokey" | "no-key" => p.nokey = true,
+                other => {
+                    return Err(CloudError::Config(format!(
+                        "output mode `{other}`: expected `packed` or `nokey`"
+                    )))
+                }
+            }
+        }
+        if !p.packed && !p.nokey {
+            return Err(CloudError::Config(
+                "a model needs at least one output mode (`packed`, `nokey`)".into(),
+            ));
+        }
+        Ok(p)
+    }
+}
+
+/// A bundle directory to serve and its policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    /// Bundle directory.
+    pub dir: PathBuf,
+    /// Output modes served.
+    pub policy: ModelPolicy,
+}
+
 /// One served model: its cloud part and its prepared layers.
 pub struct ServedModel {
     /// The verified bundle (cloud part only).
     pub bundle: Bundle,
     /// Protocol layer id of the cloud layer (its index in the manifest).
     pub layer_id: u32,
-    /// The cloud layer prepared for no-key outputs.
-    pub nokey: PreparedLayer,
-    /// The cloud layer prepared for packed outputs.
-    pub packed: PreparedLayer,
+    /// Output modes served.
+    pub policy: ModelPolicy,
+    /// Prepared layers by (parameter set id, output mode), for the allowed modes only.
+    layers: Vec<(u16, OutputMode, PreparedLayer)>,
 }
 
 impl std::fmt::Debug for ServedModel {
@@ -37,68 +109,99 @@ impl std::fmt::Debug for ServedModel {
         f.debug_struct("ServedModel")
             .field("id", &self.bundle.id())
             .field("layer_id", &self.layer_id)
+            .field("policy", &self.policy)
             .finish()
     }
 }
 
 impl ServedModel {
-    /// The prepared layer for an output mode.
-    pub fn layer(&self, mode: OutputMode) -> &PreparedLayer {
-        match mode {
-            OutputMode::NoKey => &self.nokey,
-            OutputMode::Packed => &self.packed,
-        }
+    /// The prepared layer for a parameter set and output mode; `None` if the mode is not
+    /// allowed or the parameter set not served.
+    pub fn layer(&self, param_set: u16, mode: OutputMode) -> Option<&PreparedLayer> {
+        self.layers
+            .iter()
+            .find(|(p, m, _)| *p == param_set && *m == mode)
+            .map(|(_, _, l)| l)
     }
+
+    fn plans(&self) -> impl Iterator<Item = &LayerPlan> {
+        self.layers.iter().map(|(_, _, l)| l.plan())
+    }
+}
+
+/// Largest wire objects the served models need, from the exact sizes the HE plans compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireSizes {
+    /// Largest evaluation-key blob (0 if no model is served packed).
+    pub key_len: usize,
+    /// Largest ciphertext blob, input or output, for a batch of `max_batch`.
+    pub ciphertext_len: usize,
+    /// Most integer values in one noised request or plaintext response of `max_batch` rows.
+    pub elements: usize,
+    /// Largest prepared evaluation key in memory (bytes).
+    pub prepared_key_bytes: usize,
 }
 
 /// All models the cloud serves, by id.
 #[derive(Debug)]
 pub struct ModelRegistry {
-    ctx: Arc<Context>,
+    contexts: Vec<Arc<Context>>,
     models: Vec<ServedModel>,
 }
 
 impl ModelRegistry {
-    /// Loads and verifies each bundle directory (cloud part) and prepares its cloud layer in
-    /// both output modes.
+    /// Loads and verifies each bundle directory (cloud part) and prepares its cloud layer for
+    /// every context (parameter set) in every output mode its policy allows.
+    ///
+    /// # Errors
+    /// [`CloudError::Model`] naming the bundle if it fails to load or verify,
+    /// [`CloudError::He`] if a layer cannot be planned, [`CloudError::Config`] on duplicate ids.
     pub fn load(
-        ctx: Arc<Context>,
-        dirs: &[std::path::PathBuf],
+        contexts: Vec<Arc<Context>>,
+        models: &[ModelSpec],
         key: &VerifyingKey,
     ) -> Result<Self, CloudError> {
-        let mut models = Vec::with_capacity(dirs.len());
-        for dir in dirs {
-            models.push(Self::prepare(ctx.clone(), dir, key)?);
+        if contexts.is_empty() {
+            return Err(CloudError::Config("no parameter set to serve".into()));
         }
-        let mut ids: Vec<&str> = models.iter().map(|m| m.bundle.id()).collect();
+        let mut served = Vec::with_capacity(models.len());
+        for m in models {
+            served.push(Self::prepare(&contexts, &m.dir, m.policy, key)?);
+        }
+        let mut ids: Vec<&str> = served.iter().map(|m| m.bundle.id()).collect();
         ids.sort_unstable();
         if ids.windows(2).any(|w| w[0] == w[1]) {
             return Err(CloudError::Config(
                 "two bundles with the same model id".into(),
             ));
         }
-        Ok(ModelRegistry { ctx, models })
+        Ok(ModelRegistry {
+            contexts,
+            models: served,
+        })
     }
 
     fn prepare(
-        ctx: Arc<Context>,
+        contexts: &[Arc<Context>],
         dir: &Path,
+        policy: ModelPolicy,
         key: &VerifyingKey,
     ) -> Result<ServedModel, CloudError> {
         let bundle = Bundle::load_part(dir, key, &tandem_model::Limits::default(), Part::Cloud)?;
         let cl = bundle.cloud_layer()?;
-        let params = ctx.params();
-        let prep = |mode| -> Result<PreparedLayer, CloudError> {
-            let plan = cloud_plan(params, mode, cl.n_in, cl.n_out, cl.bias_bound)?;
-            Ok(PreparedLayer::prepare_with_plan(
-                ctx.clone(),
-                plan,
-                &cl.weights,
-                &cl.bias,
-            )?)
-        };
-        let nokey = prep(OutputMode::NoKey)?;
-        let packed = prep(OutputMode::Packed)?;
+        let mut layers = Vec::new();
+        for ctx in contexts {
+            let params = ctx.params();
+            for mode in [OutputMode::Packed, OutputMode::NoKey] {
+                if !policy.allows(mode) {
+                    continue;
+                }
+                let plan = cloud_plan(params, mode, cl.n_in, cl.n_out, cl.bias_bound)?;
+                let layer =
+                    PreparedLayer::prepare_with_plan(ctx.clone(), plan, &cl.weights, &cl.bias)?;
+                layers.push((params.id, mode, layer));
+            }
+        }
         let layer_id = u32::try_from(cl.index)
             .map_err(|_| CloudError::Config("layer index out of range".into()))?;
         tracing::info!(
@@ -106,19 +209,21 @@ impl ModelRegistry {
             layer_id,
             n_in = cl.n_in,
             n_out = cl.n_out,
+            packed = policy.packed,
+            nokey = policy.nokey,
             "model prepared"
         );
         Ok(ServedModel {
             bundle,
             layer_id,
-            nokey,
-            packed,
+            policy,
+            layers,
         })
     }
 
-    /// The HE context shared by every layer and key.
-    pub fn context(&self) -> &Arc<Context> {
-        &self.ctx
+    /// The HE contexts served, in preference order (one per parameter set).
+    pub fn contexts(&self) -> &[Arc<Context>] {
+        &self.contexts
     }
 
     /// The model with this id and digest, if served.
@@ -137,5 +242,43 @@ impl ModelRegistry {
                 model_digest: m.bundle.digest(),
             })
             .collect()
+    }
+
+    /// The largest wire objects any served model, parameter set and allowed mode needs for
+    /// batches of up to `max_batch` rows (exact sizes from the HE plans).
+    pub fn wire_sizes(&self, max_batch: usize) -> WireSizes {
+        let mut s = WireSizes {
+            key_len: 0,
+            ciphertext_len: 0,
+            elements: 0,
+            prepared_key_bytes: 0,
+        };
+        for m in &self.models {
+            for plan in m.plans() {
+                s.key_len = s.key_len.max(plan.eval_key_bytes());
+                if plan.mode == OutputMode::Packed {
+                    let automorphisms = plan.chunk.trailing_zeros() as usize;
+                    s.prepared_key_bytes =
+                        s.prepared_key_bytes
+                            .max(crate::keystore::prepared_key_bytes(
+                                &plan.params,
+                                automorphisms,
+                            ));
+                }
+                s.ciphertext_len = s
+                    .ciphertext_len
+                    .max(plan.upload_bytes(max_batch))
+                    .max(plan.download_bytes(max_batch));
+                s.elements = s
+                    .elements
+                    .max(max_batch.saturating_mul(plan.n_in.max(plan.n_out)));
+            }
+            if let Ok(cl) = m.bundle.cloud_layer() {
+                s.elements = s
+                    .elements
+                    .max(max_batch.saturating_mul(cl.n_in.max(cl.n_out)));
+            }
+        }
+        s
     }
 }

@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem_he::{Context, EncryptedInput, OutputMode, DEFAULT_PARAMETERS};
+use tandem_he::{Context, EncryptedInput, OutputMode, ParameterSet, ALL_PARAMETER_SETS};
 use tandem_model::VerifyingKey;
 use tandem_protocol::{
     CloudConfig, CloudEvent, CloudSession, EncryptedBlock, ErrorCode, InferRequest, Limits,
-    RequestPayload, ResponsePayload,
+    Negotiated, RequestPayload, ResponsePayload, SessionState, FRAME_HEADER_LEN,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -20,32 +20,78 @@ use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::keystore::KeyStore;
-use crate::registry::ModelRegistry;
+use crate::keystore::{KeyQuota, KeyStore};
+use crate::registry::{ModelPolicy, ModelRegistry, ModelSpec, WireSizes};
 use crate::CloudError;
 
-/// Admission limits; exceeding one is refused with a typed protocol code.
+/// Admission limits; exceeding one is refused with a typed protocol code where a session
+/// exists (`Busy`, `LimitExceeded`, `IdleTimeout`), by closing the TCP connection before any
+/// TLS work otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AdmissionLimits {
-    /// Concurrent connections; more are closed with `Busy` after the handshake.
+    /// Concurrent sessions; more are closed with `Busy` after the handshake.
     pub max_connections: usize,
+    /// Concurrent sessions per device identity (TLS certificate); more are closed with `Busy`
+    /// after the handshake, so one certificate cannot hold every slot.
+    pub max_connections_per_identity: usize,
+    /// TLS handshakes in progress; a connection accepted beyond this is closed before its
+    /// handshake starts.
+    pub max_handshakes: usize,
     /// Requests being evaluated per device identity (over all its connections); more fail
     /// with `Busy`.
     pub max_in_flight_per_device: usize,
-    /// Payload bytes of one request; more fail with `LimitExceeded`.
+    /// Payload bytes of one request; more fail with `LimitExceeded`. 0: the largest payload
+    /// the served models need for `max_batch` rows (derived at start-up).
     pub max_request_bytes: usize,
     /// Time allowed for the TLS handshake.
     pub handshake_timeout: Duration,
+    /// Time allowed, after the TLS handshake, for the complete `ClientHello`; the session is
+    /// then closed with `IdleTimeout`.
+    pub first_message_timeout: Duration,
 }
 
 impl Default for AdmissionLimits {
-    /// 256 connections, 8 in flight per device, 4 MiB per request, 10 s handshake.
+    /// 256 sessions, 8 per identity, 64 handshakes, 8 requests in flight per device, request
+    /// size derived from the models, 10 s handshake, 5 s for the first message.
     fn default() -> Self {
         AdmissionLimits {
             max_connections: 256,
+            max_connections_per_identity: 8,
+            max_handshakes: 64,
             max_in_flight_per_device: 8,
-            max_request_bytes: 4 << 20,
+            max_request_bytes: 0,
             handshake_timeout: Duration::from_secs(10),
+            first_message_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Memory bounds that follow from the served models (issue 12 item 6; `specs/operations.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResourceLimits {
+    /// Largest batch a request may carry; the frame and ciphertext limits are derived from it.
+    pub max_batch: u16,
+    /// Frame limit offered to devices; `None`: derived from the served models (the largest
+    /// KeyRegister, request or response they need).
+    pub max_frame_len: Option<u32>,
+    /// Key-blob limit offered to devices; `None`: the largest evaluation key the served
+    /// models' packed plans need.
+    pub max_key_len: Option<u32>,
+    /// Per-device quota of stored keys (TDM-KEY-9).
+    pub key_quota: KeyQuota,
+    /// Bytes of prepared evaluation keys kept in memory (least recently used evicted).
+    pub key_cache_bytes: usize,
+}
+
+impl Default for ResourceLimits {
+    /// Batches of 16, derived frame and key limits, default quota, 256 MiB of prepared keys.
+    fn default() -> Self {
+        ResourceLimits {
+            max_batch: 16,
+            max_frame_len: None,
+            max_key_len: None,
+            key_quota: KeyQuota::default(),
+            key_cache_bytes: 256 << 20,
         }
     }
 }
@@ -61,11 +107,19 @@ pub struct ServerOptions {
     pub verifying_key: VerifyingKey,
     /// Bundle directories to serve.
     pub models: Vec<PathBuf>,
+    /// Output-mode policy per bundle directory (absent: both modes).
+    pub policies: Vec<(PathBuf, ModelPolicy)>,
+    /// Parameter-set ids served, in preference order (each must be in
+    /// [`tandem_he::ALL_PARAMETER_SETS`]); empty: all of them.
+    pub param_sets: Vec<u16>,
     /// Path of the key-store database file.
     pub key_store: PathBuf,
     /// Admission limits.
     pub admission: AdmissionLimits,
-    /// Protocol limits offered to devices.
+    /// Memory bounds.
+    pub resources: ResourceLimits,
+    /// Upper bounds for the protocol limits offered to devices (the derived limits are
+    /// lowered to these).
     pub limits: Limits,
     /// Test hook: the first `n` requests are dropped by closing their connection unanswered.
     pub fault_drop_requests: u64,
@@ -76,8 +130,11 @@ impl std::fmt::Debug for ServerOptions {
         f.debug_struct("ServerOptions")
             .field("addr", &self.addr)
             .field("models", &self.models)
+            .field("policies", &self.policies)
+            .field("param_sets", &self.param_sets)
             .field("key_store", &self.key_store)
             .field("admission", &self.admission)
+            .field("resources", &self.resources)
             .finish_non_exhaustive()
     }
 }
@@ -95,8 +152,11 @@ impl ServerOptions {
             tls,
             verifying_key,
             models: Vec::new(),
+            policies: Vec::new(),
+            param_sets: Vec::new(),
             key_store,
             admission: AdmissionLimits::default(),
+            resources: ResourceLimits::default(),
             limits: Limits::default(),
             fault_drop_requests: 0,
         }
@@ -107,6 +167,144 @@ impl ServerOptions {
         self.models.push(dir);
         self
     }
+
+    /// Sets the output modes served for a bundle directory.
+    pub fn with_policy(mut self, dir: PathBuf, policy: ModelPolicy) -> Self {
+        self.policies.retain(|(d, _)| *d != dir);
+        self.policies.push((dir, policy));
+        self
+    }
+}
+
+/// The protocol limits the cloud offers for `sizes` (from [`ModelRegistry::wire_sizes`]):
+/// frames just large enough for the largest KeyRegister, request and response the served
+/// models need (exact HE blob sizes plus the message layout), one ciphertext per message,
+/// `max_batch` rows; explicit `resources` values replace the derived ones; the result is
+/// lowered to `cap` field by field.
+///
+/// # Errors
+/// [`CloudError::Config`] if a limit leaves the protocol's domain (TDM-LIM-2).
+pub fn derive_limits(
+    sizes: &WireSizes,
+    resources: &ResourceLimits,
+    cap: &Limits,
+) -> Result<Limits, CloudError> {
+    let sat = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    let key_len = resources
+        .max_key_len
+        .unwrap_or_else(|| sat(sizes.key_len.max(1)));
+    let ct_len = sizes.ciphertext_len.max(1);
+    let elements = sizes.elements.max(1);
+    let frame = match resources.max_frame_len {
+        Some(f) => f,
+        None => {
+            let o = overheads();
+            let need = [
+                o.key_register.saturating_add(key_len as usize),
+                o.encrypted_request.saturating_add(ct_len),
+                o.noised_request.saturating_add(elements.saturating_mul(4)),
+                o.encrypted_response.saturating_add(ct_len),
+                o.plain_response.saturating_add(elements.saturating_mul(8)),
+            ]
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+            sat(need).clamp(
+                tandem_protocol::limits::MIN_FRAME_LEN,
+                tandem_protocol::limits::HARD_MAX_FRAME_LEN,
+            )
+        }
+    };
+    let derived = Limits {
+        max_frame_len: frame,
+        max_key_len: key_len,
+        max_ciphertext_len: sat(ct_len),
+        max_ciphertexts: 1,
+        max_elements: sat(elements),
+        max_batch: resources.max_batch,
+        ..*cap
+    };
+    let l = derived.min(cap);
+    l.validate()
+        .map_err(|e| CloudError::Config(format!("derived protocol limits: {e} ({l:?})")))?;
+    Ok(l)
+}
+
+/// Body bytes of each message kind besides its variable part (exact: encoded with an empty
+/// variable part).
+struct Overheads {
+    key_register: usize,
+    encrypted_request: usize,
+    noised_request: usize,
+    encrypted_response: usize,
+    plain_response: usize,
+}
+
+fn overheads() -> Overheads {
+    use tandem_protocol::{
+        BudgetCharge, DpMetadata, KeyRegister, Mechanism, Message, NoisedBlock, Scale,
+    };
+    let body = |m: Message| -> usize {
+        m.encode()
+            .map_or(usize::MAX / 4, |b| b.len().saturating_sub(FRAME_HEADER_LEN))
+    };
+    let block = EncryptedBlock {
+        param_set: 1,
+        key_id: [0; 32],
+        output_mode: tandem_protocol::OutputMode::Packed,
+        ciphertexts: vec![Vec::new()],
+    };
+    let dps = [Scale::Rational { num: 1, den: 1 }, Scale::Float(1.0)].map(|scale| DpMetadata {
+        mechanism: Mechanism::DiscreteGaussian,
+        scale,
+        charge: BudgetCharge::Rho(0.0),
+        clip_bound: 1.0,
+        quant_scale: 1.0,
+    });
+    let req = |payload| {
+        body(Message::InferRequest(InferRequest {
+            request_id: 1,
+            layer_id: 0,
+            batch: 1,
+            payload,
+        }))
+    };
+    let dp_max = |f: &dyn Fn(DpMetadata) -> usize| dps.iter().map(|d| f(*d)).max().unwrap_or(0);
+    Overheads {
+        key_register: body(Message::KeyRegister(KeyRegister {
+            key_id: [0; 32],
+            param_set: 1,
+            output_mode: tandem_protocol::OutputMode::NoKey,
+            channel_binding: [0; 32],
+            key_blob: Vec::new(),
+        })),
+        encrypted_request: dp_max(&|dp| {
+            req(RequestPayload::NoisedEncrypted {
+                dp,
+                enc: block.clone(),
+            })
+        })
+        .max(req(RequestPayload::Encrypted(block.clone()))),
+        // One value, minus its 4 bytes.
+        noised_request: dp_max(&|dp| {
+            req(RequestPayload::Noised(NoisedBlock {
+                dp,
+                values: vec![0],
+            }))
+            .saturating_sub(4)
+        }),
+        encrypted_response: body(Message::InferResponse(tandem_protocol::InferResponse {
+            request_id: 1,
+            layer_id: 0,
+            payload: ResponsePayload::Encrypted(block.clone()),
+        })),
+        plain_response: body(Message::InferResponse(tandem_protocol::InferResponse {
+            request_id: 1,
+            layer_id: 0,
+            payload: ResponsePayload::Plain(vec![0]),
+        }))
+        .saturating_sub(8),
+    }
 }
 
 /// Counters of a running cloud.
@@ -115,9 +313,13 @@ pub struct Metrics {
     sessions_started: AtomicU64,
     tls_rejected: AtomicU64,
     key_registrations: AtomicU64,
+    keys_evicted: AtomicU64,
+    keys_refused: AtomicU64,
     requests: AtomicU64,
     responses: AtomicU64,
     refusals: AtomicU64,
+    handshakes_refused: AtomicU64,
+    first_message_timeouts: AtomicU64,
 }
 
 impl Metrics {
@@ -129,9 +331,17 @@ impl Metrics {
     pub fn tls_rejected(&self) -> u64 {
         self.tls_rejected.load(Ordering::Relaxed)
     }
-    /// Key registrations stored.
+    /// Key registrations stored and acknowledged.
     pub fn key_registrations(&self) -> u64 {
         self.key_registrations.load(Ordering::Relaxed)
+    }
+    /// Stored keys deleted by the per-device quota (least recently used).
+    pub fn keys_evicted(&self) -> u64 {
+        self.keys_evicted.load(Ordering::Relaxed)
+    }
+    /// Key registrations refused (invalid blob, mode not served, quota, store failure).
+    pub fn keys_refused(&self) -> u64 {
+        self.keys_refused.load(Ordering::Relaxed)
     }
     /// Inference requests received.
     pub fn requests(&self) -> u64 {
@@ -145,6 +355,15 @@ impl Metrics {
     pub fn refusals(&self) -> u64 {
         self.refusals.load(Ordering::Relaxed)
     }
+    /// TCP connections closed before their TLS handshake because `max_handshakes` were in
+    /// progress.
+    pub fn handshakes_refused(&self) -> u64 {
+        self.handshakes_refused.load(Ordering::Relaxed)
+    }
+    /// Sessions closed because no `ClientHello` arrived within `first_message_timeout`.
+    pub fn first_message_timeouts(&self) -> u64 {
+        self.first_message_timeouts.load(Ordering::Relaxed)
+    }
 }
 
 struct Shared {
@@ -152,8 +371,11 @@ struct Shared {
     keys: KeyStore,
     session_config: CloudConfig,
     admission: AdmissionLimits,
+    max_request_bytes: usize,
     metrics: Arc<Metrics>,
     connections: Arc<Semaphore>,
+    handshakes: Arc<Semaphore>,
+    per_identity: Mutex<HashMap<[u8; 32], usize>>,
     in_flight: Mutex<HashMap<[u8; 32], usize>>,
     epoch: Instant,
     fault_drop: AtomicU64,
@@ -181,25 +403,78 @@ impl std::fmt::Debug for Cloud {
     }
 }
 
+fn contexts_for(ids: &[u16]) -> Result<Vec<Arc<Context>>, CloudError> {
+    let sets: Vec<ParameterSet> = if ids.is_empty() {
+        ALL_PARAMETER_SETS.to_vec()
+    } else {
+        ids.iter()
+            .map(|&id| {
+                ParameterSet::from_id(id).map_err(|_| {
+                    CloudError::Config(format!(
+                        "parameter set {id} is not known to this build (known: {:?})",
+                        ALL_PARAMETER_SETS.iter().map(|p| p.id).collect::<Vec<_>>()
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    Ok(sets
+        .into_iter()
+        .map(|p| Arc::new(Context::new(p)))
+        .collect())
+}
+
 impl Cloud {
-    /// Loads and prepares the models, opens the key store, binds and starts accepting.
+    /// Loads and prepares the models, derives the protocol limits from them, opens the key
+    /// store, binds and starts accepting.
+    ///
+    /// # Errors
+    /// [`CloudError`] if a bundle, the key store, the limits or the socket fail.
     pub async fn start(opts: ServerOptions) -> Result<Cloud, CloudError> {
-        let ctx = Arc::new(Context::new(DEFAULT_PARAMETERS));
-        let (models, vk, ks, lim) = (
-            opts.models.clone(),
+        let contexts = contexts_for(&opts.param_sets)?;
+        let specs: Vec<ModelSpec> = opts
+            .models
+            .iter()
+            .map(|dir| ModelSpec {
+                dir: dir.clone(),
+                policy: opts
+                    .policies
+                    .iter()
+                    .find(|(d, _)| d == dir)
+                    .map_or_else(ModelPolicy::default, |(_, p)| *p),
+            })
+            .collect();
+        let (vk, ks, res, cap) = (
             opts.verifying_key,
             opts.key_store.clone(),
+            opts.resources,
             opts.limits,
         );
-        let (registry, keys) = tokio::task::spawn_blocking(move || {
-            let registry = ModelRegistry::load(ctx.clone(), &models, &vk)?;
-            let keys = KeyStore::open(&ks, ctx, lim.max_key_len as usize)?;
-            Ok::<_, CloudError>((registry, keys))
+        let (registry, keys, limits, sizes) = tokio::task::spawn_blocking(move || {
+            let registry = ModelRegistry::load(contexts.clone(), &specs, &vk)?;
+            let sizes = registry.wire_sizes(usize::from(res.max_batch));
+            let limits = derive_limits(&sizes, &res, &cap)?;
+            let keys = KeyStore::open(
+                &ks,
+                contexts,
+                limits.max_key_len as usize,
+                res.key_quota,
+                res.key_cache_bytes,
+            )?;
+            Ok::<_, CloudError>((registry, keys, limits, sizes))
         })
         .await
         .map_err(|e| CloudError::Config(format!("start-up task failed: {e}")))??;
         let mut session_config = CloudConfig::new(registry.entries());
-        session_config.limits = opts.limits;
+        session_config.limits = limits;
+        session_config.param_sets = registry.contexts().iter().map(|c| c.params().id).collect();
+        let max_request_bytes = match opts.admission.max_request_bytes {
+            0 => sizes
+                .ciphertext_len
+                .max(sizes.elements.saturating_mul(4))
+                .max(1),
+            n => n,
+        };
         let listener = TcpListener::bind(opts.addr).await?;
         let addr = listener.local_addr()?;
         let metrics = Arc::new(Metrics::default());
@@ -208,17 +483,27 @@ impl Cloud {
             keys,
             session_config,
             admission: opts.admission,
+            max_request_bytes,
             metrics: metrics.clone(),
             connections: Arc::new(Semaphore::new(opts.admission.max_connections)),
+            handshakes: Arc::new(Semaphore::new(opts.admission.max_handshakes.max(1))),
+            per_identity: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
             epoch: Instant::now(),
             fault_drop: AtomicU64::new(opts.fault_drop_requests),
-            max_blob: opts.limits.max_ciphertext_len as usize,
+            max_blob: limits.max_ciphertext_len as usize,
         });
         let (tx, rx) = watch::channel(false);
         let acceptor = TlsAcceptor::from(opts.tls.clone());
         let task = tokio::spawn(accept_loop(listener, acceptor, shared.clone(), rx));
-        tracing::info!(%addr, "cloud listening");
+        tracing::info!(
+            %addr,
+            max_frame_len = limits.max_frame_len,
+            max_key_len = limits.max_key_len,
+            max_ciphertext_len = limits.max_ciphertext_len,
+            max_request_bytes,
+            "cloud listening"
+        );
         Ok(Cloud {
             addr,
             metrics,
@@ -236,6 +521,16 @@ impl Cloud {
     /// The counters.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The protocol limits offered to devices (derived from the served models).
+    pub fn limits(&self) -> Limits {
+        self.shared.session_config.limits
+    }
+
+    /// The key store (quota, cached bytes, records).
+    pub fn key_store(&self) -> &KeyStore {
+        &self.shared.keys
     }
 
     /// Test hook: the next `n` requests are dropped by closing their connection unanswered.
@@ -274,8 +569,15 @@ async fn accept_loop(
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((tcp, peer_addr)) => {
+                    // Handshakes in progress are bounded before any TLS work is done.
+                    let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+                        shared.metrics.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%peer_addr, "too many TLS handshakes in progress: closing");
+                        drop(tcp);
+                        continue;
+                    };
                     let _ = tcp.set_nodelay(true);
-                    conns.spawn(connection(tcp, peer_addr, acceptor.clone(), shared.clone(), shutdown.clone()));
+                    conns.spawn(connection(tcp, peer_addr, permit, acceptor.clone(), shared.clone(), shutdown.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -290,15 +592,41 @@ async fn accept_loop(
     while conns.join_next().await.is_some() {}
 }
 
-/// Decrements a device's in-flight count when an evaluation ends, however it ends.
-struct InFlightGuard {
+/// Selects one per-identity counter map of [`Shared`].
+type CounterOf = fn(&Shared) -> &Mutex<HashMap<[u8; 32], usize>>;
+
+/// Decrements a per-identity counter when dropped, however the task ends.
+struct CountGuard {
     shared: Arc<Shared>,
     peer: [u8; 32],
+    which: CounterOf,
 }
 
-impl Drop for InFlightGuard {
+impl CountGuard {
+    /// Takes one unit of `peer`'s count if it stays within `max`.
+    fn acquire(
+        shared: &Arc<Shared>,
+        peer: [u8; 32],
+        max: usize,
+        which: CounterOf,
+    ) -> Option<CountGuard> {
+        let mut m = which(shared).lock().ok()?;
+        let n = m.entry(peer).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(CountGuard {
+            shared: shared.clone(),
+            peer,
+            which,
+        })
+    }
+}
+
+impl Drop for CountGuard {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.shared.in_flight.lock() {
+        if let Ok(mut m) = (self.which)(&self.shared).lock() {
             if let Some(n) = m.get_mut(&self.peer) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
@@ -309,11 +637,20 @@ impl Drop for InFlightGuard {
     }
 }
 
+fn per_identity(s: &Shared) -> &Mutex<HashMap<[u8; 32], usize>> {
+    &s.per_identity
+}
+
+fn in_flight(s: &Shared) -> &Mutex<HashMap<[u8; 32], usize>> {
+    &s.in_flight
+}
+
 type Answer = (u64, Result<ResponsePayload, ErrorCode>);
 
 async fn connection(
     tcp: TcpStream,
     peer_addr: SocketAddr,
+    handshake_permit: tokio::sync::OwnedSemaphorePermit,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
@@ -333,6 +670,7 @@ async fn connection(
             return;
         }
     };
+    drop(handshake_permit);
     let est = match tandem_tls::established(tls.get_ref().1) {
         Ok(e) => e,
         Err(e) => {
@@ -343,11 +681,12 @@ async fn connection(
     };
     let peer = est.peer.id();
     let device = est.peer.common_name().unwrap_or("?").to_string();
+    let started = shared.now_ms();
     let mut session = match CloudSession::new(
         shared.session_config.clone(),
         peer,
         est.channel_binding,
-        shared.now_ms(),
+        started,
     ) {
         Ok(s) => s,
         Err(e) => {
@@ -360,20 +699,33 @@ async fn connection(
         .sessions_started
         .fetch_add(1, Ordering::Relaxed);
     let (mut rd, mut wr) = tokio::io::split(tls);
-    let _permit = match shared.connections.clone().try_acquire_owned() {
-        Ok(p) => p,
-        Err(_) => {
-            shared.metrics.refusals.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%device, "connection limit reached: refusing with Busy");
-            session.close(ErrorCode::Busy);
-            let _ = flush(&mut session, &mut wr).await;
-            let _ = wr.shutdown().await;
-            return;
-        }
+    // Per-identity cap first, so that one certificate cannot take the global slots.
+    let slot = CountGuard::acquire(
+        &shared,
+        peer,
+        shared.admission.max_connections_per_identity,
+        per_identity,
+    )
+    .and_then(|g| {
+        shared
+            .connections
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .map(|p| (g, p))
+    });
+    let Some(_slot) = slot else {
+        shared.metrics.refusals.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%device, "connection limit (global or per identity) reached: refusing with Busy");
+        session.close(ErrorCode::Busy);
+        let _ = flush(&mut session, &mut wr).await;
+        let _ = wr.shutdown().await;
+        return;
     };
     tracing::info!(%device, %peer_addr, "session started");
-    // TDM-KEY-7: keys stored under this peer identity are usable without re-registration.
-    match shared.keys.list(&peer, 16) {
+    // TDM-KEY-7: keys stored under this peer identity are usable without re-registration;
+    // they do not count against the session's registration limit (TDM-KEY-6).
+    match shared.keys.list(&peer, shared.keys.quota().max_keys) {
         Ok(ids) => {
             for id in ids {
                 let _ = session.allow_key(id);
@@ -381,8 +733,11 @@ async fn connection(
         }
         Err(e) => tracing::error!(error = %e, "key store listing failed"),
     }
+    let first_deadline = started.saturating_add(
+        u64::try_from(shared.admission.first_message_timeout.as_millis()).unwrap_or(u64::MAX),
+    );
     let (tx, mut rx) = mpsc::unbounded_channel::<Answer>();
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; 16 * 1024];
     let mut closing = false;
     loop {
         if flush(&mut session, &mut wr).await.is_err() {
@@ -391,7 +746,12 @@ async fn connection(
         if session.is_closed() {
             break;
         }
-        let deadline = session.poll_timeout();
+        let handshaking = session.state() == SessionState::Handshaking;
+        let deadline = match (session.poll_timeout(), handshaking) {
+            (Some(d), true) => Some(d.min(first_deadline)),
+            (None, true) => Some(first_deadline),
+            (d, false) => d,
+        };
         let sleep_for = deadline
             .map(|d| Duration::from_millis(d.saturating_sub(shared.now_ms())))
             .unwrap_or(Duration::from_secs(3600));
@@ -426,7 +786,15 @@ async fn connection(
                 }
             },
             _ = tokio::time::sleep(sleep_for), if deadline.is_some() => {
-                session.handle_timeout(shared.now_ms());
+                let now = shared.now_ms();
+                if session.state() == SessionState::Handshaking && now >= first_deadline {
+                    // The first protocol message must follow the TLS handshake promptly.
+                    shared.metrics.first_message_timeouts.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%device, "no ClientHello in time: closing with IdleTimeout");
+                    session.close(ErrorCode::IdleTimeout);
+                } else {
+                    session.handle_timeout(now);
+                }
             },
             r = shutdown.changed(), if !closing => {
                 let _ = r;
@@ -457,6 +825,83 @@ async fn flush(
     Ok(())
 }
 
+fn he_mode(m: tandem_protocol::OutputMode) -> OutputMode {
+    match m {
+        tandem_protocol::OutputMode::NoKey => OutputMode::NoKey,
+        tandem_protocol::OutputMode::Packed => OutputMode::Packed,
+    }
+}
+
+/// Validates and stores one registration, then accepts or refuses it (TDM-KEY-8).
+async fn register_key(
+    session: &mut CloudSession,
+    shared: &Arc<Shared>,
+    device: &str,
+    peer: [u8; 32],
+    key_id: [u8; 32],
+    output_mode: tandem_protocol::OutputMode,
+    key_blob: Vec<u8>,
+) {
+    let mode = he_mode(output_mode);
+    let Some(neg) = session.negotiated().cloned() else {
+        let _ = session.refuse_key(key_id, ErrorCode::InternalError);
+        return;
+    };
+    let model = shared.registry.get(&neg.model_id, &neg.model_digest);
+    let Some(layer) = model.and_then(|m| m.layer(neg.param_set, mode)) else {
+        // The model is not served in this output mode (policy) for the negotiated set.
+        shared.metrics.keys_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%device, mode = mode.name(), "key for an output mode this model is not served in: refusing");
+        let _ = session.refuse_key(key_id, ErrorCode::InvalidRequest);
+        return;
+    };
+    let min_chunk = match mode {
+        OutputMode::Packed => layer.plan().chunk,
+        OutputMode::NoKey => 0,
+    };
+    let sh = shared.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        sh.keys
+            .register(&peer, &key_id, mode, &key_blob, neg.param_set, min_chunk)
+    })
+    .await;
+    let code = match r {
+        Ok(Ok((_, reg))) => {
+            shared
+                .metrics
+                .key_registrations
+                .fetch_add(1, Ordering::Relaxed);
+            shared
+                .metrics
+                .keys_evicted
+                .fetch_add(reg.evicted.len() as u64, Ordering::Relaxed);
+            tracing::info!(%device, evicted = reg.evicted.len(), "evaluation key stored");
+            if let Err(e) = session.accept_key(key_id, shared.now_ms()) {
+                tracing::warn!(%device, error = %e, "cannot acknowledge key");
+            }
+            return;
+        }
+        Ok(Err(CloudError::Quota(e))) => {
+            tracing::warn!(%device, error = %e, "key registration refused");
+            ErrorCode::LimitExceeded
+        }
+        Ok(Err(e @ (CloudError::KeyInvalid(_) | CloudError::He(_)))) => {
+            tracing::warn!(%device, error = %e, "key registration refused");
+            ErrorCode::InvalidRequest
+        }
+        Ok(Err(e)) => {
+            tracing::error!(%device, error = %e, "key registration failed");
+            ErrorCode::InternalError
+        }
+        Err(e) => {
+            tracing::error!(%device, error = %e, "key registration task failed");
+            ErrorCode::InternalError
+        }
+    };
+    shared.metrics.keys_refused.fetch_add(1, Ordering::Relaxed);
+    let _ = session.refuse_key(key_id, code);
+}
+
 /// Handles queued events; false if the connection must be dropped (fault injection).
 async fn process_events(
     session: &mut CloudSession,
@@ -467,7 +912,7 @@ async fn process_events(
     while let Some(ev) = session.poll_event() {
         match ev {
             CloudEvent::Connected(n) => {
-                tracing::debug!(%device, model = %n.model_id, "handshake complete");
+                tracing::debug!(%device, model = %n.model_id, param_set = n.param_set, "handshake complete");
             }
             CloudEvent::KeyRegistered {
                 peer,
@@ -476,32 +921,7 @@ async fn process_events(
                 key_blob,
                 ..
             } => {
-                let sh = shared.clone();
-                let mode = match output_mode {
-                    tandem_protocol::OutputMode::NoKey => OutputMode::NoKey,
-                    tandem_protocol::OutputMode::Packed => OutputMode::Packed,
-                };
-                let r = tokio::task::spawn_blocking(move || {
-                    sh.keys.register(&peer, &key_id, mode, &key_blob)
-                })
-                .await;
-                match r {
-                    Ok(Ok(_)) => {
-                        shared
-                            .metrics
-                            .key_registrations
-                            .fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(%device, "evaluation key stored");
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(%device, error = %e, "key registration refused");
-                        session.close(ErrorCode::InvalidRequest);
-                    }
-                    Err(e) => {
-                        tracing::error!(%device, error = %e, "key registration task failed");
-                        session.close(ErrorCode::InternalError);
-                    }
-                }
+                register_key(session, shared, device, peer, key_id, output_mode, key_blob).await;
             }
             CloudEvent::Request { peer, request } => {
                 shared.metrics.requests.fetch_add(1, Ordering::Relaxed);
@@ -546,29 +966,18 @@ fn admit(
         shared.metrics.refusals.fetch_add(1, Ordering::Relaxed);
         let _ = session.send_request_error(id, code, now);
     };
-    if payload_bytes(&request.payload) > shared.admission.max_request_bytes {
+    if payload_bytes(&request.payload) > shared.max_request_bytes {
         tracing::warn!(%device, request_id = id, "request too large");
         return refuse(session, ErrorCode::LimitExceeded);
     }
-    let admitted = match shared.in_flight.lock() {
-        Ok(mut m) => {
-            let n = m.entry(peer).or_insert(0);
-            if *n >= shared.admission.max_in_flight_per_device {
-                false
-            } else {
-                *n += 1;
-                true
-            }
-        }
-        Err(_) => false,
-    };
-    if !admitted {
+    let Some(guard) = CountGuard::acquire(
+        shared,
+        peer,
+        shared.admission.max_in_flight_per_device,
+        in_flight,
+    ) else {
         tracing::warn!(%device, request_id = id, "too many requests in flight");
         return refuse(session, ErrorCode::Busy);
-    }
-    let guard = InFlightGuard {
-        shared: shared.clone(),
-        peer,
     };
     let Some(neg) = session.negotiated().cloned() else {
         return refuse(session, ErrorCode::InternalError);
@@ -577,7 +986,7 @@ fn admit(
     let tx = tx.clone();
     tokio::task::spawn_blocking(move || {
         let _guard = guard;
-        let res = evaluate(&sh, &peer, &neg.model_id, &neg.model_digest, &request);
+        let res = evaluate(&sh, &peer, &neg, &request);
         let _ = tx.send((id, res));
     });
 }
@@ -585,13 +994,12 @@ fn admit(
 fn evaluate(
     shared: &Shared,
     peer: &[u8; 32],
-    model_id: &str,
-    digest: &[u8; 32],
+    neg: &Negotiated,
     request: &InferRequest,
 ) -> Result<ResponsePayload, ErrorCode> {
     let model = shared
         .registry
-        .get(model_id, digest)
+        .get(&neg.model_id, &neg.model_digest)
         .ok_or(ErrorCode::UnknownModel)?;
     if request.layer_id != model.layer_id {
         return Err(ErrorCode::InvalidRequest);
@@ -620,6 +1028,11 @@ fn evaluate(
         }
         RequestPayload::Encrypted(e) | RequestPayload::NoisedEncrypted { enc: e, .. } => e,
     };
+    let mode = he_mode(enc.output_mode);
+    // Output-mode policy and the negotiated parameter set pick the prepared layer.
+    let layer = model
+        .layer(neg.param_set, mode)
+        .ok_or(ErrorCode::InvalidRequest)?;
     let key = shared
         .keys
         .get(peer, &enc.key_id)
@@ -628,14 +1041,9 @@ fn evaluate(
             ErrorCode::InternalError
         })?
         .ok_or(ErrorCode::UnknownKey)?;
-    let mode = match enc.output_mode {
-        tandem_protocol::OutputMode::NoKey => OutputMode::NoKey,
-        tandem_protocol::OutputMode::Packed => OutputMode::Packed,
-    };
-    if mode != key.mode {
+    if mode != key.mode || key.param_set != neg.param_set {
         return Err(ErrorCode::InvalidRequest);
     }
-    let layer = model.layer(mode);
     let [ct] = enc.ciphertexts.as_slice() else {
         return Err(ErrorCode::InvalidRequest);
     };

@@ -1,0 +1,230 @@
+//! `cloud.toml`: what `tandem cloud serve` reads.
+//!
+//! ```toml
+//! listen = "127.0.0.1:7443"
+//! pki_dir = "/etc/tandem/pki"
+//! verifying_key = "/etc/tandem/model-signing.pub"
+//! key_store = "/var/lib/tandem/keys.redb"
+//! # A bundle directory (both output modes), or a table with the modes served.
+//! models = ["/srv/models/breast_cancer", { path = "/srv/models/digits", output_modes = ["packed"] }]
+//!
+//! # Optional; defaults in brackets (see specs/operations.md for the memory they imply).
+//! max_connections = 256                  # sessions [256]
+//! max_connections_per_identity = 8       # sessions per device certificate [8]
+//! max_handshakes = 64                    # TLS handshakes in progress [64]
+//! max_in_flight_per_device = 8           # requests evaluated per device [8]
+//! first_message_timeout_ms = 5000        # TLS handshake → complete ClientHello [5000]
+//! handshake_timeout_ms = 10000           # TLS handshake [10000]
+//! max_batch = 16                         # rows per request [16]
+//! # max_frame_len, max_key_len, max_request_bytes: derived from the served models if absent
+//! max_keys_per_device = 8                # stored keys per device, LRU-evicted [8]
+//! max_key_bytes_per_device = 16777216    # stored key bytes per device [16 MiB]
+//! key_cache_bytes = 268435456            # prepared keys in memory [256 MiB]
+//! param_sets = [1]                       # parameter sets served, preferred first [all]
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::registry::ModelPolicy;
+use crate::server::{AdmissionLimits, ResourceLimits, ServerOptions};
+use crate::CloudError;
+
+/// One entry of `models`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum ModelToml {
+    /// A bundle directory served in both output modes.
+    Path(PathBuf),
+    /// A bundle directory and the output modes it is served in.
+    Table {
+        /// Bundle directory.
+        path: PathBuf,
+        /// `packed`, `nokey` (at least one).
+        output_modes: Vec<String>,
+    },
+}
+
+/// The parsed `cloud.toml` (unknown keys are refused).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudToml {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// PKI directory (`tandem pki init` layout).
+    pub pki_dir: PathBuf,
+    /// Bundles served.
+    pub models: Vec<ModelToml>,
+    /// Model-signing public key.
+    pub verifying_key: PathBuf,
+    /// Key-store database file.
+    pub key_store: PathBuf,
+    /// See [`AdmissionLimits::max_connections`].
+    pub max_connections: Option<usize>,
+    /// See [`AdmissionLimits::max_connections_per_identity`].
+    pub max_connections_per_identity: Option<usize>,
+    /// See [`AdmissionLimits::max_handshakes`].
+    pub max_handshakes: Option<usize>,
+    /// See [`AdmissionLimits::max_in_flight_per_device`].
+    pub max_in_flight_per_device: Option<usize>,
+    /// See [`AdmissionLimits::max_request_bytes`].
+    pub max_request_bytes: Option<usize>,
+    /// See [`AdmissionLimits::first_message_timeout`] (ms).
+    pub first_message_timeout_ms: Option<u64>,
+    /// See [`AdmissionLimits::handshake_timeout`] (ms).
+    pub handshake_timeout_ms: Option<u64>,
+    /// See [`ResourceLimits::max_batch`].
+    pub max_batch: Option<u16>,
+    /// See [`ResourceLimits::max_frame_len`].
+    pub max_frame_len: Option<u32>,
+    /// See [`ResourceLimits::max_key_len`].
+    pub max_key_len: Option<u32>,
+    /// See [`crate::KeyQuota::max_keys`].
+    pub max_keys_per_device: Option<usize>,
+    /// See [`crate::KeyQuota::max_bytes`].
+    pub max_key_bytes_per_device: Option<u64>,
+    /// See [`ResourceLimits::key_cache_bytes`].
+    pub key_cache_bytes: Option<usize>,
+    /// See [`ServerOptions::param_sets`].
+    pub param_sets: Option<Vec<u16>>,
+}
+
+impl CloudToml {
+    /// Reads and parses `path`.
+    ///
+    /// # Errors
+    /// [`CloudError::Config`] naming the file if it cannot be read or parsed.
+    pub fn load(path: &Path) -> Result<Self, CloudError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| CloudError::Config(format!("reading {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| {
+            CloudError::Config(format!(
+                "{}: {e} (see `tandem_cloud::config` for the keys)",
+                path.display()
+            ))
+        })
+    }
+
+    /// The limits this file sets, over the defaults.
+    ///
+    /// # Errors
+    /// [`CloudError::Config`] on a zero where a positive value is needed.
+    pub fn limits(&self) -> Result<(AdmissionLimits, ResourceLimits), CloudError> {
+        let a = AdmissionLimits::default();
+        let r = ResourceLimits::default();
+        let admission = AdmissionLimits {
+            max_connections: self.max_connections.unwrap_or(a.max_connections),
+            max_connections_per_identity: self
+                .max_connections_per_identity
+                .unwrap_or(a.max_connections_per_identity),
+            max_handshakes: self.max_handshakes.unwrap_or(a.max_handshakes),
+            max_in_flight_per_device: self
+                .max_in_flight_per_device
+                .unwrap_or(a.max_in_flight_per_device),
+            max_request_bytes: self.max_request_bytes.unwrap_or(a.max_request_bytes),
+            handshake_timeout: self
+                .handshake_timeout_ms
+                .map_or(a.handshake_timeout, Duration::from_millis),
+            first_message_timeout: self
+                .first_message_timeout_ms
+                .map_or(a.first_message_timeout, Duration::from_millis),
+        };
+        let resources = ResourceLimits {
+            max_batch: self.max_batch.unwrap_or(r.max_batch),
+            max_frame_len: self.max_frame_len,
+            max_key_len: self.max_key_len,
+            key_quota: crate::KeyQuota {
+                max_keys: self.max_keys_per_device.unwrap_or(r.key_quota.max_keys),
+                max_bytes: self
+                    .max_key_bytes_per_device
+                    .unwrap_or(r.key_quota.max_bytes),
+            },
+            key_cache_bytes: self.key_cache_bytes.unwrap_or(r.key_cache_bytes),
+        };
+        let positive = [
+            ("max_connections", admission.max_connections),
+            (
+                "max_connections_per_identity",
+                admission.max_connections_per_identity,
+            ),
+            ("max_handshakes", admission.max_handshakes),
+            (
+                "max_in_flight_per_device",
+                admission.max_in_flight_per_device,
+            ),
+            ("max_batch", usize::from(resources.max_batch)),
+            ("max_keys_per_device", resources.key_quota.max_keys),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(CloudError::Config(format!("{name} must be at least 1")));
+            }
+        }
+        Ok((admission, resources))
+    }
+
+    /// Server options from this file: TLS from `pki_dir`, the verifying key, models with their
+    /// output-mode policies, and the limits.
+    ///
+    /// # Errors
+    /// [`CloudError`] if the PKI files, the key or a setting is invalid.
+    pub fn into_options(self) -> Result<ServerOptions, CloudError> {
+        let tls = tandem_tls::server_config_from_files(&tandem_tls::ServerFiles::from_pki_dir(
+            &self.pki_dir,
+        ))?;
+        let vk = tandem_model::read_verifying_key(&self.verifying_key)?;
+        let (admission, resources) = self.limits()?;
+        let mut opts = ServerOptions::new(self.listen, tls, vk, self.key_store.clone());
+        for m in &self.models {
+            match m {
+                ModelToml::Path(p) => opts.models.push(p.clone()),
+                ModelToml::Table { path, output_modes } => {
+                    opts.models.push(path.clone());
+                    opts.policies
+                        .push((path.clone(), ModelPolicy::from_names(output_modes)?));
+                }
+            }
+        }
+        opts.admission = admission;
+        opts.resources = resources;
+        opts.param_sets = self.param_sets.unwrap_or_default();
+        Ok(opts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn parses_paths_tables_and_limits() {
+        let t: CloudToml = toml::from_str(
+            r#"
+listen = "127.0.0.1:0"
+pki_dir = "pki"
+verifying_key = "vk"
+key_store = "k.redb"
+models = ["a", { path = "b", output_modes = ["packed"] }]
+max_connections_per_identity = 2
+first_message_timeout_ms = 250
+max_keys_per_device = 3
+"#,
+        )
+        .unwrap();
+        assert_eq!(t.models[0], ModelToml::Path("a".into()));
+        let (a, r) = t.limits().unwrap();
+        assert_eq!(a.max_connections_per_identity, 2);
+        assert_eq!(a.first_message_timeout, Duration::from_millis(250));
+        assert_eq!(r.key_quota.max_keys, 3);
+        assert!(ModelPolicy::from_names(&["packed"]).unwrap().packed);
+        assert!(!ModelPolicy::from_names(&["packed"]).unwrap().nokey);
+        assert!(ModelPolicy::from_names::<&str>(&[]).is_err());
+        assert!(ModelPolicy::from_names(&["plain"]).is_err());
+        let bad: Result<CloudToml, _> = toml::from_str("listen = \"127.0.0.1:0\"\nbogus = 1\n");
+        assert!(bad.is_err());
+    }
+}
