@@ -6,21 +6,18 @@ use common::*;
 use tandem_he::*;
 
 /// Runs one layer and returns (measured variance, predicted variance, max |noise|, bound variance).
-fn measure(mode: OutputMode, n_in: usize, n_out: usize, batch: usize) -> (f64, f64, f64, f64) {
+fn measure(
+    mode: OutputMode,
+    n_in: usize,
+    n_out: usize,
+    batch: usize,
+    opts: PlanOptions,
+) -> (f64, f64, f64, f64) {
     let f = fixture();
     let w = values(n_in * n_out, 99, -128, 127);
     let b = values(n_out, 98, -1000, 1000);
-    let layer = PreparedLayer::prepare(
-        f.ctx.clone(),
-        mode,
-        n_in,
-        n_out,
-        &w,
-        &b,
-        128,
-        PlanOptions::default(),
-    )
-    .unwrap();
+    let layer =
+        PreparedLayer::prepare(f.ctx.clone(), mode, n_in, n_out, &w, &b, 128, opts).unwrap();
     let plan = *layer.plan();
     let xs: Vec<Vec<i64>> = (0..batch)
         .map(|i| values(n_in, 200 + i as u64, -128, 127))
@@ -72,13 +69,22 @@ fn measure(mode: OutputMode, n_in: usize, n_out: usize, batch: usize) -> (f64, f
 /// false-failure rate of this test is below 1e-9.
 #[test]
 fn measured_noise_variance_matches_prediction() {
-    for (mode, n_in, n_out, batch) in [
-        (OutputMode::NoKey, 1024, 1024, 4),
-        (OutputMode::Packed, 1024, 1024, 4),
+    let row = PlanOptions::default();
+    let batched = PlanOptions {
+        chunk: None,
+        batch: Some(16),
+    };
+    // Row-by-row layout, then the batch layout (16 rows per request, 16 × 1536 = 24 576
+    // outputs: the same ±20 % band is wider still in standard deviations).
+    for (mode, n_in, n_out, batch, opts) in [
+        (OutputMode::NoKey, 1024, 1024, 4, row),
+        (OutputMode::Packed, 1024, 1024, 4, row),
+        (OutputMode::NoKey, 384, 1536, 16, batched),
+        (OutputMode::Packed, 384, 1536, 16, batched),
     ] {
-        let (measured, predicted, max_abs, bound) = measure(mode, n_in, n_out, batch);
+        let (measured, predicted, max_abs, bound) = measure(mode, n_in, n_out, batch, opts);
         let ratio = measured / predicted;
-        eprintln!("{mode:?}: measured {measured:.3e}, predicted {predicted:.3e}, ratio {ratio:.3}, max |e| 2^{:.1}, bound std 2^{:.1}", max_abs.log2(), bound.sqrt().log2());
+        eprintln!("{mode:?} {n_in}x{n_out} batch {batch}: measured {measured:.3e}, predicted {predicted:.3e}, ratio {ratio:.3}, max |e| 2^{:.1}, bound std 2^{:.1}", max_abs.log2(), bound.sqrt().log2());
         assert!((0.8..=1.25).contains(&ratio), "{mode:?}: ratio {ratio}");
         assert!(
             measured <= bound,
