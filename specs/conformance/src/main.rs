@@ -15,6 +15,7 @@
 
 mod coverage;
 mod gen;
+mod he_kat;
 mod hexutil;
 mod json;
 mod remote;

@@ -157,12 +157,24 @@ pub fn run(dir: &Path) -> Result<Tally, String> {
             }
         }
     }
+    // HE known-answer vectors, checked from he-formats.md alone.
+    let he = dir.join("he/kat.json");
+    if he.exists() {
+        let text = std::fs::read_to_string(&he).map_err(|e| format!("he/kat.json: {e}"))?;
+        let doc: Value = serde_json::from_str(&text).map_err(|e| format!("he/kat.json: {e}"))?;
+        for (id, r) in crate::he_kat::check(&doc) {
+            match r {
+                Ok(()) => t.pass(&id),
+                Err(e) => t.fail(&id, &e),
+            }
+        }
+    }
     // Anything else in the directory is reported, not silently ignored.
     let mut others: Vec<String> = std::fs::read_dir(dir)
         .map_err(|e| e.to_string())?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "SHA256SUMS" && n != "README.md" && !files.contains(n))
+        .filter(|n| n != "SHA256SUMS" && n != "README.md" && n != "he" && !files.contains(n))
         .collect();
     others.sort();
     for o in others {
