@@ -1,12 +1,56 @@
 //! # Tandem
 //!
-//! Private device–cloud collaborative inference: the facade that apps link. Each module
-//! re-exports one crate of the workspace.
+//! Private device–cloud collaborative inference: the facade that apps link.
+//!
+//! An app depends on `tandem` with `default-features = false` (the default feature `cli`
+//! builds the `tandem` command-line tool and pulls its dependencies: clap, the cloud runtime,
+//! the dev PKI, dataset and plotting tools). What it gets:
+//!
+//! * the device runtime at the top level: [`Device`], [`DeviceOptions`], [`Protection`],
+//!   [`DeviceError`], … (crate [`device`]);
+//! * the signed model bundles ([`model`]), mutual TLS set-up ([`tls`]), the wire protocol
+//!   types ([`protocol`]), HE ([`he`]) and DP ([`dp`]).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::path::{Path, PathBuf};
+//! use tandem::{Device, DeviceOptions, Protection};
+//!
+//! let pki = Path::new("/etc/tandem/pki");
+//! let tls = tandem::tls::client_config_from_files(&tandem::tls::ClientFiles::from_pki_dir(pki, "device-1")?)?;
+//! let key = tandem::model::read_verifying_key(Path::new("/etc/tandem/model-signer.pub"))?;
+//! let mut opts = DeviceOptions::new(
+//!     "203.0.113.7:7443".parse()?,
+//!     tls,
+//!     PathBuf::from("/var/lib/app/models/digits"),
+//!     key,
+//!     PathBuf::from("/var/lib/app/tandem/ledger.bin"),
+//! );
+//! opts.state_dir = Some(PathBuf::from("/var/lib/app/tandem"));
+//! let mut device = Device::connect(opts).await?;
+//! let r = device.infer(&[0.0; 64], Protection::Encrypted).await?;
+//! println!("class {}", r.class);
+//! device.close().await;
+//! # Ok(()) }
+//! ```
 #![forbid(unsafe_code)]
 
+/// The device runtime (everything below is re-exported at the top level too).
+pub use tandem_device as device;
+pub use tandem_device::{
+    Device, DeviceError, DeviceOptions, DpOptions, Inference, Protection, RetryPolicy, Timings,
+    MAX_ABS_INPUT,
+};
 /// Differential privacy on activations and the privacy ledger.
 pub use tandem_dp as dp;
 /// Exact encrypted × clear linear layers (GLWE).
 pub use tandem_he as he;
+pub use tandem_he::OutputMode;
+/// Signed model bundles (manifest + safetensors + Ed25519).
+pub use tandem_model as model;
+pub use tandem_model::{read_verifying_key, ModelError, VerifyingKey};
 /// The sans-IO wire protocol.
 pub use tandem_protocol as protocol;
+pub use tandem_protocol::ErrorCode;
+/// Mutual TLS 1.3 configuration (rustls, ring).
+pub use tandem_tls as tls;

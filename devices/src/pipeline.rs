@@ -372,7 +372,10 @@ impl Device {
                         return Ok(p.clone());
                     }
                 }
-                let input = self.he.client.encrypt(&self.he.plan, std::slice::from_ref(values))?;
+                let input = self
+                    .he
+                    .client
+                    .encrypt(&self.he.plan, std::slice::from_ref(values))?;
                 let enc = EncryptedBlock {
                     param_set: self.he.params.id,
                     key_id: self.he.key_id,

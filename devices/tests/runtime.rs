@@ -283,9 +283,19 @@ fn damaged_state_files() {
     ] {
         std::fs::write(&key, &bytes).unwrap();
         let again = load(OutputMode::Packed).unwrap();
-        assert_eq!(again.key_id, good.key_id);
-        assert_eq!(std::fs::read(&key).unwrap(), blob, "cache rebuilt");
+        // Same secret (from the seed); a fresh evaluation key (new randomness, so a new key
+        // id the cloud will ask for), written back to the cache.
+        assert_eq!(again.client.key_id(), good.client.key_id());
+        assert_eq!(
+            std::fs::read(&key).unwrap(),
+            again.key_blob,
+            "cache rebuilt"
+        );
+        assert!(again.key_blob.len() == blob.len());
     }
+    // An intact cache is reused as is.
+    let reused = load(OutputMode::Packed).unwrap();
+    assert_eq!(reused.key_blob, std::fs::read(&key).unwrap());
 }
 
 /// A minimal cloud that negotiates parameter set `set` (over real mTLS), then waits.
@@ -306,7 +316,7 @@ async fn fake_cloud(pki: &DevPki, set: u16) -> (SocketAddr, tokio::task::JoinHan
             model_digest: digest,
         }]);
         config.param_sets = vec![set];
-        let mut s = CloudSession::new(config, est.peer, est.channel_binding, 0).unwrap();
+        let mut s = CloudSession::new(config, est.peer.id(), est.channel_binding, 0).unwrap();
         let mut buf = [0u8; 4096];
         loop {
             let n = match tls.read(&mut buf).await {

@@ -67,12 +67,13 @@ pub enum PkiCommand {
 /// `tandem model …`
 #[derive(Subcommand)]
 pub enum ModelCommand {
-    /// Signs `DIR/manifest.toml` with an Ed25519 signing key.
+    /// Signs `DIR/manifest.toml` with an Ed25519 signing key (always named explicitly: there
+    /// is no default signer; the committed development key prints a warning).
     Sign {
         /// Bundle directory.
         dir: PathBuf,
-        /// Signing-key file.
-        #[arg(long, default_value = "models/dev-signing-key.txt")]
+        /// Signing-key file (one line of 64 hex digits, the Ed25519 seed).
+        #[arg(long)]
         key: PathBuf,
     },
     /// Verifies a bundle (signature, digests, shapes) and prints its summary.
@@ -140,6 +141,20 @@ struct DeviceToml {
     delta: Option<f64>,
     budget_epsilon: Option<f64>,
     window_secs: Option<u64>,
+    /// Connection attempts per operation (default 10).
+    connect_attempts: Option<usize>,
+    /// Give up retrying after this many seconds (default 30).
+    connect_deadline_secs: Option<f64>,
+}
+
+/// Warns on stderr when `key` is the public development key: anyone can sign with it.
+fn warn_if_dev_key(key: &tandem_model::VerifyingKey, what: &str) {
+    if tandem_model::is_dev_key(key) {
+        eprintln!(
+            "warning: {what} is the public DEVELOPMENT model-signing key (committed in the \
+             repository, anyone can sign with it): use your own key outside development"
+        );
+    }
 }
 
 fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {
@@ -230,14 +245,27 @@ pub fn device(cmd: DeviceCommand) -> anyhow::Result<()> {
             Err(_) => vec![serde_json::from_str::<Vec<f32>>(&text)
                 .context("input must be [f32…] or [[f32…]…]")?],
         };
+    // An empty input is an error, not a silent success with no prediction.
+    if rows.is_empty() || rows.iter().any(Vec::is_empty) {
+        bail!(
+            "{}: the input holds no values (expected [f32…] or [[f32…]…] with non-empty rows)",
+            input.display()
+        );
+    }
     let tls = client_config_from_files(&ClientFiles::from_pki_dir(&c.pki_dir, &c.device)?)?;
-    let mut opts = DeviceOptions::new(
-        c.cloud,
-        tls,
-        c.model,
-        read_verifying_key(&c.verifying_key)?,
-        c.state_dir.join("ledger.bin"),
-    );
+    let vk = read_verifying_key(&c.verifying_key)?;
+    warn_if_dev_key(&vk, &format!("verifying_key {}", c.verifying_key.display()));
+    let mut opts = DeviceOptions::new(c.cloud, tls, c.model, vk, c.state_dir.join("ledger.bin"));
+    if let Some(n) = c.connect_attempts {
+        if n == 0 {
+            bail!("connect_attempts must be at least 1");
+        }
+        opts.retry.max_attempts = n;
+    }
+    if let Some(s) = c.connect_deadline_secs {
+        opts.retry.deadline = Duration::try_from_secs_f64(s)
+            .context("connect_deadline_secs must be a non-negative number of seconds")?;
+    }
     opts.server_name = c.server_name.unwrap_or_else(|| "localhost".into());
     opts.output_mode = parse_mode(c.output_mode.as_deref().unwrap_or("packed"))?;
     opts.ledger_id = c.device.as_bytes().to_vec();
@@ -302,10 +330,19 @@ pub fn pki(cmd: PkiCommand) -> anyhow::Result<()> {
 pub fn model(cmd: ModelCommand) -> anyhow::Result<()> {
     match cmd {
         ModelCommand::Sign { dir, key } => {
+            let sk = tandem_model::read_signing_key(&key)?;
+            warn_if_dev_key(
+                &sk.verifying_key(),
+                &format!("signing key {}", key.display()),
+            );
             tandem_model::sign_bundle(&dir, &key)?;
             println!("signed {}", dir.join("manifest.toml").display());
         }
         ModelCommand::Verify { dir, key } => {
+            warn_if_dev_key(
+                &read_verifying_key(&key)?,
+                &format!("verifying key {}", key.display()),
+            );
             let s = tandem_model::verify_bundle(&dir, &key)?;
             println!("{}", serde_json::to_string_pretty(&s)?);
         }
