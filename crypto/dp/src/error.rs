@@ -39,8 +39,12 @@ pub enum DpError {
         /// ρ the mechanism costs.
         cost: f64,
     },
-    /// The ledger file is corrupted; it is never silently reset.
-    #[error("privacy ledger {path} is corrupted at byte {offset}: {reason}")]
+    /// The ledger file is corrupted (or not a ledger); it is never silently reset.
+    #[error(
+        "privacy ledger {path} is corrupted at byte {offset}: {reason}; the device cannot \
+         account for its releases: restore the file from a backup, or move it aside to start \
+         a new budget only if resetting this device's privacy budget is acceptable"
+    )]
     LedgerCorrupted {
         /// Ledger file.
         path: PathBuf,
@@ -48,6 +52,16 @@ pub enum DpError {
         offset: u64,
         /// What was wrong.
         reason: String,
+    },
+    /// Another handle — another process, or another `Ledger`/`Accountant` in this one —
+    /// holds the ledger open (exclusive lock); nothing was read, written or charged.
+    #[error(
+        "privacy ledger {path} is in use by another process (e.g. another `tandem device` on \
+         the same state directory); wait for it to finish, or stop it, then retry"
+    )]
+    LedgerInUse {
+        /// Ledger file.
+        path: PathBuf,
     },
     /// An earlier write to the ledger failed; the ledger refuses further charges.
     #[error("privacy ledger is poisoned by an earlier I/O failure; reopen it")]
@@ -61,7 +75,7 @@ pub enum DpError {
         #[source]
         source: std::io::Error,
     },
-    /// A dataset file could not be parsed.
+    /// A dataset file could not be parsed (feature `tools`).
     #[error("dataset {path}: {reason}")]
     Dataset {
         /// Dataset file.
@@ -69,7 +83,7 @@ pub enum DpError {
         /// What was wrong.
         reason: String,
     },
-    /// Plotting failed.
+    /// Plotting failed (feature `tools`).
     #[error("plot: {0}")]
     Plot(String),
 }

@@ -23,18 +23,44 @@
 //! If a write or sync fails the ledger is *poisoned*: the in-memory total still includes the
 //! charge (over-counting is safe) and every later charge fails until it is reopened.
 //!
-//! # Torn final record
+//! # Crash leftovers after the last verified record (TDM-DP-LEDGER recovery rule)
 //!
-//! A crash during `charge` can leave an incomplete last record (the file ends before
-//! `8 + len + 8` bytes of it, or inside the 8-byte length field; the length is stored with
-//! its complement so that a corrupted length is not mistaken for a torn write). That charge never returned, so
-//! its release was never sent: not counting it cannot under-count released data. On open
-//! such a torn tail is cut off (the file is truncated and synced) and reported in
-//! [`OpenReport::torn_bytes`]. Anything else that does not verify — a complete record with a
-//! bad checksum, a bad length field, a sequence gap, a non-finite ρ, a bad header — is
-//! corruption: [`DpError::LedgerCorrupted`], and the ledger refuses to open.
+//! A crash during `charge` can leave the one record it was appending unfinished: the file
+//! ends inside it (a *torn* record), or — on file systems that extend the file before its
+//! data reaches the disk, e.g. after a power cut — part or all of it, and possibly more, reads
+//! as zero bytes (a *zero-filled* tail). That charge never returned, so its release was never
+//! sent: not counting it cannot under-count released data. On open, the bytes after the last
+//! verified record (the *tail*) are cut off (file truncated and synced), reported in
+//! [`OpenReport`] and logged as a warning, **if and only if** they have the shape of such a
+//! leftover:
 //!
-//! One process writes a ledger at a time (the device runtime owns it).
+//! * the tail is all zero bytes, or
+//! * the tail agrees, byte for byte, with a prefix of the record that would come next — a
+//!   length field in range with its complement, the next sequence number, an id length that
+//!   matches the length field, and, once the payload is complete, the chain check value
+//!   computed from it — and every byte after that prefix is zero (or absent).
+//!
+//! A tail that holds a complete record (one whose check value was written in full) is never
+//! cut: if such a record does not verify, it was damaged after it was acknowledged, and
+//! cutting it could under-count. Anything else that does not verify — a bad header (a foreign
+//! file), a record that fails its checks before the last verified record, non-zero bytes after
+//! a record-shaped prefix — is [`DpError::LedgerCorrupted`] naming the file and the offset,
+//! and the ledger refuses to open (it is never silently reset).
+//!
+//! Residual ambiguity, stated: damage that zeroes exactly a suffix of the last record's check
+//! value (and nothing else) cannot be told apart from a write cut short and is cut.
+//!
+//! # One writer (TDM-DP-LEDGER lock)
+//!
+//! [`Ledger::open`] takes an exclusive advisory lock (`flock(LOCK_EX | LOCK_NB)` through
+//! `fs4`) on the file before it reads it, and holds it for as long as the [`Ledger`] (or the
+//! [`Accountant`] owning it) lives; the OS drops it when the file is closed or the process
+//! dies (also on SIGKILL: no stale lock file). A second opener — another process or another
+//! handle in the same process — gets [`DpError::LedgerInUse`] and nothing is read or
+//! written. Hence two processes can never both charge the same ledger, and the budget cannot
+//! be overdrawn by concurrency. The lock is advisory: it binds every `tandem-dp` opener, not
+//! a program that writes the file without locking. It is not reliable on network file systems
+//! that do not implement `flock`: keep the ledger on a local disk.
 
 use crate::error::{DpError, Result};
 use sha2::{Digest, Sha256};
@@ -81,12 +107,43 @@ pub struct Record {
 }
 
 /// What [`Ledger::open`] found.
+#[non_exhaustive]
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct OpenReport {
     /// Complete, verified records.
     pub records: u64,
-    /// Bytes of a torn final record that were cut off (0 if none).
+    /// Bytes after the last verified record that were cut off (0 if none).
     pub torn_bytes: u64,
+    /// What those bytes were.
+    pub tail: Tail,
+}
+
+/// The bytes after the last verified record, as classified by [`scan`].
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Tail {
+    /// Nothing after the last verified record.
+    #[default]
+    None,
+    /// A record (or header) cut short: a prefix of what a `charge` was writing, possibly
+    /// followed by zero bytes.
+    Torn,
+    /// Only zero bytes (a file extended by the file system before its data was written).
+    ZeroFilled,
+}
+
+/// Result of [`scan`]: the verified prefix of a ledger image.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scan {
+    /// Verified records.
+    pub records: u64,
+    /// Length in bytes of the verified prefix (header + verified records); 0 if not even the
+    /// header is complete (the file is new or its creation was cut short).
+    pub verified_len: u64,
+    /// Chain value after the last verified record (the genesis value if there is none).
+    pub last_check: [u8; 8],
+    /// What follows the verified prefix (cut off by [`Ledger::open`]).
+    pub tail: Tail,
 }
 
 /// Append-only, checksummed, fsynced ledger file.
@@ -122,8 +179,19 @@ fn le_u64(b: &[u8], at: usize) -> Option<u64> {
 }
 
 impl Ledger {
-    /// Opens (or creates) a ledger, verifying every record and passing each to `visit`.
-    pub fn open(path: &Path, mut visit: impl FnMut(&Record)) -> Result<(Self, OpenReport)> {
+    /// Opens (or creates) the ledger at `path`, locks it exclusively, verifies every record
+    /// and passes each to `visit` in order.
+    ///
+    /// A crash leftover after the last verified record is cut off (see the module docs) and
+    /// reported in the returned [`OpenReport`]; the lock is held until the `Ledger` is dropped.
+    ///
+    /// # Errors
+    ///
+    /// * [`DpError::LedgerInUse`] if another handle (any process) holds the ledger open;
+    /// * [`DpError::LedgerCorrupted`] if the file is not a ledger or a record before the end
+    ///   fails its checks (the file is left untouched);
+    /// * [`DpError::Io`] if the file cannot be created, locked, read, truncated or synced.
+    pub fn open(path: &Path, visit: impl FnMut(&Record)) -> Result<(Self, OpenReport)> {
         let existed = path.exists();
         let mut file = OpenOptions::new()
             .read(true)
@@ -131,6 +199,22 @@ impl Ledger {
             .create(true)
             .open(path)
             .map_err(io_err(path))?;
+        // Lock before reading anything: the recovery below also writes. Called through the
+        // trait: std's inherent `File::try_lock` (Rust 1.89) is newer than our MSRV.
+        match fs4::FileExt::try_lock(&file) {
+            Ok(()) => {}
+            Err(fs4::TryLockError::WouldBlock) => {
+                return Err(DpError::LedgerInUse {
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(fs4::TryLockError::Error(source)) => {
+                return Err(DpError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        }
         if !existed {
             // Make the new directory entry durable too.
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -141,90 +225,38 @@ impl Ledger {
         }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(io_err(path))?;
-        let mut report = OpenReport::default();
+        let scan = scan(path, &bytes, visit)?;
 
-        if bytes.len() < MAGIC.len() {
-            // Empty, or a header torn by a crash at creation: only a prefix of MAGIC is legal.
-            if MAGIC.starts_with(&bytes) {
-                report.torn_bytes = bytes.len() as u64;
-                file.set_len(0).map_err(io_err(path))?;
-                file.write_all(MAGIC).map_err(io_err(path))?;
-                file.sync_all().map_err(io_err(path))?;
-                let ledger = Ledger {
-                    path: path.to_path_buf(),
-                    file,
-                    next_seq: 0,
-                    last_check: genesis(),
-                    poisoned: false,
-                };
-                return Ok((ledger, report));
-            }
-            return Err(corrupt(path, 0, "bad header"));
-        }
-        if &bytes[..8] != MAGIC {
-            return Err(corrupt(path, 0, "bad header"));
-        }
-
-        let mut off = MAGIC.len();
-        let mut prev = genesis();
-        let mut seq = 0u64;
-        let mut torn_at = None;
-        while off < bytes.len() {
-            let rest = &bytes[off..];
-            if rest.len() < 8 {
-                torn_at = Some(off);
-                break;
-            }
-            let len_bytes = [rest[0], rest[1], rest[2], rest[3]];
-            let len32 = u32::from_le_bytes(len_bytes);
-            let not_len = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
-            if not_len != !len32 {
-                return Err(corrupt(path, off, "record length check failed"));
-            }
-            let len = len32 as usize;
-            if !(FIXED_PAYLOAD..=MAX_PAYLOAD).contains(&len) {
-                return Err(corrupt(
-                    path,
-                    off,
-                    format!("record length {len} out of range"),
-                ));
-            }
-            if rest.len() < 8 + len + 8 {
-                torn_at = Some(off);
-                break;
-            }
-            let payload = &rest[8..8 + len];
-            let mut stored = [0u8; 8];
-            stored.copy_from_slice(&rest[8 + len..8 + len + 8]);
-            let check = check_value(&prev, &len_bytes, payload);
-            if check != stored {
-                return Err(corrupt(path, off, "checksum mismatch"));
-            }
-            let rec = parse_payload(payload).ok_or_else(|| corrupt(path, off, "bad payload"))?;
-            if rec.seq != seq {
-                return Err(corrupt(
-                    path,
-                    off,
-                    format!("sequence {} where {seq} expected", rec.seq),
-                ));
-            }
-            visit(&rec);
-            seq += 1;
-            prev = check;
-            off += 8 + len + 8;
-        }
-        if let Some(at) = torn_at {
-            report.torn_bytes = (bytes.len() - at) as u64;
-            file.set_len(at as u64).map_err(io_err(path))?;
+        let report = OpenReport {
+            records: scan.records,
+            torn_bytes: bytes.len() as u64 - scan.verified_len,
+            tail: scan.tail,
+        };
+        if scan.verified_len == 0 {
+            // New file, or a header cut short by a crash at creation: (re)write the header.
+            file.set_len(0).map_err(io_err(path))?;
+            file.write_all(MAGIC).map_err(io_err(path))?;
+            file.sync_all().map_err(io_err(path))?;
+        } else if report.torn_bytes > 0 {
+            file.set_len(scan.verified_len).map_err(io_err(path))?;
             file.sync_all().map_err(io_err(path))?;
         }
-        report.records = seq;
+        if report.torn_bytes > 0 {
+            tracing::warn!(
+                ledger = %path.display(),
+                records = report.records,
+                cut_bytes = report.torn_bytes,
+                tail = ?report.tail,
+                "privacy ledger: cut a crash leftover after the last verified record \
+                 (a charge that never returned, so nothing it covered was released)"
+            );
+        }
         Ok((
             Ledger {
                 path: path.to_path_buf(),
                 file,
-                next_seq: seq,
-                last_check: prev,
+                next_seq: scan.records,
+                last_check: scan.last_check,
                 poisoned: false,
             },
             report,
@@ -294,6 +326,167 @@ impl Ledger {
     pub fn is_poisoned(&self) -> bool {
         self.poisoned
     }
+}
+
+/// Verifies a ledger image (the whole file) without touching any file: the pure part of
+/// [`Ledger::open`], exposed for tools and fuzzing. `path` only names the file in errors.
+/// Each verified record is passed to `visit` in order.
+///
+/// # Errors
+///
+/// [`DpError::LedgerCorrupted`] with the byte offset of the first record (or the header) that
+/// fails its checks, unless everything from there on is a crash leftover (module docs).
+pub fn scan(path: &Path, bytes: &[u8], mut visit: impl FnMut(&Record)) -> Result<Scan> {
+    let m = mismatch(bytes, MAGIC);
+    if m < MAGIC.len() {
+        // Empty, or a header cut short at creation: a prefix of MAGIC, then only zeros.
+        if all_zero(&bytes[m..]) {
+            let tail = if bytes.is_empty() {
+                Tail::None
+            } else if m == 0 {
+                Tail::ZeroFilled
+            } else {
+                Tail::Torn
+            };
+            return Ok(Scan {
+                records: 0,
+                verified_len: 0,
+                last_check: genesis(),
+                tail,
+            });
+        }
+        return Err(corrupt(
+            path,
+            0,
+            "bad header: not a tandem privacy ledger (expected magic \"TDPLEDG1\")",
+        ));
+    }
+
+    let mut off = MAGIC.len();
+    let mut prev = genesis();
+    let mut seq = 0u64;
+    while off < bytes.len() {
+        let rest = &bytes[off..];
+        match verify_record(rest, &prev, seq) {
+            Ok((rec, check, used)) => {
+                visit(&rec);
+                seq += 1;
+                prev = check;
+                off += used;
+            }
+            Err(reason) => {
+                let tail = if all_zero(rest) {
+                    Tail::ZeroFilled
+                } else if is_torn_record(rest, &prev, seq) {
+                    Tail::Torn
+                } else {
+                    return Err(corrupt(path, off, reason));
+                };
+                return Ok(Scan {
+                    records: seq,
+                    verified_len: off as u64,
+                    last_check: prev,
+                    tail,
+                });
+            }
+        }
+    }
+    Ok(Scan {
+        records: seq,
+        verified_len: off as u64,
+        last_check: prev,
+        tail: Tail::None,
+    })
+}
+
+/// Verifies the record at the start of `rest`: the record, its check value and its length
+/// in bytes, or why it does not verify.
+fn verify_record(
+    rest: &[u8],
+    prev: &[u8; 8],
+    seq: u64,
+) -> std::result::Result<(Record, [u8; 8], usize), String> {
+    let (Some(len_bytes), Some(not_len)) = (rest.get(..4), rest.get(4..8)) else {
+        return Err("file ends inside a record length field".into());
+    };
+    let len_bytes = [len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]];
+    let len32 = u32::from_le_bytes(len_bytes);
+    let not_len = u32::from_le_bytes([not_len[0], not_len[1], not_len[2], not_len[3]]);
+    if not_len != !len32 {
+        return Err("record length check failed".into());
+    }
+    let len = len32 as usize;
+    if !(FIXED_PAYLOAD..=MAX_PAYLOAD).contains(&len) {
+        return Err(format!("record length {len} out of range"));
+    }
+    let (Some(payload), Some(stored)) = (rest.get(8..8 + len), rest.get(8 + len..8 + len + 8))
+    else {
+        return Err("file ends inside a record".into());
+    };
+    let check = check_value(prev, &len_bytes, payload);
+    if check[..] != stored[..] {
+        return Err("checksum mismatch".into());
+    }
+    let rec = parse_payload(payload).ok_or_else(|| String::from("bad payload"))?;
+    if rec.seq != seq {
+        return Err(format!("sequence {} where {seq} expected", rec.seq));
+    }
+    Ok((rec, check, 8 + len + 8))
+}
+
+/// Whether `tail` (non-empty, not all zero, starting where record `seq` belongs) is a prefix
+/// of a record that a `charge` was writing when it was cut short, followed only by zeros:
+/// the record may be incomplete, but whatever of it is present must agree with the next
+/// record's expected header, sequence number, id length and (once the payload is complete)
+/// chain value. A complete record (its whole check value written) is never a torn one.
+fn is_torn_record(tail: &[u8], prev: &[u8; 8], seq: u64) -> bool {
+    let mut len_bytes = [0u8; 4];
+    for (d, s) in len_bytes.iter_mut().zip(tail) {
+        *d = *s;
+    }
+    let len32 = u32::from_le_bytes(len_bytes);
+    let len = len32 as usize;
+    let written = tail.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    if written <= len_bytes.len() {
+        // Only (a prefix of) the little-endian length field was written: a prefix of a valid
+        // length followed by zeros is at most the length itself.
+        return len <= MAX_PAYLOAD;
+    }
+    if !(FIXED_PAYLOAD..=MAX_PAYLOAD).contains(&len) {
+        return false;
+    }
+    // The record that would come next, as far as it can be known from the tail.
+    let mut intended = Vec::with_capacity(8 + len + 8);
+    intended.extend_from_slice(&len_bytes);
+    intended.extend_from_slice(&(!len32).to_le_bytes());
+    intended.extend_from_slice(&seq.to_le_bytes());
+    let present = tail.get(16..).unwrap_or(&[]);
+    let payload_rest = &present[..present.len().min(len - 8)];
+    intended.extend_from_slice(payload_rest);
+    // id_len (payload bytes 24..26) must match the length field.
+    let id_len = ((len - FIXED_PAYLOAD) as u16).to_le_bytes();
+    for (i, b) in id_len.iter().enumerate() {
+        if let Some(slot) = intended.get_mut(8 + 24 + i) {
+            *slot = *b;
+        }
+    }
+    if intended.len() == 8 + len {
+        let check = check_value(prev, &len_bytes, &intended[8..]);
+        intended.extend_from_slice(&check);
+    }
+    let m = mismatch(tail, &intended);
+    // A fully written (and matching) record is not torn: it failed for another reason.
+    m < 8 + len + 8 && all_zero(&tail[m..])
+}
+
+/// Index of the first byte where `a` and `b` differ (the shorter length if one is a prefix
+/// of the other).
+fn mismatch(a: &[u8], b: &[u8]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+fn all_zero(b: &[u8]) -> bool {
+    b.iter().all(|&x| x == 0)
 }
 
 fn parse_payload(p: &[u8]) -> Option<Record> {
@@ -384,6 +577,11 @@ fn compose(a: f64, b: f64) -> f64 {
 
 impl Accountant {
     /// Opens the ledger at `path` (creating it if absent) and replays it.
+    ///
+    /// # Errors
+    ///
+    /// As [`Ledger::open`]: [`DpError::LedgerInUse`], [`DpError::LedgerCorrupted`],
+    /// [`DpError::Io`].
     pub fn open(path: &Path, policy: Policy) -> Result<(Self, OpenReport)> {
         let mut spent: HashMap<(Vec<u8>, u64), f64> = HashMap::new();
         let (ledger, report) = Ledger::open(path, |r| {

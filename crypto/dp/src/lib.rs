@@ -11,7 +11,10 @@
 //!   calibration both ways through opendp's privacy maps and combinators.
 //! * [`ledger`]: zCDP accountant per device and policy window over a checksummed,
 //!   write-ahead, fsynced ledger file.
-//! * [`utility`] and [`plot`]: accuracy vs ε on the UCI datasets, as a table and an SVG.
+//! * `utility` and `plot` (cargo feature **`tools`**, off by default; development tools, not
+//!   for apps): the UCI dataset loader, the trainer and utility sweep (accuracy vs ε) and the
+//!   SVG plotter. An app that links `tandem-dp` without the feature does not pull ndarray,
+//!   plotters or flate2.
 //!
 //! ```no_run
 //! use tandem_dp::{Accountant, Clip, Mechanism, Policy, Quantizer, SecureBits};
@@ -36,13 +39,15 @@
 pub mod error;
 pub mod ledger;
 pub mod mechanism;
+#[cfg(feature = "tools")]
 pub mod plot;
 pub mod rng;
 pub mod sampler;
+#[cfg(feature = "tools")]
 pub mod utility;
 
 pub use error::{DpError, Result};
-pub use ledger::{Accountant, Ledger, OpenReport, Policy, Receipt, Record};
+pub use ledger::{Accountant, Ledger, OpenReport, Policy, Receipt, Record, Tail};
 pub use mechanism::{Clip, Mechanism, NoiseKind, Quantizer, Sensitivity};
 pub use rng::SecureBits;
 pub use sampler::{DiscreteGaussian, DiscreteLaplace, Rational, Sampler};

@@ -57,7 +57,8 @@ fn sigkill_never_undercounts() {
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(seq) = line.strip_prefix("RELEASED ") {
+                // libtest prefixes the first line with `test crash_child ... `.
+                if let Some((_, seq)) = line.split_once("RELEASED ") {
                     let _ = tx.send(seq.trim().parse().unwrap());
                 }
             }
