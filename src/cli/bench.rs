@@ -242,3 +242,81 @@ fn plaintext_baseline(w: &[i64], xs: &[Vec<i64>], n_in: usize, n_out: usize, run
     std::hint::black_box(sink);
     median(times)
 }
+
+/// `tandem cloud serve` in a child process, for `tandem bench load --cloud-process`: the load
+/// figure then measures a cloud that shares no address space (nor allocator) with the devices.
+pub struct CloudProcess {
+    child: std::process::Child,
+    /// Where the child listens.
+    pub addr: std::net::SocketAddr,
+}
+
+impl CloudProcess {
+    /// Writes `pki` and a `cloud.toml` under `dir`, starts this executable's `cloud serve`
+    /// and waits (≤ 60 s) for it to listen.
+    pub fn spawn(
+        pki: &tandem_tls::DevPki,
+        model_dir: &std::path::Path,
+        verifying_key: &std::path::Path,
+        dir: &std::path::Path,
+        max_connections: usize,
+    ) -> anyhow::Result<Self> {
+        use std::io::BufRead as _;
+        let pki_dir = dir.join("pki");
+        pki.write(&pki_dir)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let toml = format!(
+            "listen = \"{addr}\"\npki_dir = {:?}\nmodels = [{:?}]\nverifying_key = {:?}\nkey_store = {:?}\nmax_connections = {max_connections}\n",
+            pki_dir.display().to_string(),
+            model_dir.display().to_string(),
+            verifying_key.display().to_string(),
+            dir.join("keys.redb").display().to_string(),
+        );
+        let config = dir.join("cloud.toml");
+        std::fs::write(&config, toml)?;
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .args(["cloud", "serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("starting `tandem cloud serve`")?;
+        let stderr = child.stderr.take().context("child stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut said = false;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if !said && line.contains("listening on") {
+                    said = true;
+                    let _ = tx.send(());
+                }
+            }
+        });
+        if rx.recv_timeout(std::time::Duration::from_secs(60)).is_err() {
+            let _ = child.kill();
+            bail!("`tandem cloud serve` did not start listening within 60 s");
+        }
+        Ok(CloudProcess { child, addr })
+    }
+
+    /// Peak resident set of the child so far (VmHWM), in KiB.
+    pub fn peak_rss_kb(&self) -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        s.lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Stops the child (this process started it; it is ended by its own id).
+    pub fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -9,13 +9,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
-use tandem_cloud::{AdmissionLimits, Cloud, ServerOptions};
+use tandem_cloud::{Cloud, ServerOptions};
 use tandem_device::{Device, DeviceOptions, DpOptions, Protection};
 use tandem_he::OutputMode;
 use tandem_model::{read_verifying_key, TestSet};
-use tandem_tls::{
-    client_config, client_config_from_files, server_config, ClientFiles, DevPki, ServerFiles,
-};
+use tandem_tls::{client_config, client_config_from_files, server_config, ClientFiles, DevPki};
 
 use super::demo::{percentile, repo_root};
 
@@ -104,23 +102,13 @@ pub struct LoadArgs {
     /// Tokio worker threads of the cloud.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Run the cloud as a separate `tandem cloud serve` process (its own address space; its
+    /// peak RSS is reported separately) instead of in this process.
+    #[arg(long)]
+    cloud_process: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
-}
-
-/// `cloud.toml`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CloudToml {
-    listen: SocketAddr,
-    pki_dir: PathBuf,
-    models: Vec<PathBuf>,
-    verifying_key: PathBuf,
-    key_store: PathBuf,
-    max_connections: Option<usize>,
-    max_in_flight_per_device: Option<usize>,
-    max_request_bytes: Option<usize>,
 }
 
 /// `device.toml`.
@@ -192,24 +180,8 @@ fn parse_mode(s: &str) -> anyhow::Result<OutputMode> {
 pub fn cloud(cmd: CloudCommand) -> anyhow::Result<()> {
     let CloudCommand::Serve { config } = cmd;
     init_tracing();
-    let c: CloudToml = read_toml(&config)?;
-    let tls = tandem_tls::server_config_from_files(&ServerFiles::from_pki_dir(&c.pki_dir))?;
-    let mut opts = ServerOptions::new(
-        c.listen,
-        tls,
-        read_verifying_key(&c.verifying_key)?,
-        c.key_store,
-    );
-    opts.models = c.models;
-    let d = AdmissionLimits::default();
-    opts.admission = AdmissionLimits {
-        max_connections: c.max_connections.unwrap_or(d.max_connections),
-        max_in_flight_per_device: c
-            .max_in_flight_per_device
-            .unwrap_or(d.max_in_flight_per_device),
-        max_request_bytes: c.max_request_bytes.unwrap_or(d.max_request_bytes),
-        ..d
-    };
+    // Parsing, limits and output-mode policies: `tandem_cloud::config` (documented keys).
+    let opts = tandem_cloud::CloudToml::load(&config)?.into_options()?;
     runtime(std::thread::available_parallelism().map_or(2, |n| n.get()))?.block_on(async {
         let cloud = Cloud::start(opts).await?;
         eprintln!("tandem cloud listening on {}", cloud.local_addr());
@@ -370,10 +342,13 @@ struct LoadJson {
     p50_ms: f64,
     p99_ms: f64,
     peak_rss_mb: f64,
+    cloud_process: bool,
+    cloud_peak_rss_mb: Option<f64>,
 }
 
-/// `tandem bench load`: an in-process cloud and N devices on loopback mTLS (the devices'
-/// own work shares the machine, so this is a lower bound for the cloud alone).
+/// `tandem bench load`: N devices on loopback mTLS against a cloud in this process, or with
+/// `--cloud-process` in its own `tandem cloud serve` process (the devices' work still shares
+/// the machine's cores, so this is a lower bound for the cloud alone).
 pub fn bench_load(args: LoadArgs) -> anyhow::Result<()> {
     let root = repo_root();
     let model_dir = root.join("models").join(&args.model);
@@ -383,7 +358,7 @@ pub fn bench_load(args: LoadArgs) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let pki = DevPki::generate(args.devices.max(1))?;
     let rt = runtime(args.threads)?;
-    let (lat, errors, wall) = rt.block_on(async {
+    let (lat, errors, wall, cloud_rss) = rt.block_on(async {
         let mut o = ServerOptions::new(
             "127.0.0.1:0".parse()?,
             server_config(pki.server_credentials())?,
@@ -392,12 +367,28 @@ pub fn bench_load(args: LoadArgs) -> anyhow::Result<()> {
         );
         o.models = vec![model_dir.clone()];
         o.admission.max_connections = args.devices + 8;
-        let cloud = Cloud::start(o).await?;
+        let (cloud, child) = if args.cloud_process {
+            let c = super::bench::CloudProcess::spawn(
+                &pki,
+                &model_dir,
+                &root.join("models/dev-verifying-key.txt"),
+                tmp.path(),
+                args.devices + 8,
+            )?;
+            (None, Some(c))
+        } else {
+            (Some(Cloud::start(o).await?), None)
+        };
+        let addr = match (&cloud, &child) {
+            (Some(c), _) => c.local_addr(),
+            (None, Some(c)) => c.addr,
+            (None, None) => anyhow::bail!("no cloud"),
+        };
         let mut devices = Vec::new();
         for i in 0..args.devices {
             let name = format!("device-{}", i + 1);
             let mut d = DeviceOptions::new(
-                cloud.local_addr(),
+                addr,
                 client_config(pki.client_credentials(&name)?)?,
                 model_dir.clone(),
                 vk,
@@ -441,8 +432,15 @@ pub fn bench_load(args: LoadArgs) -> anyhow::Result<()> {
             errors += e;
         }
         let wall = start.elapsed().as_secs_f64();
-        cloud.shutdown().await;
-        Ok::<_, anyhow::Error>((lat, errors, wall))
+        let mut cloud_rss = None;
+        if let Some(c) = cloud {
+            c.shutdown().await;
+        }
+        if let Some(c) = child {
+            cloud_rss = c.peak_rss_kb();
+            c.stop();
+        }
+        Ok::<_, anyhow::Error>((lat, errors, wall, cloud_rss))
     })?;
     let mut lat = lat;
     let n = lat.len();
@@ -457,14 +455,20 @@ pub fn bench_load(args: LoadArgs) -> anyhow::Result<()> {
         p50_ms: percentile(&mut lat, 50.0),
         p99_ms: percentile(&mut lat, 99.0),
         peak_rss_mb: peak_rss_kb().map_or(0.0, |k| k as f64 / 1024.0),
+        cloud_process: args.cloud_process,
+        cloud_peak_rss_mb: cloud_rss.map(|k| k as f64 / 1024.0),
     };
     if args.json {
         println!("{}", serde_json::to_string(&out)?);
     } else {
         println!(
-            "{} devices × {:.1} s ({} {}): {} inferences, {} errors, {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, peak RSS {:.0} MB (cloud + devices, one process)",
+            "{} devices × {:.1} s ({} {}): {} inferences, {} errors, {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, peak RSS {}",
             out.devices, out.seconds, out.model, out.mode, out.inferences, out.errors,
-            out.throughput_per_s, out.p50_ms, out.p99_ms, out.peak_rss_mb
+            out.throughput_per_s, out.p50_ms, out.p99_ms,
+            match out.cloud_peak_rss_mb {
+                Some(c) => format!("{:.0} MB devices, {c:.0} MB cloud (own process)", out.peak_rss_mb),
+                None => format!("{:.0} MB (cloud + devices, one process)", out.peak_rss_mb),
+            }
         );
     }
     Ok(())
