@@ -1,0 +1,31 @@
+//! Device-side operations of Tandem's transformer path, and a BERT encoder built from them.
+//!
+//! - [`ops`]: embedding lookup, LayerNorm, GELU (erf form), softmax, multi-head scaled
+//!   dot-product attention with a mask, residual add, mean pooling, L2 normalisation — small
+//!   functions on `ndarray` views, batched over the tokens of a sequence (`[T, H]`).
+//! - [`Linear`] / [`LinearFactory`]: the one path every linear layer takes, so that a placement
+//!   step can route each of them to the encrypted cloud (issue 8); [`FloatLinears`] computes
+//!   them on the device.
+//! - [`bert`]: `BertEmbeddings`, `BertSelfAttention`, `BertAttention`, `BertLayer`,
+//!   `BertEncoder`, `BertModel`, each loading its named checkpoint tensors.
+//! - [`SentenceEncoder`]: a sentence-transformers model directory (all-MiniLM-L6-v2, fetched by
+//!   `scripts/fetch-minilm.sh`) → L2-normalised mean-pooled sentence embeddings.
+//!
+//! Model files are untrusted input: reads are size-limited and every damaged or foreign file
+//! gives an [`OpsError`] naming the file, never a panic.
+#![forbid(unsafe_code)]
+
+pub mod bert;
+pub mod config;
+mod error;
+pub mod linear;
+pub mod ops;
+pub mod sentence;
+pub mod weights;
+
+pub use bert::BertModel;
+pub use config::BertConfig;
+pub use error::OpsError;
+pub use linear::{DenseLinear, FloatLinears, Linear, LinearFactory, LinearSpec};
+pub use sentence::{default_model_dir, Encoded, SentenceEncoder};
+pub use weights::Checkpoint;
