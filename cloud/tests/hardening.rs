@@ -503,3 +503,58 @@ async fn parameter_set_is_negotiated_or_refused_typed() {
     ));
     cloud.shutdown().await;
 }
+
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// Measurement for `specs/operations.md` (run with `--ignored --nocapture`): N sessions each
+/// holding a partial frame of the largest size the cloud accepts; prints the RSS growth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a check: run explicitly"]
+async fn measure_memory_of_partial_max_frames() {
+    let n: usize = std::env::var("TANDEM_MEASURE_CONNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128);
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = DevPki::generate(n.div_ceil(8)).unwrap();
+    let mut o = opts(&pki, &tmp.path().join("keys.redb"), any_addr());
+    o.admission.max_connections = n + 8;
+    let cloud = Cloud::start(o).await.unwrap();
+    let l = cloud.limits();
+    let before = rss_kb();
+    let body = vec![0x11u8; l.max_frame_len as usize - 1];
+    let mut conns = Vec::new();
+    for i in 0..n {
+        let name = format!("device-{}", i / 8 + 1);
+        let mut c = Raw::hello(&pki, &name, cloud.local_addr(), vec![1]).await;
+        assert!(matches!(
+            c.next_event(true).await,
+            DeviceEvent::Connected(_)
+        ));
+        let mut hdr = [0u8; FRAME_HEADER_LEN];
+        hdr[0] = 1;
+        hdr[1] = 0x03;
+        hdr[2..].copy_from_slice(&l.max_frame_len.to_be_bytes());
+        c.stream.write_all(&hdr).await.unwrap();
+        c.stream.write_all(&body).await.unwrap();
+        c.stream.flush().await.unwrap();
+        conns.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kb();
+    let per = (after.saturating_sub(before)) as f64 / n as f64;
+    println!(
+        "max_frame_len {} B, {n} sessions with a partial max frame: RSS {} -> {} KiB, {:.0} KiB per session",
+        l.max_frame_len, before, after, per
+    );
+    drop(conns);
+    cloud.shutdown().await;
+}
