@@ -17,12 +17,21 @@ use sha2::{Digest, Sha256};
 use tandem_ops::{default_model_dir, SentenceEncoder};
 
 const MIN_COSINE: f64 = 0.9999;
+const MAX_ABS_DIFF: f64 = 1e-5;
 
 #[derive(Deserialize)]
 struct Reference {
     model: ModelInfo,
     corpus: CorpusInfo,
     subset: Vec<Entry>,
+    long: Vec<Long>,
+}
+
+#[derive(Deserialize)]
+struct Long {
+    text: String,
+    tokens: usize,
+    embedding: Vec<f64>,
 }
 
 #[derive(Deserialize)]
@@ -148,6 +157,13 @@ fn float_path_matches_pytorch_reference() {
             (min, worst) = (c, e.index);
         }
     }
+    // Cosine 0.9999 is the bar, but it is loose: the tanh approximation of GELU still
+    // reaches 0.999997 (max abs diff 4.9e-4). The reference is rounded to 1e-6 and the float
+    // path agrees to 6e-7, so also bound the largest coordinate difference.
+    assert!(
+        max_abs <= MAX_ABS_DIFF,
+        "max abs diff {max_abs:e} > {MAX_ABS_DIFF:e}"
+    );
     eprintln!(
         "{{\"sentences\":{},\"min_cosine\":{min:.12},\"worst_index\":{worst},\"max_abs_diff\":{max_abs:.3e}}}",
         r.subset.len()
@@ -185,4 +201,53 @@ fn long_text_is_truncated_to_max_seq_length() {
     let emb = enc.embed_encoded(&e).unwrap();
     let norm: f32 = emb.iter().map(|v| v * v).sum::<f32>().sqrt();
     assert!((norm - 1.0).abs() < 1e-5);
+}
+
+#[test]
+fn long_texts_and_truncation_match_pytorch_reference() {
+    let Some(enc) = encoder() else { return };
+    let r = reference();
+    assert!(r.long.iter().any(|l| l.tokens >= 128));
+    assert!(r.long.iter().any(|l| l.tokens == r.model.max_seq_length));
+    for l in &r.long {
+        let e = enc.encode(&l.text).unwrap();
+        assert_eq!(e.ids.len(), l.tokens);
+        let c = cosine(
+            enc.embed_encoded(&e).unwrap().as_slice().unwrap(),
+            &l.embedding,
+        );
+        assert!(c >= MIN_COSINE, "{} tokens: cosine {c}", l.tokens);
+        eprintln!("{{\"tokens\":{},\"cosine\":{c:.12}}}", l.tokens);
+    }
+}
+
+#[test]
+fn masked_padding_does_not_change_the_embedding() {
+    let Some(enc) = encoder() else { return };
+    let text = &reference().subset[0].text;
+    let e = enc.encode(text).unwrap();
+    let plain = enc.embed_encoded(&e).unwrap();
+    let mut padded = e.clone();
+    padded.ids.extend([0; 9]);
+    padded.type_ids.extend([0; 9]);
+    padded.mask.extend([false; 9]);
+    let with_pad = enc.embed_encoded(&padded).unwrap();
+    let diff = plain
+        .iter()
+        .zip(&with_pad)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-5, "max abs diff {diff}");
+    // The mask matters: the same padding left unmasked changes the embedding.
+    padded.mask.iter_mut().for_each(|m| *m = true);
+    let unmasked = enc.embed_encoded(&padded).unwrap();
+    let moved = plain
+        .iter()
+        .zip(&unmasked)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        moved > 1e-3,
+        "unmasked padding moved the embedding by only {moved}"
+    );
 }
