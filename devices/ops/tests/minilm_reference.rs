@@ -212,11 +212,19 @@ fn long_texts_and_truncation_match_pytorch_reference() {
     for l in &r.long {
         let e = enc.encode(&l.text).unwrap();
         assert_eq!(e.ids.len(), l.tokens);
-        let c = cosine(
-            enc.embed_encoded(&e).unwrap().as_slice().unwrap(),
-            &l.embedding,
-        );
+        let emb = enc.embed_encoded(&e).unwrap();
+        let c = cosine(emb.as_slice().unwrap(), &l.embedding);
         assert!(c >= MIN_COSINE, "{} tokens: cosine {c}", l.tokens);
+        let max_abs = emb
+            .iter()
+            .zip(&l.embedding)
+            .map(|(&x, &y)| (f64::from(x) - y).abs())
+            .fold(0f64, f64::max);
+        assert!(
+            max_abs <= MAX_ABS_DIFF,
+            "{} tokens: max abs diff {max_abs:e}",
+            l.tokens
+        );
         eprintln!("{{\"tokens\":{},\"cosine\":{c:.12}}}", l.tokens);
     }
 }
