@@ -9,8 +9,9 @@ use std::collections::HashMap;
 pub struct Context {
     params: ParameterSet,
     pub(crate) ntt: Ntt,
-    /// For each packing shift k: (NTT(X^k), NTT(−X^k)).
-    pub(crate) monomials: HashMap<usize, (NttPoly, NttPoly)>,
+    /// For each packing shift k: NTT(N·X^k), for [`Ntt::mul_assign_normalize`] (whose N⁻¹
+    /// cancels the N: the product is exactly the shift by X^k).
+    pub(crate) monomials: HashMap<usize, NttPoly>,
 }
 
 impl std::fmt::Debug for Context {
@@ -34,13 +35,12 @@ impl Context {
         while stride <= n {
             ntt.register_automorphism(automorphism_for_stride(n, stride));
             let k = stride / 2;
-            let mut pos = vec![0i64; n];
-            pos[k] = 1;
-            let neg: Vec<i64> = pos.iter().map(|v| -v).collect();
-            let (mut fp, mut fneg) = (ntt.zero(), ntt.zero());
-            ntt.fwd_small(&pos, &mut fp);
-            ntt.fwd_small(&neg, &mut fneg);
-            monomials.insert(k, (fp, fneg));
+            let mut scaled = vec![0i64; n];
+            // N ≤ 2^16 < every prime: a small value for fwd_small.
+            scaled[k] = n as i64;
+            let mut f = ntt.zero();
+            ntt.fwd_small(&scaled, &mut f);
+            monomials.insert(k, f);
             stride *= 2;
         }
         Self {

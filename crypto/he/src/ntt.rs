@@ -134,11 +134,66 @@ impl Ntt {
         }
     }
 
+    /// `acc ← acc ⊙ b · N⁻¹` (slot-wise product with tfhe-ntt's normalisation folded in: pass
+    /// `b` pre-multiplied by N to get the plain product).
+    pub fn mul_assign_normalize(&self, acc: &mut NttPoly, b: &NttPoly) {
+        for (i, (acc, b)) in acc
+            .0
+            .chunks_exact_mut(self.n)
+            .zip(b.0.chunks_exact(self.n))
+            .enumerate()
+        {
+            self.prime_plan(i).mul_assign_normalize(acc, b);
+        }
+    }
+
+    /// The butterfly `(x, y) ← (x + y, x − y)` slot-wise.
+    pub fn butterfly(&self, x: &mut NttPoly, y: &mut NttPoly) {
+        for (i, (xs, ys)) in
+            x.0.chunks_exact_mut(self.n)
+                .zip(y.0.chunks_exact_mut(self.n))
+                .enumerate()
+        {
+            let p = self.primes[i];
+            for (x, y) in xs.iter_mut().zip(ys.iter_mut()) {
+                // Both < p < 2^30: no overflow.
+                let (a, b) = (*x, *y);
+                let s = a + b;
+                let d = a + p - b;
+                *x = if s >= p { s - p } else { s };
+                *y = if d >= p { d - p } else { d };
+            }
+        }
+    }
+
+    /// `acc += τ_g(input)`: the automorphism's slot permutation fused with the addition.
+    /// Same invariant as [`Ntt::automorphism`] for `g`.
+    pub fn add_automorphism(&self, g: usize, input: &NttPoly, acc: &mut NttPoly) {
+        let Some(perm) = self.perms.get(&g) else {
+            unreachable!("automorphism {g} not registered");
+        };
+        for (pi, (acc, inp)) in acc
+            .0
+            .chunks_exact_mut(self.n)
+            .zip(input.0.chunks_exact(self.n))
+            .enumerate()
+        {
+            let p = self.primes[pi];
+            let perm = &perm[pi * self.n..(pi + 1) * self.n];
+            for (x, &src) in acc.iter_mut().zip(perm) {
+                let s = *x + inp[src as usize];
+                *x = if s >= p { s - p } else { s };
+            }
+        }
+    }
+
     /// Applies the ring automorphism `X -> X^g` (g odd) in the NTT domain: a slot permutation.
+    /// (The engine uses the fused [`Ntt::add_automorphism`]; this is the reference for tests.)
     ///
     /// Panics only if `g` was not registered with [`Ntt::register_automorphism`] — a local
     /// invariant of the engine, never reachable from peer input (the engine validates which
     /// automorphisms a key carries before use).
+    #[cfg(test)]
     pub fn automorphism(&self, g: usize, input: &NttPoly, out: &mut NttPoly) {
         let Some(perm) = self.perms.get(&g) else {
             unreachable!("automorphism {g} not registered");
@@ -240,6 +295,46 @@ mod tests {
         ntt.inv(&mut acc, &mut out);
         let bu: Vec<u64> = b.iter().map(|&v| v as u64).collect();
         assert_eq!(out, poly::schoolbook_mul(&a, &bu));
+    }
+
+    #[test]
+    fn fused_node_ops_match_coefficient_domain() {
+        let n = 128;
+        let mut ntt = Ntt::new(n).unwrap();
+        let (a, b) = (rand_u64(n, 5), rand_u64(n, 6));
+        let (mut fa, mut fb) = (ntt.zero(), ntt.zero());
+        ntt.fwd_u64(&a, &mut fa);
+        ntt.fwd_u64(&b, &mut fb);
+        // Monomial product through the normalising multiply with N·X^k.
+        let k = 17;
+        let mut mono = vec![0i64; n];
+        mono[k] = n as i64;
+        let mut fm = ntt.zero();
+        ntt.fwd_small(&mono, &mut fm);
+        let mut t = fb.clone();
+        ntt.mul_assign_normalize(&mut t, &fm);
+        let mut out = vec![0u64; n];
+        ntt.inv(&mut t.clone(), &mut out);
+        assert_eq!(out, poly::mul_monomial(&b, k));
+        // Butterfly: (a + t, a − t).
+        let (mut x, mut y) = (fa.clone(), t);
+        ntt.butterfly(&mut x, &mut y);
+        let tb = poly::mul_monomial(&b, k);
+        ntt.inv(&mut x.clone(), &mut out);
+        let sum: Vec<u64> = a.iter().zip(&tb).map(|(p, q)| p.wrapping_add(*q)).collect();
+        assert_eq!(out, sum);
+        ntt.inv(&mut y.clone(), &mut out);
+        let diff: Vec<u64> = a.iter().zip(&tb).map(|(p, q)| p.wrapping_sub(*q)).collect();
+        assert_eq!(out, diff);
+        // acc += τ_g(b).
+        let g = 2 * n / 4 + 1;
+        ntt.register_automorphism(g);
+        let mut acc = fa.clone();
+        ntt.add_automorphism(g, &fb, &mut acc);
+        ntt.inv(&mut acc, &mut out);
+        let tg = poly::automorphism(&b, g);
+        let expect: Vec<u64> = a.iter().zip(&tg).map(|(p, q)| p.wrapping_add(*q)).collect();
+        assert_eq!(out, expect);
     }
 
     #[test]

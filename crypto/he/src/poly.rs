@@ -2,17 +2,24 @@
 
 /// The automorphism `X -> X^g` (g odd) applied to `a`.
 pub fn automorphism(a: &[u64], g: usize) -> Vec<u64> {
+    let mut out = vec![0u64; a.len()];
+    automorphism_into(a, g, &mut out);
+    out
+}
+
+/// The automorphism `X -> X^g` (g odd) of `a` written to `out` (same length, a power of two:
+/// i ↦ i·g is a bijection modulo 2N, so every slot is written once).
+pub fn automorphism_into(a: &[u64], g: usize, out: &mut [u64]) {
     let n = a.len();
-    let mut out = vec![0u64; n];
+    let mask = 2 * n - 1;
     for (i, &c) in a.iter().enumerate() {
-        let e = (i * g) % (2 * n);
+        let e = i.wrapping_mul(g) & mask;
         if e < n {
-            out[e] = out[e].wrapping_add(c);
+            out[e] = c;
         } else {
-            out[e - n] = out[e - n].wrapping_sub(c);
+            out[e - n] = c.wrapping_neg();
         }
     }
-    out
 }
 
 #[cfg(test)]

@@ -449,7 +449,7 @@ impl PreparedLayer {
         while stride > 1 {
             let g = automorphism_for_stride(n, stride);
             let copy = ct.clone();
-            ct = self.add_rotated(ct, &copy, g, key);
+            ct = self.add_rotated(ct, copy, g, key);
             stride /= 2;
         }
         ct
@@ -526,48 +526,51 @@ impl PreparedLayer {
         Some(match odd {
             None => {
                 let copy = even.clone();
-                self.add_rotated(even, &copy, g, key)
+                self.add_rotated(even, copy, g, key)
             }
-            Some(odd) => {
-                let (pos, neg) = &self.ctx.monomials[&k];
-                let mut u = even.clone();
-                let mut v = even;
-                ntt.mul_acc(&mut u.mask, pos, &odd.mask);
-                ntt.mul_acc(&mut u.body, pos, &odd.body);
-                ntt.mul_acc(&mut v.mask, neg, &odd.mask);
-                ntt.mul_acc(&mut v.body, neg, &odd.body);
-                self.add_rotated(u, &v, g, key)
+            Some(mut odd) => {
+                // t = X^k·odd, then (u, v) = (even + t, even − t) in one pass.
+                let mut u = even;
+                let mono = &self.ctx.monomials[&k];
+                ntt.mul_assign_normalize(&mut odd.mask, mono);
+                ntt.mul_assign_normalize(&mut odd.body, mono);
+                ntt.butterfly(&mut u.mask, &mut odd.mask);
+                ntt.butterfly(&mut u.body, &mut odd.body);
+                self.add_rotated(u, odd, g, key)
             }
         })
     }
 
-    /// `u + KeySwitch(τ_g(v))`: the one non-linear step, done in the NTT domain.
+    /// `u + KeySwitch(τ_g(v))`: the one non-linear step. The body's automorphism is a slot
+    /// permutation added in the NTT domain; the mask goes back to coefficients once (the
+    /// automorphism is applied there, on one vector instead of one per prime), is decomposed,
+    /// and its digits are multiplied with the key in the NTT domain, reusing `v`'s buffers.
     fn add_rotated(
         &self,
         mut u: NttCiphertext,
-        v: &NttCiphertext,
+        v: NttCiphertext,
         g: usize,
         key: &PreparedEvaluationKey,
     ) -> NttCiphertext {
         let ntt = &self.ctx.ntt;
         let p = &self.plan.params;
         let n = p.poly_size;
-        let mut tb = ntt.zero();
-        ntt.automorphism(g, &v.body, &mut tb);
-        ntt.add_assign(&mut u.body, &tb);
-        let mut ta = tb; // reuse the buffer
-        ntt.automorphism(g, &v.mask, &mut ta);
-        let mut a = vec![0u64; n];
-        ntt.inv(&mut ta, &mut a);
+        ntt.add_automorphism(g, &v.body, &mut u.body);
+        let NttCiphertext {
+            mask: mut scratch,
+            body: _,
+        } = v;
+        let (mut a, mut ta) = (vec![0u64; n], vec![0u64; n]);
+        ntt.inv(&mut scratch, &mut a);
+        poly::automorphism_into(&a, g, &mut ta);
         let mut digits = vec![vec![0i64; n]; p.ks_levels as usize];
-        poly::decompose(&a, p.ks_base_log, p.ks_levels, &mut digits);
+        poly::decompose(&ta, p.ks_base_log, p.ks_levels, &mut digits);
         // Checked in eval(): the key covers every automorphism of the plan.
         let levels = &key.levels[&g];
-        let mut d = ta; // reuse the buffer
         for (digit, (neg_a, neg_b)) in digits.iter().zip(levels) {
-            ntt.fwd_small(digit, &mut d);
-            ntt.mul_acc(&mut u.mask, &d, neg_a);
-            ntt.mul_acc(&mut u.body, &d, neg_b);
+            ntt.fwd_small(digit, &mut scratch);
+            ntt.mul_acc(&mut u.mask, &scratch, neg_a);
+            ntt.mul_acc(&mut u.body, &scratch, neg_b);
         }
         u
     }
