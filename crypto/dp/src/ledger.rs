@@ -15,7 +15,7 @@
 //! storage the device owner cannot roll back, or anchor the latest check value elsewhere).
 //! `seq` must be 0, 1, 2, … and `rho` finite and ≥ 0.
 //!
-//! # Write-ahead rule
+//! # Write-ahead rule (TDM-LEDG-1)
 //!
 //! [`Accountant::charge`] appends the record and calls `fdatasync` (`File::sync_data`)
 //! **before** it returns the [`Receipt`]; a release needs the receipt
@@ -23,7 +23,7 @@
 //! If a write or sync fails the ledger is *poisoned*: the in-memory total still includes the
 //! charge (over-counting is safe) and every later charge fails until it is reopened.
 //!
-//! # Crash leftovers after the last verified record (TDM-DP-LEDGER recovery rule)
+//! # Crash leftovers after the last verified record (TDM-LEDG-3, TDM-LEDG-4)
 //!
 //! A crash during `charge` can leave the one record it was appending unfinished: the file
 //! ends inside it (a *torn* record), or — on file systems that extend the file before its
@@ -50,7 +50,7 @@
 //! Residual ambiguity, stated: damage that zeroes exactly a suffix of the last record's check
 //! value (and nothing else) cannot be told apart from a write cut short and is cut.
 //!
-//! # One writer (TDM-DP-LEDGER lock)
+//! # One writer (TDM-LEDG-2)
 //!
 //! [`Ledger::open`] takes an exclusive advisory lock (`flock(LOCK_EX | LOCK_NB)` through
 //! `fs4`) on the file before it reads it, and holds it for as long as the [`Ledger`] (or the
@@ -199,7 +199,7 @@ impl Ledger {
             .create(true)
             .open(path)
             .map_err(io_err(path))?;
-        // Lock before reading anything: the recovery below also writes. Called through the
+        // TDM-LEDG-2: lock before reading anything (the recovery below also writes). Called through the
         // trait: std's inherent `File::try_lock` (Rust 1.89) is newer than our MSRV.
         match fs4::FileExt::try_lock(&file) {
             Ok(()) => {}
@@ -375,6 +375,7 @@ pub fn scan(path: &Path, bytes: &[u8], mut visit: impl FnMut(&Record)) -> Result
                 off += used;
             }
             Err(reason) => {
+                // TDM-LEDG-3: a crash leftover is cut; TDM-LEDG-4: anything else is refused.
                 let tail = if all_zero(rest) {
                     Tail::ZeroFilled
                 } else if is_torn_record(rest, &prev, seq) {

@@ -1,7 +1,7 @@
 //! One writer per ledger: an exclusive OS lock held while a ledger is open, so the privacy
 //! budget can never be overdrawn by concurrency (issue 12, item 2: two `tandem device infer`
 //! processes on one state directory released 8 times under a budget of 4, then every later
-//! run failed with "ledger corrupted").
+//! run failed with "ledger corrupted"). Requirement TDM-LEDG-2 (`specs/dp.md` §5).
 //!
 //! The two-process tests re-execute this test binary as children (`TANDEM_DP_LOCK_CHILD`),
 //! like `ledger_crash.rs`.

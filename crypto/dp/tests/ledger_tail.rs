@@ -2,6 +2,7 @@
 //! tail is cut back to the last verified record and reported; damage before it, a complete
 //! damaged record, a foreign file or a wrong magic is refused with a typed error naming the
 //! file. Never more records than were written, never fewer than were acknowledged.
+//! Requirements TDM-LEDG-3 and TDM-LEDG-4 (`specs/dp.md` §5).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use proptest::prelude::*;
