@@ -373,3 +373,112 @@ async fn negotiated_parameter_set_is_used_or_refused() {
     dev.close().await;
     cloud.shutdown().await;
 }
+
+/// A signed two-layer bundle whose cloud layer's scales make any |z| ≥ 4 dequantise past
+/// f32::MAX (input_scale · weight_scale = 1e38, valid as a manifest): the cloud's answer to
+/// every input overflows on the device.
+fn overflowing_bundle(dir: &Path, key: &tandem_model::SigningKey) {
+    use tandem_model::{
+        Activation, LayerKind, LayerSpec, Manifest, NamedTensor, Placement, QuantSpec, TensorData,
+        Weights, WeightsRef, FORMAT,
+    };
+    let wref = |file: &str| WeightsRef {
+        file: file.into(),
+        sha256: "0".repeat(64),
+        bytes: 0,
+    };
+    let layer = |name: &str, n_out, placement, activation, quant| LayerSpec {
+        name: name.into(),
+        kind: LayerKind::Dense,
+        n_in: 4,
+        n_out,
+        activation,
+        placement,
+        weight: format!("{name}.weight"),
+        bias: format!("{name}.bias"),
+        quant,
+    };
+    let m = Manifest {
+        format: FORMAT.into(),
+        id: "overflow".into(),
+        version: "1".into(),
+        dataset: "synthetic".into(),
+        input_dim: 4,
+        classes: 2,
+        split_points: vec![1],
+        weights: Weights {
+            device: wref("device.safetensors"),
+            cloud: wref("cloud.safetensors"),
+        },
+        preprocess: None,
+        layers: vec![
+            layer("fc0", 4, Placement::Device, Activation::Relu, None),
+            layer(
+                "fc1",
+                2,
+                Placement::Cloud,
+                Activation::Argmax,
+                Some(QuantSpec {
+                    input_scale: 1e19,
+                    weight_scale: 1e19,
+                    input_clip: 127,
+                    max_abs_bias: Some(100),
+                }),
+            ),
+        ],
+        training: None,
+    };
+    let t = |name: &str, shape: Vec<usize>, data| NamedTensor {
+        name: name.into(),
+        shape,
+        data,
+    };
+    let mut eye = vec![0.0f32; 16];
+    for i in 0..4 {
+        eye[i * 5] = 1.0;
+    }
+    tandem_model::write_bundle(
+        dir,
+        &m,
+        &[
+            t("fc0.weight", vec![4, 4], TensorData::F32(eye)),
+            t("fc0.bias", vec![4], TensorData::F32(vec![0.0; 4])),
+            t("fc1.weight", vec![2, 4], TensorData::I8(vec![1; 8])),
+            t("fc1.bias", vec![2], TensorData::I64(vec![100, -100])),
+        ],
+        key,
+    )
+    .unwrap();
+}
+
+/// Item 3, the device's last float stages: the decrypted output's dequantisation (and the
+/// layers after it) refuse a value that is not finite instead of predicting from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_finite_dequantised_answer_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = tandem_model::SigningKey::from_bytes(&[9u8; 32]);
+    let bundle = tmp.path().join("overflow");
+    overflowing_bundle(&bundle, &key);
+    let pki = DevPki::generate(1).unwrap();
+    let tls = server_config(pki.server_credentials()).unwrap();
+    let mut o = ServerOptions::new(
+        free_addr(),
+        tls,
+        key.verifying_key(),
+        tmp.path().join("keys.redb"),
+    );
+    o.models = vec![bundle.clone()];
+    let cloud = Cloud::start(o).await.unwrap();
+    let mut d = dev_opts(&pki, cloud.local_addr(), tmp.path());
+    d.bundle_dir = bundle;
+    d.verifying_key = key.verifying_key();
+    let mut dev = Device::connect(d).await.unwrap();
+    expect_non_finite(
+        dev.infer(&[1.0, 2.0, 3.0, 4.0], Protection::Encrypted)
+            .await,
+        "dequantisation of fc1",
+    );
+    assert_eq!(cloud.metrics().responses(), 1, "the cloud did answer");
+    dev.close().await;
+    cloud.shutdown().await;
+}
