@@ -114,7 +114,7 @@ impl Device {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match dev.ensure_connected().await {
+            match dev.connect_within(started).await {
                 Ok(()) => break,
                 Err(e) if e.is_transient() && pause(&dev.opts.retry, attempt, started).await => {
                     tracing::warn!(error = %e, attempt, "cloud unreachable: retrying");
@@ -276,6 +276,20 @@ impl Device {
         Ok(())
     }
 
+    /// [`Device::ensure_connected`], given at most what is left of the retry deadline counted
+    /// from `started` (so an unanswered SYN cannot hold an attempt for the whole `io_timeout`).
+    async fn connect_within(&mut self, started: Instant) -> Result<(), DeviceError> {
+        let left = self
+            .opts
+            .retry
+            .deadline
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_millis(1));
+        tokio::time::timeout(left, self.ensure_connected())
+            .await
+            .unwrap_or(Err(DeviceError::Timeout))
+    }
+
     /// Makes the HE state match the parameter set the current connection negotiated.
     async fn ensure_he(&mut self) -> Result<(), DeviceError> {
         let Some(params) = self.conn.as_ref().map(|c| c.params) else {
@@ -396,8 +410,9 @@ impl Device {
     async fn attempt(
         &mut self,
         body: &mut Body,
+        started: Instant,
     ) -> Result<(ResponsePayload, usize, usize), DeviceError> {
-        self.ensure_connected().await?;
+        self.connect_within(started).await?;
         self.ensure_he().await?;
         let request = self.request_for(body)?;
         let layer_id = self.layer_id;
@@ -473,7 +488,7 @@ impl Device {
         let mut key_tried = false;
         let (response, up, down) = loop {
             attempts += 1;
-            match self.attempt(&mut body).await {
+            match self.attempt(&mut body, s).await {
                 Ok(v) => break v,
                 Err(DeviceError::Refused(ErrorCode::UnknownKey))
                     if body.encrypted() && !key_tried =>

@@ -482,3 +482,23 @@ async fn non_finite_dequantised_answer_is_refused() {
     dev.close().await;
     cloud.shutdown().await;
 }
+
+/// The deadline also bounds an attempt that hangs (a peer that completes TCP but never
+/// answers the TLS handshake), not only the pauses between attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_bounds_a_hanging_handshake() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = DevPki::generate(1).unwrap();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut o = dev_opts(&pki, silent.local_addr().unwrap(), tmp.path());
+    o.retry.deadline = Duration::from_millis(700);
+    assert_eq!(o.io_timeout, Duration::from_secs(60));
+    let started = Instant::now();
+    assert!(matches!(
+        Device::connect(o).await,
+        Err(DeviceError::Timeout)
+    ));
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    drop(silent);
+}
