@@ -23,6 +23,8 @@
 //! ```
 #![forbid(unsafe_code)]
 
+#[doc(hidden)]
+pub mod bench_api;
 mod client;
 mod context;
 mod error;

@@ -15,9 +15,9 @@ pub const INT8_LAYER_MAX_INPUT: u64 = 128;
 
 /// A GLWE ciphertext in the NTT domain.
 #[derive(Clone)]
-struct NttCiphertext {
-    mask: NttPoly,
-    body: NttPoly,
+pub(crate) struct NttCiphertext {
+    pub(crate) mask: NttPoly,
+    pub(crate) body: NttPoly,
 }
 
 /// A layer ready for evaluation: its plan, and its weights and bias in the NTT domain.
@@ -547,32 +547,12 @@ impl PreparedLayer {
     /// and its digits are multiplied with the key in the NTT domain, reusing `v`'s buffers.
     fn add_rotated(
         &self,
-        mut u: NttCiphertext,
+        u: NttCiphertext,
         v: NttCiphertext,
         g: usize,
         key: &PreparedEvaluationKey,
     ) -> NttCiphertext {
-        let ntt = &self.ctx.ntt;
-        let p = &self.plan.params;
-        let n = p.poly_size;
-        ntt.add_automorphism(g, &v.body, &mut u.body);
-        let NttCiphertext {
-            mask: mut scratch,
-            body: _,
-        } = v;
-        let (mut a, mut ta) = (vec![0u64; n], vec![0u64; n]);
-        ntt.inv(&mut scratch, &mut a);
-        poly::automorphism_into(&a, g, &mut ta);
-        let mut digits = vec![vec![0i64; n]; p.ks_levels as usize];
-        poly::decompose(&ta, p.ks_base_log, p.ks_levels, &mut digits);
-        // Checked in eval(): the key covers every automorphism of the plan.
-        let levels = &key.levels[&g];
-        for (digit, (neg_a, neg_b)) in digits.iter().zip(levels) {
-            ntt.fwd_small(digit, &mut scratch);
-            ntt.mul_acc(&mut u.mask, &scratch, neg_a);
-            ntt.mul_acc(&mut u.body, &scratch, neg_b);
-        }
-        u
+        key_switch_add(&self.ctx, u, v, g, key)
     }
 
     /// Back to coefficients, modulus-switch, keep the full mask and the output slots of the
@@ -596,6 +576,39 @@ impl PreparedLayer {
             body,
         }
     }
+}
+
+/// `u + KeySwitch(τ_g(v))` (see `PreparedLayer::add_rotated`); `key` must cover `g`.
+pub(crate) fn key_switch_add(
+    ctx: &Context,
+    mut u: NttCiphertext,
+    v: NttCiphertext,
+    g: usize,
+    key: &PreparedEvaluationKey,
+) -> NttCiphertext {
+    let ntt = &ctx.ntt;
+    let p = ctx.params();
+    let n = p.poly_size;
+    ntt.add_automorphism(g, &v.body, &mut u.body);
+    let NttCiphertext {
+        mask: mut scratch,
+        body: _,
+    } = v;
+    let (mut a, mut ta) = (vec![0u64; n], vec![0u64; n]);
+    ntt.inv(&mut scratch, &mut a);
+    poly::automorphism_into(&a, g, &mut ta);
+    let mut digits = vec![vec![0i64; n]; p.ks_levels as usize];
+    poly::decompose(&ta, p.ks_base_log, p.ks_levels, &mut digits);
+    // Callers check that the key covers g (eval() for every automorphism of the plan).
+    let Some(levels) = key.levels.get(&g) else {
+        unreachable!("key switch without a key for automorphism {g}")
+    };
+    for (digit, (neg_a, neg_b)) in digits.iter().zip(levels) {
+        ntt.fwd_small(digit, &mut scratch);
+        ntt.mul_acc(&mut u.mask, &scratch, neg_a);
+        ntt.mul_acc(&mut u.body, &scratch, neg_b);
+    }
+    u
 }
 
 fn join_maybe_par<A: Send, B: Send>(
