@@ -24,14 +24,14 @@ b, n, m = (lambda l, r: (int(l.split("x")[0]), int(l.split("x")[1]), int(r.split
 rng = np.random.default_rng(1)
 x = rng.integers(-128, 128, size=(b, n), dtype=np.int64)
 w = rng.integers(-128, 128, size=(n, m), dtype=np.int64)
-params = fhext.default_params()
+params = fhext.MatmulCryptoParameters.deserialize(fhext.default_params())  # default_params() is JSON text
 t = time.perf_counter(); pkey, ckey = fhext.create_private_key(params); keygen = time.perf_counter() - t
-enc = fhext.encrypt(pkey, params, x.astype(np.uint64))
+enc = fhext.encrypt_matrix(pkey, params, x.astype(np.uint64))  # two's complement in uint64
 up = len(enc.serialize())
 t = time.perf_counter(); res = fhext.matrix_multiplication(enc, w.astype(np.uint64), ckey); server = time.perf_counter() - t
 down = len(res.serialize())
 num_valid = m % 2048 or 2048  # GLWE values in the last returned ciphertext
-y = fhext.decrypt(res, pkey, params, num_valid_glwe_values_in_last_ciphertext=num_valid).astype(np.int64)
+y = np.asarray(fhext.decrypt_matrix(res, pkey, params, num_valid)).astype(np.int64)
 ref = x @ w
 err = int(np.max(np.abs(y.reshape(ref.shape) - ref)))
 print(json.dumps({"server_ms": server * 1e3, "keygen_ms": keygen * 1e3, "upload_bytes": up,

@@ -1,9 +1,11 @@
 //! Exact negacyclic products modulo 2^64 in the NTT domain (tfhe-ntt's five 30-bit primes).
 //!
 //! A polynomial in the NTT domain is five residue vectors laid out prime-major in one buffer.
-//! The CRT modulus is about 2^150, and every product the engine forms is far below half of it
-//! (at most N·2^64·2^15 per product times a few hundred accumulations), so the centred
-//! reconstruction that tfhe-ntt performs is exact and reduction modulo 2^64 is exact.
+//! The CRT modulus is about 2^149.9 and the centred reconstruction tfhe-ntt performs is exact
+//! while every accumulated coefficient stays below 2^148.9 in absolute value; the packing tree's
+//! worst case is below 2^133 for every layer the engine accepts (TDM-PAR-HE-4 in
+//! `specs/parameters.md` derives the bound, and why fewer primes or tfhe-ntt's 52-bit plan do
+//! not pay), so reduction modulo 2^64 is exact.
 //!
 //! Small signed operands (weights, gadget digits, the secret key) are reduced per prime as
 //! `p - |v|` instead of being wrapped to 2^64 - |v|: the integer being transformed is then the
