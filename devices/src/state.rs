@@ -63,6 +63,19 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), DeviceError> {
 /// # Errors
 /// [`DeviceError::Io`] on any file-system failure (the target is then unchanged).
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DeviceError> {
+    write_private_with(path, bytes, false).map(|_| ())
+}
+
+/// Like [`write_private`], but never replaces an existing `path`: returns `false` (and writes
+/// nothing) if it already exists, so two processes creating the same secret agree on one.
+///
+/// # Errors
+/// [`DeviceError::Io`] on any other file-system failure.
+pub fn create_private(path: &Path, bytes: &[u8]) -> Result<bool, DeviceError> {
+    write_private_with(path, bytes, true)
+}
+
+fn write_private_with(path: &Path, bytes: &[u8], exclusive: bool) -> Result<bool, DeviceError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
@@ -83,8 +96,22 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DeviceError> {
         f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
-        std::fs::rename(&tmp, path)?;
-        sync_dir(dir)
+        if exclusive {
+            // A hard link fails if the target exists: first writer wins, atomically.
+            match std::fs::hard_link(&tmp, path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    std::fs::remove_file(&tmp)?;
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            }
+            std::fs::remove_file(&tmp)?;
+        } else {
+            std::fs::rename(&tmp, path)?;
+        }
+        sync_dir(dir)?;
+        Ok(true)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -139,21 +166,40 @@ fn parse_seed(bytes: &[u8]) -> Result<u128, String> {
 pub fn load_or_create_seed(dir: &Path) -> Result<u128, DeviceError> {
     ensure_private_dir(dir)?;
     let path = dir.join(SEED_FILE);
+    // At most two rounds: a seed another process created between our read and our write is
+    // read back instead of being replaced.
+    for _ in 0..2 {
+        if let Some(seed) = read_seed(&path)? {
+            return Ok(seed);
+        }
+        let s: u128 = rand::random();
+        if create_private(&path, format!("{s:032x}\n").as_bytes())? {
+            return Ok(s);
+        }
+    }
+    read_seed(&path)?.ok_or_else(|| DeviceError::StateFile {
+        path,
+        reason: "created and removed concurrently".into(),
+        action: "make sure only one process manages this state directory",
+    })
+}
+
+/// Reads and parses the seed file (`None` if it does not exist).
+fn read_seed(path: &Path) -> Result<Option<u128>, DeviceError> {
+    let path = path.to_path_buf();
     match read_small(&path, MAX_SEED_FILE_BYTES) {
         Ok(bytes) => {
             tighten(&path);
-            parse_seed(&bytes).map_err(|reason| DeviceError::StateFile {
-                path,
-                reason,
-                action: "the HE secret cannot be recovered from it: move the file away to \
-                         generate a new key (the cloud then receives a new evaluation key)",
-            })
+            parse_seed(&bytes)
+                .map(Some)
+                .map_err(|reason| DeviceError::StateFile {
+                    path,
+                    reason,
+                    action: "the HE secret cannot be recovered from it: move the file away to \
+                             generate a new key (the cloud then receives a new evaluation key)",
+                })
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let s: u128 = rand::random();
-            write_private(&path, format!("{s:032x}\n").as_bytes())?;
-            Ok(s)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(DeviceError::StateFile {
             path,
             reason: format!("cannot read: {e}"),
@@ -220,6 +266,20 @@ mod tests {
         ] {
             assert!(parse_seed(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn create_private_never_replaces() {
+        let d = std::env::temp_dir().join(format!("tandem-state-test-{}", std::process::id()));
+        ensure_private_dir(&d).unwrap();
+        let p = d.join("s");
+        let _ = std::fs::remove_file(&p);
+        assert!(create_private(&p, b"first").unwrap());
+        assert!(!create_private(&p, b"second").unwrap());
+        assert_eq!(std::fs::read(&p).unwrap(), b"first");
+        let left: Vec<_> = std::fs::read_dir(&d).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary file left");
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
