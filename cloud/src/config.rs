@@ -4,7 +4,8 @@
 //! listen = "127.0.0.1:7443"
 //! pki_dir = "/etc/tandem/pki"
 //! verifying_key = "/etc/tandem/model-signing.pub"
-//! key_store = "/var/lib/tandem/keys.redb"
+//! key_store = "/var/lib/tandem/keys.redb"   # embedded redb file (one replica), or:
+//! # key_store = { postgres = "host=127.0.0.1 port=5432 user=tandem dbname=tandem", pool_size = 8, timeout_ms = 3000 }
 //! # A bundle directory (both output modes), or a table with the modes served.
 //! models = ["/srv/models/breast_cancer", { path = "/srv/models/digits", output_modes = ["packed"] }]
 //!
@@ -21,7 +22,12 @@
 //! max_key_bytes_per_device = 16777216    # stored key bytes per device [16 MiB]
 //! key_cache_bytes = 268435456            # prepared keys in memory [256 MiB]
 //! param_sets = [1]                       # parameter sets served, preferred first [all]
+//! key_expiry_secs = 7776000              # keys unused this long expire [never]
+//! metrics_listen = "127.0.0.1:9443"      # plain-HTTP /healthz and /metrics [not served]
 //! ```
+//!
+//! Several replicas share one PostgreSQL `key_store` behind a TCP balancer
+//! (`cloud/deploy/haproxy.cfg`); each replica needs its own `listen` and `metrics_listen`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -48,6 +54,28 @@ pub enum ModelToml {
     },
 }
 
+/// `key_store`: a `redb` file, or a table selecting PostgreSQL.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum KeyStoreToml {
+    /// The embedded store's database file.
+    Redb(PathBuf),
+    /// The shared PostgreSQL store.
+    Postgres(PostgresToml),
+}
+
+/// `key_store = { postgres = "...", ... }`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresToml {
+    /// Connection string, see [`crate::PgConfig::url`].
+    pub postgres: String,
+    /// See [`crate::PgConfig::pool_size`] [8].
+    pub pool_size: Option<usize>,
+    /// See [`crate::PgConfig::op_timeout`] (ms) [3000].
+    pub timeout_ms: Option<u64>,
+}
+
 /// The parsed `cloud.toml` (unknown keys are refused).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,8 +88,12 @@ pub struct CloudToml {
     pub models: Vec<ModelToml>,
     /// Model-signing public key.
     pub verifying_key: PathBuf,
-    /// Key-store database file.
-    pub key_store: PathBuf,
+    /// Key store: a `redb` file or PostgreSQL.
+    pub key_store: KeyStoreToml,
+    /// Keys unused for this many seconds expire (absent: never).
+    pub key_expiry_secs: Option<u64>,
+    /// Plain-HTTP address of `/healthz` and `/metrics` (absent: not served).
+    pub metrics_listen: Option<SocketAddr>,
     /// See [`AdmissionLimits::max_connections`].
     pub max_connections: Option<usize>,
     /// See [`AdmissionLimits::max_connections_per_identity`].
@@ -177,7 +209,35 @@ impl CloudToml {
         ))?;
         let vk = tandem_model::read_verifying_key(&self.verifying_key)?;
         let (admission, resources) = self.limits()?;
-        let mut opts = ServerOptions::new(self.listen, tls, vk, self.key_store.clone());
+        let (path, postgres) = match &self.key_store {
+            KeyStoreToml::Redb(p) => (p.clone(), None),
+            KeyStoreToml::Postgres(t) => {
+                let mut c = crate::PgConfig::new(t.postgres.clone());
+                if let Some(n) = t.pool_size {
+                    c.pool_size = n;
+                }
+                if let Some(ms) = t.timeout_ms {
+                    c.op_timeout = Duration::from_millis(ms);
+                }
+                if c.pool_size == 0 || c.op_timeout.is_zero() {
+                    return Err(CloudError::Config(
+                        "key_store: pool_size and timeout_ms must be at least 1".into(),
+                    ));
+                }
+                (PathBuf::new(), Some(c))
+            }
+        };
+        let mut opts = ServerOptions::new(self.listen, tls, vk, path);
+        opts.postgres = postgres;
+        opts.metrics_addr = self.metrics_listen;
+        opts.key_expiry = match self.key_expiry_secs {
+            Some(0) => {
+                return Err(CloudError::Config(
+                    "key_expiry_secs must be at least 1 (leave it out for no expiry)".into(),
+                ))
+            }
+            s => s.map(Duration::from_secs),
+        };
         for m in &self.models {
             match m {
                 ModelToml::Path(p) => opts.models.push(p.clone()),
@@ -220,6 +280,21 @@ max_keys_per_device = 3
         assert_eq!(a.max_connections_per_identity, 2);
         assert_eq!(a.first_message_timeout, Duration::from_millis(250));
         assert_eq!(r.key_quota.max_keys, 3);
+        assert_eq!(t.key_store, KeyStoreToml::Redb("k.redb".into()));
+        let pg: CloudToml = toml::from_str(
+            r#"
+listen = "127.0.0.1:0"
+pki_dir = "pki"
+verifying_key = "vk"
+key_store = { postgres = "host=127.0.0.1 user=tandem", pool_size = 4 }
+models = ["a"]
+metrics_listen = "127.0.0.1:0"
+key_expiry_secs = 60
+"#,
+        )
+        .unwrap();
+        assert!(matches!(&pg.key_store, KeyStoreToml::Postgres(p) if p.pool_size == Some(4)));
+        assert_eq!(pg.key_expiry_secs, Some(60));
         assert!(ModelPolicy::from_names(&["packed"]).unwrap().packed);
         assert!(!ModelPolicy::from_names(&["packed"]).unwrap().nokey);
         assert!(ModelPolicy::from_names::<&str>(&[]).is_err());

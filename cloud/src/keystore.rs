@@ -1,40 +1,42 @@
-//! Durable evaluation-key store: `redb`, keyed by (device identity, protocol key id), with a
-//! per-device quota and least-recently-used eviction (TDM-KEY-4, TDM-KEY-7, TDM-KEY-9).
+//! Evaluation-key store: a [`KeyBackend`] holding the records durably — embedded `redb`
+//! ([`crate::redb_store::RedbStore`], the default) or PostgreSQL shared by several replicas
+//! ([`crate::pg_store::PgStore`], issue 13) — behind one front, [`KeyStore`], that validates
+//! registrations, keeps the per-device quota and expiry policy, and caches prepared keys.
 //!
-//! Value layout (version 1): `[1][output mode][HE key id: 32 bytes][key blob]`. The HE key id
-//! is what the device's ciphertext headers carry: for a packed key it is read from the decoded
-//! evaluation key, for a no-key registration (empty blob) it equals the protocol key id
-//! (TDM-KEY-2). Every lookup includes the peer identity, so one device can never read, use or
-//! overwrite another's keys (TDM-KEY-4).
+//! Records are keyed by (device identity, protocol key id) and carry the output mode, the HE
+//! key id that the device's ciphertext headers carry (for a packed key read from the decoded
+//! evaluation key, for a no-key registration equal to the protocol key id, TDM-KEY-2), the
+//! blob, its size, and the creation and last-use times (µs since the Unix epoch). Every backend
+//! operation takes the peer identity, so one device can never read, use or overwrite another's
+//! keys (TDM-KEY-4).
 //!
-//! A second table records, per stored key, the value of a persistent use counter at its last
-//! registration or use; when a registration would take a device past its quota
-//! ([`KeyQuota`]: keys and bytes), its least recently used keys are deleted in the same
-//! transaction. A device whose key was evicted gets `UnknownKey` on its next request and
-//! registers again.
+//! Policy (TDM-KEY-9), the same in every backend: a registration that would take a device past
+//! its [`KeyQuota`] (keys and bytes) deletes that device's least recently used keys in the same
+//! transaction (ties broken by key id) — eviction rather than refusal, so a device that
+//! rotates keys is never locked out; a single blob larger than the byte quota is refused. A key
+//! unused for longer than the expiry ([`KeyStore::expiry`]) is treated as absent and deleted by
+//! the next sweep. A device whose key was evicted or expired gets `UnknownKey` on its next
+//! request and registers again.
 //!
 //! Prepared keys (≈ 5 × the blob size: NTT domain, 5 residues of 4 bytes per coefficient,
-//! both halves) are cached in memory, bounded in bytes (LRU); after a restart or an eviction
-//! they are prepared again from disk on first use.
+//! both halves) are cached per replica, bounded in bytes (LRU); after a restart, an eviction,
+//! or on another replica they are prepared again from the store on first use. A cached key's
+//! use is written to the store at most once a second; that write also checks that the record
+//! still exists and was not replaced (by another replica), else the cache entry is dropped.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tandem_he::{Context, EvaluationKey, OutputMode, ParameterSet, PreparedEvaluationKey};
 
+use crate::metrics::Prom;
+use crate::redb_store::RedbStore;
 use crate::CloudError;
 
-const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("keys_v1");
-/// (peer ‖ key id) → use counter at the key's last registration or use.
-const USED: TableDefinition<&[u8], u64> = TableDefinition::new("key_used_v1");
-/// "clock" → the persistent use counter.
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta_v1");
-const VALUE_VERSION: u8 = 1;
-const VALUE_HEADER: usize = 34;
-/// A cached key's recency is written to disk at most this often (non-durably).
+/// A cached key's recency is written to the store at most this often.
 const TOUCH_EVERY: Duration = Duration::from_secs(1);
 
 /// Per-device storage quota (TDM-KEY-9). A registration that would exceed it evicts the
@@ -53,6 +55,165 @@ impl Default for KeyQuota {
         KeyQuota {
             max_keys: 8,
             max_bytes: 16 << 20,
+        }
+    }
+}
+
+/// One stored record as a backend returns it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// Output mode (`tandem_he::OutputMode::to_u8`).
+    pub mode: u8,
+    /// HE key id that ciphertexts under this key carry.
+    pub he_key_id: [u8; 32],
+    /// The evaluation-key blob as registered (empty for no-key mode).
+    pub blob: Vec<u8>,
+    /// Registration time, µs since the Unix epoch.
+    pub created_us: u64,
+    /// Last registration or use, µs since the Unix epoch.
+    pub last_use_us: u64,
+}
+
+impl std::fmt::Debug for KeyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRecord")
+            .field("mode", &self.mode)
+            .field("blob_len", &self.blob.len())
+            .field("created_us", &self.created_us)
+            .field("last_use_us", &self.last_use_us)
+            .finish()
+    }
+}
+
+/// Durable storage of key records, keyed by (peer identity, key id). Implementations are
+/// blocking (call them from a blocking task) and must apply [`plan_evictions`] inside the
+/// same transaction as the write, so that concurrent registrations of one device — from any
+/// replica sharing the store — never leave it above its quota.
+///
+/// `cutoff_us`: records whose last use is older are expired (absent for reads, deleted by
+/// writes and sweeps); 0 disables expiry.
+pub trait KeyBackend: Send + Sync + std::fmt::Debug {
+    /// Stores the record for `(peer, key_id)` (replacing that id's previous record, with
+    /// `created_us = last_use_us = now_us`), after deleting the peer's expired records and
+    /// evicting its least recently used ones as [`plan_evictions`] says; durable when this
+    /// returns. Returns the evicted key ids.
+    ///
+    /// # Errors
+    /// [`CloudError::Store`] / [`CloudError::StoreUnavailable`]; nothing is written then.
+    #[allow(clippy::too_many_arguments)]
+    fn put(
+        &self,
+        peer: &[u8; 32],
+        key_id: &[u8; 32],
+        mode: u8,
+        he_key_id: &[u8; 32],
+        blob: &[u8],
+        quota: KeyQuota,
+        cutoff_us: u64,
+        now_us: u64,
+    ) -> Result<Vec<[u8; 32]>, CloudError>;
+
+    /// The live record for `(peer, key_id)`, or `None` (never stored, evicted, expired).
+    ///
+    /// # Errors
+    /// [`CloudError::Store`] / [`CloudError::StoreUnavailable`].
+    fn get(
+        &self,
+        peer: &[u8; 32],
+        key_id: &[u8; 32],
+        cutoff_us: u64,
+    ) -> Result<Option<KeyRecord>, CloudError>;
+
+    /// Records a use at `now_us` (last use never moves backwards; need not be durable) and
+    /// returns the record's `created_us`, or `None` if there is no live record.
+    ///
+    /// # Errors
+    /// [`CloudError::Store`] / [`CloudError::StoreUnavailable`].
+    fn touch(
+        &self,
+        peer: &[u8; 32],
+        key_id: &[u8; 32],
+        cutoff_us: u64,
+        now_us: u64,
+    ) -> Result<Option<u64>, CloudError>;
+
+    /// Live key ids of `peer`, at most `max`, in key-id order.
+    ///
+    /// # Errors
+    /// [`CloudError::Store`] / [`CloudError::StoreUnavailable`].
+    fn list(
+        &self,
+        peer: &[u8; 32],
+        max: usize,
+        cutoff_us: u64,
+    ) -> Result<Vec<[u8; 32]>, CloudError>;
+
+    /// Deletes every record last used before `cutoff_us`; returns how many.
+    ///
+    /// # Errors
+    /// [`CloudError::Store`] / [`CloudError::StoreUnavailable`].
+    fn expire(&self, cutoff_us: u64) -> Result<u64, CloudError>;
+
+    /// Number of records (live or not yet swept).
+    ///
+    /// # Errors
+    /// [`CloudError::Store`] / [`CloudError::StoreUnavailable`].
+    fn len(&self) -> Result<u64, CloudError>;
+
+    /// True if no record is stored.
+    ///
+    /// # Errors
+    /// [`CloudError::Store`] / [`CloudError::StoreUnavailable`].
+    fn is_empty(&self) -> Result<bool, CloudError> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Cheap liveness check (readiness): the store answers and its schema is in place.
+    ///
+    /// # Errors
+    /// [`CloudError::StoreUnavailable`] while it cannot be reached.
+    fn ping(&self) -> Result<(), CloudError>;
+
+    /// `redb` or `postgres`, for logs and metrics.
+    fn kind(&self) -> &'static str;
+}
+
+/// TDM-KEY-9, shared by every backend: which of a device's other keys — `(key id, blob bytes,
+/// last use)` — to delete so that one more key of `new_bytes` fits `quota`: least recently
+/// used first, ties by key id.
+pub fn plan_evictions(
+    mut others: Vec<([u8; 32], u64, u64)>,
+    new_bytes: u64,
+    quota: KeyQuota,
+) -> Vec<[u8; 32]> {
+    others.sort_by_key(|&(id, _, used)| (used, id));
+    let mut count = others.len();
+    let mut bytes: u64 = others.iter().map(|o| o.1).sum();
+    let mut out = Vec::new();
+    for (id, b, _) in others {
+        if count < quota.max_keys && bytes.saturating_add(new_bytes) <= quota.max_bytes {
+            break;
+        }
+        count -= 1;
+        bytes = bytes.saturating_sub(b);
+        out.push(id);
+    }
+    out
+}
+
+/// Wall-clock µs since the Unix epoch, strictly increasing within this process (so that two
+/// uses in one microsecond still order).
+pub fn now_us() -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    let mut prev = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = wall.max(prev.saturating_add(1));
+        match LAST.compare_exchange_weak(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(p) => prev = p,
         }
     }
 }
@@ -95,6 +256,7 @@ type CacheKey = ([u8; 32], [u8; 32]);
 
 struct CacheEntry {
     key: StoredKey,
+    created_us: u64,
     tick: u64,
     touched: Instant,
 }
@@ -114,7 +276,7 @@ impl Cache {
         }
     }
 
-    fn put(&mut self, k: CacheKey, v: StoredKey) {
+    fn put(&mut self, k: CacheKey, v: StoredKey, created_us: u64) {
         self.remove(&k);
         if v.prepared_bytes > self.max_bytes {
             return;
@@ -136,14 +298,15 @@ impl Cache {
             k,
             CacheEntry {
                 key: v,
+                created_us,
                 tick: self.tick,
                 touched: Instant::now(),
             },
         );
     }
 
-    /// The cached key and whether its recency should be written to disk now.
-    fn get(&mut self, k: &CacheKey) -> Option<(StoredKey, bool)> {
+    /// The cached key, its creation time, and whether its use should be written now.
+    fn get(&mut self, k: &CacheKey) -> Option<(StoredKey, u64, bool)> {
         self.tick += 1;
         let tick = self.tick;
         let e = self.entries.get_mut(k)?;
@@ -152,34 +315,30 @@ impl Cache {
         if persist {
             e.touched = Instant::now();
         }
-        Some((e.key.clone(), persist))
+        Some((e.key.clone(), e.created_us, persist))
     }
 }
 
-/// The key store.
+/// The key store: validation, policy and the prepared-key cache over a [`KeyBackend`].
 pub struct KeyStore {
-    path: PathBuf,
-    db: Database,
+    backend: Arc<dyn KeyBackend>,
     contexts: Vec<Arc<Context>>,
     max_key_len: usize,
     quota: KeyQuota,
+    expiry: Option<Duration>,
     cache: Mutex<Cache>,
+    healthy: AtomicBool,
+    prom: Option<Arc<Prom>>,
 }
 
 impl std::fmt::Debug for KeyStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyStore")
-            .field("path", &self.path)
+            .field("backend", &self.backend)
             .field("quota", &self.quota)
+            .field("expiry", &self.expiry)
             .finish_non_exhaustive()
     }
-}
-
-fn db_key(peer: &[u8; 32], key_id: &[u8; 32]) -> [u8; 64] {
-    let mut k = [0u8; 64];
-    k[..32].copy_from_slice(peer);
-    k[32..].copy_from_slice(key_id);
-    k
 }
 
 /// Bytes of a prepared evaluation key with `automorphisms` packing keys under `params`: per
@@ -193,8 +352,9 @@ pub fn prepared_key_bytes(params: &ParameterSet, automorphisms: usize) -> usize 
 }
 
 impl KeyStore {
-    /// Opens (or creates) the store at `path`. `contexts` are the parameter sets keys may use;
-    /// `max_key_len` bounds a blob; `cache_bytes` bounds the prepared keys kept in memory.
+    /// Opens (or creates) the embedded `redb` store at `path`. `contexts` are the parameter
+    /// sets keys may use; `max_key_len` bounds a blob; `cache_bytes` bounds the prepared keys
+    /// kept in memory. No expiry (see [`KeyStore::new`]).
     ///
     /// # Errors
     /// [`CloudError::Store`] naming the file if it cannot be opened or is not a key store.
@@ -205,35 +365,52 @@ impl KeyStore {
         quota: KeyQuota,
         cache_bytes: usize,
     ) -> Result<Self, CloudError> {
-        let err = |e: &dyn std::fmt::Display| {
-            CloudError::Store(format!(
-                "{}: {e} (restore the file from a backup, or move it away to start with no stored keys; devices then register again)",
-                path.display()
-            ))
-        };
-        let db = Database::create(path).map_err(|e| err(&e))?;
-        let tx = db.begin_write().map_err(|e| err(&e))?;
-        tx.open_table(KEYS).map_err(|e| err(&e))?;
-        tx.open_table(USED).map_err(|e| err(&e))?;
-        tx.open_table(META).map_err(|e| err(&e))?;
-        tx.commit().map_err(|e| err(&e))?;
-        Ok(KeyStore {
-            path: path.to_path_buf(),
-            db,
+        let backend = Arc::new(RedbStore::open(path)?);
+        Ok(Self::new(
+            backend,
             contexts,
             max_key_len,
             quota,
+            None,
+            cache_bytes,
+        ))
+    }
+
+    /// A store over `backend`; keys unused for `expiry` are treated as absent (`None`: never).
+    pub fn new(
+        backend: Arc<dyn KeyBackend>,
+        contexts: Vec<Arc<Context>>,
+        max_key_len: usize,
+        quota: KeyQuota,
+        expiry: Option<Duration>,
+        cache_bytes: usize,
+    ) -> Self {
+        KeyStore {
+            backend,
+            contexts,
+            max_key_len,
+            quota,
+            expiry,
             cache: Mutex::new(Cache {
                 entries: HashMap::new(),
                 bytes: 0,
                 max_bytes: cache_bytes,
                 tick: 0,
             }),
-        })
+            healthy: AtomicBool::new(true),
+            prom: None,
+        }
     }
 
-    fn err(&self, e: impl std::fmt::Display) -> CloudError {
-        CloudError::Store(format!("{}: {e}", self.path.display()))
+    /// Records store latency, errors and cache hits in `prom`.
+    pub fn with_metrics(mut self, prom: Arc<Prom>) -> Self {
+        self.prom = Some(prom);
+        self
+    }
+
+    /// The backend (`redb` or `postgres`).
+    pub fn backend(&self) -> &Arc<dyn KeyBackend> {
+        &self.backend
     }
 
     /// The per-device quota.
@@ -241,9 +418,67 @@ impl KeyStore {
         self.quota
     }
 
+    /// Time after which an unused key expires (`None`: never).
+    pub fn expiry(&self) -> Option<Duration> {
+        self.expiry
+    }
+
     /// Bytes of prepared keys currently cached.
     pub fn cached_bytes(&self) -> usize {
         self.cache.lock().map_or(0, |c| c.bytes)
+    }
+
+    /// False since the last backend operation failed, until one succeeds (readiness).
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    fn cutoff(&self, now: u64) -> u64 {
+        self.expiry.map_or(0, |e| {
+            now.saturating_sub(u64::try_from(e.as_micros()).unwrap_or(u64::MAX))
+        })
+    }
+
+    /// Runs one backend operation, timing it and tracking health.
+    fn op<T>(
+        &self,
+        name: &'static str,
+        f: impl FnOnce(&dyn KeyBackend) -> Result<T, CloudError>,
+    ) -> Result<T, CloudError> {
+        let t = Instant::now();
+        let r = f(self.backend.as_ref());
+        let ok = r.is_ok();
+        self.healthy.store(ok, Ordering::Relaxed);
+        if let Some(p) = &self.prom {
+            p.store_op(name, t.elapsed(), ok);
+        }
+        r
+    }
+
+    fn cache_event(&self, hit: bool) {
+        if let Some(p) = &self.prom {
+            p.cache_event(hit, self.cached_bytes());
+        }
+    }
+
+    /// Checks that the backend answers (readiness probe).
+    ///
+    /// # Errors
+    /// [`CloudError::StoreUnavailable`] while it does not.
+    pub fn ping(&self) -> Result<(), CloudError> {
+        self.op("ping", |b| b.ping())
+    }
+
+    /// Deletes keys unused for longer than the expiry; returns how many (0 without expiry).
+    ///
+    /// # Errors
+    /// [`CloudError::Store`] / [`CloudError::StoreUnavailable`].
+    pub fn sweep(&self) -> Result<u64, CloudError> {
+        if self.expiry.is_none() {
+            return Ok(0);
+        }
+        let cutoff = self.cutoff(now_us());
+        self.op("expire", |b| b.expire(cutoff))
     }
 
     /// Decodes and validates a registration against parameter set `param_set` and the plan's
@@ -255,7 +490,8 @@ impl KeyStore {
     /// # Errors
     /// [`CloudError::KeyInvalid`] if the blob does not decode, belongs to another parameter
     /// set, or cannot pack `min_chunk`; [`CloudError::Quota`] if the blob alone exceeds the
-    /// per-device byte quota; [`CloudError::Store`] if the commit fails.
+    /// per-device byte quota; [`CloudError::Store`] / [`CloudError::StoreUnavailable`] if the
+    /// commit fails.
     pub fn register(
         &self,
         peer: &[u8; 32],
@@ -286,74 +522,25 @@ impl KeyStore {
                 self.quota.max_bytes
             )));
         }
-        let mut value = Vec::with_capacity(VALUE_HEADER + blob.len());
-        value.push(VALUE_VERSION);
-        value.push(mode.to_u8());
-        value.extend_from_slice(&stored.he_key_id);
-        value.extend_from_slice(blob);
-        let this = db_key(peer, key_id);
-        let mut evicted = Vec::new();
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut keys = tx.open_table(KEYS).map_err(|e| self.err(e))?;
-            let mut used = tx.open_table(USED).map_err(|e| self.err(e))?;
-            let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
-            // The device's other keys: (key id, bytes, last use).
-            let lo = db_key(peer, &[0u8; 32]);
-            let hi = db_key(peer, &[0xffu8; 32]);
-            let mut others: Vec<([u8; 32], u64, u64)> = Vec::new();
-            for item in keys
-                .range(lo.as_slice()..=hi.as_slice())
-                .map_err(|e| self.err(e))?
-            {
-                let (k, v) = item.map_err(|e| self.err(e))?;
-                let k = k.value();
-                if k.len() != 64 || &k[..32] != peer || k == this.as_slice() {
-                    continue;
-                }
-                let mut id = [0u8; 32];
-                id.copy_from_slice(&k[32..]);
-                let bytes = v.value().len().saturating_sub(VALUE_HEADER) as u64;
-                let tick = used
-                    .get(k)
-                    .map_err(|e| self.err(e))?
-                    .map_or(0, |t| t.value());
-                others.push((id, bytes, tick));
-            }
-            // TDM-KEY-9: evict least recently used until the new key fits the quota.
-            others.sort_by_key(|&(id, _, tick)| (tick, id));
-            let mut count = others.len();
-            let mut bytes: u64 = others.iter().map(|o| o.1).sum();
-            for (id, b, _) in &others {
-                if count < self.quota.max_keys
-                    && bytes.saturating_add(new_bytes) <= self.quota.max_bytes
-                {
-                    break;
-                }
-                let k = db_key(peer, id);
-                keys.remove(k.as_slice()).map_err(|e| self.err(e))?;
-                used.remove(k.as_slice()).map_err(|e| self.err(e))?;
-                count -= 1;
-                bytes = bytes.saturating_sub(*b);
-                evicted.push(*id);
-            }
-            let clock = meta
-                .get("clock")
-                .map_err(|e| self.err(e))?
-                .map_or(0, |t| t.value())
-                .saturating_add(1);
-            meta.insert("clock", clock).map_err(|e| self.err(e))?;
-            keys.insert(this.as_slice(), value.as_slice())
-                .map_err(|e| self.err(e))?;
-            used.insert(this.as_slice(), clock)
-                .map_err(|e| self.err(e))?;
-        }
-        tx.commit().map_err(|e| self.err(e))?;
+        let now = now_us();
+        let cutoff = self.cutoff(now);
+        let evicted = self.op("put", |b| {
+            b.put(
+                peer,
+                key_id,
+                mode.to_u8(),
+                &stored.he_key_id,
+                blob,
+                self.quota,
+                cutoff,
+                now,
+            )
+        })?;
         if let Ok(mut c) = self.cache.lock() {
             for id in &evicted {
                 c.remove(&(*peer, *id));
             }
-            c.put((*peer, *key_id), stored.clone());
+            c.put((*peer, *key_id), stored.clone(), now);
         }
         Ok((stored, Registration { evicted }))
     }
@@ -399,133 +586,130 @@ impl KeyStore {
         }
     }
 
-    /// Records a use of `(peer, key_id)` for the LRU order (not durably: a crash forgets at
-    /// most the last second of uses).
-    fn touch(&self, peer: &[u8; 32], key_id: &[u8; 32]) -> Result<(), CloudError> {
-        let k = db_key(peer, key_id);
-        let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        tx.set_durability(Durability::None);
-        {
-            let keys = tx.open_table(KEYS).map_err(|e| self.err(e))?;
-            if keys.get(k.as_slice()).map_err(|e| self.err(e))?.is_none() {
-                return Ok(());
-            }
-            let mut used = tx.open_table(USED).map_err(|e| self.err(e))?;
-            let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
-            let clock = meta
-                .get("clock")
-                .map_err(|e| self.err(e))?
-                .map_or(0, |t| t.value())
-                .saturating_add(1);
-            meta.insert("clock", clock).map_err(|e| self.err(e))?;
-            used.insert(k.as_slice(), clock).map_err(|e| self.err(e))?;
-        }
-        tx.commit().map_err(|e| self.err(e))
-    }
-
     /// The key stored under `(peer, key_id)`, from the cache or (lazily, preparing it) from
-    /// disk; records the use for the LRU order. `Ok(None)` if this peer has no such key (never
-    /// registered, or evicted). CPU-bound on a cache miss.
+    /// the store; records the use for the LRU order and the expiry. `Ok(None)` if this peer
+    /// has no such live key (never registered, evicted, expired). CPU-bound on a cache miss.
     ///
     /// # Errors
-    /// [`CloudError::Store`] if the store cannot be read or a record is damaged.
+    /// [`CloudError::Store`] if a record is damaged; [`CloudError::StoreUnavailable`] if the
+    /// store cannot be reached.
     pub fn get(&self, peer: &[u8; 32], key_id: &[u8; 32]) -> Result<Option<StoredKey>, CloudError> {
-        let hit = self
-            .cache
-            .lock()
-            .ok()
-            .and_then(|mut c| c.get(&(*peer, *key_id)));
-        if let Some((k, persist)) = hit {
-            if persist {
-                self.touch(peer, key_id)?;
+        let ck = (*peer, *key_id);
+        let hit = self.cache.lock().ok().and_then(|mut c| c.get(&ck));
+        if let Some((k, created, persist)) = hit {
+            if !persist {
+                self.cache_event(true);
+                return Ok(Some(k));
             }
-            return Ok(Some(k));
+            let now = now_us();
+            let cutoff = self.cutoff(now);
+            match self.op("touch", |b| b.touch(peer, key_id, cutoff, now))? {
+                Some(c) if c == created => {
+                    self.cache_event(true);
+                    return Ok(Some(k));
+                }
+                // Evicted, expired or replaced (possibly by another replica).
+                _ => {
+                    if let Ok(mut c) = self.cache.lock() {
+                        c.remove(&ck);
+                    }
+                }
+            }
         }
-        let (mode, he_key_id, blob) = {
-            let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-            let t = tx.open_table(KEYS).map_err(|e| self.err(e))?;
-            let Some(v) = t
-                .get(db_key(peer, key_id).as_slice())
-                .map_err(|e| self.err(e))?
-            else {
-                return Ok(None);
-            };
-            let v = v.value();
-            let (Some(head), Some(blob)) = (v.get(..VALUE_HEADER), v.get(VALUE_HEADER..)) else {
-                return Err(self.err("key record shorter than its header"));
-            };
-            if head[0] != VALUE_VERSION {
-                return Err(self.err(format!("key record version {} unknown", head[0])));
-            }
-            let mode = OutputMode::from_u8(head[1]).map_err(|e| self.err(e))?;
-            (mode, head[2..].to_vec(), blob.to_vec())
+        self.cache_event(false);
+        let now = now_us();
+        let cutoff = self.cutoff(now);
+        let Some(rec) = self.op("get", |b| b.get(peer, key_id, cutoff))? else {
+            return Ok(None);
         };
+        let err = |m: String| {
+            CloudError::Store(format!(
+                "{} store: {m} (delete the record; the device then registers again)",
+                self.backend.kind()
+            ))
+        };
+        let mode = OutputMode::from_u8(rec.mode).map_err(|e| err(e.to_string()))?;
         // The record's parameter set is the one its blob decodes under.
         let mut last = None;
         for ctx in &self.contexts {
-            match Self::decode(ctx, self.max_key_len, key_id, mode, &blob) {
+            match Self::decode(ctx, self.max_key_len, key_id, mode, &rec.blob) {
                 Ok(stored) => {
-                    if stored.he_key_id[..] != he_key_id[..] {
-                        return Err(self.err("key record does not match its key id"));
+                    if stored.he_key_id != rec.he_key_id {
+                        return Err(err("key record does not match its key id".into()));
                     }
-                    self.touch(peer, key_id)?;
+                    self.op("touch", |b| b.touch(peer, key_id, cutoff, now_us()))?;
                     if let Ok(mut c) = self.cache.lock() {
-                        c.put((*peer, *key_id), stored.clone());
+                        c.put(ck, stored.clone(), rec.created_us);
                     }
                     return Ok(Some(stored));
                 }
                 Err(e) => last = Some(e),
             }
         }
-        Err(self.err(format!(
+        Err(err(format!(
             "stored key does not decode: {}",
             last.map_or_else(|| "no parameter set served".into(), |e| e.to_string())
         )))
     }
 
-    /// Key ids stored for `peer` (at most `max`), for `CloudSession::allow_key` (TDM-KEY-7).
+    /// Live key ids stored for `peer` (at most `max`), for `CloudSession::allow_key`
+    /// (TDM-KEY-7).
     ///
     /// # Errors
-    /// [`CloudError::Store`] if the store cannot be read.
+    /// [`CloudError::Store`] / [`CloudError::StoreUnavailable`].
     pub fn list(&self, peer: &[u8; 32], max: usize) -> Result<Vec<[u8; 32]>, CloudError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let t = tx.open_table(KEYS).map_err(|e| self.err(e))?;
-        let lo = db_key(peer, &[0u8; 32]);
-        let hi = db_key(peer, &[0xffu8; 32]);
-        let mut out = Vec::new();
-        for item in t
-            .range(lo.as_slice()..=hi.as_slice())
-            .map_err(|e| self.err(e))?
-        {
-            if out.len() >= max {
-                break;
-            }
-            let (k, _) = item.map_err(|e| self.err(e))?;
-            let k = k.value();
-            if k.len() == 64 && &k[..32] == peer {
-                let mut id = [0u8; 32];
-                id.copy_from_slice(&k[32..]);
-                out.push(id);
-            }
-        }
-        Ok(out)
+        let cutoff = self.cutoff(now_us());
+        self.op("list", |b| b.list(peer, max, cutoff))
     }
 
     /// Number of records in the store.
     ///
     /// # Errors
-    /// [`CloudError::Store`] if the store cannot be read.
+    /// [`CloudError::Store`] / [`CloudError::StoreUnavailable`].
     pub fn len(&self) -> Result<u64, CloudError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let t = tx.open_table(KEYS).map_err(|e| self.err(e))?;
-        t.len().map_err(|e| self.err(e))
+        self.op("len", |b| b.len())
     }
 
     /// True if the store holds no keys.
     ///
     /// # Errors
-    /// [`CloudError::Store`] if the store cannot be read.
+    /// [`CloudError::Store`] / [`CloudError::StoreUnavailable`].
     pub fn is_empty(&self) -> Result<bool, CloudError> {
         Ok(self.len()? == 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evictions_least_recent_first_ties_by_id() {
+        let q = KeyQuota {
+            max_keys: 2,
+            max_bytes: 100,
+        };
+        let others = vec![([3; 32], 10, 5), ([1; 32], 10, 7), ([2; 32], 10, 5)];
+        assert_eq!(
+            plan_evictions(others.clone(), 10, q),
+            vec![[2; 32], [3; 32]]
+        );
+        let roomy = KeyQuota {
+            max_keys: 4,
+            max_bytes: 100,
+        };
+        assert!(plan_evictions(others.clone(), 10, roomy).is_empty());
+        let tight = KeyQuota {
+            max_keys: 8,
+            max_bytes: 35,
+        };
+        assert_eq!(plan_evictions(others, 10, tight), vec![[2; 32]]);
+    }
+
+    #[test]
+    fn clock_is_strictly_increasing() {
+        let a = now_us();
+        let b = now_us();
+        assert!(b > a);
     }
 }

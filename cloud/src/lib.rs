@@ -7,8 +7,11 @@
 //!
 //! * [`registry`]: signed model bundles (cloud part only), verified and prepared once at
 //!   start-up: one [`tandem_he::PreparedLayer`] per output mode.
-//! * [`keystore`]: evaluation keys stored durably in `redb`, keyed by (device identity, key id);
-//!   prepared keys cached in memory and reloaded lazily after a restart.
+//! * [`keystore`]: evaluation keys stored durably, keyed by (device identity, key id), in an
+//!   embedded `redb` file ([`redb_store`], the default) or in PostgreSQL shared by several
+//!   replicas behind a balancer ([`pg_store`], `cloud/deploy/haproxy.cfg`); per-device quota
+//!   and expiry; prepared keys cached in memory (bounded in bytes) and reloaded lazily.
+//! * [`metrics`]: `/healthz` (readiness) and Prometheus `/metrics` on a plain-HTTP port.
 //! * [`server`]: the accept loop, admission limits with typed refusals, graceful shutdown and
 //!   the counters tests read ([`server::Metrics`]).
 //! * [`config`] reads `cloud.toml`.
@@ -30,11 +33,17 @@
 
 pub mod config;
 pub mod keystore;
+pub mod metrics;
+pub mod pg_store;
+pub mod redb_store;
 pub mod registry;
 pub mod server;
 
 pub use config::{CloudToml, ModelToml};
-pub use keystore::{KeyQuota, KeyStore};
+pub use keystore::{KeyBackend, KeyQuota, KeyRecord, KeyStore};
+pub use metrics::Prom;
+pub use pg_store::{PgConfig, PgStore};
+pub use redb_store::RedbStore;
 pub use registry::{cloud_plan, ModelPolicy, ModelRegistry, ModelSpec, ServedModel, WireSizes};
 pub use server::{derive_limits, AdmissionLimits, Cloud, Metrics, ResourceLimits, ServerOptions};
 
@@ -60,6 +69,10 @@ pub enum CloudError {
     /// The key store failed (the message names the file and what to do).
     #[error("key store: {0}")]
     Store(String),
+    /// The key store cannot be reached (database down or too slow): transient, requests are
+    /// refused with `Busy` and readiness is false until it answers again.
+    #[error("key store unavailable: {0}")]
+    StoreUnavailable(String),
     /// A key registration does not decode or does not fit the served plan (refused with
     /// `InvalidRequest`).
     #[error("key refused: {0}")]

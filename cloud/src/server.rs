@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,10 @@ use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::keystore::{KeyQuota, KeyStore};
+use crate::keystore::{KeyBackend, KeyQuota, KeyStore};
+use crate::metrics::Prom;
+use crate::pg_store::{PgConfig, PgStore};
+use crate::redb_store::RedbStore;
 use crate::registry::{ModelPolicy, ModelRegistry, ModelSpec, WireSizes};
 use crate::CloudError;
 
@@ -112,8 +115,17 @@ pub struct ServerOptions {
     /// Parameter-set ids served, in preference order (each must be in
     /// [`tandem_he::ALL_PARAMETER_SETS`]); empty: all of them.
     pub param_sets: Vec<u16>,
-    /// Path of the key-store database file.
+    /// Path of the key-store database file (the embedded `redb` store; unused when
+    /// `postgres` is set).
     pub key_store: PathBuf,
+    /// The shared PostgreSQL key store instead of the `redb` file (issue 13).
+    pub postgres: Option<PgConfig>,
+    /// Keys unused for this long expire (`None`: never).
+    pub key_expiry: Option<Duration>,
+    /// Plain-HTTP address for `/healthz` and `/metrics` (`None`: not served).
+    pub metrics_addr: Option<SocketAddr>,
+    /// How often readiness (a key-store ping) is checked and expired keys are swept.
+    pub health_interval: Duration,
     /// Admission limits.
     pub admission: AdmissionLimits,
     /// Memory bounds.
@@ -133,6 +145,9 @@ impl std::fmt::Debug for ServerOptions {
             .field("policies", &self.policies)
             .field("param_sets", &self.param_sets)
             .field("key_store", &self.key_store)
+            .field("postgres", &self.postgres)
+            .field("key_expiry", &self.key_expiry)
+            .field("metrics_addr", &self.metrics_addr)
             .field("admission", &self.admission)
             .field("resources", &self.resources)
             .finish_non_exhaustive()
@@ -155,6 +170,10 @@ impl ServerOptions {
             policies: Vec::new(),
             param_sets: Vec::new(),
             key_store,
+            postgres: None,
+            key_expiry: None,
+            metrics_addr: None,
+            health_interval: Duration::from_millis(500),
             admission: AdmissionLimits::default(),
             resources: ResourceLimits::default(),
             limits: Limits::default(),
@@ -380,6 +399,9 @@ struct Shared {
     epoch: Instant,
     fault_drop: AtomicU64,
     max_blob: usize,
+    prom: Arc<Prom>,
+    /// Readiness: the key store answered the last check and the replica is not stopping.
+    ready: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -395,6 +417,8 @@ pub struct Cloud {
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     shared: Arc<Shared>,
+    metrics_addr: Option<SocketAddr>,
+    aux: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Cloud {
@@ -450,17 +474,28 @@ impl Cloud {
             opts.resources,
             opts.limits,
         );
+        let (pg, expiry) = (opts.postgres.clone(), opts.key_expiry);
+        let prom = Arc::new(Prom::new()?);
+        let p2 = prom.clone();
         let (registry, keys, limits, sizes) = tokio::task::spawn_blocking(move || {
             let registry = ModelRegistry::load(contexts.clone(), &specs, &vk)?;
             let sizes = registry.wire_sizes(usize::from(res.max_batch));
             let limits = derive_limits(&sizes, &res, &cap)?;
-            let keys = KeyStore::open(
-                &ks,
+            // A PostgreSQL store does not connect here: the replica starts (not ready) while
+            // the database is down.
+            let backend: Arc<dyn KeyBackend> = match &pg {
+                Some(cfg) => Arc::new(PgStore::new(cfg)?),
+                None => Arc::new(RedbStore::open(&ks)?),
+            };
+            let keys = KeyStore::new(
+                backend,
                 contexts,
                 limits.max_key_len as usize,
                 res.key_quota,
+                expiry,
                 res.key_cache_bytes,
-            )?;
+            )
+            .with_metrics(p2);
             Ok::<_, CloudError>((registry, keys, limits, sizes))
         })
         .await
@@ -492,8 +527,27 @@ impl Cloud {
             epoch: Instant::now(),
             fault_drop: AtomicU64::new(opts.fault_drop_requests),
             max_blob: limits.max_ciphertext_len as usize,
+            prom: prom.clone(),
+            ready: Arc::new(AtomicBool::new(false)),
         });
         let (tx, rx) = watch::channel(false);
+        // Readiness before anyone can ask: one check now, then every `health_interval`.
+        check_health(&shared, false).await;
+        let mut aux = vec![tokio::spawn(health_loop(
+            shared.clone(),
+            opts.health_interval,
+            rx.clone(),
+        ))];
+        let metrics_addr = match opts.metrics_addr {
+            Some(a) => {
+                let (bound, t) =
+                    crate::metrics::serve(a, prom.clone(), shared.ready.clone(), rx.clone())
+                        .await?;
+                aux.push(t);
+                Some(bound)
+            }
+            None => None,
+        };
         let acceptor = TlsAcceptor::from(opts.tls.clone());
         let task = tokio::spawn(accept_loop(listener, acceptor, shared.clone(), rx));
         tracing::info!(
@@ -502,6 +556,8 @@ impl Cloud {
             max_key_len = limits.max_key_len,
             max_ciphertext_len = limits.max_ciphertext_len,
             max_request_bytes,
+            key_store = shared.keys.backend().kind(),
+            metrics = ?metrics_addr,
             "cloud listening"
         );
         Ok(Cloud {
@@ -510,7 +566,24 @@ impl Cloud {
             shutdown: tx,
             task,
             shared,
+            metrics_addr,
+            aux,
         })
+    }
+
+    /// The bound `/healthz` + `/metrics` address, if served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Readiness as `/healthz` reports it.
+    pub fn ready(&self) -> bool {
+        self.shared.ready.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus metrics of this replica.
+    pub fn prometheus(&self) -> &Arc<Prom> {
+        &self.shared.prom
     }
 
     /// The bound address.
@@ -546,8 +619,13 @@ impl Cloud {
     /// Graceful shutdown: stop accepting, close every session with `NoError` after its
     /// in-flight answers, wait for the connection tasks, and release the key store.
     pub async fn shutdown(self) {
+        self.shared.ready.store(false, Ordering::Relaxed);
+        self.shared.prom.set_ready(false);
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
+        for t in self.aux {
+            let _ = t.await;
+        }
         // Blocking evaluations may still hold the shared state briefly; wait so that the key
         // store file is closed when this returns.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -555,6 +633,52 @@ impl Cloud {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         tracing::info!(addr = %self.addr, "cloud stopped");
+    }
+}
+
+/// Pings the key store (and, when `sweep`, deletes expired keys) and sets readiness.
+async fn check_health(shared: &Arc<Shared>, sweep: bool) {
+    let sh = shared.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        sh.keys.ping()?;
+        if sweep {
+            let n = sh.keys.sweep()?;
+            if n > 0 {
+                tracing::info!(expired = n, "expired keys deleted");
+            }
+        }
+        Ok::<_, CloudError>(())
+    })
+    .await;
+    let ok = matches!(r, Ok(Ok(())));
+    let was = shared.ready.swap(ok, Ordering::Relaxed);
+    shared.prom.set_ready(ok);
+    match r {
+        Ok(Ok(())) if !was => tracing::info!("key store reachable: ready"),
+        Ok(Err(e)) if was => tracing::error!(error = %e, "key store failing: not ready"),
+        Err(e) => tracing::error!(error = %e, "health check task failed"),
+        _ => {}
+    }
+}
+
+/// Readiness every `every`; the expiry sweep about once a minute (or every check when the
+/// expiry is shorter than that).
+async fn health_loop(shared: Arc<Shared>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let sweep_every = shared
+        .keys
+        .expiry()
+        .map_or(Duration::from_secs(60), |e| e.min(Duration::from_secs(60)));
+    let mut last_sweep = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let sweep = shared.keys.expiry().is_some() && last_sweep.elapsed() >= sweep_every;
+        if sweep {
+            last_sweep = Instant::now();
+        }
+        check_health(&shared, sweep).await;
     }
 }
 
@@ -572,6 +696,7 @@ async fn accept_loop(
                     // Handshakes in progress are bounded before any TLS work is done.
                     let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
                         shared.metrics.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+                        shared.prom.refusal("handshakes");
                         tracing::warn!(%peer_addr, "too many TLS handshakes in progress: closing");
                         drop(tcp);
                         continue;
@@ -661,11 +786,13 @@ async fn connection(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             shared.metrics.tls_rejected.fetch_add(1, Ordering::Relaxed);
+            shared.prom.refusal("tls");
             tracing::warn!(%peer_addr, error = %e, "TLS handshake refused");
             return;
         }
         Err(_) => {
             shared.metrics.tls_rejected.fetch_add(1, Ordering::Relaxed);
+            shared.prom.refusal("tls");
             tracing::warn!(%peer_addr, "TLS handshake timed out");
             return;
         }
@@ -675,6 +802,7 @@ async fn connection(
         Ok(e) => e,
         Err(e) => {
             shared.metrics.tls_rejected.fetch_add(1, Ordering::Relaxed);
+            shared.prom.refusal("tls");
             tracing::warn!(%peer_addr, error = %e, "TLS connection refused");
             return;
         }
@@ -698,6 +826,7 @@ async fn connection(
         .metrics
         .sessions_started
         .fetch_add(1, Ordering::Relaxed);
+    let _active = ActiveSession::new(&shared.prom);
     let (mut rd, mut wr) = tokio::io::split(tls);
     // Per-identity cap first, so that one certificate cannot take the global slots.
     let slot = CountGuard::acquire(
@@ -716,6 +845,7 @@ async fn connection(
     });
     let Some(_slot) = slot else {
         shared.metrics.refusals.fetch_add(1, Ordering::Relaxed);
+        shared.prom.refusal("connections");
         tracing::warn!(%device, "connection limit (global or per identity) reached: refusing with Busy");
         session.close(ErrorCode::Busy);
         let _ = flush(&mut session, &mut wr).await;
@@ -725,13 +855,19 @@ async fn connection(
     tracing::info!(%device, %peer_addr, "session started");
     // TDM-KEY-7: keys stored under this peer identity are usable without re-registration;
     // they do not count against the session's registration limit (TDM-KEY-6).
-    match shared.keys.list(&peer, shared.keys.quota().max_keys) {
-        Ok(ids) => {
+    // Blocking (the store may be a remote database); a store that is down leaves the session
+    // without stored keys: its requests then fail with `Busy` or `UnknownKey`.
+    let sh = shared.clone();
+    let listed =
+        tokio::task::spawn_blocking(move || sh.keys.list(&peer, sh.keys.quota().max_keys)).await;
+    match listed {
+        Ok(Ok(ids)) => {
             for id in ids {
                 let _ = session.allow_key(id);
             }
         }
-        Err(e) => tracing::error!(error = %e, "key store listing failed"),
+        Ok(Err(e)) => tracing::error!(error = %e, "key store listing failed"),
+        Err(e) => tracing::error!(error = %e, "key store listing task failed"),
     }
     let first_deadline = started.saturating_add(
         u64::try_from(shared.admission.first_message_timeout.as_millis()).unwrap_or(u64::MAX),
@@ -790,6 +926,7 @@ async fn connection(
                 if session.state() == SessionState::Handshaking && now >= first_deadline {
                     // The first protocol message must follow the TLS handshake promptly.
                     shared.metrics.first_message_timeouts.fetch_add(1, Ordering::Relaxed);
+                    shared.prom.refusal("first_message_timeout");
                     tracing::warn!(%device, "no ClientHello in time: closing with IdleTimeout");
                     session.close(ErrorCode::IdleTimeout);
                 } else {
@@ -851,6 +988,7 @@ async fn register_key(
     let Some(layer) = model.and_then(|m| m.layer(neg.param_set, mode)) else {
         // The model is not served in this output mode (policy) for the negotiated set.
         shared.metrics.keys_refused.fetch_add(1, Ordering::Relaxed);
+        shared.prom.registration("mode_not_served");
         tracing::warn!(%device, mode = mode.name(), "key for an output mode this model is not served in: refusing");
         let _ = session.refuse_key(key_id, ErrorCode::InvalidRequest);
         return;
@@ -865,7 +1003,7 @@ async fn register_key(
             .register(&peer, &key_id, mode, &key_blob, neg.param_set, min_chunk)
     })
     .await;
-    let code = match r {
+    let (code, outcome) = match r {
         Ok(Ok((_, reg))) => {
             shared
                 .metrics
@@ -875,6 +1013,7 @@ async fn register_key(
                 .metrics
                 .keys_evicted
                 .fetch_add(reg.evicted.len() as u64, Ordering::Relaxed);
+            shared.prom.registration("stored");
             tracing::info!(%device, evicted = reg.evicted.len(), "evaluation key stored");
             if let Err(e) = session.accept_key(key_id, shared.now_ms()) {
                 tracing::warn!(%device, error = %e, "cannot acknowledge key");
@@ -883,21 +1022,27 @@ async fn register_key(
         }
         Ok(Err(CloudError::Quota(e))) => {
             tracing::warn!(%device, error = %e, "key registration refused");
-            ErrorCode::LimitExceeded
+            (ErrorCode::LimitExceeded, "quota")
         }
         Ok(Err(e @ (CloudError::KeyInvalid(_) | CloudError::He(_)))) => {
             tracing::warn!(%device, error = %e, "key registration refused");
-            ErrorCode::InvalidRequest
+            (ErrorCode::InvalidRequest, "invalid")
+        }
+        Ok(Err(e @ CloudError::StoreUnavailable(_))) => {
+            // Not stored, so no KeyAck (TDM-KEY-8); Busy: the device may try again later.
+            tracing::error!(%device, error = %e, "key registration failed: store unavailable");
+            (ErrorCode::Busy, "store_unavailable")
         }
         Ok(Err(e)) => {
             tracing::error!(%device, error = %e, "key registration failed");
-            ErrorCode::InternalError
+            (ErrorCode::InternalError, "store_error")
         }
         Err(e) => {
             tracing::error!(%device, error = %e, "key registration task failed");
-            ErrorCode::InternalError
+            (ErrorCode::InternalError, "task_failed")
         }
     };
+    shared.prom.registration(outcome);
     shared.metrics.keys_refused.fetch_add(1, Ordering::Relaxed);
     let _ = session.refuse_key(key_id, code);
 }
@@ -943,6 +1088,45 @@ async fn process_events(
     true
 }
 
+/// `protection` label of a request.
+fn protection_of(p: &RequestPayload) -> &'static str {
+    match p {
+        RequestPayload::Encrypted(_) => "encrypted",
+        RequestPayload::Noised(_) => "noised",
+        RequestPayload::NoisedEncrypted { .. } => "noised_encrypted",
+    }
+}
+
+/// `outcome` label of a refused request.
+fn code_name(c: ErrorCode) -> &'static str {
+    match c {
+        ErrorCode::Busy => "busy",
+        ErrorCode::LimitExceeded => "limit_exceeded",
+        ErrorCode::UnknownKey => "unknown_key",
+        ErrorCode::UnknownModel => "unknown_model",
+        ErrorCode::InvalidRequest => "invalid_request",
+        ErrorCode::MalformedMessage => "malformed_message",
+        ErrorCode::InternalError => "internal_error",
+        _ => "other_error",
+    }
+}
+
+/// Keeps `tandem_sessions_active` right however the connection task ends.
+struct ActiveSession(Arc<Prom>);
+
+impl ActiveSession {
+    fn new(p: &Arc<Prom>) -> Self {
+        p.session(true);
+        ActiveSession(p.clone())
+    }
+}
+
+impl Drop for ActiveSession {
+    fn drop(&mut self) {
+        self.0.session(false);
+    }
+}
+
 fn payload_bytes(p: &RequestPayload) -> usize {
     match p {
         RequestPayload::Encrypted(e) | RequestPayload::NoisedEncrypted { enc: e, .. } => {
@@ -962,13 +1146,16 @@ fn admit(
 ) {
     let id = request.request_id;
     let now = shared.now_ms();
-    let refuse = |session: &mut CloudSession, code| {
+    let protection = protection_of(&request.payload);
+    let refuse = |session: &mut CloudSession, code: ErrorCode, reason: &str| {
         shared.metrics.refusals.fetch_add(1, Ordering::Relaxed);
+        shared.prom.refusal(reason);
+        shared.prom.request(protection, code_name(code), None);
         let _ = session.send_request_error(id, code, now);
     };
     if payload_bytes(&request.payload) > shared.max_request_bytes {
         tracing::warn!(%device, request_id = id, "request too large");
-        return refuse(session, ErrorCode::LimitExceeded);
+        return refuse(session, ErrorCode::LimitExceeded, "request_too_large");
     }
     let Some(guard) = CountGuard::acquire(
         shared,
@@ -977,16 +1164,19 @@ fn admit(
         in_flight,
     ) else {
         tracing::warn!(%device, request_id = id, "too many requests in flight");
-        return refuse(session, ErrorCode::Busy);
+        return refuse(session, ErrorCode::Busy, "in_flight");
     };
     let Some(neg) = session.negotiated().cloned() else {
-        return refuse(session, ErrorCode::InternalError);
+        return refuse(session, ErrorCode::InternalError, "no_session");
     };
     let sh = shared.clone();
     let tx = tx.clone();
     tokio::task::spawn_blocking(move || {
         let _guard = guard;
+        let t = Instant::now();
         let res = evaluate(&sh, &peer, &neg, &request);
+        let outcome = res.as_ref().map_or_else(|c| code_name(*c), |_| "ok");
+        sh.prom.request(protection, outcome, Some(t.elapsed()));
         let _ = tx.send((id, res));
     });
 }
@@ -1038,7 +1228,11 @@ fn evaluate(
         .get(peer, &enc.key_id)
         .map_err(|e| {
             tracing::error!(error = %e, "key lookup failed");
-            ErrorCode::InternalError
+            match e {
+                // Transient: the device retries the same payload (issue 13).
+                CloudError::StoreUnavailable(_) => ErrorCode::Busy,
+                _ => ErrorCode::InternalError,
+            }
         })?
         .ok_or(ErrorCode::UnknownKey)?;
     if mode != key.mode || key.param_set != neg.param_set {

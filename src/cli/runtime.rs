@@ -185,6 +185,9 @@ pub fn cloud(cmd: CloudCommand) -> anyhow::Result<()> {
     runtime(std::thread::available_parallelism().map_or(2, |n| n.get()))?.block_on(async {
         let cloud = Cloud::start(opts).await?;
         eprintln!("tandem cloud listening on {}", cloud.local_addr());
+        if let Some(m) = cloud.metrics_addr() {
+            eprintln!("tandem cloud /healthz and /metrics on http://{m}");
+        }
         tokio::signal::ctrl_c().await?;
         eprintln!("shutting down");
         cloud.shutdown().await;

@@ -136,6 +136,25 @@ pub enum OpsError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The HE engine refused or failed on a layer: a plan above the failure bound of 2^-64, an
+    /// input out of range, or a reply that does not decode or decrypt under this device's key.
+    #[error("encrypted layer `{layer}`: {source}")]
+    He {
+        /// The layer's checkpoint path (or `evaluation key`).
+        layer: String,
+        /// What tandem-he said.
+        #[source]
+        source: tandem_he::HeError,
+    },
+    /// The cloud side of an encrypted layer refused a request: unknown layer index, no
+    /// evaluation key uploaded yet in packed mode, or a layer loaded twice.
+    #[error("cloud layer {index}: {reason}")]
+    Cloud {
+        /// The layer's index in execution order.
+        index: usize,
+        /// Why, and what to do.
+        reason: String,
+    },
 }
 
 impl OpsError {

@@ -6,6 +6,10 @@
 //! - [`Linear`] / [`LinearFactory`]: the one path every linear layer takes, so that a placement
 //!   step can route each of them to the encrypted cloud (issue 8); [`FloatLinears`] computes
 //!   them on the device.
+//! - [`quant`]: the integer pipeline (int8 weights per output channel, int8/int16 activations
+//!   with a per-token scale kept on the device, float bias on the device): [`QuantizedLinear`].
+//! - [`encrypted`]: the same integer computation with the product done by the cloud under
+//!   tandem-he: [`EncryptedLinear`], built by [`EncryptedLinears`] against a [`CloudLayers`].
 //! - [`bert`]: `BertEmbeddings`, `BertSelfAttention`, `BertAttention`, `BertLayer`,
 //!   `BertEncoder`, `BertModel`, each loading its named checkpoint tensors.
 //! - [`SentenceEncoder`]: a sentence-transformers model directory (all-MiniLM-L6-v2, fetched by
@@ -17,15 +21,26 @@
 
 pub mod bert;
 pub mod config;
+pub mod encrypted;
 mod error;
 pub mod linear;
+pub mod metrics;
 pub mod ops;
+pub mod quant;
 pub mod sentence;
 pub mod weights;
 
 pub use bert::BertModel;
 pub use config::BertConfig;
+pub use encrypted::{
+    CloudLayers, DeviceSession, EncryptedLinear, EncryptedLinears, HeStats, InProcessCloud,
+    PlannedLayer,
+};
 pub use error::OpsError;
 pub use linear::{DenseLinear, FloatLinears, Linear, LinearFactory, LinearSpec};
+pub use quant::{
+    ActivationBits, DeviceQuant, PrecisionPolicy, QuantizedLinear, QuantizedLinears, QuantizedRows,
+    QuantizedWeights,
+};
 pub use sentence::{default_model_dir, Encoded, SentenceEncoder};
 pub use weights::Checkpoint;
