@@ -249,17 +249,21 @@ pub struct CloudProcess {
     child: std::process::Child,
     /// Where the child listens.
     pub addr: std::net::SocketAddr,
+    /// Its `/healthz` + `/metrics` address.
+    pub metrics: std::net::SocketAddr,
 }
 
 impl CloudProcess {
     /// Writes `pki` and a `cloud.toml` under `dir`, starts this executable's `cloud serve`
-    /// and waits (≤ 60 s) for it to listen.
+    /// and waits (≤ 60 s) for it to listen. `postgres`: the shared key store's connection
+    /// string (`None`: `dir/keys.redb`).
     pub fn spawn(
         pki: &tandem_tls::DevPki,
         model_dir: &std::path::Path,
         verifying_key: &std::path::Path,
         dir: &std::path::Path,
         max_connections: usize,
+        postgres: Option<&str>,
     ) -> anyhow::Result<Self> {
         use std::io::BufRead as _;
         let pki_dir = dir.join("pki");
@@ -268,12 +272,19 @@ impl CloudProcess {
             .local_addr()?
             .port();
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let mport = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let metrics: std::net::SocketAddr = format!("127.0.0.1:{mport}").parse()?;
+        let key_store = match postgres {
+            Some(url) => format!("{{ postgres = {url:?}, pool_size = 8 }}"),
+            None => format!("{:?}", dir.join("keys.redb").display().to_string()),
+        };
         let toml = format!(
-            "listen = \"{addr}\"\npki_dir = {:?}\nmodels = [{:?}]\nverifying_key = {:?}\nkey_store = {:?}\nmax_connections = {max_connections}\n",
+            "listen = \"{addr}\"\npki_dir = {:?}\nmodels = [{:?}]\nverifying_key = {:?}\nkey_store = {key_store}\nmax_connections = {max_connections}\nmetrics_listen = \"{metrics}\"\n",
             pki_dir.display().to_string(),
             model_dir.display().to_string(),
             verifying_key.display().to_string(),
-            dir.join("keys.redb").display().to_string(),
         );
         let config = dir.join("cloud.toml");
         std::fs::write(&config, toml)?;
@@ -302,7 +313,11 @@ impl CloudProcess {
             let _ = child.kill();
             bail!("`tandem cloud serve` did not start listening within 60 s");
         }
-        Ok(CloudProcess { child, addr })
+        Ok(CloudProcess {
+            child,
+            addr,
+            metrics,
+        })
     }
 
     /// Peak resident set of the child so far (VmHWM), in KiB.
@@ -318,5 +333,125 @@ impl CloudProcess {
     pub fn stop(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// HAProxy started by `tandem bench load --haproxy` from `cloud/deploy/haproxy.cfg` with its
+/// frontend moved to a free loopback port and one `server` line per replica (ended by its own
+/// id when dropped).
+pub struct Balancer {
+    child: std::process::Child,
+    /// Where devices connect.
+    pub addr: std::net::SocketAddr,
+}
+
+impl Balancer {
+    /// Starts `bin` in the foreground and waits (≤ 10 s) for it to listen, then for its health
+    /// checks to mark the replicas up.
+    pub fn spawn(
+        bin: &std::path::Path,
+        sample: &std::path::Path,
+        dir: &std::path::Path,
+        replicas: &[(std::net::SocketAddr, std::net::SocketAddr)],
+    ) -> anyhow::Result<Self> {
+        let fe = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let text = std::fs::read_to_string(sample)
+            .with_context(|| format!("reading {}", sample.display()))?;
+        let mut out = String::new();
+        let mut servers_written = false;
+        for line in text.lines() {
+            let t = line.trim_start();
+            if t.starts_with("bind 127.0.0.1:") {
+                out.push_str(&format!("    bind 127.0.0.1:{fe}\n"));
+            } else if t.starts_with("server ") {
+                if !servers_written {
+                    for (i, (tls, health)) in replicas.iter().enumerate() {
+                        out.push_str(&format!(
+                            "    server replica-{i} {tls} port {}\n",
+                            health.port()
+                        ));
+                    }
+                    servers_written = true;
+                }
+            } else {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        let cfg = dir.join("haproxy.cfg");
+        std::fs::write(&cfg, out)?;
+        let child = std::process::Command::new(bin)
+            .args(["-db", "-f"])
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{fe}").parse()?;
+        let mut b = Balancer { child, addr };
+        let t = Instant::now();
+        while std::net::TcpStream::connect(addr).is_err() {
+            if t.elapsed() > std::time::Duration::from_secs(10) {
+                let _ = b.child.kill();
+                bail!("haproxy did not listen on {addr} within 10 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1200));
+        Ok(b)
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `GET path` over plain HTTP/1.1 on loopback; the body.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
+/// Adds `tandem_keystore_seconds_{sum,count}{op=...}` of one replica's `/metrics` to
+/// `acc` as (op, seconds, count).
+pub fn add_store_latency(body: &str, acc: &mut Vec<(String, f64, u64)>) {
+    for line in body.lines() {
+        let (sum, rest) = if let Some(r) = line.strip_prefix("tandem_keystore_seconds_sum{op=\"") {
+            (true, r)
+        } else if let Some(r) = line.strip_prefix("tandem_keystore_seconds_count{op=\"") {
+            (false, r)
+        } else {
+            continue;
+        };
+        let Some((op, v)) = rest.split_once("\"} ") else {
+            continue;
+        };
+        let Ok(v) = v.trim().parse::<f64>() else {
+            continue;
+        };
+        let i = match acc.iter().position(|(o, _, _)| o == op) {
+            Some(i) => i,
+            None => {
+                acc.push((op.to_string(), 0.0, 0));
+                acc.len() - 1
+            }
+        };
+        if sum {
+            acc[i].1 += v;
+        } else {
+            acc[i].2 += v as u64;
+        }
     }
 }

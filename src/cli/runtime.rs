@@ -106,6 +106,17 @@ pub struct LoadArgs {
     /// peak RSS is reported separately) instead of in this process.
     #[arg(long)]
     cloud_process: bool,
+    /// Cloud replicas, each its own `tandem cloud serve` process (implies `--cloud-process`;
+    /// more than one needs `--postgres` and `--haproxy`).
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// Shared PostgreSQL key store (connection string) instead of a redb file per replica.
+    #[arg(long)]
+    postgres: Option<String>,
+    /// HAProxy binary: the devices connect through it (`cloud/deploy/haproxy.cfg`, ports
+    /// replaced), in TCP mode with TLS pass-through.
+    #[arg(long)]
+    haproxy: Option<PathBuf>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -347,6 +358,11 @@ struct LoadJson {
     peak_rss_mb: f64,
     cloud_process: bool,
     cloud_peak_rss_mb: Option<f64>,
+    replicas: usize,
+    key_store: &'static str,
+    haproxy: bool,
+    /// Mean key-store latency per operation over all replicas (from their /metrics), ms.
+    key_store_mean_ms: Vec<(String, f64, u64)>,
 }
 
 /// `tandem bench load`: N devices on loopback mTLS against a cloud in this process, or with
@@ -361,7 +377,7 @@ pub fn bench_load(args: LoadArgs) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let pki = DevPki::generate(args.devices.max(1))?;
     let rt = runtime(args.threads)?;
-    let (lat, errors, wall, cloud_rss) = rt.block_on(async {
+    let (lat, errors, wall, cloud_rss, store) = rt.block_on(async {
         let mut o = ServerOptions::new(
             "127.0.0.1:0".parse()?,
             server_config(pki.server_credentials())?,
@@ -370,22 +386,45 @@ pub fn bench_load(args: LoadArgs) -> anyhow::Result<()> {
         );
         o.models = vec![model_dir.clone()];
         o.admission.max_connections = args.devices + 8;
-        let (cloud, child) = if args.cloud_process {
-            let c = super::bench::CloudProcess::spawn(
-                &pki,
-                &model_dir,
-                &root.join("models/dev-verifying-key.txt"),
-                tmp.path(),
-                args.devices + 8,
-            )?;
-            (None, Some(c))
+        if args.replicas > 1 && (args.postgres.is_none() || args.haproxy.is_none()) {
+            anyhow::bail!("--replicas above 1 needs --postgres and --haproxy");
+        }
+        let separate = args.cloud_process || args.replicas > 1 || args.postgres.is_some();
+        let mut children = Vec::new();
+        let cloud = if separate {
+            for r in 0..args.replicas.max(1) {
+                let dir = tmp.path().join(format!("replica-{r}"));
+                std::fs::create_dir_all(&dir)?;
+                children.push(super::bench::CloudProcess::spawn(
+                    &pki,
+                    &model_dir,
+                    &root.join("models/dev-verifying-key.txt"),
+                    &dir,
+                    args.devices + 8,
+                    args.postgres.as_deref(),
+                )?);
+            }
+            None
         } else {
-            (Some(Cloud::start(o).await?), None)
+            Some(Cloud::start(o).await?)
         };
-        let addr = match (&cloud, &child) {
-            (Some(c), _) => c.local_addr(),
-            (None, Some(c)) => c.addr,
-            (None, None) => anyhow::bail!("no cloud"),
+        let balancer = match &args.haproxy {
+            Some(bin) => Some(super::bench::Balancer::spawn(
+                bin,
+                &root.join("cloud/deploy/haproxy.cfg"),
+                tmp.path(),
+                &children
+                    .iter()
+                    .map(|c| (c.addr, c.metrics))
+                    .collect::<Vec<_>>(),
+            )?),
+            None => None,
+        };
+        let addr = match (&cloud, children.first(), &balancer) {
+            (_, _, Some(b)) => b.addr,
+            (Some(c), _, None) => c.local_addr(),
+            (None, Some(c), None) => c.addr,
+            (None, None, None) => anyhow::bail!("no cloud"),
         };
         let mut devices = Vec::new();
         for i in 0..args.devices {
@@ -436,14 +475,21 @@ pub fn bench_load(args: LoadArgs) -> anyhow::Result<()> {
         }
         let wall = start.elapsed().as_secs_f64();
         let mut cloud_rss = None;
+        let mut store = Vec::new();
         if let Some(c) = cloud {
             c.shutdown().await;
         }
-        if let Some(c) = child {
-            cloud_rss = c.peak_rss_kb();
+        for c in &children {
+            if let Ok(body) = super::bench::http_get(c.metrics, "/metrics") {
+                super::bench::add_store_latency(&body, &mut store);
+            }
+        }
+        for c in children {
+            cloud_rss = Some(cloud_rss.unwrap_or(0) + c.peak_rss_kb().unwrap_or(0));
             c.stop();
         }
-        Ok::<_, anyhow::Error>((lat, errors, wall, cloud_rss))
+        drop(balancer);
+        Ok::<_, anyhow::Error>((lat, errors, wall, cloud_rss, store))
     })?;
     let mut lat = lat;
     let n = lat.len();
@@ -458,14 +504,26 @@ pub fn bench_load(args: LoadArgs) -> anyhow::Result<()> {
         p50_ms: percentile(&mut lat, 50.0),
         p99_ms: percentile(&mut lat, 99.0),
         peak_rss_mb: peak_rss_kb().map_or(0.0, |k| k as f64 / 1024.0),
-        cloud_process: args.cloud_process,
+        cloud_process: args.cloud_process || args.replicas > 1 || args.postgres.is_some(),
         cloud_peak_rss_mb: cloud_rss.map(|k| k as f64 / 1024.0),
+        replicas: args.replicas.max(1),
+        key_store: if args.postgres.is_some() {
+            "postgres"
+        } else {
+            "redb"
+        },
+        haproxy: args.haproxy.is_some(),
+        key_store_mean_ms: store
+            .into_iter()
+            .map(|(op, sum, n)| (op, if n > 0 { sum * 1e3 / n as f64 } else { 0.0 }, n))
+            .collect(),
     };
     if args.json {
         println!("{}", serde_json::to_string(&out)?);
     } else {
         println!(
-            "{} devices × {:.1} s ({} {}): {} inferences, {} errors, {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, peak RSS {}",
+            "{} replica(s), {} key store{}: {} devices × {:.1} s ({} {}): {} inferences, {} errors, {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, peak RSS {}",
+            out.replicas, out.key_store, if out.haproxy { ", via HAProxy" } else { "" },
             out.devices, out.seconds, out.model, out.mode, out.inferences, out.errors,
             out.throughput_per_s, out.p50_ms, out.p99_ms,
             match out.cloud_peak_rss_mb {
@@ -473,6 +531,9 @@ pub fn bench_load(args: LoadArgs) -> anyhow::Result<()> {
                 None => format!("{:.0} MB (cloud + devices, one process)", out.peak_rss_mb),
             }
         );
+        for (op, ms, n) in &out.key_store_mean_ms {
+            println!("  key store {op}: {n} ops, mean {ms:.3} ms");
+        }
     }
     Ok(())
 }
