@@ -23,6 +23,15 @@ fn load_linear(
     let weight = t.matrix(&format!("{name}.weight"), out_features, in_features)?;
     let bias = t.vector(&format!("{name}.bias"), out_features)?;
     let layer = factory.build(LinearSpec { name, weight, bias })?;
+    check_shape(&*layer, in_features, out_features)?;
+    Ok(layer)
+}
+
+fn check_shape(
+    layer: &dyn Linear,
+    in_features: usize,
+    out_features: usize,
+) -> Result<(), OpsError> {
     if layer.in_features() != in_features || layer.out_features() != out_features {
         return Err(OpsError::shape(
             layer.name().to_string(),
@@ -33,7 +42,7 @@ fn load_linear(
             ),
         ));
     }
-    Ok(layer)
+    Ok(())
 }
 
 /// LayerNorm with learned scale and shift (`{prefix}.weight`, `{prefix}.bias`, both `[H]`).
@@ -115,17 +124,24 @@ impl BertEmbeddings {
     }
 }
 
+/// The query, key and value projections: three layers, or one fused `[3H, H]` layer when the
+/// factory asks for it ([`LinearFactory::fuse_qkv`]).
+enum Qkv {
+    Separate([Box<dyn Linear>; 3]),
+    Fused(Box<dyn Linear>),
+}
+
 /// Query, key and value projections and scaled dot-product attention
 /// (`encoder.layer.N.attention.self.{query,key,value}`).
 pub struct BertSelfAttention {
-    query: Box<dyn Linear>,
-    key: Box<dyn Linear>,
-    value: Box<dyn Linear>,
+    qkv: Qkv,
+    hidden: usize,
     heads: usize,
 }
 
 impl BertSelfAttention {
-    /// Loads the three projections under `{prefix}.{query,key,value}`.
+    /// Loads the three projections under `{prefix}.{query,key,value}`; if the factory fuses
+    /// them, builds one layer `{prefix}.qkv` from the three weights stacked in that order.
     ///
     /// # Errors
     /// Checkpoint errors, or the factory's.
@@ -136,10 +152,39 @@ impl BertSelfAttention {
         factory: &mut dyn LinearFactory,
     ) -> Result<Self, OpsError> {
         let h = cfg.hidden_size;
+        let qkv = if factory.fuse_qkv() {
+            let mut weights = Vec::with_capacity(3);
+            let mut biases = Vec::with_capacity(3);
+            for part in ["query", "key", "value"] {
+                weights.push(t.matrix(&format!("{prefix}.{part}.weight"), h, h)?);
+                biases.push(t.vector(&format!("{prefix}.{part}.bias"), h)?);
+            }
+            let stack_err =
+                |e: ndarray::ShapeError| OpsError::shape(format!("{prefix}.qkv"), e.to_string());
+            let weight = ndarray::concatenate(
+                ndarray::Axis(0),
+                &[weights[0].view(), weights[1].view(), weights[2].view()],
+            )
+            .map_err(stack_err)?;
+            let bias = ndarray::concatenate(
+                ndarray::Axis(0),
+                &[biases[0].view(), biases[1].view(), biases[2].view()],
+            )
+            .map_err(stack_err)?;
+            let name = format!("{prefix}.qkv");
+            let layer = factory.build(LinearSpec { name, weight, bias })?;
+            check_shape(&*layer, h, 3 * h)?;
+            Qkv::Fused(layer)
+        } else {
+            Qkv::Separate([
+                load_linear(t, factory, format!("{prefix}.query"), h, h)?,
+                load_linear(t, factory, format!("{prefix}.key"), h, h)?,
+                load_linear(t, factory, format!("{prefix}.value"), h, h)?,
+            ])
+        };
         Ok(Self {
-            query: load_linear(t, factory, format!("{prefix}.query"), h, h)?,
-            key: load_linear(t, factory, format!("{prefix}.key"), h, h)?,
-            value: load_linear(t, factory, format!("{prefix}.value"), h, h)?,
+            qkv,
+            hidden: h,
             heads: cfg.num_attention_heads,
         })
     }
@@ -153,15 +198,36 @@ impl BertSelfAttention {
         x: ArrayView2<'_, f32>,
         mask: ArrayView1<'_, bool>,
     ) -> Result<Array2<f32>, OpsError> {
-        let q = self.query.forward(x)?;
-        let k = self.key.forward(x)?;
-        let v = self.value.forward(x)?;
-        ops::attention(q.view(), k.view(), v.view(), self.heads, mask)
+        match &self.qkv {
+            Qkv::Separate([query, key, value]) => {
+                let q = query.forward(x)?;
+                let k = key.forward(x)?;
+                let v = value.forward(x)?;
+                ops::attention(q.view(), k.view(), v.view(), self.heads, mask)
+            }
+            Qkv::Fused(layer) => {
+                let y = layer.forward(x)?;
+                let h = self.hidden;
+                if y.ncols() != 3 * h {
+                    return Err(OpsError::shape(
+                        layer.name().to_string(),
+                        format!("output {:?}, expected {} columns", y.dim(), 3 * h),
+                    ));
+                }
+                let part = |i: usize| {
+                    y.slice_axis(ndarray::Axis(1), ndarray::Slice::from(i * h..(i + 1) * h))
+                };
+                ops::attention(part(0), part(1), part(2), self.heads, mask)
+            }
+        }
     }
 
-    /// The linear layers, in checkpoint order.
-    pub fn linears(&self) -> [&dyn Linear; 3] {
-        [&*self.query, &*self.key, &*self.value]
+    /// The linear layers, in checkpoint order (three, or the one fused layer).
+    pub fn linears(&self) -> Vec<&dyn Linear> {
+        match &self.qkv {
+            Qkv::Separate(layers) => layers.iter().map(|l| &**l).collect(),
+            Qkv::Fused(layer) => vec![&**layer],
+        }
     }
 }
 
@@ -267,18 +333,16 @@ impl BertLayer {
         self.layer_norm.forward(y.view())
     }
 
-    /// The layer's six linear maps in execution order: query, key, value, attention output,
-    /// feed-forward in, feed-forward out.
-    pub fn linears(&self) -> [&dyn Linear; 6] {
-        let [q, k, v] = self.attention.self_attention.linears();
-        [
-            q,
-            k,
-            v,
+    /// The layer's linear maps in execution order: query, key, value (or the fused Q/K/V
+    /// layer), attention output, feed-forward in, feed-forward out.
+    pub fn linears(&self) -> Vec<&dyn Linear> {
+        let mut l = self.attention.self_attention.linears();
+        l.extend([
             &*self.attention.output,
-            &*self.intermediate,
+            &*self.intermediate as &dyn Linear,
             &*self.output,
-        ]
+        ]);
+        l
     }
 }
 
@@ -381,7 +445,8 @@ impl BertModel {
         &self.config
     }
 
-    /// Every linear layer in execution order (6 per layer; 36 for MiniLM-L6).
+    /// Every linear layer in execution order (6 per layer, 36 for MiniLM-L6; 4 per layer when
+    /// Q/K/V are fused).
     #[must_use]
     pub fn linears(&self) -> Vec<&dyn Linear> {
         self.encoder

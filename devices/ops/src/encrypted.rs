@@ -17,6 +17,7 @@
 //! bytes in, bytes out), so a later step can route the same layers over the network;
 //! [`InProcessCloud`] is the in-process implementation used by the tests and the example.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -115,7 +116,7 @@ pub trait CloudLayers: Send + Sync {
 /// time spent evaluating (decode + evaluation + encode of each request).
 pub struct InProcessCloud {
     ctx: Arc<Context>,
-    opts: EvalOptions,
+    parallel: AtomicBool,
     layers: RwLock<Vec<Option<(String, PreparedLayer)>>>,
     key: RwLock<Option<PreparedEvaluationKey>>,
     busy: Mutex<Duration>,
@@ -124,7 +125,7 @@ pub struct InProcessCloud {
 impl std::fmt::Debug for InProcessCloud {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InProcessCloud")
-            .field("opts", &self.opts)
+            .field("parallel", &self.parallel)
             .finish_non_exhaustive()
     }
 }
@@ -135,7 +136,7 @@ impl InProcessCloud {
     pub fn new(ctx: Arc<Context>, opts: EvalOptions) -> Self {
         Self {
             ctx,
-            opts,
+            parallel: AtomicBool::new(opts.parallel),
             layers: RwLock::new(Vec::new()),
             key: RwLock::new(None),
             busy: Mutex::new(Duration::ZERO),
@@ -149,8 +150,8 @@ impl InProcessCloud {
     }
 
     /// Sets the evaluation options (e.g. to compare 1 and 2 threads on the same layers).
-    pub fn set_eval_options(&mut self, opts: EvalOptions) {
-        self.opts = opts;
+    pub fn set_eval_options(&self, opts: EvalOptions) {
+        self.parallel.store(opts.parallel, Ordering::Relaxed);
     }
 
     /// The plan layer `index` was loaded under.
@@ -249,7 +250,10 @@ impl CloudLayers for InProcessCloud {
                 reason: "packed mode needs the device's evaluation key; upload it first".into(),
             });
         }
-        let out = layer.eval(&input, key.as_ref(), self.opts).map_err(he)?;
+        let opts = EvalOptions {
+            parallel: self.parallel.load(Ordering::Relaxed),
+        };
+        let out = layer.eval(&input, key.as_ref(), opts).map_err(he)?;
         let bytes = out.to_bytes();
         *self.busy.lock().unwrap_or_else(PoisonError::into_inner) += start.elapsed();
         Ok(bytes)
@@ -435,7 +439,8 @@ pub struct PlannedLayer {
 
 /// The factory of encrypted layers: quantises each layer per [`PrecisionPolicy`], plans it from
 /// public bounds for requests of `batch` rows, has the cloud load it, and returns an
-/// [`EncryptedLinear`]. After the model is loaded, call [`EncryptedLinears::upload_key`] (packed
+/// [`EncryptedLinear`]; Q/K/V are fused unless [`EncryptedLinears::with_fused_qkv`] says
+/// otherwise. After the model is loaded, call [`EncryptedLinears::upload_key`] (packed
 /// mode) before the first forward pass.
 pub struct EncryptedLinears {
     ctx: Arc<Context>,
@@ -445,6 +450,7 @@ pub struct EncryptedLinears {
     cloud: Arc<dyn CloudLayers>,
     session: Arc<DeviceSession>,
     planned: Vec<PlannedLayer>,
+    fuse_qkv: bool,
 }
 
 impl EncryptedLinears {
@@ -467,7 +473,18 @@ impl EncryptedLinears {
             cloud,
             session,
             planned: Vec::new(),
+            fuse_qkv: true,
         }
+    }
+
+    /// Whether attention's Q, K and V go to the cloud as one fused `H → 3H` layer (default:
+    /// yes — one request and one upload of the input instead of three; the result is the same
+    /// bit for bit, since the per-token input scale and the per-row weight scales do not
+    /// change).
+    #[must_use]
+    pub fn with_fused_qkv(mut self, fuse: bool) -> Self {
+        self.fuse_qkv = fuse;
+        self
     }
 
     /// The layers planned so far, in execution order.
@@ -508,6 +525,10 @@ impl EncryptedLinears {
 }
 
 impl LinearFactory for EncryptedLinears {
+    fn fuse_qkv(&self) -> bool {
+        self.fuse_qkv
+    }
+
     fn build(&mut self, spec: LinearSpec) -> Result<Box<dyn Linear>, OpsError> {
         let bits = self.policy.bits_for(&spec.name);
         let weights = QuantizedWeights::quantize(&spec, bits)?;

@@ -42,6 +42,14 @@ pub trait LinearFactory {
     /// # Errors
     /// Whatever the backend reports (for example a layer it cannot place).
     fn build(&mut self, spec: LinearSpec) -> Result<Box<dyn Linear>, OpsError>;
+
+    /// Whether attention's query, key and value projections (same input) should be built as one
+    /// fused layer `{prefix}.qkv` (`[3H, H]`: the query rows, then key, then value) instead of
+    /// three. Fusing sends one request instead of three where the layer runs remotely. Default:
+    /// no.
+    fn fuse_qkv(&self) -> bool {
+        false
+    }
 }
 
 /// The float factory: every layer is a [`DenseLinear`] computed on the device.

@@ -1,7 +1,8 @@
 //! all-MiniLM-L6-v2 with every one of its 36 linear layers quantised (TDM issue 8):
 //!
 //! - `encrypted_minilm_equals_integer_pipeline_bit_for_bit`: a few corpus sentences run fully
-//!   encrypted in-process (every linear layer through tandem-he), in both output modes; the
+//!   encrypted in-process (every linear layer through tandem-he), in both output modes (packed
+//!   with the fused 384 → 1152 Q/K/V layer, no-key with three separate layers); the
 //!   embeddings equal those of the cleartext integer pipeline bit for bit (the HE result is
 //!   exact).
 //! - `integer_pipeline_meets_the_issue_bars_over_the_corpus`: the cleartext integer pipeline
@@ -111,7 +112,12 @@ fn encrypted_minilm_equals_integer_pipeline_bit_for_bit() {
     // Two sentences: the shortest of the corpus and one of average length.
     let texts = [lines[0].as_str(), lines[501].as_str()];
     let ctx = Arc::new(Context::new(DEFAULT_PARAMETERS));
-    for mode in [OutputMode::NoKey, OutputMode::Packed] {
+    // No-key with Q/K/V as three layers (36 cloud layers), packed with Q/K/V fused (24): the
+    // integer pipeline keeps them separate, so the packed case also proves fusion exact.
+    for (mode, fused, layers) in [
+        (OutputMode::NoKey, false, 36),
+        (OutputMode::Packed, true, 24),
+    ] {
         let cloud = Arc::new(InProcessCloud::new(
             ctx.clone(),
             EvalOptions { parallel: true },
@@ -122,9 +128,11 @@ fn encrypted_minilm_equals_integer_pipeline_bit_for_bit() {
             PrecisionPolicy::minilm(),
             16,
             cloud.clone(),
-        );
+        )
+        .with_fused_qkv(fused);
         let encrypted = SentenceEncoder::load_with(&dir, &mut factory).unwrap();
-        assert_eq!(factory.planned().len(), 36);
+        assert_eq!(factory.planned().len(), layers);
+        assert_eq!(encrypted.model().linears().len(), layers);
         for p in factory.planned() {
             assert!(
                 p.plan.log2_p_fail <= -64.0,
@@ -142,7 +150,7 @@ fn encrypted_minilm_equals_integer_pipeline_bit_for_bit() {
             let got = encrypted.embed_encoded(&e).unwrap();
             let st = session.stats();
             // Every linear layer went through the cloud, once (the sentence is < 64 tokens).
-            assert_eq!(st.requests, 36, "{mode:?}");
+            assert_eq!(st.requests, layers as u64, "{mode:?}");
             assert_eq!(
                 st.encrypted_macs,
                 (e.ids.len() * 6 * (4 * 384 * 384 + 2 * 384 * 1536)) as u64
