@@ -33,10 +33,12 @@
 #![forbid(unsafe_code)]
 
 mod conn;
+pub mod energy;
 mod error;
 mod keys;
 mod options;
 mod pipeline;
+pub mod planner;
 pub mod state;
 
 pub use error::DeviceError;
