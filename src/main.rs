@@ -47,6 +47,8 @@ enum Command {
         #[command(subcommand)]
         what: cli::runtime::ModelCommand,
     },
+    /// What the per-request planner would choose on a given link (`specs/planner.md`).
+    Plan(cli::plan::PlanArgs),
     /// Accuracy versus ε of a model whose split activation is noised (writes an SVG plot).
     PrivacyCurve {
         /// `digits` or `breast_cancer`.
@@ -104,6 +106,7 @@ fn main() -> anyhow::Result<()> {
         Command::Device { what } => cli::runtime::device(what),
         Command::Pki { what } => cli::runtime::pki(what),
         Command::Model { what } => cli::runtime::model(what),
+        Command::Plan(args) => cli::plan::run(args),
         Command::PrivacyCurve { dataset, out } => cli::dp::privacy_curve(&dataset, &out),
     }
 }

@@ -1,0 +1,356 @@
+//! `tandem plan`: what the per-request planner (`tandem_device::planner`, `specs/planner.md`)
+//! would choose for a bundle on a given link, with every candidate's predicted costs.
+//!
+//! Inputs measured here, once: the device's ns per f32 multiply-add (the bundle's device layer
+//! shapes, timed) and the encryption time per output mode (a real `Client::encrypt` of the
+//! split activation). Documented defaults otherwise: cloud time from `tandem_he::plan_cost`
+//! without its byte term, decryption as one transform per returned ciphertext
+//! (`COST_CT_TRANSFORM_MS`), clear request sizes as 4 bytes per value plus 64 bytes of framing.
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use tandem::device::energy::Radio;
+use tandem::device::planner::{
+    plan, AppPolicy, DeviceProfile, LinkEstimate, ModeCosts, ModelCosts, NoiseOption, Objective,
+    PlanInputs, SplitCosts,
+};
+use tandem::dp::{Clip, Mechanism, Quantizer};
+use tandem::he::{Client, Context, OutputMode, COST_BYTE_MS, COST_CT_TRANSFORM_MS};
+use tandem::model::{Bundle, Limits, Placement};
+
+/// Framing bytes assumed around a clear (noised) request or answer.
+const CLEAR_FRAMING_BYTES: u64 = 64;
+
+/// `tandem plan` arguments.
+#[derive(clap::Args)]
+pub struct PlanArgs {
+    /// Model bundle directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Verifying key of the bundle's signer.
+    #[arg(long, default_value = "models/dev-verifying-key.txt")]
+    verifying_key: PathBuf,
+    /// Link bandwidth, e.g. `2mbit`, `500kbit`, `1gbit`, `0` (no link).
+    #[arg(long, default_value = "2mbit")]
+    bandwidth: String,
+    /// Round-trip time, e.g. `80ms`, `0.08s`.
+    #[arg(long, default_value = "80ms")]
+    rtt: String,
+    /// Minimise device energy instead of latency.
+    #[arg(long)]
+    energy: bool,
+    /// Print every candidate with its predicted costs.
+    #[arg(long)]
+    explain: bool,
+    /// Radio for the energy model: `wifi` or `lte`.
+    #[arg(long, default_value = "wifi")]
+    radio: String,
+    /// Latency target, ms.
+    #[arg(long)]
+    latency_target_ms: Option<f64>,
+    /// Lowest acceptable accuracy in [0, 1].
+    #[arg(long, default_value_t = 0.0)]
+    accuracy_floor: f64,
+    /// The app accepts answering on the device with this accuracy (a local head on the split
+    /// activation); without it, local answering is not a candidate.
+    #[arg(long)]
+    local_accuracy: Option<f64>,
+    /// Noised releases the app allows (repeatable), each with its `--noised-accuracy`.
+    #[arg(long)]
+    epsilon: Vec<f64>,
+    /// Accuracy at each `--epsilon` (same order), e.g. from `tandem privacy-curve`.
+    #[arg(long)]
+    noised_accuracy: Vec<f64>,
+    /// Also offer noised-then-encrypted releases at the same ε.
+    #[arg(long)]
+    noised_encrypted: bool,
+    /// L2 clip of the split activation for noised releases (the device's default).
+    #[arg(long, default_value_t = 20.0)]
+    clip_l2: f64,
+    /// δ of each release.
+    #[arg(long, default_value_t = 1e-5)]
+    delta: f64,
+    /// Remaining privacy budget, zCDP ρ (default: ε = 100 at δ = 1e-5, the device's default
+    /// daily budget, untouched).
+    #[arg(long)]
+    budget_rho: Option<f64>,
+    /// Forbid an output mode (`packed` or `nokey`).
+    #[arg(long)]
+    forbid_mode: Vec<String>,
+    /// The evaluation key is not registered with the cloud yet (charge its upload).
+    #[arg(long)]
+    key_not_registered: bool,
+}
+
+fn parse_bandwidth(s: &str) -> anyhow::Result<f64> {
+    let t = s.trim().to_ascii_lowercase();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num
+        .parse()
+        .with_context(|| format!("--bandwidth {s}: expected e.g. 2mbit"))?;
+    let mult = match unit.trim() {
+        "" | "bit" | "bps" => 1.0,
+        "kbit" | "kbps" => 1e3,
+        "mbit" | "mbps" => 1e6,
+        "gbit" | "gbps" => 1e9,
+        u => bail!("--bandwidth {s}: unknown unit {u:?} (bit, kbit, mbit, gbit)"),
+    };
+    let bps = v * mult;
+    if !bps.is_finite() || bps < 0.0 {
+        bail!("--bandwidth {s}: must be finite and non-negative");
+    }
+    Ok(bps)
+}
+
+fn parse_rtt_ms(s: &str) -> anyhow::Result<f64> {
+    let t = s.trim().to_ascii_lowercase();
+    let (num, mult) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1e3)
+    } else {
+        (t.as_str(), 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .with_context(|| format!("--rtt {s}: expected e.g. 80ms"))?;
+    let ms = v * mult;
+    if !ms.is_finite() || ms < 0.0 {
+        bail!("--rtt {s}: must be finite and non-negative");
+    }
+    Ok(ms)
+}
+
+/// Times f32 multiply-adds over the device layer shapes; ns per multiply-add.
+fn profile_ns_per_mac(shapes: &[(usize, usize)]) -> f64 {
+    let macs: usize = shapes.iter().map(|(i, o)| i * o).sum();
+    if macs == 0 {
+        return 1.0;
+    }
+    let layers: Vec<(Vec<f32>, Vec<f32>, usize)> = shapes
+        .iter()
+        .map(|&(i, o)| (vec![0.5f32; i * o], vec![0.25f32; i], o))
+        .collect();
+    let reps = (2_000_000 / macs).clamp(10, 100_000);
+    let start = Instant::now();
+    for _ in 0..reps {
+        for (w, x, o) in &layers {
+            let mut acc = 0.0f32;
+            for r in 0..*o {
+                let row = &w[r * x.len()..(r + 1) * x.len()];
+                acc += row.iter().zip(x).map(|(a, b)| a * b).sum::<f32>();
+            }
+            black_box(acc);
+        }
+    }
+    start.elapsed().as_secs_f64() * 1e9 / (reps * macs) as f64
+}
+
+/// `tandem plan …`.
+pub fn run(a: PlanArgs) -> anyhow::Result<()> {
+    let vk = tandem::read_verifying_key(&a.verifying_key)?;
+    let bundle = Bundle::load(&a.model, &vk, &Limits::default())
+        .with_context(|| format!("loading bundle {}", a.model.display()))?;
+    let m = bundle.manifest();
+    let layers = &m.layers;
+    let cloud_at = layers
+        .iter()
+        .position(|l| l.placement == Placement::Cloud)
+        .with_context(|| format!("{}: no cloud layer", a.model.display()))?;
+    let cloud = &layers[cloud_at];
+    let quant = cloud
+        .quant
+        .as_ref()
+        .with_context(|| format!("{}: cloud layer without quant", a.model.display()))?;
+    let bias_bound = quant.bias_bound();
+    let quant_scale = 1.0 / f64::from(quant.input_scale);
+    let prefix: Vec<(usize, usize)> = layers[..cloud_at]
+        .iter()
+        .map(|l| (l.n_in, l.n_out))
+        .collect();
+    let suffix: Vec<(usize, usize)> = layers[cloud_at + 1..]
+        .iter()
+        .map(|l| (l.n_in, l.n_out))
+        .collect();
+    let macs = |s: &[(usize, usize)]| s.iter().map(|(i, o)| (i * o) as u64).sum::<u64>();
+    let ns_per_mac = profile_ns_per_mac(&[prefix.clone(), suffix.clone()].concat());
+    let offload_accuracy = m
+        .training
+        .as_ref()
+        .map(|t| t.quantised_test_accuracy)
+        .with_context(|| format!("{}: manifest has no [training] accuracy", a.model.display()))?;
+
+    let forbidden: Vec<OutputMode> = a
+        .forbid_mode
+        .iter()
+        .map(|s| match s.as_str() {
+            "packed" => Ok(OutputMode::Packed),
+            "nokey" => Ok(OutputMode::NoKey),
+            _ => bail!("--forbid-mode {s}: expected packed or nokey"),
+        })
+        .collect::<anyhow::Result<_>>()?;
+
+    let params = tandem::he::DEFAULT_PARAMETERS;
+    let ctx = Arc::new(Context::new(params));
+    let mut client = Client::new(ctx);
+    let mut modes = Vec::new();
+    for mode in [OutputMode::Packed, OutputMode::NoKey] {
+        let p = tandem::device::cloud_plan(params, mode, cloud.n_in, cloud.n_out, bias_bound)?;
+        let x = vec![vec![0i64; cloud.n_in]];
+        let start = Instant::now();
+        let runs = 5;
+        for _ in 0..runs {
+            black_box(client.encrypt(&p, &x)?);
+        }
+        let encrypt_ms = start.elapsed().as_secs_f64() * 1e3 / runs as f64;
+        let (up, down) = (p.upload_bytes(1), p.download_bytes(1));
+        let cloud_ms = (tandem::he::plan_cost(&p, 1) - (up + down) as f64 * COST_BYTE_MS).max(0.0);
+        modes.push(ModeCosts {
+            mode,
+            upload_bytes: up as u64,
+            download_bytes: down as u64,
+            key_bytes: p.eval_key_bytes() as u64,
+            key_registered: !a.key_not_registered,
+            cloud_ms,
+            encrypt_ms,
+            decrypt_ms: p.out_ciphertexts() as f64 * COST_CT_TRANSFORM_MS,
+        });
+    }
+
+    if a.epsilon.len() != a.noised_accuracy.len() {
+        bail!("give one --noised-accuracy per --epsilon (accuracy of the model at that ε)");
+    }
+    let mut noised = Vec::new();
+    for (&epsilon, &accuracy) in a.epsilon.iter().zip(&a.noised_accuracy) {
+        // What the device's ledger would charge: the same mechanism the device builds.
+        let rho = Quantizer::new(Clip::L2(a.clip_l2), quant_scale, cloud.n_in)
+            .and_then(|q| Mechanism::gaussian_for_epsilon_delta(q, epsilon, a.delta))
+            .and_then(|mech| mech.cost_rho())
+            .with_context(|| format!("--epsilon {epsilon} at --delta {}", a.delta))?;
+        noised.push(NoiseOption {
+            epsilon,
+            rho,
+            accuracy,
+        });
+    }
+    let remaining_rho = match a.budget_rho {
+        Some(r) => r,
+        None => tandem::dp::mechanism::epsilon_delta_to_rho(100.0, 1e-5)?,
+    };
+    let radio = match a.radio.as_str() {
+        "wifi" => Radio::Wifi,
+        "lte" => Radio::Lte,
+        r => bail!("--radio {r}: expected wifi or lte"),
+    };
+    let bandwidth_bps = parse_bandwidth(&a.bandwidth)?;
+    let rtt_ms = parse_rtt_ms(&a.rtt)?;
+    let link = if bandwidth_bps > 0.0 {
+        LinkEstimate {
+            bandwidth_bps,
+            rtt_ms,
+        }
+    } else {
+        LinkEstimate::NONE
+    };
+
+    let local_macs = macs(&prefix) + (cloud.n_in * m.classes) as u64;
+    let inputs = PlanInputs {
+        model: ModelCosts {
+            local_macs,
+            local_accuracy: a.local_accuracy.unwrap_or(0.0),
+            splits: vec![SplitCosts {
+                depth: cloud_at,
+                device_prefix_macs: macs(&prefix),
+                device_suffix_macs: macs(&suffix),
+                offload_accuracy,
+                modes,
+                clear_upload_bytes: 4 * cloud.n_in as u64 + CLEAR_FRAMING_BYTES,
+                clear_download_bytes: 8 * cloud.n_out as u64 + CLEAR_FRAMING_BYTES,
+                clear_cloud_ms: (cloud.n_in * cloud.n_out) as f64 * ns_per_mac / 1e6,
+                noise_ms: cloud.n_in as f64 * 1e-3,
+            }],
+        },
+        device: DeviceProfile { ns_per_mac, radio },
+        link,
+        policy: AppPolicy {
+            allow_local: a.local_accuracy.is_some(),
+            allow_encrypted: true,
+            noised_encrypted: if a.noised_encrypted {
+                noised.clone()
+            } else {
+                Vec::new()
+            },
+            noised,
+            output_modes: [OutputMode::Packed, OutputMode::NoKey]
+                .into_iter()
+                .filter(|mo| !forbidden.contains(mo))
+                .collect(),
+            accuracy_floor: a.accuracy_floor,
+            latency_target_ms: a.latency_target_ms,
+        },
+        remaining_rho,
+        objective: if a.energy {
+            Objective::Energy
+        } else {
+            Objective::Latency
+        },
+    };
+    let p = plan(&inputs);
+    println!(
+        "model {} ({}), split after layer {cloud_at}, cloud layer {}x{}; link {}, radio {}; \
+         device {ns_per_mac:.3} ns/MAC (measured); remaining rho {remaining_rho:.4}",
+        m.id,
+        a.model.display(),
+        cloud.n_in,
+        cloud.n_out,
+        if bandwidth_bps > 0.0 {
+            format!("{:.3} Mbit/s, RTT {rtt_ms} ms", bandwidth_bps / 1e6)
+        } else {
+            "none".to_string()
+        },
+        radio.name(),
+    );
+    if a.explain {
+        print!("{}", p.explain());
+    } else {
+        match p.choice() {
+            Some(c) => println!(
+                "choice: {} ({:.2} ms, {:.3} mJ)",
+                c.name(),
+                c.latency_ms,
+                c.energy_mj
+            ),
+            None => println!("no feasible candidate (run with --explain for the reasons)"),
+        }
+    }
+    if p.chosen.is_none() {
+        bail!("no feasible candidate under this policy, budget and link");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn parses_link_units() {
+        assert_eq!(parse_bandwidth("2mbit").unwrap(), 2e6);
+        assert_eq!(parse_bandwidth("500kbit").unwrap(), 5e5);
+        assert_eq!(parse_bandwidth("0").unwrap(), 0.0);
+        assert!(parse_bandwidth("2 parsecs").is_err());
+        assert!(parse_bandwidth("-1mbit").is_err());
+        assert_eq!(parse_rtt_ms("80ms").unwrap(), 80.0);
+        assert_eq!(parse_rtt_ms("0.08s").unwrap(), 80.0);
+        assert!(parse_rtt_ms("fast").is_err());
+    }
+}
