@@ -92,40 +92,58 @@ pub struct ModelSpec {
     pub policy: ModelPolicy,
 }
 
-/// One served model: its cloud part and its prepared layers.
+/// One served model: its cloud part and every cloud layer prepared.
 pub struct ServedModel {
     /// The verified bundle (cloud part only).
     pub bundle: Bundle,
-    /// Protocol layer id of the cloud layer (its index in the manifest).
-    pub layer_id: u32,
     /// Output modes served.
     pub policy: ModelPolicy,
-    /// Prepared layers by (parameter set id, output mode), for the allowed modes only.
-    layers: Vec<(u16, OutputMode, PreparedLayer)>,
+    /// Prepared layers by (protocol layer id = manifest index, parameter set id, output mode),
+    /// for every cloud layer of the model and the allowed modes only.
+    layers: Vec<(u32, u16, OutputMode, PreparedLayer)>,
 }
 
 impl std::fmt::Debug for ServedModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServedModel")
             .field("id", &self.bundle.id())
-            .field("layer_id", &self.layer_id)
+            .field("layer_ids", &self.bundle.cloud_indices())
             .field("policy", &self.policy)
             .finish()
     }
 }
 
 impl ServedModel {
-    /// The prepared layer for a parameter set and output mode; `None` if the mode is not
-    /// allowed or the parameter set not served.
-    pub fn layer(&self, param_set: u16, mode: OutputMode) -> Option<&PreparedLayer> {
+    /// The prepared cloud layer `layer_id` (its manifest index) for a parameter set and output
+    /// mode; `None` if `layer_id` is not a cloud layer of the model, the mode is not allowed or
+    /// the parameter set not served.
+    pub fn layer(&self, layer_id: u32, param_set: u16, mode: OutputMode) -> Option<&PreparedLayer> {
         self.layers
             .iter()
-            .find(|(p, m, _)| *p == param_set && *m == mode)
-            .map(|(_, _, l)| l)
+            .find(|(i, p, m, _)| *i == layer_id && *p == param_set && *m == mode)
+            .map(|(_, _, _, l)| l)
+    }
+
+    /// Whether the model is served in `mode` under `param_set` (every cloud layer is).
+    pub fn serves(&self, param_set: u16, mode: OutputMode) -> bool {
+        self.layers
+            .iter()
+            .any(|(_, p, m, _)| *p == param_set && *m == mode)
+    }
+
+    /// The largest packing chunk among the model's cloud layers under `param_set` and `mode`:
+    /// an evaluation key registered for the model must cover it (one key serves every layer).
+    pub fn max_chunk(&self, param_set: u16, mode: OutputMode) -> usize {
+        self.layers
+            .iter()
+            .filter(|(_, p, m, _)| *p == param_set && *m == mode)
+            .map(|(_, _, _, l)| l.plan().chunk)
+            .max()
+            .unwrap_or(0)
     }
 
     fn plans(&self) -> impl Iterator<Item = &LayerPlan> {
-        self.layers.iter().map(|(_, _, l)| l.plan())
+        self.layers.iter().map(|(_, _, _, l)| l.plan())
     }
 }
 
@@ -150,8 +168,8 @@ pub struct ModelRegistry {
 }
 
 impl ModelRegistry {
-    /// Loads and verifies each bundle directory (cloud part) and prepares its cloud layer for
-    /// every context (parameter set) in every output mode its policy allows.
+    /// Loads and verifies each bundle directory (cloud part) and prepares every cloud layer of
+    /// it, each once, for every context (parameter set) in every output mode its policy allows.
     ///
     /// # Errors
     /// [`CloudError::Model`] naming the bundle if it fails to load or verify,
@@ -188,34 +206,36 @@ impl ModelRegistry {
         key: &VerifyingKey,
     ) -> Result<ServedModel, CloudError> {
         let bundle = Bundle::load_part(dir, key, &tandem_model::Limits::default(), Part::Cloud)?;
-        let cl = bundle.cloud_layer()?;
         let mut layers = Vec::new();
-        for ctx in contexts {
-            let params = ctx.params();
-            for mode in [OutputMode::Packed, OutputMode::NoKey] {
-                if !policy.allows(mode) {
-                    continue;
+        for cl in bundle.cloud_layers()? {
+            let layer_id = u32::try_from(cl.index)
+                .map_err(|_| CloudError::Config("layer index out of range".into()))?;
+            for ctx in contexts {
+                let params = ctx.params();
+                for mode in [OutputMode::Packed, OutputMode::NoKey] {
+                    if !policy.allows(mode) {
+                        continue;
+                    }
+                    // Each layer is planned from the signed manifest's public bounds; a layer
+                    // whose plan exceeds the failure bound is refused here, at load.
+                    let plan = cloud_plan(params, mode, cl.n_in, cl.n_out, cl.bias_bound)?;
+                    let layer =
+                        PreparedLayer::prepare_with_plan(ctx.clone(), plan, &cl.weights, &cl.bias)?;
+                    layers.push((layer_id, params.id, mode, layer));
                 }
-                let plan = cloud_plan(params, mode, cl.n_in, cl.n_out, cl.bias_bound)?;
-                let layer =
-                    PreparedLayer::prepare_with_plan(ctx.clone(), plan, &cl.weights, &cl.bias)?;
-                layers.push((params.id, mode, layer));
             }
+            tracing::info!(
+                model = bundle.id(),
+                layer_id,
+                n_in = cl.n_in,
+                n_out = cl.n_out,
+                packed = policy.packed,
+                nokey = policy.nokey,
+                "cloud layer prepared"
+            );
         }
-        let layer_id = u32::try_from(cl.index)
-            .map_err(|_| CloudError::Config("layer index out of range".into()))?;
-        tracing::info!(
-            model = bundle.id(),
-            layer_id,
-            n_in = cl.n_in,
-            n_out = cl.n_out,
-            packed = policy.packed,
-            nokey = policy.nokey,
-            "model prepared"
-        );
         Ok(ServedModel {
             bundle,
-            layer_id,
             policy,
             layers,
         })
@@ -273,7 +293,7 @@ impl ModelRegistry {
                     .elements
                     .max(max_batch.saturating_mul(plan.n_in.max(plan.n_out)));
             }
-            if let Ok(cl) = m.bundle.cloud_layer() {
+            for cl in m.bundle.cloud_layers().unwrap_or_default() {
                 s.elements = s
                     .elements
                     .max(max_batch.saturating_mul(cl.n_in.max(cl.n_out)));

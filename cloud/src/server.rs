@@ -985,7 +985,7 @@ async fn register_key(
         return;
     };
     let model = shared.registry.get(&neg.model_id, &neg.model_digest);
-    let Some(layer) = model.and_then(|m| m.layer(neg.param_set, mode)) else {
+    let Some(model) = model.filter(|m| m.serves(neg.param_set, mode)) else {
         // The model is not served in this output mode (policy) for the negotiated set.
         shared.metrics.keys_refused.fetch_add(1, Ordering::Relaxed);
         shared.prom.registration("mode_not_served");
@@ -993,8 +993,9 @@ async fn register_key(
         let _ = session.refuse_key(key_id, ErrorCode::InvalidRequest);
         return;
     };
+    // One key serves every cloud layer of the model: it must cover the largest chunk.
     let min_chunk = match mode {
-        OutputMode::Packed => layer.plan().chunk,
+        OutputMode::Packed => model.max_chunk(neg.param_set, mode),
         OutputMode::NoKey => 0,
     };
     let sh = shared.clone();
@@ -1191,16 +1192,15 @@ fn evaluate(
         .registry
         .get(&neg.model_id, &neg.model_digest)
         .ok_or(ErrorCode::UnknownModel)?;
-    if request.layer_id != model.layer_id {
-        return Err(ErrorCode::InvalidRequest);
-    }
+    // Valid layer ids are the manifest indices of the model's cloud layers (specs/protocol.md).
+    let index = usize::try_from(request.layer_id).map_err(|_| ErrorCode::InvalidRequest)?;
+    let cl = model
+        .bundle
+        .cloud_layer_at(index)
+        .map_err(|_| ErrorCode::InvalidRequest)?;
     let batch = usize::from(request.batch);
     let enc = match &request.payload {
         RequestPayload::Noised(n) => {
-            let cl = model
-                .bundle
-                .cloud_layer()
-                .map_err(|_| ErrorCode::InternalError)?;
             if n.values.len() != batch.saturating_mul(cl.n_in) {
                 return Err(ErrorCode::InvalidRequest);
             }
@@ -1210,7 +1210,7 @@ fn evaluate(
                 out.extend(
                     model
                         .bundle
-                        .cloud_eval_plain(&q)
+                        .cloud_eval_plain_at(index, &q)
                         .map_err(|_| ErrorCode::InvalidRequest)?,
                 );
             }
@@ -1221,7 +1221,7 @@ fn evaluate(
     let mode = he_mode(enc.output_mode);
     // Output-mode policy and the negotiated parameter set pick the prepared layer.
     let layer = model
-        .layer(neg.param_set, mode)
+        .layer(request.layer_id, neg.param_set, mode)
         .ok_or(ErrorCode::InvalidRequest)?;
     let key = shared
         .keys

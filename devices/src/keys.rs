@@ -64,8 +64,11 @@ pub struct HeState {
     pub params: ParameterSet,
     /// The secret-key holder.
     pub client: Client,
-    /// The cloud layer's plan.
+    /// The first cloud layer's plan (`plans[0]`).
     pub plan: LayerPlan,
+    /// The plan of every cloud layer, in pipeline order (one evaluation key covers them all:
+    /// it is made for the largest chunk).
+    pub plans: Vec<LayerPlan>,
     /// Evaluation-key blob (empty in no-key mode).
     pub key_blob: Vec<u8>,
     /// The key id requests name.
@@ -94,12 +97,34 @@ impl HeState {
         layer: LayerShape,
         state_dir: Option<&Path>,
     ) -> Result<HeState, DeviceError> {
-        let plan = cloud_plan(params, mode, layer.n_in, layer.n_out, layer.bias_bound)?;
+        HeState::load_layers(params, mode, &[layer], state_dir)
+    }
+
+    /// [`HeState::load`] for a model with several cloud layers (`layers` in pipeline order,
+    /// at least one): one plan per layer, one secret and one evaluation key for all of them.
+    ///
+    /// # Errors
+    /// As [`HeState::load`]; [`DeviceError::Config`] if `layers` is empty.
+    pub fn load_layers(
+        params: ParameterSet,
+        mode: OutputMode,
+        layers: &[LayerShape],
+        state_dir: Option<&Path>,
+    ) -> Result<HeState, DeviceError> {
+        let plans = layers
+            .iter()
+            .map(|l| cloud_plan(params, mode, l.n_in, l.n_out, l.bias_bound))
+            .collect::<Result<Vec<_>, _>>()?;
+        let Some(&plan) = plans.first() else {
+            return Err(DeviceError::Config("the model has no cloud layer".into()));
+        };
+        // The key must serve every layer's packing: make it for the largest chunk.
+        let chunk = plans.iter().map(|p| p.chunk).max().unwrap_or(plan.chunk);
         let ctx = Arc::new(Context::new(params));
         let make_blob = |client: &Client| -> Result<Vec<u8>, DeviceError> {
             Ok(match mode {
                 OutputMode::NoKey => Vec::new(),
-                OutputMode::Packed => client.evaluation_key(plan.chunk)?.to_bytes(),
+                OutputMode::Packed => client.evaluation_key(chunk)?.to_bytes(),
             })
         };
         let (client, key_blob) = match state_dir {
@@ -114,12 +139,10 @@ impl HeState {
                 if mode == OutputMode::NoKey {
                     (client, Vec::new())
                 } else {
-                    let path = state::eval_key_path(dir, params.id, plan.chunk);
+                    let path = state::eval_key_path(dir, params.id, chunk);
                     let cached = state::read_cached(&path, MAX_EVAL_KEY_FILE).filter(|blob| {
                         EvaluationKey::from_bytes(blob, MAX_EVAL_KEY_FILE as usize, &ctx.params())
-                            .is_ok_and(|k| {
-                                k.key_id() == client.key_id() && k.max_chunk() >= plan.chunk
-                            })
+                            .is_ok_and(|k| k.key_id() == client.key_id() && k.max_chunk() >= chunk)
                     });
                     match cached {
                         Some(blob) => (client, blob),
@@ -141,6 +164,7 @@ impl HeState {
             params,
             client,
             plan,
+            plans,
             key_blob,
             key_id,
         })

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tandem_dp::{Accountant, Clip, Mechanism, Policy, Quantizer, SecureBits};
 use tandem_he::{EncryptedOutput, OutputMode};
-use tandem_model::{Bundle, Part};
+use tandem_model::{Bundle, Part, Step};
 use tandem_protocol::{
     BudgetCharge, DpMetadata, EncryptedBlock, ErrorCode, NoisedBlock, RequestPayload,
     ResponsePayload, Scale,
@@ -21,19 +21,29 @@ use crate::{
 /// Largest encrypted output blob decoded.
 const MAX_OUTPUT_BLOB: usize = 64 << 20;
 
+/// One cloud layer of the model as the device sees it (public manifest data only).
+#[derive(Debug, Clone, Copy)]
+struct CloudStep {
+    /// Manifest index: the protocol `layer_id`.
+    index: usize,
+    /// Shape and bias bound (what the HE plan is made from).
+    shape: LayerShape,
+    /// Integer steps per real unit of the layer's input (`1 / input_scale`), as the DP
+    /// quantiser takes it and as the request's DP metadata carries it.
+    quant_scale: f64,
+}
+
 /// A connected device.
 pub struct Device {
     opts: DeviceOptions,
     bundle: Bundle,
-    layer: LayerShape,
-    layer_id: u32,
-    /// Integer steps per real unit of the cloud layer's input (`1 / input_scale`), as the DP
-    /// quantiser takes it and as the request's DP metadata carries it today.
-    quant_scale: f64,
+    /// Every cloud layer, in pipeline order (`he.plans` has the same order).
+    clouds: Vec<CloudStep>,
     he: HeState,
     accountant: Accountant,
     rng: SecureBits,
-    mechanisms: HashMap<u64, Mechanism>,
+    /// DP mechanisms by (cloud layer index, ε bits).
+    mechanisms: HashMap<(usize, u64), Mechanism>,
     conn: Option<Conn>,
     epoch: Instant,
     key_uploads: u64,
@@ -138,20 +148,30 @@ impl Device {
             &tandem_model::Limits::default(),
             Part::Device,
         )?;
-        let spec = bundle
-            .layers()
-            .get(bundle.cloud_index())
-            .ok_or_else(|| DeviceError::Config("bundle has no cloud layer".into()))?
-            .spec()
-            .clone();
-        let quant = spec
-            .quant
-            .ok_or_else(|| DeviceError::Config("cloud layer is not quantised".into()))?;
-        let layer = LayerShape {
-            n_in: spec.n_in,
-            n_out: spec.n_out,
-            bias_bound: quant.bias_bound(),
-        };
+        let mut clouds = Vec::new();
+        for &index in bundle.cloud_indices() {
+            let spec = bundle
+                .layers()
+                .get(index)
+                .ok_or_else(|| DeviceError::Config("bundle has no cloud layer".into()))?
+                .spec();
+            let quant = spec
+                .quant
+                .as_ref()
+                .ok_or_else(|| DeviceError::Config("cloud layer is not quantised".into()))?;
+            u32::try_from(index)
+                .map_err(|_| DeviceError::Config("layer index out of range".into()))?;
+            clouds.push(CloudStep {
+                index,
+                shape: LayerShape {
+                    n_in: spec.n_in,
+                    n_out: spec.n_out,
+                    bias_bound: quant.bias_bound(),
+                },
+                quant_scale: 1.0 / f64::from(quant.input_scale),
+            });
+        }
+        let shapes: Vec<LayerShape> = clouds.iter().map(|c| c.shape).collect();
         // Keys for the preferred known set now; another negotiated set is loaded on connect.
         let first = opts
             .param_sets
@@ -163,7 +183,8 @@ impl Device {
             .iter()
             .find_map(|&id| keys::parameter_set(id).ok())
             .ok_or(DeviceError::UnknownParameterSet(first))?;
-        let he = HeState::load(params, opts.output_mode, layer, opts.state_dir.as_deref())?;
+        let he =
+            HeState::load_layers(params, opts.output_mode, &shapes, opts.state_dir.as_deref())?;
         let policy = match opts.dp.budget_rho {
             Some(rho) => Policy::new(rho, opts.dp.window_secs)?,
             None => Policy::from_epsilon_delta(
@@ -173,12 +194,8 @@ impl Device {
             )?,
         };
         let (accountant, _report) = Accountant::open(&opts.ledger_path, policy)?;
-        let layer_id = u32::try_from(bundle.cloud_index())
-            .map_err(|_| DeviceError::Config("layer index out of range".into()))?;
         Ok(Device {
-            layer,
-            layer_id,
-            quant_scale: 1.0 / f64::from(quant.input_scale),
+            clouds,
             bundle,
             he,
             accountant,
@@ -197,9 +214,14 @@ impl Device {
         self.bundle.id()
     }
 
-    /// The cloud layer's HE plan (under the parameter set in use).
+    /// The first cloud layer's HE plan (under the parameter set in use).
     pub fn plan(&self) -> &tandem_he::LayerPlan {
         &self.he.plan
+    }
+
+    /// Every cloud layer's HE plan, in pipeline order (under the parameter set in use).
+    pub fn plans(&self) -> &[tandem_he::LayerPlan] {
+        &self.he.plans
     }
 
     /// The HE parameter set in use (the one the last handshake negotiated).
@@ -302,15 +324,14 @@ impl Device {
             param_set = params.id,
             "cloud negotiated another parameter set: loading its keys"
         );
-        let (mode, layer, dir) = (
-            self.opts.output_mode,
-            self.layer,
-            self.opts.state_dir.clone(),
-        );
-        self.he =
-            tokio::task::spawn_blocking(move || HeState::load(params, mode, layer, dir.as_deref()))
-                .await
-                .map_err(|e| DeviceError::Config(format!("key task failed: {e}")))??;
+        let mode = self.opts.output_mode;
+        let dir = self.opts.state_dir.clone();
+        let shapes: Vec<LayerShape> = self.clouds.iter().map(|c| c.shape).collect();
+        self.he = tokio::task::spawn_blocking(move || {
+            HeState::load_layers(params, mode, &shapes, dir.as_deref())
+        })
+        .await
+        .map_err(|e| DeviceError::Config(format!("key task failed: {e}")))??;
         Ok(())
     }
 
@@ -329,17 +350,14 @@ impl Device {
         Ok(sent)
     }
 
-    fn mechanism(&mut self, epsilon: f64) -> Result<Mechanism, DeviceError> {
-        if let Some(m) = self.mechanisms.get(&epsilon.to_bits()) {
+    fn mechanism(&mut self, c: CloudStep, epsilon: f64) -> Result<Mechanism, DeviceError> {
+        let k = (c.index, epsilon.to_bits());
+        if let Some(m) = self.mechanisms.get(&k) {
             return Ok(m.clone());
         }
-        let q = Quantizer::new(
-            Clip::L2(self.opts.dp.clip_l2),
-            self.quant_scale,
-            self.layer.n_in,
-        )?;
+        let q = Quantizer::new(Clip::L2(self.opts.dp.clip_l2), c.quant_scale, c.shape.n_in)?;
         let m = Mechanism::gaussian_for_epsilon_delta(q, epsilon, self.opts.dp.delta)?;
-        self.mechanisms.insert(epsilon.to_bits(), m.clone());
+        self.mechanisms.insert(k, m.clone());
         Ok(m)
     }
 
@@ -347,6 +365,7 @@ impl Device {
     /// only on a finite activation.
     fn release(
         &mut self,
+        c: CloudStep,
         activation: &[f32],
         epsilon: f64,
     ) -> Result<(Vec<i64>, DpMetadata), DeviceError> {
@@ -357,7 +376,7 @@ impl Device {
             }
             .into());
         }
-        let mech = self.mechanism(epsilon)?;
+        let mech = self.mechanism(c, epsilon)?;
         let rho = mech.cost_rho()?;
         let now = now_secs();
         if self.accountant.would_exceed(&self.opts.ledger_id, now, rho) {
@@ -371,13 +390,13 @@ impl Device {
             scale: Scale::Float(mech.sigma_or_scale()),
             charge: BudgetCharge::Rho(rho),
             clip_bound: self.opts.dp.clip_l2,
-            quant_scale: self.quant_scale,
+            quant_scale: c.quant_scale,
         };
         Ok((noised, meta))
     }
 
     /// The request for `body` under the HE state in use (encrypting at most once per set).
-    fn request_for(&mut self, body: &mut Body) -> Result<RequestPayload, DeviceError> {
+    fn request_for(&mut self, k: usize, body: &mut Body) -> Result<RequestPayload, DeviceError> {
         match body {
             Body::Plain(p) => Ok(p.clone()),
             Body::Encrypt { values, dp, cached } => {
@@ -386,10 +405,11 @@ impl Device {
                         return Ok(p.clone());
                     }
                 }
-                let input = self
-                    .he
-                    .client
-                    .encrypt(&self.he.plan, std::slice::from_ref(values))?;
+                let plan =
+                    self.he.plans.get(k).ok_or_else(|| {
+                        DeviceError::Config("no plan for this cloud layer".into())
+                    })?;
+                let input = self.he.client.encrypt(plan, std::slice::from_ref(values))?;
                 let enc = EncryptedBlock {
                     param_set: self.he.params.id,
                     key_id: self.he.key_id,
@@ -409,13 +429,18 @@ impl Device {
     /// One attempt: connect if needed, match keys to the negotiated set, send, await.
     async fn attempt(
         &mut self,
+        k: usize,
         body: &mut Body,
         started: Instant,
     ) -> Result<(ResponsePayload, usize, usize), DeviceError> {
         self.connect_within(started).await?;
         self.ensure_he().await?;
-        let request = self.request_for(body)?;
-        let layer_id = self.layer_id;
+        let request = self.request_for(k, body)?;
+        let layer_id = self
+            .clouds
+            .get(k)
+            .and_then(|c| u32::try_from(c.index).ok())
+            .ok_or_else(|| DeviceError::Config("no such cloud layer".into()))?;
         let conn = self
             .conn
             .as_mut()
@@ -423,12 +448,15 @@ impl Device {
         conn.round_trip(layer_id, request).await
     }
 
-    /// Runs one inference on a raw input vector.
+    /// Runs one inference on a raw input vector: every device segment locally, and one
+    /// request per cloud layer, in pipeline order, on the one session.
     ///
     /// Every float stage (standardisation, each device layer and activation, quantisation,
     /// dequantisation of the cloud's output, the remaining layers) refuses non-finite values;
     /// an input of the wrong length (including empty) is refused. Both happen before anything
-    /// is charged to the ledger or sent.
+    /// is charged to the ledger or sent. In the DP modes each cloud layer's input is a separate
+    /// release charged `epsilon` (the inference spends `epsilon` times the number of cloud
+    /// layers; [`Inference::epsilon_spent`] reports the total).
     ///
     /// # Errors
     /// [`DeviceError::Model`] for such inputs, [`DeviceError::BudgetExceeded`],
@@ -441,10 +469,65 @@ impl Device {
     ) -> Result<Inference, DeviceError> {
         let mut t = Timings::default();
         let start = Instant::now();
-        let activation = self.bundle.device_prefix(input)?;
-        let q = self.bundle.quantize_input(&activation)?;
-        t.device_ms = ms(start);
-        let mut epsilon_spent = 0.0;
+        let mut step = self.bundle.start(input)?;
+        t.device_ms += ms(start);
+        let mut out = Inference {
+            class: 0,
+            logits: Vec::new(),
+            timings: Timings::default(),
+            bytes_up: 0,
+            bytes_down: 0,
+            key_upload_bytes: 0,
+            epsilon_spent: 0.0,
+            attempts: 0,
+        };
+        loop {
+            let (layer, q, activation) = match step {
+                Step::Done(pred) => {
+                    out.class = pred.class;
+                    out.logits = pred.logits;
+                    out.timings = t;
+                    return Ok(out);
+                }
+                Step::Cloud {
+                    layer,
+                    input,
+                    activation,
+                } => (layer, input, activation),
+            };
+            let k = self
+                .clouds
+                .iter()
+                .position(|c| c.index == layer)
+                .ok_or_else(|| {
+                    DeviceError::Config(format!("layer {layer} is not a cloud layer"))
+                })?;
+            let z = self
+                .cloud_segment(k, q, &activation, protection, &mut t, &mut out)
+                .await?;
+            let s = Instant::now();
+            // Dequantisation and the next device segment refuse non-finite values.
+            step = self.bundle.resume(layer, &z)?;
+            t.device_ms += ms(s);
+        }
+    }
+
+    /// One cloud layer: builds the body (charging and noising once in the DP modes), sends
+    /// it with retries and a key upload if the cloud asks, and returns the exact integer
+    /// output after decryption.
+    async fn cloud_segment(
+        &mut self,
+        k: usize,
+        q: Vec<i64>,
+        activation: &[f32],
+        protection: Protection,
+        t: &mut Timings,
+        out: &mut Inference,
+    ) -> Result<Vec<i64>, DeviceError> {
+        let c = *self
+            .clouds
+            .get(k)
+            .ok_or_else(|| DeviceError::Config("no such cloud layer".into()))?;
         // Build the body exactly once: retries resend it (a release is charged once).
         let mut body = match protection {
             Protection::Encrypted => Body::Encrypt {
@@ -454,9 +537,9 @@ impl Device {
             },
             Protection::Noised { epsilon } => {
                 let s = Instant::now();
-                let (noised, dp) = self.release(&activation, epsilon)?;
-                t.dp_ms = ms(s);
-                epsilon_spent = epsilon;
+                let (noised, dp) = self.release(c, activation, epsilon)?;
+                t.dp_ms += ms(s);
+                out.epsilon_spent += epsilon;
                 let values = noised
                     .iter()
                     .map(|&v| v.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32)
@@ -465,9 +548,9 @@ impl Device {
             }
             Protection::NoisedEncrypted { epsilon } => {
                 let s = Instant::now();
-                let (noised, dp) = self.release(&activation, epsilon)?;
-                t.dp_ms = ms(s);
-                epsilon_spent = epsilon;
+                let (noised, dp) = self.release(c, activation, epsilon)?;
+                t.dp_ms += ms(s);
+                out.epsilon_spent += epsilon;
                 // Clamping after noising is post-processing: it costs no privacy.
                 let m = MAX_ABS_INPUT as i64;
                 Body::Encrypt {
@@ -479,22 +562,21 @@ impl Device {
         };
         if body.encrypted() {
             let s = Instant::now();
-            self.request_for(&mut body)?;
-            t.encrypt_ms = ms(s);
+            self.request_for(k, &mut body)?;
+            t.encrypt_ms += ms(s);
         }
         let s = Instant::now();
-        let mut key_upload_bytes = 0;
         let mut attempts = 0;
         let mut key_tried = false;
         let (response, up, down) = loop {
             attempts += 1;
-            match self.attempt(&mut body, s).await {
+            match self.attempt(k, &mut body, s).await {
                 Ok(v) => break v,
                 Err(DeviceError::Refused(ErrorCode::UnknownKey))
                     if body.encrypted() && !key_tried =>
                 {
                     key_tried = true;
-                    key_upload_bytes += self.upload_key().await?;
+                    out.key_upload_bytes += self.upload_key().await?;
                     attempts -= 1;
                 }
                 Err(e) if e.is_transient() => {
@@ -514,7 +596,10 @@ impl Device {
                 }
             }
         };
-        t.network_ms = ms(s);
+        out.attempts += attempts;
+        out.bytes_up += up;
+        out.bytes_down += down;
+        t.network_ms += ms(s);
         let s = Instant::now();
         let z = match response {
             ResponsePayload::Plain(z) => z,
@@ -522,33 +607,26 @@ impl Device {
                 let [ct] = block.ciphertexts.as_slice() else {
                     return Err(DeviceError::Refused(ErrorCode::MalformedMessage));
                 };
-                let out = EncryptedOutput::from_bytes(
+                let plan =
+                    self.he.plans.get(k).ok_or_else(|| {
+                        DeviceError::Config("no plan for this cloud layer".into())
+                    })?;
+                let enc = EncryptedOutput::from_bytes(
                     ct,
                     MAX_OUTPUT_BLOB,
-                    &self.he.plan,
+                    plan,
                     &self.he.client.key_id(),
                 )?;
-                let mut rows = self.he.client.decrypt(&self.he.plan, &out)?;
+                let mut rows = self.he.client.decrypt(plan, &enc)?;
                 rows.pop()
                     .ok_or(DeviceError::Refused(ErrorCode::MalformedMessage))?
             }
         };
-        if z.len() != self.layer.n_out {
+        if z.len() != c.shape.n_out {
             return Err(DeviceError::Refused(ErrorCode::MalformedMessage));
         }
-        // Dequantisation and the remaining layers refuse non-finite values.
-        let pred = self.bundle.finish_on_device(&z)?;
-        t.decrypt_ms = ms(s);
-        Ok(Inference {
-            class: pred.class,
-            logits: pred.logits,
-            timings: t,
-            bytes_up: up,
-            bytes_down: down,
-            key_upload_bytes,
-            epsilon_spent,
-            attempts,
-        })
+        t.decrypt_ms += ms(s);
+        Ok(z)
     }
 }
 

@@ -3,7 +3,12 @@
 //! ```text
 //! cargo run -p tandem-model --release --example train -- --dataset digits --out models/digits
 //! cargo run -p tandem-model --release --example train -- --dataset breast_cancer --out models/breast_cancer
+//! cargo run -p tandem-model --release --example train -- --dataset digits2 --out models/digits2
 //! ```
+//!
+//! `digits2` is the digits data with two cloud layers: `64 → 32` (device) `→ 32` (cloud,
+//! its ReLU on the device) `→ 16` (cloud) `→ 10` (device, argmax). Every cloud layer is
+//! quantised the same way (its own input and weight scales and bias bound).
 //!
 //! * Data: `data/digits.csv.gz` (1797 × 64, label last, no header) and `data/breast_cancer.csv`
 //!   (569 × 30, label last, one header line).
@@ -306,13 +311,28 @@ fn main() -> Result<(), Error> {
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("data"));
 
-    let (id, hidden, epochs) = match dataset.as_str() {
-        "digits" => ("digits-mlp", [32usize, 16], 60usize),
-        "breast_cancer" => ("breast-cancer-mlp", [16, 8], 60),
-        other => return Err(format!("unknown dataset {other:?}").into()),
-    };
+    // (model id, data file, hidden sizes, epochs, cloud layer indices)
+    let (id, data_name, hidden, epochs, clouds): (&str, &str, Vec<usize>, usize, Vec<usize>) =
+        match dataset.as_str() {
+            "digits" => ("digits-mlp", "digits", vec![32, 16], 60, vec![1]),
+            "breast_cancer" => (
+                "breast-cancer-mlp",
+                "breast_cancer",
+                vec![16, 8],
+                60,
+                vec![1],
+            ),
+            "digits2" => (
+                "digits-mlp-2cloud",
+                "digits",
+                vec![32, 32, 16],
+                60,
+                vec![1, 2],
+            ),
+            other => return Err(format!("unknown dataset {other:?}").into()),
+        };
     let epochs = arg(&args, "--epochs").map_or(Ok(epochs), |e| e.parse())?;
-    let data = load(&dataset, &data_dir)?;
+    let data = load(data_name, &data_dir)?;
     let n = data.y.len();
     let dim = data.x.first().map_or(0, Vec::len);
     let classes = data.y.iter().max().ok_or("empty dataset")? + 1;
@@ -359,7 +379,10 @@ fn main() -> Result<(), Error> {
     let xte = standardise(&xte_raw)?;
 
     // Train.
-    let sizes = [dim, hidden[0], hidden[1], classes];
+    let sizes: Vec<usize> = std::iter::once(dim)
+        .chain(hidden.iter().copied())
+        .chain(std::iter::once(classes))
+        .collect();
     let mut rng = SplitMix(SEED ^ 0x5EED);
     let mut net = Mlp::new(&sizes, &mut rng);
     let mut opt = Adam::new(&net);
@@ -376,21 +399,34 @@ fn main() -> Result<(), Error> {
     }
     let float_acc = accuracy(&net.predict(&xte), &yte);
 
-    // Quantise layer 1 (the cloud layer).
+    // Quantise every cloud layer: int8 weights with one scale, integer bias, int8 input
+    // whose scale is calibrated as the largest activation entering the layer on the training
+    // set.
     let (_, acts) = net.forward(&xtr);
-    let max_act = acts[1].fold(0f32, |a, &v| a.max(v));
-    let input_scale = max_act / 127.0;
-    let w1 = &net.w[1];
-    let weight_scale = w1.fold(0f32, |a, &v| a.max(v.abs())) / 127.0;
-    let w1q: Vec<i8> = w1
-        .iter()
-        .map(|&v| (v / weight_scale).round().clamp(-127.0, 127.0) as i8)
-        .collect();
-    let bias_scale = f64::from(input_scale) * f64::from(weight_scale);
-    let b1q: Vec<i64> = net.b[1]
-        .iter()
-        .map(|&v| (f64::from(v) / bias_scale).round() as i64)
-        .collect();
+    let mut quants = Vec::new();
+    for &i in &clouds {
+        let max_act = acts[i].fold(0f32, |a, &v| a.max(v));
+        let input_scale = max_act / 127.0;
+        let w = &net.w[i];
+        let weight_scale = w.fold(0f32, |a, &v| a.max(v.abs())) / 127.0;
+        let wq: Vec<i8> = w
+            .iter()
+            .map(|&v| (v / weight_scale).round().clamp(-127.0, 127.0) as i8)
+            .collect();
+        let bias_scale = f64::from(input_scale) * f64::from(weight_scale);
+        let bq: Vec<i64> = net.b[i]
+            .iter()
+            .map(|&v| (f64::from(v) / bias_scale).round() as i64)
+            .collect();
+        let spec = QuantSpec {
+            input_scale,
+            weight_scale,
+            input_clip: 127,
+            max_abs_bias: Some(bq.iter().map(|b| b.abs()).max().unwrap_or(0)),
+        };
+        quants.push((i, max_act, spec, wq, bq));
+    }
+    let quant_of = |i: usize| quants.iter().find(|q| q.0 == i);
 
     let layer =
         |i: usize, act: Activation, placement: Placement, quant: Option<QuantSpec>| LayerSpec {
@@ -404,6 +440,20 @@ fn main() -> Result<(), Error> {
             bias: format!("fc{i}.bias"),
             quant,
         };
+    let n_layers = sizes.len() - 1;
+    let layers: Vec<LayerSpec> = (0..n_layers)
+        .map(|i| {
+            let act = if i + 1 == n_layers {
+                Activation::Argmax
+            } else {
+                Activation::Relu
+            };
+            match quant_of(i) {
+                Some(q) => layer(i, act, Placement::Cloud, Some(q.2.clone())),
+                None => layer(i, act, Placement::Device, None),
+            }
+        })
+        .collect();
     let split_desc = format!(
         "rows shuffled by SplitMix64(seed {SEED}), first 70% train ({}), last 30% test ({}); \
          standardised with training mean/std",
@@ -417,7 +467,7 @@ fn main() -> Result<(), Error> {
         dataset: dataset.clone(),
         input_dim: dim,
         classes,
-        split_points: vec![1],
+        split_points: clouds.clone(),
         weights: Weights {
             device: WeightsRef {
                 file: "device.safetensors".into(),
@@ -434,21 +484,7 @@ fn main() -> Result<(), Error> {
             mean: "input.mean".into(),
             std: "input.std".into(),
         }),
-        layers: vec![
-            layer(0, Activation::Relu, Placement::Device, None),
-            layer(
-                1,
-                Activation::Relu,
-                Placement::Cloud,
-                Some(QuantSpec {
-                    input_scale,
-                    weight_scale,
-                    input_clip: 127,
-                    max_abs_bias: Some(b1q.iter().map(|b| b.abs()).max().unwrap_or(0)),
-                }),
-            ),
-            layer(2, Activation::Argmax, Placement::Device, None),
-        ],
+        layers,
         training: Some(TrainingInfo {
             command: format!(
                 "cargo run -p tandem-model --release --example train -- --dataset {dataset} --out {}",
@@ -467,32 +503,38 @@ fn main() -> Result<(), Error> {
         shape,
         data: TensorData::F32(v),
     };
-    let tensors = vec![
+    let mut tensors = vec![
         f32t("input.mean", vec![dim], mean.clone()),
         f32t("input.std", vec![dim], std.clone()),
-        f32t(
-            "fc0.weight",
-            vec![sizes[1], sizes[0]],
-            net.w[0].iter().copied().collect(),
-        ),
-        f32t("fc0.bias", vec![sizes[1]], net.b[0].to_vec()),
-        NamedTensor {
-            name: "fc1.weight".into(),
-            shape: vec![sizes[2], sizes[1]],
-            data: TensorData::I8(w1q),
-        },
-        NamedTensor {
-            name: "fc1.bias".into(),
-            shape: vec![sizes[2]],
-            data: TensorData::I64(b1q),
-        },
-        f32t(
-            "fc2.weight",
-            vec![sizes[3], sizes[2]],
-            net.w[2].iter().copied().collect(),
-        ),
-        f32t("fc2.bias", vec![sizes[3]], net.b[2].to_vec()),
     ];
+    for i in 0..n_layers {
+        match quant_of(i) {
+            Some((_, _, _, wq, bq)) => {
+                tensors.push(NamedTensor {
+                    name: format!("fc{i}.weight"),
+                    shape: vec![sizes[i + 1], sizes[i]],
+                    data: TensorData::I8(wq.clone()),
+                });
+                tensors.push(NamedTensor {
+                    name: format!("fc{i}.bias"),
+                    shape: vec![sizes[i + 1]],
+                    data: TensorData::I64(bq.clone()),
+                });
+            }
+            None => {
+                tensors.push(f32t(
+                    &format!("fc{i}.weight"),
+                    vec![sizes[i + 1], sizes[i]],
+                    net.w[i].iter().copied().collect(),
+                ));
+                tensors.push(f32t(
+                    &format!("fc{i}.bias"),
+                    vec![sizes[i + 1]],
+                    net.b[i].to_vec(),
+                ));
+            }
+        }
+    }
 
     let key = read_signing_key(&key_file)?;
     let vk = read_verifying_key(&pub_file)?;
@@ -519,13 +561,19 @@ fn main() -> Result<(), Error> {
     .save(&out.join("test.json"))?;
 
     let (_, acts_te) = net.forward(&xte);
-    let clipped = acts_te[1].iter().filter(|&&v| v > max_act).count();
     println!(
-        "{dataset}: {} train / {} test, layers {:?}; cloud layer 1 int8 (input scale {input_scale:.5}, weight scale {weight_scale:.5}; {clipped} test activations clipped)",
+        "{dataset}: {} train / {} test, layers {:?}",
         train_idx.len(),
         test_idx.len(),
         sizes
     );
+    for (i, max_act, q, _, _) in &quants {
+        let clipped = acts_te[*i].iter().filter(|&&v| v > *max_act).count();
+        println!(
+            "cloud layer {i} int8 (input scale {:.5}, weight scale {:.5}; {clipped} test activations clipped)",
+            q.input_scale, q.weight_scale
+        );
+    }
     println!("float test accuracy     {float_acc:.4}");
     println!("quantised test accuracy {q_acc:.4}");
     println!(

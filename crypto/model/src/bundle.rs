@@ -186,9 +186,30 @@ pub struct Bundle {
     digest: [u8; 32],
     preprocess: Option<(Vec<f32>, Vec<f32>)>,
     layers: Vec<Layer>,
-    cloud: usize,
-    cloud_layer: Option<CloudLayer>,
+    /// Indices of the cloud layers, in pipeline order (never empty).
+    clouds: Vec<usize>,
+    /// The cloud layers in integer form, same order (empty unless the cloud part is loaded).
+    cloud_layers: Vec<CloudLayer>,
     part: Part,
+}
+
+/// Where a split inference stands after a device segment ([`Bundle::start`],
+/// [`Bundle::resume`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    /// The cloud must evaluate layer `layer` (its manifest index, the protocol `layer_id`) on
+    /// `input`, the int8-quantised activation; `activation` is the real-valued activation it
+    /// was quantised from (what a DP release noises).
+    Cloud {
+        /// Manifest index of the cloud layer.
+        layer: usize,
+        /// `clamp(round(activation / input_scale), -input_clip, input_clip)`, length `n_in`.
+        input: Vec<i64>,
+        /// Real-valued activation entering the layer, length `n_in`.
+        activation: Vec<f32>,
+    },
+    /// The pipeline is finished.
+    Done(Prediction),
 }
 
 /// Reads a file of at most `limit` bytes, refusing larger files before reading them.
@@ -576,18 +597,27 @@ impl Bundle {
                 params,
             });
         }
-        let cloud = manifest.cloud_index()?;
+        let clouds = manifest.cloud_indices();
+        if clouds.is_empty() {
+            return Err(ModelError::InvalidManifest(
+                "no layer has placement = \"cloud\"".into(),
+            ));
+        }
         let mut bundle = Bundle {
             manifest,
             digest: sha256(manifest_bytes),
             preprocess,
             layers,
-            cloud,
-            cloud_layer: None,
+            clouds,
+            cloud_layers: Vec::new(),
             part,
         };
         if part.has(Placement::Cloud) {
-            bundle.cloud_layer = Some(bundle.layer_as_cloud(cloud)?);
+            bundle.cloud_layers = bundle
+                .clouds
+                .iter()
+                .map(|&i| bundle.layer_as_cloud(i))
+                .collect::<Result<_>>()?;
         }
         Ok(bundle)
     }
@@ -631,9 +661,15 @@ impl Bundle {
             .filter(|(_, l)| l.spec.placement == Placement::Device)
     }
 
-    /// Index of the layer the cloud evaluates (the active split point).
+    /// Index of the first layer the cloud evaluates (the only one in a single-cloud-layer
+    /// model).
     pub fn cloud_index(&self) -> usize {
-        self.cloud
+        self.clouds.first().copied().unwrap_or_default()
+    }
+
+    /// Indices of every cloud layer, in pipeline order: the valid protocol `layer_id`s.
+    pub fn cloud_indices(&self) -> &[usize] {
+        &self.clouds
     }
 
     /// Which part of the bundle is loaded.
@@ -641,11 +677,42 @@ impl Bundle {
         self.part
     }
 
-    /// The layer the cloud evaluates, in the integer form the HE engine takes (needs the cloud
-    /// part).
+    /// The first layer the cloud evaluates, in the integer form the HE engine takes (needs the
+    /// cloud part).
+    ///
+    /// # Errors
+    /// [`ModelError::NotLoaded`] without the cloud part.
     pub fn cloud_layer(&self) -> Result<&CloudLayer> {
-        self.cloud_layer
-            .as_ref()
+        self.cloud_layers
+            .first()
+            .ok_or_else(|| not_loaded("cloud part of the bundle"))
+    }
+
+    /// Every cloud layer in integer form, in pipeline order (needs the cloud part).
+    ///
+    /// # Errors
+    /// [`ModelError::NotLoaded`] without the cloud part.
+    pub fn cloud_layers(&self) -> Result<&[CloudLayer]> {
+        if self.cloud_layers.is_empty() {
+            return Err(not_loaded("cloud part of the bundle"));
+        }
+        Ok(&self.cloud_layers)
+    }
+
+    /// The cloud layer with manifest index `index` (a protocol `layer_id`), in integer form.
+    ///
+    /// # Errors
+    /// [`ModelError::InvalidInput`] if `index` is not a cloud layer,
+    /// [`ModelError::NotLoaded`] without the cloud part.
+    pub fn cloud_layer_at(&self, index: usize) -> Result<&CloudLayer> {
+        if !self.clouds.contains(&index) {
+            return Err(ModelError::InvalidInput(format!(
+                "layer {index} is not a cloud layer"
+            )));
+        }
+        self.cloud_layers()?
+            .iter()
+            .find(|c| c.index == index)
             .ok_or_else(|| not_loaded("cloud part of the bundle"))
     }
 
@@ -699,95 +766,186 @@ impl Bundle {
         Ok(y)
     }
 
-    /// Runs the device layers before the cloud layer on a raw input and returns the real-valued
-    /// activation entering the cloud layer (after the previous layer's activation).
+    /// Runs the device layers before the first cloud layer on a raw input and returns the
+    /// real-valued activation entering it (after the previous layer's activation).
+    ///
+    /// # Errors
+    /// [`ModelError::InvalidInput`] / [`ModelError::NonFinite`] for a bad input.
     pub fn device_prefix(&self, x: &[f32]) -> Result<Vec<f32>> {
         let mut a = self.preprocess(x)?;
-        for l in self.layers.get(..self.cloud).unwrap_or_default() {
+        for l in self.layers.get(..self.cloud_index()).unwrap_or_default() {
             let (y, _) = l.eval(&a)?;
             a = activate(l.spec.activation, y, &l.spec.name)?;
         }
         Ok(a)
     }
 
-    /// Quantises the cloud layer's real-valued input to int8:
+    /// Quantises the first cloud layer's real-valued input to int8:
     /// `clamp(round(a / input_scale), -input_clip, input_clip)`.
+    ///
+    /// # Errors
+    /// [`ModelError::InvalidInput`] for a wrong length, [`ModelError::NonFinite`].
     pub fn quantize_input(&self, activation: &[f32]) -> Result<Vec<i64>> {
-        let l = &self.layers[self.cloud];
+        self.quantize_for(self.cloud_index(), activation)
+    }
+
+    /// Quantises the real-valued input of cloud layer `index` to int8.
+    fn quantize_for(&self, index: usize, activation: &[f32]) -> Result<Vec<i64>> {
+        let l = self
+            .layers
+            .get(index)
+            .ok_or_else(|| ModelError::InvalidInput(format!("no layer {index}")))?;
         match &l.spec.quant {
             Some(q) if activation.len() == l.spec.n_in => {
                 quantize(activation, q.input_scale, q.input_clip, &l.spec.name)
             }
             _ => Err(ModelError::InvalidInput(format!(
-                "cloud layer takes {} values, got {}",
+                "cloud layer {index} takes {} values, got {}",
                 l.spec.n_in,
                 activation.len()
             ))),
         }
     }
 
-    /// Device side before the cloud: [`Bundle::device_prefix`] then
+    /// Device side before the first cloud layer: [`Bundle::device_prefix`] then
     /// [`Bundle::quantize_input`]. The result is what gets (noised and) encrypted.
+    ///
+    /// # Errors
+    /// As [`Bundle::device_prefix`].
     pub fn device_encode(&self, x: &[f32]) -> Result<Vec<i64>> {
         self.quantize_input(&self.device_prefix(x)?)
     }
 
-    /// The cloud's computation in the clear: the exact integer `W·q + b` of the cloud layer,
-    /// for any integer input (e.g. DP-noised, possibly outside the int8 range).
+    /// The first cloud layer's computation in the clear (see [`Bundle::cloud_eval_plain_at`]).
+    ///
+    /// # Errors
+    /// As [`Bundle::cloud_eval_plain_at`].
     pub fn cloud_eval_plain(&self, q: &[i64]) -> Result<Vec<i64>> {
-        self.layers[self.cloud].eval_int(q)
+        self.cloud_eval_plain_at(self.cloud_index(), q)
     }
 
-    /// Device side after the cloud: dequantises the cloud layer's integer output, applies its
-    /// activation and the remaining device layers, and takes the argmax (needs the device
-    /// part only: the scales are in the manifest).
-    pub fn finish_on_device(&self, cloud_output: &[i64]) -> Result<Prediction> {
+    /// The cloud's computation in the clear for cloud layer `index`: the exact integer
+    /// `W·q + b`, for any integer input (e.g. DP-noised, possibly outside the int8 range).
+    ///
+    /// # Errors
+    /// [`ModelError::InvalidInput`] if `index` is not a cloud layer or `q` has the wrong
+    /// length, [`ModelError::NotLoaded`] without the cloud part, [`ModelError::Overflow`].
+    pub fn cloud_eval_plain_at(&self, index: usize, q: &[i64]) -> Result<Vec<i64>> {
+        if !self.clouds.contains(&index) {
+            return Err(ModelError::InvalidInput(format!(
+                "layer {index} is not a cloud layer"
+            )));
+        }
+        self.layers[index].eval_int(q)
+    }
+
+    /// Device side, first segment (TDM-MOD: the general split executor): standardises `x`,
+    /// runs the device layers up to the first cloud layer and quantises its input.
+    ///
+    /// # Errors
+    /// [`ModelError::InvalidInput`] / [`ModelError::NonFinite`] for a bad input,
+    /// [`ModelError::NotLoaded`] without the device part.
+    pub fn start(&self, x: &[f32]) -> Result<Step> {
+        let a = self.preprocess(x)?;
+        self.run_device_from(0, a)
+    }
+
+    /// Device side after cloud layer `layer` returned its exact integer output `z`:
+    /// dequantises it, applies the layer's activation and runs the device layers up to the
+    /// next cloud layer (quantising its input) or to the end (argmax). Needs the device part
+    /// only: the scales are in the manifest.
+    ///
+    /// # Errors
+    /// [`ModelError::InvalidInput`] if `layer` is not a cloud layer or `z` has the wrong
+    /// length, [`ModelError::NonFinite`] if a value leaves the f32 range,
+    /// [`ModelError::NotLoaded`] without the device part.
+    pub fn resume(&self, layer: usize, z: &[i64]) -> Result<Step> {
         if !self.part.has(Placement::Device) {
             return Err(not_loaded("device part of the bundle"));
         }
-        let l = &self.layers[self.cloud];
-        if cloud_output.len() != l.spec.n_out {
+        if !self.clouds.contains(&layer) {
             return Err(ModelError::InvalidInput(format!(
-                "cloud layer outputs {} values, got {}",
-                l.spec.n_out,
-                cloud_output.len()
+                "layer {layer} is not a cloud layer"
             )));
         }
-        let y = l.dequantize(cloud_output)?;
-        self.finish_from(self.cloud, y, Some(cloud_output.to_vec()))
+        let l = &self.layers[layer];
+        if z.len() != l.spec.n_out {
+            return Err(ModelError::InvalidInput(format!(
+                "cloud layer {layer} outputs {} values, got {}",
+                l.spec.n_out,
+                z.len()
+            )));
+        }
+        let y = l.dequantize(z)?;
+        if layer + 1 == self.layers.len() {
+            check_finite(&y, || "output".into())?;
+            return Ok(Step::Done(Prediction {
+                class: argmax_i64(z),
+                logits: y,
+            }));
+        }
+        let a = activate(l.spec.activation, y, &l.spec.name)?;
+        self.run_device_from(layer + 1, a)
     }
 
-    /// Continues the pipeline after layer `i` produced `y` (pre-activation) and, if quantised,
-    /// the integer output `z`.
-    fn finish_from(&self, i: usize, y: Vec<f32>, z: Option<Vec<i64>>) -> Result<Prediction> {
+    /// Runs layers `from..` on the activation `a` until a cloud layer (returned with its
+    /// quantised input) or the end.
+    fn run_device_from(&self, from: usize, mut a: Vec<f32>) -> Result<Step> {
         let last = self.layers.len() - 1;
-        if i == last {
-            let class = match &z {
-                Some(z) => argmax_i64(z),
-                None => argmax_f32(&y),
-            };
-            check_finite(&y, || "output".into())?;
-            return Ok(Prediction { class, logits: y });
-        }
-        let spec = &self.layers[i].spec;
-        let mut a = activate(spec.activation, y, &spec.name)?;
-        for (j, l) in self.layers.iter().enumerate().skip(i + 1) {
+        for (j, l) in self.layers.iter().enumerate().skip(from) {
+            if l.spec.placement == Placement::Cloud {
+                let input = self.quantize_for(j, &a)?;
+                return Ok(Step::Cloud {
+                    layer: j,
+                    input,
+                    activation: a,
+                });
+            }
             let (y, z) = l.eval(&a)?;
             if j == last {
-                return self.finish_from(j, y, z);
+                let class = match &z {
+                    Some(z) => argmax_i64(z),
+                    None => argmax_f32(&y),
+                };
+                check_finite(&y, || "output".into())?;
+                return Ok(Step::Done(Prediction { class, logits: y }));
             }
             a = activate(l.spec.activation, y, &l.spec.name)?;
         }
         Err(ModelError::InvalidInput("empty model".into()))
     }
 
-    /// The plaintext reference: exactly the split pipeline (device prefix, quantisation, the
-    /// cloud's integer `W·q + b`, device finish) run locally. An encrypted inference whose
+    /// Device side after the first cloud layer of a single-cloud-layer model (a special case
+    /// of [`Bundle::resume`]).
+    ///
+    /// # Errors
+    /// As [`Bundle::resume`]; [`ModelError::InvalidInput`] if another cloud layer follows.
+    pub fn finish_on_device(&self, cloud_output: &[i64]) -> Result<Prediction> {
+        match self.resume(self.cloud_index(), cloud_output)? {
+            Step::Done(p) => Ok(p),
+            Step::Cloud { layer, .. } => Err(ModelError::InvalidInput(format!(
+                "cloud layer {layer} follows: continue with Bundle::resume"
+            ))),
+        }
+    }
+
+    /// The plaintext reference: exactly the split pipeline (device segments, quantisation, each
+    /// cloud layer's integer `W·q + b`, device finish) run locally. An encrypted inference whose
     /// decryption is exact returns the same prediction by construction.
+    ///
+    /// # Errors
+    /// As [`Bundle::start`], [`Bundle::cloud_eval_plain_at`] and [`Bundle::resume`].
     pub fn predict_plain(&self, x: &[f32]) -> Result<Prediction> {
-        let q = self.device_encode(x)?;
-        let z = self.cloud_eval_plain(&q)?;
-        self.finish_on_device(&z)
+        let mut step = self.start(x)?;
+        loop {
+            match step {
+                Step::Done(p) => return Ok(p),
+                Step::Cloud { layer, input, .. } => {
+                    let z = self.cloud_eval_plain_at(layer, &input)?;
+                    step = self.resume(layer, &z)?;
+                }
+            }
+        }
     }
 
     /// Accuracy of [`Bundle::predict_plain`] on labelled examples.

@@ -20,6 +20,12 @@
 //! which is what the HE engine evaluates under encryption. The device dequantises and finishes
 //! ([`Bundle::finish_on_device`]). [`Bundle::predict_plain`] chains exactly these three steps,
 //! so an exact encrypted evaluation yields the plaintext prediction by construction.
+//!
+//! A model may have any number of cloud layers (each a quantised dense layer, each its own
+//! protocol `layer_id` = manifest index). The general executor is [`Bundle::start`] (device
+//! segment up to the first cloud layer) and [`Bundle::resume`] (after a cloud layer's integer
+//! output, up to the next cloud layer or the end), each returning a [`Step`]; the
+//! single-cloud-layer calls above are that executor with one cloud step.
 #![forbid(unsafe_code)]
 
 mod bundle;
@@ -29,7 +35,8 @@ mod sign;
 mod testset;
 
 pub use bundle::{
-    Bundle, CloudLayer, Layer, Part, Prediction, MANIFEST_FILE, SIGNATURE_FILE, SIGNING_CONTEXT,
+    Bundle, CloudLayer, Layer, Part, Prediction, Step, MANIFEST_FILE, SIGNATURE_FILE,
+    SIGNING_CONTEXT,
 };
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use error::{ModelError, Result};

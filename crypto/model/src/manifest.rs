@@ -249,21 +249,26 @@ impl Manifest {
         toml::to_string(self).map_err(|e| invalid(format!("cannot serialise: {e}")))
     }
 
-    /// Index of the single cloud layer.
-    pub fn cloud_index(&self) -> Result<usize> {
-        let mut it = self
-            .layers
+    /// Indices of the cloud layers, in pipeline order (the protocol `layer_id` of each). A
+    /// model may have any number of cloud segments; validation requires at least one.
+    pub fn cloud_indices(&self) -> Vec<usize> {
+        self.layers
             .iter()
             .enumerate()
             .filter(|(_, l)| l.placement == Placement::Cloud)
-            .map(|(i, _)| i);
-        match (it.next(), it.next()) {
-            (Some(i), None) => Ok(i),
-            (None, _) => Err(invalid("no layer has placement = \"cloud\"")),
-            (Some(_), Some(_)) => Err(invalid(
-                "more than one cloud layer (the cloud evaluates exactly one linear layer)",
-            )),
-        }
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Index of the first cloud layer (the only one in a single-cloud-layer model).
+    ///
+    /// # Errors
+    /// [`ModelError::InvalidManifest`] if no layer is placed in the cloud.
+    pub fn cloud_index(&self) -> Result<usize> {
+        self.cloud_indices()
+            .first()
+            .copied()
+            .ok_or_else(|| invalid("no layer has placement = \"cloud\""))
     }
 
     /// Every tensor the manifest names, with the party whose weights file holds it.
@@ -391,10 +396,13 @@ impl Manifest {
         if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
             return Err(invalid(format!("tensor name {:?} is used twice", w[0])));
         }
-        let cloud = self.cloud_index()?;
-        if cloud == 0 {
+        let clouds = self.cloud_indices();
+        if clouds.is_empty() {
+            return Err(invalid("no layer has placement = \"cloud\""));
+        }
+        if clouds.first() == Some(&0) {
             return Err(invalid(
-                "the cloud layer cannot be layer 0: the device must run at least one layer \
+                "a cloud layer cannot be layer 0: the device must run at least one layer \
                  so that raw inputs never leave it",
             ));
         }
@@ -411,9 +419,9 @@ impl Manifest {
                 }
             }
         }
-        if !self.split_points.contains(&cloud) {
+        if let Some(c) = clouds.iter().find(|c| !self.split_points.contains(c)) {
             return Err(invalid(format!(
-                "cloud layer {cloud} is not among split_points"
+                "cloud layer {c} is not among split_points"
             )));
         }
         Ok(())

@@ -295,8 +295,15 @@ fn inconsistent_manifests_are_refused() {
             }),
         ),
         (
-            "two cloud layers",
+            "unquantised second cloud layer",
             Box::new(|m| m.layers[2].placement = Placement::Cloud),
+        ),
+        (
+            "second cloud layer not a split point",
+            Box::new(|m| {
+                m.layers[2].placement = Placement::Cloud;
+                m.layers[2].quant = m.layers[1].quant.clone();
+            }),
         ),
         ("unquantised cloud", Box::new(|m| m.layers[1].quant = None)),
         (
