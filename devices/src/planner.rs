@@ -109,6 +109,29 @@ pub struct ModeCosts {
     pub decrypt_ms: f64,
 }
 
+impl ModeCosts {
+    /// The sizes of `plan` for one request (exact wire lengths: `LayerPlan::upload_bytes(1)`,
+    /// `download_bytes(1)`, `eval_key_bytes()`), with the given times in ms.
+    pub fn from_plan(
+        plan: &tandem_he::LayerPlan,
+        key_registered: bool,
+        cloud_ms: f64,
+        encrypt_ms: f64,
+        decrypt_ms: f64,
+    ) -> Self {
+        Self {
+            mode: plan.mode,
+            upload_bytes: plan.upload_bytes(1) as u64,
+            download_bytes: plan.download_bytes(1) as u64,
+            key_bytes: plan.eval_key_bytes() as u64,
+            key_registered,
+            cloud_ms,
+            encrypt_ms,
+            decrypt_ms,
+        }
+    }
+}
+
 /// One split depth: what runs where.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SplitCosts {

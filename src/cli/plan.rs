@@ -213,16 +213,14 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         let encrypt_ms = start.elapsed().as_secs_f64() * 1e3 / runs as f64;
         let (up, down) = (p.upload_bytes(1), p.download_bytes(1));
         let cloud_ms = (tandem::he::plan_cost(&p, 1) - (up + down) as f64 * COST_BYTE_MS).max(0.0);
-        modes.push(ModeCosts {
-            mode,
-            upload_bytes: up as u64,
-            download_bytes: down as u64,
-            key_bytes: p.eval_key_bytes() as u64,
-            key_registered: !a.key_not_registered,
+        let decrypt_ms = p.out_ciphertexts() as f64 * COST_CT_TRANSFORM_MS;
+        modes.push(ModeCosts::from_plan(
+            &p,
+            !a.key_not_registered,
             cloud_ms,
             encrypt_ms,
-            decrypt_ms: p.out_ciphertexts() as f64 * COST_CT_TRANSFORM_MS,
-        });
+            decrypt_ms,
+        ));
     }
 
     if a.epsilon.len() != a.noised_accuracy.len() {

@@ -117,6 +117,48 @@ fn slow_link_picks_packed() {
     assert_eq!(c.mode, Some(OutputMode::Packed));
 }
 
+/// The real sizes of a 784→128 int8 layer under the default parameters (the exact wire
+/// lengths the runtime sends), cloud time from `tandem_he::plan_cost` without its byte term.
+fn real_model(cloud_scale: f64) -> ModelCosts {
+    let mut m = model(0.0, 0.0);
+    m.splits[0].modes = [OutputMode::Packed, OutputMode::NoKey]
+        .into_iter()
+        .map(|mode| {
+            let p = crate::cloud_plan(tandem_he::DEFAULT_PARAMETERS, mode, 784, 128, 1000)
+                .expect("plan");
+            let bytes = (p.upload_bytes(1) + p.download_bytes(1)) as f64;
+            let cloud = tandem_he::plan_cost(&p, 1) - bytes * tandem_he::COST_BYTE_MS;
+            ModeCosts::from_plan(&p, true, cloud * cloud_scale, 1.0, 1.0)
+        })
+        .collect();
+    m
+}
+
+#[test]
+fn real_he_sizes_give_the_obvious_plans() {
+    let packed = real_model(1.0).splits[0].modes[0];
+    let nokey = real_model(1.0).splits[0].modes[1];
+    // No-key moves many more bytes and saves the cloud its key switches.
+    assert!(
+        nokey.download_bytes > 4 * packed.download_bytes,
+        "{nokey:?} {packed:?}"
+    );
+    assert!(nokey.cloud_ms < packed.cloud_ms);
+    let mut inp = inputs(link(1.0, 80.0));
+    inp.policy.allow_local = false;
+    inp.model = real_model(1.0);
+    assert_eq!(
+        plan(&inp).choice().and_then(|c| c.mode),
+        Some(OutputMode::Packed)
+    );
+    inp.link = link(10_000.0, 0.5);
+    inp.model = real_model(20.0);
+    assert_eq!(
+        plan(&inp).choice().and_then(|c| c.mode),
+        Some(OutputMode::NoKey)
+    );
+}
+
 #[test]
 fn unregistered_key_is_charged_once() {
     let mut inp = inputs(link(2.0, 80.0));
