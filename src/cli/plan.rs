@@ -2,10 +2,12 @@
 //! would choose for a bundle on a given link, with every candidate's predicted costs.
 //!
 //! Inputs measured here, once: the device's ns per f32 multiply-add (the bundle's device layer
-//! shapes, timed) and the encryption time per output mode (a real `Client::encrypt` of the
-//! split activation). Documented defaults otherwise: cloud time from `tandem_he::plan_cost`
-//! without its byte term, decryption as one transform per returned ciphertext
-//! (`COST_CT_TRANSFORM_MS`), clear request sizes as 4 bytes per value plus 64 bytes of framing.
+//! shapes, timed), the encryption time per output mode (a real `Client::encrypt` of the split
+//! activation) and, when the bundle carries the cloud's weights, the cloud layer's evaluation
+//! (one thread, this machine) and the decryption of its answer. Documented defaults otherwise:
+//! cloud time from `tandem_he::plan_cost` without its byte term, decryption as one transform
+//! per returned ciphertext (`COST_CT_TRANSFORM_MS`), clear request sizes as 4 bytes per value
+//! plus 64 bytes of framing.
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -19,7 +21,10 @@ use tandem::device::planner::{
     PlanInputs, SplitCosts,
 };
 use tandem::dp::{Clip, Mechanism, Quantizer};
-use tandem::he::{Client, Context, OutputMode, COST_BYTE_MS, COST_CT_TRANSFORM_MS};
+use tandem::he::{
+    Client, Context, EvalOptions, OutputMode, PreparedEvaluationKey, PreparedLayer, COST_BYTE_MS,
+    COST_CT_TRANSFORM_MS,
+};
 use tandem::model::{Bundle, Limits, Placement};
 
 /// Framing bytes assumed around a clear (noised) request or answer.
@@ -200,20 +205,50 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
 
     let params = tandem::he::DEFAULT_PARAMETERS;
     let ctx = Arc::new(Context::new(params));
-    let mut client = Client::new(ctx);
+    let mut client = Client::new(ctx.clone());
+    // The cloud's weights, when this bundle carries them: the cloud time is then measured.
+    let cloud_weights = bundle.cloud_layer().ok().cloned();
     let mut modes = Vec::new();
+    let mut cloud_measured = false;
     for mode in [OutputMode::Packed, OutputMode::NoKey] {
         let p = tandem::device::cloud_plan(params, mode, cloud.n_in, cloud.n_out, bias_bound)?;
         let x = vec![vec![0i64; cloud.n_in]];
-        let start = Instant::now();
         let runs = 5;
+        let mut input = None;
+        let start = Instant::now();
         for _ in 0..runs {
-            black_box(client.encrypt(&p, &x)?);
+            input = Some(client.encrypt(&p, &x)?);
         }
         let encrypt_ms = start.elapsed().as_secs_f64() * 1e3 / runs as f64;
         let (up, down) = (p.upload_bytes(1), p.download_bytes(1));
-        let cloud_ms = (tandem::he::plan_cost(&p, 1) - (up + down) as f64 * COST_BYTE_MS).max(0.0);
-        let decrypt_ms = p.out_ciphertexts() as f64 * COST_CT_TRANSFORM_MS;
+        let mut cloud_ms =
+            (tandem::he::plan_cost(&p, 1) - (up + down) as f64 * COST_BYTE_MS).max(0.0);
+        let mut decrypt_ms = p.out_ciphertexts() as f64 * COST_CT_TRANSFORM_MS;
+        if let (Some(cl), Some(input)) = (&cloud_weights, &input) {
+            let layer = PreparedLayer::prepare_with_plan(ctx.clone(), p, &cl.weights, &cl.bias)?;
+            let key = match mode {
+                OutputMode::Packed => Some(PreparedEvaluationKey::prepare(
+                    &client.evaluation_key(p.chunk)?,
+                    &ctx,
+                )?),
+                OutputMode::NoKey => None,
+            };
+            let opts = EvalOptions { parallel: false };
+            let mut out = None;
+            let start = Instant::now();
+            for _ in 0..runs {
+                out = Some(layer.eval(input, key.as_ref(), opts)?);
+            }
+            cloud_ms = start.elapsed().as_secs_f64() * 1e3 / runs as f64;
+            if let Some(out) = &out {
+                let start = Instant::now();
+                for _ in 0..runs {
+                    black_box(client.decrypt(&p, out)?);
+                }
+                decrypt_ms = start.elapsed().as_secs_f64() * 1e3 / runs as f64;
+            }
+            cloud_measured = true;
+        }
         modes.push(ModeCosts::from_plan(
             &p,
             !a.key_not_registered,
@@ -304,7 +339,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     let p = plan(&inputs);
     println!(
         "model {} ({}), split after layer {cloud_at}, cloud layer {}x{}; link {}, radio {}; \
-         device {ns_per_mac:.3} ns/MAC (measured); remaining rho {remaining_rho:.4}",
+         device {ns_per_mac:.3} ns/MAC (measured); cloud time {}; remaining rho {remaining_rho:.4}",
         m.id,
         a.model.display(),
         cloud.n_in,
@@ -315,6 +350,11 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
             "none".to_string()
         },
         radio.name(),
+        if cloud_measured {
+            "measured here, one thread"
+        } else {
+            "modelled (tandem_he::plan_cost)"
+        },
     );
     if a.explain {
         print!("{}", p.explain());
