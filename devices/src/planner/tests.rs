@@ -419,3 +419,42 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// Over a run of requests that each pay what the plan charges, the total never exceeds the
+    /// starting budget, and once the budget cannot pay a noised release none is planned.
+    #[test]
+    fn a_run_of_requests_never_overdraws(
+        budget in 0.0f64..2.0,
+        rhos in proptest::collection::vec(0.01f64..0.7, 1..4),
+        mbit in 0.05f64..50.0,
+        local in any::<bool>(),
+    ) {
+        let mut inp = inputs(link(mbit, 80.0));
+        inp.policy.allow_local = local;
+        inp.policy.noised = rhos
+            .iter()
+            .enumerate()
+            .map(|(i, &rho)| NoiseOption { epsilon: 1.0 + i as f64, rho, accuracy: 0.96 })
+            .collect();
+        inp.policy.noised_encrypted = inp.policy.noised.clone();
+        inp.remaining_rho = budget;
+        let mut spent = 0.0;
+        for _ in 0..50 {
+            let p = plan(&inp);
+            let Some(c) = p.choice() else { break };
+            prop_assert!(c.rho <= inp.remaining_rho);
+            if c.rho > 0.0 {
+                prop_assert!(c.protection.epsilon() > 0.0);
+            }
+            spent += c.rho;
+            inp.remaining_rho -= c.rho;
+        }
+        prop_assert!(spent <= budget + 1e-9, "spent {spent} of {budget}");
+        let cheapest = rhos.iter().copied().fold(f64::INFINITY, f64::min);
+        if inp.remaining_rho < cheapest {
+            let c = plan(&inp).choice().cloned();
+            prop_assert!(c.is_some_and(|c| c.rho == 0.0));
+        }
+    }
+}
