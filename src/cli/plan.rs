@@ -29,6 +29,10 @@ use tandem::model::{Bundle, Limits, Placement};
 
 /// Framing bytes assumed around a clear (noised) request or answer.
 const CLEAR_FRAMING_BYTES: u64 = 64;
+/// Protocol framing around an HE blob (request or answer): measured on the digits bundle,
+/// `tandem demo --json` bytes minus `LayerPlan::upload_bytes(1)` / `download_bytes(1)` =
+/// 64 up, 62 down (2026-11-30); 64 is used both ways.
+const HE_FRAMING_BYTES: u64 = 64;
 
 /// `tandem plan` arguments.
 #[derive(clap::Args)]
@@ -253,13 +257,11 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
             }
             cloud_measured = true;
         }
-        modes.push(ModeCosts::from_plan(
-            &p,
-            !a.key_not_registered,
-            cloud_ms,
-            encrypt_ms,
-            decrypt_ms,
-        ));
+        let mut costs =
+            ModeCosts::from_plan(&p, !a.key_not_registered, cloud_ms, encrypt_ms, decrypt_ms);
+        costs.upload_bytes += HE_FRAMING_BYTES;
+        costs.download_bytes += HE_FRAMING_BYTES;
+        modes.push(costs);
     }
 
     if a.epsilon.len() != a.noised_accuracy.len() {
