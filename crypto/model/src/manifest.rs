@@ -6,7 +6,13 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ModelError, Result};
 
 /// The manifest `format` string this crate reads and writes.
-pub const FORMAT: &str = "tandem-model/1";
+///
+/// Version 2 (issue 8): the layers are an ordered pipeline in which any number of quantised
+/// dense layers may be placed in the cloud (each its own protocol layer id); the device runs
+/// everything else (standardisation, float layers, activations, argmax). A version-1 manifest
+/// (exactly one cloud layer) is the special case with one cloud layer: changing its `format`
+/// line and re-signing it (`tandem model sign`) converts it.
+pub const FORMAT: &str = "tandem-model/2";
 
 /// Largest magnitude of a quantised value (int8, symmetric: `-127..=127`).
 pub const INT8_MAX: i64 = 127;
@@ -289,7 +295,8 @@ impl Manifest {
     pub fn validate(&self, limits: &Limits) -> Result<()> {
         if self.format != FORMAT {
             return Err(invalid(format!(
-                "format is {:?}, expected {FORMAT:?}",
+                "format is {:?}, expected {FORMAT:?} (a \"tandem-model/1\" bundle converts by \
+                 changing its format line and re-signing it with `tandem model sign`)",
                 self.format
             )));
         }

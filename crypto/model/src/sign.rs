@@ -200,8 +200,10 @@ pub struct Summary {
     pub classes: usize,
     /// The layers.
     pub layers: Vec<LayerSummary>,
-    /// Index of the cloud layer.
+    /// Index of the first cloud layer.
     pub cloud_layer: usize,
+    /// Indices of every cloud layer, in pipeline order (the valid protocol layer ids).
+    pub cloud_layers: Vec<usize>,
     /// Hex SHA-256 of the manifest bytes (the protocol's model digest).
     pub digest: String,
     /// The two weights files with their digests and sizes.
@@ -230,6 +232,7 @@ impl Summary {
                 })
                 .collect(),
             cloud_layer: b.cloud_index(),
+            cloud_layers: b.cloud_indices().to_vec(),
             digest: to_hex(&b.digest()),
             weights: m.weights.clone(),
         }

@@ -338,6 +338,10 @@ fn inconsistent_manifests_are_refused() {
         ("split point", Box::new(|m| m.split_points = vec![2])),
         ("format", Box::new(|m| m.format = "tandem-model/99".into())),
         (
+            "format v1",
+            Box::new(|m| m.format = "tandem-model/1".into()),
+        ),
+        (
             "argmax early",
             Box::new(|m| m.layers[0].activation = tandem_model::Activation::Argmax),
         ),
