@@ -57,6 +57,9 @@ enum Command {
         /// Output SVG file.
         #[arg(long, default_value = "privacy-curve.svg")]
         out: PathBuf,
+        /// One JSON object per point on stdout instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -107,6 +110,8 @@ fn main() -> anyhow::Result<()> {
         Command::Pki { what } => cli::runtime::pki(what),
         Command::Model { what } => cli::runtime::model(what),
         Command::Plan(args) => cli::plan::run(args),
-        Command::PrivacyCurve { dataset, out } => cli::dp::privacy_curve(&dataset, &out),
+        Command::PrivacyCurve { dataset, out, json } => {
+            cli::dp::privacy_curve(&dataset, &out, json)
+        }
     }
 }

@@ -1,54 +1,85 @@
 //! `tandem privacy-curve` and `tandem bench dp` (differential privacy, crate `tandem-dp`).
 
 use std::path::Path;
+use tandem_dp::bottleneck::{self, Channel};
 use tandem_dp::utility::{self, Dataset, NoisePoint};
 use tandem_dp::{mechanism, Clip, Mechanism, Quantizer};
 
-/// `tandem privacy-curve --dataset NAME --out FILE`: accuracy vs ε on a UCI dataset.
+/// `tandem privacy-curve --dataset NAME --out FILE [--json]`: accuracy vs ε on a UCI dataset.
 ///
-/// Writes an SVG plot to `out` (main curve plus wider-activation comparisons) and prints one
-/// JSON object per line for the main curve: `epsilon` (number, or `null` for no noise),
-/// `accuracy`, and context fields (`delta`, `dim`, `accuracy_clean_head`, `sigma`).
-pub fn privacy_curve(dataset: &str, out: &Path) -> anyhow::Result<()> {
+/// Two pipelines (issue 11): `baseline` is today's (a 16- resp. 8-wide hidden activation, L2
+/// clip, discrete Gaussian at δ = 1e-5, noise-aware cloud head); `trained` is the split
+/// bottleneck of `tandem_dp::bottleneck` (width chosen on a validation split, trained end to
+/// end with the exact noise, one variant per ε) with discrete Laplace (pure ε-DP, L1-normalised)
+/// and with discrete Gaussian (L2-normalised). Writes one SVG (accuracy vs ε, the three curves)
+/// to `out`; prints one line per point: with `--json` a JSON object with `epsilon` (`null` =
+/// no noise), `mechanism` (`laplace` | `gaussian`), `pipeline` (`baseline` | `trained`),
+/// `accuracy` (test split, mean of 5 noise draws) and context fields (`dim`, `delta`,
+/// `noise_scale` on the integer grid).
+pub fn privacy_curve(dataset: &str, out: &Path, json: bool) -> anyhow::Result<()> {
     let ds = Dataset::load(dataset, &utility::data_dir())?;
-    let (main, extras): (NoisePoint, Vec<NoisePoint>) = match ds.name.as_str() {
-        "digits" => (
-            NoisePoint::Hidden(16),
-            vec![NoisePoint::Hidden(64), NoisePoint::Input(32)],
-        ),
-        _ => (
-            NoisePoint::Hidden(8),
-            vec![NoisePoint::Hidden(32), NoisePoint::Input(16)],
-        ),
+    let base_point = match ds.name.as_str() {
+        "digits" => NoisePoint::Hidden(16),
+        _ => NoisePoint::Hidden(8),
     };
-    let label = |p: NoisePoint, d: usize| match p {
-        NoisePoint::Hidden(h) => format!("hidden activation, {h} dims"),
-        NoisePoint::Input(_) => format!("input features, {d} dims"),
+    let emit = |pipeline: &str, mech: &str, eps: Option<f64>, acc: f64, dim: usize, scale: f64| {
+        let delta = (mech == "gaussian" && eps.is_some()).then_some(utility::DELTA);
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "epsilon": eps,
+                    "mechanism": mech,
+                    "pipeline": pipeline,
+                    "accuracy": acc,
+                    "dim": dim,
+                    "delta": delta,
+                    "noise_scale": scale,
+                })
+            );
+        } else {
+            let e = eps.map_or("none".to_string(), |e| e.to_string());
+            println!("{pipeline:8} {mech:8} dim {dim:2} eps {e:>5}  accuracy {acc:.3}");
+        }
     };
-    let main_curve = utility::privacy_curve(&ds, main)?;
-    for p in &main_curve {
-        println!(
-            "{}",
-            serde_json::json!({
-                "epsilon": p.epsilon,
-                "accuracy": p.accuracy,
-                "accuracy_clean_head": p.accuracy_clean_head,
-                "delta": utility::DELTA,
-                "dim": p.dim,
-                "sigma": p.sigma,
-            })
+    let baseline = utility::privacy_curve(&ds, base_point)?;
+    for p in &baseline {
+        emit(
+            "baseline", "gaussian", p.epsilon, p.accuracy, p.dim, p.sigma,
         );
     }
-    let dim = main_curve.first().map_or(0, |p| p.dim);
-    let mut series = vec![(label(main, dim), main_curve)];
-    for e in extras {
-        let c = utility::privacy_curve(&ds, e)?;
-        let d = c.first().map_or(0, |p| p.dim);
-        series.push((label(e, d), c));
+    let base_dim = baseline.first().map_or(0, |p| p.dim);
+    let mut series = vec![(
+        format!("today's pipeline: {base_dim}-d hidden, Gaussian"),
+        baseline,
+    )];
+    let (d, scores) = bottleneck::choose_dim(&ds)?;
+    eprintln!(
+        "bottleneck width chosen on the validation split (Laplace, ε = {}): {d}; validation \
+         accuracy per width: {scores:?}",
+        bottleneck::SELECT_EPSILON
+    );
+    for ch in [Channel::Laplace, Channel::Gaussian] {
+        let pts = bottleneck::trained_curve(&ds, ch, d)?;
+        for p in &pts {
+            emit("trained", ch.name(), p.epsilon, p.accuracy, p.dim, p.scale);
+        }
+        let curve = pts
+            .iter()
+            .map(|p| utility::CurvePoint {
+                epsilon: p.epsilon,
+                accuracy: p.accuracy,
+                accuracy_clean_head: p.accuracy,
+                dim: p.dim,
+                sigma: p.scale,
+                sigma_over_signal: p.scale / bottleneck::GRID,
+            })
+            .collect();
+        series.push((format!("trained {d}-d bottleneck, {}", ch.name()), curve));
     }
     tandem_dp::plot::write_svg(
         out,
-        &format!("{}: accuracy vs ε (local DP, discrete Gaussian)", ds.name),
+        &format!("{}: accuracy vs ε per release (local DP)", ds.name),
         &series,
     )?;
     Ok(())

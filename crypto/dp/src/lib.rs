@@ -36,6 +36,8 @@
 //! ```
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "tools")]
+pub mod bottleneck;
 pub mod error;
 pub mod ledger;
 pub mod mechanism;
