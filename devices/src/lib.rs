@@ -98,14 +98,16 @@ pub struct Inference {
     pub logits: Vec<f32>,
     /// Per-stage times.
     pub timings: Timings,
-    /// Request bytes sent (protocol frames, excluding key uploads).
+    /// Request bytes sent (protocol frames, excluding key uploads), summed over the requests
+    /// of every cloud layer.
     pub bytes_up: usize,
-    /// Response bytes received (protocol frames).
+    /// Response bytes received (protocol frames), summed over every cloud layer.
     pub bytes_down: usize,
     /// Evaluation-key bytes uploaded during this inference (0 if the cloud had the key).
     pub key_upload_bytes: usize,
-    /// ε charged for this release (0 for `Encrypted`).
+    /// ε charged for this inference: one release per cloud layer (0 for `Encrypted`).
     pub epsilon_spent: f64,
-    /// Attempts needed (1 without reconnects).
+    /// Attempts needed, summed over the cloud layers (one per cloud layer without
+    /// reconnects; 1 for a single-cloud-layer model).
     pub attempts: usize,
 }
