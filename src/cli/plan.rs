@@ -175,6 +175,17 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         .position(|l| l.placement == Placement::Cloud)
         .with_context(|| format!("{}: no cloud layer", a.model.display()))?;
     let cloud = &layers[cloud_at];
+    let clouds = layers
+        .iter()
+        .filter(|l| l.placement == Placement::Cloud)
+        .count();
+    if clouds > 1 {
+        bail!(
+            "{}: {clouds} cloud layers; `tandem plan` prices bundles with one cloud layer so far \
+             (multi-layer split candidates are the second part of issue 10)",
+            a.model.display()
+        );
+    }
     let quant = cloud
         .quant
         .as_ref()
