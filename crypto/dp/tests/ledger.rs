@@ -139,3 +139,33 @@ fn release_requires_a_covering_receipt() {
     let out = mech.release(&[0.1; 16], ok, &mut rng).unwrap();
     assert_eq!(out.len(), 16);
 }
+
+#[test]
+fn laplace_release_is_charged_its_stated_bound() {
+    // specs/dp.md §5: a discrete Laplace release that is ε-DP by opendp's `make_laplace` map
+    // is charged ρ = ε²/2 (pure ε-DP ⇒ ε²/2-zCDP, Bun & Steinke 2016, Prop. 1.4), rounded one
+    // ulp up; the receipt carries exactly that charge and covers the release.
+    let p = tmp("laplace-charge");
+    let q = Quantizer::new(Clip::L1(1.0), 256.0, 8).unwrap();
+    for target in [1.0, 4.0, 8.0] {
+        let mech = Mechanism::laplace_for_epsilon(q, target).unwrap();
+        let eps = mech.cost_pure_epsilon().unwrap().unwrap();
+        assert!(eps <= target && eps >= target * (1.0 - 1e-6), "ε {eps}");
+        // ε from the definition: Δ₁/b with Δ₁ = 2(sC + d/2) = 520.
+        let b = mech.sigma_or_scale();
+        assert!(
+            (eps - 520.0 / b).abs() <= 1e-9 * eps,
+            "ε {eps} vs Δ₁/b {}",
+            520.0 / b
+        );
+        let stated = f64::from_bits((eps * eps / 2.0).to_bits() + 1);
+        assert_eq!(mech.cost_rho().unwrap(), stated);
+        let (mut a, _) = Accountant::open(&p, Policy::new(1e6, 60).unwrap()).unwrap();
+        let before = a.spent(b"d", 0);
+        let receipt = a.charge(b"d", 0, mech.cost_rho().unwrap()).unwrap();
+        assert_eq!(receipt.rho(), stated);
+        assert!(a.spent(b"d", 0) >= before + stated * (1.0 - 1e-12));
+        let mut rng = SecureBits::new().unwrap();
+        assert_eq!(mech.release(&[0.1; 8], receipt, &mut rng).unwrap().len(), 8);
+    }
+}

@@ -122,3 +122,23 @@ proptest! {
         prop_assert!(l2(&a, &zero) <= q.l2_radius());
     }
 }
+
+#[test]
+fn l1_dense_rounding_is_tight_on_the_bottleneck() {
+    // The trained pipeline's Laplace channel: d = 8, C = 1, s = 256. With seven coordinates at
+    // s·x = 31.5 and one at 35.5 (‖s·x‖₁ = 256 = sC, no clip scaling) every coordinate
+    // rounds away from zero: ‖Q(x)‖₁ = 260 = sC + d/2 = R₁, and x' = −x attains Δ₁ = 2R₁ = 520.
+    let (d, s) = (8usize, 256.0f64);
+    let q = Quantizer::new(Clip::L1(1.0), s, d).unwrap();
+    let mut x = vec![31.5 / s; d];
+    x[d - 1] = 35.5 / s;
+    assert_eq!(x.iter().sum::<f64>(), 1.0);
+    let xn: Vec<f64> = x.iter().map(|v| -v).collect();
+    let (a, b) = (q.quantize(&x).unwrap(), q.quantize(&xn).unwrap());
+    assert_eq!(l1(&a, &[0; 8]), 260.0);
+    assert_eq!(l1(&a, &b), 520.0);
+    assert!(l1(&a, &b) <= q.sensitivity().l1);
+    assert!(l1(&a, &b) >= q.sensitivity().l1 * (1.0 - 1e-12));
+    // The naive bound 2sC (no rounding slack) is exceeded by this pair.
+    assert!(l1(&a, &b) > 2.0 * s);
+}
