@@ -110,6 +110,29 @@ fn discrete_laplace_matches_opendp_sampler() {
 }
 
 #[test]
+fn discrete_laplace_at_the_bottleneck_scale() {
+    // b = 131/2 = 65.5: the trained pipeline's noise at ε = 8 on a 12-d L1-normalised
+    // bottleneck (Δ₁ = 2·⌊256 + 6⌋ = 524, b = Δ₁/ε). Against the exact pmf and against
+    // opendp's sampler at the same scale.
+    let (num, den) = (131u64, 2u64);
+    let b = num as f64 / den as f64;
+    let l = DiscreteLaplace::new(Rational { num, den }).unwrap();
+    let s = draw(1_000_000, |r| l.sample(r).unwrap());
+    let (stat, df, p) = chi2_gof(&s, &lap_pmf(b), (40.0 * b) as i64);
+    eprintln!("laplace b={b}: χ²={stat:.1} df={df} p={p:.3e}");
+    assert!(p > ALPHA, "b={b}: χ²={stat} df={df} p={p}");
+    let theirs: Vec<i64> = (0..40_000)
+        .map(|_| to_i64(opendp::traits::samplers::sample_discrete_laplace(rbig(num, den)).unwrap()))
+        .collect();
+    let (stat, df, p) = chi2_two_sample(&s[..400_000], &theirs);
+    eprintln!("laplace b={b} vs opendp: χ²={stat:.1} df={df} p={p:.3e}");
+    assert!(p > ALPHA, "χ²={stat} df={df} p={p}");
+    // Power: a 2 % error in the scale is detected.
+    let (_, _, p) = chi2_gof(&s, &lap_pmf(b * 1.02), (40.0 * b) as i64);
+    assert!(p < ALPHA, "a 2% error in b should be detected, p={p}");
+}
+
+#[test]
 fn chi2_helpers_are_sane() {
     // Q(df/2, x/2) at known quantiles: χ²_1 at 3.841 → 0.05; χ²_10 at 18.307 → 0.05.
     assert!((common::chi2_sf(3.841_458_8, 1) - 0.05).abs() < 1e-6);
