@@ -33,7 +33,12 @@ fuzz_target!(|data: &[u8]| {
             if end > 0 {
                 let again = scan(path, &data[..end], |_| {}).unwrap();
                 assert_eq!(
-                    (again.records, again.verified_len, again.last_check, again.tail),
+                    (
+                        again.records,
+                        again.verified_len,
+                        again.last_check,
+                        again.tail
+                    ),
                     (s.records, s.verified_len, s.last_check, Tail::None)
                 );
                 let mut padded = data[..end].to_vec();
@@ -45,7 +50,9 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(s.records, 0);
             }
         }
-        Err(DpError::LedgerCorrupted { offset, path: p, .. }) => {
+        Err(DpError::LedgerCorrupted {
+            offset, path: p, ..
+        }) => {
             assert_eq!(p, path);
             let off = usize::try_from(offset).unwrap();
             assert!(off < data.len());

@@ -18,14 +18,21 @@ fuzz_target!(|data: &[u8]| {
     let path = Path::new("fuzz-input.pem");
     let named = |e: &tandem_tls::Error| {
         let msg = e.to_string();
-        assert!(msg.contains("fuzz-input.pem"), "error does not name the file: {msg}");
+        assert!(
+            msg.contains("fuzz-input.pem"),
+            "error does not name the file: {msg}"
+        );
     };
     let certs = parse_certificates(path, data);
     let key = parse_private_key(path, data);
     let crls = parse_crls(path, data);
-    for e in [certs.as_ref().err(), key.as_ref().err(), crls.as_ref().err()]
-        .into_iter()
-        .flatten()
+    for e in [
+        certs.as_ref().err(),
+        key.as_ref().err(),
+        crls.as_ref().err(),
+    ]
+    .into_iter()
+    .flatten()
     {
         named(e);
     }
@@ -33,7 +40,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let now = UNIX_EPOCH + Duration::from_secs(NOW_UNIX);
-    let labelled: Vec<_> = crls.iter().map(|c| (path.to_path_buf(), c.clone())).collect();
+    let labelled: Vec<_> = crls
+        .iter()
+        .map(|c| (path.to_path_buf(), c.clone()))
+        .collect();
     let mut reversed = labelled.clone();
     reversed.reverse();
     let mut rotated = labelled.clone();

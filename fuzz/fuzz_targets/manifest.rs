@@ -19,8 +19,16 @@ fuzz_target!(|data: &[u8]| {
     }
     let canonical = m.to_toml().expect("a valid manifest serialises");
     let again = Manifest::from_toml(&canonical).expect("the canonical form parses");
-    again.validate(&limits).expect("the canonical form validates");
-    assert_eq!(again.to_toml().expect("serialises"), canonical, "canonical form is stable");
-    let i = again.cloud_index().expect("a valid manifest has one cloud layer");
+    again
+        .validate(&limits)
+        .expect("the canonical form validates");
+    assert_eq!(
+        again.to_toml().expect("serialises"),
+        canonical,
+        "canonical form is stable"
+    );
+    let i = again
+        .cloud_index()
+        .expect("a valid manifest has one cloud layer");
     assert!(i > 0 && i < again.layers.len());
 });

@@ -6,7 +6,9 @@ use libfuzzer_sys::fuzz_target;
 use tandem_protocol::*;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&split, rest)) = data.split_first() else { return };
+    let Some((&split, rest)) = data.split_first() else {
+        return;
+    };
     let mut c = CloudSession::new(
         samples::cloud_config(),
         samples::PEER_IDENTITY,

@@ -6,13 +6,22 @@ use libfuzzer_sys::fuzz_target;
 use tandem_protocol::*;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&split, rest)) = data.split_first() else { return };
+    let Some((&split, rest)) = data.split_first() else {
+        return;
+    };
     let mut d = DeviceSession::new(samples::device_config(), samples::CHANNEL_BINDING, 0).unwrap();
-    let hello = Message::ServerHello(samples::server_hello()).encode().unwrap();
+    let hello = Message::ServerHello(samples::server_hello())
+        .encode()
+        .unwrap();
     let _ = d.poll_transmit();
     if split & 0x80 != 0 {
         d.handle_input(&hello, 0).unwrap();
-        let _ = d.register_key(samples::key_id(), OutputMode::Packed, samples::key_blob(), 0);
+        let _ = d.register_key(
+            samples::key_id(),
+            OutputMode::Packed,
+            samples::key_blob(),
+            0,
+        );
         for (_, m) in samples::messages() {
             if let Message::InferRequest(r) = m {
                 let _ = d.send_request(r.layer_id, r.batch, r.payload, 0);
@@ -34,7 +43,9 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         while let Some(ev) = d.poll_event() {
-            if let DeviceEvent::Response { request_id, .. } | DeviceEvent::RequestFailed { request_id, .. } = ev {
+            if let DeviceEvent::Response { request_id, .. }
+            | DeviceEvent::RequestFailed { request_id, .. } = ev
+            {
                 assert!(answered.insert(request_id), "answered twice");
             }
         }

@@ -38,13 +38,25 @@ struct Side {
 fuzz_target!(|ops: Vec<Op>| {
     let mut now = 0u64;
     let mut d = DeviceSession::new(samples::device_config(), samples::CHANNEL_BINDING, 0).unwrap();
-    let mut c = CloudSession::new(samples::cloud_config(), samples::PEER_IDENTITY, samples::CHANNEL_BINDING, 0).unwrap();
+    let mut c = CloudSession::new(
+        samples::cloud_config(),
+        samples::PEER_IDENTITY,
+        samples::CHANNEL_BINDING,
+        0,
+    )
+    .unwrap();
     let (mut ds, mut cs) = (Side::default(), Side::default()); // ds: bytes to device
     let mut pending: Vec<InferRequest> = Vec::new();
     let mut answered = BTreeSet::new();
     let reqs: Vec<InferRequest> = samples::messages()
         .into_iter()
-        .filter_map(|(_, m)| if let Message::InferRequest(r) = m { Some(r) } else { None })
+        .filter_map(|(_, m)| {
+            if let Message::InferRequest(r) = m {
+                Some(r)
+            } else {
+                None
+            }
+        })
         .collect();
     for op in ops.into_iter().take(200) {
         match op {
@@ -53,7 +65,12 @@ fuzz_target!(|ops: Vec<Op>| {
                 let _ = d.send_request(r.layer_id, r.batch, r.payload.clone(), now);
             }
             Op::RegisterKey => {
-                let _ = d.register_key(samples::key_id(), OutputMode::Packed, samples::key_blob(), now);
+                let _ = d.register_key(
+                    samples::key_id(),
+                    OutputMode::Packed,
+                    samples::key_blob(),
+                    now,
+                );
             }
             Op::AllowKey => {
                 let _ = c.allow_key(samples::key_id());
@@ -63,7 +80,10 @@ fuzz_target!(|ops: Vec<Op>| {
                 let _ = match op {
                     Op::Respond(_) => {
                         let p = match r.payload {
-                            RequestPayload::Encrypted(e) | RequestPayload::NoisedEncrypted { enc: e, .. } => ResponsePayload::Encrypted(e),
+                            RequestPayload::Encrypted(e)
+                            | RequestPayload::NoisedEncrypted { enc: e, .. } => {
+                                ResponsePayload::Encrypted(e)
+                            }
                             RequestPayload::Noised(_) => ResponsePayload::Plain(vec![1]),
                         };
                         c.send_response(r.request_id, p, now)
@@ -76,58 +96,88 @@ fuzz_target!(|ops: Vec<Op>| {
                 let chunk: Vec<u8> = cs.buf.drain(..usize::from(n).min(cs.buf.len())).collect();
                 let was = c.is_closed();
                 let r = c.handle_input(&chunk, now);
-                if was { assert!(r.is_err() && c.is_closed()); }
+                if was {
+                    assert!(r.is_err() && c.is_closed());
+                }
             }
             Op::DeliverToDevice(n) => {
                 let chunk: Vec<u8> = ds.buf.drain(..usize::from(n).min(ds.buf.len())).collect();
                 let was = d.is_closed();
                 let r = d.handle_input(&chunk, now);
-                if was { assert!(r.is_err() && d.is_closed()); }
+                if was {
+                    assert!(r.is_err() && d.is_closed());
+                }
             }
             Op::DropToCloud => cs.buf.clear(),
             Op::DuplicateToCloud => {
-                if let Some(f) = cs.frames.last() { cs.buf.extend(f.iter().copied()); }
+                if let Some(f) = cs.frames.last() {
+                    cs.buf.extend(f.iter().copied());
+                }
             }
             Op::DuplicateToDevice => {
-                if let Some(f) = ds.frames.last() { ds.buf.extend(f.iter().copied()); }
+                if let Some(f) = ds.frames.last() {
+                    ds.buf.extend(f.iter().copied());
+                }
             }
             Op::Inject { to_cloud, bytes } => {
-                if to_cloud { cs.buf.extend(bytes) } else { ds.buf.extend(bytes) }
+                if to_cloud {
+                    cs.buf.extend(bytes)
+                } else {
+                    ds.buf.extend(bytes)
+                }
             }
             Op::Advance(ms) => {
                 now = now.saturating_add(u64::from(ms));
                 d.handle_timeout(now);
                 c.handle_timeout(now);
             }
-            Op::CloseDevice(code) => d.close(ErrorCode::ALL[usize::from(code) % ErrorCode::ALL.len()]),
-            Op::CloseCloud(code) => c.close(ErrorCode::ALL[usize::from(code) % ErrorCode::ALL.len()]),
+            Op::CloseDevice(code) => {
+                d.close(ErrorCode::ALL[usize::from(code) % ErrorCode::ALL.len()])
+            }
+            Op::CloseCloud(code) => {
+                c.close(ErrorCode::ALL[usize::from(code) % ErrorCode::ALL.len()])
+            }
         }
         // Drain outputs into the links, check invariants.
         while let Some(f) = d.poll_transmit() {
-            if f.get(1) == Some(&8) { cs.closes += 1; }
+            if f.get(1) == Some(&8) {
+                cs.closes += 1;
+            }
             cs.buf.extend(f.iter().copied());
             cs.frames.push(f);
         }
         while let Some(f) = c.poll_transmit() {
-            if f.get(1) == Some(&8) { ds.closes += 1; }
+            if f.get(1) == Some(&8) {
+                ds.closes += 1;
+            }
             ds.buf.extend(f.iter().copied());
             ds.frames.push(f);
         }
         while let Some(e) = c.poll_event() {
-            if let CloudEvent::Request { request, .. } = e { pending.push(request); }
+            if let CloudEvent::Request { request, .. } = e {
+                pending.push(request);
+            }
         }
         while let Some(e) = d.poll_event() {
-            if let DeviceEvent::Response { request_id, .. } | DeviceEvent::RequestFailed { request_id, .. } = e {
+            if let DeviceEvent::Response { request_id, .. }
+            | DeviceEvent::RequestFailed { request_id, .. } = e
+            {
                 assert!(answered.insert(request_id), "answered twice");
             }
         }
         assert!(cs.closes <= 1 && ds.closes <= 1, "more than one Close");
-        if ds.closed { assert!(d.is_closed()); }
-        if cs.closed { assert!(c.is_closed()); }
+        if ds.closed {
+            assert!(d.is_closed());
+        }
+        if cs.closed {
+            assert!(c.is_closed());
+        }
         ds.closed = d.is_closed();
         cs.closed = c.is_closed();
         assert!(d.in_flight() <= usize::from(samples::limits().max_in_flight));
         assert!(c.in_flight() <= usize::from(samples::limits().max_in_flight));
-        if c.is_closed() { pending.clear(); }
+        if c.is_closed() {
+            pending.clear();
+        }
     }
 });

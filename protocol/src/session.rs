@@ -1015,7 +1015,10 @@ impl CloudSession {
         }
         // TDM-KEY-6: at most MAX_KEYS_PER_SESSION distinct keys registered per session;
         // keys loaded from the store (TDM-KEY-7) do not count.
-        let registered = self.known_keys.len().saturating_add(self.pending_keys.len());
+        let registered = self
+            .known_keys
+            .len()
+            .saturating_add(self.pending_keys.len());
         let already = self.known_keys.contains(&k.key_id) || self.pending_keys.contains(&k.key_id);
         if !already && registered >= MAX_KEYS_PER_SESSION {
             return Err(Error::LengthLimit {

@@ -705,7 +705,10 @@ fn key_ack_only_after_runtime_accepts() {
     c.accept_key([7; 32], 3).unwrap();
     assert_eq!(key_acks(&mut c), vec![[7; 32]]);
     assert_eq!(c.pending_keys(), 0);
-    assert!(c.accept_key([7; 32], 3).is_err(), "one KeyAck per registration");
+    assert!(
+        c.accept_key([7; 32], 3).is_err(),
+        "one KeyAck per registration"
+    );
 }
 
 #[test]

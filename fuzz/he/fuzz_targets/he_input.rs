@@ -22,10 +22,20 @@ fn state() -> &'static State {
         let mut layers = Vec::new();
         // v1 layout (one row per polynomial) and the batch layout (several rows).
         for batch in [None, Some(4)] {
-            let opts = PlanOptions { chunk: Some(16), batch };
-            if let Ok(l) =
-                PreparedLayer::prepare(ctx.clone(), OutputMode::NoKey, n_in, n_out, &w, &b, 128, opts)
-            {
+            let opts = PlanOptions {
+                chunk: Some(16),
+                batch,
+            };
+            if let Ok(l) = PreparedLayer::prepare(
+                ctx.clone(),
+                OutputMode::NoKey,
+                n_in,
+                n_out,
+                &w,
+                &b,
+                128,
+                opts,
+            ) {
                 layers.push(l);
             }
         }

@@ -20,10 +20,20 @@ fn state() -> &'static State {
         let mut plans = Vec::new();
         for mode in [OutputMode::NoKey, OutputMode::Packed] {
             for batch in [None, Some(3)] {
-                let opts = PlanOptions { chunk: Some(16), batch };
-                if let Ok(p) =
-                    PreparedLayer::plan_public(DEFAULT_PARAMETERS, mode, 40, 12, 128, 127, 100, opts)
-                {
+                let opts = PlanOptions {
+                    chunk: Some(16),
+                    batch,
+                };
+                if let Ok(p) = PreparedLayer::plan_public(
+                    DEFAULT_PARAMETERS,
+                    mode,
+                    40,
+                    12,
+                    128,
+                    127,
+                    100,
+                    opts,
+                ) {
                     plans.push(p);
                 }
             }
