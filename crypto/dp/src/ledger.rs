@@ -47,6 +47,14 @@
 //! a record-shaped prefix — is [`DpError::LedgerCorrupted`] naming the file and the offset,
 //! and the ledger refuses to open (it is never silently reset).
 //!
+//! The header is written and synced when the file is created, before any record. So a file
+//! *no longer than the header* that holds a prefix of the magic followed by zeros (a crash
+//! during creation) is recreated, but a file *longer than the header* without a complete
+//! header — in particular one overwritten entirely with zero bytes — cannot be a crash
+//! leftover: it is [`DpError::LedgerCorrupted`] at offset 0 (recreating it would reset the
+//! budget; restore it from a backup, or remove it only if resetting the budget is acceptable).
+//! The file is created with mode 0600 (owner only) on unix.
+//!
 //! Residual ambiguity, stated: damage that zeroes exactly a suffix of the last record's check
 //! value (and nothing else) cannot be told apart from a write cut short and is cut.
 //!
@@ -193,12 +201,13 @@ impl Ledger {
     /// * [`DpError::Io`] if the file cannot be created, locked, read, truncated or synced.
     pub fn open(path: &Path, visit: impl FnMut(&Record)) -> Result<(Self, OpenReport)> {
         let existed = path.exists();
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(path)
-            .map_err(io_err(path))?;
+        let mut opts = OpenOptions::new();
+        opts.read(true).append(true).create(true);
+        // Owner-only from the first byte (issue 12, item 3): never created group- or
+        // world-readable, whatever the umask.
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut file = opts.open(path).map_err(io_err(path))?;
         // TDM-LEDG-2: lock before reading anything (the recovery below also writes). Called through the
         // trait: std's inherent `File::try_lock` (Rust 1.89) is newer than our MSRV.
         match fs4::FileExt::try_lock(&file) {
@@ -339,6 +348,22 @@ impl Ledger {
 pub fn scan(path: &Path, bytes: &[u8], mut visit: impl FnMut(&Record)) -> Result<Scan> {
     let m = mismatch(bytes, MAGIC);
     if m < MAGIC.len() {
+        // The header is written and synced before any record is appended, so a file longer
+        // than the header without a complete header cannot come from a crash: it was
+        // overwritten (e.g. zero-filled) after records were acknowledged. Recreating it would
+        // reset the budget, so it is refused.
+        if bytes.len() > MAGIC.len() {
+            let what = if all_zero(bytes) {
+                format!(
+                    "the whole file ({} bytes) is zero bytes, longer than the 8-byte header: \
+                     it held records and was overwritten, this is not a crash leftover",
+                    bytes.len()
+                )
+            } else {
+                "bad header: not a tandem privacy ledger (expected magic \"TDPLEDG1\")".into()
+            };
+            return Err(corrupt(path, 0, what));
+        }
         // Empty, or a header cut short at creation: a prefix of MAGIC, then only zeros.
         if all_zero(&bytes[m..]) {
             let tail = if bytes.is_empty() {

@@ -84,11 +84,12 @@ fn torn_record_followed_by_zeros_is_cut() {
 }
 
 #[test]
-fn all_zero_file_and_torn_header_are_recreated() {
+fn all_zero_file_and_torn_header_no_longer_than_the_header_are_recreated() {
     for image in [
-        vec![0u8; 512],
+        vec![0u8; 8],
+        vec![0u8; 3],
         b"TDPL".to_vec(),
-        b"TDPLEDG\0\0\0\0".to_vec(),
+        b"TDPLEDG\0".to_vec(),
     ] {
         let p = tmp("header");
         let r = open_image(&p, &image).unwrap();
@@ -96,6 +97,48 @@ fn all_zero_file_and_torn_header_are_recreated() {
         assert_eq!(r.torn_bytes, image.len() as u64);
         assert_eq!(std::fs::read(&p).unwrap(), b"TDPLEDG1");
     }
+}
+
+#[test]
+fn zero_filled_ledger_longer_than_the_header_is_refused_not_reset() {
+    // The breaker's case: 4 synced records, then `head -c 208 /dev/zero > ledger.bin`.
+    // Before: records = 0 and a fresh budget.
+    let p = tmp("zeroed");
+    let (good, _) = ledger_with(&p, &[8, 8, 8, 8]);
+    for len in [208, good.len(), 9, 4096] {
+        let image = vec![0u8; len];
+        match open_image(&p, &image) {
+            Err(e @ DpError::LedgerCorrupted { offset: 0, .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains(&p.display().to_string()), "{msg}");
+                assert!(msg.contains("restore") && msg.contains("budget"), "{msg}");
+            }
+            other => panic!("an all-zero {len}-byte ledger must be refused, got {other:?}"),
+        }
+        assert_eq!(std::fs::read(&p).unwrap(), image, "left untouched");
+    }
+    // A torn header followed by more than the header's length is refused as well.
+    for image in [b"TDPLEDG\0\0\0\0".to_vec(), {
+        let mut b = b"TDPL".to_vec();
+        b.resize(512, 0);
+        b
+    }] {
+        assert!(matches!(
+            open_image(&p, &image),
+            Err(DpError::LedgerCorrupted { offset: 0, .. })
+        ));
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn new_ledger_is_created_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let p = tmp("mode");
+    let (a, _) = Accountant::open(&p, policy()).unwrap();
+    drop(a);
+    let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "ledger mode {mode:o}");
 }
 
 #[test]
@@ -205,6 +248,18 @@ proptest! {
                     img.extend(std::iter::repeat_n(0u8, k));
                 }
                 let expect = intact(&img);
+                if cut < 8 && img.len() > 8 {
+                    // A torn header with more than the header's length after it: the file was
+                    // overwritten, not cut by a crash at creation (TDM-LEDG-3/4).
+                    let refused = matches!(
+                        open_image(&p, &img),
+                        Err(DpError::LedgerCorrupted { offset: 0, .. })
+                    );
+                    prop_assert!(refused, "torn header + zeros longer than the header accepted");
+                    prop_assert_eq!(std::fs::read(&p).unwrap(), img);
+                    let _ = std::fs::remove_dir_all(p.parent().unwrap());
+                    return Ok(());
+                }
                 let r = open_image(&p, &img).expect("a cut or zero-filled tail is recovered");
                 prop_assert_eq!(r.records, expect);
                 if cut >= 8 {
