@@ -5,7 +5,10 @@
 #                                    start the shared cluster on 127.0.0.1:$TANDEM_PG_PORT
 #   scaleout-env.sh env              print the exports the tests read
 #   scaleout-env.sh stop             stop every cluster this script started, remove its files
-#   scaleout-env.sh pg-up NAME PORT  start (initdb on first use) a private cluster NAME
+#   scaleout-env.sh pg-up NAME PORT [TLS_DIR]
+#                                    start (initdb on first use) a private cluster NAME; with
+#                                    TLS_DIR (holding server.crt and server.key, PEM) it also
+#                                    accepts TLS (ssl = on; plain connections still work)
 #   scaleout-env.sh pg-down NAME     stop cluster NAME immediately (database-down tests)
 #
 # Clusters live under $TANDEM_SCALEOUT_DIR (default /tmp/tandem-scaleout), listen on
@@ -41,7 +44,7 @@ install_missing() {
 }
 
 pg_up() {
-  local name=$1 port=$2 dir="$STATE/$1" bin
+  local name=$1 port=$2 tls_dir=${3:-} dir="$STATE/$1" bin ssl_opts=""
   bin=$(pgbin)
   mkdir -p "$STATE"; chmod 755 "$STATE"
   if [ ! -f "$dir/PG_VERSION" ]; then
@@ -54,8 +57,15 @@ pg_up() {
     echo "scaleout-env: PostgreSQL $name already running" >&2
     return 0
   fi
+  if [ -n "$tls_dir" ]; then
+    # Copied into the data directory: the server reads them as its own user, key mode 0600.
+    install -m 0644 "$tls_dir/server.crt" "$dir/server.crt"
+    install -m 0600 "$tls_dir/server.key" "$dir/server.key"
+    [ "$(id -u)" = 0 ] && chown postgres:postgres "$dir/server.crt" "$dir/server.key"
+    ssl_opts=" -c ssl=on -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key"
+  fi
   as_pg "$bin/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 30 \
-    -o "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$dir -c max_connections=200" \
+    -o "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$dir -c max_connections=200$ssl_opts" \
     start >/dev/null
   echo "scaleout-env: PostgreSQL $name on 127.0.0.1:$port" >&2
 }
@@ -82,7 +92,7 @@ case "${1:-}" in
     done
     rm -rf "$STATE"
     ;;
-  pg-up) pg_up "$2" "$3" ;;
+  pg-up) pg_up "$2" "$3" "${4:-}" ;;
   pg-down) pg_down "$2" ;;
-  *) echo "usage: $0 start|env|stop|pg-up NAME PORT|pg-down NAME" >&2; exit 2 ;;
+  *) echo "usage: $0 start|env|stop|pg-up NAME PORT [TLS_DIR]|pg-down NAME" >&2; exit 2 ;;
 esac

@@ -6,6 +6,9 @@
 //! verifying_key = "/etc/tandem/model-signing.pub"
 //! key_store = "/var/lib/tandem/keys.redb"   # embedded redb file (one replica), or:
 //! # key_store = { postgres = "host=127.0.0.1 port=5432 user=tandem dbname=tandem", pool_size = 8, timeout_ms = 3000 }
+//! # TLS to the database [off]: "require" (encrypted, certificate not checked) or "verify-full"
+//! # (chain checked against `ca`, name against host=):
+//! # key_store = { postgres = "host=db.internal user=tandem dbname=tandem", tls = "verify-full", ca = "/etc/tandem/db-ca.pem" }
 //! # A bundle directory (both output modes), or a table with the modes served.
 //! models = ["/srv/models/breast_cancer", { path = "/srv/models/digits", output_modes = ["packed"] }]
 //!
@@ -13,11 +16,17 @@
 //! max_connections = 256                  # sessions [256]
 //! max_connections_per_identity = 8       # sessions per device certificate [8]
 //! max_handshakes = 64                    # TLS handshakes in progress [64]
+//! max_pending = 1024                     # connections waiting for their first byte, oldest evicted [1024]
+//! first_byte_timeout_ms = 1000           # accept → first byte, no handshake slot held [1000]
 //! max_in_flight_per_device = 8           # requests evaluated per device [8]
 //! first_message_timeout_ms = 5000        # TLS handshake → complete ClientHello [5000]
 //! handshake_timeout_ms = 10000           # TLS handshake [10000]
 //! max_batch = 16                         # rows per request [16]
-//! # max_frame_len, max_key_len, max_request_bytes: derived from the served models if absent
+//! # max_frame_len, max_key_len, max_request_bytes: derived from the served models if absent.
+//! # max_request_bytes = 0 also means "derived from the models" (the largest request payload
+//! # they need for max_batch rows). An explicit max_frame_len must be within 4096..=268435456
+//! # (specs/wire-format.md); an explicit max_key_len must hold the served models' key blobs
+//! # (start-up is refused with the size needed). `models` must not be empty.
 //! max_keys_per_device = 8                # stored keys per device, LRU-evicted [8]
 //! max_key_bytes_per_device = 16777216    # stored key bytes per device [16 MiB]
 //! key_cache_bytes = 268435456            # prepared keys in memory [256 MiB]
@@ -74,6 +83,54 @@ pub struct PostgresToml {
     pub pool_size: Option<usize>,
     /// See [`crate::PgConfig::op_timeout`] (ms) [3000].
     pub timeout_ms: Option<u64>,
+    /// TLS to the database, see [`crate::PgTls`]: `off`, `require` or `verify-full` [off].
+    pub tls: Option<String>,
+    /// PEM file of the CA that signed the database's certificate (`verify-full` only).
+    pub ca: Option<PathBuf>,
+}
+
+impl PostgresToml {
+    /// The store settings of this table.
+    ///
+    /// # Errors
+    /// [`CloudError::Config`] on a zero pool size or deadline, an unknown `tls`, `verify-full`
+    /// without `ca`, or `ca` without `verify-full`.
+    pub fn pg_config(&self) -> Result<crate::PgConfig, CloudError> {
+        let mut c = crate::PgConfig::new(self.postgres.clone());
+        if let Some(n) = self.pool_size {
+            c.pool_size = n;
+        }
+        if let Some(ms) = self.timeout_ms {
+            c.op_timeout = Duration::from_millis(ms);
+        }
+        if c.pool_size == 0 || c.op_timeout.is_zero() {
+            return Err(CloudError::Config(
+                "key_store: pool_size and timeout_ms must be at least 1".into(),
+            ));
+        }
+        c.tls = match (self.tls.as_deref().unwrap_or("off"), &self.ca) {
+            ("off", None) => crate::PgTls::Off,
+            ("require", None) => crate::PgTls::Require,
+            ("verify-full", Some(ca)) => crate::PgTls::VerifyFull { ca: ca.clone() },
+            ("verify-full", None) => {
+                return Err(CloudError::Config(
+                    "key_store: tls = \"verify-full\" needs ca = \"<PEM file of the CA that signed the database's certificate>\"".into(),
+                ))
+            }
+            ("off" | "require", Some(ca)) => {
+                return Err(CloudError::Config(format!(
+                    "key_store: ca = \"{}\" is only used with tls = \"verify-full\" (set it, or remove ca)",
+                    ca.display()
+                )))
+            }
+            (other, _) => {
+                return Err(CloudError::Config(format!(
+                    "key_store: tls = \"{other}\" is not one of \"off\", \"require\", \"verify-full\""
+                )))
+            }
+        };
+        Ok(c)
+    }
 }
 
 /// The parsed `cloud.toml` (unknown keys are refused).
@@ -100,6 +157,10 @@ pub struct CloudToml {
     pub max_connections_per_identity: Option<usize>,
     /// See [`AdmissionLimits::max_handshakes`].
     pub max_handshakes: Option<usize>,
+    /// See [`AdmissionLimits::max_pending`].
+    pub max_pending: Option<usize>,
+    /// See [`AdmissionLimits::first_byte_timeout`] (ms).
+    pub first_byte_timeout_ms: Option<u64>,
     /// See [`AdmissionLimits::max_in_flight_per_device`].
     pub max_in_flight_per_device: Option<usize>,
     /// See [`AdmissionLimits::max_request_bytes`].
@@ -153,6 +214,10 @@ impl CloudToml {
                 .max_connections_per_identity
                 .unwrap_or(a.max_connections_per_identity),
             max_handshakes: self.max_handshakes.unwrap_or(a.max_handshakes),
+            max_pending: self.max_pending.unwrap_or(a.max_pending),
+            first_byte_timeout: self
+                .first_byte_timeout_ms
+                .map_or(a.first_byte_timeout, Duration::from_millis),
             max_in_flight_per_device: self
                 .max_in_flight_per_device
                 .unwrap_or(a.max_in_flight_per_device),
@@ -183,6 +248,11 @@ impl CloudToml {
                 admission.max_connections_per_identity,
             ),
             ("max_handshakes", admission.max_handshakes),
+            ("max_pending", admission.max_pending),
+            (
+                "first_byte_timeout_ms",
+                usize::from(!admission.first_byte_timeout.is_zero()),
+            ),
             (
                 "max_in_flight_per_device",
                 admission.max_in_flight_per_device,
@@ -211,21 +281,7 @@ impl CloudToml {
         let (admission, resources) = self.limits()?;
         let (path, postgres) = match &self.key_store {
             KeyStoreToml::Redb(p) => (p.clone(), None),
-            KeyStoreToml::Postgres(t) => {
-                let mut c = crate::PgConfig::new(t.postgres.clone());
-                if let Some(n) = t.pool_size {
-                    c.pool_size = n;
-                }
-                if let Some(ms) = t.timeout_ms {
-                    c.op_timeout = Duration::from_millis(ms);
-                }
-                if c.pool_size == 0 || c.op_timeout.is_zero() {
-                    return Err(CloudError::Config(
-                        "key_store: pool_size and timeout_ms must be at least 1".into(),
-                    ));
-                }
-                (PathBuf::new(), Some(c))
-            }
+            KeyStoreToml::Postgres(t) => (PathBuf::new(), Some(t.pg_config()?)),
         };
         let mut opts = ServerOptions::new(self.listen, tls, vk, path);
         opts.postgres = postgres;
@@ -257,7 +313,7 @@ impl CloudToml {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
 
     #[test]
@@ -295,11 +351,52 @@ key_expiry_secs = 60
         .unwrap();
         assert!(matches!(&pg.key_store, KeyStoreToml::Postgres(p) if p.pool_size == Some(4)));
         assert_eq!(pg.key_expiry_secs, Some(60));
+        let KeyStoreToml::Postgres(t) = &pg.key_store else {
+            unreachable!()
+        };
+        assert_eq!(t.pg_config().unwrap().tls, crate::PgTls::Off);
         assert!(ModelPolicy::from_names(&["packed"]).unwrap().packed);
         assert!(!ModelPolicy::from_names(&["packed"]).unwrap().nokey);
         assert!(ModelPolicy::from_names::<&str>(&[]).is_err());
         assert!(ModelPolicy::from_names(&["plain"]).is_err());
         let bad: Result<CloudToml, _> = toml::from_str("listen = \"127.0.0.1:0\"\nbogus = 1\n");
         assert!(bad.is_err());
+    }
+
+    fn pg_table(extra: &str) -> Result<crate::PgConfig, CloudError> {
+        let t: PostgresToml = toml::from_str(&format!(
+            "postgres = \"host=db.internal user=tandem\"\n{extra}"
+        ))
+        .unwrap();
+        t.pg_config()
+    }
+
+    #[test]
+    fn postgres_tls_settings_parse_and_inconsistent_ones_are_refused() {
+        assert_eq!(pg_table("").unwrap().tls, crate::PgTls::Off);
+        assert_eq!(pg_table("tls = \"off\"").unwrap().tls, crate::PgTls::Off);
+        assert_eq!(
+            pg_table("tls = \"require\"").unwrap().tls,
+            crate::PgTls::Require
+        );
+        assert_eq!(
+            pg_table("tls = \"verify-full\"\nca = \"/etc/tandem/db-ca.pem\"")
+                .unwrap()
+                .tls,
+            crate::PgTls::VerifyFull {
+                ca: "/etc/tandem/db-ca.pem".into()
+            }
+        );
+        for (extra, says) in [
+            ("tls = \"verify-full\"", "needs ca"),
+            ("tls = \"require\"\nca = \"ca.pem\"", "only used with"),
+            ("ca = \"ca.pem\"", "only used with"),
+            ("tls = \"verify-ca\"", "not one of"),
+        ] {
+            match pg_table(extra) {
+                Err(CloudError::Config(m)) => assert!(m.contains(says), "{extra}: {m}"),
+                other => panic!("{extra}: want a Config error, got {other:?}"),
+            }
+        }
     }
 }

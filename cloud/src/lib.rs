@@ -42,7 +42,7 @@ pub mod server;
 pub use config::{CloudToml, ModelToml};
 pub use keystore::{KeyBackend, KeyQuota, KeyRecord, KeyStore};
 pub use metrics::Prom;
-pub use pg_store::{PgConfig, PgStore};
+pub use pg_store::{PgConfig, PgStore, PgTls};
 pub use redb_store::RedbStore;
 pub use registry::{cloud_plan, ModelPolicy, ModelRegistry, ModelSpec, ServedModel, WireSizes};
 pub use server::{derive_limits, AdmissionLimits, Cloud, Metrics, ResourceLimits, ServerOptions};

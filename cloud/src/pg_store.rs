@@ -11,13 +11,25 @@
 //! that concurrent registrations of one device on different replicas see each other and the
 //! quota holds. Every operation has a deadline ([`PgConfig::op_timeout`]); a database that is
 //! down or slow gives [`CloudError::StoreUnavailable`], and the pool reconnects when it returns.
+//!
+//! TLS to the database is optional ([`PgTls`], `key_store.tls` in `cloud.toml`): off by default,
+//! `require` (encrypted, server certificate not checked) or `verify-full` (the server's chain
+//! checked against `key_store.ca` and its name against `host=`). It runs on rustls with the
+//! **ring** provider that the device link uses ([`tandem_tls::provider`]), TLS 1.3 only, through
+//! `tokio-postgres-rustls`; when TLS is on the connection never falls back to plain text.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tandem_tls::pki_types::{CertificateDer, ServerName, UnixTime};
+use tandem_tls::rustls;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::keystore::{plan_evictions, KeyBackend, KeyQuota, KeyRecord};
 use crate::CloudError;
@@ -38,15 +50,40 @@ pub struct PgConfig {
     pub pool_size: usize,
     /// Deadline of one store operation, including waiting for a connection.
     pub op_timeout: Duration,
+    /// TLS to the database [off].
+    pub tls: PgTls,
+}
+
+/// TLS to the database (`key_store.tls` and `key_store.ca` in `cloud.toml`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PgTls {
+    /// Plain TCP (`tls = "off"`, the default): for a database on loopback or a trusted
+    /// private network.
+    #[default]
+    Off,
+    /// TLS required, the server certificate **not** checked (`tls = "require"`, as libpq's
+    /// `sslmode=require`): protects against eavesdropping, not against an active attacker who
+    /// impersonates the database.
+    Require,
+    /// TLS required, the server's certificate chain checked against the CA certificates in
+    /// `ca` and the host name of the connection string (`host=`, a DNS name or IP address)
+    /// checked against the certificate (`tls = "verify-full"`, as libpq's
+    /// `sslmode=verify-full`).
+    VerifyFull {
+        /// PEM file with one or more CA certificates.
+        ca: PathBuf,
+    },
 }
 
 impl PgConfig {
-    /// `url` with a pool of 8 and a 3 s deadline.
+    /// `url` with a pool of 8, a 3 s deadline and no TLS.
     pub fn new(url: impl Into<String>) -> Self {
         PgConfig {
             url: url.into(),
             pool_size: 8,
             op_timeout: Duration::from_secs(3),
+            tls: PgTls::Off,
         }
     }
 }
@@ -74,6 +111,142 @@ impl Drop for PgStore {
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+/// `require`: accepts any server certificate but still checks the handshake signatures (so
+/// the session key is bound to the certificate the server presented).
+#[derive(Debug)]
+struct EncryptOnly(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The rustls client configuration of `tls` (`None` when off).
+///
+/// # Errors
+/// [`CloudError::Tls`] naming the CA file if it is missing, unreadable or holds no PEM
+/// certificate; [`CloudError::Config`] naming it if a certificate in it is not usable as a
+/// trust anchor.
+fn rustls_config(tls: &PgTls) -> Result<Option<rustls::ClientConfig>, CloudError> {
+    let provider = tandem_tls::provider();
+    let builder = || {
+        rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| CloudError::Config(format!("key_store.tls: {e}")))
+    };
+    Ok(match tls {
+        PgTls::Off => None,
+        PgTls::Require => Some(
+            builder()?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider.clone())))
+                .with_no_client_auth(),
+        ),
+        PgTls::VerifyFull { ca } => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in tandem_tls::load_certificates(ca)? {
+                roots.add(cert).map_err(|e| {
+                    CloudError::Config(format!(
+                        "key_store.ca {}: {e} (the file must hold the PEM certificate of the CA that signed the database server's certificate)",
+                        ca.display()
+                    ))
+                })?;
+            }
+            Some(
+                builder()?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+            )
+        }
+    })
+}
+
+/// `e` and its sources, each once (tokio-postgres keeps the reason in the source).
+fn with_sources(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let t = s.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        next = s.source();
+    }
+    out
+}
+
+/// Whether `e` or one of its sources is a failed TLS handshake (rustls' error inside an I/O
+/// error, or tokio-postgres' TLS kind).
+fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(s) = next {
+        if s.is::<rustls::Error>()
+            || s.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+            || s.to_string().contains("TLS")
+        {
+            return true;
+        }
+        next = s.source();
+    }
+    false
+}
+
+/// A failure to get a connection: [`CloudError::StoreUnavailable`] with the reason (the TLS
+/// reason and what to check when the handshake failed).
+fn connect_failure(target: &str, e: &(dyn std::error::Error + 'static)) -> CloudError {
+    if is_tls_failure(e) {
+        CloudError::StoreUnavailable(format!(
+            "PostgreSQL at {target}: TLS to the database failed: {} (check key_store.tls and key_store.ca against the server's certificate and the name in host=, and that the server has ssl = on)",
+            with_sources(e)
+        ))
+    } else {
+        unavailable(target, with_sources(e))
     }
 }
 
@@ -139,8 +312,10 @@ impl PgStore {
     /// a replica starts while the database is down and becomes ready when it answers.
     ///
     /// # Errors
-    /// [`CloudError::Config`] if the connection string does not parse or the runtime or pool
-    /// cannot be built.
+    /// [`CloudError::Config`] if the connection string does not parse, asks for
+    /// `sslmode=require` while [`PgConfig::tls`] is off, or the runtime or pool cannot be built;
+    /// [`CloudError::Tls`] or [`CloudError::Config`] naming the CA file of
+    /// [`PgTls::VerifyFull`] if it is missing or damaged.
     pub fn new(cfg: &PgConfig) -> Result<Self, CloudError> {
         let mut pg: tokio_postgres::Config = cfg.url.parse().map_err(|e| {
             CloudError::Config(format!(
@@ -149,6 +324,15 @@ impl PgStore {
         })?;
         pg.connect_timeout(cfg.op_timeout);
         pg.application_name("tandem-cloud");
+        let tls = rustls_config(&cfg.tls)?;
+        if tls.is_some() {
+            // Never fall back to plain text when the server declines TLS.
+            pg.ssl_mode(SslMode::Require);
+        } else if pg.get_ssl_mode() == SslMode::Require {
+            return Err(CloudError::Config(
+                "key_store.postgres asks for sslmode=require but key_store.tls is off: set tls = \"require\" or \"verify-full\" (with ca = \"...\")".into(),
+            ));
+        }
         let target = {
             let hosts: Vec<String> = pg
                 .get_hosts()
@@ -172,13 +356,13 @@ impl PgStore {
             .enable_all()
             .build()
             .map_err(|e| CloudError::Config(format!("PostgreSQL runtime: {e}")))?;
-        let mgr = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let mc = || ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let mgr = match tls {
+            None => Manager::from_config(pg, NoTls, mc()),
+            Some(c) => Manager::from_config(pg, MakeRustlsConnect::new(c), mc()),
+        };
         let pool = Pool::builder(mgr)
             .max_size(cfg.pool_size.max(1))
             .runtime(Runtime::Tokio1)
@@ -214,7 +398,10 @@ impl PgStore {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         rt.spawn(async move {
             let work = async {
-                let mut conn = pool.get().await.map_err(|e| unavailable(&target, e))?;
+                let mut conn = pool
+                    .get()
+                    .await
+                    .map_err(|e| connect_failure(&target, &e))?;
                 if !migrated.load(Ordering::Acquire) {
                     migrate(&mut conn).await.map_err(|e| {
                         CloudError::StoreUnavailable(format!(

@@ -7,7 +7,10 @@
 //!   balancer and infers without uploading its key again;
 //! * a replica SIGKILLed under load: every inference completes once or is reported failed,
 //!   none hangs, none is charged twice to the privacy ledger;
-//! * the database down at start-up and mid-run: typed errors, readiness false, recovery.
+//! * the database down at start-up and mid-run: typed errors, readiness false, recovery;
+//! * TLS to the database: `verify-full` with the right CA passes the suite over TLS, a wrong CA
+//!   or host name is refused with a typed error, `require` never falls back to plain text,
+//!   and `off` still works against the same TLS-enabled cluster.
 //!
 //! Needs `TANDEM_TEST_PG` (admin connection string), `TANDEM_TEST_HAPROXY` (binary) and
 //! `TANDEM_SCALEOUT_ENV` (the script): `eval "$(bash scripts/scaleout-env.sh env)"`. Without
@@ -23,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_cloud::{
-    Cloud, CloudError, KeyBackend, KeyQuota, PgConfig, PgStore, RedbStore, ServerOptions,
+    Cloud, CloudError, KeyBackend, KeyQuota, PgConfig, PgStore, PgTls, RedbStore, ServerOptions,
 };
 use tandem_device::{Device, DeviceError, DeviceOptions, Protection, RetryPolicy};
 use tandem_model::{read_verifying_key, TestSet, VerifyingKey};
@@ -535,6 +538,216 @@ fn postgres_quota_holds_across_replicas() {
     });
     assert_eq!(stores[0].list(&peer, 100, 0).unwrap().len(), 3);
     assert_eq!(stores[1].len().unwrap(), 3);
+}
+
+/// `scripts/scaleout-env.sh …` from a synchronous test.
+fn env_script_blocking(svc: &Services, args: &[&str]) {
+    let st = Command::new("bash")
+        .arg(&svc.script)
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(st.success(), "scaleout-env.sh {args:?} failed");
+}
+
+/// Connections of the store (application `tandem-cloud`) to database `db`: (over TLS, plain).
+fn store_connections(admin: &str, db: &str) -> (i64, i64) {
+    let (admin, db) = (admin.to_string(), db.to_string());
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async move {
+            let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let row = client
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl)
+                     FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+                     WHERE a.application_name = 'tandem-cloud' AND a.datname = $1",
+                    &[&db],
+                )
+                .await
+                .unwrap();
+            (row.get(0), row.get(1))
+        })
+}
+
+/// Stops a private cluster when the test ends, passed or failed.
+struct ClusterDown<'a>(&'a Services, String);
+
+impl Drop for ClusterDown<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(&self.0.script)
+            .args(["pg-down", &self.1])
+            .status();
+    }
+}
+
+fn tls_store(url: &str, tls: PgTls) -> Arc<dyn KeyBackend> {
+    let mut c = PgConfig::new(url);
+    c.tls = tls;
+    Arc::new(PgStore::new(&c).unwrap())
+}
+
+fn tls_refused(s: &Arc<dyn KeyBackend>, says: &str) {
+    match s.ping() {
+        Err(CloudError::StoreUnavailable(m)) => {
+            assert!(m.contains("TLS to the database failed"), "{m}");
+            assert!(m.contains(says), "want {says:?} in: {m}");
+        }
+        other => panic!("want StoreUnavailable (TLS), got {other:?}"),
+    }
+    match s.get(&id(1), &id(1), 0) {
+        Err(CloudError::StoreUnavailable(_)) => {}
+        other => panic!("want StoreUnavailable (TLS), got {other:?}"),
+    }
+}
+
+/// A private cluster with `ssl = on` and a server certificate (for `localhost` only) from a
+/// CA made here: `verify-full` with that CA passes the key-store suite over TLS; a wrong CA,
+/// a host name not in the certificate and `require` against a cluster without TLS are refused
+/// with typed errors (never a plain-text fallback); `off` still works against the same cluster.
+#[test]
+fn postgres_tls_verify_full_wrong_ca_require_and_off() {
+    let Some(svc) = services("postgres_tls_verify_full_wrong_ca_require_and_off") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pki = DevPki::generate(1).unwrap();
+    let files = pki.write(&dir.path().join("pki")).unwrap();
+    let server = pki.issue_cloud(&["localhost"]).unwrap();
+    let tls_dir = dir.path().join("pg-tls");
+    std::fs::create_dir(&tls_dir).unwrap();
+    std::fs::write(tls_dir.join("server.crt"), server.cert_pem()).unwrap();
+    std::fs::write(tls_dir.join("server.key"), server.key_pem()).unwrap();
+    let port = free_port();
+    let cluster = format!("tls-{}-{port}", std::process::id());
+    env_script_blocking(
+        &svc,
+        &[
+            "pg-up",
+            &cluster,
+            &port.to_string(),
+            tls_dir.to_str().unwrap(),
+        ],
+    );
+    let _down = ClusterDown(&svc, cluster.clone());
+    let admin = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    // Connect to 127.0.0.1 but check the certificate for the name `localhost`.
+    let by_name = |db: &str| {
+        format!("host=localhost hostaddr=127.0.0.1 port={port} user=postgres dbname={db}")
+    };
+    let right = PgTls::VerifyFull {
+        ca: files.cloud_ca_cert.clone(),
+    };
+
+    // verify-full, right CA and name: the whole suite, over TLS.
+    let url = blocking_fresh_db(&admin, "tls");
+    let db = url.rsplit("dbname=").next().unwrap().to_string();
+    keystore_suite(&|| tls_store(&by_name(&db), right.clone()));
+    let keep = tls_store(&by_name(&db), right.clone());
+    keep.ping().unwrap();
+    let (tls, plain) = store_connections(&admin, &db);
+    assert!(
+        tls >= 1 && plain == 0,
+        "verify-full: {tls} TLS, {plain} plain"
+    );
+    drop(keep);
+
+    // A CA that did not sign the server's certificate: refused, typed, with the reason.
+    let wrong = PgTls::VerifyFull {
+        ca: files.device_ca_cert.clone(),
+    };
+    tls_refused(&tls_store(&by_name(&db), wrong), "UnknownIssuer");
+    // The right CA but a host name the certificate is not for.
+    tls_refused(
+        &tls_store(
+            &format!("host=127.0.0.1 port={port} user=postgres dbname={db}"),
+            right.clone(),
+        ),
+        "not valid for name",
+    );
+
+    // require: encrypted against the TLS cluster, refused (no fallback) against one without.
+    let url_req = blocking_fresh_db(&admin, "tlsreq");
+    let db_req = url_req.rsplit("dbname=").next().unwrap().to_string();
+    let s = tls_store(&url_req, PgTls::Require);
+    s.put(
+        &id(2),
+        &id(3),
+        1,
+        &id(4),
+        &[9; 100],
+        KeyQuota::default(),
+        0,
+        10,
+    )
+    .unwrap();
+    assert_eq!(
+        s.get(&id(2), &id(3), 0).unwrap().unwrap().blob,
+        vec![9; 100]
+    );
+    assert_eq!(store_connections(&admin, &db_req).1, 0, "require: plain");
+    tls_refused(&tls_store(&svc.pg_admin, PgTls::Require), "TLS");
+
+    // off: plain text, still works against the TLS-enabled cluster.
+    let url_off = blocking_fresh_db(&admin, "tlsoff");
+    let db_off = url_off.rsplit("dbname=").next().unwrap().to_string();
+    let s = tls_store(&url_off, PgTls::Off);
+    s.put(
+        &id(2),
+        &id(3),
+        1,
+        &id(4),
+        &[8; 100],
+        KeyQuota::default(),
+        0,
+        10,
+    )
+    .unwrap();
+    assert_eq!(
+        s.get(&id(2), &id(3), 0).unwrap().unwrap().blob,
+        vec![8; 100]
+    );
+    let (tls, plain) = store_connections(&admin, &db_off);
+    assert!(tls == 0 && plain >= 1, "off: {tls} TLS, {plain} plain");
+    drop(s);
+}
+
+/// A missing or damaged CA file is refused when the store is built, naming the file; the
+/// connection string may not ask for TLS while `tls` is off.
+#[test]
+fn postgres_tls_bad_ca_file_and_inconsistent_sslmode_are_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = "host=127.0.0.1 port=1 user=postgres dbname=postgres";
+    let missing = dir.path().join("missing-ca.pem");
+    let damaged = dir.path().join("damaged-ca.pem");
+    std::fs::write(&damaged, "-----BEGIN CERTIFICATE-----\nnot base64 !!\n").unwrap();
+    let empty = dir.path().join("empty-ca.pem");
+    std::fs::write(&empty, "").unwrap();
+    for ca in [&missing, &damaged, &empty] {
+        let mut c = PgConfig::new(url);
+        c.tls = PgTls::VerifyFull { ca: ca.clone() };
+        match PgStore::new(&c) {
+            Err(e @ (CloudError::Tls(_) | CloudError::Config(_))) => {
+                let m = e.to_string();
+                assert!(m.contains(&*ca.to_string_lossy()), "{m}");
+            }
+            other => panic!(
+                "{}: want a typed error naming it, got {other:?}",
+                ca.display()
+            ),
+        }
+    }
+    let c = PgConfig::new(format!("{url} sslmode=require"));
+    match PgStore::new(&c) {
+        Err(CloudError::Config(m)) => assert!(m.contains("sslmode=require"), "{m}"),
+        other => panic!("want Config, got {other:?}"),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
