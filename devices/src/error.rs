@@ -34,6 +34,23 @@ pub enum DeviceError {
     /// The cloud refused the request.
     #[error("request refused by the cloud ({0:?})")]
     Refused(ErrorCode),
+    /// The cloud refused to register the evaluation key for the configured output mode
+    /// (it closed the session with `code` instead of acknowledging it): typically the model
+    /// is not served in this output mode (`InvalidRequest`, cloud.toml `output_modes`), or the
+    /// device's key quota is exhausted (`LimitExceeded`). In the DP modes the key is
+    /// registered before the ledger is charged, so such a refusal charges nothing.
+    #[error(
+        "the cloud refused the evaluation key for output mode \"{mode}\" ({code:?}): {hint}; \
+         the request was not sent"
+    )]
+    KeyRefused {
+        /// Output mode of the key (`nokey` or `packed`).
+        mode: &'static str,
+        /// Close code the cloud sent.
+        code: ErrorCode,
+        /// What the code means and what to do.
+        hint: &'static str,
+    },
     /// The privacy budget of this window would be exceeded; nothing was charged or sent.
     #[error("privacy budget exceeded")]
     BudgetExceeded,

@@ -141,8 +141,22 @@ impl HeState {
                 } else {
                     let path = state::eval_key_path(dir, params.id, chunk);
                     let cached = state::read_cached(&path, MAX_EVAL_KEY_FILE).filter(|blob| {
-                        EvaluationKey::from_bytes(blob, MAX_EVAL_KEY_FILE as usize, &ctx.params())
-                            .is_ok_and(|k| k.key_id() == client.key_id() && k.max_chunk() >= chunk)
+                        let ok = EvaluationKey::from_bytes(
+                            blob,
+                            MAX_EVAL_KEY_FILE as usize,
+                            &ctx.params(),
+                        )
+                        .is_ok_and(|k| k.key_id() == client.key_id() && k.max_chunk() >= chunk);
+                        if !ok {
+                            // A cache derived from the seed: rebuilt, never trusted (issue 12).
+                            tracing::warn!(
+                                file = %path.display(),
+                                bytes = blob.len(),
+                                "cached evaluation key damaged, foreign or too small for this \
+                                 model: rebuilding it from the HE seed"
+                            );
+                        }
+                        ok
                     });
                     match cached {
                         Some(blob) => (client, blob),

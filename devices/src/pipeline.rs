@@ -48,6 +48,9 @@ pub struct Device {
     epoch: Instant,
     key_uploads: u64,
     connects: u64,
+    /// (connection number, key id) of the last key the cloud acknowledged (`KeyAck`) on
+    /// a connection: a DP release under that key needs no new registration on it.
+    key_acked: Option<(u64, [u8; 32])>,
 }
 
 impl std::fmt::Debug for Device {
@@ -205,6 +208,7 @@ impl Device {
             epoch: Instant::now(),
             key_uploads: 0,
             connects: 0,
+            key_acked: None,
             opts,
         })
     }
@@ -335,19 +339,75 @@ impl Device {
         Ok(())
     }
 
-    /// Uploads the evaluation key on the current connection.
+    /// Uploads the evaluation key on the current connection and waits for its `KeyAck`.
+    ///
+    /// # Errors
+    /// [`DeviceError::KeyRefused`] if the cloud closes the session with a final code instead
+    /// of acknowledging (output mode not served, key invalid, quota); transient closes and
+    /// connection errors as they are (the caller may retry).
     async fn upload_key(&mut self) -> Result<usize, DeviceError> {
         let mode = to_proto_mode(self.opts.output_mode);
         let conn = self
             .conn
             .as_mut()
             .ok_or(DeviceError::Closed(ErrorCode::NoError))?;
-        let sent = conn
+        let sent = match conn
             .upload_key(self.he.key_id, mode, self.he.key_blob.clone())
-            .await?;
+            .await
+        {
+            Ok(sent) => sent,
+            Err(DeviceError::Closed(code)) if !DeviceError::Closed(code).is_transient() => {
+                self.conn = None;
+                return Err(key_refused(self.opts.output_mode, code));
+            }
+            Err(e) => return Err(e),
+        };
         self.key_uploads += 1;
+        self.key_acked = Some((self.connects, self.he.key_id));
         tracing::info!(bytes = sent, "evaluation key uploaded");
         Ok(sent)
+    }
+
+    /// Learns every refusal the device can learn of before a DP release, so that none of
+    /// them is charged: connects (retrying per [`DeviceOptions::retry`]), loads the keys of
+    /// the negotiated set and, when the release will be encrypted, registers the key and
+    /// awaits its `KeyAck` (once per connection). Returns the key-upload bytes.
+    ///
+    /// # Errors
+    /// Connection errors once the retries are spent, handshake refusals,
+    /// [`DeviceError::KeyRefused`].
+    async fn ready_for_release(&mut self, encrypted: bool) -> Result<usize, DeviceError> {
+        let started = Instant::now();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.ready_once(encrypted, started).await {
+                Ok(n) => return Ok(n),
+                Err(e) if e.is_transient() => {
+                    self.conn = None;
+                    if !pause(&self.opts.retry, attempt, started).await {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, attempt, "cloud not ready before a release: retrying");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn ready_once(
+        &mut self,
+        encrypted: bool,
+        started: Instant,
+    ) -> Result<usize, DeviceError> {
+        self.connect_within(started).await?;
+        self.ensure_he().await?;
+        let acked_here = self.key_acked == Some((self.connects, self.he.key_id))
+            && self.conn.as_ref().is_some_and(Conn::is_open);
+        if !encrypted || acked_here {
+            return Ok(0);
+        }
+        self.upload_key().await
     }
 
     fn mechanism(&mut self, c: CloudStep, epsilon: f64) -> Result<Mechanism, DeviceError> {
@@ -536,6 +596,8 @@ impl Device {
                 cached: None,
             },
             Protection::Noised { epsilon } => {
+                // Connect first: a cloud that refuses the session costs no budget.
+                self.ready_for_release(false).await?;
                 let s = Instant::now();
                 let (noised, dp) = self.release(c, activation, epsilon)?;
                 t.dp_ms += ms(s);
@@ -547,6 +609,9 @@ impl Device {
                 Body::Plain(RequestPayload::Noised(NoisedBlock { dp, values }))
             }
             Protection::NoisedEncrypted { epsilon } => {
+                // Register the key and await its KeyAck before charging: a refused key (an
+                // output mode the model is not served in, …) leaves the ledger untouched.
+                out.key_upload_bytes += self.ready_for_release(true).await?;
                 let s = Instant::now();
                 let (noised, dp) = self.release(c, activation, epsilon)?;
                 t.dp_ms += ms(s);
@@ -627,6 +692,25 @@ impl Device {
         }
         t.decrypt_ms += ms(s);
         Ok(z)
+    }
+}
+
+/// The typed error for a key registration the cloud closed the session on.
+fn key_refused(mode: OutputMode, code: ErrorCode) -> DeviceError {
+    let hint = match code {
+        ErrorCode::InvalidRequest => {
+            "the model is not served in this output mode (cloud.toml output_modes) or the key \
+             does not fit it: use an output mode the cloud serves for this model"
+        }
+        ErrorCode::LimitExceeded => {
+            "the cloud's key quota or size limit for this device is exhausted: ask the operator"
+        }
+        _ => "the cloud would not store the key: see the cloud's log",
+    };
+    DeviceError::KeyRefused {
+        mode: mode.name(),
+        code,
+        hint,
     }
 }
 

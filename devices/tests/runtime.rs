@@ -282,7 +282,19 @@ fn damaged_state_files() {
         Vec::new(),
     ] {
         std::fs::write(&key, &bytes).unwrap();
-        let again = load(OutputMode::Packed).unwrap();
+        // Brief P2 item 4: the rebuild is logged as a WARN naming the file (it was silent
+        // for a damaged, non-empty cache).
+        let warns = WarnLog::default();
+        let again =
+            tracing::subscriber::with_default(warns.clone(), || load(OutputMode::Packed).unwrap());
+        let logged = warns.0.lock().unwrap().clone();
+        assert!(
+            logged
+                .iter()
+                .any(|m| m.contains("rebuilding") && m.contains(key.to_str().unwrap())),
+            "{} bytes: {logged:?}",
+            bytes.len()
+        );
         // Same secret (from the seed); a fresh evaluation key (new randomness, so a new key
         // id the cloud will ask for), written back to the cache.
         assert_eq!(again.client.key_id(), good.client.key_id());
@@ -293,8 +305,11 @@ fn damaged_state_files() {
         );
         assert!(again.key_blob.len() == blob.len());
     }
-    // An intact cache is reused as is.
-    let reused = load(OutputMode::Packed).unwrap();
+    // An intact cache is reused as is, without a warning.
+    let warns = WarnLog::default();
+    let reused =
+        tracing::subscriber::with_default(warns.clone(), || load(OutputMode::Packed).unwrap());
+    assert!(warns.0.lock().unwrap().is_empty());
     assert_eq!(reused.key_blob, std::fs::read(&key).unwrap());
 }
 
@@ -501,4 +516,117 @@ async fn deadline_bounds_a_hanging_handshake() {
     let took = started.elapsed();
     assert!(took < Duration::from_secs(3), "{took:?}");
     drop(silent);
+}
+
+/// Brief P2 item 1 (issue 12 item 9 follow-up): a model served in packed mode only, a device
+/// in no-key mode with noised-encrypted protection. The cloud refuses the key registration;
+/// before, every run was charged anyway (3 runs → 3 records, then "privacy budget exceeded"
+/// with nothing ever released). Now the key is registered and acknowledged before the
+/// charge: a refusal charges nothing and says the output mode was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_output_mode_charges_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = DevPki::generate(1).unwrap();
+    let tls = server_config(pki.server_credentials()).unwrap();
+    let mut so = ServerOptions::new(
+        free_addr(),
+        tls,
+        vk(),
+        tmp.path().join("keys.redb").to_path_buf(),
+    );
+    so.models = vec![digits()];
+    so = so.with_policy(
+        digits(),
+        tandem_cloud::ModelPolicy::from_names(&["packed"]).unwrap(),
+    );
+    let cloud = Cloud::start(so).await.unwrap();
+    let x = TestSet::load(&digits().join("test.json")).unwrap().x[0].clone();
+    let state = tmp.path().join("state");
+
+    let budgeted = |mode: OutputMode| {
+        let mut o = dev_opts(&pki, cloud.local_addr(), tmp.path());
+        o.output_mode = mode;
+        o.state_dir = Some(state.clone());
+        o
+    };
+    for run in 0..3 {
+        let mut dev = Device::connect(budgeted(OutputMode::NoKey)).await.unwrap();
+        let r = dev
+            .infer(&x, Protection::NoisedEncrypted { epsilon: 4.0 })
+            .await;
+        match &r {
+            Err(
+                e @ DeviceError::KeyRefused {
+                    mode: "nokey",
+                    code: tandem_protocol::ErrorCode::InvalidRequest,
+                    ..
+                },
+            ) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("output mode") && msg.contains("nokey"),
+                    "{msg}"
+                );
+            }
+            other => panic!("run {run}: expected KeyRefused, got {other:?}"),
+        }
+        assert_eq!(
+            dev.ledger_records(),
+            0,
+            "run {run}: refused, so not charged"
+        );
+        assert_eq!(dev.epsilon_spent_total().unwrap(), 0.0);
+        dev.close().await;
+    }
+    assert_eq!(cloud.metrics().requests(), 0, "nothing sent");
+
+    // The served mode works and is charged once per release (the ledger holds only these).
+    let mut dev = Device::connect(budgeted(OutputMode::Packed)).await.unwrap();
+    let mut epsilons = Vec::new();
+    for _ in 0..2 {
+        let inf = dev
+            .infer(&x, Protection::NoisedEncrypted { epsilon: 4.0 })
+            .await
+            .unwrap();
+        epsilons.push(inf.epsilon_spent);
+    }
+    assert_eq!(epsilons, [4.0, 4.0]);
+    assert_eq!(dev.ledger_records(), 2);
+    assert_eq!(dev.key_uploads(), 1, "one registration per connection");
+    dev.close().await;
+    cloud.shutdown().await;
+}
+
+/// A minimal `tracing` subscriber that records WARN (and ERROR) events as text (message and
+/// fields), for tests that check what the runtime logs.
+#[derive(Clone, Default)]
+struct WarnLog(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+struct Text(String);
+
+impl tracing::field::Visit for Text {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.push_str(&format!("{}={value:?} ", field.name()));
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.push_str(&format!("{}={value} ", field.name()));
+    }
+}
+
+impl tracing::Subscriber for WarnLog {
+    fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
+        *m.level() <= tracing::Level::WARN
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, e: &tracing::Event<'_>) {
+        let mut t = Text(String::new());
+        e.record(&mut t);
+        self.0.lock().unwrap().push(t.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
 }
