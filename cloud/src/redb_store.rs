@@ -5,9 +5,14 @@
 //! written before `key_times_v2` existed (use counters in `key_used_v1`) is migrated on open:
 //! every record gets the opening time as creation and last use.
 
+use std::io::Read;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, DatabaseError, Durability, ReadableTable, ReadableTableMetadata, StorageError,
+    TableDefinition,
+};
 
 use crate::keystore::{plan_evictions, KeyBackend, KeyQuota, KeyRecord};
 use crate::CloudError;
@@ -20,6 +25,87 @@ const OLD_USED: TableDefinition<&[u8], u64> = TableDefinition::new("key_used_v1"
 const OLD_META: TableDefinition<&str, u64> = TableDefinition::new("meta_v1");
 const VALUE_VERSION: u8 = 1;
 const VALUE_HEADER: usize = 34;
+/// The first bytes of every `redb` file (redb's file format, `header.rs`): a non-empty file
+/// that does not start with them is foreign or zero-filled and is refused before `redb` reads it.
+const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+/// Advice for a key store that is damaged or not a key store.
+const DAMAGED: &str = "restore the file from a backup, or move it away to start with no stored \
+     keys; devices then register again";
+
+/// Why `open` could not use the file, before the generic "damaged" case.
+fn precheck(path: &Path) -> Result<(), CloudError> {
+    let shown = path.display();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(CloudError::Store(format!(
+                "{shown}: the directory {} does not exist: create it, or set key_store to a \
+                 path in an existing directory",
+                dir.display()
+            )));
+        }
+    }
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        // Created by `Database::create`.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_error(path, &e)),
+    };
+    if meta.is_dir() {
+        return Err(CloudError::Store(format!(
+            "{shown} is a directory: set key_store to a file path (e.g. {}/keys.redb)",
+            shown
+        )));
+    }
+    if meta.len() == 0 {
+        return Ok(());
+    }
+    let mut head = [0u8; REDB_MAGIC.len()];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| {
+            let mut n = 0;
+            while n < head.len() {
+                match f.read(&mut head[n..])? {
+                    0 => break,
+                    k => n += k,
+                }
+            }
+            Ok(n)
+        })
+        .map_err(|e| io_error(path, &e))?;
+    if n < head.len() || head != REDB_MAGIC {
+        return Err(CloudError::Store(format!(
+            "{shown}: not a redb key store (the file does not start with redb's header: foreign, \
+             zero-filled or truncated): {DAMAGED}"
+        )));
+    }
+    Ok(())
+}
+
+fn io_error(path: &Path, e: &std::io::Error) -> CloudError {
+    let shown = path.display();
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => CloudError::Store(format!(
+            "{shown}: {e}: the cloud's user may not read and write it: fix its owner or mode \
+             (and its directory's), or set key_store to another path"
+        )),
+        std::io::ErrorKind::NotFound => CloudError::Store(format!(
+            "{shown}: {e}: create its directory, or set key_store to a path in an existing \
+             directory"
+        )),
+        std::io::ErrorKind::UnexpectedEof => {
+            CloudError::Store(format!("{shown}: {e}: the file is truncated: {DAMAGED}"))
+        }
+        _ => CloudError::Store(format!("{shown}: {e} (check the disk and the file)")),
+    }
+}
+
+/// Text of a caught panic payload.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
 
 /// A `redb` file holding key records.
 pub struct RedbStore {
@@ -50,15 +136,40 @@ impl RedbStore {
     /// Opens (or creates) the store at `path`, migrating an older layout.
     ///
     /// # Errors
-    /// [`CloudError::Store`] naming the file if it cannot be opened or is not a key store.
+    /// [`CloudError::Store`] naming the file and what to do, never a panic (issue 12 item 8):
+    /// the file is in use by another process (another cloud), its directory is missing, it
+    /// may not be read or written, or it is damaged, truncated, zero-filled or not a key
+    /// store (a panic inside `redb` on such a file is caught and reported as damage).
     pub fn open(path: &Path) -> Result<Self, CloudError> {
+        precheck(path)?;
+        match catch_unwind(AssertUnwindSafe(|| Self::open_checked(path))) {
+            Ok(r) => r,
+            Err(p) => Err(CloudError::Store(format!(
+                "{}: the storage library failed on this file ({}): it is damaged or truncated: \
+                 {DAMAGED}",
+                path.display(),
+                panic_text(p.as_ref())
+            ))),
+        }
+    }
+
+    fn open_checked(path: &Path) -> Result<Self, CloudError> {
         let err = |e: &dyn std::fmt::Display| {
-            CloudError::Store(format!(
-                "{}: {e} (restore the file from a backup, or move it away to start with no stored keys; devices then register again)",
-                path.display()
-            ))
+            CloudError::Store(format!("{}: {e} ({DAMAGED})", path.display()))
         };
-        let db = Database::create(path).map_err(|e| err(&e))?;
+        let db = match Database::create(path) {
+            Ok(db) => db,
+            Err(DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(CloudError::Store(format!(
+                    "{}: in use by another process (is another cloud running on this \
+                     key_store?): stop the other cloud, or give this one another key_store \
+                     path; the file is not damaged",
+                    path.display()
+                )))
+            }
+            Err(DatabaseError::Storage(StorageError::Io(e))) => return Err(io_error(path, &e)),
+            Err(e) => return Err(err(&e)),
+        };
         let now = crate::keystore::now_us();
         let tx = db.begin_write().map_err(|e| err(&e))?;
         {

@@ -1,6 +1,6 @@
 //! The accept loop and one task per connection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,7 +15,7 @@ use tandem_protocol::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -37,9 +37,16 @@ pub struct AdmissionLimits {
     /// Concurrent sessions per device identity (TLS certificate); more are closed with `Busy`
     /// after the handshake, so one certificate cannot hold every slot.
     pub max_connections_per_identity: usize,
-    /// TLS handshakes in progress; a connection accepted beyond this is closed before its
-    /// handshake starts.
+    /// TLS handshakes in progress; a connection whose first bytes arrive beyond this is closed
+    /// before its handshake starts.
     pub max_handshakes: usize,
+    /// TCP connections accepted and waiting for their first byte (the pre-handshake stage);
+    /// they hold no handshake slot. When full, the OLDEST waiting connection is closed to make
+    /// room, so silent sockets can never keep a new connection out.
+    pub max_pending: usize,
+    /// Time allowed, after `accept`, for the first byte of the TLS handshake; a connection
+    /// silent this long is closed without having taken a handshake slot.
+    pub first_byte_timeout: Duration,
     /// Requests being evaluated per device identity (over all its connections); more fail
     /// with `Busy`.
     pub max_in_flight_per_device: usize,
@@ -54,13 +61,16 @@ pub struct AdmissionLimits {
 }
 
 impl Default for AdmissionLimits {
-    /// 256 sessions, 8 per identity, 64 handshakes, 8 requests in flight per device, request
-    /// size derived from the models, 10 s handshake, 5 s for the first message.
+    /// 256 sessions, 8 per identity, 64 handshakes, 1024 connections waiting for their first
+    /// byte (1 s each), 8 requests in flight per device, request size derived from the models,
+    /// 10 s handshake, 5 s for the first message.
     fn default() -> Self {
         AdmissionLimits {
             max_connections: 256,
             max_connections_per_identity: 8,
             max_handshakes: 64,
+            max_pending: 1024,
+            first_byte_timeout: Duration::from_secs(1),
             max_in_flight_per_device: 8,
             max_request_bytes: 0,
             handshake_timeout: Duration::from_secs(10),
@@ -198,17 +208,38 @@ impl ServerOptions {
 /// The protocol limits the cloud offers for `sizes` (from [`ModelRegistry::wire_sizes`]):
 /// frames just large enough for the largest KeyRegister, request and response the served
 /// models need (exact HE blob sizes plus the message layout), one ciphertext per message,
-/// `max_batch` rows; explicit `resources` values replace the derived ones; the result is
-/// lowered to `cap` field by field.
+/// `max_batch` rows; the derived values are lowered to `cap` field by field; explicit
+/// `resources.max_frame_len` / `max_key_len` replace the derived ones and are kept as given.
 ///
 /// # Errors
-/// [`CloudError::Config`] if a limit leaves the protocol's domain (TDM-LIM-2).
+/// [`CloudError::Config`] if a limit leaves the protocol's domain (TDM-LIM-2): an explicit
+/// `max_frame_len` outside `4096..=268435456` is refused (not clamped), and a key limit
+/// smaller than the served models' largest evaluation key is refused with the size needed.
 pub fn derive_limits(
     sizes: &WireSizes,
     resources: &ResourceLimits,
     cap: &Limits,
 ) -> Result<Limits, CloudError> {
+    use tandem_protocol::limits::{HARD_MAX_FRAME_LEN, MIN_FRAME_LEN};
     let sat = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    if let Some(f) = resources.max_frame_len {
+        if !(MIN_FRAME_LEN..=HARD_MAX_FRAME_LEN).contains(&f) {
+            return Err(CloudError::Config(format!(
+                "max_frame_len = {f} is outside {MIN_FRAME_LEN}..={HARD_MAX_FRAME_LEN} \
+                 (specs/wire-format.md, TDM-LIM-2): set a value in that range, or leave it out \
+                 to derive it from the served models"
+            )));
+        }
+    }
+    if let Some(k) = resources.max_key_len {
+        if (k as usize) < sizes.key_len {
+            return Err(CloudError::Config(format!(
+                "max_key_len = {k} is smaller than the {} bytes the served models' evaluation \
+                 keys need: set max_key_len to at least {}, or leave it out to derive it",
+                sizes.key_len, sizes.key_len
+            )));
+        }
+    }
     let key_len = resources
         .max_key_len
         .unwrap_or_else(|| sat(sizes.key_len.max(1)));
@@ -243,9 +274,23 @@ pub fn derive_limits(
         max_batch: resources.max_batch,
         ..*cap
     };
-    let l = derived.min(cap);
+    let mut l = derived.min(cap);
+    // Explicit values are the operator's choice within the protocol's domain: not lowered.
+    if let Some(f) = resources.max_frame_len {
+        l.max_frame_len = f;
+    }
+    if let Some(k) = resources.max_key_len {
+        l.max_key_len = k;
+    }
     l.validate()
         .map_err(|e| CloudError::Config(format!("derived protocol limits: {e} ({l:?})")))?;
+    if (l.max_key_len as usize) < sizes.key_len {
+        return Err(CloudError::Config(format!(
+            "the protocol cap max_key_len = {} is smaller than the {} bytes the served models' \
+             evaluation keys need: raise it to at least {}",
+            l.max_key_len, sizes.key_len, sizes.key_len
+        )));
+    }
     Ok(l)
 }
 
@@ -339,6 +384,8 @@ pub struct Metrics {
     refusals: AtomicU64,
     handshakes_refused: AtomicU64,
     first_message_timeouts: AtomicU64,
+    pending_evicted: AtomicU64,
+    first_byte_timeouts: AtomicU64,
 }
 
 impl Metrics {
@@ -383,6 +430,15 @@ impl Metrics {
     pub fn first_message_timeouts(&self) -> u64 {
         self.first_message_timeouts.load(Ordering::Relaxed)
     }
+    /// Connections still waiting for their first byte that were closed (oldest first) to make
+    /// room for a newer one because `max_pending` were waiting.
+    pub fn pending_evicted(&self) -> u64 {
+        self.pending_evicted.load(Ordering::Relaxed)
+    }
+    /// Connections closed because no byte arrived within `first_byte_timeout` of `accept`.
+    pub fn first_byte_timeouts(&self) -> u64 {
+        self.first_byte_timeouts.load(Ordering::Relaxed)
+    }
 }
 
 struct Shared {
@@ -394,6 +450,9 @@ struct Shared {
     metrics: Arc<Metrics>,
     connections: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
+    /// Connections in the pre-handshake stage, oldest first: (id, eviction signal; dropping
+    /// the sender closes that connection).
+    pending: Mutex<VecDeque<(u64, oneshot::Sender<()>)>>,
     per_identity: Mutex<HashMap<[u8; 32], usize>>,
     in_flight: Mutex<HashMap<[u8; 32], usize>>,
     epoch: Instant,
@@ -453,8 +512,14 @@ impl Cloud {
     /// store, binds and starts accepting.
     ///
     /// # Errors
-    /// [`CloudError`] if a bundle, the key store, the limits or the socket fail.
+    /// [`CloudError`] if a bundle, the key store, the limits or the socket fail;
+    /// [`CloudError::Config`] if no model is given or an explicit limit is out of range.
     pub async fn start(opts: ServerOptions) -> Result<Cloud, CloudError> {
+        if opts.models.is_empty() {
+            return Err(CloudError::Config(
+                "no models to serve (`models` is empty): list at least one bundle directory".into(),
+            ));
+        }
         let contexts = contexts_for(&opts.param_sets)?;
         let specs: Vec<ModelSpec> = opts
             .models
@@ -522,6 +587,7 @@ impl Cloud {
             metrics: metrics.clone(),
             connections: Arc::new(Semaphore::new(opts.admission.max_connections)),
             handshakes: Arc::new(Semaphore::new(opts.admission.max_handshakes.max(1))),
+            pending: Mutex::new(VecDeque::new()),
             per_identity: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
             epoch: Instant::now(),
@@ -689,20 +755,15 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
+    let mut next_id: u64 = 0;
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((tcp, peer_addr)) => {
-                    // Handshakes in progress are bounded before any TLS work is done.
-                    let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
-                        shared.metrics.handshakes_refused.fetch_add(1, Ordering::Relaxed);
-                        shared.prom.refusal("handshakes");
-                        tracing::warn!(%peer_addr, "too many TLS handshakes in progress: closing");
-                        drop(tcp);
-                        continue;
-                    };
                     let _ = tcp.set_nodelay(true);
-                    conns.spawn(connection(tcp, peer_addr, permit, acceptor.clone(), shared.clone(), shutdown.clone()));
+                    next_id = next_id.wrapping_add(1);
+                    let evicted = enqueue_pending(&shared, next_id);
+                    conns.spawn(pre_handshake(tcp, peer_addr, next_id, evicted, acceptor.clone(), shared.clone(), shutdown.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -715,6 +776,93 @@ async fn accept_loop(
     }
     drop(listener);
     while conns.join_next().await.is_some() {}
+}
+
+/// Registers connection `id` in the pre-handshake stage; if `max_pending` connections are
+/// already waiting, the oldest is evicted (its signal sender dropped). Returns the receiver
+/// that resolves when `id` itself is evicted.
+fn enqueue_pending(shared: &Shared, id: u64) -> oneshot::Receiver<()> {
+    let (tx, rx) = oneshot::channel();
+    if let Ok(mut q) = shared.pending.lock() {
+        while q.len() >= shared.admission.max_pending.max(1) {
+            if q.pop_front().is_some() {
+                shared
+                    .metrics
+                    .pending_evicted
+                    .fetch_add(1, Ordering::Relaxed);
+                shared.prom.refusal("pending_evicted");
+            }
+        }
+        q.push_back((id, tx));
+    }
+    rx
+}
+
+/// Removes connection `id` from the pre-handshake stage when dropped (however it leaves it).
+struct PendingGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut q) = self.shared.pending.lock() {
+            if let Some(i) = q.iter().position(|(id, _)| *id == self.id) {
+                q.remove(i);
+            }
+        }
+    }
+}
+
+/// The pre-handshake stage (issue 12, admission): wait up to `first_byte_timeout` for the
+/// first byte without holding a handshake slot; only then take one of `max_handshakes` and
+/// start TLS. Silent connections are bounded by `max_pending` with drop-oldest eviction.
+async fn pre_handshake(
+    tcp: TcpStream,
+    peer_addr: SocketAddr,
+    id: u64,
+    mut evicted: oneshot::Receiver<()>,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let guard = PendingGuard {
+        shared: &shared,
+        id,
+    };
+    let mut first = [0u8; 1];
+    let arrived = tokio::select! {
+        r = tokio::time::timeout(shared.admission.first_byte_timeout, tcp.peek(&mut first)) => match r {
+            Ok(Ok(n)) if n > 0 => true,
+            Ok(_) => false,
+            Err(_) => {
+                shared.metrics.first_byte_timeouts.fetch_add(1, Ordering::Relaxed);
+                shared.prom.refusal("first_byte_timeout");
+                tracing::debug!(%peer_addr, "no byte within the first-byte deadline: closing");
+                false
+            }
+        },
+        _ = &mut evicted => {
+            tracing::debug!(%peer_addr, "evicted from the pre-handshake stage (oldest silent connection)");
+            false
+        }
+        _ = shutdown.changed() => false,
+    };
+    drop(guard);
+    if !arrived {
+        return;
+    }
+    // Handshakes in progress are bounded before any TLS work is done.
+    let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+        shared
+            .metrics
+            .handshakes_refused
+            .fetch_add(1, Ordering::Relaxed);
+        shared.prom.refusal("handshakes");
+        tracing::warn!(%peer_addr, "too many TLS handshakes in progress: closing");
+        return;
+    };
+    connection(tcp, peer_addr, permit, acceptor, shared, shutdown).await;
 }
 
 /// Selects one per-identity counter map of [`Shared`].

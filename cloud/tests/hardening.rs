@@ -226,10 +226,13 @@ async fn handshakes_in_progress_are_bounded_before_tls() {
     let mut o = opts(&pki, &tmp.path().join("keys.redb"), any_addr());
     o.admission.max_handshakes = 4;
     let cloud = Cloud::start(o).await.unwrap();
-    // TCP connections that never start TLS hold handshake slots …
+    // TCP connections that send a first byte and then stall hold handshake slots (the
+    // slow-byte limit in specs/operations.md) …
     let mut socks = Vec::new();
     for _ in 0..10 {
-        socks.push(TcpStream::connect(cloud.local_addr()).await.unwrap());
+        let mut s = TcpStream::connect(cloud.local_addr()).await.unwrap();
+        s.write_all(&[0x16]).await.unwrap();
+        socks.push(s);
     }
     let mut refused = 0;
     for _ in 0..100 {
@@ -446,8 +449,11 @@ async fn output_mode_policy_refuses_nokey_when_only_packed_is_served() {
     o.output_mode = OutputMode::NoKey;
     let mut dev = Device::connect(o).await.unwrap();
     match dev.infer(&x[0], Protection::Encrypted).await {
-        Err(DeviceError::Closed(ErrorCode::InvalidRequest)) => {}
-        other => panic!("expected Closed(InvalidRequest), got {other:?}"),
+        Err(DeviceError::KeyRefused {
+            code: ErrorCode::InvalidRequest,
+            ..
+        }) => {}
+        other => panic!("expected KeyRefused(InvalidRequest), got {other:?}"),
     }
     assert!(cloud.key_store().is_empty().unwrap());
     dev.close().await;
@@ -556,5 +562,131 @@ async fn measure_memory_of_partial_max_frames() {
         l.max_frame_len, before, after, per
     );
     drop(conns);
+    cloud.shutdown().await;
+}
+
+/// Holds `n` plain TCP connections to `addr` that never send a byte, replacing every one the
+/// cloud closes (checked every 20 ms), until `stop` is set; returns how many it opened.
+async fn silent_flood(
+    addr: SocketAddr,
+    n: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> usize {
+    let mut socks: Vec<TcpStream> = Vec::new();
+    let mut opened = 0;
+    // Bounded: at most 60 s of refilling even if `stop` is never set.
+    for _ in 0..3000 {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        socks.retain(|s| {
+            let mut b = [0u8; 1];
+            // Open and silent: WouldBlock. Closed by the cloud: Ok(0) or an error.
+            matches!(s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        });
+        while socks.len() < n {
+            match TcpStream::connect(addr).await {
+                Ok(s) => {
+                    socks.push(s);
+                    opened += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    opened
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_tcp_sockets_do_not_take_handshake_slots() {
+    // Breaker's fault B: 70 plain TCP sockets that never send a TLS byte (refilled every
+    // 20 ms) held every one of the 64 handshake slots for the 10 s handshake timeout, and a
+    // real device failed with "tls handshake eof". Default admission limits here.
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = DevPki::generate(1).unwrap();
+    let cloud = Cloud::start(opts(&pki, &tmp.path().join("keys.redb"), any_addr()))
+        .await
+        .unwrap();
+    let addr = cloud.local_addr();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = tokio::spawn(silent_flood(addr, 100, stop.clone()));
+    // Let the flood fill up (100 > max_handshakes = 64).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut dev = Device::connect(device_opts(&pki, "device-1", addr, tmp.path()))
+        .await
+        .expect("a device is admitted while 100 silent sockets are held open");
+    dev.infer(&test_x()[0], Protection::Encrypted)
+        .await
+        .expect("and its inference succeeds");
+    dev.close().await;
+    // Past the 1 s first-byte deadline the flood is still being refilled: still served.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut dev = Device::connect(device_opts(&pki, "device-1", addr, tmp.path()))
+        .await
+        .expect("admitted after the first-byte deadline has recycled the flood");
+    dev.infer(&test_x()[1], Protection::Encrypted)
+        .await
+        .expect("inference after recycling");
+    dev.close().await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let opened = flood.await.unwrap();
+    assert!(
+        opened > 100,
+        "the flood was refilled ({opened} sockets opened)"
+    );
+    assert_eq!(
+        cloud.metrics().handshakes_refused(),
+        0,
+        "silent sockets never took a handshake slot"
+    );
+    assert!(
+        cloud.metrics().first_byte_timeouts() >= 100,
+        "silent sockets were closed at the first-byte deadline ({})",
+        cloud.metrics().first_byte_timeouts()
+    );
+    cloud.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pre_handshake_stage_evicts_its_oldest_connection() {
+    // With the pre-handshake stage smaller than the flood and a long first-byte deadline,
+    // only drop-oldest eviction makes room for the device's connection.
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = DevPki::generate(1).unwrap();
+    let mut o = opts(&pki, &tmp.path().join("keys.redb"), any_addr());
+    o.admission.max_pending = 16;
+    o.admission.first_byte_timeout = Duration::from_secs(60);
+    let cloud = Cloud::start(o).await.unwrap();
+    let addr = cloud.local_addr();
+    let mut silent = Vec::new();
+    for _ in 0..100 {
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let mut evicted = 0;
+    for _ in 0..100 {
+        evicted = cloud.metrics().pending_evicted();
+        if evicted >= 84 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        evicted, 84,
+        "100 silent sockets, 16 kept: the 84 oldest closed"
+    );
+    let mut dev = Device::connect(device_opts(&pki, "device-1", addr, tmp.path()))
+        .await
+        .expect("the newest connection is never the one evicted");
+    dev.infer(&test_x()[0], Protection::Encrypted)
+        .await
+        .expect("inference succeeds");
+    dev.close().await;
+    // The oldest silent sockets were the ones closed.
+    let mut b = [0u8; 1];
+    assert!(
+        !matches!(silent[0].try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    );
+    drop(silent);
     cloud.shutdown().await;
 }
