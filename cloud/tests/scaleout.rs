@@ -718,6 +718,104 @@ fn postgres_tls_verify_full_wrong_ca_require_and_off() {
     drop(s);
 }
 
+/// End to end from `cloud.toml`: a replica whose `key_store` says `tls = "verify-full"` with
+/// the right CA becomes ready, a device infers (its key is stored over TLS); a replica with a
+/// wrong CA starts but stays not ready (`/healthz` 503) and refuses the key with `Busy`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_toml_verify_full_replica_serves_and_wrong_ca_is_not_ready() {
+    let Some(svc) = services("cloud_toml_verify_full_replica_serves_and_wrong_ca_is_not_ready")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pki = DevPki::generate(2).unwrap();
+    let files = pki.write(&dir.path().join("pki")).unwrap();
+    let server = pki.issue_cloud(&["localhost"]).unwrap();
+    let tls_dir = dir.path().join("pg-tls");
+    std::fs::create_dir(&tls_dir).unwrap();
+    std::fs::write(tls_dir.join("server.crt"), server.cert_pem()).unwrap();
+    std::fs::write(tls_dir.join("server.key"), server.key_pem()).unwrap();
+    let port = free_port();
+    let cluster = format!("tlsrep-{}-{port}", std::process::id());
+    env_script(
+        &svc,
+        &[
+            "pg-up",
+            &cluster,
+            &port.to_string(),
+            tls_dir.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let _down = ClusterDown(&svc, cluster.clone());
+    let admin = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    let url = fresh_db(&admin, "tlsrep").await;
+    let db = url.rsplit("dbname=").next().unwrap().to_string();
+
+    let replica = |name: &str, ca: &Path| {
+        let toml = format!(
+            r#"listen = "127.0.0.1:0"
+pki_dir = "{pki}"
+verifying_key = "{vk}"
+models = ["{model}"]
+metrics_listen = "127.0.0.1:0"
+key_store = {{ postgres = "host=localhost hostaddr=127.0.0.1 port={port} user=postgres dbname={db}", tls = "verify-full", ca = "{ca}", timeout_ms = 1000 }}
+"#,
+            pki = dir.path().join("pki").display(),
+            vk = vk_path().display(),
+            model = digits().display(),
+            ca = ca.display(),
+        );
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        let mut opts = tandem_cloud::CloudToml::load(&path)
+            .unwrap()
+            .into_options()
+            .unwrap();
+        opts.health_interval = Duration::from_millis(200);
+        opts
+    };
+    let x = test_x();
+
+    let good = Cloud::start(replica("good", &files.cloud_ca_cert))
+        .await
+        .unwrap();
+    wait_for("readiness", Duration::from_secs(20), || good.ready()).await;
+    let mut o = device_opts(&pki, "device-1", good.local_addr(), dir.path());
+    o.retry = RetryPolicy::none();
+    let mut d = Device::connect(o).await.unwrap();
+    d.infer(&x[0], Protection::Encrypted).await.unwrap();
+    d.close().await;
+    assert_eq!(good.key_store().len().unwrap(), 1);
+    let (a, d2) = (admin.clone(), db.clone());
+    let (tls, plain) = tokio::task::spawn_blocking(move || store_connections(&a, &d2))
+        .await
+        .unwrap();
+    assert!(tls >= 1 && plain == 0, "replica: {tls} TLS, {plain} plain");
+    good.shutdown().await;
+
+    let bad = Cloud::start(replica("bad", &files.device_ca_cert))
+        .await
+        .expect("starts; the handshake fails at the first use");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!bad.ready());
+    let m = bad.metrics_addr().unwrap();
+    assert_eq!(http_get(m, "/healthz").await.0, 503);
+    match bad.key_store().len() {
+        Err(CloudError::StoreUnavailable(msg)) => {
+            assert!(msg.contains("UnknownIssuer"), "{msg}")
+        }
+        other => panic!("want StoreUnavailable, got {other:?}"),
+    }
+    let mut o = device_opts(&pki, "device-2", bad.local_addr(), dir.path());
+    o.retry = RetryPolicy::none();
+    let mut d = Device::connect(o).await.unwrap();
+    let e = d.infer(&x[1], Protection::Encrypted).await.unwrap_err();
+    assert!(busy(&e), "{e:?}");
+    d.close().await;
+    bad.shutdown().await;
+}
+
 /// A missing or damaged CA file is refused when the store is built, naming the file; the
 /// connection string may not ask for TLS while `tls` is off.
 #[test]
