@@ -9,6 +9,11 @@
 //!   sent; the cloud computes on the noised integers in the clear.
 //! * [`Protection::NoisedEncrypted`] — both: noised (and charged), then encrypted.
 //!
+//! Order of a DP release: connect (handshake), register the evaluation key and await the
+//! cloud's `KeyAck` (noised-encrypted, once per connection), **then** charge, then send. A
+//! refusal the device can learn of first — no cloud, a refused handshake, a key for an output
+//! mode the model is not served in ([`DeviceError::KeyRefused`]) — charges nothing.
+//!
 //! The device runs its own layers (the bundle's device part, signature-verified), derives the
 //! cloud layer's HE plan from public information only ([`cloud_plan`]) under the parameter
 //! set the handshake negotiated, drives the sans-IO [`tandem_protocol::DeviceSession`] over

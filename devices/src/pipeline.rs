@@ -388,7 +388,7 @@ impl Device {
                     if !pause(&self.opts.retry, attempt, started).await {
                         return Err(e);
                     }
-                    tracing::warn!(error = %e, attempt, "cloud not ready before a release: retrying");
+                    tracing::warn!(error = %e, attempt, "cloud not ready for a release: retrying");
                 }
                 Err(e) => return Err(e),
             }
@@ -520,7 +520,8 @@ impl Device {
     ///
     /// # Errors
     /// [`DeviceError::Model`] for such inputs, [`DeviceError::BudgetExceeded`],
-    /// [`DeviceError::Refused`] / [`DeviceError::Closed`] from the cloud, and connection
+    /// [`DeviceError::KeyRefused`] if the cloud will not register the key (learnt before any
+    /// charge), [`DeviceError::Refused`] / [`DeviceError::Closed`] from the cloud, and connection
     /// errors once [`DeviceOptions::retry`] is spent.
     pub async fn infer(
         &mut self,
