@@ -116,7 +116,7 @@ impl std::fmt::Debug for ServedModel {
 impl ServedModel {
     /// The prepared cloud layer `layer_id` (its manifest index) for a parameter set and output
     /// mode; `None` if `layer_id` is not a cloud layer of the model, the mode is not allowed or
-    /// the parameter set not served.
+    /// the parameter set not served (TDM-REQ-8: valid layer ids are cloud layers' manifest indices).
     pub fn layer(&self, layer_id: u32, param_set: u16, mode: OutputMode) -> Option<&PreparedLayer> {
         self.layers
             .iter()

@@ -298,6 +298,7 @@ async fn same_certificate_with_fresh_state_twenty_times_and_after_restart() {
     cloud.shutdown().await;
 }
 
+// TDM-KEY-9: over quota, the least recently used key of that device is evicted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_recently_used_key_is_evicted_first() {
     let tmp = tempfile::tempdir().unwrap();

@@ -169,6 +169,7 @@ fn noised(values: Vec<i32>) -> RequestPayload {
 /// Valid layer ids are the manifest indices of the cloud layers (1 and 2 here): layer 0 (a
 /// device layer), 3 and a huge id are refused, and so is a payload one value short; the
 /// session answers the next valid request of either layer correctly.
+// TDM-REQ-8: only cloud layers' manifest indices are valid layer ids.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_layer_or_truncated_request_is_refused_and_the_session_goes_on() {
     let tmp = tempfile::tempdir().unwrap();

@@ -84,11 +84,15 @@ pub fn report(root: &Path) -> Result<bool, String> {
     let spec =
         std::fs::read_to_string(&spec_path).map_err(|e| format!("{}: {e}", spec_path.display()))?;
     let reqs = defined(&spec);
-    let code = cited(root, &["protocol/src"]);
+    // Requirements on the runtimes (key store, layer ids, admission) are implemented in cloud/ and
+    // devices/, so their sources and tests count as well.
+    let code = cited(root, &["protocol/src", "cloud/src", "devices/src"]);
     let tests = cited(
         root,
         &[
             "protocol/tests",
+            "cloud/tests",
+            "devices/tests",
             "specs/conformance/tests",
             "fuzz/fuzz_targets",
         ],
