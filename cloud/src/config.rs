@@ -16,8 +16,8 @@
 //! max_connections = 256                  # sessions [256]
 //! max_connections_per_identity = 8       # sessions per device certificate [8]
 //! max_handshakes = 64                    # TLS handshakes in progress [64]
-//! max_pending = 1024                     # connections waiting for their first byte, oldest evicted [1024]
-//! first_byte_timeout_ms = 1000           # accept → first byte, no handshake slot held [1000]
+//! max_pending = 1024                     # connections waiting for their ClientHello, oldest evicted [1024]
+//! client_hello_timeout_ms = 1000         # accept → complete ClientHello, no handshake slot held [1000]
 //! max_in_flight_per_device = 8           # requests evaluated per device [8]
 //! first_message_timeout_ms = 5000        # TLS handshake → complete ClientHello [5000]
 //! handshake_timeout_ms = 10000           # TLS handshake [10000]
@@ -159,8 +159,8 @@ pub struct CloudToml {
     pub max_handshakes: Option<usize>,
     /// See [`AdmissionLimits::max_pending`].
     pub max_pending: Option<usize>,
-    /// See [`AdmissionLimits::first_byte_timeout`] (ms).
-    pub first_byte_timeout_ms: Option<u64>,
+    /// See [`AdmissionLimits::client_hello_timeout`] (ms).
+    pub client_hello_timeout_ms: Option<u64>,
     /// See [`AdmissionLimits::max_in_flight_per_device`].
     pub max_in_flight_per_device: Option<usize>,
     /// See [`AdmissionLimits::max_request_bytes`].
@@ -215,9 +215,9 @@ impl CloudToml {
                 .unwrap_or(a.max_connections_per_identity),
             max_handshakes: self.max_handshakes.unwrap_or(a.max_handshakes),
             max_pending: self.max_pending.unwrap_or(a.max_pending),
-            first_byte_timeout: self
-                .first_byte_timeout_ms
-                .map_or(a.first_byte_timeout, Duration::from_millis),
+            client_hello_timeout: self
+                .client_hello_timeout_ms
+                .map_or(a.client_hello_timeout, Duration::from_millis),
             max_in_flight_per_device: self
                 .max_in_flight_per_device
                 .unwrap_or(a.max_in_flight_per_device),
@@ -250,8 +250,8 @@ impl CloudToml {
             ("max_handshakes", admission.max_handshakes),
             ("max_pending", admission.max_pending),
             (
-                "first_byte_timeout_ms",
-                usize::from(!admission.first_byte_timeout.is_zero()),
+                "client_hello_timeout_ms",
+                usize::from(!admission.client_hello_timeout.is_zero()),
             ),
             (
                 "max_in_flight_per_device",

@@ -17,8 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::{StartHandshake, TlsStream};
+use tokio_rustls::LazyConfigAcceptor;
 
 use crate::keystore::{KeyBackend, KeyQuota, KeyStore};
 use crate::metrics::Prom;
@@ -37,16 +37,18 @@ pub struct AdmissionLimits {
     /// Concurrent sessions per device identity (TLS certificate); more are closed with `Busy`
     /// after the handshake, so one certificate cannot hold every slot.
     pub max_connections_per_identity: usize,
-    /// TLS handshakes in progress; a connection whose first bytes arrive beyond this is closed
-    /// before its handshake starts.
+    /// TLS handshakes in progress; a connection whose complete ClientHello arrives beyond this
+    /// is closed before any cryptographic work.
     pub max_handshakes: usize,
-    /// TCP connections accepted and waiting for their first byte (the pre-handshake stage);
-    /// they hold no handshake slot. When full, the OLDEST waiting connection is closed to make
-    /// room, so silent sockets can never keep a new connection out.
+    /// TCP connections accepted and waiting for their complete TLS ClientHello (the
+    /// pre-handshake stage); they hold no handshake slot. When full, the OLDEST waiting
+    /// connection is closed to make room, so silent or slow sockets can never keep a new
+    /// connection out.
     pub max_pending: usize,
-    /// Time allowed, after `accept`, for the first byte of the TLS handshake; a connection
-    /// silent this long is closed without having taken a handshake slot.
-    pub first_byte_timeout: Duration,
+    /// Time allowed, after `accept`, for the complete TLS ClientHello; a connection that has
+    /// not sent it by then (silent, or one byte and a stall) is closed without having taken a
+    /// handshake slot.
+    pub client_hello_timeout: Duration,
     /// Requests being evaluated per device identity (over all its connections); more fail
     /// with `Busy`.
     pub max_in_flight_per_device: usize,
@@ -61,8 +63,8 @@ pub struct AdmissionLimits {
 }
 
 impl Default for AdmissionLimits {
-    /// 256 sessions, 8 per identity, 64 handshakes, 1024 connections waiting for their first
-    /// byte (1 s each), 8 requests in flight per device, request size derived from the models,
+    /// 256 sessions, 8 per identity, 64 handshakes, 1024 connections waiting for their
+    /// ClientHello (1 s each), 8 requests in flight per device, request size derived from the models,
     /// 10 s handshake, 5 s for the first message.
     fn default() -> Self {
         AdmissionLimits {
@@ -70,7 +72,7 @@ impl Default for AdmissionLimits {
             max_connections_per_identity: 8,
             max_handshakes: 64,
             max_pending: 1024,
-            first_byte_timeout: Duration::from_secs(1),
+            client_hello_timeout: Duration::from_secs(1),
             max_in_flight_per_device: 8,
             max_request_bytes: 0,
             handshake_timeout: Duration::from_secs(10),
@@ -385,7 +387,7 @@ pub struct Metrics {
     handshakes_refused: AtomicU64,
     first_message_timeouts: AtomicU64,
     pending_evicted: AtomicU64,
-    first_byte_timeouts: AtomicU64,
+    client_hello_timeouts: AtomicU64,
 }
 
 impl Metrics {
@@ -430,14 +432,15 @@ impl Metrics {
     pub fn first_message_timeouts(&self) -> u64 {
         self.first_message_timeouts.load(Ordering::Relaxed)
     }
-    /// Connections still waiting for their first byte that were closed (oldest first) to make
-    /// room for a newer one because `max_pending` were waiting.
+    /// Connections still waiting for their ClientHello that were closed (oldest first) to
+    /// make room for a newer one because `max_pending` were waiting.
     pub fn pending_evicted(&self) -> u64 {
         self.pending_evicted.load(Ordering::Relaxed)
     }
-    /// Connections closed because no byte arrived within `first_byte_timeout` of `accept`.
-    pub fn first_byte_timeouts(&self) -> u64 {
-        self.first_byte_timeouts.load(Ordering::Relaxed)
+    /// Connections closed because their complete ClientHello did not arrive within
+    /// `client_hello_timeout` of `accept`.
+    pub fn client_hello_timeouts(&self) -> u64 {
+        self.client_hello_timeouts.load(Ordering::Relaxed)
     }
 }
 
@@ -614,8 +617,7 @@ impl Cloud {
             }
             None => None,
         };
-        let acceptor = TlsAcceptor::from(opts.tls.clone());
-        let task = tokio::spawn(accept_loop(listener, acceptor, shared.clone(), rx));
+        let task = tokio::spawn(accept_loop(listener, opts.tls.clone(), shared.clone(), rx));
         tracing::info!(
             %addr,
             max_frame_len = limits.max_frame_len,
@@ -750,7 +752,7 @@ async fn health_loop(shared: Arc<Shared>, every: Duration, mut shutdown: watch::
 
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: Arc<tandem_tls::rustls::ServerConfig>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -763,7 +765,7 @@ async fn accept_loop(
                     let _ = tcp.set_nodelay(true);
                     next_id = next_id.wrapping_add(1);
                     let evicted = enqueue_pending(&shared, next_id);
-                    conns.spawn(pre_handshake(tcp, peer_addr, next_id, evicted, acceptor.clone(), shared.clone(), shutdown.clone()));
+                    conns.spawn(pre_handshake(tcp, peer_addr, next_id, evicted, tls.clone(), shared.clone(), shutdown.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -814,15 +816,16 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
-/// The pre-handshake stage (issue 12, admission): wait up to `first_byte_timeout` for the
-/// first byte without holding a handshake slot; only then take one of `max_handshakes` and
-/// start TLS. Silent connections are bounded by `max_pending` with drop-oldest eviction.
+/// The pre-handshake stage (issue 12, admission): read the complete TLS ClientHello (no
+/// cryptography yet) within `client_hello_timeout` without holding a handshake slot; only then
+/// take one of `max_handshakes` and run the handshake. Waiting connections (silent, or slow
+/// bytes) are bounded by `max_pending` with drop-oldest eviction.
 async fn pre_handshake(
     tcp: TcpStream,
     peer_addr: SocketAddr,
     id: u64,
     mut evicted: oneshot::Receiver<()>,
-    acceptor: TlsAcceptor,
+    tls: Arc<tandem_tls::rustls::ServerConfig>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -830,28 +833,33 @@ async fn pre_handshake(
         shared: &shared,
         id,
     };
-    let mut first = [0u8; 1];
-    let arrived = tokio::select! {
-        r = tokio::time::timeout(shared.admission.first_byte_timeout, tcp.peek(&mut first)) => match r {
-            Ok(Ok(n)) if n > 0 => true,
-            Ok(_) => false,
+    let hello = LazyConfigAcceptor::new(tandem_tls::rustls::server::Acceptor::default(), tcp);
+    let start = tokio::select! {
+        r = tokio::time::timeout(shared.admission.client_hello_timeout, hello) => match r {
+            Ok(Ok(start)) => Some(start),
+            Ok(Err(e)) => {
+                shared.metrics.tls_rejected.fetch_add(1, Ordering::Relaxed);
+                shared.prom.refusal("tls");
+                tracing::debug!(%peer_addr, error = %e, "no valid ClientHello: closing");
+                None
+            }
             Err(_) => {
-                shared.metrics.first_byte_timeouts.fetch_add(1, Ordering::Relaxed);
-                shared.prom.refusal("first_byte_timeout");
-                tracing::debug!(%peer_addr, "no byte within the first-byte deadline: closing");
-                false
+                shared.metrics.client_hello_timeouts.fetch_add(1, Ordering::Relaxed);
+                shared.prom.refusal("client_hello_timeout");
+                tracing::debug!(%peer_addr, "no complete ClientHello in time: closing");
+                None
             }
         },
         _ = &mut evicted => {
-            tracing::debug!(%peer_addr, "evicted from the pre-handshake stage (oldest silent connection)");
-            false
+            tracing::debug!(%peer_addr, "evicted from the pre-handshake stage (oldest waiting connection)");
+            None
         }
-        _ = shutdown.changed() => false,
+        _ = shutdown.changed() => None,
     };
     drop(guard);
-    if !arrived {
+    let Some(start) = start else {
         return;
-    }
+    };
     // Handshakes in progress are bounded before any TLS work is done.
     let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
         shared
@@ -862,7 +870,7 @@ async fn pre_handshake(
         tracing::warn!(%peer_addr, "too many TLS handshakes in progress: closing");
         return;
     };
-    connection(tcp, peer_addr, permit, acceptor, shared, shutdown).await;
+    connection(start, peer_addr, permit, tls, shared, shutdown).await;
 }
 
 /// Selects one per-identity counter map of [`Shared`].
@@ -921,15 +929,18 @@ fn in_flight(s: &Shared) -> &Mutex<HashMap<[u8; 32], usize>> {
 type Answer = (u64, Result<ResponsePayload, ErrorCode>);
 
 async fn connection(
-    tcp: TcpStream,
+    start: StartHandshake<TcpStream>,
     peer_addr: SocketAddr,
     handshake_permit: tokio::sync::OwnedSemaphorePermit,
-    acceptor: TlsAcceptor,
+    config: Arc<tandem_tls::rustls::ServerConfig>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let tls = match tokio::time::timeout(shared.admission.handshake_timeout, acceptor.accept(tcp))
-        .await
+    let tls = match tokio::time::timeout(
+        shared.admission.handshake_timeout,
+        start.into_stream(config),
+    )
+    .await
     {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

@@ -226,12 +226,12 @@ async fn handshakes_in_progress_are_bounded_before_tls() {
     let mut o = opts(&pki, &tmp.path().join("keys.redb"), any_addr());
     o.admission.max_handshakes = 4;
     let cloud = Cloud::start(o).await.unwrap();
-    // TCP connections that send a first byte and then stall hold handshake slots (the
-    // slow-byte limit in specs/operations.md) …
+    // TCP connections that send a complete ClientHello and then stall hold handshake slots …
+    let hello = client_hello(&pki);
     let mut socks = Vec::new();
     for _ in 0..10 {
         let mut s = TcpStream::connect(cloud.local_addr()).await.unwrap();
-        s.write_all(&[0x16]).await.unwrap();
+        s.write_all(&hello).await.unwrap();
         socks.push(s);
     }
     let mut refused = 0;
@@ -246,6 +246,22 @@ async fn handshakes_in_progress_are_bounded_before_tls() {
     assert_eq!(refused, 6);
     drop(socks);
     cloud.shutdown().await;
+}
+
+/// The bytes of a device's TLS ClientHello (what a client sends before any answer).
+fn client_hello(pki: &DevPki) -> Vec<u8> {
+    let cfg = client_config(pki.client_credentials("device-1").unwrap()).unwrap();
+    let mut c = tandem_tls::rustls::ClientConnection::new(
+        cfg,
+        tandem_tls::server_name("localhost").unwrap(),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut out).unwrap();
+    }
+    assert!(out.len() > 5 && out[0] == 0x16, "a TLS handshake record");
+    out
 }
 
 async fn fresh_device_infers(pki: &DevPki, addr: SocketAddr, root: &Path, i: usize) {
@@ -621,11 +637,11 @@ async fn silent_tcp_sockets_do_not_take_handshake_slots() {
         .await
         .expect("and its inference succeeds");
     dev.close().await;
-    // Past the 1 s first-byte deadline the flood is still being refilled: still served.
+    // Past the 1 s ClientHello deadline the flood is still being refilled: still served.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut dev = Device::connect(device_opts(&pki, "device-1", addr, tmp.path()))
         .await
-        .expect("admitted after the first-byte deadline has recycled the flood");
+        .expect("admitted after the ClientHello deadline has recycled the flood");
     dev.infer(&test_x()[1], Protection::Encrypted)
         .await
         .expect("inference after recycling");
@@ -642,9 +658,9 @@ async fn silent_tcp_sockets_do_not_take_handshake_slots() {
         "silent sockets never took a handshake slot"
     );
     assert!(
-        cloud.metrics().first_byte_timeouts() >= 100,
-        "silent sockets were closed at the first-byte deadline ({})",
-        cloud.metrics().first_byte_timeouts()
+        cloud.metrics().client_hello_timeouts() >= 100,
+        "silent sockets were closed at the ClientHello deadline ({})",
+        cloud.metrics().client_hello_timeouts()
     );
     cloud.shutdown().await;
 }
@@ -657,7 +673,7 @@ async fn a_full_pre_handshake_stage_evicts_its_oldest_connection() {
     let pki = DevPki::generate(1).unwrap();
     let mut o = opts(&pki, &tmp.path().join("keys.redb"), any_addr());
     o.admission.max_pending = 16;
-    o.admission.first_byte_timeout = Duration::from_secs(60);
+    o.admission.client_hello_timeout = Duration::from_secs(60);
     let cloud = Cloud::start(o).await.unwrap();
     let addr = cloud.local_addr();
     let mut silent = Vec::new();
@@ -689,5 +705,38 @@ async fn a_full_pre_handshake_stage_evicts_its_oldest_connection() {
         !matches!(silent[0].try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     );
     drop(silent);
+    cloud.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_byte_sockets_do_not_take_handshake_slots() {
+    // The slow-byte variant: one byte of a TLS record, then a stall. Such a connection stays
+    // in the pre-handshake stage (no handshake slot) until its ClientHello is complete.
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = DevPki::generate(1).unwrap();
+    let mut o = opts(&pki, &tmp.path().join("keys.redb"), any_addr());
+    o.admission.max_handshakes = 4;
+    o.admission.client_hello_timeout = Duration::from_secs(30);
+    let cloud = Cloud::start(o).await.unwrap();
+    let addr = cloud.local_addr();
+    let hello = client_hello(&pki);
+    let mut slow = Vec::new();
+    for i in 0..100 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        // 1 byte, or all of the ClientHello but its last byte.
+        let n = if i % 2 == 0 { 1 } else { hello.len() - 1 };
+        s.write_all(&hello[..n]).await.unwrap();
+        slow.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut dev = Device::connect(device_opts(&pki, "device-1", addr, tmp.path()))
+        .await
+        .expect("a device is admitted while 100 slow-byte sockets are held (4 handshake slots)");
+    dev.infer(&test_x()[0], Protection::Encrypted)
+        .await
+        .expect("and its inference succeeds");
+    dev.close().await;
+    assert_eq!(cloud.metrics().handshakes_refused(), 0);
+    drop(slow);
     cloud.shutdown().await;
 }
