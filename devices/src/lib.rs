@@ -10,7 +10,7 @@
 //! * [`Protection::NoisedEncrypted`] — both: noised (and charged), then encrypted.
 //!
 //! Order of a DP release: connect (handshake), register the evaluation key and await the
-//! cloud's `KeyAck` (noised-encrypted, once per connection), **then** charge, then send. A
+//! cloud's `KeyAck` (noised-encrypted, once per `Device`), **then** charge, then send. A
 //! refusal the device can learn of first — no cloud, a refused handshake, a key for an output
 //! mode the model is not served in ([`DeviceError::KeyRefused`]) — charges nothing.
 //!

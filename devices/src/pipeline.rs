@@ -48,9 +48,11 @@ pub struct Device {
     epoch: Instant,
     key_uploads: u64,
     connects: u64,
-    /// (connection number, key id) of the last key the cloud acknowledged (`KeyAck`) on
-    /// a connection: a DP release under that key needs no new registration on it.
-    key_acked: Option<(u64, [u8; 32])>,
+    /// Key id the cloud last acknowledged (`KeyAck`) for this device. The cloud stores keys
+    /// durably (TDM-KEY-4/8), so a later connection needs no new registration before a DP
+    /// release; a key the cloud has since evicted comes back as `UnknownKey`, which uploads it
+    /// and resends the same, already charged payload.
+    key_acked: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for Device {
@@ -363,7 +365,7 @@ impl Device {
             Err(e) => return Err(e),
         };
         self.key_uploads += 1;
-        self.key_acked = Some((self.connects, self.he.key_id));
+        self.key_acked = Some(self.he.key_id);
         tracing::info!(bytes = sent, "evaluation key uploaded");
         Ok(sent)
     }
@@ -371,7 +373,7 @@ impl Device {
     /// Learns every refusal the device can learn of before a DP release, so that none of
     /// them is charged: connects (retrying per [`DeviceOptions::retry`]), loads the keys of
     /// the negotiated set and, when the release will be encrypted, registers the key and
-    /// awaits its `KeyAck` (once per connection). Returns the key-upload bytes.
+    /// awaits its `KeyAck` (once per device process: see `key_acked`). Returns the key-upload bytes.
     ///
     /// # Errors
     /// Connection errors once the retries are spent, handshake refusals,
@@ -402,9 +404,7 @@ impl Device {
     ) -> Result<usize, DeviceError> {
         self.connect_within(started).await?;
         self.ensure_he().await?;
-        let acked_here = self.key_acked == Some((self.connects, self.he.key_id))
-            && self.conn.as_ref().is_some_and(Conn::is_open);
-        if !encrypted || acked_here {
+        if !encrypted || self.key_acked == Some(self.he.key_id) {
             return Ok(0);
         }
         self.upload_key().await
