@@ -567,7 +567,15 @@ impl Cloud {
             Ok::<_, CloudError>((registry, keys, limits, sizes))
         })
         .await
-        .map_err(|e| CloudError::Config(format!("start-up task failed: {e}")))??;
+        .map_err(|e| {
+            CloudError::Config(format!(
+                "start-up failed while loading the models {models:?} or opening the key store \
+                 {store}: {e} (check those files; a damaged key store can be restored from a \
+                 backup or moved away)",
+                models = opts.models,
+                store = opts.key_store.display()
+            ))
+        })??;
         let mut session_config = CloudConfig::new(registry.entries());
         session_config.limits = limits;
         session_config.param_sets = registry.contexts().iter().map(|c| c.params().id).collect();
