@@ -10,7 +10,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tandem_dp::{Accountant, DpError, Ledger, Policy};
 
@@ -21,6 +21,18 @@ const RHO: f64 = 0.25;
 const BUDGET: f64 = 1.0 + 1e-9;
 const NOW: u64 = 1_000;
 const DEVICE: &[u8] = b"device-1";
+
+/// Tests in this binary run on parallel threads. Between `fork` and `exec`, a child spawned by
+/// one test holds a copy of every descriptor open in the parent, including a ledger another
+/// test just opened, and with it that ledger's `flock` (locks belong to the open file
+/// description). A test that reopens a ledger its threads have just closed then sees
+/// `LedgerInUse` for that instant (seen once in CI). Tests that spawn children and tests that
+/// reopen therefore take turns.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn policy() -> Policy {
     Policy::new(BUDGET, 86_400).unwrap()
@@ -69,6 +81,7 @@ fn allowed_sequentially() -> u64 {
 
 #[test]
 fn second_open_is_refused_with_ledger_in_use_naming_the_path() {
+    let _serial = serial();
     let p = tmp("second");
     let (first, _) = Accountant::open(&p, policy()).unwrap();
     for _ in 0..2 {
@@ -96,6 +109,7 @@ fn second_open_is_refused_with_ledger_in_use_naming_the_path() {
 
 #[test]
 fn threads_racing_on_one_ledger_never_exceed_the_budget() {
+    let _serial = serial();
     let allowed = allowed_sequentially();
     assert_eq!(
         allowed, 4,
@@ -171,6 +185,7 @@ fn child(path: &Path, mode: &str) -> std::process::Child {
 
 #[test]
 fn two_processes_on_one_ledger_never_exceed_the_budget() {
+    let _serial = serial();
     let allowed = allowed_sequentially();
     for round in 0..3 {
         let p = tmp(&format!("procs{round}"));
@@ -197,6 +212,7 @@ fn two_processes_on_one_ledger_never_exceed_the_budget() {
 
 #[test]
 fn lock_of_a_killed_process_is_released_by_the_os() {
+    let _serial = serial();
     let p = tmp("killed");
     let mut holder = child(&p, "hold");
     let opened = BufReader::new(holder.stdout.take().unwrap())
