@@ -111,3 +111,120 @@ fn top_k(unit: &Array2<f64>, k: usize) -> Vec<Vec<usize>> {
         })
         .collect()
 }
+
+/// Per-row cosine of two row-aligned sets of embeddings, summarised: mean, min and the row of
+/// the min.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CosineSummary {
+    /// Rows compared.
+    pub rows: usize,
+    /// Mean of the per-row cosine.
+    pub mean: f64,
+    /// Smallest per-row cosine.
+    pub min: f64,
+    /// Index (in the given row order) of the smallest cosine.
+    pub worst: usize,
+}
+
+/// Per-row cosine of `reference` and `test` (both `[S, H]`, rows in the same order, `S ≥ 1`),
+/// without the nearest-neighbour part of [`agreement`] (so any `S ≥ 1` will do).
+///
+/// # Errors
+/// [`OpsError::Shape`] if the shapes differ or there are no rows.
+pub fn cosine_summary(
+    reference: ArrayView2<'_, f32>,
+    test: ArrayView2<'_, f32>,
+) -> Result<CosineSummary, OpsError> {
+    if reference.dim() != test.dim() || reference.nrows() == 0 {
+        return Err(OpsError::shape(
+            "cosine_summary",
+            format!(
+                "reference {:?}, test {:?} (need equal shapes and at least one row)",
+                reference.dim(),
+                test.dim()
+            ),
+        ));
+    }
+    let (mut sum, mut min, mut worst) = (0f64, f64::INFINITY, 0);
+    for (i, (r, t)) in reference.outer_iter().zip(test.outer_iter()).enumerate() {
+        let c = cosine(r, t);
+        sum += c;
+        if c < min {
+            (min, worst) = (c, i);
+        }
+    }
+    Ok(CosineSummary {
+        rows: reference.nrows(),
+        mean: sum / reference.nrows() as f64,
+        min,
+        worst,
+    })
+}
+
+/// The `k` rows of `corpus` (`[S, H]`) most cosine-similar to `query` (`[H]`), most similar
+/// first, ties broken by the lower index: `(row, cosine)` pairs, at most `S` of them. This is
+/// the search step of a semantic search over embeddings.
+///
+/// # Errors
+/// [`OpsError::Shape`] if `query`'s length is not the corpus width.
+pub fn nearest(
+    corpus: ArrayView2<'_, f32>,
+    query: ArrayView1<'_, f32>,
+    k: usize,
+) -> Result<Vec<(usize, f64)>, OpsError> {
+    if corpus.ncols() != query.len() {
+        return Err(OpsError::shape(
+            "nearest",
+            format!(
+                "corpus {:?}, query of {} values (need the corpus width)",
+                corpus.dim(),
+                query.len()
+            ),
+        ));
+    }
+    let mut scored: Vec<(usize, f64)> = corpus
+        .outer_iter()
+        .enumerate()
+        .map(|(i, row)| (i, cosine(row, query)))
+        .collect();
+    scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    scored.truncate(k);
+    Ok(scored)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use ndarray::{arr1, arr2};
+
+    #[test]
+    fn nearest_ranks_by_cosine_not_by_dot_product() {
+        // Row 2 has the largest dot product with the query (it is long) but the worst angle.
+        let corpus = arr2(&[[1.0f32, 0.0], [0.6, 0.8], [10.0, 10.0], [0.0, 1.0]]);
+        let hits = nearest(corpus.view(), arr1(&[0.0f32, 1.0]).view(), 3).unwrap();
+        let rows: Vec<usize> = hits.iter().map(|h| h.0).collect();
+        assert_eq!(rows, vec![3, 1, 2]);
+        assert!((hits[0].1 - 1.0).abs() < 1e-12);
+        assert!((hits[1].1 - 0.8).abs() < 1e-6);
+        // Ties keep the lower index first; k larger than the corpus gives every row.
+        let tied = arr2(&[[1.0f32, 0.0], [2.0, 0.0]]);
+        let all = nearest(tied.view(), arr1(&[1.0f32, 0.0]).view(), 5).unwrap();
+        assert_eq!(all.iter().map(|h| h.0).collect::<Vec<_>>(), vec![0, 1]);
+        assert!(nearest(corpus.view(), arr1(&[1.0f32]).view(), 1).is_err());
+    }
+
+    #[test]
+    fn cosine_summary_finds_the_worst_row() {
+        let r = arr2(&[[1.0f32, 0.0], [0.0, 1.0], [1.0, 1.0]]);
+        let t = arr2(&[[2.0f32, 0.0], [1.0, 1.0], [1.0, 1.0]]);
+        let s = cosine_summary(r.view(), t.view()).unwrap();
+        assert_eq!((s.rows, s.worst), (3, 1));
+        assert!((s.min - std::f64::consts::FRAC_1_SQRT_2).abs() < 1e-6);
+        assert!((s.mean - (2.0 + std::f64::consts::FRAC_1_SQRT_2) / 3.0).abs() < 1e-6);
+        let two = arr2(&[[2.0f32, 0.0], [1.0, 1.0]]);
+        assert!(cosine_summary(r.view(), two.view()).is_err());
+        let empty = Array2::<f32>::zeros((0, 2));
+        assert!(cosine_summary(empty.view(), empty.view()).is_err());
+    }
+}
