@@ -425,6 +425,7 @@ fn overflowing_bundle(dir: &Path, key: &tandem_model::SigningKey) {
             device: wref("device.safetensors"),
             cloud: wref("cloud.safetensors"),
         },
+        exit_head: None,
         preprocess: None,
         layers: vec![
             layer("fc0", 4, Placement::Device, Activation::Relu, None),

@@ -497,6 +497,7 @@ fn main() -> Result<(), Error> {
             float_test_accuracy: float_acc,
             quantised_test_accuracy: 0.0,
         }),
+        exit_head: None,
     };
     let f32t = |name: &str, shape: Vec<usize>, v: Vec<f32>| NamedTensor {
         name: name.into(),

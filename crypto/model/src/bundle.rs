@@ -191,6 +191,8 @@ pub struct Bundle {
     /// The cloud layers in integer form, same order (empty unless the cloud part is loaded).
     cloud_layers: Vec<CloudLayer>,
     part: Part,
+    /// The early-exit head, if the manifest has one and the device part is loaded.
+    exit_head: Option<crate::exit::ExitHead>,
 }
 
 /// Where a split inference stands after a device segment ([`Bundle::start`],
@@ -334,7 +336,7 @@ fn get_tensor<'a>(
     Ok(t)
 }
 
-fn read_f32(st: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+pub(crate) fn read_f32(st: &SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
     let t = get_tensor(st, name, Dtype::F32, shape)?;
     let v: Vec<f32> = t
         .data()
@@ -603,6 +605,10 @@ impl Bundle {
                 "no layer has placement = \"cloud\"".into(),
             ));
         }
+        let exit_head = match (&manifest.exit_head, &dev) {
+            (Some(h), Some(st)) => Some(crate::exit::load_head(h, manifest.classes, st)?),
+            _ => None,
+        };
         let mut bundle = Bundle {
             manifest,
             digest: sha256(manifest_bytes),
@@ -611,6 +617,7 @@ impl Bundle {
             clouds,
             cloud_layers: Vec::new(),
             part,
+            exit_head,
         };
         if part.has(Placement::Cloud) {
             bundle.cloud_layers = bundle
@@ -675,6 +682,25 @@ impl Bundle {
     /// Which part of the bundle is loaded.
     pub fn part(&self) -> Part {
         self.part
+    }
+
+    /// The signed early-exit head (TDM-EXIT-2), if the manifest has one and the device part
+    /// is loaded.
+    pub fn exit_head(&self) -> Option<&crate::exit::ExitHead> {
+        self.exit_head.as_ref()
+    }
+
+    /// The early-exit head's verdict on a raw input (TDM-EXIT-1): runs the device layers up
+    /// to the first cloud layer and the head on that activation. `Ok(None)` if the bundle
+    /// has no head. What the planner asks to know whether answering locally is a candidate.
+    ///
+    /// # Errors
+    /// As [`Bundle::device_prefix`], and [`crate::exit::ExitHead::evaluate`].
+    pub fn exit_confidence(&self, x: &[f32]) -> Result<Option<crate::exit::ExitOutput>> {
+        match &self.exit_head {
+            None => Ok(None),
+            Some(h) => h.evaluate(&self.device_prefix(x)?).map(Some),
+        }
     }
 
     /// The first layer the cloud evaluates, in the integer form the HE engine takes (needs the

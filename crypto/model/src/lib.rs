@@ -30,6 +30,7 @@
 
 mod bundle;
 mod error;
+pub mod exit;
 mod manifest;
 mod sign;
 mod testset;
@@ -40,6 +41,7 @@ pub use bundle::{
 };
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use error::{ModelError, Result};
+pub use exit::{attach_exit_head, ExitCalibration, ExitHead, ExitHeadSpec, ExitOutput};
 pub use manifest::{
     Activation, LayerKind, LayerSpec, Limits, Manifest, Placement, Preprocess, QuantSpec,
     TrainingInfo, Weights, WeightsRef, FORMAT, INT8_MAX, MAX_ABS_BIAS,

@@ -50,6 +50,10 @@ pub struct Manifest {
     /// not used for inference.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<TrainingInfo>,
+    /// Optional early-exit head on the split activation and its calibrated τ (issue 10;
+    /// [`crate::exit`]). Its tensors live in the device weights file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_head: Option<crate::exit::ExitHeadSpec>,
 }
 
 /// The weights are split in two files so that each party holds only its own layers: the
@@ -288,6 +292,9 @@ impl Manifest {
             v.push((l.weight.clone(), l.placement));
             v.push((l.bias.clone(), l.placement));
         }
+        if let Some(h) = &self.exit_head {
+            v.extend(h.tensor_owners());
+        }
         v
     }
 
@@ -430,6 +437,9 @@ impl Manifest {
             return Err(invalid(format!(
                 "cloud layer {c} is not among split_points"
             )));
+        }
+        if let Some(h) = &self.exit_head {
+            h.validate(self)?;
         }
         Ok(())
     }
