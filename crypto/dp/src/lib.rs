@@ -15,6 +15,8 @@
 //!   for apps): the UCI dataset loader, the trainer and utility sweep (accuracy vs ε) and the
 //!   SVG plotter. An app that links `tandem-dp` without the feature does not pull ndarray,
 //!   plotters or flate2.
+//! * `exit_head` (feature **`tools`**): the early-exit head's distillation trainer and τ
+//!   calibration (issue 10).
 //!
 //! ```no_run
 //! use tandem_dp::{Accountant, Clip, Mechanism, Policy, Quantizer, SecureBits};
@@ -39,6 +41,8 @@
 #[cfg(feature = "tools")]
 pub mod bottleneck;
 pub mod error;
+#[cfg(feature = "tools")]
+pub mod exit_head;
 pub mod ledger;
 pub mod mechanism;
 #[cfg(feature = "tools")]
