@@ -426,6 +426,7 @@ fn overflowing_bundle(dir: &Path, key: &tandem_model::SigningKey) {
             cloud: wref("cloud.safetensors"),
         },
         exit_head: None,
+        encoder: None,
         preprocess: None,
         layers: vec![
             layer("fc0", 4, Placement::Device, Activation::Relu, None),

@@ -498,6 +498,7 @@ fn main() -> Result<(), Error> {
             quantised_test_accuracy: 0.0,
         }),
         exit_head: None,
+        encoder: None,
     };
     let f32t = |name: &str, shape: Vec<usize>, v: Vec<f32>| NamedTensor {
         name: name.into(),

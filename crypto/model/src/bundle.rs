@@ -193,6 +193,10 @@ pub struct Bundle {
     part: Part,
     /// The early-exit head, if the manifest has one and the device part is loaded.
     exit_head: Option<crate::exit::ExitHead>,
+    /// An encoder bundle's device tensors (f32, shapes checked against the graph), by name.
+    device_tensors: std::collections::BTreeMap<String, Vec<f32>>,
+    /// An encoder bundle's tokenizer file (digest checked), when the device part is loaded.
+    tokenizer: Option<Vec<u8>>,
 }
 
 /// Where a split inference stands after a device segment ([`Bundle::start`],
@@ -525,7 +529,16 @@ impl Bundle {
             }
         }
         let [device, cloud] = files;
-        Bundle::build(
+        // An encoder's tokenizer is the device's: bound to the signed manifest by its digest.
+        let tokenizer = match (&manifest.encoder, part.has(Placement::Device)) {
+            (Some(e), true) => Some(read_weights(
+                &dir.join(&e.tokenizer.file),
+                &e.tokenizer,
+                limits,
+            )?),
+            _ => None,
+        };
+        let mut bundle = Bundle::build(
             manifest,
             &manifest_bytes,
             device.as_deref(),
@@ -538,7 +551,9 @@ impl Bundle {
                 dir.display()
             )),
             e => e,
-        })
+        })?;
+        bundle.tokenizer = tokenizer;
+        Ok(bundle)
     }
 
     /// Builds a bundle from a validated manifest and the weights files of `part`, whose
@@ -553,6 +568,15 @@ impl Bundle {
         let owners = manifest.tensor_owners();
         let dev = parse_part(&owners, part, device, Placement::Device)?;
         let cl = parse_part(&owners, part, cloud, Placement::Cloud)?;
+        if manifest.encoder.is_some() {
+            return Bundle::build_encoder(
+                manifest,
+                manifest_bytes,
+                dev.as_ref(),
+                cl.as_ref(),
+                part,
+            );
+        }
         let preprocess = match (&manifest.preprocess, &dev) {
             (Some(p), Some(st)) => {
                 let mean = read_f32(st, &p.mean, &[manifest.input_dim])?;
@@ -618,6 +642,8 @@ impl Bundle {
             cloud_layers: Vec::new(),
             part,
             exit_head,
+            device_tensors: std::collections::BTreeMap::new(),
+            tokenizer: None,
         };
         if part.has(Placement::Cloud) {
             bundle.cloud_layers = bundle
@@ -627,6 +653,114 @@ impl Bundle {
                 .collect::<Result<_>>()?;
         }
         Ok(bundle)
+    }
+
+    /// [`Bundle::build`] for an encoder manifest (validated): the device tensors the graph
+    /// names with the shapes it implies, the cloud linear layers' int8 weights.
+    fn build_encoder(
+        manifest: Manifest,
+        manifest_bytes: &[u8],
+        dev: Option<&SafeTensors<'_>>,
+        cl: Option<&SafeTensors<'_>>,
+        part: Part,
+    ) -> Result<Bundle> {
+        let enc = manifest
+            .encoder
+            .as_ref()
+            .ok_or_else(|| ModelError::InvalidManifest("no [encoder] section".into()))?;
+        let mut device_tensors = std::collections::BTreeMap::new();
+        if let Some(st) = dev {
+            for (name, shape) in enc.device_tensor_shapes() {
+                let v = read_f32(st, &name, &shape)?;
+                device_tensors.insert(name, v);
+            }
+            for l in &enc.linears {
+                if device_tensors
+                    .get(&l.scales)
+                    .is_some_and(|s| s.iter().any(|&x| x <= 0.0))
+                {
+                    return Err(tensor_err(&l.scales, "weight scales must be > 0"));
+                }
+            }
+        }
+        let mut cloud_layers = Vec::new();
+        if let Some(st) = cl {
+            for (index, l) in enc.linears.iter().enumerate() {
+                let weights = read_i8(st, &l.weight, &[l.n_out, l.n_in])?;
+                if weights.iter().any(|w| w.abs() > l.weight_bound) {
+                    return Err(tensor_err(
+                        &l.weight,
+                        "weights above the manifest's weight_bound",
+                    ));
+                }
+                cloud_layers.push(CloudLayer {
+                    index,
+                    name: l.name.clone(),
+                    n_in: l.n_in,
+                    n_out: l.n_out,
+                    weights,
+                    bias: vec![0; l.n_out],
+                    input_clip: l.input_bound,
+                    bias_bound: l.bias_bound,
+                });
+            }
+        }
+        let clouds = manifest.cloud_indices();
+        Ok(Bundle {
+            manifest,
+            digest: sha256(manifest_bytes),
+            preprocess: None,
+            layers: Vec::new(),
+            clouds,
+            cloud_layers,
+            part,
+            exit_head: None,
+            device_tensors,
+            tokenizer: None,
+        })
+    }
+
+    /// The encoder section of an encoder bundle ([`crate::EncoderSpec`]).
+    pub fn encoder(&self) -> Option<&crate::encoder::EncoderSpec> {
+        self.manifest.encoder.as_ref()
+    }
+
+    /// An f32 device tensor of an encoder bundle, row-major, with the shape the graph gives it
+    /// ([`crate::EncoderSpec::device_tensor_shapes`]).
+    ///
+    /// # Errors
+    /// [`ModelError::NotLoaded`] without the device part, [`ModelError::Tensor`] for a name
+    /// the graph does not give the device.
+    pub fn device_tensor(&self, name: &str) -> Result<&[f32]> {
+        if !self.part.has(Placement::Device) {
+            return Err(not_loaded("device part of the bundle"));
+        }
+        self.device_tensors
+            .get(name)
+            .map(Vec::as_slice)
+            .ok_or_else(|| tensor_err(name, "not a device tensor of this encoder"))
+    }
+
+    /// An encoder bundle's tokenizer file (`tokenizer.json`), its digest checked against the
+    /// signed manifest.
+    ///
+    /// # Errors
+    /// [`ModelError::NotLoaded`] without the device part or for a bundle without encoder.
+    pub fn tokenizer_json(&self) -> Result<&[u8]> {
+        self.tokenizer
+            .as_deref()
+            .ok_or_else(|| not_loaded("tokenizer of an encoder bundle (device part)"))
+    }
+
+    fn refuse_encoder(&self) -> Result<()> {
+        if self.manifest.encoder.is_some() {
+            return Err(ModelError::InvalidInput(
+                "an encoder bundle is run by its graph (tandem-ops `SentenceEncoder`), not by \
+                 the dense-layer pipeline"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The verified manifest.
@@ -768,6 +902,7 @@ impl Bundle {
     /// Standardises a raw input (if the manifest has a `preprocess` section) after checking
     /// its length and that it is finite.
     pub fn preprocess(&self, x: &[f32]) -> Result<Vec<f32>> {
+        self.refuse_encoder()?;
         if !self.part.has(Placement::Device) {
             return Err(not_loaded("device part of the bundle"));
         }
@@ -862,8 +997,32 @@ impl Bundle {
                 "layer {index} is not a cloud layer"
             )));
         }
-        self.layers[index].eval_int(q)
+        if self.manifest.encoder.is_some() {
+            let c = self.cloud_layer_at(index)?;
+            if q.len() != c.n_in {
+                return Err(ModelError::InvalidInput(format!(
+                    "cloud layer {index} takes {} values, got {}",
+                    c.n_in,
+                    q.len()
+                )));
+            }
+            return c
+                .weights
+                .chunks_exact(c.n_in.max(1))
+                .map(|row| {
+                    row.iter()
+                        .zip(q)
+                        .try_fold(0i64, |a, (&w, &x)| a.checked_add(w.checked_mul(x)?))
+                        .ok_or_else(|| ModelError::Overflow(c.name.clone()))
+                })
+                .collect();
+        }
+        self.layers
+            .get(index)
+            .ok_or_else(|| ModelError::InvalidInput(format!("no layer {index}")))?
+            .eval_int(q)
     }
+
 
     /// Device side, first segment (TDM-MOD: the general split executor): standardises `x`,
     /// runs the device layers up to the first cloud layer and quantises its input.
@@ -886,6 +1045,7 @@ impl Bundle {
     /// length, [`ModelError::NonFinite`] if a value leaves the f32 range,
     /// [`ModelError::NotLoaded`] without the device part.
     pub fn resume(&self, layer: usize, z: &[i64]) -> Result<Step> {
+        self.refuse_encoder()?;
         if !self.part.has(Placement::Device) {
             return Err(not_loaded("device part of the bundle"));
         }

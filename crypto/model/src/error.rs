@@ -88,6 +88,11 @@ pub enum ModelError {
     /// The manifest parses but is inconsistent (shapes, placements, scales, names...).
     #[error("invalid manifest: {0}")]
     InvalidManifest(String),
+    /// The encoder graph of the manifest is inconsistent (cycle, unknown op, non-linear cloud
+    /// op, shape mismatch...): the bundle was built wrong; rebuild it (`tandem model
+    /// import-bert`).
+    #[error("invalid encoder graph: {0}")]
+    Graph(#[from] crate::encoder::GraphError),
     /// The weights file is not valid safetensors.
     #[error("weights file is not valid safetensors: {0}")]
     Safetensors(String),

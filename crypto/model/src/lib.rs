@@ -29,6 +29,7 @@
 #![forbid(unsafe_code)]
 
 mod bundle;
+pub mod encoder;
 mod error;
 pub mod exit;
 mod manifest;
@@ -40,6 +41,7 @@ pub use bundle::{
     SIGNING_CONTEXT,
 };
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
+pub use encoder::{CloudLinear, EncoderSpec, GraphError, OpKind, OpSpec};
 pub use error::{ModelError, Result};
 pub use exit::{attach_exit_head, ExitCalibration, ExitHead, ExitHeadSpec, ExitOutput};
 pub use manifest::{

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::encoder::EncoderSpec;
 use crate::error::{ModelError, Result};
 
 /// The manifest `format` string this crate reads and writes.
@@ -54,6 +55,12 @@ pub struct Manifest {
     /// [`crate::exit`]). Its tensors live in the device weights file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_head: Option<crate::exit::ExitHeadSpec>,
+    /// A transformer encoder described as an op graph (issue 8; [`crate::EncoderSpec`]). When
+    /// present, `layers`, `split_points` and `preprocess` are empty, `input_dim` is the
+    /// encoder's `max_tokens`, `classes` its hidden width (the embedding's length), and the
+    /// cloud layers (protocol `layer_id`s) are the indices of `encoder.linears`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder: Option<EncoderSpec>,
 }
 
 /// The weights are split in two files so that each party holds only its own layers: the
@@ -262,6 +269,9 @@ impl Manifest {
     /// Indices of the cloud layers, in pipeline order (the protocol `layer_id` of each). A
     /// model may have any number of cloud segments; validation requires at least one.
     pub fn cloud_indices(&self) -> Vec<usize> {
+        if let Some(e) = &self.encoder {
+            return (0..e.linears.len()).collect();
+        }
         self.layers
             .iter()
             .enumerate()
@@ -294,6 +304,9 @@ impl Manifest {
         }
         if let Some(h) = &self.exit_head {
             v.extend(h.tensor_owners());
+        }
+        if let Some(e) = &self.encoder {
+            v.extend(e.tensor_owners());
         }
         v
     }
@@ -340,6 +353,9 @@ impl Manifest {
         }
         if self.weights.device.file == self.weights.cloud.file {
             return Err(invalid("the device and cloud weights files must differ"));
+        }
+        if let Some(e) = &self.encoder {
+            return self.validate_encoder(e, limits);
         }
         if self.layers.is_empty() || self.layers.len() > limits.max_layers {
             return Err(invalid(format!(
@@ -440,6 +456,91 @@ impl Manifest {
         }
         if let Some(h) = &self.exit_head {
             h.validate(self)?;
+        }
+        Ok(())
+    }
+
+    /// An encoder manifest (no dense layers; see [`Manifest::encoder`]) for `encoder`, with
+    /// weights files `device.safetensors` and `cloud.safetensors` (digests filled in when the
+    /// bundle is written, [`crate::write_bundle`]) and every other optional section absent.
+    ///
+    /// # Errors
+    /// [`ModelError::ManifestParse`] if `id`, `version` or `dataset` cannot be represented.
+    pub fn for_encoder(
+        id: &str,
+        version: &str,
+        dataset: &str,
+        encoder: EncoderSpec,
+    ) -> Result<Manifest> {
+        #[derive(Serialize)]
+        struct Head<'a> {
+            format: &'a str,
+            id: &'a str,
+            version: &'a str,
+            dataset: &'a str,
+            input_dim: usize,
+            classes: usize,
+            split_points: [usize; 0],
+            layers: [usize; 0],
+            weights: Weights,
+        }
+        let wref = |f: &str| WeightsRef {
+            file: f.into(),
+            sha256: "0".repeat(64),
+            bytes: 0,
+        };
+        let head = Head {
+            format: FORMAT,
+            id,
+            version,
+            dataset,
+            input_dim: encoder.max_tokens,
+            classes: encoder.hidden,
+            split_points: [],
+            layers: [],
+            weights: Weights {
+                device: wref("device.safetensors"),
+                cloud: wref("cloud.safetensors"),
+            },
+        };
+        // Through the schema's own defaults, so sections added later stay absent.
+        let text = toml::to_string(&head).map_err(|e| ModelError::ManifestParse(e.to_string()))?;
+        let mut m = Manifest::from_toml(&text)?;
+        m.encoder = Some(encoder);
+        Ok(m)
+    }
+
+    /// The checks of an encoder manifest after the common ones.
+    fn validate_encoder(&self, e: &EncoderSpec, limits: &Limits) -> Result<()> {
+        if !self.layers.is_empty()
+            || !self.split_points.is_empty()
+            || self.preprocess.is_some()
+            || self.exit_head.is_some()
+        {
+            return Err(invalid(
+                "an encoder manifest has no layers, split_points, preprocess or exit_head (its \
+                 graph is the [encoder] section)",
+            ));
+        }
+        e.validate(limits.max_dim)?;
+        if self.input_dim != e.max_tokens || self.classes != e.hidden {
+            return Err(invalid(format!(
+                "an encoder manifest has input_dim = encoder.max_tokens ({}) and classes = \
+                 encoder.hidden ({}); found {} and {}",
+                e.max_tokens, e.hidden, self.input_dim, self.classes
+            )));
+        }
+        let files = [&self.weights.device.file, &self.weights.cloud.file];
+        if files.contains(&&e.tokenizer.file) {
+            return Err(invalid(
+                "the tokenizer file must differ from the weights files",
+            ));
+        }
+        let names = self.tensor_owners();
+        let mut sorted: Vec<&str> = names.iter().map(|(n, _)| n.as_str()).collect();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(invalid(format!("tensor name {:?} is used twice", w[0])));
         }
         Ok(())
     }
