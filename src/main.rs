@@ -26,6 +26,14 @@ enum Command {
         /// Print one JSON object as the last line.
         #[arg(long)]
         json: bool,
+        /// `--model minilm`: private semantic search with all-MiniLM-L6-v2 instead.
+        #[command(flatten)]
+        minilm: cli::demo_minilm::MiniLmDemoArgs,
+    },
+    /// Evaluations of real models (issue 8).
+    Eval {
+        #[command(subcommand)]
+        what: cli::eval::EvalCommand,
     },
     /// The cloud server.
     Cloud {
@@ -104,7 +112,11 @@ fn main() -> anyhow::Result<()> {
             BenchCommand::Dp { json } => cli::dp::bench_dp(json),
             BenchCommand::Load(args) => cli::runtime::bench_load(args),
         },
-        Command::Demo { json } => cli::demo::run(json),
+        Command::Demo { json, minilm } => match minilm.model.as_deref() {
+            None | Some("digits") => cli::demo::run(json),
+            Some(_) => cli::demo_minilm::run(&minilm, json),
+        },
+        Command::Eval { what } => cli::eval::run(what),
         Command::Cloud { what } => cli::runtime::cloud(what),
         Command::Device { what } => cli::runtime::device(what),
         Command::Pki { what } => cli::runtime::pki(what),

@@ -1,0 +1,251 @@
+//! `tandem demo --model minilm`: private semantic search with all-MiniLM-L6-v2 (issue 8).
+//!
+//! The device embeds a small corpus itself (float, on the device: the index never leaves it),
+//! then embeds each query with every linear layer evaluated by the cloud under encryption
+//! (in-process cloud: the same bytes a network transport carries, counted per query), and
+//! searches the corpus with the encrypted query embedding. Beside each hit list it shows the
+//! hits of the float query embedding (what the device alone would find), the cosine between the
+//! two query embeddings, the query's latency and its bytes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::bail;
+use clap::Args;
+use serde::Serialize;
+use tandem_he::{Context, EvalOptions, DEFAULT_PARAMETERS};
+use tandem_ops::metrics::{cosine, nearest};
+use tandem_ops::InProcessCloud;
+
+use super::demo::repo_root;
+use super::eval::{bar, embed_all, parse_mode, read_corpus, MiniLm};
+
+/// The queries the demo asks when none is given (about the Python documentation the corpus
+/// comes from).
+pub const DEFAULT_QUERIES: [&str; 5] = [
+    "How can several threads exchange data safely?",
+    "finding out where my program spends its time",
+    "translating an application into other languages",
+    "reading archives compressed with xz",
+    "checking the server's certificate on a secure connection",
+];
+
+/// Options of `tandem demo` that only apply with `--model`.
+#[derive(Args, Debug, Clone)]
+pub struct MiniLmDemoArgs {
+    /// `minilm` (TANDEM_MINILM_DIR, else the cache of scripts/fetch-minilm.sh) or a MiniLM
+    /// directory: private semantic search instead of the digits demo.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Corpus to search, one sentence per line (default: data/minilm-corpus.txt).
+    #[arg(long, requires = "model")]
+    pub corpus: Option<PathBuf>,
+    /// Sentences of the corpus indexed on the device: evenly spaced through the file.
+    #[arg(long, default_value_t = 64, requires = "model")]
+    pub corpus_size: usize,
+    /// A query (repeat for several); default: five questions about the Python documentation.
+    #[arg(long = "query", requires = "model")]
+    pub queries: Vec<String>,
+    /// Hits shown per query.
+    #[arg(long, default_value_t = 3, requires = "model")]
+    pub top: usize,
+    /// HE output mode of the cloud layers: `packed` or `nokey`.
+    #[arg(long, default_value = "packed", requires = "model")]
+    pub mode: String,
+}
+
+#[derive(Serialize)]
+struct Hit {
+    index: usize,
+    score: f64,
+    text: String,
+}
+
+#[derive(Serialize)]
+struct QueryJson {
+    query: String,
+    tokens: usize,
+    latency_s: f64,
+    cloud_s: f64,
+    requests: u64,
+    bytes_up: u64,
+    bytes_down: u64,
+    cosine_vs_float: f64,
+    same_hits_as_float: bool,
+    hits: Vec<Hit>,
+    float_hits: Vec<Hit>,
+}
+
+#[derive(Serialize)]
+struct DemoJson {
+    model: String,
+    path: &'static str,
+    mode: String,
+    corpus_sentences: usize,
+    corpus_embed_s: f64,
+    load_s: f64,
+    key_upload_bytes: usize,
+    queries: Vec<QueryJson>,
+}
+
+/// Runs the MiniLM demo.
+///
+/// # Errors
+/// The model is missing (with the command that fetches it), the corpus cannot be read, or an
+/// embedding fails.
+pub fn run(args: &MiniLmDemoArgs, json: bool) -> anyhow::Result<()> {
+    let spec = args.model.as_deref().unwrap_or("minilm");
+    let model = MiniLm::resolve(spec)?;
+    let mode = parse_mode(&args.mode)?;
+    if args.corpus_size == 0 || args.top == 0 {
+        bail!("--corpus-size and --top must be at least 1");
+    }
+    let corpus_path = args
+        .corpus
+        .clone()
+        .unwrap_or_else(|| repo_root().join("data/minilm-corpus.txt"));
+    let all = read_corpus(&corpus_path, None)?;
+    // Evenly spaced through the file, so the index spans the whole corpus.
+    let size = args.corpus_size.min(all.len());
+    let picked: Vec<usize> = (0..size).map(|j| j * all.len() / size).collect();
+    let docs: Vec<&str> = picked.iter().map(|&i| all[i].as_str()).collect();
+    let queries: Vec<String> = if args.queries.is_empty() {
+        DEFAULT_QUERIES.iter().map(|q| q.to_string()).collect()
+    } else {
+        args.queries.clone()
+    };
+
+    let progress = bar(docs.len() + queries.len());
+    progress.set_message("loading MiniLM");
+    let float = model.float()?;
+    progress.set_message("indexing the corpus (device)");
+    let t0 = Instant::now();
+    let index = embed_all(&float, &docs, &progress)?;
+    let corpus_embed_s = t0.elapsed().as_secs_f64();
+
+    progress.set_message("planning the cloud layers");
+    let t_load = Instant::now();
+    let ctx = Arc::new(Context::new(DEFAULT_PARAMETERS));
+    let cloud = Arc::new(InProcessCloud::new(
+        ctx.clone(),
+        EvalOptions { parallel: true },
+    ));
+    let (enc, factory, key_upload_bytes) = model.encrypted(ctx, mode, 16, cloud.clone())?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let session = factory.session();
+
+    let hits = |scored: Vec<(usize, f64)>| -> Vec<Hit> {
+        scored
+            .into_iter()
+            .map(|(i, score)| Hit {
+                index: picked[i],
+                score,
+                text: docs[i].to_string(),
+            })
+            .collect()
+    };
+    let mut out = Vec::new();
+    for q in &queries {
+        progress.set_message("query (encrypted)");
+        let tokens = enc.encode(q)?.ids.len();
+        session.reset_stats();
+        let busy0 = cloud.busy();
+        let t = Instant::now();
+        let emb = enc.embed(q)?;
+        let latency_s = t.elapsed().as_secs_f64();
+        let cloud_s = (cloud.busy() - busy0).as_secs_f64();
+        let st = session.stats();
+        let plain = float.embed(q)?;
+        let got = nearest(index.view(), emb.view(), args.top)?;
+        let want = nearest(index.view(), plain.view(), args.top)?;
+        let same = got.iter().map(|h| h.0).eq(want.iter().map(|h| h.0));
+        out.push(QueryJson {
+            query: q.clone(),
+            tokens,
+            latency_s,
+            cloud_s,
+            requests: st.requests,
+            bytes_up: st.bytes_up,
+            bytes_down: st.bytes_down,
+            cosine_vs_float: cosine(emb.view(), plain.view()),
+            same_hits_as_float: same,
+            hits: hits(got),
+            float_hits: hits(want),
+        });
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+
+    let report = DemoJson {
+        model: model.path().display().to_string(),
+        path: "encrypted-in-process",
+        mode: mode.name().to_string(),
+        corpus_sentences: docs.len(),
+        corpus_embed_s,
+        load_s,
+        key_upload_bytes,
+        queries: out,
+    };
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+fn short(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+fn print_report(r: &DemoJson) {
+    println!(
+        "tandem demo — private semantic search with all-MiniLM-L6-v2 ({})",
+        r.model
+    );
+    println!(
+        "device: {} corpus sentences indexed locally in {:.2} s (float; the index never leaves the device)",
+        r.corpus_sentences, r.corpus_embed_s
+    );
+    println!(
+        "cloud: every linear layer of each query under encryption ({}, in-process), layers planned in {:.1} s, evaluation key {:.2} MB uploaded once",
+        r.mode,
+        r.load_s,
+        r.key_upload_bytes as f64 / 1e6
+    );
+    for q in &r.queries {
+        println!();
+        println!("query: {:?}", q.query);
+        println!(
+            "  {} tokens, {:.2} s ({:.2} s cloud), {} requests, {:.2} MB up, {:.2} MB down; cosine to the float embedding {:.5}; same hits as float: {}",
+            q.tokens,
+            q.latency_s,
+            q.cloud_s,
+            q.requests,
+            q.bytes_up as f64 / 1e6,
+            q.bytes_down as f64 / 1e6,
+            q.cosine_vs_float,
+            if q.same_hits_as_float { "yes" } else { "no" }
+        );
+        println!(
+            "  {:<56} | {:<56}",
+            "encrypted query", "float query (reference)"
+        );
+        for (a, b) in q.hits.iter().zip(&q.float_hits) {
+            println!(
+                "  {:.3} {:<50} | {:.3} {:<50}",
+                a.score,
+                short(&a.text, 50),
+                b.score,
+                short(&b.text, 50)
+            );
+        }
+    }
+}
