@@ -535,7 +535,7 @@ impl EncoderSpec {
                 }
                 OpKind::Attention => {
                     let heads = op.heads.unwrap_or(0);
-                    if heads == 0 || h % heads != 0 {
+                    if heads == 0 || !h.is_multiple_of(heads) {
                         return Err(shape_err(format!(
                             "heads = {heads} must divide hidden = {h}"
                         )));

@@ -1,6 +1,8 @@
 //! Encoder bundles (issue 8): a tiny encoder graph signs, loads and splits its tensors by
 //! party; inconsistent graphs and tensor sets give typed errors.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
 use tandem_model::{
     write_bundle, Bundle, CloudLinear, EncoderSpec, GraphError, Limits, Manifest, ModelError,
     NamedTensor, OpSpec, Part, Placement, SigningKey, TensorData, WeightsRef,

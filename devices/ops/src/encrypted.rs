@@ -308,7 +308,7 @@ impl DeviceSession {
         *self.stats.lock().unwrap_or_else(PoisonError::into_inner) = HeStats::default();
     }
 
-    fn client(&self) -> std::sync::MutexGuard<'_, Client> {
+    pub(crate) fn client(&self) -> std::sync::MutexGuard<'_, Client> {
         self.client.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -319,11 +319,36 @@ pub struct EncryptedLinear {
     index: usize,
     quant: DeviceQuant,
     plan: LayerPlan,
+    /// Most rows per request (the cloud's batch limit; the plan's batch for bundle layers).
+    max_rows: usize,
     cloud: Arc<dyn CloudLayers>,
     session: Arc<DeviceSession>,
 }
 
 impl EncryptedLinear {
+    /// A layer whose weights the cloud already holds (e.g. from a signed bundle): `quant` is
+    /// the device's part (scales, float bias, precision), `plan` the public plan both sides
+    /// derive, `max_rows` (`1..=MAX_BATCH`) the most rows sent per request, `index` the
+    /// layer's protocol `layer_id`.
+    #[must_use]
+    pub fn new(
+        index: usize,
+        quant: DeviceQuant,
+        plan: LayerPlan,
+        max_rows: usize,
+        cloud: Arc<dyn CloudLayers>,
+        session: Arc<DeviceSession>,
+    ) -> Self {
+        Self {
+            index,
+            quant,
+            plan,
+            max_rows: max_rows.clamp(1, MAX_BATCH),
+            cloud,
+            session,
+        }
+    }
+
     /// The layer's public plan.
     #[must_use]
     pub fn plan(&self) -> &LayerPlan {
@@ -349,7 +374,7 @@ impl EncryptedLinear {
         };
         let n_out = self.quant.out_features();
         let mut acc = Vec::with_capacity(q.len() * n_out);
-        for rows in q.chunks(MAX_BATCH) {
+        for rows in q.chunks(self.max_rows) {
             let t0 = Instant::now();
             let request = self
                 .session
@@ -552,6 +577,7 @@ impl LinearFactory for EncryptedLinears {
             index,
             quant: weights.device,
             plan,
+            max_rows: MAX_BATCH,
             cloud: self.cloud.clone(),
             session: self.session.clone(),
         }))

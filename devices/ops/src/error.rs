@@ -155,6 +155,10 @@ pub enum OpsError {
         /// Why, and what to do.
         reason: String,
     },
+    /// A signed model bundle failed to load, verify or run (the message names the file and
+    /// what to do).
+    #[error("model bundle: {0}")]
+    Bundle(#[from] tandem_model::ModelError),
 }
 
 impl OpsError {

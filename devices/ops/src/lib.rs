@@ -12,6 +12,9 @@
 //!   tandem-he: [`EncryptedLinear`], built by [`EncryptedLinears`] against a [`CloudLayers`].
 //! - [`bert`]: `BertEmbeddings`, `BertSelfAttention`, `BertAttention`, `BertLayer`,
 //!   `BertEncoder`, `BertModel`, each loading its named checkpoint tensors.
+//! - [`BundleEncoder`]: a sentence encoder from a signed Tandem bundle (its `[encoder]` op
+//!   graph), linear layers by the integer pipeline or by the cloud under encryption;
+//!   `import` (feature `import`) converts a sentence-transformers directory into such a bundle.
 //! - [`SentenceEncoder`]: a sentence-transformers model directory (all-MiniLM-L6-v2, fetched by
 //!   `scripts/fetch-minilm.sh`) → L2-normalised mean-pooled sentence embeddings.
 //!
@@ -20,9 +23,12 @@
 #![forbid(unsafe_code)]
 
 pub mod bert;
+pub mod bundle;
 pub mod config;
 pub mod encrypted;
 mod error;
+#[cfg(feature = "import")]
+pub mod import;
 pub mod linear;
 pub mod metrics;
 pub mod ops;
@@ -31,6 +37,7 @@ pub mod sentence;
 pub mod weights;
 
 pub use bert::BertModel;
+pub use bundle::{BundleEncoder, BundleLinears};
 pub use config::BertConfig;
 pub use encrypted::{
     CloudLayers, DeviceSession, EncryptedLinear, EncryptedLinears, HeStats, InProcessCloud,

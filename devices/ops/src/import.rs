@@ -1,0 +1,274 @@
+//! `tandem model import-bert`: a sentence-transformers BERT directory (all-MiniLM-L6-v2, from
+//! `scripts/fetch-minilm.sh`) → a signed Tandem encoder bundle (feature `import`).
+//!
+//! The checkpoint is loaded exactly as [`SentenceEncoder`] loads it (same validation of
+//! `config.json`, pooling and `modules.json`), with Q/K/V fused into one `H → 3H` layer per
+//! block. Each linear layer is quantised per output channel to int8
+//! ([`QuantizedWeights::quantize`]): the int8 weights go to the cloud weights file, the
+//! scales and float biases with the embeddings and LayerNorms to the device weights file, and
+//! `tokenizer.json` is copied into the bundle and bound by its digest. The forward pass is
+//! written out as the manifest's `[encoder]` op graph.
+
+use std::path::Path;
+
+use tandem_model::{
+    CloudLinear, EncoderSpec, Manifest, NamedTensor, OpSpec, Placement, SigningKey, TensorData,
+    WeightsRef,
+};
+
+use crate::config::{read_json, BertConfig, ModuleEntry};
+use crate::linear::{DenseLinear, Linear, LinearFactory, LinearSpec};
+use crate::quant::{ActivationBits, QuantizedWeights};
+use crate::weights::{read_limited, Checkpoint, MAX_TOKENIZER_BYTES};
+use crate::{OpsError, SentenceEncoder};
+
+/// What [`import_bert`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportSummary {
+    /// Model id in the manifest.
+    pub id: String,
+    /// Cloud linear layers (protocol layer ids `0..linears`).
+    pub linears: usize,
+    /// Ops in the graph.
+    pub ops: usize,
+    /// Planned batch (tokens per request).
+    pub batch: usize,
+    /// Sizes of `device.safetensors`, `cloud.safetensors`, `tokenizer.json`, in bytes.
+    pub device_bytes: u64,
+    /// Cloud weights file size.
+    pub cloud_bytes: u64,
+    /// Tokenizer file size.
+    pub tokenizer_bytes: u64,
+}
+
+/// Records every linear layer a model load asks for (Q/K/V fused), computing nothing.
+struct Recorder(Vec<LinearSpec>);
+
+impl LinearFactory for Recorder {
+    fn build(&mut self, spec: LinearSpec) -> Result<Box<dyn Linear>, OpsError> {
+        self.0.push(spec.clone());
+        Ok(Box::new(DenseLinear::new(spec)?))
+    }
+
+    fn fuse_qkv(&self) -> bool {
+        true
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn op(kind: &str, inputs: &[&str], output: &str) -> OpSpec {
+    OpSpec {
+        op: kind.into(),
+        inputs: inputs.iter().map(|s| (*s).to_string()).collect(),
+        output: output.into(),
+        placement: Placement::Device,
+        tensors: Vec::new(),
+        linear: None,
+        heads: None,
+        eps: None,
+    }
+}
+
+fn f32t(name: &str, shape: Vec<usize>, v: Vec<f32>) -> NamedTensor {
+    NamedTensor {
+        name: name.into(),
+        shape,
+        data: TensorData::F32(v),
+    }
+}
+
+/// Converts the sentence-transformers directory `src` into a signed bundle in `out`
+/// (created), model id `id`, cloud layers planned for requests of `batch` tokens.
+///
+/// # Errors
+/// The errors of [`SentenceEncoder::load_with`] for the source directory, [`OpsError::Bundle`]
+/// if the bundle cannot be written or would not verify.
+pub fn import_bert(
+    src: &Path,
+    out: &Path,
+    id: &str,
+    batch: usize,
+    key: &SigningKey,
+) -> Result<ImportSummary, OpsError> {
+    let mut rec = Recorder(Vec::new());
+    let enc = SentenceEncoder::load_with(src, &mut rec)?;
+    let cfg: BertConfig = enc.model().config().clone();
+    let modules: Vec<ModuleEntry> = read_json(&src.join("modules.json"))?;
+    let normalize = modules.iter().any(|m| m.kind.ends_with(".Normalize"));
+    let checkpoint = Checkpoint::open(&src.join("model.safetensors"))?;
+    let t = checkpoint.tensors()?;
+    let h = cfg.hidden_size;
+    let mut tensors = Vec::new();
+    let mut put_matrix = |name: &str, rows: usize| -> Result<(), OpsError> {
+        let m = t.matrix(name, rows, h)?;
+        tensors.push(f32t(name, vec![rows, h], m.iter().copied().collect()));
+        Ok(())
+    };
+    put_matrix("embeddings.word_embeddings.weight", cfg.vocab_size)?;
+    put_matrix(
+        "embeddings.position_embeddings.weight",
+        cfg.max_position_embeddings,
+    )?;
+    put_matrix(
+        "embeddings.token_type_embeddings.weight",
+        cfg.type_vocab_size,
+    )?;
+    let mut ops = Vec::new();
+    let mut e = op("embedding", &[], "embedded");
+    e.tensors = vec![
+        "embeddings.word_embeddings.weight".into(),
+        "embeddings.position_embeddings.weight".into(),
+        "embeddings.token_type_embeddings.weight".into(),
+    ];
+    ops.push(e);
+    let mut layer_norm =
+        |ops: &mut Vec<OpSpec>, prefix: &str, input: &str, output: &str| -> Result<(), OpsError> {
+            let (g, b) = (format!("{prefix}.weight"), format!("{prefix}.bias"));
+            tensors.push(f32t(&g, vec![h], t.vector(&g, h)?.to_vec()));
+            tensors.push(f32t(&b, vec![h], t.vector(&b, h)?.to_vec()));
+            let mut o = op("layer_norm", &[input], output);
+            o.tensors = vec![g, b];
+            o.eps = Some(cfg.layer_norm_eps);
+            ops.push(o);
+            Ok(())
+        };
+    layer_norm(&mut ops, "embeddings.LayerNorm", "embedded", "x0")?;
+    let mut linears = Vec::new();
+    let mut linear_tensors = Vec::new();
+    let expected = 4 * cfg.num_hidden_layers;
+    if rec.0.len() != expected {
+        return Err(OpsError::shape(
+            "import-bert",
+            format!(
+                "{} linear layers recorded, expected {expected}",
+                rec.0.len()
+            ),
+        ));
+    }
+    for spec in &rec.0 {
+        let q = QuantizedWeights::quantize(spec, ActivationBits::Int8)?;
+        let (n_out, n_in) = q.weights.dim();
+        let name = spec.name.clone();
+        let l = CloudLinear {
+            name: name.clone(),
+            n_in,
+            n_out,
+            weight: format!("{name}.weight"),
+            scales: format!("{name}.weight_scale"),
+            bias: format!("{name}.bias"),
+            input_bound: ActivationBits::Int8.q_max(),
+            weight_bound: crate::quant::WEIGHT_Q_MAX,
+            bias_bound: 0,
+        };
+        let w: Vec<i8> = q
+            .weights
+            .iter()
+            .map(|&v| i8::try_from(v).unwrap_or(0))
+            .collect();
+        linear_tensors.push(NamedTensor {
+            name: l.weight.clone(),
+            shape: vec![n_out, n_in],
+            data: TensorData::I8(w),
+        });
+        linear_tensors.push(f32t(
+            &l.scales,
+            vec![n_out],
+            q.device.weight_scales.to_vec(),
+        ));
+        linear_tensors.push(f32t(&l.bias, vec![n_out], q.device.bias.to_vec()));
+        linears.push(l);
+    }
+    let heads = cfg.num_attention_heads;
+    let mut x = "x0".to_string();
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("encoder.layer.{i}");
+        let v = |s: &str| format!("l{i}.{s}");
+        let lin = |ops: &mut Vec<OpSpec>, k: usize, input: &str, output: &str| {
+            let mut o = op("linear", &[input], output);
+            o.placement = Placement::Cloud;
+            o.linear = Some(4 * i + k);
+            ops.push(o);
+        };
+        lin(&mut ops, 0, &x, &v("qkv"));
+        let mut a = op("attention", &[&v("qkv")], &v("context"));
+        a.heads = Some(heads);
+        ops.push(a);
+        lin(&mut ops, 1, &v("context"), &v("attn_out"));
+        ops.push(op("add", &[&v("attn_out"), &x], &v("attn_res")));
+        layer_norm(
+            &mut ops,
+            &format!("{p}.attention.output.LayerNorm"),
+            &v("attn_res"),
+            &v("attn"),
+        )?;
+        lin(&mut ops, 2, &v("attn"), &v("ffn_in"));
+        ops.push(op("gelu", &[&v("ffn_in")], &v("ffn_act")));
+        lin(&mut ops, 3, &v("ffn_act"), &v("ffn_out"));
+        ops.push(op("add", &[&v("ffn_out"), &v("attn")], &v("ffn_res")));
+        let next = format!("x{}", i + 1);
+        layer_norm(
+            &mut ops,
+            &format!("{p}.output.LayerNorm"),
+            &v("ffn_res"),
+            &next,
+        )?;
+        x = next;
+    }
+    ops.push(op("mean_pool", &[&x], "pooled"));
+    let output = if normalize {
+        ops.push(op("l2_normalize", &["pooled"], "embedding"));
+        "embedding"
+    } else {
+        "pooled"
+    };
+    tensors.extend(linear_tensors);
+
+    std::fs::create_dir_all(out).map_err(|source| OpsError::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let tok = read_limited(&src.join("tokenizer.json"), MAX_TOKENIZER_BYTES)?;
+    let tok_path = out.join("tokenizer.json");
+    std::fs::write(&tok_path, &tok).map_err(|source| OpsError::Io {
+        path: tok_path.clone(),
+        source,
+    })?;
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(&tok);
+    let n_ops = ops.len();
+    let n_linears = linears.len();
+    let manifest = Manifest::for_encoder(
+        id,
+        "1.0.0",
+        "sentence-transformers",
+        EncoderSpec {
+            hidden: h,
+            max_tokens: enc.max_seq_length(),
+            batch,
+            vocab_size: cfg.vocab_size,
+            max_position_embeddings: cfg.max_position_embeddings,
+            type_vocab_size: cfg.type_vocab_size,
+            tokenizer: WeightsRef {
+                file: "tokenizer.json".into(),
+                sha256: hex(&digest),
+                bytes: tok.len() as u64,
+            },
+            linears,
+            ops,
+            output: output.into(),
+        },
+    )?;
+    tandem_model::write_bundle(out, &manifest, &tensors, key)?;
+    let size = |f: &str| std::fs::metadata(out.join(f)).map_or(0, |m| m.len());
+    Ok(ImportSummary {
+        id: id.into(),
+        linears: n_linears,
+        ops: n_ops,
+        batch,
+        device_bytes: size("device.safetensors"),
+        cloud_bytes: size("cloud.safetensors"),
+        tokenizer_bytes: tok.len() as u64,
+    })
+}

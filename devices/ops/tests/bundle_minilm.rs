@@ -1,0 +1,92 @@
+//! all-MiniLM-L6-v2 as a signed encoder bundle (issue 8): `import_bert` writes it, the
+//! bundle's op graph run by [`BundleEncoder`] with the integer pipeline equals the checkpoint's
+//! integer pipeline (the `SentenceEncoder` with `QuantizedLinears`) bit for bit, and the same
+//! graph with every linear layer encrypted (in-process cloud, planned batch) equals both.
+//!
+//! Without the model (`scripts/fetch-minilm.sh`, `TANDEM_MINILM_DIR`) the test prints
+//! `SKIPPED: …` and checks nothing; with `TANDEM_MINILM_DIR` set a missing model is a failure.
+#![cfg(feature = "import")]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tandem_he::{Context, EvalOptions, OutputMode, DEFAULT_PARAMETERS};
+use tandem_model::{Bundle, Limits, Part, SigningKey};
+use tandem_ops::import::import_bert;
+use tandem_ops::{
+    default_model_dir, BundleEncoder, BundleLinears, InProcessCloud, PrecisionPolicy,
+    QuantizedLinears, SentenceEncoder,
+};
+
+fn model_dir(what: &str) -> Option<PathBuf> {
+    let dir = default_model_dir();
+    if dir.join("model.safetensors").exists() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var_os("TANDEM_MINILM_DIR").is_none(),
+        "TANDEM_MINILM_DIR={} has no model.safetensors; run scripts/fetch-minilm.sh",
+        dir.display()
+    );
+    eprintln!(
+        "SKIPPED: no MiniLM model in {} (run scripts/fetch-minilm.sh); {what} was NOT checked",
+        dir.display()
+    );
+    None
+}
+
+const SENTENCES: [&str; 3] = [
+    "A man is playing a guitar.",
+    "The new movie is awesome, and the popcorn was great too!",
+    "Encrypted inference keeps activations private.",
+];
+
+#[test]
+fn minilm_bundle_integer_and_encrypted_equal_the_checkpoint_integer_pipeline() {
+    let Some(src) = model_dir("the MiniLM bundle import") else {
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let key = SigningKey::from_bytes(&[9u8; 32]);
+    let s = import_bert(&src, out.path(), "all-minilm-l6-v2", 16, &key).unwrap();
+    assert_eq!(s.linears, 24, "6 blocks × (fused QKV, O, FFN in, FFN out)");
+    let vk = key.verifying_key();
+    let full = Bundle::load_part(out.path(), &vk, &Limits::default(), Part::Full).unwrap();
+    let cloud_part = Bundle::load_part(out.path(), &vk, &Limits::default(), Part::Cloud).unwrap();
+    assert_eq!(cloud_part.cloud_indices(), (0..24).collect::<Vec<_>>());
+
+    let reference = SentenceEncoder::load_with(
+        &src,
+        &mut QuantizedLinears {
+            policy: PrecisionPolicy::minilm(),
+        },
+    )
+    .unwrap();
+    let integer = BundleEncoder::from_bundle(&full, BundleLinears::Integer).unwrap();
+    let ctx = Arc::new(Context::new(DEFAULT_PARAMETERS));
+    let cloud = Arc::new(InProcessCloud::new(ctx.clone(), EvalOptions::default()));
+    let encrypted = BundleEncoder::from_bundle(
+        &full,
+        BundleLinears::Encrypted {
+            ctx,
+            mode: OutputMode::Packed,
+            cloud,
+        },
+    )
+    .unwrap();
+    assert!(encrypted.upload_key().unwrap() > 0);
+    for text in SENTENCES {
+        let r = reference.embed(text).unwrap();
+        let i = integer.embed(text).unwrap();
+        assert_eq!(
+            r.to_vec(),
+            i.to_vec(),
+            "bundle graph vs checkpoint pipeline: {text:?}"
+        );
+        let e = encrypted.embed(text).unwrap();
+        assert_eq!(i.to_vec(), e.to_vec(), "encrypted vs integer: {text:?}");
+    }
+    let stats = encrypted.session().unwrap().stats();
+    assert_eq!(stats.requests, 24 * SENTENCES.len() as u64);
+}
