@@ -432,21 +432,51 @@ pub const COST_CT_PRODUCT_MS: f64 = 0.012;
 /// Modelled time to expand and transform one uploaded ciphertext, or to transform back and
 /// modulus-switch one returned ciphertext (ms).
 pub const COST_CT_TRANSFORM_MS: f64 = 0.09;
-/// Modelled link: 25 Mbit/s, so one byte costs 8 / 25 000 ms.
+/// Modelled link of the default [`LinkModel`]: 25 Mbit/s, so one byte costs 8 / 25 000 ms.
 pub const COST_BYTE_MS: f64 = 8.0 / 25_000.0;
+
+/// The link rate the batch planner's cost model ([`plan_cost_on`]) weighs bytes at
+/// (TDM-PAR-HE-3). A public setting of a served model: device and cloud must use the same value
+/// (it comes from the signed model bundle; the default, 25 Mbit/s, is what plans use when the
+/// bundle names none). A slower link makes the planner trade key switches (cloud time) for
+/// fewer bytes: denser input polynomials (larger chunk, fewer ciphertexts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LinkModel {
+    /// Link rate in kbit/s (1 kbit = 1 000 bits), at least 1.
+    pub kbit_per_s: u32,
+}
+
+impl Default for LinkModel {
+    fn default() -> Self {
+        Self { kbit_per_s: 25_000 }
+    }
+}
+
+impl LinkModel {
+    /// Modelled milliseconds per byte on this link: 8 / `kbit_per_s` (a rate of 0 counts as 1).
+    pub fn byte_ms(&self) -> f64 {
+        8.0 / f64::from(self.kbit_per_s.max(1))
+    }
+}
 
 /// The cost model that picks the batch layout: modelled milliseconds for a request of `batch`
 /// rows under `plan` — key switches, ciphertext products, transforms of the uploaded and
-/// returned ciphertexts, and upload plus download bytes over a 25 Mbit/s link. It depends on
-/// public values only (the plan and the batch size), so device and cloud agree on it.
+/// returned ciphertexts, and upload plus download bytes over a 25 Mbit/s link
+/// ([`plan_cost_on`] with the default [`LinkModel`]). It depends on public values only (the
+/// plan and the batch size), so device and cloud agree on it.
 pub fn plan_cost(plan: &LayerPlan, batch: usize) -> f64 {
+    plan_cost_on(plan, batch, LinkModel::default())
+}
+
+/// [`plan_cost`] with the bytes weighed at `link`'s rate (ms).
+pub fn plan_cost_on(plan: &LayerPlan, batch: usize, link: LinkModel) -> f64 {
     let blocks = plan.batch_blocks(batch);
     let cts = blocks * (plan.in_chunks() + plan.out_ciphertexts());
     let bytes = plan.upload_bytes(batch) + plan.download_bytes(batch);
     plan.key_switches_for(batch) as f64 * COST_KEY_SWITCH_MS
         + plan.ct_products_for(batch) as f64 * COST_CT_PRODUCT_MS
         + cts as f64 * COST_CT_TRANSFORM_MS
-        + bytes as f64 * COST_BYTE_MS
+        + bytes as f64 * link.byte_ms()
 }
 
 /// Plans with the caller's chunk, or else:
@@ -454,7 +484,7 @@ pub fn plan_cost(plan: &LayerPlan, batch: usize) -> f64 {
 ///   smaller ones — a smaller chunk means a smaller packing factor, hence less key-switching
 ///   noise; the first plan that meets the failure bound wins (the v1 rule);
 /// * a batch of two or more rows: every chunk from 2 to the input width, the plan with the
-///   lowest [`plan_cost`] among those that meet the failure bound.
+///   lowest [`plan_cost_on`] over `link` among those that meet the failure bound.
 ///
 /// Returns the chosen plan, or the last refusal.
 pub(crate) fn plan_first_fitting(
@@ -463,6 +493,7 @@ pub(crate) fn plan_first_fitting(
     n_in: usize,
     n_out: usize,
     opts: PlanOptions,
+    link: LinkModel,
     mut plan_with: impl FnMut(PlanOptions) -> Result<LayerPlan, HeError>,
 ) -> Result<LayerPlan, HeError> {
     let batch = opts.batch.unwrap_or(1);
@@ -478,7 +509,7 @@ pub(crate) fn plan_first_fitting(
         while chunk <= top {
             match plan_with(with(chunk)) {
                 Ok(plan) => {
-                    let cost = plan_cost(&plan, batch);
+                    let cost = plan_cost_on(&plan, batch, link);
                     if best.as_ref().is_none_or(|(c, _)| cost < *c) {
                         best = Some((cost, plan));
                     }

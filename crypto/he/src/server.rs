@@ -4,7 +4,7 @@ use crate::context::Context;
 use crate::error::HeError;
 use crate::keys::{automorphism_for_stride, PreparedEvaluationKey};
 use crate::ntt::NttPoly;
-use crate::plan::{LayerPlan, OutputMode, PlanOptions, WeightStats};
+use crate::plan::{LayerPlan, LinkModel, OutputMode, PlanOptions, WeightStats};
 use crate::poly;
 use crate::wire::{EncryptedInput, EncryptedOutput, OutputCiphertext};
 use std::sync::Arc;
@@ -94,6 +94,36 @@ impl PreparedLayer {
         max_abs_input: u64,
         opts: PlanOptions,
     ) -> Result<Self, HeError> {
+        Self::prepare_with_link(
+            ctx,
+            mode,
+            n_in,
+            n_out,
+            weights,
+            bias,
+            max_abs_input,
+            opts,
+            LinkModel::default(),
+        )
+    }
+
+    /// [`PreparedLayer::prepare`] with a batch plan's bytes weighed at `link`'s rate
+    /// (TDM-PAR-HE-3; only batch plans, `opts.batch` ≥ 2 without a forced chunk, depend on it).
+    ///
+    /// # Errors
+    /// As [`PreparedLayer::prepare`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn prepare_with_link(
+        ctx: Arc<Context>,
+        mode: OutputMode,
+        n_in: usize,
+        n_out: usize,
+        weights: &[i64],
+        bias: &[i64],
+        max_abs_input: u64,
+        opts: PlanOptions,
+        link: LinkModel,
+    ) -> Result<Self, HeError> {
         let params = ctx.params();
         let n = params.poly_size;
         if weights.len() != n_in.saturating_mul(n_out) || bias.len() != n_out {
@@ -109,7 +139,7 @@ impl PreparedLayer {
                 "weights must satisfy |w| < 2^20".into(),
             ));
         }
-        let plan = crate::plan::plan_first_fitting(params, mode, n_in, n_out, opts, |o| {
+        let plan = crate::plan::plan_first_fitting(params, mode, n_in, n_out, opts, link, |o| {
             let stats = weight_stats(weights, n_in, n_out, bias, rows_per_block(n, n_out, o));
             LayerPlan::new(params, mode, n_in, n_out, max_abs_input, stats, o)
         })?;
@@ -131,8 +161,38 @@ impl PreparedLayer {
         max_abs_bias: u64,
         opts: PlanOptions,
     ) -> Result<LayerPlan, HeError> {
+        Self::plan_public_with_link(
+            params,
+            mode,
+            n_in,
+            n_out,
+            max_abs_input,
+            max_abs_weight,
+            max_abs_bias,
+            opts,
+            LinkModel::default(),
+        )
+    }
+
+    /// [`PreparedLayer::plan_public`] with a batch plan's bytes weighed at `link`'s rate
+    /// (TDM-PAR-HE-3). `link` is public too: both parties must pass the same value.
+    ///
+    /// # Errors
+    /// As [`PreparedLayer::plan_public`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn plan_public_with_link(
+        params: crate::ParameterSet,
+        mode: OutputMode,
+        n_in: usize,
+        n_out: usize,
+        max_abs_input: u64,
+        max_abs_weight: u64,
+        max_abs_bias: u64,
+        opts: PlanOptions,
+        link: LinkModel,
+    ) -> Result<LayerPlan, HeError> {
         let n = params.poly_size;
-        crate::plan::plan_first_fitting(params, mode, n_in, n_out, opts, |o| {
+        crate::plan::plan_first_fitting(params, mode, n_in, n_out, opts, link, |o| {
             let rows = rows_per_block(n, n_out, o);
             let stats = WeightStats::worst_case(n_in, rows, max_abs_weight, max_abs_bias);
             LayerPlan::new(params, mode, n_in, n_out, max_abs_input, stats, o)
@@ -178,13 +238,39 @@ impl PreparedLayer {
         max_abs_bias: u64,
         batch: usize,
     ) -> Result<LayerPlan, HeError> {
+        Self::plan_int8_batch_with_link(
+            params,
+            mode,
+            n_in,
+            n_out,
+            max_abs_bias,
+            batch,
+            LinkModel::default(),
+        )
+    }
+
+    /// [`PreparedLayer::plan_int8_batch`] with the bytes weighed at `link`'s rate: a slower
+    /// link gives denser uploads (fewer bytes) at the price of more key switches
+    /// (TDM-PAR-HE-3). Device and cloud must pass the same `link` (from the signed bundle).
+    ///
+    /// # Errors
+    /// As [`PreparedLayer::plan_int8_batch`].
+    pub fn plan_int8_batch_with_link(
+        params: crate::ParameterSet,
+        mode: OutputMode,
+        n_in: usize,
+        n_out: usize,
+        max_abs_bias: u64,
+        batch: usize,
+        link: LinkModel,
+    ) -> Result<LayerPlan, HeError> {
         if batch == 0 || batch > crate::limits::MAX_BATCH {
             return Err(HeError::Shape(format!(
                 "batch of {batch} (1..={})",
                 crate::limits::MAX_BATCH
             )));
         }
-        Self::plan_public(
+        Self::plan_public_with_link(
             params,
             mode,
             n_in,
@@ -196,6 +282,7 @@ impl PreparedLayer {
                 chunk: None,
                 batch: (batch > 1).then_some(batch),
             },
+            link,
         )
     }
 

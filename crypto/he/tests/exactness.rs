@@ -237,6 +237,58 @@ fn batch_plan_beats_row_by_row() {
     }
 }
 
+/// TDM-PAR-HE-3: the link rate is a public planning input. A slower link makes the batch
+/// planner trade key switches for bytes (all-MiniLM-L6-v2's fused Q/K/V layer, 16 tokens, at
+/// 2 Mbit/s: 3 input polynomials instead of 12); the plan the device derives from public values
+/// is the one the cloud prepares its weights under, and the results stay exact with all-127
+/// weights against all −128 inputs.
+#[test]
+fn slower_link_plans_fewer_bytes_and_stays_exact() {
+    let (b, n_in, n_out) = (16, 384, 1152);
+    let plan = |kbit| {
+        PreparedLayer::plan_int8_batch_with_link(
+            DEFAULT_PARAMETERS,
+            OutputMode::Packed,
+            n_in,
+            n_out,
+            0,
+            b,
+            LinkModel { kbit_per_s: kbit },
+        )
+        .unwrap()
+    };
+    let fast = plan(25_000);
+    assert_eq!(
+        fast,
+        PreparedLayer::plan_int8_batch(DEFAULT_PARAMETERS, OutputMode::Packed, n_in, n_out, 0, b)
+            .unwrap(),
+        "the default link is 25 Mbit/s"
+    );
+    let slow = plan(2_000);
+    let bytes = |p: &LayerPlan| p.upload_bytes(b) + p.download_bytes(b);
+    assert!(bytes(&slow) < bytes(&fast), "{slow:?} vs {fast:?}");
+    assert!(slow.upload_bytes(b) * 3 < fast.upload_bytes(b), "{slow:?}");
+    assert!(slow.key_switches_for(b) > fast.key_switches_for(b));
+    // Each plan is the cheapest at its own link rate.
+    for kbit in [25_000, 2_000] {
+        let link = LinkModel { kbit_per_s: kbit };
+        let (own, other) = if kbit == 25_000 {
+            (fast, slow)
+        } else {
+            (slow, fast)
+        };
+        assert!(plan_cost_on(&own, b, link) <= plan_cost_on(&other, b, link));
+    }
+    let w = vec![127; n_in * n_out];
+    let bias = vec![0; n_out];
+    let xs = vec![vec![-128; n_in]; b];
+    let layer = PreparedLayer::prepare_with_plan(fixture().ctx.clone(), slow, &w, &bias).unwrap();
+    let expect = reference(&w, &bias, &xs[0], n_in, n_out);
+    for y in run(&layer, &xs) {
+        assert_eq!(y, expect);
+    }
+}
+
 proptest! {
     // Large shapes up to 128×2048@2048×2048 cost seconds each: few cases.
     #![proptest_config(ProptestConfig { cases: 6, .. ProptestConfig::default() })]

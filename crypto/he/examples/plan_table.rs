@@ -1,0 +1,173 @@
+//! The batch planner's view of a shape (int8, packed mode, public bounds): every chunk
+//! candidate with its bytes, key switches and modelled cost, and the one chosen at a link rate.
+//!
+//! ```sh
+//! cargo run --release -p tandem-he --example plan_table -- [--link KBIT_PER_S] 16x384@384x1536 ...
+//! cargo run --release -p tandem-he --example plan_table -- --link 5000 minilm   # 6 layers of all-MiniLM-L6-v2, 16 tokens
+//! RAYON_NUM_THREADS=2 cargo run --release -p tandem-he --example plan_table -- --link 2000 --time 2 minilm
+//! ```
+//! `--time T` also evaluates each MiniLM shape under its chosen plan (random int8 weights and
+//! inputs, T threads: 1 sequential, more through rayon's global pool, whose size
+//! `RAYON_NUM_THREADS` sets) and prints the fastest of 3 server times.
+use std::sync::Arc;
+use std::time::Instant;
+use tandem_he::{
+    plan_cost_on, Client, Context, EvalOptions, HeError, LayerPlan, LinkModel, OutputMode,
+    PlanOptions, PreparedEvaluationKey, PreparedLayer, DEFAULT_PARAMETERS,
+};
+
+fn values(n: usize, seed: u64) -> Vec<i64> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % 255) as i64 - 127
+        })
+        .collect()
+}
+
+/// Fastest of 3 server evaluations of a random int8 layer under `plan` (ms).
+fn time_eval(plan: LayerPlan, batch: usize, threads: usize) -> Result<f64, HeError> {
+    let ctx = Arc::new(Context::new(DEFAULT_PARAMETERS));
+    let w = values(plan.n_in * plan.n_out, 1);
+    let layer = PreparedLayer::prepare_with_plan(ctx.clone(), plan, &w, &vec![0; plan.n_out])?;
+    let mut client = Client::new(ctx.clone());
+    let key = client.evaluation_key(plan.chunk)?;
+    let key = PreparedEvaluationKey::prepare(&key, &ctx)?;
+    let xs: Vec<Vec<i64>> = (0..batch)
+        .map(|r| values(plan.n_in, 2 + r as u64))
+        .collect();
+    let ct = client.encrypt(&plan, &xs)?;
+    let opts = EvalOptions {
+        parallel: threads > 1,
+    };
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let out = layer.eval(&ct, Some(&key), opts)?;
+        best = best.min(t.elapsed().as_secs_f64() * 1e3);
+        std::hint::black_box(out);
+    }
+    Ok(best)
+}
+
+fn parse(s: &str) -> Option<(usize, usize, usize)> {
+    let (l, r) = s.split_once('@')?;
+    let (b, n) = l.split_once('x')?;
+    let (_, m) = r.split_once('x')?;
+    Some((b.parse().ok()?, n.parse().ok()?, m.parse().ok()?))
+}
+
+fn chosen(b: usize, n: usize, m: usize, link: LinkModel) -> Option<LayerPlan> {
+    PreparedLayer::plan_int8_batch_with_link(
+        DEFAULT_PARAMETERS,
+        OutputMode::Packed,
+        n,
+        m,
+        0,
+        b,
+        link,
+    )
+    .ok()
+}
+
+fn main() {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut link = LinkModel::default();
+    if let Some(i) = args.iter().position(|a| a == "--link") {
+        if let Some(v) = args.get(i + 1).and_then(|v| v.parse().ok()) {
+            link = LinkModel { kbit_per_s: v };
+        }
+        args.drain(i..(i + 2).min(args.len()));
+    }
+    let mut time = None;
+    if let Some(i) = args.iter().position(|a| a == "--time") {
+        time = args.get(i + 1).and_then(|v| v.parse::<usize>().ok());
+        args.drain(i..(i + 2).min(args.len()));
+    }
+    for s in args {
+        if s == "minilm" {
+            // Per transformer layer: fused Q/K/V, attention output, FFN up, FFN down; 6 layers.
+            let shapes = [
+                (16, 384, 1152),
+                (16, 384, 384),
+                (16, 384, 1536),
+                (16, 1536, 384),
+            ];
+            let (mut up, mut down, mut ks, mut ms) = (0, 0, 0, 0.0);
+            for (b, n, m) in shapes {
+                let Some(p) = chosen(b, n, m, link) else {
+                    println!("{b}x{n}@{n}x{m}: no plan");
+                    return;
+                };
+                let t = match time.map(|threads| time_eval(p, b, threads)).transpose() {
+                    Ok(t) => t,
+                    Err(e) => {
+                        println!("{b}x{n}@{n}x{m}: {e}");
+                        return;
+                    }
+                };
+                println!(
+                    "{b}x{n}@{n}x{m} chunk {} up {} down {} ks {}{}",
+                    p.chunk,
+                    p.upload_bytes(b),
+                    p.download_bytes(b),
+                    p.key_switches_for(b),
+                    t.map_or(String::new(), |t| format!(" server {t:.1} ms"))
+                );
+                ms += 6.0 * t.unwrap_or(0.0);
+                up += 6 * p.upload_bytes(b);
+                down += 6 * p.download_bytes(b);
+                ks += 6 * p.key_switches_for(b);
+            }
+            println!(
+                "minilm 16 tokens at {} kbit/s: up {up} down {down} total {} key switches {ks}{}",
+                link.kbit_per_s,
+                up + down,
+                time.map_or(String::new(), |t| format!(
+                    " server {ms:.0} ms ({t} threads)"
+                ))
+            );
+            continue;
+        }
+        let Some((b, n, m)) = parse(&s) else {
+            eprintln!("shape {s}: expected BxN@NxM");
+            continue;
+        };
+        let best = chosen(b, n, m, link);
+        let mut c = 2;
+        while c <= n.next_power_of_two().min(DEFAULT_PARAMETERS.poly_size) {
+            let p = PreparedLayer::plan_public(
+                DEFAULT_PARAMETERS,
+                OutputMode::Packed,
+                n,
+                m,
+                128,
+                127,
+                0,
+                PlanOptions {
+                    chunk: Some(c),
+                    batch: (b > 1).then_some(b),
+                },
+            );
+            match p {
+                Ok(p) => println!(
+                    "{s} chunk {c:5} b1 {:3} up {:8} down {:8} ks {:5} prod {:5} bits {}/{} cost {:.1}{}",
+                    p.batch_rows,
+                    p.upload_bytes(b),
+                    p.download_bytes(b),
+                    p.key_switches_for(b),
+                    p.ct_products_for(b),
+                    p.upload_bits,
+                    p.download_bits,
+                    plan_cost_on(&p, b, link),
+                    if best == Some(p) { "  <= chosen" } else { "" }
+                ),
+                Err(e) => println!("{s} chunk {c:5}: {e}"),
+            }
+            c *= 2;
+        }
+    }
+}
