@@ -69,6 +69,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Trains the noise-trained bottleneck variants (one per ε, discrete Laplace) into a
+    /// bundle's signed `[privacy]` section and re-signs it (issue 11, specs/dp.md §6.2).
+    PrivacyTrain {
+        /// `digits` or `breast_cancer`.
+        #[arg(long)]
+        dataset: String,
+        /// Bundle directory (re-signed in place).
+        #[arg(long)]
+        bundle: PathBuf,
+        /// ε per release of each variant, comma-separated, increasing.
+        #[arg(long, value_delimiter = ',', default_value = "4,8,16")]
+        epsilons: Vec<f64>,
+        /// Integer grid s of the release (the normalised bottleneck has norm 1).
+        #[arg(long, default_value_t = 64.0)]
+        grid: f64,
+        /// Signing key file (64 hex digits).
+        #[arg(long, default_value = "models/dev-signing-key.txt")]
+        key: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -122,6 +141,13 @@ fn main() -> anyhow::Result<()> {
         Command::Pki { what } => cli::runtime::pki(what),
         Command::Model { what } => cli::runtime::model(what),
         Command::Plan(args) => cli::plan::run(args),
+        Command::PrivacyTrain {
+            dataset,
+            bundle,
+            epsilons,
+            grid,
+            key,
+        } => cli::dp::privacy_train(&dataset, &bundle, &epsilons, grid, &key),
         Command::PrivacyCurve { dataset, out, json } => {
             cli::dp::privacy_curve(&dataset, &out, json)
         }

@@ -21,6 +21,11 @@ pub struct DpOptions {
     pub budget_rho: Option<f64>,
     /// Window length in seconds.
     pub window_secs: u64,
+    /// With a bundle that has noise-trained variants (`[privacy]`, issue 11): release at an ε
+    /// no variant was trained for, with the variant trained for the nearest ε (TDM-DP-VAR-2).
+    /// Off by default: such a release is refused with
+    /// [`tandem_dp::DpError::UntrainedEpsilon`] before anything is charged.
+    pub allow_untrained_epsilon: bool,
 }
 
 impl Default for DpOptions {
@@ -32,6 +37,7 @@ impl Default for DpOptions {
             budget_epsilon: 100.0,
             budget_rho: None,
             window_secs: 86_400,
+            allow_untrained_epsilon: false,
         }
     }
 }

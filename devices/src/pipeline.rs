@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tandem_dp::{Accountant, Clip, Mechanism, Policy, Quantizer, SecureBits};
 use tandem_he::{EncryptedOutput, OutputMode};
-use tandem_model::{Bundle, Part, Step};
+use tandem_model::{Bundle, DpMechanism, Part, Step, Variant};
 use tandem_protocol::{
     BudgetCharge, DpMetadata, EncryptedBlock, ErrorCode, NoisedBlock, RequestPayload,
     ResponsePayload, Scale,
@@ -168,6 +168,22 @@ impl Device {
                 .map_err(|_| DeviceError::Config("layer index out of range".into()))?;
             clouds.push(CloudStep {
                 index,
+                shape: LayerShape {
+                    n_in: spec.n_in,
+                    n_out: spec.n_out,
+                    bias_bound: quant.bias_bound(),
+                },
+                quant_scale: 1.0 / f64::from(quant.input_scale),
+            });
+        }
+        // The cloud layers of the noise-trained variants (issue 11): further protocol layer ids.
+        for v in bundle.variants() {
+            let spec = v.cloud_spec()?;
+            let quant = spec.quant.as_ref().ok_or_else(|| {
+                DeviceError::Config("variant cloud layer is not quantised".into())
+            })?;
+            clouds.push(CloudStep {
+                index: v.layer_id(),
                 shape: LayerShape {
                     n_in: spec.n_in,
                     n_out: spec.n_out,
@@ -415,8 +431,21 @@ impl Device {
         if let Some(m) = self.mechanisms.get(&k) {
             return Ok(m.clone());
         }
-        let q = Quantizer::new(Clip::L2(self.opts.dp.clip_l2), c.quant_scale, c.shape.n_in)?;
-        let m = Mechanism::gaussian_for_epsilon_delta(q, epsilon, self.opts.dp.delta)?;
+        let m = match self.variant_at(c.index) {
+            // A noise-trained variant: the model's signed policy (specs/dp.md §6.2).
+            Some(v) => Mechanism::for_bottleneck(
+                v.mechanism() == DpMechanism::Laplace,
+                v.bottleneck(),
+                v.grid(),
+                epsilon,
+                v.delta(),
+            )?,
+            None => {
+                let q =
+                    Quantizer::new(Clip::L2(self.opts.dp.clip_l2), c.quant_scale, c.shape.n_in)?;
+                Mechanism::gaussian_for_epsilon_delta(q, epsilon, self.opts.dp.delta)?
+            }
+        };
         self.mechanisms.insert(k, m.clone());
         Ok(m)
     }
@@ -444,15 +473,82 @@ impl Device {
         }
         let receipt = self.accountant.charge(&self.opts.ledger_id, now, rho)?;
         let x: Vec<f64> = activation.iter().map(|&v| f64::from(v)).collect();
-        let noised = mech.release(&x, receipt, &mut self.rng)?;
+        let mut noised = mech.release(&x, receipt, &mut self.rng)?;
+        let (mechanism, clip_bound) = match self.variant_at(c.index) {
+            Some(v) => {
+                // Clamping to the cloud layer's int8 input range is post-processing (no
+                // privacy cost), and the variant was trained with it (both modes alike).
+                let m = v.cloud_spec()?.quant.as_ref().map_or(127, |q| q.input_clip);
+                noised.iter_mut().for_each(|z| *z = (*z).clamp(-m, m));
+                let kind = match v.mechanism() {
+                    DpMechanism::Laplace => tandem_protocol::Mechanism::DiscreteLaplace,
+                    _ => tandem_protocol::Mechanism::DiscreteGaussian,
+                };
+                (kind, 1.0)
+            }
+            None => (
+                tandem_protocol::Mechanism::DiscreteGaussian,
+                self.opts.dp.clip_l2,
+            ),
+        };
         let meta = DpMetadata {
-            mechanism: tandem_protocol::Mechanism::DiscreteGaussian,
+            mechanism,
             scale: Scale::Float(mech.sigma_or_scale()),
             charge: BudgetCharge::Rho(rho),
-            clip_bound: self.opts.dp.clip_l2,
+            clip_bound,
             quant_scale: c.quant_scale,
         };
         Ok((noised, meta))
+    }
+
+    fn variant(&self, i: usize) -> Result<&Variant, DeviceError> {
+        self.bundle
+            .variants()
+            .get(i)
+            .ok_or_else(|| DeviceError::Config("no such variant".into()))
+    }
+
+    /// The noise-trained variant whose cloud layer is protocol layer `index`, if any.
+    fn variant_at(&self, index: usize) -> Option<&Variant> {
+        self.bundle
+            .variants()
+            .iter()
+            .find(|v| v.layer_id() == index)
+    }
+
+    /// Which noise-trained variant a DP release at `protection`'s ε uses (TDM-DP-VAR-2):
+    /// `None` for the encrypted mode and for a bundle without `[privacy]` section (the
+    /// top-level split, Gaussian); the variant trained for exactly that ε; otherwise, only if
+    /// [`crate::DpOptions::allow_untrained_epsilon`], the variant with the nearest ε (in
+    /// ratio). Checked before anything is charged or sent.
+    ///
+    /// # Errors
+    /// [`tandem_dp::DpError::UntrainedEpsilon`] for an ε no variant was trained for.
+    pub fn variant_index(&self, protection: Protection) -> Result<Option<usize>, DeviceError> {
+        let epsilon = match protection {
+            Protection::Noised { epsilon } | Protection::NoisedEncrypted { epsilon } => epsilon,
+            _ => return Ok(None),
+        };
+        let vs = self.bundle.variants();
+        if vs.is_empty() {
+            return Ok(None);
+        }
+        if let Some(v) = self.bundle.variant_for(epsilon) {
+            return Ok(vs.iter().position(|w| w.layer_id() == v.layer_id()));
+        }
+        if self.opts.dp.allow_untrained_epsilon && epsilon.is_finite() && epsilon > 0.0 {
+            let dist = |v: &Variant| (v.epsilon() / epsilon).ln().abs();
+            return Ok(vs
+                .iter()
+                .enumerate()
+                .min_by(|a, b| dist(a.1).total_cmp(&dist(b.1)))
+                .map(|(i, _)| i));
+        }
+        Err(tandem_dp::DpError::UntrainedEpsilon {
+            requested: epsilon,
+            trained: vs.iter().map(Variant::epsilon).collect(),
+        }
+        .into())
     }
 
     /// The request for `body` under the HE state in use (encrypting at most once per set).
@@ -530,7 +626,11 @@ impl Device {
     ) -> Result<Inference, DeviceError> {
         let mut t = Timings::default();
         let start = Instant::now();
-        let mut step = self.bundle.start(input)?;
+        let variant = self.variant_index(protection)?;
+        let mut step = match variant {
+            Some(i) => self.variant(i)?.start(input)?,
+            None => self.bundle.start(input)?,
+        };
         t.device_ms += ms(start);
         let mut out = Inference {
             class: 0,
@@ -568,7 +668,10 @@ impl Device {
                 .await?;
             let s = Instant::now();
             // Dequantisation and the next device segment refuse non-finite values.
-            step = self.bundle.resume(layer, &z)?;
+            step = match variant {
+                Some(i) => self.variant(i)?.resume(layer, &z)?,
+                None => self.bundle.resume(layer, &z)?,
+            };
             t.device_ms += ms(s);
         }
     }

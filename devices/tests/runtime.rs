@@ -427,6 +427,7 @@ fn overflowing_bundle(dir: &Path, key: &tandem_model::SigningKey) {
         },
         exit_head: None,
         encoder: None,
+        privacy: None,
         preprocess: None,
         layers: vec![
             layer("fc0", 4, Placement::Device, Activation::Relu, None),

@@ -262,6 +262,7 @@ pub fn device(cmd: DeviceCommand) -> anyhow::Result<()> {
         budget_epsilon: c.budget_epsilon.unwrap_or(d.budget_epsilon),
         budget_rho: None,
         window_secs: c.window_secs.unwrap_or(d.window_secs),
+        ..d
     };
     opts.state_dir = Some(c.state_dir);
     let eps = c.epsilon.unwrap_or(4.0);

@@ -65,17 +65,29 @@ impl Channel {
         }
     }
 
-    fn quantizer(self, d: usize) -> Result<Quantizer> {
+    fn quantizer(self, d: usize, grid: f64) -> Result<Quantizer> {
         let clip = match self {
             Channel::Laplace => Clip::L1(1.0),
             Channel::Gaussian => Clip::L2(1.0),
         };
-        Quantizer::new(clip, GRID, d)
+        Quantizer::new(clip, grid, d)
     }
 
-    /// The calibrated mechanism on a `d`-wide bottleneck (`None` for no noise).
+    /// The calibrated mechanism on a `d`-wide bottleneck on the grid [`GRID`] (`None` for no
+    /// noise).
     pub fn mechanism(self, d: usize, epsilon: Option<f64>) -> Result<Option<Mechanism>> {
-        let q = self.quantizer(d)?;
+        self.mechanism_at(d, epsilon, GRID)
+    }
+
+    /// The calibrated mechanism on a `d`-wide bottleneck on the grid `s = grid` (clip C = 1;
+    /// `None` for no noise).
+    pub fn mechanism_at(
+        self,
+        d: usize,
+        epsilon: Option<f64>,
+        grid: f64,
+    ) -> Result<Option<Mechanism>> {
+        let q = self.quantizer(d, grid)?;
         epsilon
             .map(|e| match self {
                 Channel::Laplace => Mechanism::laplace_for_epsilon(q, e),
@@ -112,6 +124,10 @@ struct Net {
     vb: Vec<Array1<f64>>,
     step: i32,
     channel: Channel,
+    /// Grid `s` of the release.
+    grid: f64,
+    /// Released integers are clamped to `±clamp` (post-processing; `f64::INFINITY`: none).
+    clamp: f64,
 }
 
 struct Fwd {
@@ -128,6 +144,10 @@ struct Fwd {
 
 impl Net {
     fn new(sizes: [usize; 5], channel: Channel, seed: u64) -> Self {
+        Self::new_at(sizes, channel, seed, GRID, f64::INFINITY)
+    }
+
+    fn new_at(sizes: [usize; 5], channel: Channel, seed: u64, grid: f64, clamp: f64) -> Self {
         let mut rng = SplitMix(seed);
         let mut w = Vec::new();
         let mut b = Vec::new();
@@ -152,6 +172,8 @@ impl Net {
             vb,
             step: 0,
             channel,
+            grid,
+            clamp,
         }
     }
 
@@ -336,6 +358,7 @@ fn channel_noise(
     q: &Quantizer,
     mech: Option<&Mechanism>,
     lambda: f64,
+    clamp: f64,
     rng: &mut SecureBits,
     m: &mut Array2<f64>,
 ) -> Result<()> {
@@ -348,7 +371,7 @@ fn channel_noise(
             None => vec![0; z.len()],
         };
         for ((dst, zi), ni) in row.iter_mut().zip(z).zip(noise) {
-            *dst = (zi as f64 + lambda * ni as f64) / s;
+            *dst = (zi as f64 + lambda * ni as f64).clamp(-clamp, clamp) / s;
         }
     }
     Ok(())
@@ -362,12 +385,20 @@ fn clean_net(
     channel: Channel,
 ) -> Result<Net> {
     let n = x.ncols();
-    let mut net = Net::new([n, HIDDEN, d, HIDDEN, classes], channel, SEED);
-    let q = channel.quantizer(d)?;
+    clean_from(
+        Net::new([n, HIDDEN, d, HIDDEN, classes], channel, SEED),
+        x,
+        y,
+    )
+}
+
+fn clean_from(mut net: Net, x: &Array2<f64>, y: &[usize]) -> Result<Net> {
+    let q = net.channel.quantizer(net.dim(), net.grid)?;
+    let clamp = net.clamp;
     let mut rng = SecureBits::new()?;
     for e in 0..CLEAN_EPOCHS {
         net.epoch(x, y, 2e-3, SEED + e as u64, &mut |m| {
-            channel_noise(&q, None, 0.0, &mut rng, m)
+            channel_noise(&q, None, 0.0, clamp, &mut rng, m)
         })?;
     }
     Ok(net)
@@ -380,19 +411,21 @@ fn noise_train(clean: &Net, x: &Array2<f64>, y: &[usize], mech: Option<&Mechanis
         return Ok(net);
     };
     let q = *mech.quantizer();
+    let clamp = net.clamp;
     let mut rng = SecureBits::new()?;
     for e in 0..RAMP_EPOCHS + FULL_EPOCHS {
         let lambda = ((e + 1) as f64 / RAMP_EPOCHS as f64).min(1.0);
         let lr = if e < RAMP_EPOCHS { 3e-3 } else { 2e-3 };
         net.epoch(x, y, lr, SEED + 1000 + e as u64, &mut |m| {
-            channel_noise(&q, Some(mech), lambda, &mut rng, m)
+            channel_noise(&q, Some(mech), lambda, clamp, &mut rng, m)
         })?;
     }
     Ok(net)
 }
 
 fn evaluate(net: &Net, x: &Array2<f64>, y: &[usize], mech: Option<&Mechanism>) -> Result<f64> {
-    let q = net.channel.quantizer(net.dim())?;
+    let q = net.channel.quantizer(net.dim(), net.grid)?;
+    let clamp = net.clamp;
     let mut rng = SecureBits::new()?;
     let mut acc = 0.0;
     for _ in 0..NOISE_REPEATS {
@@ -403,12 +436,12 @@ fn evaluate(net: &Net, x: &Array2<f64>, y: &[usize], mech: Option<&Mechanism>) -
                     let v: Vec<f64> = row.to_vec();
                     let z = mech.release_unaccounted(&v, &mut rng)?;
                     for (dst, zi) in row.iter_mut().zip(z) {
-                        *dst = zi as f64 / q.scale();
+                        *dst = (zi as f64).clamp(-clamp, clamp) / q.scale();
                     }
                 }
                 Ok(())
             }
-            None => channel_noise(&q, None, 0.0, &mut rng, m),
+            None => channel_noise(&q, None, 0.0, clamp, &mut rng, m),
         })?;
         acc += accuracy(&pred, y);
     }
@@ -419,6 +452,15 @@ fn evaluate(net: &Net, x: &Array2<f64>, y: &[usize], mech: Option<&Mechanism>) -
 /// the validation split being the last 20 % of the training rows. Returns `(d, accuracy)`
 /// per candidate as well.
 pub fn choose_dim(ds: &Dataset) -> Result<(usize, Vec<(usize, f64)>)> {
+    choose_dim_at(ds, GRID, f64::INFINITY)
+}
+
+/// [`choose_dim`] with the release on the grid `grid` and clamped to `±clamp` (as
+/// [`train_variants`]).
+///
+/// # Errors
+/// [`DpError::InvalidParameter`] for a bad grid.
+pub fn choose_dim_at(ds: &Dataset, grid: f64, clamp: f64) -> Result<(usize, Vec<(usize, f64)>)> {
     let sp = split(ds);
     let n = sp.y_train.len();
     let n_fit = n * 4 / 5;
@@ -428,8 +470,16 @@ pub fn choose_dim(ds: &Dataset) -> Result<(usize, Vec<(usize, f64)>)> {
     let (y_fit, y_val) = sp.y_train.split_at(n_fit);
     let mut scores = Vec::new();
     for d in DIMS {
-        let clean = clean_net(&x_fit, y_fit, ds.classes, d, Channel::Laplace)?;
-        let mech = Channel::Laplace.mechanism(d, Some(SELECT_EPSILON))?;
+        let n = x_fit.ncols();
+        let net = Net::new_at(
+            [n, HIDDEN, d, HIDDEN, ds.classes],
+            Channel::Laplace,
+            SEED,
+            grid,
+            clamp,
+        );
+        let clean = clean_from(net, &x_fit, y_fit)?;
+        let mech = Channel::Laplace.mechanism_at(d, Some(SELECT_EPSILON), grid)?;
         let net = noise_train(&clean, &x_fit, y_fit, mech.as_ref())?;
         scores.push((d, evaluate(&net, &x_val, y_val, mech.as_ref())?));
     }
@@ -459,6 +509,81 @@ pub fn trained_curve(ds: &Dataset, channel: Channel, d: usize) -> Result<Vec<Tra
             dim: d,
             accuracy: evaluate(&net, &sp.x_test, &sp.y_test, mech.as_ref())?,
             scale: mech.as_ref().map_or(0.0, |m| m.sigma_or_scale()),
+        });
+    }
+    Ok(out)
+}
+
+/// One dense layer of a trained variant: `y = W·x + b`, `W` row-major `[n_out][n_in]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DenseWeights {
+    /// Input length.
+    pub n_in: usize,
+    /// Output length.
+    pub n_out: usize,
+    /// Weights, row-major `[n_out][n_in]`.
+    pub w: Vec<f64>,
+    /// Bias, length `n_out`.
+    pub b: Vec<f64>,
+}
+
+/// A variant trained for one ε, as it goes into a signed bundle (`tandem privacy-train`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainedVariant {
+    /// ε per release it was trained for.
+    pub epsilon: f64,
+    /// The four layers: device `n → h` (ReLU), device `h → d` (bottleneck, normalised),
+    /// cloud `d → h` (ReLU), head `h → k`.
+    pub layers: [DenseWeights; 4],
+    /// Test accuracy of the float net with the exact mechanism (mean of
+    /// [`NOISE_REPEATS`] draws).
+    pub float_test_accuracy: f64,
+}
+
+/// Trains one variant per ε in `epsilons` for bundles (issue 11): the schedule of
+/// [`trained_curve`] (clean phase shared, then ramp and full noise per ε) on the whole
+/// training split, with the release on the grid `grid` and the released integers clamped to
+/// `±clamp` (post-processing, what an int8 cloud layer takes), so training sees exactly what
+/// the device releases.
+///
+/// # Errors
+/// [`DpError::InvalidParameter`] for a bad ε or grid.
+pub fn train_variants(
+    ds: &Dataset,
+    channel: Channel,
+    d: usize,
+    grid: f64,
+    clamp: f64,
+    epsilons: &[f64],
+) -> Result<Vec<TrainedVariant>> {
+    let sp = split(ds);
+    let n = sp.x_train.ncols();
+    let net = Net::new_at(
+        [n, HIDDEN, d, HIDDEN, ds.classes],
+        channel,
+        SEED,
+        grid,
+        clamp,
+    );
+    let clean = clean_from(net, &sp.x_train, &sp.y_train)?;
+    let mut out = Vec::new();
+    for &eps in epsilons {
+        let mech = channel.mechanism_at(d, Some(eps), grid)?;
+        let net = noise_train(&clean, &sp.x_train, &sp.y_train, mech.as_ref())?;
+        let acc = evaluate(&net, &sp.x_test, &sp.y_test, mech.as_ref())?;
+        let dense = |i: usize| {
+            let w = &net.w[i];
+            DenseWeights {
+                n_in: w.nrows(),
+                n_out: w.ncols(),
+                w: w.t().iter().copied().collect(),
+                b: net.b[i].to_vec(),
+            }
+        };
+        out.push(TrainedVariant {
+            epsilon: eps,
+            layers: [dense(0), dense(1), dense(2), dense(3)],
+            float_test_accuracy: acc,
         });
     }
     Ok(out)

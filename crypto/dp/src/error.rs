@@ -86,6 +86,19 @@ pub enum DpError {
     /// Plotting failed (feature `tools`).
     #[error("plot: {0}")]
     Plot(String),
+    /// A DP release at an ε the model bundle has no noise-trained variant for (TDM-DP-VAR-2):
+    /// nothing was charged or sent. Ask for one of the trained ε, or set
+    /// `DpOptions::allow_untrained_epsilon` to release with the nearest trained variant (its
+    /// accuracy at the requested ε is then unmeasured).
+    #[error(
+        "the model was not trained for epsilon {requested} (trained: {trained:?}); nothing          charged or sent: use a trained epsilon or set DpOptions::allow_untrained_epsilon"
+    )]
+    UntrainedEpsilon {
+        /// The ε asked for.
+        requested: f64,
+        /// The ε the bundle's variants were trained for.
+        trained: Vec<f64>,
+    },
 }
 
 impl From<opendp::error::Error> for DpError {

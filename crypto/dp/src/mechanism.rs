@@ -418,6 +418,34 @@ impl Mechanism {
         Ok(m)
     }
 
+    /// The release of a noise-trained bottleneck (issue 11, `specs/dp.md` §6): a `d`-vector
+    /// normalised to unit L1 norm (`laplace = true`, discrete Laplace, pure ε-DP) or unit L2
+    /// norm (discrete Gaussian at (ε, `delta`)), clip C = 1, grid `s = grid`. The device and
+    /// the trainer both build the mechanism here, so training sees exactly what is released.
+    ///
+    /// # Errors
+    /// [`DpError::InvalidParameter`] for a bad d, grid, ε or δ (a Gaussian needs `delta`).
+    pub fn for_bottleneck(
+        laplace: bool,
+        d: usize,
+        grid: f64,
+        epsilon: f64,
+        delta: Option<f64>,
+    ) -> Result<Self> {
+        if laplace {
+            Mechanism::laplace_for_epsilon(Quantizer::new(Clip::L1(1.0), grid, d)?, epsilon)
+        } else {
+            let delta = delta.ok_or_else(|| {
+                DpError::InvalidParameter("a Gaussian release needs delta".into())
+            })?;
+            Mechanism::gaussian_for_epsilon_delta(
+                Quantizer::new(Clip::L2(1.0), grid, d)?,
+                epsilon,
+                delta,
+            )
+        }
+    }
+
     /// The smallest (dyadic) Laplace scale with pure ε-DP by opendp's `make_laplace` map.
     pub fn laplace_for_epsilon(quantizer: Quantizer, epsilon: f64) -> Result<Self> {
         if !(epsilon.is_finite() && epsilon > 0.0) {

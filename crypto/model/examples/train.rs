@@ -499,6 +499,7 @@ fn main() -> Result<(), Error> {
         }),
         exit_head: None,
         encoder: None,
+        privacy: None,
     };
     let f32t = |name: &str, shape: Vec<usize>, v: Vec<f32>| NamedTensor {
         name: name.into(),

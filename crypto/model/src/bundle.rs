@@ -197,6 +197,11 @@ pub struct Bundle {
     device_tensors: std::collections::BTreeMap<String, Vec<f32>>,
     /// An encoder bundle's tokenizer file (digest checked), when the device part is loaded.
     tokenizer: Option<Vec<u8>>,
+    /// The noise-trained variants of the `[privacy]` section (issue 11), in manifest order.
+    variants: Vec<crate::privacy::Variant>,
+    /// In a variant's own pipeline: the bottleneck entering the cloud layer is normalised to
+    /// unit L1 (Laplace) or L2 (Gaussian) norm before it is quantised and released.
+    normalize: Option<crate::privacy::DpMechanism>,
 }
 
 /// Where a split inference stands after a device segment ([`Bundle::start`],
@@ -446,6 +451,51 @@ fn argmax_i64(v: &[i64]) -> usize {
     best
 }
 
+/// Loads the parameters of `specs` from the loaded weights files (a layer whose party's file
+/// is not loaded gets none).
+fn load_layers(
+    specs: &[LayerSpec],
+    dev: Option<&SafeTensors<'_>>,
+    cl: Option<&SafeTensors<'_>>,
+) -> Result<Vec<Layer>> {
+    let mut layers = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let st = match spec.placement {
+            Placement::Device => dev.as_ref(),
+            Placement::Cloud => cl.as_ref(),
+        };
+        let wshape = [spec.n_out, spec.n_in];
+        let bshape = [spec.n_out];
+        let params = match (st, &spec.quant) {
+            (None, _) => None,
+            (Some(st), None) => Some(Params::Float {
+                w: read_f32(st, &spec.weight, &wshape)?,
+                b: read_f32(st, &spec.bias, &bshape)?,
+            }),
+            (Some(st), Some(q)) => {
+                let b = read_i64(st, &spec.bias, &bshape)?;
+                if b.iter()
+                    .any(|v| v.unsigned_abs() > q.bias_bound().unsigned_abs())
+                {
+                    return Err(tensor_err(
+                        &spec.bias,
+                        "bias above the manifest's max_abs_bias",
+                    ));
+                }
+                Some(Params::Int {
+                    w: read_i8(st, &spec.weight, &wshape)?,
+                    b,
+                })
+            }
+        };
+        layers.push(Layer {
+            spec: spec.clone(),
+            params,
+        });
+    }
+    Ok(layers)
+}
+
 /// Parses the weights file of party `p` (if `part` includes it) and checks that it holds exactly
 /// the tensors that party owns: no more (nothing leaks into the wrong party's file), no fewer.
 fn parse_part<'a>(
@@ -588,41 +638,7 @@ impl Bundle {
             }
             _ => None,
         };
-        let mut layers = Vec::with_capacity(manifest.layers.len());
-        for spec in &manifest.layers {
-            let st = match spec.placement {
-                Placement::Device => dev.as_ref(),
-                Placement::Cloud => cl.as_ref(),
-            };
-            let wshape = [spec.n_out, spec.n_in];
-            let bshape = [spec.n_out];
-            let params = match (st, &spec.quant) {
-                (None, _) => None,
-                (Some(st), None) => Some(Params::Float {
-                    w: read_f32(st, &spec.weight, &wshape)?,
-                    b: read_f32(st, &spec.bias, &bshape)?,
-                }),
-                (Some(st), Some(q)) => {
-                    let b = read_i64(st, &spec.bias, &bshape)?;
-                    if b.iter()
-                        .any(|v| v.unsigned_abs() > q.bias_bound().unsigned_abs())
-                    {
-                        return Err(tensor_err(
-                            &spec.bias,
-                            "bias above the manifest's max_abs_bias",
-                        ));
-                    }
-                    Some(Params::Int {
-                        w: read_i8(st, &spec.weight, &wshape)?,
-                        b,
-                    })
-                }
-            };
-            layers.push(Layer {
-                spec: spec.clone(),
-                params,
-            });
-        }
+        let layers = load_layers(&manifest.layers, dev.as_ref(), cl.as_ref())?;
         let clouds = manifest.cloud_indices();
         if clouds.is_empty() {
             return Err(ModelError::InvalidManifest(
@@ -644,6 +660,8 @@ impl Bundle {
             exit_head,
             device_tensors: std::collections::BTreeMap::new(),
             tokenizer: None,
+            variants: Vec::new(),
+            normalize: None,
         };
         if part.has(Placement::Cloud) {
             bundle.cloud_layers = bundle
@@ -652,7 +670,69 @@ impl Bundle {
                 .map(|&i| bundle.layer_as_cloud(i))
                 .collect::<Result<_>>()?;
         }
+        bundle.variants = bundle.load_variants(dev.as_ref(), cl.as_ref())?;
+        if part.has(Placement::Cloud) {
+            for v in &bundle.variants {
+                bundle.cloud_layers.push(v.cloud_layer()?);
+            }
+        }
         Ok(bundle)
+    }
+
+    /// The variants of the `[privacy]` section, each a pipeline of its own layers with the
+    /// outer bundle's preprocessing (TDM-DP-VAR-1).
+    fn load_variants(
+        &self,
+        dev: Option<&SafeTensors<'_>>,
+        cl: Option<&SafeTensors<'_>>,
+    ) -> Result<Vec<crate::privacy::Variant>> {
+        let Some(p) = &self.manifest.privacy else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity(p.variants.len());
+        for (i, v) in p.variants.iter().enumerate() {
+            let m = crate::privacy::PrivacySpec::variant_manifest(&self.manifest, v);
+            let layers = load_layers(&m.layers, dev, cl)?;
+            let clouds = m.cloud_indices();
+            let local = clouds.first().copied().ok_or_else(|| {
+                ModelError::InvalidManifest("privacy: a variant has no cloud layer".into())
+            })?;
+            let inner = Bundle {
+                manifest: m,
+                layers,
+                clouds,
+                cloud_layers: Vec::new(),
+                variants: Vec::new(),
+                normalize: Some(p.mechanism),
+                ..self.clone()
+            };
+            out.push(crate::privacy::Variant {
+                epsilon: v.epsilon,
+                layer_id: crate::privacy::PrivacySpec::layer_id(&self.manifest, i),
+                local,
+                mechanism: p.mechanism,
+                delta: p.delta,
+                inner: Box::new(inner),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The `[privacy]` section (DP policy and variants), if the manifest has one.
+    pub fn privacy(&self) -> Option<&crate::privacy::PrivacySpec> {
+        self.manifest.privacy.as_ref()
+    }
+
+    /// The noise-trained variants, in increasing ε (empty without a `[privacy]` section).
+    pub fn variants(&self) -> &[crate::privacy::Variant] {
+        &self.variants
+    }
+
+    /// The variant trained for exactly `epsilon` (relative tolerance 1e-9), if any.
+    pub fn variant_for(&self, epsilon: f64) -> Option<&crate::privacy::Variant> {
+        self.variants
+            .iter()
+            .find(|v| (v.epsilon - epsilon).abs() <= 1e-9 * v.epsilon.abs())
     }
 
     /// [`Bundle::build`] for an encoder manifest (validated): the device tensors the graph
@@ -717,6 +797,8 @@ impl Bundle {
             exit_head: None,
             device_tensors,
             tokenizer: None,
+            variants: Vec::new(),
+            normalize: None,
         })
     }
 
@@ -865,7 +947,7 @@ impl Bundle {
     /// [`ModelError::InvalidInput`] if `index` is not a cloud layer,
     /// [`ModelError::NotLoaded`] without the cloud part.
     pub fn cloud_layer_at(&self, index: usize) -> Result<&CloudLayer> {
-        if !self.clouds.contains(&index) {
+        if !self.clouds.contains(&index) && !self.variants.iter().any(|v| v.layer_id == index) {
             return Err(ModelError::InvalidInput(format!(
                 "layer {index} is not a cloud layer"
             )));
@@ -992,6 +1074,9 @@ impl Bundle {
     /// [`ModelError::InvalidInput`] if `index` is not a cloud layer or `q` has the wrong
     /// length, [`ModelError::NotLoaded`] without the cloud part, [`ModelError::Overflow`].
     pub fn cloud_eval_plain_at(&self, index: usize, q: &[i64]) -> Result<Vec<i64>> {
+        if let Some(v) = self.variants.iter().find(|v| v.layer_id == index) {
+            return v.cloud_eval_plain(q);
+        }
         if !self.clouds.contains(&index) {
             return Err(ModelError::InvalidInput(format!(
                 "layer {index} is not a cloud layer"
@@ -1022,7 +1107,6 @@ impl Bundle {
             .ok_or_else(|| ModelError::InvalidInput(format!("no layer {index}")))?
             .eval_int(q)
     }
-
 
     /// Device side, first segment (TDM-MOD: the general split executor): standardises `x`,
     /// runs the device layers up to the first cloud layer and quantises its input.
@@ -1080,6 +1164,9 @@ impl Bundle {
         let last = self.layers.len() - 1;
         for (j, l) in self.layers.iter().enumerate().skip(from) {
             if l.spec.placement == Placement::Cloud {
+                if let Some(m) = self.normalize {
+                    a = crate::privacy::normalize(m, a);
+                }
                 let input = self.quantize_for(j, &a)?;
                 return Ok(Step::Cloud {
                     layer: j,

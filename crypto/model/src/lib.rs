@@ -33,6 +33,7 @@ pub mod encoder;
 mod error;
 pub mod exit;
 mod manifest;
+pub mod privacy;
 mod sign;
 mod testset;
 
@@ -47,6 +48,10 @@ pub use exit::{attach_exit_head, ExitCalibration, ExitHead, ExitHeadSpec, ExitOu
 pub use manifest::{
     Activation, LayerKind, LayerSpec, Limits, Manifest, Placement, Preprocess, QuantSpec,
     TrainingInfo, Weights, WeightsRef, FORMAT, INT8_MAX, MAX_ABS_BIAS,
+};
+pub use privacy::{
+    attach_privacy, retain_variants, DpMechanism, PrivacySpec, PrivacyTraining, Variant,
+    VariantSpec,
 };
 pub use sign::{
     dev_signing_key, format_signing_key, format_verifying_key, is_dev_key, read_signing_key,

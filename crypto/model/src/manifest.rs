@@ -61,6 +61,10 @@ pub struct Manifest {
     /// cloud layers (protocol `layer_id`s) are the indices of `encoder.linears`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder: Option<EncoderSpec>,
+    /// Optional DP policy and noise-trained variants, one per supported ε (issue 11;
+    /// [`crate::privacy`]). Each variant's tensors live in the file of their owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<crate::privacy::PrivacySpec>,
 }
 
 /// The weights are split in two files so that each party holds only its own layers: the
@@ -308,6 +312,9 @@ impl Manifest {
         if let Some(e) = &self.encoder {
             v.extend(e.tensor_owners());
         }
+        if let Some(p) = &self.privacy {
+            v.extend(p.tensor_owners());
+        }
         v
     }
 
@@ -456,6 +463,9 @@ impl Manifest {
         }
         if let Some(h) = &self.exit_head {
             h.validate(self)?;
+        }
+        if let Some(p) = &self.privacy {
+            p.validate(self, limits)?;
         }
         Ok(())
     }

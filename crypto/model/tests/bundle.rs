@@ -38,10 +38,11 @@ fn committed_bundles_verify() {
         assert_eq!(s.layers[1].placement, Placement::Cloud);
         assert!(s.layers[1].quantised);
         assert!(!s.to_string().is_empty());
-        // Bundles are small.
+        // Bundles are small (the device file holds the noise-trained variants, ≈ 23 KB per ε
+        // for digits: issue 11).
         for f in ["device.safetensors", "cloud.safetensors"] {
             let w = std::fs::metadata(dir.join(f)).unwrap().len();
-            assert!(w < 64 * 1024, "{name}/{f}: {w} bytes");
+            assert!(w < 256 * 1024, "{name}/{f}: {w} bytes");
         }
     }
 }
