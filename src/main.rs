@@ -147,7 +147,7 @@ fn main() -> anyhow::Result<()> {
             epsilons,
             grid,
             key,
-        } => cli::dp::privacy_train(&dataset, &bundle, &epsilons, grid, &key),
+        } => cli::privacy_train::run(&dataset, &bundle, &epsilons, grid, &key),
         Command::PrivacyCurve { dataset, out, json } => {
             cli::dp::privacy_curve(&dataset, &out, json)
         }

@@ -6,4 +6,5 @@ pub mod demo_minilm;
 pub mod dp;
 pub mod eval;
 pub mod plan;
+pub mod privacy_train;
 pub mod runtime;
