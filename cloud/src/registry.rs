@@ -207,6 +207,7 @@ impl ModelRegistry {
     ) -> Result<ServedModel, CloudError> {
         let bundle = Bundle::load_part(dir, key, &tandem_model::Limits::default(), Part::Cloud)?;
         let mut layers = Vec::new();
+        let planned_batch = bundle.encoder().map(|e| e.batch);
         for cl in bundle.cloud_layers()? {
             let layer_id = u32::try_from(cl.index)
                 .map_err(|_| CloudError::Config("layer index out of range".into()))?;
@@ -218,7 +219,19 @@ impl ModelRegistry {
                     }
                     // Each layer is planned from the signed manifest's public bounds; a layer
                     // whose plan exceeds the failure bound is refused here, at load.
-                    let plan = cloud_plan(params, mode, cl.n_in, cl.n_out, cl.bias_bound)?;
+                    let plan = match planned_batch {
+                        // An encoder bundle's layers are planned for its batch of tokens per
+                        // request (issue 8), exactly as the device plans them.
+                        Some(batch) => PreparedLayer::plan_int8_batch(
+                            params,
+                            mode,
+                            cl.n_in,
+                            cl.n_out,
+                            cl.bias_bound.unsigned_abs(),
+                            batch,
+                        )?,
+                        None => cloud_plan(params, mode, cl.n_in, cl.n_out, cl.bias_bound)?,
+                    };
                     let layer =
                         PreparedLayer::prepare_with_plan(ctx.clone(), plan, &cl.weights, &cl.bias)?;
                     layers.push((layer_id, params.id, mode, layer));

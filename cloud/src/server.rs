@@ -1408,7 +1408,9 @@ fn evaluate(
     let [ct] = enc.ciphertexts.as_slice() else {
         return Err(ErrorCode::InvalidRequest);
     };
-    let input = EncryptedInput::from_bytes(ct, shared.max_blob, layer.plan())
+    // Per-layer limit: the exact size of this layer's input for the request's batch (issue 8).
+    let limit = shared.max_blob.min(layer.plan().upload_bytes(batch.max(1)));
+    let input = EncryptedInput::from_bytes(ct, limit, layer.plan())
         .map_err(|_| ErrorCode::MalformedMessage)?;
     // The ciphertexts must be under the HE key registered for this peer and key id.
     if input.key_id != key.he_key_id {

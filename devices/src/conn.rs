@@ -153,9 +153,20 @@ impl Conn {
         layer_id: u32,
         payload: RequestPayload,
     ) -> Result<(ResponsePayload, usize, usize), DeviceError> {
+        self.round_trip_batch(layer_id, 1, payload).await
+    }
+
+    /// [`Conn::round_trip`] for a request carrying `batch` rows (issue 8: one request per
+    /// batch of tokens of an encoder layer). Bytes are protocol frame bytes (TLS plaintext).
+    pub async fn round_trip_batch(
+        &mut self,
+        layer_id: u32,
+        batch: u16,
+        payload: RequestPayload,
+    ) -> Result<(ResponsePayload, usize, usize), DeviceError> {
         let id = self
             .session
-            .send_request(layer_id, 1, payload, now_ms(self.epoch))?;
+            .send_request(layer_id, batch, payload, now_ms(self.epoch))?;
         let up = self.flush().await?;
         let mut down = 0;
         loop {

@@ -44,12 +44,14 @@ mod keys;
 mod options;
 mod pipeline;
 pub mod planner;
+mod remote;
 pub mod state;
 
 pub use error::DeviceError;
 pub use keys::{cloud_plan, parameter_set, HeState, LayerShape};
 pub use options::{DeviceOptions, DpOptions, RetryPolicy};
 pub use pipeline::{worst_case_wait, Device};
+pub use remote::{RemoteLayers, RemoteStats};
 pub use tandem_he::OutputMode;
 
 /// Largest absolute value the encrypted cloud layer accepts (the cloud plans with the same).
