@@ -19,7 +19,7 @@ use tandem_ops::metrics::{cosine, nearest};
 use tandem_ops::InProcessCloud;
 
 use super::demo::repo_root;
-use super::eval::{bar, embed_all, parse_mode, read_corpus, MiniLm};
+use super::eval::{bar, embed_all, parse_mode, read_corpus, EncryptedEncoder, MiniLm};
 
 /// The queries the demo asks when none is given (about the Python documentation the corpus
 /// comes from).
@@ -34,10 +34,14 @@ pub const DEFAULT_QUERIES: [&str; 5] = [
 /// Options of `tandem demo` that only apply with `--model`.
 #[derive(Args, Debug, Clone)]
 pub struct MiniLmDemoArgs {
-    /// `minilm` (TANDEM_MINILM_DIR, else the cache of scripts/fetch-minilm.sh) or a MiniLM
-    /// directory: private semantic search instead of the digits demo.
+    /// `minilm` (TANDEM_MINILM_DIR, else the cache of scripts/fetch-minilm.sh), a MiniLM
+    /// directory or a signed encoder bundle (`tandem model import-bert`): private semantic
+    /// search instead of the digits demo.
     #[arg(long)]
     pub model: Option<String>,
+    /// With a bundle: the MiniLM directory the device indexes the corpus with (float).
+    #[arg(long, default_value = "minilm", requires = "model")]
+    pub float_model: String,
     /// Corpus to search, one sentence per line (default: data/minilm-corpus.txt).
     #[arg(long, requires = "model")]
     pub corpus: Option<PathBuf>,
@@ -96,7 +100,8 @@ struct DemoJson {
 /// embedding fails.
 pub fn run(args: &MiniLmDemoArgs, json: bool) -> anyhow::Result<()> {
     let spec = args.model.as_deref().unwrap_or("minilm");
-    let model = MiniLm::resolve(spec)?;
+    let key = repo_root().join("models/dev-verifying-key.txt");
+    let model = MiniLm::resolve(spec, &args.float_model, &key)?;
     let mode = parse_mode(&args.mode)?;
     if args.corpus_size == 0 || args.top == 0 {
         bail!("--corpus-size and --top must be at least 1");
@@ -121,7 +126,7 @@ pub fn run(args: &MiniLmDemoArgs, json: bool) -> anyhow::Result<()> {
     let float = model.float()?;
     progress.set_message("indexing the corpus (device)");
     let t0 = Instant::now();
-    let index = embed_all(&float, &docs, &progress)?;
+    let index = embed_all(|t| float.embed(t), &docs, &progress)?;
     let corpus_embed_s = t0.elapsed().as_secs_f64();
 
     progress.set_message("planning the cloud layers");
@@ -131,9 +136,13 @@ pub fn run(args: &MiniLmDemoArgs, json: bool) -> anyhow::Result<()> {
         ctx.clone(),
         EvalOptions { parallel: true },
     ));
-    let (enc, factory, key_upload_bytes) = model.encrypted(ctx, mode, 16, cloud.clone())?;
+    let EncryptedEncoder {
+        encoder: enc,
+        session,
+        key_upload_bytes,
+        ..
+    } = model.encrypted(ctx, mode, 16, cloud.clone())?;
     let load_s = t_load.elapsed().as_secs_f64();
-    let session = factory.session();
 
     let hits = |scored: Vec<(usize, f64)>| -> Vec<Hit> {
         scored
@@ -148,7 +157,7 @@ pub fn run(args: &MiniLmDemoArgs, json: bool) -> anyhow::Result<()> {
     let mut out = Vec::new();
     for q in &queries {
         progress.set_message("query (encrypted)");
-        let tokens = enc.encode(q)?.ids.len();
+        let tokens = enc.tokens(q)?;
         session.reset_stats();
         let busy0 = cloud.busy();
         let t = Instant::now();
@@ -178,7 +187,7 @@ pub fn run(args: &MiniLmDemoArgs, json: bool) -> anyhow::Result<()> {
     progress.finish_and_clear();
 
     let report = DemoJson {
-        model: model.path().display().to_string(),
+        model: model.describe(),
         path: "encrypted-in-process",
         mode: mode.name().to_string(),
         corpus_sentences: docs.len(),

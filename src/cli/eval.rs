@@ -23,10 +23,12 @@ use ndarray::{Array1, Array2};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tandem_he::{Context, EvalOptions, OutputMode, DEFAULT_PARAMETERS};
+use tandem_model::{read_verifying_key, Bundle, Limits, Part};
+use tandem_ops::encrypted::DeviceSession;
 use tandem_ops::metrics::{agreement, cosine_summary};
 use tandem_ops::{
-    default_model_dir, EncryptedLinears, HeStats, InProcessCloud, PrecisionPolicy,
-    QuantizedLinears, SentenceEncoder,
+    default_model_dir, BundleEncoder, BundleLinears, EncryptedLinears, HeStats, InProcessCloud,
+    OpsError, PrecisionPolicy, QuantizedLinears, SentenceEncoder,
 };
 
 use super::demo::repo_root;
@@ -43,9 +45,16 @@ pub enum EvalCommand {
 #[derive(Args, Debug, Clone)]
 pub struct EmbeddingsArgs {
     /// `minilm` (the directory in TANDEM_MINILM_DIR, else the cache scripts/fetch-minilm.sh
-    /// fills) or the path of a MiniLM directory.
+    /// fills), the path of a MiniLM directory, or a signed encoder bundle (`tandem model
+    /// import-bert`), whose integer and encrypted paths then run from the bundle.
     #[arg(long, default_value = "minilm")]
     pub model: String,
+    /// With a bundle: the MiniLM directory of the float path (`minilm` as for --model).
+    #[arg(long, default_value = "minilm")]
+    pub float_model: String,
+    /// With a bundle: the key it is verified with.
+    #[arg(long, default_value = "models/dev-verifying-key.txt")]
+    pub verifying_key: PathBuf,
     /// One sentence per line (default: data/minilm-corpus.txt).
     #[arg(long)]
     pub corpus: Option<PathBuf>,
@@ -85,86 +94,167 @@ pub fn run(cmd: EvalCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Where a MiniLM model comes from.
+/// A loaded MiniLM encoder: from its sentence-transformers directory, or from a signed encoder
+/// bundle (`tandem model import-bert`).
+pub enum Encoder {
+    /// Directory-loaded ([`SentenceEncoder`]).
+    Dir(Box<SentenceEncoder>),
+    /// Bundle-loaded ([`BundleEncoder`]: the manifest's op graph).
+    Bundle(Box<BundleEncoder>),
+}
+
+impl Encoder {
+    /// The sentence embedding of `text` (`[H]`).
+    ///
+    /// # Errors
+    /// Tokenizer, shape and (encrypted) cloud errors.
+    pub fn embed(&self, text: &str) -> Result<Array1<f32>, OpsError> {
+        match self {
+            Self::Dir(e) => e.embed(text),
+            Self::Bundle(e) => e.embed(text),
+        }
+    }
+
+    /// Tokens of `text` (special tokens included, truncated).
+    ///
+    /// # Errors
+    /// Tokenizer errors.
+    pub fn tokens(&self, text: &str) -> Result<usize, OpsError> {
+        Ok(match self {
+            Self::Dir(e) => e.encode(text)?.ids.len(),
+            Self::Bundle(e) => e.encode(text)?.ids.len(),
+        })
+    }
+}
+
+/// An encrypted encoder, its device session (counters) and the evaluation key's size.
+pub struct EncryptedEncoder {
+    /// The encoder.
+    pub encoder: Encoder,
+    /// The device's HE session.
+    pub session: Arc<DeviceSession>,
+    /// Bytes of the evaluation key uploaded (0 in no-key mode).
+    pub key_upload_bytes: usize,
+    /// Tokens per request the cloud layers are planned for.
+    pub plan_batch: usize,
+}
+
+/// Where a MiniLM model comes from: the float path always needs the sentence-transformers
+/// directory (a bundle holds int8 weights only); the integer and encrypted paths run from the
+/// bundle when one is given, else from the directory.
 #[derive(Debug, Clone)]
-pub enum MiniLm {
-    /// A sentence-transformers directory (`scripts/fetch-minilm.sh`).
-    Dir(PathBuf),
+pub struct MiniLm {
+    /// The sentence-transformers directory.
+    pub dir: PathBuf,
+    /// A signed encoder bundle and the key it is verified with.
+    pub bundle: Option<(PathBuf, PathBuf)>,
+}
+
+fn resolve_dir(spec: &str, what: &str) -> anyhow::Result<PathBuf> {
+    let (dir, named) = if spec == "minilm" {
+        (default_model_dir(), true)
+    } else {
+        (PathBuf::from(spec), false)
+    };
+    if dir.join("model.safetensors").is_file() && dir.join("config.json").is_file() {
+        return Ok(dir);
+    }
+    if named {
+        bail!(
+            "no MiniLM model in {} (model.safetensors and config.json expected){what}: run \
+             `bash scripts/fetch-minilm.sh` (it prints the directory; export \
+             TANDEM_MINILM_DIR=<that directory> if you passed it another one)",
+            dir.display()
+        );
+    }
+    bail!(
+        "{} is not a MiniLM directory (model.safetensors and config.json expected){what}; \
+         `bash scripts/fetch-minilm.sh DIR` fetches one",
+        dir.display()
+    )
 }
 
 impl MiniLm {
-    /// Resolves `spec`: `minilm` → `$TANDEM_MINILM_DIR`, else the fetch script's cache; any
-    /// other value is a path.
+    /// Resolves `spec`: `minilm` → `$TANDEM_MINILM_DIR`, else the fetch script's cache; a
+    /// directory holding `manifest.toml` → a signed bundle verified with `key`, whose float
+    /// counterpart is `float_spec` (resolved the same way); any other value → a MiniLM
+    /// directory.
     ///
     /// # Errors
-    /// The model is not there (with the command that fetches it), or the path is neither a
-    /// MiniLM directory nor a bundle.
-    pub fn resolve(spec: &str) -> anyhow::Result<Self> {
-        let (dir, named) = if spec == "minilm" {
-            (default_model_dir(), true)
-        } else {
-            (PathBuf::from(spec), false)
+    /// The model is not there (with the command that fetches it).
+    pub fn resolve(spec: &str, float_spec: &str, key: &Path) -> anyhow::Result<Self> {
+        let path = PathBuf::from(spec);
+        if spec != "minilm" && path.join("manifest.toml").is_file() {
+            let dir = resolve_dir(
+                float_spec,
+                " — a bundle holds int8 weights only, the float path needs the MiniLM \
+                 directory it was imported from (--float-model)",
+            )?;
+            return Ok(Self {
+                dir,
+                bundle: Some((path, key.to_path_buf())),
+            });
+        }
+        Ok(Self {
+            dir: resolve_dir(spec, "")?,
+            bundle: None,
+        })
+    }
+
+    /// What the encrypted path runs (for messages and JSON).
+    pub fn describe(&self) -> String {
+        match &self.bundle {
+            Some((b, _)) => b.display().to_string(),
+            None => self.dir.display().to_string(),
+        }
+    }
+
+    fn load_bundle(&self, part: Part) -> anyhow::Result<Option<Bundle>> {
+        let Some((dir, key)) = &self.bundle else {
+            return Ok(None);
         };
-        if dir.join("model.safetensors").is_file() && dir.join("config.json").is_file() {
-            return Ok(Self::Dir(dir));
-        }
-        if dir.join("manifest.toml").is_file() {
-            bail!(
-                "{} is a signed bundle; this build evaluates MiniLM from its directory: pass \
-                 --model minilm (TANDEM_MINILM_DIR or the cache of scripts/fetch-minilm.sh) or \
-                 the directory itself",
-                dir.display()
-            );
-        }
-        if named {
-            bail!(
-                "no MiniLM model in {} (model.safetensors and config.json expected): run \
-                 `bash scripts/fetch-minilm.sh` (it prints the directory; export \
-                 TANDEM_MINILM_DIR=<that directory> if you passed it another one)",
-                dir.display()
-            );
-        }
-        bail!(
-            "{} is not a MiniLM directory (model.safetensors and config.json expected); \
-             `bash scripts/fetch-minilm.sh DIR` fetches one",
-            dir.display()
-        )
+        let vk = read_verifying_key(key)
+            .with_context(|| format!("reading the verifying key {}", key.display()))?;
+        let b = Bundle::load_part(dir, &vk, &Limits::default(), part)
+            .with_context(|| format!("loading the bundle {}", dir.display()))?;
+        Ok(Some(b))
     }
 
-    /// Where the model lives (for messages).
-    pub fn path(&self) -> &Path {
-        match self {
-            Self::Dir(d) => d,
-        }
-    }
-
-    /// Every linear layer in float on the device.
+    /// Every linear layer in float on the device (from the directory).
     ///
     /// # Errors
     /// Loading errors naming the file.
     pub fn float(&self) -> anyhow::Result<SentenceEncoder> {
-        let Self::Dir(d) = self;
-        SentenceEncoder::load(d).with_context(|| format!("loading MiniLM from {}", d.display()))
+        SentenceEncoder::load(&self.dir)
+            .with_context(|| format!("loading MiniLM from {}", self.dir.display()))
     }
 
-    /// The cleartext integer pipeline (int8 weights per output channel, int8 activations).
+    /// The cleartext integer pipeline (int8 weights per output channel, int8 activations):
+    /// the bundle's, or the directory quantised with [`PrecisionPolicy::minilm`].
     ///
     /// # Errors
     /// Loading errors naming the file.
-    pub fn integer(&self) -> anyhow::Result<SentenceEncoder> {
-        let Self::Dir(d) = self;
-        SentenceEncoder::load_with(
-            d,
-            &mut QuantizedLinears {
-                policy: PrecisionPolicy::minilm(),
-            },
-        )
-        .with_context(|| format!("loading MiniLM (integer) from {}", d.display()))
+    pub fn integer(&self) -> anyhow::Result<Encoder> {
+        if let Some(b) = self.load_bundle(Part::Full)? {
+            return Ok(Encoder::Bundle(Box::new(BundleEncoder::from_bundle(
+                &b,
+                BundleLinears::Integer,
+            )?)));
+        }
+        Ok(Encoder::Dir(Box::new(
+            SentenceEncoder::load_with(
+                &self.dir,
+                &mut QuantizedLinears {
+                    policy: PrecisionPolicy::minilm(),
+                },
+            )
+            .with_context(|| format!("loading MiniLM (integer) from {}", self.dir.display()))?,
+        )))
     }
 
-    /// Every linear layer evaluated under encryption by `cloud`, planned for `batch` tokens per
-    /// request; the evaluation key is uploaded (packed mode). Returns the encoder and the
-    /// factory (its session holds the device's counters).
+    /// Every linear layer evaluated under encryption by `cloud` (the bundle's planned batch,
+    /// or `batch` tokens per request for a directory); the evaluation key is uploaded (packed
+    /// mode).
     ///
     /// # Errors
     /// Loading and planning errors; the cloud's errors.
@@ -174,13 +264,33 @@ impl MiniLm {
         mode: OutputMode,
         batch: usize,
         cloud: Arc<InProcessCloud>,
-    ) -> anyhow::Result<(SentenceEncoder, EncryptedLinears, usize)> {
-        let Self::Dir(d) = self;
+    ) -> anyhow::Result<EncryptedEncoder> {
+        // The in-process cloud takes the int8 weights from the bundle's cloud part.
+        if let Some(b) = self.load_bundle(Part::Full)? {
+            let plan_batch = b.encoder().map_or(0, |e| e.batch);
+            let enc =
+                BundleEncoder::from_bundle(&b, BundleLinears::Encrypted { ctx, mode, cloud })?;
+            let key_upload_bytes = enc.upload_key()?;
+            let session = enc
+                .session()
+                .context("the bundle encoder built no HE session")?;
+            return Ok(EncryptedEncoder {
+                encoder: Encoder::Bundle(Box::new(enc)),
+                session,
+                key_upload_bytes,
+                plan_batch,
+            });
+        }
         let mut factory = EncryptedLinears::new(ctx, mode, PrecisionPolicy::minilm(), batch, cloud);
-        let enc = SentenceEncoder::load_with(d, &mut factory)
-            .with_context(|| format!("loading MiniLM (encrypted) from {}", d.display()))?;
-        let key = factory.upload_key()?;
-        Ok((enc, factory, key))
+        let enc = SentenceEncoder::load_with(&self.dir, &mut factory)
+            .with_context(|| format!("loading MiniLM (encrypted) from {}", self.dir.display()))?;
+        let key_upload_bytes = factory.upload_key()?;
+        Ok(EncryptedEncoder {
+            encoder: Encoder::Dir(Box::new(enc)),
+            session: factory.session(),
+            key_upload_bytes,
+            plan_batch: batch,
+        })
     }
 }
 
@@ -231,12 +341,12 @@ pub fn read_corpus(path: &Path, limit: Option<usize>) -> anyhow::Result<Vec<Stri
     Ok(lines)
 }
 
-/// Embeds every sentence with `enc` on rayon's pool, ticking `bar`; rows in input order.
+/// Embeds every sentence with `embed` on rayon's pool, ticking `bar`; rows in input order.
 ///
 /// # Errors
 /// The first sentence that fails, with its index.
 pub fn embed_all(
-    enc: &SentenceEncoder,
+    embed: impl Fn(&str) -> Result<Array1<f32>, OpsError> + Sync,
     sentences: &[&str],
     bar: &ProgressBar,
 ) -> anyhow::Result<Array2<f32>> {
@@ -244,9 +354,7 @@ pub fn embed_all(
         .par_iter()
         .enumerate()
         .map(|(i, s)| {
-            let e = enc
-                .embed(s)
-                .with_context(|| format!("embedding sentence {i}"));
+            let e = embed(s).with_context(|| format!("embedding sentence {i}"));
             bar.inc(1);
             e
         })
@@ -293,8 +401,10 @@ fn read_reference(path: &Path) -> anyhow::Result<HashMap<String, Vec<f32>>> {
 /// What `tandem eval embeddings --json` prints (the last line).
 #[derive(Serialize, Debug)]
 pub struct EvalJson {
-    /// Model path.
+    /// What the integer and encrypted paths ran: the bundle, or the MiniLM directory.
     pub model: String,
+    /// The MiniLM directory of the float path.
+    pub float_model: String,
     /// Corpus path.
     pub corpus: String,
     /// Sentences embedded by every path.
@@ -354,7 +464,13 @@ pub struct EvalJson {
 /// embedding that differs from the integer pipeline (after printing the figures).
 pub fn embeddings(args: &EmbeddingsArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let model = MiniLm::resolve(&args.model)?;
+    let root = repo_root();
+    let key = if args.verifying_key.is_relative() && !args.verifying_key.exists() {
+        root.join(&args.verifying_key)
+    } else {
+        args.verifying_key.clone()
+    };
+    let model = MiniLm::resolve(&args.model, &args.float_model, &key)?;
     let mode = parse_mode(&args.mode)?;
     if args.encrypt_every == 0 {
         bail!("--encrypt-every 0: use 1 to encrypt every sentence");
@@ -366,7 +482,6 @@ pub fn embeddings(args: &EmbeddingsArgs) -> anyhow::Result<()> {
             tandem_he::limits::MAX_BATCH
         );
     }
-    let root = repo_root();
     let corpus_path = args
         .corpus
         .clone()
@@ -392,9 +507,9 @@ pub fn embeddings(args: &EmbeddingsArgs) -> anyhow::Result<()> {
     let float_enc = model.float()?;
     let int_enc = model.integer()?;
     bar.set_message("float path");
-    let float = embed_all(&float_enc, &texts, &bar)?;
+    let float = embed_all(|t| float_enc.embed(t), &texts, &bar)?;
     bar.set_message("integer pipeline");
-    let integer = embed_all(&int_enc, &texts, &bar)?;
+    let integer = embed_all(|t| int_enc.embed(t), &texts, &bar)?;
     drop(float_enc);
 
     bar.set_message("planning the cloud layers");
@@ -404,9 +519,12 @@ pub fn embeddings(args: &EmbeddingsArgs) -> anyhow::Result<()> {
         ctx.clone(),
         EvalOptions { parallel: false },
     ));
-    let (enc, factory, key_upload_bytes) =
-        model.encrypted(ctx, mode, args.plan_batch, cloud.clone())?;
-    let session = factory.session();
+    let EncryptedEncoder {
+        encoder: enc,
+        session,
+        key_upload_bytes,
+        plan_batch,
+    } = model.encrypted(ctx, mode, args.plan_batch, cloud.clone())?;
     session.reset_stats();
     bar.set_message(format!("encrypted ({})", mode.name()));
     let t_enc = Instant::now();
@@ -467,7 +585,8 @@ pub fn embeddings(args: &EmbeddingsArgs) -> anyhow::Result<()> {
     };
 
     let out = EvalJson {
-        model: model.path().display().to_string(),
+        model: model.describe(),
+        float_model: model.dir.display().to_string(),
         corpus: corpus_path.display().to_string(),
         sentences: n,
         reference_sentences: matched.len(),
@@ -484,7 +603,7 @@ pub fn embeddings(args: &EmbeddingsArgs) -> anyhow::Result<()> {
         encrypted_equals_integer_path: mismatches == 0,
         encrypted_mismatches: mismatches,
         mode: mode.name().to_string(),
-        plan_batch: args.plan_batch,
+        plan_batch,
         requests: stats.requests,
         bytes_up: stats.bytes_up,
         bytes_down: stats.bytes_down,
