@@ -6,7 +6,7 @@
 //! cargo run --release -p tandem-he --example plan_table -- --link 5000 minilm   # 6 layers of all-MiniLM-L6-v2, 16 tokens
 //! RAYON_NUM_THREADS=2 cargo run --release -p tandem-he --example plan_table -- --link 2000 --time 2 minilm
 //! ```
-//! `--time T` also evaluates each MiniLM shape under its chosen plan (random int8 weights and
+//! `--time T` evaluates the chosen plan of each shape (for `minilm`: each MiniLM shape) under its chosen plan (random int8 weights and
 //! inputs, T threads: 1 sequential, more through rayon's global pool, whose size
 //! `RAYON_NUM_THREADS` sets) and prints the fastest of 3 server times.
 use std::sync::Arc;
@@ -137,6 +137,13 @@ fn main() {
             continue;
         };
         let best = chosen(b, n, m, link);
+        if let (Some(threads), Some(p)) = (time, best) {
+            match time_eval(p, b, threads) {
+                Ok(t) => println!("{s} chunk {} server {t:.1} ms ({threads} threads)", p.chunk),
+                Err(e) => println!("{s}: {e}"),
+            }
+            continue;
+        }
         let mut c = 2;
         while c <= n.next_power_of_two().min(DEFAULT_PARAMETERS.poly_size) {
             let p = PreparedLayer::plan_public(

@@ -681,21 +681,40 @@ pub(crate) fn key_switch_add(
         mask: mut scratch,
         body: _,
     } = v;
-    let (mut a, mut ta) = (vec![0u64; n], vec![0u64; n]);
-    ntt.inv(&mut scratch, &mut a);
-    poly::automorphism_into(&a, g, &mut ta);
-    let mut digits = vec![vec![0i64; n]; p.ks_levels as usize];
-    poly::decompose(&ta, p.ks_base_log, p.ks_levels, &mut digits);
     // Callers check that the key covers g (eval() for every automorphism of the plan).
     let Some(levels) = key.levels.get(&g) else {
         unreachable!("key switch without a key for automorphism {g}")
     };
-    for (digit, (neg_a, neg_b)) in digits.iter().zip(levels) {
-        ntt.fwd_small(digit, &mut scratch);
-        ntt.mul_acc(&mut u.mask, &scratch, neg_a);
-        ntt.mul_acc(&mut u.body, &scratch, neg_b);
-    }
+    KS_SCRATCH.with(|cell| {
+        // Per-thread buffers, overwritten in full below: no allocation or zeroing per key switch.
+        let mut buffers = cell.borrow_mut();
+        let KsScratch { a, ta, digits } = &mut *buffers;
+        a.resize(n, 0);
+        ta.resize(n, 0);
+        digits.resize(p.ks_levels as usize, Vec::new());
+        digits.iter_mut().for_each(|d| d.resize(n, 0));
+        ntt.inv(&mut scratch, a);
+        poly::automorphism_into(a, g, ta);
+        poly::decompose(ta, p.ks_base_log, p.ks_levels, digits);
+        for (digit, (neg_a, neg_b)) in digits.iter().zip(levels) {
+            ntt.fwd_small(digit, &mut scratch);
+            ntt.mul_acc(&mut u.mask, &scratch, neg_a);
+            ntt.mul_acc(&mut u.body, &scratch, neg_b);
+        }
+    });
     u
+}
+
+/// Coefficient-domain buffers of one key switch (the mask, its automorphism, the digits).
+#[derive(Default)]
+struct KsScratch {
+    a: Vec<u64>,
+    ta: Vec<u64>,
+    digits: Vec<Vec<i64>>,
+}
+
+thread_local! {
+    static KS_SCRATCH: std::cell::RefCell<KsScratch> = std::cell::RefCell::new(KsScratch::default());
 }
 
 fn join_maybe_par<A: Send, B: Send>(
