@@ -57,6 +57,10 @@ enum Command {
     },
     /// What the per-request planner would choose on a given link (`specs/planner.md`).
     Plan(cli::plan::PlanArgs),
+    /// Embeds a text with a sentence encoder bundle, every linear layer computed by the cloud
+    /// under encryption (a loopback cloud in this process unless `--cloud` is given); prints
+    /// JSON.
+    Embed(cli::sentence::EmbedArgs),
     /// Accuracy versus ε of a model whose split activation is noised (writes an SVG plot).
     PrivacyCurve {
         /// `digits` or `breast_cancer`.
@@ -110,6 +114,9 @@ enum BenchCommand {
     /// N concurrent devices against an in-process cloud for T seconds: throughput, latency
     /// percentiles, peak RSS.
     Load(cli::runtime::LoadArgs),
+    /// One encrypted sentence embedding per `--tokens` value over loopback mTLS: end-to-end,
+    /// cloud and device seconds, round trips, bytes, key upload, encrypted multiply-adds.
+    Sentence(cli::sentence::BenchArgs),
     /// Discrete noise for 1024 activations.
     Dp {
         /// Print one JSON object.
@@ -130,6 +137,7 @@ fn main() -> anyhow::Result<()> {
             } => cli::bench::matmul(shape.as_deref(), runs, threads, json),
             BenchCommand::Dp { json } => cli::dp::bench_dp(json),
             BenchCommand::Load(args) => cli::runtime::bench_load(args),
+            BenchCommand::Sentence(args) => cli::sentence::bench(args),
         },
         Command::Demo { json, minilm } => match minilm.model.as_deref() {
             None | Some("digits") => cli::demo::run(json),
@@ -141,6 +149,7 @@ fn main() -> anyhow::Result<()> {
         Command::Pki { what } => cli::runtime::pki(what),
         Command::Model { what } => cli::runtime::model(what),
         Command::Plan(args) => cli::plan::run(args),
+        Command::Embed(args) => cli::sentence::embed(args),
         Command::PrivacyTrain {
             dataset,
             bundle,

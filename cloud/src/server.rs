@@ -147,6 +147,10 @@ pub struct ServerOptions {
     pub limits: Limits,
     /// Test hook: the first `n` requests are dropped by closing their connection unanswered.
     pub fault_drop_requests: u64,
+    /// Spread each encrypted evaluation over rayon's global thread pool (its size is the
+    /// process's choice, e.g. `tandem bench sentence --threads`); default: one thread per
+    /// request, requests in parallel.
+    pub parallel_eval: bool,
 }
 
 impl std::fmt::Debug for ServerOptions {
@@ -190,6 +194,7 @@ impl ServerOptions {
             resources: ResourceLimits::default(),
             limits: Limits::default(),
             fault_drop_requests: 0,
+            parallel_eval: false,
         }
     }
 
@@ -460,6 +465,7 @@ struct Shared {
     in_flight: Mutex<HashMap<[u8; 32], usize>>,
     epoch: Instant,
     fault_drop: AtomicU64,
+    parallel_eval: bool,
     max_blob: usize,
     prom: Arc<Prom>,
     /// Readiness: the key store answered the last check and the replica is not stopping.
@@ -603,6 +609,7 @@ impl Cloud {
             in_flight: Mutex::new(HashMap::new()),
             epoch: Instant::now(),
             fault_drop: AtomicU64::new(opts.fault_drop_requests),
+            parallel_eval: opts.parallel_eval,
             max_blob: limits.max_ciphertext_len as usize,
             prom: prom.clone(),
             ready: Arc::new(AtomicBool::new(false)),
@@ -1423,7 +1430,9 @@ fn evaluate(
         .eval(
             &input,
             key.prepared.as_deref(),
-            tandem_he::EvalOptions::default(),
+            tandem_he::EvalOptions {
+                parallel: shared.parallel_eval,
+            },
         )
         .map_err(|e| {
             tracing::warn!(error = %e, "evaluation failed");

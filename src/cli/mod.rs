@@ -5,6 +5,8 @@ pub mod demo;
 pub mod demo_minilm;
 pub mod dp;
 pub mod eval;
+pub mod model_bert;
 pub mod plan;
 pub mod privacy_train;
 pub mod runtime;
+pub mod sentence;

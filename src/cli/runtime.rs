@@ -82,6 +82,9 @@ pub enum ModelCommand {
         #[arg(long, default_value = "models/dev-verifying-key.txt")]
         key: PathBuf,
     },
+    /// Converts a sentence-transformers BERT directory (all-MiniLM-L6-v2 from
+    /// `scripts/fetch-minilm.sh`) into a signed encoder bundle (issue 8).
+    ImportBert(crate::cli::model_bert::ImportArgs),
 }
 
 /// `tandem bench load` arguments.
@@ -333,6 +336,7 @@ pub fn model(cmd: ModelCommand) -> anyhow::Result<()> {
             let s = tandem_model::verify_bundle(&dir, &key)?;
             println!("{}", serde_json::to_string_pretty(&s)?);
         }
+        ModelCommand::ImportBert(args) => crate::cli::model_bert::run(args)?,
     }
     Ok(())
 }
