@@ -221,7 +221,7 @@ impl ModelRegistry {
                     // whose plan exceeds the failure bound is refused here, at load.
                     let plan = match planned_batch {
                         // An encoder bundle's layers are planned for its batch of tokens per
-                        // request (issue 8), exactly as the device plans them.
+                        // request (issue 8, TDM-REQ-9), exactly as the device plans them.
                         Some(batch) => PreparedLayer::plan_int8_batch(
                             params,
                             mode,

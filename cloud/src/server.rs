@@ -1373,6 +1373,10 @@ fn evaluate(
         .cloud_layer_at(index)
         .map_err(|_| ErrorCode::InvalidRequest)?;
     let batch = usize::from(request.batch);
+    // TDM-REQ-9: an encoder layer is planned for `encoder.batch` rows per request.
+    if model.bundle.encoder().is_some_and(|e| batch > e.batch) {
+        return Err(ErrorCode::InvalidRequest);
+    }
     let enc = match &request.payload {
         RequestPayload::Noised(n) => {
             if n.values.len() != batch.saturating_mul(cl.n_in) {

@@ -3,7 +3,8 @@
 //! the device runs the graph with every linear layer encrypted through one session
 //! ([`RemoteLayers`]), and each sentence embedding equals the cleartext integer pipeline bit
 //! for bit. Wrong-layer and truncated requests get typed refusals and the session stays usable
-//! (TDM-REQ-8: valid layer ids are the cloud layers' manifest indices).
+//! (TDM-REQ-8: valid layer ids are the cloud layers' manifest indices; TDM-REQ-9: encoder
+//! layers are planned for the manifest's batch and a blob must fit that layer's plan).
 //!
 //! Without the model (`scripts/fetch-minilm.sh`, `TANDEM_MINILM_DIR`) the test prints
 //! `SKIPPED: …` and checks nothing; with `TANDEM_MINILM_DIR` set a missing model is a failure.
