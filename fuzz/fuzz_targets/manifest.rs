@@ -1,7 +1,8 @@
 //! Model manifest parser (`tandem_model::Manifest`): TOML text from an untrusted bundle.
 //! Beyond "no panic" (from toml, serde or our checks): a manifest that parses and validates
 //! serialises to a canonical form that parses to the same canonical form and still validates,
-//! and its cloud layer index is defined.
+//! and its cloud layer index is defined (for an `[encoder]` manifest: its cloud layers are the
+//! linear layers, by index).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use tandem_model::{Limits, Manifest};
@@ -27,6 +28,15 @@ fuzz_target!(|data: &[u8]| {
         canonical,
         "canonical form is stable"
     );
+    if let Some(e) = &again.encoder {
+        // An encoder's cloud layers are its linear layers, by index (TDM-REQ-9).
+        assert!(again.layers.is_empty() && !e.linears.is_empty());
+        assert_eq!(
+            again.cloud_indices(),
+            (0..e.linears.len()).collect::<Vec<_>>()
+        );
+        return;
+    }
     let i = again
         .cloud_index()
         .expect("a valid manifest has one cloud layer");
