@@ -344,6 +344,8 @@ fn device_opts(pki: &DevPki, name: &str, addr: SocketAddr, dir: &Path) -> Device
         dir.join(format!("{name}-ledger.bin")),
     );
     o.io_timeout = Duration::from_secs(20);
+    // Thousands of DP releases under load: far above the default budget (ε = 8 per day).
+    o.dp.budget_rho = Some(1e9);
     o
 }
 

@@ -15,9 +15,12 @@ pub struct DpOptions {
     pub clip_l2: f64,
     /// δ of each (ε, δ) release and of the budget.
     pub delta: f64,
-    /// ε budget per window at `delta` (converted to zCDP ρ by the accountant).
+    /// ε budget per window at `delta`: the accountant allows a window whose releases compose
+    /// (zCDP, opendp's conversion) to at most (ε, δ), or, if all of them are pure ε-DP
+    /// (discrete Laplace), whose ε sum to at most this (TDM-LEDG-5, `specs/dp.md` §5.1).
     pub budget_epsilon: f64,
-    /// If set, the budget per window directly in zCDP ρ (overrides `budget_epsilon`).
+    /// If set, the budget per window directly in zCDP ρ (overrides `budget_epsilon`; no pure
+    /// track then).
     pub budget_rho: Option<f64>,
     /// Window length in seconds.
     pub window_secs: u64,
@@ -29,12 +32,16 @@ pub struct DpOptions {
 }
 
 impl Default for DpOptions {
-    /// clip 20, δ = 1e-5, ε budget 100 per day (a demo budget: set a real one).
+    /// clip 20, δ = 1e-5, a budget of **ε = 8 per device per day** (`specs/dp.md` §5.1: the
+    /// upper end of the per-day budgets deployed local DP has published, and the ε at which the
+    /// noise-trained digits variant reaches ≈ 0.76): one ε = 8 release a day with a
+    /// `[privacy]` bundle (discrete Laplace, pure track), or two at ε = 4; a Gaussian release
+    /// at (ε, δ) costs more of it (ρ track). Untrained ε are refused.
     fn default() -> Self {
         DpOptions {
             clip_l2: 20.0,
             delta: 1e-5,
-            budget_epsilon: 100.0,
+            budget_epsilon: 8.0,
             budget_rho: None,
             window_secs: 86_400,
             allow_untrained_epsilon: false,

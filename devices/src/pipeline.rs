@@ -466,12 +466,20 @@ impl Device {
             .into());
         }
         let mech = self.mechanism(c, epsilon)?;
-        let rho = mech.cost_rho()?;
+        // A discrete Laplace release is charged its pure ε beside ρ = ε²/2: the ledger's
+        // pure track (specs/dp.md §5, TDM-LEDG-5).
+        let cost = mech.cost()?;
+        let rho = cost.rho;
         let now = now_secs();
-        if self.accountant.would_exceed(&self.opts.ledger_id, now, rho) {
+        if self
+            .accountant
+            .would_exceed_cost(&self.opts.ledger_id, now, cost)
+        {
             return Err(DeviceError::BudgetExceeded);
         }
-        let receipt = self.accountant.charge(&self.opts.ledger_id, now, rho)?;
+        let receipt = self
+            .accountant
+            .charge_cost(&self.opts.ledger_id, now, cost)?;
         let x: Vec<f64> = activation.iter().map(|&v| f64::from(v)).collect();
         let mut noised = mech.release(&x, receipt, &mut self.rng)?;
         let (mechanism, clip_bound) = match self.variant_at(c.index) {
@@ -494,7 +502,10 @@ impl Device {
         let meta = DpMetadata {
             mechanism,
             scale: Scale::Float(mech.sigma_or_scale()),
-            charge: BudgetCharge::Rho(rho),
+            charge: match cost.epsilon {
+                Some(e) => BudgetCharge::Epsilon(e),
+                None => BudgetCharge::Rho(rho),
+            },
             clip_bound,
             quant_scale: c.quant_scale,
         };

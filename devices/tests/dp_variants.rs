@@ -166,3 +166,37 @@ async fn noised_inference_uses_the_trained_variant_and_its_accuracy() {
     dev.close().await;
     cloud.shutdown().await;
 }
+
+/// The default budget (`DpOptions::default`: ε = 8 per device per day at δ = 1e-5,
+/// `specs/dp.md` §5.1) allows one ε = 8 discrete Laplace release (the ledger's pure track:
+/// Σε = 8; the zCDP track alone, ρ = 32 against ρ ≈ 1.23, would refuse it) and refuses a
+/// second one before anything is sent. The device reports ε spent = 8, not the ≈ 70 that
+/// the zCDP conversion of ρ = 32 gives (TDM-LEDG-5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_budget_is_one_eps_8_release_a_day() {
+    let model = repo().join("models/digits");
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = DevPki::generate(1).unwrap();
+    let cloud = start_cloud(&pki, &tmp.path().join("keys.redb"), &model).await;
+    let x = TestSet::load(&model.join("test.json")).unwrap().x[0].clone();
+    let mut o = dev_opts(&pki, cloud.local_addr(), &model, tmp.path());
+    o.dp = tandem_device::DpOptions::default();
+    assert_eq!(o.dp.budget_epsilon, 8.0);
+    let mut dev = Device::connect(o).await.unwrap();
+    let p = Protection::Noised { epsilon: 8.0 };
+    dev.infer(&x, p).await.unwrap();
+    let spent = dev.epsilon_spent_total().unwrap();
+    assert!((7.99..=8.0 + 1e-9).contains(&spent), "ε spent {spent}");
+    match dev.infer(&x, p).await {
+        Err(DeviceError::BudgetExceeded) => {}
+        other => panic!("expected BudgetExceeded, got {other:?}"),
+    }
+    assert_eq!(dev.ledger_records(), 1);
+    assert_eq!(
+        cloud.metrics().requests(),
+        1,
+        "the refused release was not sent"
+    );
+    dev.close().await;
+    cloud.shutdown().await;
+}

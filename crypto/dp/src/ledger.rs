@@ -5,7 +5,7 @@
 //! ```text
 //! header : "TDPLEDG1"                                   (8 bytes)
 //! record : len u32 | !len u32 | payload[len] | check[8]
-//! payload: seq u64 | window u64 | rho f64-bits u64 | id_len u16 | id[id_len]
+//! payload: seq u64 | window u64 | rho f64-bits u64 | id_len u16 | id[id_len] [| eps f64-bits u64]
 //! check  : first 8 bytes of SHA-256(prev_check | len | payload), prev_check of the first
 //!          record = SHA-256("tandem-dp ledger v1")[..8]
 //! ```
@@ -13,7 +13,21 @@
 //! The checksum chain detects bit flips, edited, reordered or deleted records (except a
 //! deletion of the tail, which is indistinguishable from a shorter ledger: keep the ledger on
 //! storage the device owner cannot roll back, or anchor the latest check value elsewhere).
-//! `seq` must be 0, 1, 2, … and `rho` finite and ≥ 0.
+//! `seq` must be 0, 1, 2, … and `rho` finite and ≥ 0. The optional trailing `eps` (issue 11;
+//! present iff `len = 26 + id_len + 8`) is the pure ε of a pure ε-DP release (discrete
+//! Laplace), finite and ≥ 0; its `rho` is then `ε²/2`. Ledgers written before it exist read
+//! unchanged (every record zCDP-only).
+//!
+//! # Two tracks per window (TDM-LEDG-5)
+//!
+//! [`Accountant`] keeps, per device and window, the zCDP total Σρ of every release and the
+//! pure total Σε of the pure releases, and whether every release of the window was pure. A
+//! window is within a budget `(ε_B, δ)` ([`Policy::from_epsilon_delta`]) if Σρ ≤ ρ(ε_B, δ)
+//! **or** every release was pure and Σε ≤ ε_B: each is a valid bound (zCDP composition, Bun &
+//! Steinke 2016 Lemma 2.3, then Prop. 1.3; basic composition of pure ε-DP, Dwork & Roth 2014
+//! Thm 3.16, and ε-DP ⇒ (ε, δ)-DP), and the window gets the tighter one. A ρ budget
+//! ([`Policy::new`]) has no pure track: ε-DP ⇒ ε²/2-zCDP (Prop. 1.4) makes Σρ ≤ (Σε)²/2
+//! always the tighter zCDP bound.
 //!
 //! # Write-ahead rule (TDM-LEDG-1)
 //!
@@ -81,7 +95,7 @@ const MAGIC: &[u8; 8] = b"TDPLEDG1";
 /// Longest device identity accepted (bytes).
 pub const MAX_ID_LEN: usize = 255;
 const FIXED_PAYLOAD: usize = 8 + 8 + 8 + 2;
-const MAX_PAYLOAD: usize = FIXED_PAYLOAD + MAX_ID_LEN;
+const MAX_PAYLOAD: usize = FIXED_PAYLOAD + MAX_ID_LEN + 8;
 
 fn genesis() -> [u8; 8] {
     let h = Sha256::digest(b"tandem-dp ledger v1");
@@ -112,6 +126,8 @@ pub struct Record {
     pub rho: f64,
     /// Device identity.
     pub device: Vec<u8>,
+    /// Pure ε of the release, if it was pure ε-DP (then `rho = ε²/2`).
+    pub epsilon: Option<f64>,
 }
 
 /// What [`Ledger::open`] found.
@@ -274,6 +290,12 @@ impl Ledger {
 
     /// Appends a record and syncs it to stable storage before returning.
     pub fn append(&mut self, device: &[u8], window: u64, rho: f64) -> Result<Record> {
+        self.append_cost(device, window, Cost::rho(rho))
+    }
+
+    /// Appends a record of `cost` (with its pure ε, if any) and syncs it before returning.
+    pub fn append_cost(&mut self, device: &[u8], window: u64, cost: Cost) -> Result<Record> {
+        let rho = cost.rho;
         if self.poisoned {
             return Err(DpError::LedgerPoisoned);
         }
@@ -285,11 +307,15 @@ impl Ledger {
         if !(rho.is_finite() && rho >= 0.0) {
             return Err(DpError::InvalidParameter(format!("rho {rho}")));
         }
+        if let Some(e) = cost.epsilon.filter(|e| !(e.is_finite() && *e >= 0.0)) {
+            return Err(DpError::InvalidParameter(format!("epsilon {e}")));
+        }
         let rec = Record {
             seq: self.next_seq,
             window,
             rho,
             device: device.to_vec(),
+            epsilon: cost.epsilon,
         };
         let mut payload = Vec::with_capacity(FIXED_PAYLOAD + device.len());
         payload.extend_from_slice(&rec.seq.to_le_bytes());
@@ -297,6 +323,9 @@ impl Ledger {
         payload.extend_from_slice(&rho.to_bits().to_le_bytes());
         payload.extend_from_slice(&(device.len() as u16).to_le_bytes());
         payload.extend_from_slice(device);
+        if let Some(e) = cost.epsilon {
+            payload.extend_from_slice(&e.to_bits().to_le_bytes());
+        }
         let len_bytes = (payload.len() as u32).to_le_bytes();
         let check = check_value(&self.last_check, &len_bytes, &payload);
         let mut buf = Vec::with_capacity(8 + payload.len() + 8);
@@ -481,6 +510,18 @@ fn is_torn_record(tail: &[u8], prev: &[u8; 8], seq: u64) -> bool {
     if !(FIXED_PAYLOAD..=MAX_PAYLOAD).contains(&len) {
         return false;
     }
+    // The id length is the length field less the fixed part, less 8 more if the record
+    // carries a pure ε: either shape may have been cut short.
+    [0usize, 8].into_iter().any(|extra| {
+        len.checked_sub(FIXED_PAYLOAD + extra)
+            .is_some_and(|id_len| id_len <= MAX_ID_LEN && torn_as(tail, prev, seq, len, id_len))
+    })
+}
+
+/// [`is_torn_record`] for one record shape: `id_len` bytes of identity in a payload of `len`.
+fn torn_as(tail: &[u8], prev: &[u8; 8], seq: u64, len: usize, id_len: usize) -> bool {
+    let len32 = len as u32;
+    let len_bytes = len32.to_le_bytes();
     // The record that would come next, as far as it can be known from the tail.
     let mut intended = Vec::with_capacity(8 + len + 8);
     intended.extend_from_slice(&len_bytes);
@@ -490,7 +531,7 @@ fn is_torn_record(tail: &[u8], prev: &[u8; 8], seq: u64) -> bool {
     let payload_rest = &present[..present.len().min(len - 8)];
     intended.extend_from_slice(payload_rest);
     // id_len (payload bytes 24..26) must match the length field.
-    let id_len = ((len - FIXED_PAYLOAD) as u16).to_le_bytes();
+    let id_len = (id_len as u16).to_le_bytes();
     for (i, b) in id_len.iter().enumerate() {
         if let Some(slot) = intended.get_mut(8 + 24 + i) {
             *slot = *b;
@@ -520,14 +561,26 @@ fn parse_payload(p: &[u8]) -> Option<Record> {
     let window = le_u64(p, 8)?;
     let rho = f64::from_bits(le_u64(p, 16)?);
     let id_len = u16::from_le_bytes([*p.get(24)?, *p.get(25)?]) as usize;
-    if p.len() != FIXED_PAYLOAD + id_len || !(rho.is_finite() && rho >= 0.0) {
+    if id_len > MAX_ID_LEN || !(rho.is_finite() && rho >= 0.0) {
         return None;
     }
+    let epsilon = if p.len() == FIXED_PAYLOAD + id_len {
+        None
+    } else if p.len() == FIXED_PAYLOAD + id_len + 8 {
+        let e = f64::from_bits(le_u64(p, FIXED_PAYLOAD + id_len)?);
+        if !(e.is_finite() && e >= 0.0) {
+            return None;
+        }
+        Some(e)
+    } else {
+        return None;
+    };
     Some(Record {
         seq,
         window,
         rho,
-        device: p.get(FIXED_PAYLOAD..)?.to_vec(),
+        device: p.get(FIXED_PAYLOAD..FIXED_PAYLOAD + id_len)?.to_vec(),
+        epsilon,
     })
 }
 
@@ -536,17 +589,24 @@ fn parse_payload(p: &[u8]) -> Option<Record> {
 pub struct Policy {
     /// ρ allowed per device per window.
     pub rho_per_window: f64,
+    /// Pure ε allowed per device per window to a window whose releases are all pure ε-DP
+    /// (the pure track, TDM-LEDG-5); `None`: ρ only.
+    pub epsilon_per_window: Option<f64>,
     /// Window length in seconds (windows are `[k·w, (k+1)·w)`); must be ≥ 1.
     pub window_secs: u64,
 }
 
 impl Policy {
     /// A policy whose per-window budget converts (opendp) to at most (ε, δ)-DP.
+    /// Its pure track allows Σε ≤ `epsilon` to a window of pure releases (ε-DP implies
+    /// (ε, δ)-DP for every δ).
     pub fn from_epsilon_delta(epsilon: f64, delta: f64, window_secs: u64) -> Result<Self> {
-        Self::new(
+        let mut p = Self::new(
             crate::mechanism::epsilon_delta_to_rho(epsilon, delta)?,
             window_secs,
-        )
+        )?;
+        p.epsilon_per_window = Some(epsilon);
+        Ok(p)
     }
 
     /// A policy with a ρ budget.
@@ -558,6 +618,7 @@ impl Policy {
         }
         Ok(Policy {
             rho_per_window,
+            epsilon_per_window: None,
             window_secs,
         })
     }
@@ -587,12 +648,72 @@ impl Receipt {
     }
 }
 
-/// zCDP accountant per (device, window), backed by a [`Ledger`].
+/// The privacy cost of one release: its zCDP ρ and, for a pure ε-DP release, its ε.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Cost {
+    /// zCDP ρ (for a pure release, ε²/2: Bun & Steinke 2016, Prop. 1.4).
+    pub rho: f64,
+    /// Pure ε, if the release is pure ε-DP.
+    pub epsilon: Option<f64>,
+}
+
+impl Cost {
+    /// A zCDP-only cost (e.g. a discrete Gaussian release).
+    pub fn rho(rho: f64) -> Self {
+        Cost { rho, epsilon: None }
+    }
+
+    /// A pure ε-DP release: ρ = ε²/2 (rounded up) and ε.
+    pub fn pure(epsilon: f64) -> Self {
+        Cost {
+            rho: crate::mechanism::up(epsilon * epsilon / 2.0),
+            epsilon: Some(epsilon),
+        }
+    }
+
+    fn valid(&self) -> bool {
+        self.rho.is_finite()
+            && self.rho >= 0.0
+            && self.epsilon.is_none_or(|e| e.is_finite() && e >= 0.0)
+    }
+}
+
+/// What one device spent in one window.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Spent {
+    rho: f64,
+    epsilon: f64,
+    /// Every release of the window was pure ε-DP.
+    pure: bool,
+}
+
+impl Default for Spent {
+    fn default() -> Self {
+        Spent {
+            rho: 0.0,
+            epsilon: 0.0,
+            pure: true,
+        }
+    }
+}
+
+impl Spent {
+    fn add(self, c: Cost) -> Spent {
+        Spent {
+            rho: compose(self.rho, c.rho),
+            epsilon: compose(self.epsilon, c.epsilon.unwrap_or(0.0)),
+            pure: self.pure && c.epsilon.is_some(),
+        }
+    }
+}
+
+/// Accountant per (device, window), backed by a [`Ledger`]: zCDP for every release, and a
+/// pure-ε track for windows of pure releases (module docs, TDM-LEDG-5).
 #[derive(Debug)]
 pub struct Accountant {
     ledger: Ledger,
     policy: Policy,
-    spent: HashMap<(Vec<u8>, u64), f64>,
+    spent: HashMap<(Vec<u8>, u64), Spent>,
     total_records: u64,
 }
 
@@ -609,10 +730,13 @@ impl Accountant {
     /// As [`Ledger::open`]: [`DpError::LedgerInUse`], [`DpError::LedgerCorrupted`],
     /// [`DpError::Io`].
     pub fn open(path: &Path, policy: Policy) -> Result<(Self, OpenReport)> {
-        let mut spent: HashMap<(Vec<u8>, u64), f64> = HashMap::new();
+        let mut spent: HashMap<(Vec<u8>, u64), Spent> = HashMap::new();
         let (ledger, report) = Ledger::open(path, |r| {
-            let e = spent.entry((r.device.clone(), r.window)).or_insert(0.0);
-            *e = compose(*e, r.rho);
+            let e = spent.entry((r.device.clone(), r.window)).or_default();
+            *e = e.add(Cost {
+                rho: r.rho,
+                epsilon: r.epsilon,
+            });
         })?;
         Ok((
             Accountant {
@@ -630,43 +754,88 @@ impl Accountant {
         self.policy
     }
 
-    /// ρ spent by `device` in the window containing `now_secs`.
-    pub fn spent(&self, device: &[u8], now_secs: u64) -> f64 {
+    fn window_spent(&self, device: &[u8], now_secs: u64) -> Spent {
         let w = self.policy.window_of(now_secs);
         self.spent
             .get(&(device.to_vec(), w))
             .copied()
-            .unwrap_or(0.0)
+            .unwrap_or_default()
     }
 
-    /// ε at δ spent by `device` in the current window (opendp's zCDP → (ε, δ) conversion).
+    /// ρ spent by `device` in the window containing `now_secs`.
+    pub fn spent(&self, device: &[u8], now_secs: u64) -> f64 {
+        self.window_spent(device, now_secs).rho
+    }
+
+    /// Σε of the window if every release in it was pure ε-DP (`Some(0.0)` for an empty
+    /// window), else `None`.
+    pub fn spent_pure_epsilon(&self, device: &[u8], now_secs: u64) -> Option<f64> {
+        let s = self.window_spent(device, now_secs);
+        s.pure.then_some(s.epsilon)
+    }
+
+    /// ε at δ spent by `device` in the current window: the tighter of opendp's zCDP → (ε, δ)
+    /// conversion of Σρ and, for a window of pure releases only, Σε (TDM-LEDG-5).
     pub fn spent_epsilon(&self, device: &[u8], now_secs: u64, delta: f64) -> Result<f64> {
-        crate::mechanism::rho_to_epsilon(self.spent(device, now_secs), delta)
+        let z = crate::mechanism::rho_to_epsilon(self.spent(device, now_secs), delta)?;
+        Ok(match self.spent_pure_epsilon(device, now_secs) {
+            Some(e) => z.min(e),
+            None => z,
+        })
     }
 
-    /// Whether charging `rho` now would exceed the window's budget.
+    /// Whether charging a zCDP release of `rho` now would exceed the window's budget.
     pub fn would_exceed(&self, device: &[u8], now_secs: u64, rho: f64) -> bool {
-        !(rho.is_finite() && rho >= 0.0)
-            || compose(self.spent(device, now_secs), rho) > self.policy.rho_per_window
+        self.would_exceed_cost(device, now_secs, Cost::rho(rho))
     }
 
-    /// Charges `rho` to `device` write-ahead: the record is fsynced before the receipt exists.
+    /// Whether charging `cost` now would exceed the window's budget: it fits if the window's
+    /// Σρ stays within `rho_per_window`, or if the window stays all pure and its Σε within
+    /// `epsilon_per_window` (TDM-LEDG-5).
+    pub fn would_exceed_cost(&self, device: &[u8], now_secs: u64, cost: Cost) -> bool {
+        if !cost.valid() {
+            return true;
+        }
+        let after = self.window_spent(device, now_secs).add(cost);
+        let rho_ok = after.rho <= self.policy.rho_per_window;
+        let pure_ok = after.pure
+            && self
+                .policy
+                .epsilon_per_window
+                .is_some_and(|b| after.epsilon <= b);
+        !(rho_ok || pure_ok)
+    }
+
+    /// Charges a zCDP release of `rho` to `device` write-ahead: the record is fsynced before
+    /// the receipt exists.
     pub fn charge(&mut self, device: &[u8], now_secs: u64, rho: f64) -> Result<Receipt> {
+        self.charge_cost(device, now_secs, Cost::rho(rho))
+    }
+
+    /// Charges `cost` to `device` write-ahead (the record, with its pure ε if any, is fsynced
+    /// before the receipt exists).
+    ///
+    /// # Errors
+    /// [`DpError::BudgetExceeded`] if [`Accountant::would_exceed_cost`]; ledger errors.
+    pub fn charge_cost(&mut self, device: &[u8], now_secs: u64, cost: Cost) -> Result<Receipt> {
         let spent = self.spent(device, now_secs);
-        if self.would_exceed(device, now_secs, rho) {
+        if self.would_exceed_cost(device, now_secs, cost) {
             return Err(DpError::BudgetExceeded {
                 spent,
-                requested: rho,
+                requested: cost.rho,
                 budget: self.policy.rho_per_window,
             });
         }
         let w = self.policy.window_of(now_secs);
         // Count first: if the write fails we over-count, never under-count.
-        let e = self.spent.entry((device.to_vec(), w)).or_insert(0.0);
-        *e = compose(*e, rho);
-        let rec = self.ledger.append(device, w, rho)?;
+        let e = self.spent.entry((device.to_vec(), w)).or_default();
+        *e = e.add(cost);
+        let rec = self.ledger.append_cost(device, w, cost)?;
         self.total_records += 1;
-        Ok(Receipt { rho, seq: rec.seq })
+        Ok(Receipt {
+            rho: cost.rho,
+            seq: rec.seq,
+        })
     }
 
     /// Number of records in the ledger.

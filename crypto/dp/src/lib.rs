@@ -53,7 +53,7 @@ pub mod sampler;
 pub mod utility;
 
 pub use error::{DpError, Result};
-pub use ledger::{Accountant, Ledger, OpenReport, Policy, Receipt, Record, Tail};
+pub use ledger::{Accountant, Cost, Ledger, OpenReport, Policy, Receipt, Record, Tail};
 pub use mechanism::{Clip, Mechanism, NoiseKind, Quantizer, Sensitivity};
 pub use rng::SecureBits;
 pub use sampler::{DiscreteGaussian, DiscreteLaplace, Rational, Sampler};

@@ -516,6 +516,18 @@ impl Mechanism {
         }
     }
 
+    /// The cost the ledger charges for one release: ρ, and for discrete Laplace also its pure
+    /// ε (the ledger's pure track, `specs/dp.md` §5).
+    ///
+    /// # Errors
+    /// As [`Mechanism::cost_rho`].
+    pub fn cost(&self) -> Result<crate::ledger::Cost> {
+        Ok(crate::ledger::Cost {
+            rho: self.cost_rho()?,
+            epsilon: self.cost_pure_epsilon()?,
+        })
+    }
+
     /// ε at δ of one release (Gaussian: opendp's zCDP → approx-DP conversion; Laplace: pure ε).
     pub fn cost_epsilon(&self, delta: f64) -> Result<f64> {
         match self.kind {

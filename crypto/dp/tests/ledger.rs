@@ -169,3 +169,111 @@ fn laplace_release_is_charged_its_stated_bound() {
         assert_eq!(mech.release(&[0.1; 8], receipt, &mut rng).unwrap().len(), 8);
     }
 }
+
+/// TDM-LEDG-5 (specs/dp.md §5.1): a discrete Laplace release is charged its pure ε beside
+/// ρ = ε²/2, and a window of pure releases is held to the tighter of the two bounds. Under a
+/// budget of (ε = 8, δ = 1e-5) per window — ρ ≈ 1.23 by opendp's conversion — one ε = 8
+/// release fits (Σε = 8), which the ρ track alone (ρ = 32 ≫ 1.23) refused; a second does not
+/// (Σε = 16, ρ = 64). The ledger stores the ε, so a reopened accountant rebuilds the track.
+#[test]
+fn pure_track_charges_a_laplace_release_its_epsilon() {
+    let p = tmp("pure-track");
+    let policy = Policy::from_epsilon_delta(8.0, 1e-5, 86_400).unwrap();
+    assert!(policy.rho_per_window < 1.3 && policy.rho_per_window > 1.2);
+    let mech = Mechanism::for_bottleneck(true, 8, 64.0, 8.0, None).unwrap();
+    let cost = mech.cost().unwrap();
+    let eps = cost.epsilon.unwrap();
+    assert_eq!(Some(eps), mech.cost_pure_epsilon().unwrap());
+    assert!((8.0 * (1.0 - 1e-6)..=8.0).contains(&eps), "ε {eps}");
+    assert_eq!(cost.rho, mech.cost_rho().unwrap());
+    assert_eq!(cost.rho, f64::from_bits((eps * eps / 2.0).to_bits() + 1));
+    {
+        let (mut a, _) = Accountant::open(&p, policy).unwrap();
+        // The ρ track alone refuses it.
+        assert!(a.would_exceed(b"d", 0, cost.rho));
+        assert!(!a.would_exceed_cost(b"d", 0, cost));
+        let receipt = a.charge_cost(b"d", 0, cost).unwrap();
+        assert_eq!(receipt.rho(), cost.rho);
+        // Sums are rounded one ulp up (never under-count).
+        assert!(near(a.spent(b"d", 0), cost.rho));
+        assert!(near(a.spent_pure_epsilon(b"d", 0).unwrap(), eps));
+        // Reported ε: the pure sum, not the zCDP conversion of ρ = 32 (≈ 70).
+        assert!(near(a.spent_epsilon(b"d", 0, 1e-5).unwrap(), eps));
+        let mut rng = SecureBits::new().unwrap();
+        assert_eq!(mech.release(&[0.1; 8], receipt, &mut rng).unwrap().len(), 8);
+        assert!(matches!(
+            a.charge_cost(b"d", 1, cost),
+            Err(DpError::BudgetExceeded { .. })
+        ));
+        // Another device, and the next window, are separate.
+        let _ = a.charge_cost(b"e", 1, cost).unwrap();
+        let _ = a.charge_cost(b"d", 86_400, cost).unwrap();
+    }
+    let (a, r) = Accountant::open(&p, policy).unwrap();
+    assert_eq!(r.records, 3);
+    assert!(near(a.spent_pure_epsilon(b"d", 0).unwrap(), eps));
+    assert!(
+        a.would_exceed_cost(b"d", 5, cost),
+        "rebuilt from the ledger"
+    );
+    assert!(near(a.spent_epsilon(b"d", 0, 1e-5).unwrap(), eps));
+}
+
+/// A window with one zCDP (Gaussian) release has no pure track: only Σρ bounds it, so a
+/// Laplace release that the pure track would allow is refused once ρ is over budget.
+#[test]
+fn a_gaussian_release_ends_the_pure_track_of_its_window() {
+    let p = tmp("mixed-window");
+    let policy = Policy::from_epsilon_delta(8.0, 1e-5, 60).unwrap();
+    let (mut a, _) = Accountant::open(&p, policy).unwrap();
+    let lap = Mechanism::for_bottleneck(true, 8, 64.0, 2.0, None)
+        .unwrap()
+        .cost()
+        .unwrap();
+    let _ = a.charge_cost(b"d", 0, lap).unwrap(); // ρ = 2 > 1.23: pure track only
+    let _ = a.charge(b"d", 1, 1e-3).unwrap_err(); // would need ρ ≤ 1.23 over the window
+    let _ = a.charge(b"f", 1, 0.5).unwrap();
+    assert_eq!(a.spent_pure_epsilon(b"f", 1), None);
+    let small = Mechanism::for_bottleneck(true, 8, 64.0, 0.5, None)
+        .unwrap()
+        .cost()
+        .unwrap();
+    // f: ρ 0.5 + 0.125 ≤ 1.23 still fits by ρ.
+    let _ = a.charge_cost(b"f", 2, small).unwrap();
+    let big = Mechanism::for_bottleneck(true, 8, 64.0, 4.0, None)
+        .unwrap()
+        .cost()
+        .unwrap();
+    // ρ 0.625 + 8 > 1.23 and the window is not all pure: refused.
+    assert!(a.would_exceed_cost(b"f", 3, big));
+    // d's window is still all pure: Σε = 2 + 4 ≤ 8.
+    assert!(!a.would_exceed_cost(b"d", 3, big));
+}
+
+/// A crash while appending a record that carries a pure ε leaves a torn tail that is cut on
+/// open (TDM-LEDG-3) like any other record's, whatever the cut.
+#[test]
+fn a_torn_pure_record_is_cut() {
+    let p = tmp("torn-pure");
+    let policy = Policy::from_epsilon_delta(100.0, 1e-5, 60).unwrap();
+    {
+        let (mut a, _) = Accountant::open(&p, policy).unwrap();
+        let c = tandem_dp::Cost::pure(1.0);
+        let _ = a.charge_cost(b"dev-0", 0, c).unwrap();
+        let _ = a.charge_cost(b"dev-0", 0, c).unwrap();
+    }
+    let full = std::fs::read(&p).unwrap();
+    let rec = (full.len() - 8) / 2;
+    for cut in 1..rec {
+        let q = tmp(&format!("torn-pure-{cut}"));
+        std::fs::write(&q, &full[..full.len() - cut]).unwrap();
+        let (a, r) = Accountant::open(&q, policy).unwrap();
+        assert_eq!(r.records, 1, "cut {cut}");
+        assert!(near(a.spent_pure_epsilon(b"dev-0", 0).unwrap(), 1.0));
+    }
+}
+
+/// `x` is `want` or at most a few ulps above it (sums are rounded up).
+fn near(x: f64, want: f64) -> bool {
+    x >= want && x <= want * (1.0 + 1e-12)
+}
