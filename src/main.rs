@@ -57,6 +57,9 @@ enum Command {
     },
     /// What the per-request planner would choose on a given link (`specs/planner.md`).
     Plan(cli::plan::PlanArgs),
+    /// Trains a bundle's early-exit head by distillation, calibrates τ on held-out training
+    /// rows and re-signs the bundle (`specs/planner.md` §7).
+    ExitHead(cli::early_exit::TrainArgs),
     /// Embeds a text with a sentence encoder bundle, every linear layer computed by the cloud
     /// under encryption (a loopback cloud in this process unless `--cloud` is given); prints
     /// JSON.
@@ -114,6 +117,8 @@ enum BenchCommand {
     /// N concurrent devices against an in-process cloud for T seconds: throughput, latency
     /// percentiles, peak RSS.
     Load(cli::runtime::LoadArgs),
+    /// Accuracy, offload rate, mean latency and energy of the early-exit cascade vs τ.
+    EarlyExit(cli::early_exit::BenchArgs),
     /// One encrypted sentence embedding per `--tokens` value over loopback mTLS: end-to-end,
     /// cloud and device seconds, round trips, bytes, key upload, encrypted multiply-adds.
     Sentence(cli::sentence::BenchArgs),
@@ -137,6 +142,7 @@ fn main() -> anyhow::Result<()> {
             } => cli::bench::matmul(shape.as_deref(), runs, threads, json),
             BenchCommand::Dp { json } => cli::dp::bench_dp(json),
             BenchCommand::Load(args) => cli::runtime::bench_load(args),
+            BenchCommand::EarlyExit(args) => cli::early_exit::bench(args),
             BenchCommand::Sentence(args) => cli::sentence::bench(args),
         },
         Command::Demo { json, minilm } => match minilm.model.as_deref() {
@@ -149,6 +155,7 @@ fn main() -> anyhow::Result<()> {
         Command::Pki { what } => cli::runtime::pki(what),
         Command::Model { what } => cli::runtime::model(what),
         Command::Plan(args) => cli::plan::run(args),
+        Command::ExitHead(args) => cli::early_exit::train(args),
         Command::Embed(args) => cli::sentence::embed(args),
         Command::PrivacyTrain {
             dataset,

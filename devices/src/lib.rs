@@ -38,6 +38,7 @@
 #![forbid(unsafe_code)]
 
 mod conn;
+mod early_exit;
 pub mod energy;
 mod error;
 mod keys;
@@ -47,6 +48,7 @@ pub mod planner;
 mod remote;
 pub mod state;
 
+pub use early_exit::{Answer, EarlyExit};
 pub use error::DeviceError;
 pub use keys::{cloud_plan, parameter_set, HeState, LayerShape};
 pub use options::{DeviceOptions, DpOptions, RetryPolicy};

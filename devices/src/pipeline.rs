@@ -36,7 +36,7 @@ struct CloudStep {
 /// A connected device.
 pub struct Device {
     opts: DeviceOptions,
-    bundle: Bundle,
+    pub(crate) bundle: Bundle,
     /// Every cloud layer, in pipeline order (`he.plans` has the same order).
     clouds: Vec<CloudStep>,
     he: HeState,
@@ -53,6 +53,8 @@ pub struct Device {
     /// release; a key the cloud has since evicted comes back as `UnknownKey`, which uploads it
     /// and resends the same, already charged payload.
     key_acked: Option<[u8; 32]>,
+    /// Whether [`Device::answer`] may answer with the exit head (`crate::early_exit`).
+    pub(crate) early_exit: crate::early_exit::EarlyExit,
 }
 
 impl std::fmt::Debug for Device {
@@ -227,6 +229,7 @@ impl Device {
             key_uploads: 0,
             connects: 0,
             key_acked: None,
+            early_exit: crate::early_exit::EarlyExit::Off,
             opts,
         })
     }

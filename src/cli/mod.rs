@@ -4,6 +4,7 @@ pub mod bench;
 pub mod demo;
 pub mod demo_minilm;
 pub mod dp;
+pub mod early_exit;
 pub mod eval;
 pub mod model_bert;
 pub mod plan;

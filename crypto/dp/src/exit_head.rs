@@ -13,7 +13,10 @@
 //! * τ ([`calibrate`]): the smallest threshold such that, at it **and at every higher
 //!   threshold**, the cascade (answer with the head when its confidence ≥ τ, else with the
 //!   full model) loses at most the target accuracy (in points) against the full model on the
-//!   held-out rows.
+//!   held-out rows — both as observed and as the head itself predicts (`Σ (1 − confidence)`
+//!   over the rows it answers, [`CascadePoint::loss_bound_points`]): the held-out rows were
+//!   part of the bundle's training split, so the device layers and the full model have seen
+//!   them and the observed loss alone is optimistic (it is 0 on every bundle).
 
 use crate::error::{DpError, Result};
 use crate::utility::{Dataset, SplitMix, SEED};
@@ -181,12 +184,23 @@ pub struct CascadePoint {
     pub cascade_accuracy: f64,
     /// Fraction answered by the head (confidence ≥ τ).
     pub local_fraction: f64,
+    /// The head's own error estimate on the rows it answers, `100 · Σ (1 − confidence) / n`,
+    /// in points.
+    pub expected_head_errors_points: f64,
 }
 
 impl CascadePoint {
     /// Accuracy lost against the full model, in percentage points (negative: a gain).
     pub fn loss_points(&self) -> f64 {
         100.0 * (self.full_accuracy - self.cascade_accuracy)
+    }
+
+    /// What calibration holds to the target: the larger of the observed loss and the
+    /// head's own estimate of its errors on the rows it answers, `100 · Σ (1 − confidence) / n`
+    /// over the rows with confidence ≥ τ (the held-out rows were seen by the device layers
+    /// and the full model in training, so the observed loss alone is optimistic).
+    pub fn loss_bound_points(&self) -> f64 {
+        self.loss_points().max(self.expected_head_errors_points)
     }
 }
 
@@ -209,10 +223,12 @@ pub fn cascade_at(rows: &[RowOutcome], tau: f64) -> CascadePoint {
     let mut full = 0usize;
     let mut cascade = 0usize;
     let mut local = 0usize;
+    let mut expected = 0.0;
     for r in rows {
         full += usize::from(r.full_class == r.label);
         if r.confidence >= tau {
             local += 1;
+            expected += 1.0 - r.confidence;
             cascade += usize::from(r.head_class == r.label);
         } else {
             cascade += usize::from(r.full_class == r.label);
@@ -223,12 +239,14 @@ pub fn cascade_at(rows: &[RowOutcome], tau: f64) -> CascadePoint {
         full_accuracy: full as f64 / n,
         cascade_accuracy: cascade as f64 / n,
         local_fraction: local as f64 / n,
+        expected_head_errors_points: 100.0 * expected / n,
     }
 }
 
 /// Calibrates τ on held-out rows for at most `max_loss_points` accuracy loss (module docs):
 /// candidate thresholds are the rows' confidences, taken from the highest down; the walk stops
-/// at the first one whose loss exceeds the target, and the last one that met it is τ.
+/// at the first one whose [`CascadePoint::loss_bound_points`] exceeds the target, and the last
+/// one that met it is τ.
 ///
 /// # Errors
 /// [`DpError::InvalidInput`] if `rows` is empty or holds a non-finite confidence, and if not
@@ -246,7 +264,7 @@ pub fn calibrate(rows: &[RowOutcome], max_loss_points: f64) -> Result<CascadePoi
     for tau in taus {
         let p = cascade_at(rows, tau);
         // A small tolerance for the float difference of two equal accuracies.
-        if p.loss_points() > max_loss_points + 1e-9 {
+        if p.loss_bound_points() > max_loss_points + 1e-9 {
             break;
         }
         best = Some(p);
@@ -331,23 +349,46 @@ mod tests {
 
     #[test]
     fn calibration_stops_at_the_first_threshold_that_loses_too_much() {
-        // 10 rows; the full model is right on all. The head is wrong at confidence 0.7 and
-        // 0.5: at τ = 0.7 the cascade loses 10 points, so τ stays at 0.8 even though lower
-        // thresholds would not lose more.
+        // 10 rows; the full model is right on all. The head is right and nearly sure on 8,
+        // wrong at confidence 0.99 and 0.98: at τ = 0.99 the cascade loses 10 points, so with
+        // a 0.5-point target τ stays at the 8th row even though lower thresholds would not
+        // lose more.
         let mut rows: Vec<RowOutcome> = (0..8)
-            .map(|i| row(0.99 - 0.02 * i as f64, true, true))
+            .map(|i| row(1.0 - 1e-4 * f64::from(i), true, true))
             .collect();
-        rows.push(row(0.7, false, true));
-        rows.push(row(0.5, false, true));
+        rows.push(row(0.99, false, true));
+        rows.push(row(0.98, false, true));
         let p = calibrate(&rows, 0.5).unwrap();
-        assert!((p.tau - 0.85).abs() < 1e-9, "{p:?}");
+        assert!((p.tau - (1.0 - 7e-4)).abs() < 1e-12, "{p:?}");
         assert!((p.local_fraction - 0.8).abs() < 1e-12);
-        assert!(p.loss_points() <= 0.5);
-        // With a 10-point budget τ reaches 0.7 (one error) but not 0.5 (two).
+        assert!(p.loss_bound_points() <= 0.5);
+        // With a 10-point budget τ reaches 0.99 (one error) but not 0.98 (two).
         let p = calibrate(&rows, 10.0).unwrap();
-        assert!((p.tau - 0.7).abs() < 1e-12, "{p:?}");
+        assert!((p.tau - 0.99).abs() < 1e-12, "{p:?}");
         // A head wrong on its most confident row is refused.
-        assert!(calibrate(&[row(0.9, false, true)], 0.5).is_err());
+        assert!(calibrate(&[row(0.9999, false, true)], 0.5).is_err());
+    }
+
+    #[test]
+    fn calibration_holds_the_heads_own_error_estimate_to_the_target() {
+        // Every row right, but the head says it is only 90-99 % sure: the expected errors
+        // (1 − confidence) count against the target although none is observed.
+        let rows: Vec<RowOutcome> = (0..100)
+            .map(|i| row(0.99 - 0.0009 * f64::from(i), true, true))
+            .collect();
+        let p = calibrate(&rows, 0.5).unwrap();
+        assert_eq!(p.loss_points(), 0.0);
+        assert!(p.expected_head_errors_points <= 0.5);
+        // Lowering τ by one more row would break the bound.
+        let next = rows
+            .iter()
+            .map(|r| r.confidence)
+            .filter(|&c| c < p.tau)
+            .fold(f64::NEG_INFINITY, f64::max);
+        assert!(cascade_at(&rows, next).loss_bound_points() > 0.5);
+        assert!(p.local_fraction < 0.5, "{p:?}");
+        // The observed-only loss would have let every row through.
+        assert!(cascade_at(&rows, 0.0).loss_points() <= 0.0);
     }
 
     #[test]
