@@ -167,55 +167,80 @@ fn eval_embeddings_refuses_a_missing_model_and_a_tiny_corpus() {
     assert!(err.contains("more than k sentences"), "{err}");
 }
 
-#[test]
-fn demo_minilm_searches_a_tiny_corpus() {
-    let Some(model) = model_dir("tandem demo --model minilm") else {
-        return;
-    };
+const TINY_CORPUS: &str =
+    "The subprocess module lets you spawn new processes and wait for them to complete.\n\
+     Shutil copies files together with their permission bits and modification times.\n\
+     The tkinter grid geometry manager places widgets in rows and columns of a window.\n\
+     An HTTPError is raised when the server answers a request with an error status.\n\
+     Dictionaries map hashable keys to arbitrary values.\n\
+     The random module generates pseudo-random numbers for simulations.\n";
+
+/// Runs the demo on the tiny corpus with `queries`; checks the JSON and returns it.
+fn demo(model: &Path, cloud: &str, queries: &[(&str, u64)]) -> Value {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tmp.path().join("corpus.txt");
-    std::fs::write(
-        &corpus,
-        "The subprocess module lets you spawn new processes and wait for them to complete.\n\
-         Shutil copies files together with their permission bits and modification times.\n\
-         The tkinter grid geometry manager places widgets in rows and columns of a window.\n\
-         An HTTPError is raised when the server answers a request with an error status.\n\
-         Dictionaries map hashable keys to arbitrary values.\n\
-         The random module generates pseudo-random numbers for simulations.\n",
-    )
-    .unwrap();
-    let out = tandem(
-        &[
-            "demo",
-            "--model",
-            "minilm",
-            "--corpus",
-            corpus.to_str().unwrap(),
-            "--query",
-            "How do I run another program and wait for it?",
-            "--query",
-            "putting buttons in a grid",
-            "--top",
-            "2",
-            "--json",
-        ],
-        &model,
-    );
-    let v = last_json(&out);
+    std::fs::write(&corpus, TINY_CORPUS).unwrap();
+    let mut args = vec![
+        "demo",
+        "--model",
+        "minilm",
+        "--cloud",
+        cloud,
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--top",
+        "2",
+        "--json",
+    ];
+    for (q, _) in queries {
+        args.extend(["--query", q]);
+    }
+    let v = last_json(&tandem(&args, model));
     eprintln!("{v}");
     assert_eq!(v["corpus_sentences"], 6);
     assert!(f(&v, "key_upload_bytes") > 0.0);
-    let queries = v["queries"].as_array().unwrap();
-    assert_eq!(queries.len(), 2);
+    let got = v["queries"].as_array().unwrap();
+    assert_eq!(got.len(), queries.len());
     // The right document comes first for each query, under encryption as in float.
-    for (q, want) in queries.iter().zip([0u64, 2]) {
+    for (q, (_, want)) in got.iter().zip(queries) {
         assert_eq!(q["hits"].as_array().unwrap().len(), 2);
-        assert_eq!(q["hits"][0]["index"], want, "{q}");
-        assert_eq!(q["float_hits"][0]["index"], want, "{q}");
+        assert_eq!(q["hits"][0]["index"], *want, "{q}");
+        assert_eq!(q["float_hits"][0]["index"], *want, "{q}");
         let c = f(q, "cosine_vs_float");
         assert!((0.97..0.99999).contains(&c), "cosine to float {c}");
+        // One request per cloud layer (fused Q/K/V: 24), ciphertexts both ways.
         assert_eq!(q["requests"], 24);
-        assert!(f(q, "bytes_up") > 0.0 && f(q, "bytes_down") > 0.0);
+        assert!(f(q, "bytes_up") > 1e6 && f(q, "bytes_down") > 1e6, "{q}");
         assert!(f(q, "latency_s") > 0.0);
     }
+    v
+}
+
+#[test]
+fn demo_minilm_searches_a_tiny_corpus_over_loopback_mtls() {
+    let Some(model) = model_dir("tandem demo --model minilm (mTLS)") else {
+        return;
+    };
+    let v = demo(
+        &model,
+        "mtls",
+        &[
+            ("How do I run another program and wait for it?", 0),
+            ("putting buttons in a grid", 2),
+        ],
+    );
+    assert_eq!(v["path"], "encrypted-loopback-mtls");
+}
+
+#[test]
+fn demo_minilm_searches_a_tiny_corpus_in_process() {
+    let Some(model) = model_dir("tandem demo --model minilm (in-process)") else {
+        return;
+    };
+    let v = demo(
+        &model,
+        "in-process",
+        &[("what if the server returns an error page?", 3)],
+    );
+    assert_eq!(v["path"], "encrypted-in-process");
 }

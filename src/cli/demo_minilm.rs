@@ -9,14 +9,21 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context as _};
 use clap::Args;
+use indicatif::ProgressBar;
+use ndarray::Array1;
 use serde::Serialize;
-use tandem_he::{Context, EvalOptions, DEFAULT_PARAMETERS};
+use tandem_cloud::{Cloud, ServerOptions};
+use tandem_device::RemoteLayers;
+use tandem_he::{Context, EvalOptions, OutputMode, DEFAULT_PARAMETERS};
+use tandem_model::{dev_signing_key, read_verifying_key, Bundle, Limits, Part};
+use tandem_ops::import::import_bert;
 use tandem_ops::metrics::{cosine, nearest};
-use tandem_ops::InProcessCloud;
+use tandem_ops::{BundleEncoder, BundleLinears, InProcessCloud};
+use tandem_tls::{client_config, server_config, DevPki};
 
 use super::demo::repo_root;
 use super::eval::{bar, embed_all, parse_mode, read_corpus, EncryptedEncoder, MiniLm};
@@ -54,9 +61,16 @@ pub struct MiniLmDemoArgs {
     /// Hits shown per query.
     #[arg(long, default_value_t = 3, requires = "model")]
     pub top: usize,
-    /// HE output mode of the cloud layers: `packed` or `nokey`.
+    /// HE output mode of the cloud layers: `packed` or `nokey` (`nokey` only with
+    /// `--cloud in-process`).
     #[arg(long, default_value = "packed", requires = "model")]
     pub mode: String,
+    /// Where the cloud runs: `mtls` (a `tandem-cloud` server on 127.0.0.1 serving the signed
+    /// bundle, reached over mutual TLS with a throw-away PKI; a MiniLM directory is first
+    /// imported into a temporary bundle signed with the development key) or `in-process` (no
+    /// network: the same ciphertext blobs, counted without framing).
+    #[arg(long, default_value = "mtls", requires = "model")]
+    pub cloud: String,
 }
 
 #[derive(Serialize)]
@@ -122,27 +136,37 @@ pub fn run(args: &MiniLmDemoArgs, json: bool) -> anyhow::Result<()> {
     };
 
     let progress = bar(docs.len() + queries.len());
-    progress.set_message("loading MiniLM");
+    progress.set_message("loading MiniLM (float)");
     let float = model.float()?;
     progress.set_message("indexing the corpus (device)");
     let t0 = Instant::now();
     let index = embed_all(|t| float.embed(t), &docs, &progress)?;
     let corpus_embed_s = t0.elapsed().as_secs_f64();
 
-    progress.set_message("planning the cloud layers");
     let t_load = Instant::now();
-    let ctx = Arc::new(Context::new(DEFAULT_PARAMETERS));
-    let cloud = Arc::new(InProcessCloud::new(
-        ctx.clone(),
-        EvalOptions { parallel: true },
-    ));
-    let EncryptedEncoder {
-        encoder: enc,
-        session,
-        key_upload_bytes,
-        ..
-    } = model.encrypted(ctx, mode, 16, cloud.clone())?;
+    let backend = match args.cloud.as_str() {
+        "in-process" => {
+            progress.set_message("planning the cloud layers");
+            let ctx = Arc::new(Context::new(DEFAULT_PARAMETERS));
+            let cloud = Arc::new(InProcessCloud::new(
+                ctx.clone(),
+                EvalOptions { parallel: true },
+            ));
+            let e = model.encrypted(ctx, mode, 16, cloud.clone())?;
+            Backend::InProcess { e, cloud }
+        }
+        "mtls" => {
+            if mode != OutputMode::Packed {
+                bail!(
+                    "--cloud mtls runs packed mode only; use --cloud in-process for --mode nokey"
+                );
+            }
+            start_mtls(&model, &progress)?
+        }
+        other => bail!("--cloud {other}: expected `mtls` or `in-process`"),
+    };
     let load_s = t_load.elapsed().as_secs_f64();
+    let key_upload_bytes = backend.key_upload_bytes();
 
     let hits = |scored: Vec<(usize, f64)>| -> Vec<Hit> {
         scored
@@ -157,26 +181,19 @@ pub fn run(args: &MiniLmDemoArgs, json: bool) -> anyhow::Result<()> {
     let mut out = Vec::new();
     for q in &queries {
         progress.set_message("query (encrypted)");
-        let tokens = enc.tokens(q)?;
-        session.reset_stats();
-        let busy0 = cloud.busy();
-        let t = Instant::now();
-        let emb = enc.embed(q)?;
-        let latency_s = t.elapsed().as_secs_f64();
-        let cloud_s = (cloud.busy() - busy0).as_secs_f64();
-        let st = session.stats();
+        let (emb, cost) = backend.embed(q)?;
         let plain = float.embed(q)?;
         let got = nearest(index.view(), emb.view(), args.top)?;
         let want = nearest(index.view(), plain.view(), args.top)?;
         let same = got.iter().map(|h| h.0).eq(want.iter().map(|h| h.0));
         out.push(QueryJson {
             query: q.clone(),
-            tokens,
-            latency_s,
-            cloud_s,
-            requests: st.requests,
-            bytes_up: st.bytes_up,
-            bytes_down: st.bytes_down,
+            tokens: cost.tokens,
+            latency_s: cost.latency_s,
+            cloud_s: cost.cloud_s,
+            requests: cost.requests,
+            bytes_up: cost.bytes_up,
+            bytes_down: cost.bytes_down,
             cosine_vs_float: cosine(emb.view(), plain.view()),
             same_hits_as_float: same,
             hits: hits(got),
@@ -184,11 +201,14 @@ pub fn run(args: &MiniLmDemoArgs, json: bool) -> anyhow::Result<()> {
         });
         progress.inc(1);
     }
+    let path = backend.path();
+    let described = backend.describe(&model);
+    backend.close();
     progress.finish_and_clear();
 
     let report = DemoJson {
-        model: model.describe(),
-        path: "encrypted-in-process",
+        model: described,
+        path,
         mode: mode.name().to_string(),
         corpus_sentences: docs.len(),
         corpus_embed_s,
@@ -202,6 +222,192 @@ pub fn run(args: &MiniLmDemoArgs, json: bool) -> anyhow::Result<()> {
         print_report(&report);
     }
     Ok(())
+}
+
+/// What one encrypted query cost.
+struct QueryCost {
+    tokens: usize,
+    latency_s: f64,
+    cloud_s: f64,
+    requests: u64,
+    bytes_up: u64,
+    bytes_down: u64,
+}
+
+/// The encrypted query path: an in-process cloud, or a cloud server on loopback mTLS.
+enum Backend {
+    InProcess {
+        e: EncryptedEncoder,
+        cloud: Arc<InProcessCloud>,
+    },
+    Mtls(Box<Mtls>),
+}
+
+/// The loopback mTLS path: the device's encoder, its session to the cloud, the cloud server
+/// and its runtime, the temporary directory (key store, imported bundle).
+struct Mtls {
+    enc: BundleEncoder,
+    remote: Arc<RemoteLayers>,
+    key_upload_bytes: usize,
+    server: Cloud,
+    rt: tokio::runtime::Runtime,
+    bundle: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Backend {
+    fn key_upload_bytes(&self) -> usize {
+        match self {
+            Self::InProcess { e, .. } => e.key_upload_bytes,
+            Self::Mtls(m) => m.key_upload_bytes,
+        }
+    }
+
+    fn path(&self) -> &'static str {
+        match self {
+            Self::InProcess { .. } => "encrypted-in-process",
+            Self::Mtls(_) => "encrypted-loopback-mtls",
+        }
+    }
+
+    fn describe(&self, model: &MiniLm) -> String {
+        match self {
+            Self::Mtls(m) if model.bundle.is_none() => format!(
+                "{} (imported into a temporary bundle, {})",
+                model.dir.display(),
+                m.bundle.display()
+            ),
+            _ => model.describe(),
+        }
+    }
+
+    /// Embeds `q` under encryption; `cloud_s` is the cloud's evaluation time in process, the
+    /// device's wait for answers (evaluation + transport) over mTLS; bytes are ciphertext blob
+    /// bytes in process, protocol frame bytes over mTLS.
+    fn embed(&self, q: &str) -> anyhow::Result<(Array1<f32>, QueryCost)> {
+        match self {
+            Self::InProcess { e, cloud } => {
+                let tokens = e.encoder.tokens(q)?;
+                e.session.reset_stats();
+                let busy0 = cloud.busy();
+                let t = Instant::now();
+                let emb = e.encoder.embed(q)?;
+                let latency_s = t.elapsed().as_secs_f64();
+                let st = e.session.stats();
+                Ok((
+                    emb,
+                    QueryCost {
+                        tokens,
+                        latency_s,
+                        cloud_s: (cloud.busy() - busy0).as_secs_f64(),
+                        requests: st.requests,
+                        bytes_up: st.bytes_up,
+                        bytes_down: st.bytes_down,
+                    },
+                ))
+            }
+            Self::Mtls(m) => {
+                let (enc, remote) = (&m.enc, &m.remote);
+                let tokens = enc.encode(q)?.ids.len();
+                let s0 = remote.stats();
+                let t = Instant::now();
+                let emb = enc.embed(q)?;
+                let latency_s = t.elapsed().as_secs_f64();
+                let s1 = remote.stats();
+                Ok((
+                    emb,
+                    QueryCost {
+                        tokens,
+                        latency_s,
+                        cloud_s: s1.wait_s - s0.wait_s,
+                        requests: s1.round_trips - s0.round_trips,
+                        bytes_up: s1.bytes_up - s0.bytes_up,
+                        bytes_down: s1.bytes_down - s0.bytes_down,
+                    },
+                ))
+            }
+        }
+    }
+
+    fn close(self) {
+        if let Self::Mtls(m) = self {
+            m.remote.close();
+            m.rt.block_on(m.server.shutdown());
+        }
+    }
+}
+
+/// Starts a `tandem-cloud` server on 127.0.0.1 serving the bundle (a MiniLM directory is
+/// imported into a temporary one, signed with the development key) with a throw-away PKI, and
+/// connects the device's encoder to it over mutual TLS; uploads the evaluation key.
+fn start_mtls(model: &MiniLm, progress: &ProgressBar) -> anyhow::Result<Backend> {
+    let tmp = tempfile::tempdir()?;
+    let (bundle_dir, vk) = match &model.bundle {
+        Some((dir, key)) => (
+            dir.clone(),
+            read_verifying_key(key)
+                .with_context(|| format!("reading the verifying key {}", key.display()))?,
+        ),
+        None => {
+            progress.set_message("importing into a bundle");
+            let out = tmp.path().join("all-minilm-l6-v2");
+            let sk = dev_signing_key();
+            import_bert(&model.dir, &out, "all-minilm-l6-v2", 16, &sk).with_context(|| {
+                format!("importing {} into a temporary bundle", model.dir.display())
+            })?;
+            (out, sk.verifying_key())
+        }
+    };
+    progress.set_message("cloud: planning the layers");
+    let pki = DevPki::generate(1)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut opts = ServerOptions::new(
+        "127.0.0.1:0".parse()?,
+        server_config(pki.server_credentials())?,
+        vk,
+        tmp.path().join("keys.redb"),
+    );
+    opts.models = vec![bundle_dir.clone()];
+    let server = rt.block_on(Cloud::start(opts)).with_context(|| {
+        format!(
+            "starting the cloud on loopback with {}",
+            bundle_dir.display()
+        )
+    })?;
+    progress.set_message("device: mTLS session, key");
+    let device_part = Bundle::load_part(&bundle_dir, &vk, &Limits::default(), Part::Device)
+        .with_context(|| format!("loading the device part of {}", bundle_dir.display()))?;
+    let remote = Arc::new(RemoteLayers::connect(
+        server.local_addr(),
+        "localhost",
+        client_config(pki.client_credentials("device-1")?)?,
+        &device_part,
+        OutputMode::Packed,
+        &[DEFAULT_PARAMETERS.id],
+        Duration::from_secs(120),
+    )?);
+    let ctx = Arc::new(Context::new(remote.params()));
+    let enc = BundleEncoder::from_bundle(
+        &device_part,
+        BundleLinears::Encrypted {
+            ctx,
+            mode: OutputMode::Packed,
+            cloud: remote.clone(),
+        },
+    )?;
+    let key_upload_bytes = enc.upload_key()?;
+    Ok(Backend::Mtls(Box::new(Mtls {
+        enc,
+        remote,
+        key_upload_bytes,
+        server,
+        rt,
+        bundle: bundle_dir,
+        _tmp: tmp,
+    })))
 }
 
 fn short(s: &str, n: usize) -> String {
@@ -224,8 +430,9 @@ fn print_report(r: &DemoJson) {
         r.corpus_sentences, r.corpus_embed_s
     );
     println!(
-        "cloud: every linear layer of each query under encryption ({}, in-process), layers planned in {:.1} s, evaluation key {:.2} MB uploaded once",
+        "cloud: every linear layer of each query under encryption ({}, {}), ready in {:.1} s, evaluation key {:.2} MB uploaded once",
         r.mode,
+        r.path,
         r.load_s,
         r.key_upload_bytes as f64 / 1e6
     );
@@ -233,7 +440,7 @@ fn print_report(r: &DemoJson) {
         println!();
         println!("query: {:?}", q.query);
         println!(
-            "  {} tokens, {:.2} s ({:.2} s cloud), {} requests, {:.2} MB up, {:.2} MB down; cosine to the float embedding {:.5}; same hits as float: {}",
+            "  {} tokens, {:.2} s ({:.2} s waiting for the cloud), {} requests, {:.2} MB up, {:.2} MB down; cosine to the float embedding {:.5}; same hits as float: {}",
             q.tokens,
             q.latency_s,
             q.cloud_s,
