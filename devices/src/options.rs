@@ -25,7 +25,7 @@ pub struct DpOptions {
     /// Window length in seconds.
     pub window_secs: u64,
     /// With a bundle that has noise-trained variants (`[privacy]`, issue 11): release at an ε
-    /// no variant was trained for, with the variant trained for the nearest ε (TDM-DP-VAR-2).
+    /// no variant was trained for, with the variant trained for the nearest ε (TDM-DPVAR-2).
     /// Off by default: such a release is refused with
     /// [`tandem_dp::DpError::UntrainedEpsilon`] before anything is charged.
     pub allow_untrained_epsilon: bool,

@@ -36,7 +36,7 @@ struct CloudStep {
 /// A connected device.
 pub struct Device {
     opts: DeviceOptions,
-    pub(crate) bundle: Bundle,
+    bundle: Bundle,
     /// Every cloud layer, in pipeline order (`he.plans` has the same order).
     clouds: Vec<CloudStep>,
     he: HeState,
@@ -53,8 +53,6 @@ pub struct Device {
     /// release; a key the cloud has since evicted comes back as `UnknownKey`, which uploads it
     /// and resends the same, already charged payload.
     key_acked: Option<[u8; 32]>,
-    /// Whether [`Device::answer`] may answer with the exit head (`crate::early_exit`).
-    pub(crate) early_exit: crate::early_exit::EarlyExit,
 }
 
 impl std::fmt::Debug for Device {
@@ -229,7 +227,6 @@ impl Device {
             key_uploads: 0,
             connects: 0,
             key_acked: None,
-            early_exit: crate::early_exit::EarlyExit::Off,
             opts,
         })
     }
@@ -530,7 +527,7 @@ impl Device {
             .find(|v| v.layer_id() == index)
     }
 
-    /// Which noise-trained variant a DP release at `protection`'s ε uses (TDM-DP-VAR-2):
+    /// Which noise-trained variant a DP release at `protection`'s ε uses (TDM-DPVAR-2):
     /// `None` for the encrypted mode and for a bundle without `[privacy]` section (the
     /// top-level split, Gaussian); the variant trained for exactly that ε; otherwise, only if
     /// [`crate::DpOptions::allow_untrained_epsilon`], the variant with the nearest ε (in

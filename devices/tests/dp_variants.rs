@@ -1,7 +1,7 @@
 //! Noise-trained variants in the signed bundle (issue 11, `specs/dp.md` §6.2), over real
 //! mutual TLS on loopback: the device releases with the variant trained for the requested ε
-//! (TDM-DP-VAR-1) and refuses an ε the bundle was not trained for unless the app overrides
-//! it (TDM-DP-VAR-2).
+//! (TDM-DPVAR-1) and refuses an ε the bundle was not trained for unless the app overrides
+//! it (TDM-DPVAR-2).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use std::net::SocketAddr;

@@ -86,7 +86,7 @@ pub enum DpError {
     /// Plotting failed (feature `tools`).
     #[error("plot: {0}")]
     Plot(String),
-    /// A DP release at an ε the model bundle has no noise-trained variant for (TDM-DP-VAR-2):
+    /// A DP release at an ε the model bundle has no noise-trained variant for (TDM-DPVAR-2):
     /// nothing was charged or sent. Ask for one of the trained ε, or set
     /// `DpOptions::allow_untrained_epsilon` to release with the nearest trained variant (its
     /// accuracy at the requested ε is then unmeasured).

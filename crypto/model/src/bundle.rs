@@ -680,7 +680,7 @@ impl Bundle {
     }
 
     /// The variants of the `[privacy]` section, each a pipeline of its own layers with the
-    /// outer bundle's preprocessing (TDM-DP-VAR-1).
+    /// outer bundle's preprocessing (TDM-DPVAR-1).
     fn load_variants(
         &self,
         dev: Option<&SafeTensors<'_>>,

@@ -4,7 +4,7 @@
 //! device must use in the `Noised` and `NoisedEncrypted` modes (`laplace`: discrete Laplace on
 //! an L1-normalised bottleneck, pure ε-DP; `gaussian`: discrete Gaussian on an L2-normalised
 //! one at `delta`), the bottleneck width `d`, and one **variant** per ε the model was trained
-//! for (TDM-DP-VAR-1). A variant is a complete small pipeline of its own (`[[privacy.variants
+//! for (TDM-DPVAR-1). A variant is a complete small pipeline of its own (`[[privacy.variants
 //! .layers]]`, same schema as the top-level `[[layers]]`): device `dense h + ReLU → dense d`
 //! (the bottleneck, activation `none`), which the device normalises to unit L1 (L2) norm; one
 //! quantised cloud layer `dense d → h` whose `input_scale` is `1/s` (`s` the integer grid of
