@@ -4,6 +4,7 @@
 //! ```sh
 //! cargo run --release -p tandem-he --example plan_table -- [--link KBIT_PER_S] 16x384@384x1536 ...
 //! cargo run --release -p tandem-he --example plan_table -- --link 5000 minilm   # 6 layers of all-MiniLM-L6-v2, 16 tokens
+//! cargo run --release -p tandem-he --example plan_table -- --link 2000 --bounds minilm  # with MiniLM's row bounds
 //! RAYON_NUM_THREADS=2 cargo run --release -p tandem-he --example plan_table -- --link 2000 --time 2 minilm
 //! ```
 //! `--time T` evaluates the chosen plan of each shape (for `minilm`: each MiniLM shape) under its chosen plan (random int8 weights and
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tandem_he::{
     plan_cost_on, Client, Context, EvalOptions, HeError, LayerPlan, LinkModel, OutputMode,
-    PlanOptions, PreparedEvaluationKey, PreparedLayer, DEFAULT_PARAMETERS,
+    PlanOptions, PreparedEvaluationKey, PreparedLayer, WeightBounds, DEFAULT_PARAMETERS,
 };
 
 fn values(n: usize, seed: u64) -> Vec<i64> {
@@ -61,17 +62,36 @@ fn parse(s: &str) -> Option<(usize, usize, usize)> {
 }
 
 fn chosen(b: usize, n: usize, m: usize, link: LinkModel) -> Option<LayerPlan> {
-    PreparedLayer::plan_int8_batch_with_link(
+    chosen_bounded(b, n, m, link, WeightBounds::entries(127, 0))
+}
+
+fn chosen_bounded(
+    b: usize,
+    n: usize,
+    m: usize,
+    link: LinkModel,
+    bounds: WeightBounds,
+) -> Option<LayerPlan> {
+    PreparedLayer::plan_int8_batch_bounded(
         DEFAULT_PARAMETERS,
         OutputMode::Packed,
         n,
         m,
-        0,
+        bounds,
         b,
         link,
     )
     .ok()
 }
+
+/// Row bounds of all-MiniLM-L6-v2's int8 weights (per-channel symmetric quantisation,
+/// round(w·127/max|w_row|)), max over the 6 layers per kind: (max row L1, max row Σw²).
+const MINILM_ROW_BOUNDS: [(u64, u64); 4] = [
+    (17_216, 1_135_958), // Q/K/V (fused)
+    (15_503, 976_755),   // attention output
+    (16_790, 1_083_622), // FFN up
+    (51_553, 2_712_473), // FFN down
+];
 
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -82,6 +102,8 @@ fn main() {
         }
         args.drain(i..(i + 2).min(args.len()));
     }
+    let bounded = args.iter().any(|a| a == "--bounds");
+    args.retain(|a| a != "--bounds");
     let mut time = None;
     if let Some(i) = args.iter().position(|a| a == "--time") {
         time = args.get(i + 1).and_then(|v| v.parse::<usize>().ok());
@@ -97,8 +119,17 @@ fn main() {
                 (16, 1536, 384),
             ];
             let (mut up, mut down, mut ks, mut ms) = (0, 0, 0, 0.0);
-            for (b, n, m) in shapes {
-                let Some(p) = chosen(b, n, m, link) else {
+            for ((b, n, m), (l1, sq)) in shapes.into_iter().zip(MINILM_ROW_BOUNDS) {
+                let bounds = if bounded {
+                    WeightBounds {
+                        max_row_l1: Some(l1),
+                        max_row_sq: Some(sq),
+                        ..WeightBounds::entries(127, 0)
+                    }
+                } else {
+                    WeightBounds::entries(127, 0)
+                };
+                let Some(p) = chosen_bounded(b, n, m, link, bounds) else {
                     println!("{b}x{n}@{n}x{m}: no plan");
                     return;
                 };

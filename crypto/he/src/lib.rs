@@ -46,8 +46,9 @@ pub use params::{
     ParameterSet, ALL_PARAMETER_SETS, DEFAULT_PARAMETERS, PARAMS_V1_N4096_Q64_TUNIFORM4_SEC132_2M64,
 };
 pub use plan::{
-    log2_fail, plan_cost, plan_cost_on, LayerPlan, LinkModel, OutputMode, PlanOptions, WeightStats,
-    COST_BYTE_MS, COST_CT_PRODUCT_MS, COST_CT_TRANSFORM_MS, COST_KEY_SWITCH_MS,
+    log2_fail, plan_cost, plan_cost_on, LayerPlan, LinkModel, OutputMode, PlanOptions,
+    WeightBounds, WeightStats, COST_BYTE_MS, COST_CT_PRODUCT_MS, COST_CT_TRANSFORM_MS,
+    COST_KEY_SWITCH_MS,
 };
 pub use server::{weight_stats, EvalOptions, PreparedLayer, INT8_LAYER_MAX_INPUT};
 pub use wire::{EncryptedInput, EncryptedOutput, OutputCiphertext};

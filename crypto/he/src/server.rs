@@ -4,7 +4,7 @@ use crate::context::Context;
 use crate::error::HeError;
 use crate::keys::{automorphism_for_stride, PreparedEvaluationKey};
 use crate::ntt::NttPoly;
-use crate::plan::{LayerPlan, LinkModel, OutputMode, PlanOptions, WeightStats};
+use crate::plan::{LayerPlan, LinkModel, OutputMode, PlanOptions, WeightBounds, WeightStats};
 use crate::poly;
 use crate::wire::{EncryptedInput, EncryptedOutput, OutputCiphertext};
 use std::sync::Arc;
@@ -191,10 +191,39 @@ impl PreparedLayer {
         opts: PlanOptions,
         link: LinkModel,
     ) -> Result<LayerPlan, HeError> {
+        Self::plan_public_bounded(
+            params,
+            mode,
+            n_in,
+            n_out,
+            max_abs_input,
+            WeightBounds::entries(max_abs_weight, max_abs_bias),
+            opts,
+            link,
+        )
+    }
+
+    /// [`PreparedLayer::plan_public_with_link`] with public bounds on the weights' rows
+    /// (`WeightBounds`, e.g. signed with the model): the plan assumes the worst weights those
+    /// bounds allow instead of the worst int8 matrix. Weights that break the bounds are refused
+    /// by [`PreparedLayer::prepare_with_plan`].
+    ///
+    /// # Errors
+    /// As [`PreparedLayer::plan_public`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn plan_public_bounded(
+        params: crate::ParameterSet,
+        mode: OutputMode,
+        n_in: usize,
+        n_out: usize,
+        max_abs_input: u64,
+        bounds: WeightBounds,
+        opts: PlanOptions,
+        link: LinkModel,
+    ) -> Result<LayerPlan, HeError> {
         let n = params.poly_size;
         crate::plan::plan_first_fitting(params, mode, n_in, n_out, opts, link, |o| {
-            let rows = rows_per_block(n, n_out, o);
-            let stats = WeightStats::worst_case(n_in, rows, max_abs_weight, max_abs_bias);
+            let stats = bounds.stats(n_in, rows_per_block(n, n_out, o));
             LayerPlan::new(params, mode, n_in, n_out, max_abs_input, stats, o)
         })
     }
@@ -264,20 +293,48 @@ impl PreparedLayer {
         batch: usize,
         link: LinkModel,
     ) -> Result<LayerPlan, HeError> {
+        Self::plan_int8_batch_bounded(
+            params,
+            mode,
+            n_in,
+            n_out,
+            WeightBounds::entries(127, max_abs_bias),
+            batch,
+            link,
+        )
+    }
+
+    /// [`PreparedLayer::plan_int8_batch_with_link`] with public row bounds on the int8
+    /// weights (`bounds.max_abs_weight` is capped at 127): tighter signed bounds give fewer
+    /// bits per coefficient both ways.
+    ///
+    /// # Errors
+    /// As [`PreparedLayer::plan_int8_batch`].
+    pub fn plan_int8_batch_bounded(
+        params: crate::ParameterSet,
+        mode: OutputMode,
+        n_in: usize,
+        n_out: usize,
+        bounds: WeightBounds,
+        batch: usize,
+        link: LinkModel,
+    ) -> Result<LayerPlan, HeError> {
         if batch == 0 || batch > crate::limits::MAX_BATCH {
             return Err(HeError::Shape(format!(
                 "batch of {batch} (1..={})",
                 crate::limits::MAX_BATCH
             )));
         }
-        Self::plan_public_with_link(
+        Self::plan_public_bounded(
             params,
             mode,
             n_in,
             n_out,
             INT8_LAYER_MAX_INPUT,
-            127,
-            max_abs_bias,
+            WeightBounds {
+                max_abs_weight: bounds.max_abs_weight.min(127),
+                ..bounds
+            },
             PlanOptions {
                 chunk: None,
                 batch: (batch > 1).then_some(batch),

@@ -289,6 +289,79 @@ fn slower_link_plans_fewer_bytes_and_stays_exact() {
     }
 }
 
+/// Signed row bounds (`WeightBounds`) plan tighter than the int8 worst case — fewer bytes
+/// both ways for weights shaped like a trained layer's (|w| reaches 127, rows mostly small) —
+/// stay exact at the bounds' worst case, and weights that break the bounds are refused by the
+/// cloud's `prepare_with_plan` instead of decrypting wrongly.
+#[test]
+fn signed_row_bounds_plan_fewer_bytes_and_refuse_weights_beyond_them() {
+    let (b, n_in, n_out) = (16, 384, 384);
+    // One 127 per row, the rest in [−31, 31].
+    let mut w = values(n_in * n_out, 7, -31, 31);
+    for r in 0..n_out {
+        w[r * n_in + r % n_in] = if r % 2 == 0 { 127 } else { -127 };
+    }
+    let bias = vec![0; n_out];
+    let bounds = WeightBounds::of(&w, n_in, &bias);
+    assert_eq!(bounds.max_abs_weight, 127);
+    let link = LinkModel::default();
+    let worst =
+        PreparedLayer::plan_int8_batch(DEFAULT_PARAMETERS, OutputMode::Packed, n_in, n_out, 0, b)
+            .unwrap();
+    let tight = PreparedLayer::plan_int8_batch_bounded(
+        DEFAULT_PARAMETERS,
+        OutputMode::Packed,
+        n_in,
+        n_out,
+        bounds,
+        b,
+        link,
+    )
+    .unwrap();
+    assert_eq!(
+        PreparedLayer::plan_int8_batch_bounded(
+            DEFAULT_PARAMETERS,
+            OutputMode::Packed,
+            n_in,
+            n_out,
+            WeightBounds::entries(127, 0),
+            b,
+            link
+        )
+        .unwrap(),
+        worst,
+        "entry bounds alone give the int8 plan"
+    );
+    assert!(tight.delta_out_log2 > worst.delta_out_log2, "{tight:?}");
+    assert!(
+        tight.upload_bytes(b) < worst.upload_bytes(b),
+        "{tight:?} vs {worst:?}"
+    );
+    assert!(
+        tight.download_bytes(b) < worst.download_bytes(b),
+        "{tight:?} vs {worst:?}"
+    );
+    // Exact with these weights against extreme inputs of both signs.
+    let layer = PreparedLayer::prepare_with_plan(fixture().ctx.clone(), tight, &w, &bias).unwrap();
+    let xs: Vec<Vec<i64>> = (0..b)
+        .map(|k| {
+            if k % 2 == 0 {
+                (0..n_in)
+                    .map(|i| if w[i] < 0 { -128 } else { 127 })
+                    .collect()
+            } else {
+                values(n_in, 40 + k as u64, -128, 127)
+            }
+        })
+        .collect();
+    for (y, x) in run(&layer, &xs).iter().zip(&xs) {
+        assert_eq!(*y, reference(&w, &bias, x, n_in, n_out));
+    }
+    // Full-scale int8 rows break the bounds: refused, never a wrong decryption.
+    let heavy = vec![127; n_in * n_out];
+    assert!(PreparedLayer::prepare_with_plan(fixture().ctx.clone(), tight, &heavy, &bias).is_err());
+}
+
 proptest! {
     // Large shapes up to 128×2048@2048×2048 cost seconds each: few cases.
     #![proptest_config(ProptestConfig { cases: 6, .. ProptestConfig::default() })]
