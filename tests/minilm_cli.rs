@@ -133,6 +133,88 @@ fn eval_embeddings_json_on_a_corpus_slice() {
 }
 
 #[test]
+fn eval_embeddings_runs_from_an_imported_bundle() {
+    let Some(model) = model_dir("tandem eval embeddings --model <bundle>") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = tmp.path().join("minilm");
+    let out = tandem(
+        &[
+            "model",
+            "import-bert",
+            model.to_str().unwrap(),
+            "--out",
+            bundle.to_str().unwrap(),
+        ],
+        &model,
+    );
+    assert!(
+        out.status.success(),
+        "import-bert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let corpus = corpus_slice(&tmp, 12);
+    let out = tandem(
+        &[
+            "eval",
+            "embeddings",
+            "--model",
+            bundle.to_str().unwrap(),
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--encrypt-every",
+            "11",
+            "--json",
+        ],
+        &model,
+    );
+    let v = last_json(&out);
+    eprintln!("{v}");
+    assert_eq!(v["model"], bundle.to_str().unwrap());
+    assert_eq!(v["float_model"], model.to_str().unwrap());
+    assert_eq!(v["sentences"], 12);
+    assert_eq!(v["encrypted_sentences"], 2);
+    assert_eq!(v["encrypted_equals_integer_path"], true);
+    // The bundle's planned batch (16 tokens per request).
+    assert_eq!(v["plan_batch"], 16);
+    assert!(f(&v, "float_vs_reference_min_cosine") >= 0.9999);
+    let (mean, min) = (
+        f(&v, "encrypted_vs_float_mean_cosine"),
+        f(&v, "encrypted_vs_float_min_cosine"),
+    );
+    assert!(
+        mean >= 0.99 && min >= 0.97 && mean < 0.99999,
+        "mean {mean}, min {min}"
+    );
+    // At least one request per cloud layer per encrypted sentence.
+    assert!(v["requests"].as_u64().unwrap() >= 48, "{v}");
+
+    // A bundle signed with another key than the one given is refused, naming the bundle.
+    let other = tmp.path().join("other-key.txt");
+    // The Ed25519 base point: a valid public key nobody signed this bundle with.
+    std::fs::write(&other, format!("58{}\n", "66".repeat(31))).unwrap();
+    let out = tandem(
+        &[
+            "eval",
+            "embeddings",
+            "--model",
+            bundle.to_str().unwrap(),
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--verifying-key",
+            other.to_str().unwrap(),
+            "--json",
+        ],
+        &model,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(bundle.to_str().unwrap()), "{err}");
+    assert!(!err.contains("not a valid Ed25519"), "{err}");
+}
+
+#[test]
 fn eval_embeddings_refuses_a_missing_model_and_a_tiny_corpus() {
     let tmp = tempfile::tempdir().unwrap();
     let empty = tmp.path().join("no-model");
