@@ -777,7 +777,17 @@ impl Accountant {
     /// ε at δ spent by `device` in the current window: the tighter of opendp's zCDP → (ε, δ)
     /// conversion of Σρ and, for a window of pure releases only, Σε (TDM-LEDG-5).
     pub fn spent_epsilon(&self, device: &[u8], now_secs: u64, delta: f64) -> Result<f64> {
-        let z = crate::mechanism::rho_to_epsilon(self.spent(device, now_secs), delta)?;
+        let rho = self.spent(device, now_secs);
+        let z = match crate::mechanism::rho_to_epsilon(rho, delta) {
+            Ok(z) => z,
+            // opendp's numeric conversion overflows for very large ρ (e.g. thousands of
+            // releases under a demo budget): the closed form ρ + 2√(ρ ln 1/δ) is a valid, looser
+            // bound (Bun & Steinke 2016, Prop. 1.3).
+            Err(_) if delta > 0.0 && delta < 1.0 && rho.is_finite() => {
+                crate::mechanism::up(rho + 2.0 * (rho * (1.0 / delta).ln()).sqrt())
+            }
+            Err(e) => return Err(e),
+        };
         Ok(match self.spent_pure_epsilon(device, now_secs) {
             Some(e) => z.min(e),
             None => z,

@@ -277,3 +277,25 @@ fn a_torn_pure_record_is_cut() {
 fn near(x: f64, want: f64) -> bool {
     x >= want && x <= want * (1.0 + 1e-12)
 }
+
+/// Thousands of releases (a demo budget) push Σρ past what opendp's numeric conversion can
+/// evaluate: `spent_epsilon` still answers — Σε for a pure window, the closed-form zCDP bound
+/// ρ + 2√(ρ ln 1/δ) otherwise — instead of failing (`tandem demo` failed on it).
+#[test]
+fn spent_epsilon_answers_for_huge_windows() {
+    let p = tmp("huge-window");
+    let (mut a, _) = Accountant::open(&p, Policy::new(1e9, 60).unwrap()).unwrap();
+    let c = tandem_dp::Cost::pure(16.0);
+    for _ in 0..1000 {
+        let _ = a.charge_cost(b"d", 0, c).unwrap();
+    }
+    let e = a.spent_epsilon(b"d", 0, 1e-5).unwrap();
+    assert!(near(e, 16_000.0), "{e}");
+    let _ = a.charge(b"g", 0, 1e5).unwrap();
+    let g = a.spent_epsilon(b"g", 0, 1e-5).unwrap();
+    let closed = 1e5 + 2.0 * (1e5 * (1e5f64).ln()).sqrt();
+    assert!(
+        g.is_finite() && g <= closed * (1.0 + 1e-12) && g >= 1e5,
+        "{g}"
+    );
+}
