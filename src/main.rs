@@ -122,6 +122,9 @@ enum BenchCommand {
     /// One encrypted sentence embedding per `--tokens` value over loopback mTLS: end-to-end,
     /// cloud and device seconds, round trips, bytes, key upload, encrypted multiply-adds.
     Sentence(cli::sentence::BenchArgs),
+    /// The planner against fixed strategies and the oracle on shaped loopback links that
+    /// follow the link traces (`data/traces`, `specs/planner.md` §6).
+    Traces(cli::traces::TracesArgs),
     /// Discrete noise for 1024 activations.
     Dp {
         /// Print one JSON object.
@@ -142,6 +145,7 @@ fn main() -> anyhow::Result<()> {
             } => cli::bench::matmul(shape.as_deref(), runs, threads, json),
             BenchCommand::Dp { json } => cli::dp::bench_dp(json),
             BenchCommand::Load(args) => cli::runtime::bench_load(args),
+            BenchCommand::Traces(args) => cli::traces::run(args),
             BenchCommand::EarlyExit(args) => cli::early_exit::bench(args),
             BenchCommand::Sentence(args) => cli::sentence::bench(args),
         },

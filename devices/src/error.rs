@@ -77,6 +77,12 @@ pub enum DeviceError {
     /// The configuration is invalid.
     #[error("config: {0}")]
     Config(String),
+    /// [`crate::Protection::Auto`] found no candidate the policy, the remaining privacy budget
+    /// and the link allow (TDM-PLAN-3); nothing was charged or sent. The field is the plan's
+    /// explanation (every candidate and why it was refused): allow another protection in
+    /// `Device::set_auto_policy`, wait for the next budget window, or restore the link.
+    #[error("Protection::Auto: no feasible candidate; nothing charged or sent:\n{0}")]
+    NoFeasiblePlan(String),
 }
 
 impl DeviceError {

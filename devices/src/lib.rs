@@ -74,6 +74,10 @@ pub enum Protection {
         /// ε of this release.
         epsilon: f64,
     },
+    /// The per-request planner chooses among the protections the app's
+    /// [`planner::AutoPolicy`] allows ([`Device::set_auto_policy`]), never a release the ledger
+    /// would refuse (TDM-PLAN-6); [`Device::plan`] shows what it would choose and why.
+    Auto,
 }
 
 /// Wall-clock time per stage of one inference, in milliseconds.

@@ -23,11 +23,11 @@ const MAX_OUTPUT_BLOB: usize = 64 << 20;
 
 /// One cloud layer of the model as the device sees it (public manifest data only).
 #[derive(Debug, Clone, Copy)]
-struct CloudStep {
+pub(crate) struct CloudStep {
     /// Manifest index: the protocol `layer_id`.
-    index: usize,
+    pub(crate) index: usize,
     /// Shape and bias bound (what the HE plan is made from).
-    shape: LayerShape,
+    pub(crate) shape: LayerShape,
     /// Integer steps per real unit of the layer's input (`1 / input_scale`), as the DP
     /// quantiser takes it and as the request's DP metadata carries it.
     quant_scale: f64,
@@ -35,12 +35,14 @@ struct CloudStep {
 
 /// A connected device.
 pub struct Device {
-    opts: DeviceOptions,
-    bundle: Bundle,
+    pub(crate) opts: DeviceOptions,
+    pub(crate) bundle: Bundle,
     /// Every cloud layer, in pipeline order (`he.plans` has the same order).
-    clouds: Vec<CloudStep>,
-    he: HeState,
-    accountant: Accountant,
+    pub(crate) clouds: Vec<CloudStep>,
+    pub(crate) he: HeState,
+    pub(crate) accountant: Accountant,
+    /// [`Protection::Auto`]: the app's policy, link estimator, learnt stage times.
+    pub(crate) auto: crate::planner::AutoState,
     rng: SecureBits,
     /// DP mechanisms by (cloud layer index, ε bits).
     mechanisms: HashMap<(usize, u64), Mechanism>,
@@ -52,7 +54,9 @@ pub struct Device {
     /// durably (TDM-KEY-4/8), so a later connection needs no new registration before a DP
     /// release; a key the cloud has since evicted comes back as `UnknownKey`, which uploads it
     /// and resends the same, already charged payload.
-    key_acked: Option<[u8; 32]>,
+    pub(crate) key_acked: Option<[u8; 32]>,
+    /// Whether [`Device::answer`] may answer with the exit head (`crate::early_exit`).
+    pub(crate) early_exit: crate::early_exit::EarlyExit,
 }
 
 impl std::fmt::Debug for Device {
@@ -83,7 +87,7 @@ impl Body {
     }
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -227,6 +231,8 @@ impl Device {
             key_uploads: 0,
             connects: 0,
             key_acked: None,
+            early_exit: crate::early_exit::EarlyExit::Off,
+            auto: Default::default(),
             opts,
         })
     }
@@ -236,8 +242,9 @@ impl Device {
         self.bundle.id()
     }
 
-    /// The first cloud layer's HE plan (under the parameter set in use).
-    pub fn plan(&self) -> &tandem_he::LayerPlan {
+    /// The first cloud layer's HE plan (under the parameter set in use). (Was `plan()`, a
+    /// name [`Device::plan`] — the request planner — now has.)
+    pub fn he_plan(&self) -> &tandem_he::LayerPlan {
         &self.he.plan
     }
 
@@ -426,7 +433,11 @@ impl Device {
         self.upload_key().await
     }
 
-    fn mechanism(&mut self, c: CloudStep, epsilon: f64) -> Result<Mechanism, DeviceError> {
+    pub(crate) fn mechanism(
+        &mut self,
+        c: CloudStep,
+        epsilon: f64,
+    ) -> Result<Mechanism, DeviceError> {
         let k = (c.index, epsilon.to_bits());
         if let Some(m) = self.mechanisms.get(&k) {
             return Ok(m.clone());
@@ -635,6 +646,14 @@ impl Device {
         input: &[f32],
         protection: Protection,
     ) -> Result<Inference, DeviceError> {
+        if protection == Protection::Auto {
+            // The planner picks the protection (policy and remaining budget respected), then
+            // learns from the request's own times and bytes.
+            let (p, cloud_ms) = self.resolve_auto()?;
+            let r = Box::pin(self.infer(input, p)).await?;
+            self.learn(&r, cloud_ms);
+            return Ok(r);
+        }
         let mut t = Timings::default();
         let start = Instant::now();
         let variant = self.variant_index(protection)?;
@@ -722,6 +741,11 @@ impl Device {
                     .map(|&v| v.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32)
                     .collect();
                 Body::Plain(RequestPayload::Noised(NoisedBlock { dp, values }))
+            }
+            Protection::Auto => {
+                return Err(DeviceError::Config(
+                    "Protection::Auto reached a cloud layer unresolved".into(),
+                ))
             }
             Protection::NoisedEncrypted { epsilon } => {
                 // Register the key and await its KeyAck before charging: a refused key (an

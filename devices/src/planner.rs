@@ -16,6 +16,10 @@ use tandem_he::OutputMode;
 
 use crate::energy::Radio;
 
+mod device;
+pub use device::AutoPolicy;
+pub(crate) use device::AutoState;
+
 /// How a candidate protects (or keeps) the split activation.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum PlanProtection {

@@ -173,7 +173,7 @@ async fn run_async(json: bool) -> anyhow::Result<()> {
     let wall = started.elapsed().as_secs_f64();
     let eps_total = dev.epsilon_spent_total()?;
     let key_blob = dev.key_blob_len();
-    let plan_info = *dev.plan();
+    let plan_info = *dev.he_plan();
     dev.close().await;
     cloud.shutdown().await;
 

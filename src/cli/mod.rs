@@ -11,3 +11,4 @@ pub mod plan;
 pub mod privacy_train;
 pub mod runtime;
 pub mod sentence;
+pub mod traces;

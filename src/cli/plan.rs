@@ -163,17 +163,46 @@ fn profile_ns_per_mac(shapes: &[(usize, usize)]) -> f64 {
     start.elapsed().as_secs_f64() * 1e9 / (reps * macs) as f64
 }
 
-/// `tandem plan …`.
-pub fn run(a: PlanArgs) -> anyhow::Result<()> {
-    let vk = tandem::read_verifying_key(&a.verifying_key)?;
-    let bundle = Bundle::load(&a.model, &vk, &Limits::default())
-        .with_context(|| format!("loading bundle {}", a.model.display()))?;
+/// What `tandem plan` and `tandem bench traces` measure once per bundle: the split's shape and
+/// cost inputs of the planner (`specs/planner.md` §2).
+pub struct Measured {
+    /// Manifest index of the (single) cloud layer.
+    pub cloud_at: usize,
+    /// Cloud layer input width (the split activation).
+    pub n_in: usize,
+    /// Cloud layer output width.
+    pub n_out: usize,
+    /// Integer steps per real unit of the split activation (`1 / input_scale`).
+    pub quant_scale: f64,
+    /// Device multiply-adds before the split.
+    pub prefix_macs: u64,
+    /// Device ns per f32 multiply-add (timed on the device layer shapes).
+    pub ns_per_mac: f64,
+    /// The split's costs (both output modes; framing included).
+    pub split: SplitCosts,
+    /// The cloud time was measured (the bundle carries the cloud's weights).
+    pub cloud_measured: bool,
+}
+
+/// Measures the planner's inputs for `bundle` (loaded from `dir`, named in errors): device
+/// ns/MAC, encryption per output mode and, when the bundle carries the cloud's weights, the
+/// cloud layer's evaluation (one thread) and the decryption of its answer, each after one
+/// untimed warm-up run. `key_registered`: the evaluation keys count as already uploaded.
+///
+/// # Errors
+/// A bundle with no cloud layer, several cloud layers, an unquantised cloud layer or no
+/// `[training]` accuracy; HE failures.
+pub fn measure(
+    bundle: &Bundle,
+    dir: &std::path::Path,
+    key_registered: bool,
+) -> anyhow::Result<Measured> {
     let m = bundle.manifest();
     let layers = &m.layers;
     let cloud_at = layers
         .iter()
         .position(|l| l.placement == Placement::Cloud)
-        .with_context(|| format!("{}: no cloud layer", a.model.display()))?;
+        .with_context(|| format!("{}: no cloud layer", dir.display()))?;
     let cloud = &layers[cloud_at];
     let clouds = layers
         .iter()
@@ -183,13 +212,13 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         bail!(
             "{}: {clouds} cloud layers; `tandem plan` prices bundles with one cloud layer so far \
              (multi-layer split candidates are the second part of issue 10)",
-            a.model.display()
+            dir.display()
         );
     }
     let quant = cloud
         .quant
         .as_ref()
-        .with_context(|| format!("{}: cloud layer without quant", a.model.display()))?;
+        .with_context(|| format!("{}: cloud layer without quant", dir.display()))?;
     let bias_bound = quant.bias_bound();
     let quant_scale = 1.0 / f64::from(quant.input_scale);
     let prefix: Vec<(usize, usize)> = layers[..cloud_at]
@@ -206,17 +235,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         .training
         .as_ref()
         .map(|t| t.quantised_test_accuracy)
-        .with_context(|| format!("{}: manifest has no [training] accuracy", a.model.display()))?;
-
-    let forbidden: Vec<OutputMode> = a
-        .forbid_mode
-        .iter()
-        .map(|s| match s.as_str() {
-            "packed" => Ok(OutputMode::Packed),
-            "nokey" => Ok(OutputMode::NoKey),
-            _ => bail!("--forbid-mode {s}: expected packed or nokey"),
-        })
-        .collect::<anyhow::Result<_>>()?;
+        .with_context(|| format!("{}: manifest has no [training] accuracy", dir.display()))?;
 
     let params = tandem::he::DEFAULT_PARAMETERS;
     let ctx = Arc::new(Context::new(params));
@@ -268,12 +287,58 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
             }
             cloud_measured = true;
         }
-        let mut costs =
-            ModeCosts::from_plan(&p, !a.key_not_registered, cloud_ms, encrypt_ms, decrypt_ms);
+        let mut costs = ModeCosts::from_plan(&p, key_registered, cloud_ms, encrypt_ms, decrypt_ms);
         costs.upload_bytes += HE_FRAMING_BYTES;
         costs.download_bytes += HE_FRAMING_BYTES;
         modes.push(costs);
     }
+    Ok(Measured {
+        cloud_at,
+        n_in: cloud.n_in,
+        n_out: cloud.n_out,
+        quant_scale,
+        prefix_macs: macs(&prefix),
+        ns_per_mac,
+        split: SplitCosts {
+            depth: cloud_at,
+            device_prefix_macs: macs(&prefix),
+            device_suffix_macs: macs(&suffix),
+            offload_accuracy,
+            modes,
+            clear_upload_bytes: 4 * cloud.n_in as u64 + CLEAR_FRAMING_BYTES,
+            clear_download_bytes: 8 * cloud.n_out as u64 + CLEAR_FRAMING_BYTES,
+            clear_cloud_ms: (cloud.n_in * cloud.n_out) as f64 * ns_per_mac / 1e6,
+            noise_ms: cloud.n_in as f64 * 1e-3,
+        },
+        cloud_measured,
+    })
+}
+
+/// `tandem plan …`.
+pub fn run(a: PlanArgs) -> anyhow::Result<()> {
+    let vk = tandem::read_verifying_key(&a.verifying_key)?;
+    let bundle = Bundle::load(&a.model, &vk, &Limits::default())
+        .with_context(|| format!("loading bundle {}", a.model.display()))?;
+    let m = bundle.manifest();
+    let forbidden: Vec<OutputMode> = a
+        .forbid_mode
+        .iter()
+        .map(|s| match s.as_str() {
+            "packed" => Ok(OutputMode::Packed),
+            "nokey" => Ok(OutputMode::NoKey),
+            _ => bail!("--forbid-mode {s}: expected packed or nokey"),
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let Measured {
+        cloud_at,
+        n_in,
+        n_out,
+        quant_scale,
+        prefix_macs,
+        ns_per_mac,
+        split,
+        cloud_measured,
+    } = measure(&bundle, &a.model, !a.key_not_registered)?;
 
     if a.epsilon.len() != a.noised_accuracy.len() {
         bail!("give one --noised-accuracy per --epsilon (accuracy of the model at that ε)");
@@ -281,7 +346,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     let mut noised = Vec::new();
     for (&epsilon, &accuracy) in a.epsilon.iter().zip(&a.noised_accuracy) {
         // What the device's ledger would charge: the same mechanism the device builds.
-        let rho = Quantizer::new(Clip::L2(a.clip_l2), quant_scale, cloud.n_in)
+        let rho = Quantizer::new(Clip::L2(a.clip_l2), quant_scale, n_in)
             .and_then(|q| Mechanism::gaussian_for_epsilon_delta(q, epsilon, a.delta))
             .and_then(|mech| mech.cost_rho())
             .with_context(|| format!("--epsilon {epsilon} at --delta {}", a.delta))?;
@@ -311,22 +376,12 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         LinkEstimate::NONE
     };
 
-    let local_macs = macs(&prefix) + (cloud.n_in * m.classes) as u64;
+    let local_macs = prefix_macs + (n_in * m.classes) as u64;
     let inputs = PlanInputs {
         model: ModelCosts {
             local_macs,
             local_accuracy: a.local_accuracy.unwrap_or(0.0),
-            splits: vec![SplitCosts {
-                depth: cloud_at,
-                device_prefix_macs: macs(&prefix),
-                device_suffix_macs: macs(&suffix),
-                offload_accuracy,
-                modes,
-                clear_upload_bytes: 4 * cloud.n_in as u64 + CLEAR_FRAMING_BYTES,
-                clear_download_bytes: 8 * cloud.n_out as u64 + CLEAR_FRAMING_BYTES,
-                clear_cloud_ms: (cloud.n_in * cloud.n_out) as f64 * ns_per_mac / 1e6,
-                noise_ms: cloud.n_in as f64 * 1e-3,
-            }],
+            splits: vec![split],
         },
         device: DeviceProfile { ns_per_mac, radio },
         link,
@@ -359,8 +414,8 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
          device {ns_per_mac:.3} ns/MAC (measured); cloud time {}; remaining rho {remaining_rho:.4}",
         m.id,
         a.model.display(),
-        cloud.n_in,
-        cloud.n_out,
+        n_in,
+        n_out,
         if bandwidth_bps > 0.0 {
             format!("{:.3} Mbit/s, RTT {rtt_ms} ms", bandwidth_bps / 1e6)
         } else {

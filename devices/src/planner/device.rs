@@ -1,0 +1,281 @@
+//! The planner in the device API: [`crate::Device::plan`] and [`crate::Protection::Auto`]
+//! (issue 10; `specs/planner.md` §7, TDM-PLAN-6).
+//!
+//! The device builds the planner's inputs from what it knows: the cloud layers' HE plans
+//! (exact byte sizes) under the parameter set in use, in its own output mode; cloud, encryption
+//! and decryption times (modelled by `tandem_he::plan_cost` until measured, then the EWMA of
+//! its own requests); ρ of each allowed ε from the very mechanism a release would use; the
+//! ledger's remaining budget; and a link estimate (the caller's, or the EWMA of its own
+//! transfers, [`super::LinkEstimator`]).
+
+use tandem_he::{OutputMode, COST_BYTE_MS, COST_CT_TRANSFORM_MS};
+
+use super::{
+    plan, AppPolicy, DeviceProfile, LinkEstimate, LinkEstimator, ModeCosts, ModelCosts,
+    NoiseOption, Objective, Plan, PlanInputs, PlanProtection, SplitCosts,
+};
+use crate::energy::Radio;
+use crate::{Device, DeviceError, Inference, Protection};
+
+/// What [`Protection::Auto`] and [`Device::plan`] may choose from (TDM-PLAN-3, TDM-PLAN-6).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoPolicy {
+    /// Encrypted offload allowed.
+    pub allow_encrypted: bool,
+    /// Noised-in-the-clear releases allowed: ε and the model's accuracy at that ε (`rho` is
+    /// ignored: the device computes it with the mechanism a release would use).
+    pub noised: Vec<NoiseOption>,
+    /// Noised-then-encrypted releases allowed (same convention).
+    pub noised_encrypted: Vec<NoiseOption>,
+    /// Lowest acceptable accuracy, in [0, 1].
+    pub accuracy_floor: f64,
+    /// Latency target, ms.
+    pub latency_target_ms: Option<f64>,
+    /// Minimise latency or energy.
+    pub objective: Objective,
+    /// The radio transfers use (energy constants).
+    pub radio: Radio,
+    /// Link assumed until the device has observed its own transfers.
+    pub fallback_link: LinkEstimate,
+    /// Device ns per f32 multiply-add (profile it once; the default is a conservative 1 ns).
+    pub ns_per_mac: f64,
+}
+
+impl Default for AutoPolicy {
+    /// Encrypted only (no DP release is ever planned unless the app lists one), latency
+    /// objective, Wi-Fi, a 10 Mbit/s, 50 ms link until measured, 1 ns per multiply-add.
+    fn default() -> Self {
+        AutoPolicy {
+            allow_encrypted: true,
+            noised: Vec::new(),
+            noised_encrypted: Vec::new(),
+            accuracy_floor: 0.0,
+            latency_target_ms: None,
+            objective: Objective::Latency,
+            radio: Radio::Wifi,
+            fallback_link: LinkEstimate {
+                bandwidth_bps: 10e6,
+                rtt_ms: 50.0,
+            },
+            ns_per_mac: 1.0,
+        }
+    }
+}
+
+/// The device's planner state: the app's policy, the link estimator and the EWMA of its own
+/// stage times.
+#[derive(Debug, Clone)]
+pub(crate) struct AutoState {
+    pub(crate) policy: AutoPolicy,
+    pub(crate) link: LinkEstimator,
+    /// EWMA of (encrypt, network-minus-transfer, decrypt) ms of encrypted requests.
+    encrypt_ms: Option<f64>,
+    decrypt_ms: Option<f64>,
+}
+
+impl Default for AutoState {
+    fn default() -> Self {
+        AutoState {
+            policy: AutoPolicy::default(),
+            link: LinkEstimator::new(0.3),
+            encrypt_ms: None,
+            decrypt_ms: None,
+        }
+    }
+}
+
+fn mix(old: Option<f64>, x: f64) -> Option<f64> {
+    if !x.is_finite() || x < 0.0 {
+        return old;
+    }
+    Some(old.map_or(x, |o| o + 0.3 * (x - o)))
+}
+
+impl Device {
+    /// Sets what [`Protection::Auto`] and [`Device::plan`] may choose from.
+    pub fn set_auto_policy(&mut self, policy: AutoPolicy) {
+        self.auto.policy = policy;
+    }
+
+    /// The policy in use for [`Protection::Auto`].
+    pub fn auto_policy(&self) -> &AutoPolicy {
+        &self.auto.policy
+    }
+
+    /// The current link estimate: the EWMA of this device's own transfers, else the policy's
+    /// fallback link.
+    pub fn link_estimate(&self) -> LinkEstimate {
+        self.auto.link.estimate(self.auto.policy.fallback_link)
+    }
+
+    /// Feeds the link estimator a round trip of `seconds` (e.g. from a ping the app makes).
+    pub fn observe_rtt(&mut self, seconds: f64) {
+        self.auto.link.observe_rtt(seconds);
+    }
+
+    /// What [`Protection::Auto`] would do for the next request, with every candidate's
+    /// predicted latency (ms), energy (mJ), bytes, accuracy and ρ: [`Plan::explain`] prints
+    /// it. `link`: the link to plan for (`None`: [`Device::link_estimate`]).
+    ///
+    /// Candidates: encrypted, noised-encrypted and noised releases as [`AutoPolicy`] allows,
+    /// in this device's output mode only (the keys are per mode); never answering locally
+    /// (the device's own head joins when the bundle carries an exit head). A release whose ρ
+    /// (summed over the cloud layers) the ledger would refuse now is refused with
+    /// `Refusal::Budget` (TDM-PLAN-3).
+    ///
+    /// # Errors
+    /// [`DeviceError::Dp`] if a mechanism for an allowed ε cannot be built (ε ≤ 0, …).
+    pub fn plan(&mut self, link: Option<LinkEstimate>) -> Result<Plan, DeviceError> {
+        let inputs = self.plan_inputs(link)?;
+        Ok(plan(&inputs))
+    }
+
+    pub(crate) fn plan_inputs(
+        &mut self,
+        link: Option<LinkEstimate>,
+    ) -> Result<PlanInputs, DeviceError> {
+        let pol = self.auto.policy.clone();
+        let mode = self.opts.output_mode;
+        let now = crate::pipeline::now_secs();
+        // ρ of one inference at each ε: one release per cloud layer.
+        let price = |dev: &mut Device, opts: &[NoiseOption]| -> Result<_, DeviceError> {
+            let mut out = Vec::new();
+            for n in opts {
+                let mut rho = 0.0;
+                for c in dev.clouds.clone() {
+                    rho += dev.mechanism(c, n.epsilon)?.cost_rho()?;
+                }
+                // Exactly the ledger's test: what it would refuse is unpayable here.
+                if dev.accountant.would_exceed(&dev.opts.ledger_id, now, rho) {
+                    rho = f64::INFINITY;
+                }
+                out.push(NoiseOption {
+                    epsilon: n.epsilon,
+                    rho,
+                    accuracy: n.accuracy,
+                });
+            }
+            Ok(out)
+        };
+        let noised = price(self, &pol.noised)?;
+        let noised_encrypted = price(self, &pol.noised_encrypted)?;
+        let budget = self.accountant.policy().rho_per_window;
+        let remaining_rho = (budget - self.accountant.spent(&self.opts.ledger_id, now)).max(0.0);
+
+        let (mut up, mut down, mut key, mut cloud_ms, mut dec) = (0u64, 0u64, 0u64, 0.0, 0.0);
+        let (mut clear_up, mut clear_down, mut clear_macs) = (0u64, 0u64, 0u64);
+        for (c, p) in self.clouds.iter().zip(&self.he.plans) {
+            up += p.upload_bytes(1) as u64 + FRAMING;
+            down += p.download_bytes(1) as u64 + FRAMING;
+            key += p.eval_key_bytes() as u64;
+            cloud_ms += (tandem_he::plan_cost(p, 1)
+                - (p.upload_bytes(1) + p.download_bytes(1)) as f64 * COST_BYTE_MS)
+                .max(0.0);
+            dec += p.out_ciphertexts() as f64 * COST_CT_TRANSFORM_MS;
+            clear_up += 4 * c.shape.n_in as u64 + FRAMING;
+            clear_down += 8 * c.shape.n_out as u64 + FRAMING;
+            clear_macs += (c.shape.n_in * c.shape.n_out) as u64;
+        }
+        let enc = self.auto.encrypt_ms.unwrap_or(dec);
+        let dec = self.auto.decrypt_ms.unwrap_or(dec);
+        let device_macs: u64 = self
+            .bundle
+            .device_layers()
+            .map(|(_, l)| (l.spec().n_in * l.spec().n_out) as u64)
+            .sum();
+        let offload_accuracy = self
+            .bundle
+            .manifest()
+            .training
+            .as_ref()
+            .map_or(0.0, |t| t.quantised_test_accuracy);
+        let mode_costs = ModeCosts {
+            mode,
+            upload_bytes: up,
+            download_bytes: down,
+            key_bytes: if mode == OutputMode::NoKey { 0 } else { key },
+            key_registered: mode == OutputMode::NoKey || self.key_acked == Some(self.he.key_id),
+            cloud_ms,
+            encrypt_ms: enc,
+            decrypt_ms: dec,
+        };
+        let ns = pol.ns_per_mac;
+        Ok(PlanInputs {
+            model: ModelCosts {
+                local_macs: device_macs,
+                local_accuracy: 0.0,
+                splits: vec![SplitCosts {
+                    depth: self.clouds.first().map_or(0, |c| c.index),
+                    device_prefix_macs: device_macs,
+                    device_suffix_macs: 0,
+                    offload_accuracy,
+                    modes: vec![mode_costs],
+                    clear_upload_bytes: clear_up,
+                    clear_download_bytes: clear_down,
+                    clear_cloud_ms: clear_macs as f64 * ns / 1e6,
+                    noise_ms: clear_macs as f64 * 1e-6,
+                }],
+            },
+            device: DeviceProfile {
+                ns_per_mac: ns,
+                radio: pol.radio,
+            },
+            link: link.unwrap_or_else(|| self.link_estimate()),
+            policy: AppPolicy {
+                allow_local: false,
+                allow_encrypted: pol.allow_encrypted,
+                noised,
+                noised_encrypted,
+                output_modes: vec![mode],
+                accuracy_floor: pol.accuracy_floor,
+                latency_target_ms: pol.latency_target_ms,
+            },
+            remaining_rho,
+            objective: pol.objective,
+        })
+    }
+
+    /// Resolves [`Protection::Auto`] for one request: the plan's choice as a concrete
+    /// protection, and its predicted cloud time (ms) for the link estimator.
+    pub(crate) fn resolve_auto(&mut self) -> Result<(Protection, f64), DeviceError> {
+        let inputs = self.plan_inputs(None)?;
+        let cloud_ms = inputs
+            .model
+            .splits
+            .first()
+            .and_then(|s| s.modes.first())
+            .map_or(0.0, |m| m.cloud_ms);
+        let p = plan(&inputs);
+        let c = p
+            .choice()
+            .ok_or_else(|| DeviceError::NoFeasiblePlan(p.explain()))?;
+        Ok(match c.protection {
+            PlanProtection::Encrypted => (Protection::Encrypted, cloud_ms),
+            PlanProtection::Noised { epsilon } => (
+                Protection::Noised { epsilon },
+                inputs.model.splits[0].clear_cloud_ms,
+            ),
+            PlanProtection::NoisedEncrypted { epsilon } => {
+                (Protection::NoisedEncrypted { epsilon }, cloud_ms)
+            }
+            // Not offered (allow_local is false): refuse rather than guess.
+            PlanProtection::Local => return Err(DeviceError::NoFeasiblePlan(p.explain())),
+        })
+    }
+
+    /// Learns from a finished request: stage times and the link (its transfer time is the
+    /// network time minus the predicted cloud time).
+    pub(crate) fn learn(&mut self, r: &Inference, cloud_ms: f64) {
+        if r.timings.encrypt_ms > 0.0 {
+            self.auto.encrypt_ms = mix(self.auto.encrypt_ms, r.timings.encrypt_ms);
+            self.auto.decrypt_ms = mix(self.auto.decrypt_ms, r.timings.decrypt_ms);
+        }
+        let bytes = (r.bytes_up + r.bytes_down + r.key_upload_bytes) as u64;
+        let s = (r.timings.network_ms - cloud_ms.max(0.0)) / 1e3;
+        self.auto.link.observe_transfer(bytes, s);
+    }
+}
+
+/// Protocol framing assumed around each request and answer (`src/cli/plan.rs`: measured 64
+/// up and 62 down on the digits bundle).
+const FRAMING: u64 = 64;
