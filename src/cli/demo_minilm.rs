@@ -371,6 +371,12 @@ fn start_mtls(model: &MiniLm, progress: &ProgressBar) -> anyhow::Result<Backend>
         tmp.path().join("keys.redb"),
     );
     opts.models = vec![bundle_dir.clone()];
+    // One known device on loopback: generous handshake budgets, so a machine busy with other
+    // work cannot make the demo's own connection miss them (the defaults are tuned against
+    // slow-byte attackers, 1 s for the TLS ClientHello).
+    opts.admission.client_hello_timeout = Duration::from_secs(60);
+    opts.admission.handshake_timeout = Duration::from_secs(60);
+    opts.admission.first_message_timeout = Duration::from_secs(60);
     let server = rt.block_on(Cloud::start(opts)).with_context(|| {
         format!(
             "starting the cloud on loopback with {}",
