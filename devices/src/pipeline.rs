@@ -530,6 +530,11 @@ impl Device {
             .ok_or_else(|| DeviceError::Config("no such variant".into()))
     }
 
+    /// The protocol layer id of variant `i`'s cloud layer (the planner prices its release).
+    pub(crate) fn variant_layer(&self, i: usize) -> Result<usize, DeviceError> {
+        Ok(self.variant(i)?.layer_id())
+    }
+
     /// The noise-trained variant whose cloud layer is protocol layer `index`, if any.
     fn variant_at(&self, index: usize) -> Option<&Variant> {
         self.bundle

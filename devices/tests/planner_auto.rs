@@ -27,6 +27,10 @@ fn vk() -> VerifyingKey {
 }
 
 async fn cloud(pki: &DevPki, dir: &Path) -> Cloud {
+    cloud_for(pki, dir, MODEL).await
+}
+
+async fn cloud_for(pki: &DevPki, dir: &Path, model: &str) -> Cloud {
     let tls = server_config(pki.server_credentials()).unwrap();
     let mut o = ServerOptions::new(
         "127.0.0.1:0".parse().unwrap(),
@@ -34,7 +38,7 @@ async fn cloud(pki: &DevPki, dir: &Path) -> Cloud {
         vk(),
         dir.join("keys.redb"),
     );
-    o.models = vec![repo().join(MODEL)];
+    o.models = vec![repo().join(model)];
     Cloud::start(o).await.unwrap()
 }
 
@@ -155,6 +159,52 @@ async fn auto_respects_the_policy() {
     }
     assert_eq!(dev.ledger_records(), 0);
     assert_eq!(dev.connects(), before);
+    dev.close().await;
+    c.shutdown().await;
+}
+
+/// TDM-PLAN-6 with a bundle of noise-trained variants (`models/digits`, `[privacy]`, discrete
+/// Laplace): a release is priced as the variant's mechanism charges it (ρ = ε²/2), not as the
+/// top-level split's Gaussian, and an ε without a variant (which the device would refuse) is
+/// not offered at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_prices_the_variant_a_release_uses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = DevPki::generate(1).unwrap();
+    let c = cloud_for(&pki, tmp.path(), "models/digits").await;
+    let mut o = opts(&pki, &c, &tmp.path().join("ledger.bin"), 1e6);
+    o.bundle_dir = repo().join("models/digits");
+    let mut dev = Device::connect(o).await.unwrap();
+    let opt = |epsilon| NoiseOption {
+        epsilon,
+        rho: 0.0,
+        accuracy: 0.9,
+    };
+    dev.set_auto_policy(AutoPolicy {
+        noised: vec![opt(4.0), opt(3.0)],
+        ..AutoPolicy::default()
+    });
+    let p = dev.plan(None).unwrap();
+    let noised: Vec<_> = p
+        .candidates
+        .iter()
+        .filter_map(|c| match c.protection {
+            PlanProtection::Noised { epsilon } => Some((epsilon, c.rho)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(noised.len(), 1, "ε = 3 has no variant: {noised:?}");
+    assert_eq!(noised[0].0, 4.0);
+    assert!(
+        (noised[0].1 - 8.0).abs() < 1e-3,
+        "ρ = ε²/2 ≈ 8 (the sampler's scale makes it a hair less), got {}",
+        noised[0].1
+    );
+    let x = TestSet::load(&repo().join("models/digits/test.json"))
+        .unwrap()
+        .x;
+    let r = dev.infer(&x[0], Protection::Auto).await.unwrap();
+    assert_eq!(r.epsilon_spent, 4.0);
     dev.close().await;
     c.shutdown().await;
 }

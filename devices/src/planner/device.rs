@@ -137,34 +137,84 @@ impl Device {
         let pol = self.auto.policy.clone();
         let mode = self.opts.output_mode;
         let now = crate::pipeline::now_secs();
-        // ρ of one inference at each ε: one release per cloud layer.
-        let price = |dev: &mut Device, opts: &[NoiseOption]| -> Result<_, DeviceError> {
+        // The top-level split's cloud layers (a bundle's noise-trained variants add further
+        // protocol layers to `clouds`, used only by the releases that route through them).
+        let top: Vec<usize> = self.bundle.cloud_indices().to_vec();
+        // ρ of one inference at each ε: one release per cloud layer the release goes through
+        // (the ε's noise-trained variant if the bundle has them, else the top-level split),
+        // priced with the mechanism the release uses; an ε the bundle has no variant for is
+        // not offered (the release would be refused).
+        let mut clear_steps: Option<Vec<crate::pipeline::CloudStep>> = None;
+        let mut price = |dev: &mut Device,
+                         opts: &[NoiseOption],
+                         encrypted: bool|
+         -> Result<Vec<NoiseOption>, DeviceError> {
             let mut out = Vec::new();
             for n in opts {
+                let prot = if encrypted {
+                    Protection::NoisedEncrypted { epsilon: n.epsilon }
+                } else {
+                    Protection::Noised { epsilon: n.epsilon }
+                };
+                let Ok(variant) = dev.variant_index(prot) else {
+                    continue;
+                };
+                let layers: Vec<usize> = match variant {
+                    Some(i) => vec![dev.variant_layer(i)?],
+                    None => top.clone(),
+                };
+                let steps: Vec<_> = dev
+                    .clouds
+                    .iter()
+                    .filter(|c| layers.contains(&c.index))
+                    .copied()
+                    .collect();
                 let mut rho = 0.0;
-                for c in dev.clouds.clone() {
-                    rho += dev.mechanism(c, n.epsilon)?.cost_rho()?;
+                let mut refused = false;
+                let mut spent = tandem_dp::ledger::Cost::rho(0.0);
+                for c in &steps {
+                    let cost = dev.mechanism(*c, n.epsilon)?.cost()?;
+                    rho += cost.rho;
+                    spent = tandem_dp::ledger::Cost {
+                        rho: spent.rho + cost.rho,
+                        epsilon: match (spent.epsilon, cost.epsilon) {
+                            (Some(a), Some(b)) => Some(a + b),
+                            (None, Some(b)) if spent.rho == 0.0 => Some(b),
+                            _ => None,
+                        },
+                    };
+                    // Exactly the ledger's test: what it would refuse is unpayable here.
+                    refused |= dev
+                        .accountant
+                        .would_exceed_cost(&dev.opts.ledger_id, now, spent);
                 }
-                // Exactly the ledger's test: what it would refuse is unpayable here.
-                if dev.accountant.would_exceed(&dev.opts.ledger_id, now, rho) {
-                    rho = f64::INFINITY;
+                if !encrypted && clear_steps.is_none() {
+                    clear_steps = Some(steps);
                 }
                 out.push(NoiseOption {
                     epsilon: n.epsilon,
-                    rho,
+                    rho: if refused { f64::INFINITY } else { rho },
                     accuracy: n.accuracy,
                 });
             }
             Ok(out)
         };
-        let noised = price(self, &pol.noised)?;
-        let noised_encrypted = price(self, &pol.noised_encrypted)?;
+        let noised = price(self, &pol.noised, false)?;
+        let noised_encrypted = price(self, &pol.noised_encrypted, true)?;
         let budget = self.accountant.policy().rho_per_window;
         let remaining_rho = (budget - self.accountant.spent(&self.opts.ledger_id, now)).max(0.0);
 
         let (mut up, mut down, mut key, mut cloud_ms, mut dec) = (0u64, 0u64, 0u64, 0.0, 0.0);
         let (mut clear_up, mut clear_down, mut clear_macs) = (0u64, 0u64, 0u64);
+        for c in clear_steps.as_deref().unwrap_or_default() {
+            clear_up += 4 * c.shape.n_in as u64 + FRAMING;
+            clear_down += 8 * c.shape.n_out as u64 + FRAMING;
+            clear_macs += (c.shape.n_in * c.shape.n_out) as u64;
+        }
         for (c, p) in self.clouds.iter().zip(&self.he.plans) {
+            if !top.contains(&c.index) {
+                continue;
+            }
             up += p.upload_bytes(1) as u64 + FRAMING;
             down += p.download_bytes(1) as u64 + FRAMING;
             key += p.eval_key_bytes() as u64;
@@ -172,9 +222,6 @@ impl Device {
                 - (p.upload_bytes(1) + p.download_bytes(1)) as f64 * COST_BYTE_MS)
                 .max(0.0);
             dec += p.out_ciphertexts() as f64 * COST_CT_TRANSFORM_MS;
-            clear_up += 4 * c.shape.n_in as u64 + FRAMING;
-            clear_down += 8 * c.shape.n_out as u64 + FRAMING;
-            clear_macs += (c.shape.n_in * c.shape.n_out) as u64;
         }
         let enc = self.auto.encrypt_ms.unwrap_or(dec);
         let dec = self.auto.decrypt_ms.unwrap_or(dec);
@@ -205,7 +252,7 @@ impl Device {
                 local_macs: device_macs,
                 local_accuracy: 0.0,
                 splits: vec![SplitCosts {
-                    depth: self.clouds.first().map_or(0, |c| c.index),
+                    depth: top.first().copied().unwrap_or(0),
                     device_prefix_macs: device_macs,
                     device_suffix_macs: 0,
                     offload_accuracy,
