@@ -91,8 +91,9 @@ enum Command {
         /// Integer grid s of the release (the normalised bottleneck has norm 1).
         #[arg(long, default_value_t = 64.0)]
         grid: f64,
-        /// Signing key file (64 hex digits).
-        #[arg(long, default_value = "models/dev-signing-key.txt")]
+        /// Signing key file (64 hex digits). Required: there is no default signer (the
+        /// committed `models/dev-signing-key.txt` works and prints a warning).
+        #[arg(long)]
         key: PathBuf,
     },
 }

@@ -37,9 +37,10 @@ pub struct TrainArgs {
     /// Bundle directory (re-signed in place).
     #[arg(long)]
     model: PathBuf,
-    /// Signing key file (64 hex digits; default: the public dev key).
+    /// Signing key file (64 hex digits). Required: there is no default signer (the committed
+    /// `models/dev-signing-key.txt` works and prints a warning).
     #[arg(long)]
-    key: Option<PathBuf>,
+    key: PathBuf,
     /// Verifying key the bundle is signed with now (default: the dev key).
     #[arg(long)]
     pubkey: Option<PathBuf>,
@@ -115,13 +116,17 @@ fn outcomes(
 /// `tandem exit-head --model DIR`: trains, calibrates and re-signs.
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let root = repo_root();
-    let key_file = args
-        .key
-        .unwrap_or_else(|| root.join("models/dev-signing-key.txt"));
+    let key_file = args.key;
     let pub_file = args
         .pubkey
         .unwrap_or_else(|| root.join("models/dev-verifying-key.txt"));
     let key = read_signing_key(&key_file)?;
+    if tandem_model::is_dev_key(&key.verifying_key()) {
+        eprintln!(
+            "warning: {} is the public DEVELOPMENT signing key: anyone can sign with it",
+            key_file.display()
+        );
+    }
     let vk = read_verifying_key(&pub_file)?;
     let dir = args.model;
     let bundle = Bundle::load(&dir, &vk, &Limits::default())

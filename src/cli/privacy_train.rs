@@ -141,6 +141,12 @@ pub fn run(
         variants,
     };
     let signing = tandem_model::read_signing_key(key)?;
+    if tandem_model::is_dev_key(&signing.verifying_key()) {
+        eprintln!(
+            "warning: {} is the public DEVELOPMENT signing key: anyone can sign with it",
+            key.display()
+        );
+    }
     tandem_model::attach_privacy(bundle, spec.clone(), tensors.clone(), &signing)?;
     // Measure through the signed bundle's own pipeline, then record the figures.
     let vk = signing.verifying_key();
