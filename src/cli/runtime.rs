@@ -143,6 +143,9 @@ struct DeviceToml {
     delta: Option<f64>,
     budget_epsilon: Option<f64>,
     window_secs: Option<u64>,
+    /// Release at an ε the bundle has no noise-trained variant for, with the nearest variant
+    /// (default false: refused with `UntrainedEpsilon` before anything is charged or sent).
+    allow_untrained_epsilon: Option<bool>,
     /// Connection attempts per operation (default 10).
     connect_attempts: Option<usize>,
     /// Give up retrying after this many seconds (default 30).
@@ -265,6 +268,9 @@ pub fn device(cmd: DeviceCommand) -> anyhow::Result<()> {
         budget_epsilon: c.budget_epsilon.unwrap_or(d.budget_epsilon),
         budget_rho: None,
         window_secs: c.window_secs.unwrap_or(d.window_secs),
+        allow_untrained_epsilon: c
+            .allow_untrained_epsilon
+            .unwrap_or(d.allow_untrained_epsilon),
         ..d
     };
     opts.state_dir = Some(c.state_dir);
@@ -273,7 +279,8 @@ pub fn device(cmd: DeviceCommand) -> anyhow::Result<()> {
         "encrypted" => Protection::Encrypted,
         "noised" => Protection::Noised { epsilon: eps },
         "noised-encrypted" | "noised_encrypted" => Protection::NoisedEncrypted { epsilon: eps },
-        other => bail!("unknown protection {other}"),
+        "auto" => Protection::Auto,
+        other => bail!("unknown protection {other} (encrypted, noised, noised-encrypted or auto)"),
     };
     runtime(2)?.block_on(async {
         let mut dev = Device::connect(opts).await?;
