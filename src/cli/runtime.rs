@@ -271,7 +271,6 @@ pub fn device(cmd: DeviceCommand) -> anyhow::Result<()> {
         allow_untrained_epsilon: c
             .allow_untrained_epsilon
             .unwrap_or(d.allow_untrained_epsilon),
-        ..d
     };
     opts.state_dir = Some(c.state_dir);
     let eps = c.epsilon.unwrap_or(4.0);
