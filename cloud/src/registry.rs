@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tandem_he::{Context, LayerPlan, OutputMode, PreparedLayer};
+use tandem_he::{Context, LayerPlan, LinkModel, OutputMode, PreparedLayer, WeightBounds};
 use tandem_model::{Bundle, Part, VerifyingKey};
 
 use crate::CloudError;
@@ -207,7 +207,7 @@ impl ModelRegistry {
     ) -> Result<ServedModel, CloudError> {
         let bundle = Bundle::load_part(dir, key, &tandem_model::Limits::default(), Part::Cloud)?;
         let mut layers = Vec::new();
-        let planned_batch = bundle.encoder().map(|e| e.batch);
+        let encoder = bundle.encoder().cloned();
         for cl in bundle.cloud_layers()? {
             let layer_id = u32::try_from(cl.index)
                 .map_err(|_| CloudError::Config("layer index out of range".into()))?;
@@ -219,17 +219,40 @@ impl ModelRegistry {
                     }
                     // Each layer is planned from the signed manifest's public bounds; a layer
                     // whose plan exceeds the failure bound is refused here, at load.
-                    let plan = match planned_batch {
+                    let plan = match &encoder {
                         // An encoder bundle's layers are planned for its batch of tokens per
-                        // request (issue 8, TDM-REQ-9), exactly as the device plans them.
-                        Some(batch) => PreparedLayer::plan_int8_batch(
-                            params,
-                            mode,
-                            cl.n_in,
-                            cl.n_out,
-                            cl.bias_bound.unsigned_abs(),
-                            batch,
-                        )?,
+                        // request (issue 8, TDM-REQ-9) from the signed row bounds and link
+                        // rate (issue 9, TDM-PAR-HE-3), exactly as the device plans them
+                        // (`tandem_ops::encrypted::plan_encoder_layer`). Weights that break
+                        // the signed bounds are refused below, at prepare.
+                        Some(enc) => {
+                            let l = enc.linears.get(cl.index).ok_or_else(|| {
+                                CloudError::Config(format!(
+                                    "model {}: cloud layer {} is not in the [encoder] section",
+                                    bundle.id(),
+                                    cl.index
+                                ))
+                            })?;
+                            let (max_abs_weight, max_row_l1, max_row_sq, max_abs_bias) =
+                                l.plan_bounds();
+                            check_signed_bounds(dir, l, &cl.weights)?;
+                            PreparedLayer::plan_int8_batch_bounded(
+                                params,
+                                mode,
+                                cl.n_in,
+                                cl.n_out,
+                                WeightBounds {
+                                    max_abs_weight,
+                                    max_row_l1,
+                                    max_row_sq,
+                                    max_abs_bias,
+                                },
+                                enc.batch,
+                                LinkModel {
+                                    kbit_per_s: enc.link_kbit_per_s(),
+                                },
+                            )?
+                        }
                         None => cloud_plan(params, mode, cl.n_in, cl.n_out, cl.bias_bound)?,
                     };
                     let layer =
@@ -314,4 +337,43 @@ impl ModelRegistry {
         }
         s
     }
+}
+
+/// Refuses int8 weights of encoder layer `l` that break its signed row bounds (issue 9,
+/// TDM-PAR-HE-3): the plan both sides use relies on them, so a manifest that lies about the
+/// cloud weights must not be served (the plan's own check at prepare only catches lies large
+/// enough to break the failure bound).
+fn check_signed_bounds(
+    dir: &Path,
+    l: &tandem_model::CloudLinear,
+    weights: &[i64],
+) -> Result<(), CloudError> {
+    let actual = WeightBounds::of(weights, l.n_in, &[]);
+    let (max_abs_weight, max_row_l1, max_row_sq, _) = l.plan_bounds();
+    let checks = [
+        (
+            "weight_bound",
+            Some(actual.max_abs_weight),
+            Some(max_abs_weight),
+        ),
+        ("max_row_l1", actual.max_row_l1, max_row_l1),
+        ("max_row_sq", actual.max_row_sq, max_row_sq),
+    ];
+    for (field, got, signed) in checks {
+        if let (Some(got), Some(signed)) = (got, signed) {
+            if got > signed {
+                return Err(CloudError::Model(tandem_model::ModelError::Tensor {
+                    name: l.weight.clone(),
+                    reason: format!(
+                        "{}: the weights reach {got}, above the signed {field} = {signed} of \
+                         linear {:?} in manifest.toml; the bundle's bounds do not match its \
+                         cloud weights: re-import and re-sign the model",
+                        dir.display(),
+                        l.name
+                    ),
+                }));
+            }
+        }
+    }
+    Ok(())
 }

@@ -27,6 +27,11 @@ pub struct ImportArgs {
     /// `max_batch` must allow it).
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
+    /// Link rate (kbit/s) the HE plans weigh bytes at, signed into the bundle (device and
+    /// cloud plan with it; a slower link trades key switches for fewer bytes). Omitted: not
+    /// written, plans assume 25 000 (25 Mbit/s).
+    #[arg(long)]
+    pub link_kbit: Option<u32>,
 }
 
 /// Runs the import and prints what it wrote.
@@ -52,8 +57,15 @@ pub fn run(a: ImportArgs) -> anyhow::Result<()> {
             tandem_model::dev_signing_key()
         }
     };
-    let s = tandem_ops::import::import_bert(&a.src, &a.out, &a.id, a.batch, &key)
-        .with_context(|| format!("importing {} into {}", a.src.display(), a.out.display()))?;
+    let s = tandem_ops::import::import_bert_with_link(
+        &a.src,
+        &a.out,
+        &a.id,
+        a.batch,
+        a.link_kbit,
+        &key,
+    )
+    .with_context(|| format!("importing {} into {}", a.src.display(), a.out.display()))?;
     println!(
         "wrote {}: model {} — {} ops, {} cloud linear layers (int8 per channel, planned for {} \
          tokens per request); device.safetensors {} B (embeddings, LayerNorms, scales, biases), \

@@ -31,6 +31,10 @@ pub const MAX_LINEARS: usize = 1024;
 pub const MAX_TABLE_ROWS: usize = 1 << 20;
 /// Largest planned batch (rows per request), the HE engine's batch limit.
 pub const MAX_PLANNED_BATCH: usize = 64;
+/// Link rate the HE plans weigh bytes at when the `[encoder]` section names none (kbit/s).
+pub const DEFAULT_LINK_KBIT_S: u32 = 25_000;
+/// Largest signed link rate (kbit/s): 100 Gbit/s.
+pub const MAX_LINK_KBIT_S: u32 = 100_000_000;
 
 /// The `[encoder]` section: a transformer encoder described as an op graph.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -57,6 +61,11 @@ pub struct EncoderSpec {
     pub ops: Vec<OpSpec>,
     /// Name of the value the graph returns (a `[hidden]` vector).
     pub output: String,
+    /// Link rate (kbit/s, `1..=`[`MAX_LINK_KBIT_S`]) the HE plans of the cloud layers weigh
+    /// bytes at; absent = [`DEFAULT_LINK_KBIT_S`]. Public and signed: device and cloud plan
+    /// with the same value (TDM-PAR-HE-3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_kbit_s: Option<u32>,
 }
 
 /// One linear layer evaluated by the cloud: `acc = Xq · Wqᵀ` on int8 rows.
@@ -83,6 +92,27 @@ pub struct CloudLinear {
     pub weight_bound: i64,
     /// Public bound on the cloud's integer bias (0: the bias is added on the device).
     pub bias_bound: i64,
+    /// Signed bound on every row's Σ|wq| (`1..=in · weight_bound`); absent = the entry bound
+    /// `in · weight_bound`. The HE plan relies on it (TDM-PAR-HE-3); the cloud refuses, at
+    /// load, weights that break it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_row_l1: Option<u64>,
+    /// Signed bound on every row's Σwq² (`1..=in · weight_bound²`); absent = the entry bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_row_sq: Option<u64>,
+}
+
+impl CloudLinear {
+    /// The public bounds its HE plan uses: `(max |wq|, max row Σ|wq|, max row Σwq², max |b|)`
+    /// (what `tandem_he::WeightBounds` takes; `None` = derived from the entry bound).
+    pub fn plan_bounds(&self) -> (u64, Option<u64>, Option<u64>, u64) {
+        (
+            self.weight_bound.unsigned_abs(),
+            self.max_row_l1,
+            self.max_row_sq,
+            self.bias_bound.unsigned_abs(),
+        )
+    }
 }
 
 /// One operation of the graph.
@@ -265,6 +295,12 @@ fn check_name(s: &str) -> bool {
 }
 
 impl EncoderSpec {
+    /// The link rate the HE plans weigh bytes at, kbit/s: the signed `link_kbit_s`, else
+    /// [`DEFAULT_LINK_KBIT_S`].
+    pub fn link_kbit_per_s(&self) -> u32 {
+        self.link_kbit_s.unwrap_or(DEFAULT_LINK_KBIT_S)
+    }
+
     /// Tensors of the encoder with the party whose weights file holds each.
     pub fn tensor_owners(&self) -> Vec<(String, Placement)> {
         let mut v = Vec::new();
@@ -387,6 +423,13 @@ impl EncoderSpec {
         {
             return inv("tokenizer.sha256 must be 64 lower-case hex digits".into());
         }
+        if let Some(k) = self.link_kbit_s {
+            if !(1..=MAX_LINK_KBIT_S).contains(&k) {
+                return inv(format!(
+                    "link_kbit_s = {k} (1..={MAX_LINK_KBIT_S}; omit it for {DEFAULT_LINK_KBIT_S})"
+                ));
+            }
+        }
         if self.linears.is_empty() || self.linears.len() > MAX_LINEARS {
             return inv(format!(
                 "{} linear layers (1..={MAX_LINEARS})",
@@ -409,6 +452,25 @@ impl EncoderSpec {
                     "linear {i} ({:?}): bias_bound must be 0 (the bias is added on the device)",
                     l.name
                 ));
+            }
+            // Row bounds: at least 1 and at most what the entry bound allows (n_in values of
+            // at most weight_bound); anything else is a lie or an overflow.
+            let wb = l.weight_bound.unsigned_abs();
+            let n = l.n_in as u64;
+            for (what, v, cap) in [
+                ("max_row_l1", l.max_row_l1, n.saturating_mul(wb)),
+                ("max_row_sq", l.max_row_sq, n.saturating_mul(wb * wb)),
+            ] {
+                if let Some(v) = v {
+                    if v == 0 || v > cap {
+                        return inv(format!(
+                            "linear {i} ({:?}): {what} = {v} (1..={cap} = in · weight_bound{}); \
+                             re-import the model to recompute it",
+                            l.name,
+                            if what == "max_row_sq" { "²" } else { "" }
+                        ));
+                    }
+                }
             }
             if !check_name(&l.name)
                 || !check_name(&l.weight)

@@ -34,6 +34,8 @@ fn linear(name: &str, n_in: usize, n_out: usize) -> CloudLinear {
         input_bound: 127,
         weight_bound: 127,
         bias_bound: 0,
+        max_row_l1: None,
+        max_row_sq: None,
     }
 }
 
@@ -79,6 +81,7 @@ fn manifest(tokenizer_sha: &str) -> Manifest {
             linears: vec![linear("qkv", H, 3 * H), linear("o", H, H)],
             ops,
             output: "out".into(),
+            link_kbit_s: None,
         },
     )
     .unwrap_or_else(|e| panic!("{e}"))
@@ -250,4 +253,64 @@ fn missing_or_extra_tensors_are_typed() {
         matches!(&r, Err(ModelError::Tensor { name, .. }) if name == "ln.g"),
         "{r:?}"
     );
+}
+
+/// Issue 9 knobs: the link rate and the row bounds are signed with the `[encoder]` section,
+/// survive the round trip through manifest.toml, and zero or overflowing values are refused.
+#[test]
+fn signed_plan_knobs_round_trip_and_bad_values_are_typed() {
+    let mut m = manifest(&sha_hex(b"{}"));
+    enc(&mut m).link_kbit_s = Some(2_000);
+    // Row bounds of the tiny weights (|w| <= 100, 4 per row).
+    enc(&mut m).linears[0].max_row_l1 = Some(400);
+    enc(&mut m).linears[0].max_row_sq = Some(40_000);
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    write(dir.path(), &m, &tensors()).unwrap_or_else(|e| panic!("{e}"));
+    let text = std::fs::read_to_string(dir.path().join("manifest.toml")).unwrap();
+    assert!(text.contains("link_kbit_s = 2000"), "{text}");
+    assert!(text.contains("max_row_l1 = 400"), "{text}");
+    let vk = key().verifying_key();
+    let b = Bundle::load_part(dir.path(), &vk, &Limits::default(), Part::Cloud)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let e = b.encoder().unwrap_or_else(|| panic!("encoder"));
+    assert_eq!(e.link_kbit_per_s(), 2_000);
+    assert_eq!(
+        e.linears[0].plan_bounds(),
+        (127, Some(400), Some(40_000), 0)
+    );
+    assert_eq!(e.linears[1].plan_bounds(), (127, None, None, 0));
+    // Absent knobs: the default link and the entry bounds, and nothing new in the file.
+    let base = manifest(&sha_hex(b"{}"));
+    assert_eq!(base.encoder.as_ref().unwrap().link_kbit_per_s(), 25_000);
+    let plain = toml::to_string(&base).unwrap();
+    assert!(
+        !plain.contains("link_kbit_s") && !plain.contains("max_row"),
+        "{plain}"
+    );
+    // The signature covers the knobs: editing the rate in manifest.toml breaks it.
+    std::fs::write(
+        dir.path().join("manifest.toml"),
+        text.replace("link_kbit_s = 2000", "link_kbit_s = 2001"),
+    )
+    .unwrap();
+    assert!(Bundle::load_part(dir.path(), &vk, &Limits::default(), Part::Cloud).is_err());
+    // Zero / overflowing values are typed graph errors naming the field.
+    type Edit = fn(&mut EncoderSpec);
+    let bad: [(&str, Edit); 5] = [
+        ("link_kbit_s", |e| e.link_kbit_s = Some(0)),
+        ("link_kbit_s", |e| e.link_kbit_s = Some(u32::MAX)),
+        ("max_row_l1", |e| e.linears[1].max_row_l1 = Some(0)),
+        ("max_row_l1", |e| {
+            e.linears[1].max_row_l1 = Some(4 * 127 + 1)
+        }),
+        ("max_row_sq", |e| e.linears[0].max_row_sq = Some(u64::MAX)),
+    ];
+    for (field, f) in bad {
+        let mut m = manifest(&sha_hex(b"{}"));
+        f(enc(&mut m));
+        match graph_err(&m) {
+            GraphError::Invalid(msg) => assert!(msg.contains(field), "{msg}"),
+            other => panic!("{field}: expected Invalid, got {other:?}"),
+        }
+    }
 }

@@ -17,7 +17,7 @@ use tandem_he::{Context, LayerPlan, OutputMode};
 use tandem_model::{Bundle, EncoderSpec, OpKind};
 use tokenizers::{Tokenizer, TruncationParams};
 
-use crate::encrypted::{plan_layer, CloudLayers, DeviceSession, EncryptedLinear};
+use crate::encrypted::{plan_encoder_layer, CloudLayers, DeviceSession, EncryptedLinear};
 use crate::linear::Linear;
 use crate::quant::{ActivationBits, DeviceQuant, QuantizedLinear, QuantizedWeights};
 use crate::sentence::Encoded;
@@ -124,7 +124,8 @@ fn vector(b: &Bundle, name: &str) -> Result<Array1<f32>, OpsError> {
 impl BundleEncoder {
     /// Builds the encoder of a verified encoder bundle (loaded with its device part, and its
     /// cloud part too for [`BundleLinears::Integer`]). In encrypted mode each cloud layer is
-    /// planned from the manifest's public bounds for requests of `encoder.batch` rows (as the
+    /// planned from the manifest's public bounds (row bounds and link rate included,
+    /// [`plan_encoder_layer`]) for requests of `encoder.batch` rows (as the
     /// cloud plans it) and announced to the cloud with [`CloudLayers::load`] (the device part
     /// has no int8 weights: an in-process cloud gets them from the bundle if its cloud part is
     /// loaded, a remote cloud already holds them).
@@ -239,12 +240,11 @@ impl BundleEncoder {
             match &linears {
                 BundleLinears::Integer => built.push(Box::new(QuantizedLinear::new(qw))),
                 BundleLinears::Encrypted { ctx, mode, cloud } => {
-                    let plan =
-                        plan_layer(ctx, *mode, l.n_in, l.n_out, ActivationBits::Int8, enc.batch)
-                            .map_err(|source| OpsError::He {
-                                layer: l.name.clone(),
-                                source,
-                            })?;
+                    let plan = plan_encoder_layer(ctx, *mode, l, enc.batch, enc.link_kbit_per_s())
+                        .map_err(|source| OpsError::He {
+                            layer: l.name.clone(),
+                            source,
+                        })?;
                     cloud.load(index, &plan, &qw)?;
                     plans.push(plan);
                     let session = session.clone().ok_or_else(|| OpsError::Cloud {

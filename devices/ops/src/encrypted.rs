@@ -79,6 +79,40 @@ pub fn plan_layer(
     }
 }
 
+/// The plan of an encoder bundle's cloud linear layer `l` for requests of `batch` rows, from
+/// its signed public fields only: int8 inputs, `weight_bound`, the signed row bounds
+/// (`max_row_l1`, `max_row_sq`; absent = entry bounds) and the signed link rate `link_kbit_s`
+/// (TDM-PAR-HE-3). The cloud plans the same layer from the same fields
+/// (`tandem_cloud`'s registry), so both sides agree on the layout.
+///
+/// # Errors
+/// As [`plan_layer`].
+pub fn plan_encoder_layer(
+    ctx: &Context,
+    mode: OutputMode,
+    l: &tandem_model::CloudLinear,
+    batch: usize,
+    link_kbit_s: u32,
+) -> Result<LayerPlan, HeError> {
+    let (max_abs_weight, max_row_l1, max_row_sq, max_abs_bias) = l.plan_bounds();
+    PreparedLayer::plan_int8_batch_bounded(
+        ctx.params(),
+        mode,
+        l.n_in,
+        l.n_out,
+        tandem_he::WeightBounds {
+            max_abs_weight,
+            max_row_l1,
+            max_row_sq,
+            max_abs_bias,
+        },
+        batch,
+        tandem_he::LinkModel {
+            kbit_per_s: link_kbit_s,
+        },
+    )
+}
+
 /// The cloud side of the encrypted linear layers of one model, indexed by execution order.
 ///
 /// Bytes in, bytes out: a request is an [`EncryptedInput`] blob, a reply an [`EncryptedOutput`]

@@ -81,7 +81,8 @@ fn f32t(name: &str, shape: Vec<usize>, v: Vec<f32>) -> NamedTensor {
 }
 
 /// Converts the sentence-transformers directory `src` into a signed bundle in `out`
-/// (created), model id `id`, cloud layers planned for requests of `batch` tokens.
+/// (created), model id `id`, cloud layers planned for requests of `batch` tokens at the
+/// default link rate ([`import_bert_with_link`] with `None`).
 ///
 /// # Errors
 /// The errors of [`SentenceEncoder::load_with`] for the source directory, [`OpsError::Bundle`]
@@ -91,6 +92,24 @@ pub fn import_bert(
     out: &Path,
     id: &str,
     batch: usize,
+    key: &SigningKey,
+) -> Result<ImportSummary, OpsError> {
+    import_bert_with_link(src, out, id, batch, None, key)
+}
+
+/// [`import_bert`] that also signs `link_kbit_s` (kbit/s, the link rate the HE plans weigh
+/// bytes at; `None` leaves it out: 25 000). Always signs each cloud layer's row bounds
+/// (max row Σ|wq| and Σwq² of the int8 weights it ships), which device and cloud plan with
+/// (TDM-PAR-HE-3).
+///
+/// # Errors
+/// As [`import_bert`]; [`OpsError::Bundle`] for a link rate out of `1..=100 000 000`.
+pub fn import_bert_with_link(
+    src: &Path,
+    out: &Path,
+    id: &str,
+    batch: usize,
+    link_kbit_s: Option<u32>,
     key: &SigningKey,
 ) -> Result<ImportSummary, OpsError> {
     let mut rec = Recorder(Vec::new());
@@ -152,6 +171,14 @@ pub fn import_bert(
         let q = QuantizedWeights::quantize(spec, ActivationBits::Int8)?;
         let (n_out, n_in) = q.weights.dim();
         let name = spec.name.clone();
+        let w: Vec<i8> = q
+            .weights
+            .iter()
+            .map(|&v| i8::try_from(v).unwrap_or(0))
+            .collect();
+        // The bounds of exactly the int8 weights shipped (0 = an all-zero layer: left out).
+        let wide: Vec<i64> = w.iter().map(|&v| i64::from(v)).collect();
+        let rb = tandem_he::WeightBounds::of(&wide, n_in, &[]);
         let l = CloudLinear {
             name: name.clone(),
             n_in,
@@ -162,12 +189,9 @@ pub fn import_bert(
             input_bound: ActivationBits::Int8.q_max(),
             weight_bound: crate::quant::WEIGHT_Q_MAX,
             bias_bound: 0,
+            max_row_l1: rb.max_row_l1.filter(|&v| v > 0),
+            max_row_sq: rb.max_row_sq.filter(|&v| v > 0),
         };
-        let w: Vec<i8> = q
-            .weights
-            .iter()
-            .map(|&v| i8::try_from(v).unwrap_or(0))
-            .collect();
         linear_tensors.push(NamedTensor {
             name: l.weight.clone(),
             shape: vec![n_out, n_in],
@@ -258,6 +282,7 @@ pub fn import_bert(
             linears,
             ops,
             output: output.into(),
+            link_kbit_s,
         },
     )?;
     tandem_model::write_bundle(out, &manifest, &tensors, key)?;
