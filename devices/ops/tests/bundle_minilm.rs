@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use tandem_he::{Context, EvalOptions, OutputMode, DEFAULT_PARAMETERS};
 use tandem_model::{Bundle, Limits, Part, SigningKey};
-use tandem_ops::import::import_bert;
+use tandem_ops::import::{import_bert, import_bert_with_link};
 use tandem_ops::{
     default_model_dir, BundleEncoder, BundleLinears, InProcessCloud, PrecisionPolicy,
     QuantizedLinears, SentenceEncoder,
@@ -89,4 +89,50 @@ fn minilm_bundle_integer_and_encrypted_equal_the_checkpoint_integer_pipeline() {
     }
     let stats = encrypted.session().unwrap().stats();
     assert_eq!(stats.requests, 24 * SENTENCES.len() as u64);
+}
+
+/// Issue 9: `import_bert_with_link` signs the link rate and the exact row bounds of the int8
+/// weights it ships; the encrypted graph planned from them (denser uploads, smaller ranges)
+/// still equals the integer pipeline bit for bit.
+#[test]
+fn minilm_bundle_with_signed_bounds_and_link_stays_exact() {
+    let Some(src) = model_dir("the MiniLM bundle with signed bounds") else {
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let key = SigningKey::from_bytes(&[9u8; 32]);
+    import_bert_with_link(&src, out.path(), "all-minilm-l6-v2", 16, Some(2_000), &key).unwrap();
+    let vk = key.verifying_key();
+    let full = Bundle::load_part(out.path(), &vk, &Limits::default(), Part::Full).unwrap();
+    let enc = full.encoder().unwrap();
+    assert_eq!(enc.link_kbit_s, Some(2_000));
+    let layers = full.cloud_layers().unwrap();
+    assert_eq!(layers.len(), enc.linears.len());
+    for (l, cl) in enc.linears.iter().zip(layers) {
+        let actual = tandem_he::WeightBounds::of(&cl.weights, cl.n_in, &[]);
+        assert_eq!(
+            (l.max_row_l1, l.max_row_sq),
+            (actual.max_row_l1, actual.max_row_sq),
+            "{}",
+            l.name
+        );
+        assert!(l.max_row_l1.unwrap() < (l.n_in as u64) * 127, "{}", l.name);
+    }
+    let integer = BundleEncoder::from_bundle(&full, BundleLinears::Integer).unwrap();
+    let ctx = Arc::new(Context::new(DEFAULT_PARAMETERS));
+    let cloud = Arc::new(InProcessCloud::new(ctx.clone(), EvalOptions::default()));
+    let encrypted = BundleEncoder::from_bundle(
+        &full,
+        BundleLinears::Encrypted {
+            ctx,
+            mode: OutputMode::Packed,
+            cloud,
+        },
+    )
+    .unwrap();
+    encrypted.upload_key().unwrap();
+    let text = SENTENCES[0];
+    let i = integer.embed(text).unwrap();
+    let e = encrypted.embed(text).unwrap();
+    assert_eq!(i.to_vec(), e.to_vec(), "encrypted vs integer: {text:?}");
 }
