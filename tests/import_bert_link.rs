@@ -1,0 +1,78 @@
+//! `tandem model import-bert --link-kbit N` (issue 9), run as the built binary: the bundle
+//! signs the link rate only when it is given and always the row bounds of its int8 weights;
+//! a zero rate is refused with the field named and no bundle signed.
+//!
+//! Needs all-MiniLM-L6-v2 from `scripts/fetch-minilm.sh`: without it the test prints
+//! `SKIPPED: …` and checks nothing; with `TANDEM_MINILM_DIR` set a missing model is a failure.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn model_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("TANDEM_MINILM_DIR").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tandem/minilm"),
+        PathBuf::from,
+    );
+    if dir.join("model.safetensors").exists() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var_os("TANDEM_MINILM_DIR").is_none(),
+        "TANDEM_MINILM_DIR={} has no model.safetensors; run scripts/fetch-minilm.sh",
+        dir.display()
+    );
+    eprintln!(
+        "SKIPPED: no MiniLM model in {} (run scripts/fetch-minilm.sh and set TANDEM_MINILM_DIR); \
+         import-bert --link-kbit was NOT checked",
+        dir.display()
+    );
+    None
+}
+
+fn import(src: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "model".to_string(),
+        "import-bert".into(),
+        src.display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+        "--key".into(),
+        "models/dev-signing-key.txt".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(&args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn import_bert_signs_row_bounds_always_and_the_link_only_when_given() {
+    let Some(src) = model_dir() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = |out: &Path| std::fs::read_to_string(out.join("manifest.toml")).unwrap();
+
+    let plain = tmp.path().join("plain");
+    let o = import(&src, &plain, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = manifest(&plain);
+    assert!(!m.contains("link_kbit_s"), "no --link-kbit, no field");
+    assert_eq!(m.matches("max_row_l1 = ").count(), 24, "every cloud layer");
+    assert_eq!(m.matches("max_row_sq = ").count(), 24, "every cloud layer");
+
+    let slow = tmp.path().join("slow");
+    let o = import(&src, &slow, &["--link-kbit", "2000"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(manifest(&slow).contains("link_kbit_s = 2000"));
+
+    let zero = tmp.path().join("zero");
+    let o = import(&src, &zero, &["--link-kbit", "0"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("link_kbit_s"), "{err}");
+    assert!(!zero.join("manifest.sig").exists(), "nothing signed");
+}
