@@ -95,6 +95,10 @@ enum Command {
         /// committed `models/dev-signing-key.txt` works and prints a warning).
         #[arg(long)]
         key: PathBuf,
+        /// Verifying key the bundle must verify under before it is re-signed (default: the
+        /// verifying key of `--key`).
+        #[arg(long)]
+        pubkey: Option<PathBuf>,
     },
 }
 
@@ -168,7 +172,8 @@ fn main() -> anyhow::Result<()> {
             epsilons,
             grid,
             key,
-        } => cli::privacy_train::run(&dataset, &bundle, &epsilons, grid, &key),
+            pubkey,
+        } => cli::privacy_train::run(&dataset, &bundle, &epsilons, grid, &key, pubkey.as_deref()),
         Command::PrivacyCurve { dataset, out, json } => {
             cli::dp::privacy_curve(&dataset, &out, json)
         }

@@ -556,6 +556,12 @@ impl Device {
             Protection::Noised { epsilon } | Protection::NoisedEncrypted { epsilon } => epsilon,
             _ => return Ok(None),
         };
+        if !(epsilon.is_finite() && epsilon > 0.0) {
+            return Err(tandem_dp::DpError::InvalidParameter(format!(
+                "epsilon must be finite and > 0, got {epsilon}; nothing charged or sent"
+            ))
+            .into());
+        }
         let vs = self.bundle.variants();
         if vs.is_empty() {
             return Ok(None);
@@ -563,7 +569,7 @@ impl Device {
         if let Some(v) = self.bundle.variant_for(epsilon) {
             return Ok(vs.iter().position(|w| w.layer_id() == v.layer_id()));
         }
-        if self.opts.dp.allow_untrained_epsilon && epsilon.is_finite() && epsilon > 0.0 {
+        if self.opts.dp.allow_untrained_epsilon {
             let dist = |v: &Variant| (v.epsilon() / epsilon).ln().abs();
             return Ok(vs
                 .iter()

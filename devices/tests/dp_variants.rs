@@ -95,6 +95,16 @@ async fn a_model_trained_for_eps_8_refuses_eps_4_unless_overridden() {
     let mut o = dev_opts(&pki, cloud.local_addr(), &model, tmp.path());
     o.dp.allow_untrained_epsilon = true;
     let mut dev = Device::connect(o).await.unwrap();
+    // The override never covers an ε that is no ε at all: typed, before any charge or send.
+    for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        match dev.infer(&x, Protection::Noised { epsilon: bad }).await {
+            Err(DeviceError::Dp(DpError::InvalidParameter(m))) => {
+                assert!(m.contains("epsilon must be finite and > 0"), "{m}");
+            }
+            other => panic!("epsilon {bad}: expected InvalidParameter, got {other:?}"),
+        }
+    }
+    assert_eq!(dev.ledger_records(), 1, "invalid epsilon: nothing charged");
     assert_eq!(
         dev.variant_index(Protection::Noised { epsilon: 4.0 })
             .unwrap(),

@@ -83,8 +83,8 @@ pub struct PlanArgs {
     /// δ of each release.
     #[arg(long, default_value_t = 1e-5)]
     delta: f64,
-    /// Remaining privacy budget, zCDP ρ (default: ε = 100 at δ = 1e-5, the device's default
-    /// daily budget, untouched).
+    /// Remaining privacy budget, zCDP ρ (default: the device's default daily budget,
+    /// `DpOptions::default()`: ε = 8 at δ = 1e-5, untouched).
     #[arg(long)]
     budget_rho: Option<f64>,
     /// Forbid an output mode (`packed` or `nokey`).
@@ -358,7 +358,10 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     }
     let remaining_rho = match a.budget_rho {
         Some(r) => r,
-        None => tandem::dp::mechanism::epsilon_delta_to_rho(100.0, 1e-5)?,
+        None => {
+            let d = tandem::device::DpOptions::default();
+            tandem::dp::mechanism::epsilon_delta_to_rho(d.budget_epsilon, d.delta)?
+        }
     };
     let radio = match a.radio.as_str() {
         "wifi" => Radio::Wifi,

@@ -7,7 +7,7 @@ use tandem_dp::bottleneck::{self, Channel};
 use tandem_dp::utility::{self, Dataset};
 use tandem_dp::Mechanism;
 
-/// `tandem privacy-train --dataset D --bundle DIR --epsilons 4,8,16 [--grid 64] [--key F]`:
+/// `tandem privacy-train --dataset D --bundle DIR --epsilons 4,8,16 [--grid 64] --key F [--pubkey P]`:
 /// trains the noise-trained bottleneck variants of issue 11 (discrete Laplace, one per ε,
 /// `tandem_dp::bottleneck::train_variants`), writes them into the bundle's `[privacy]` section
 /// (device tensors in the device file, the int8 cloud layer in the cloud file) and re-signs
@@ -24,12 +24,57 @@ pub fn run(
     epsilons: &[f64],
     grid: f64,
     key: &Path,
+    pubkey: Option<&Path>,
 ) -> anyhow::Result<()> {
     use tandem_model::{
         DpMechanism, LayerKind, LayerSpec, NamedTensor, Placement, PrivacySpec, PrivacyTraining,
         QuantSpec, TensorData, VariantSpec,
     };
     const CLAMP: i64 = 127;
+    // Everything that can be checked before minutes of training is checked first.
+    anyhow::ensure!(
+        !epsilons.is_empty() && epsilons.len() <= 16,
+        "--epsilons: give 1 to 16 values"
+    );
+    anyhow::ensure!(
+        epsilons.iter().all(|e| e.is_finite() && *e > 0.0),
+        "--epsilons: every ε must be finite and > 0"
+    );
+    anyhow::ensure!(
+        epsilons.windows(2).all(|w| w[0] < w[1]),
+        "--epsilons must be strictly increasing (e.g. 4,8,16)"
+    );
+    anyhow::ensure!(
+        grid.is_finite() && grid >= 1.0,
+        "--grid must be a finite number >= 1"
+    );
+    let signing = tandem_model::read_signing_key(key)?;
+    if tandem_model::is_dev_key(&signing.verifying_key()) {
+        eprintln!(
+            "warning: {} is the public DEVELOPMENT signing key: anyone can sign with it",
+            key.display()
+        );
+    }
+    // Re-signing must never launder a bundle whose present signature does not verify.
+    let current_vk = match pubkey {
+        Some(p) => tandem_model::read_verifying_key(p)?,
+        None => signing.verifying_key(),
+    };
+    let current = tandem_model::Bundle::load(bundle, &current_vk, &tandem_model::Limits::default())
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {e} — the bundle must verify under the key it is signed with now \
+                 (--pubkey; default: the verifying key of --key) before it is re-signed",
+                bundle.display()
+            )
+        })?;
+    anyhow::ensure!(
+        current.manifest().dataset == dataset,
+        "{}: the bundle was trained on dataset {:?}, not {dataset:?}",
+        bundle.display(),
+        current.manifest().dataset
+    );
+    drop(current);
     let ds = Dataset::load(dataset, &utility::data_dir())?;
     let (d, scores) = bottleneck::choose_dim_at(&ds, grid, CLAMP as f64)?;
     eprintln!(
@@ -140,13 +185,6 @@ pub fn run(
         }),
         variants,
     };
-    let signing = tandem_model::read_signing_key(key)?;
-    if tandem_model::is_dev_key(&signing.verifying_key()) {
-        eprintln!(
-            "warning: {} is the public DEVELOPMENT signing key: anyone can sign with it",
-            key.display()
-        );
-    }
     tandem_model::attach_privacy(bundle, spec.clone(), tensors.clone(), &signing)?;
     // Measure through the signed bundle's own pipeline, then record the figures.
     let vk = signing.verifying_key();

@@ -91,7 +91,7 @@ pub enum DpError {
     /// `DpOptions::allow_untrained_epsilon` to release with the nearest trained variant (its
     /// accuracy at the requested ε is then unmeasured).
     #[error(
-        "the model was not trained for epsilon {requested} (trained: {trained:?}); nothing          charged or sent: use a trained epsilon or set DpOptions::allow_untrained_epsilon"
+        "the model was not trained for epsilon {requested} (trained: {trained:?}); nothing charged or sent: use a trained epsilon or let the app override (DpOptions::allow_untrained_epsilon; device.toml: allow_untrained_epsilon = true)"
     )]
     UntrainedEpsilon {
         /// The ε asked for.
