@@ -52,8 +52,23 @@ pub enum DeviceError {
         hint: &'static str,
     },
     /// The privacy budget of this window would be exceeded; nothing was charged or sent.
-    #[error("privacy budget exceeded")]
-    BudgetExceeded,
+    #[error(
+        "privacy budget exceeded: this window has spent epsilon {spent_epsilon:.4} of {}; this \
+         release needs epsilon {requested_epsilon}; nothing charged or sent. The window resets \
+         in {resets_in_secs} s; a larger budget is the app's choice (DpOptions::budget_epsilon, \
+         device.toml budget_epsilon)",
+        budget_epsilon.map_or_else(|| "the rho budget".to_string(), |e| e.to_string())
+    )]
+    BudgetExceeded {
+        /// ε already spent in this window (the ledger's tightest bound, at the policy's δ).
+        spent_epsilon: f64,
+        /// ε of the refused release.
+        requested_epsilon: f64,
+        /// The window's ε budget (`None` when the budget was given as zCDP ρ).
+        budget_epsilon: Option<f64>,
+        /// Seconds until the next window starts.
+        resets_in_secs: u64,
+    },
     /// The cloud did not answer in time.
     #[error("timed out")]
     Timeout,

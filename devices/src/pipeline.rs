@@ -486,7 +486,18 @@ impl Device {
             .accountant
             .would_exceed_cost(&self.opts.ledger_id, now, cost)
         {
-            return Err(DeviceError::BudgetExceeded);
+            let policy = self.accountant.policy();
+            let spent_epsilon = self
+                .accountant
+                .spent_epsilon(&self.opts.ledger_id, now, self.opts.dp.delta)
+                .unwrap_or(f64::NAN);
+            let w = policy.window_secs;
+            return Err(DeviceError::BudgetExceeded {
+                spent_epsilon,
+                requested_epsilon: epsilon,
+                budget_epsilon: policy.epsilon_per_window,
+                resets_in_secs: w - now % w,
+            });
         }
         let receipt = self
             .accountant

@@ -198,7 +198,14 @@ async fn default_budget_is_one_eps_8_release_a_day() {
     let spent = dev.epsilon_spent_total().unwrap();
     assert!((7.99..=8.0 + 1e-9).contains(&spent), "ε spent {spent}");
     match dev.infer(&x, p).await {
-        Err(DeviceError::BudgetExceeded) => {}
+        Err(DeviceError::BudgetExceeded {
+            requested_epsilon,
+            budget_epsilon,
+            ..
+        }) => {
+            assert_eq!(requested_epsilon, 8.0);
+            assert_eq!(budget_epsilon, Some(8.0));
+        }
         other => panic!("expected BudgetExceeded, got {other:?}"),
     }
     assert_eq!(dev.ledger_records(), 1);
