@@ -359,18 +359,7 @@ impl BundleEncoder {
     /// # Errors
     /// [`OpsError::Tokenizer`].
     pub fn encode(&self, text: &str) -> Result<Encoded, OpsError> {
-        let enc = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|source| OpsError::Tokenizer {
-                path: self.tokenizer_path.clone(),
-                source,
-            })?;
-        Ok(Encoded {
-            ids: enc.get_ids().to_vec(),
-            type_ids: enc.get_type_ids().to_vec(),
-            mask: enc.get_attention_mask().iter().map(|&m| m != 0).collect(),
-        })
+        crate::sentence::tokenize(&self.tokenizer, &self.tokenizer_path, text)
     }
 
     /// The sentence embedding of `text` (`[hidden]`).

@@ -124,18 +124,7 @@ impl SentenceEncoder {
     /// # Errors
     /// [`OpsError::Tokenizer`].
     pub fn encode(&self, text: &str) -> Result<Encoded, OpsError> {
-        let enc = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|source| OpsError::Tokenizer {
-                path: self.tokenizer_path.clone(),
-                source,
-            })?;
-        Ok(Encoded {
-            ids: enc.get_ids().to_vec(),
-            type_ids: enc.get_type_ids().to_vec(),
-            mask: enc.get_attention_mask().iter().map(|&m| m != 0).collect(),
-        })
+        tokenize(&self.tokenizer, &self.tokenizer_path, text)
     }
 
     /// The sentence embedding of `text`: `[H]`, unit L2 norm when the model normalises.
@@ -191,4 +180,24 @@ fn load_tokenizer(path: &Path, max_seq_length: usize) -> Result<Tokenizer, OpsEr
         }))
         .map_err(err)?;
     Ok(tokenizer)
+}
+
+/// Tokenises `text` with `tokenizer` (loaded from `path`, named in errors): ids, type ids and
+/// the attention mask, as the tokenizer's truncation leaves them, no padding.
+pub(crate) fn tokenize(
+    tokenizer: &Tokenizer,
+    path: &Path,
+    text: &str,
+) -> Result<Encoded, OpsError> {
+    let enc = tokenizer
+        .encode(text, true)
+        .map_err(|source| OpsError::Tokenizer {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(Encoded {
+        ids: enc.get_ids().to_vec(),
+        type_ids: enc.get_type_ids().to_vec(),
+        mask: enc.get_attention_mask().iter().map(|&m| m != 0).collect(),
+    })
 }
