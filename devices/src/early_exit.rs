@@ -99,14 +99,25 @@ impl Device {
     /// bundle has a head and its confidence is at least τ; otherwise
     /// [`Device::infer`]`(input, protection)`.
     ///
+    /// With [`Protection::Auto`] the planner decides (TDM-PLAN-6): the exit head's verdict
+    /// makes answering locally a candidate exactly when its confidence is at least τ (early
+    /// exit on), and the plan picks among it and the offload candidates the policy allows;
+    /// [`Device::last_plan`] shows the plan and which happened. The device learns the wall
+    /// time of its local answers (head and plan included) for the `local` candidate's
+    /// predicted latency.
+    ///
     /// # Errors
-    /// [`DeviceError::Model`] for a bad input (before anything is charged or sent); otherwise
-    /// as [`Device::infer`].
+    /// [`DeviceError::Model`] for a bad input (before anything is charged or sent);
+    /// [`DeviceError::NoFeasiblePlan`] when `Auto` finds nothing feasible; otherwise as
+    /// [`Device::infer`].
     pub async fn answer(
         &mut self,
         input: &[f32],
         protection: Protection,
     ) -> Result<Answer, DeviceError> {
+        if protection == Protection::Auto {
+            return self.answer_auto(input).await;
+        }
         let mut confidence = None;
         if self.early_exit == EarlyExit::On {
             let start = Instant::now();
@@ -127,5 +138,40 @@ impl Device {
             confidence,
             inference,
         })
+    }
+
+    async fn answer_auto(&mut self, input: &[f32]) -> Result<Answer, DeviceError> {
+        let start = Instant::now();
+        let verdict = self.exit_verdict(input)?;
+        let confidence = verdict.as_ref().map(|(v, _)| v.confidence);
+        match self.resolve_auto_with(verdict.as_ref().map(|(v, _)| *v))? {
+            None => {
+                // Chosen only with a verdict (the head was confident).
+                let (_, out) =
+                    verdict.ok_or_else(|| DeviceError::NoFeasiblePlan(self.last_plan_text()))?;
+                let device_ms = start.elapsed().as_secs_f64() * 1e3;
+                self.learn_local(device_ms);
+                Ok(Answer::Local {
+                    class: out.class,
+                    confidence: out.confidence,
+                    logits: out.logits,
+                    device_ms,
+                })
+            }
+            Some((p, cloud_ms)) => {
+                let inference = Box::pin(self.infer(input, p)).await?;
+                self.learn(&inference, cloud_ms);
+                Ok(Answer::Offloaded {
+                    confidence,
+                    inference,
+                })
+            }
+        }
+    }
+
+    fn last_plan_text(&self) -> String {
+        self.last_plan()
+            .map(crate::planner::Plan::explain)
+            .unwrap_or_default()
     }
 }

@@ -1,4 +1,4 @@
-//! Device energy constants for the planner (issue 10; `specs/planner.md` §3).
+//! Device energy constants for the planner (issue 10; `specs/planner.md` §2).
 //!
 //! Every constant cites its published source. They are estimates for ranking candidates, not
 //! a power meter: arithmetic energy is a lower bound (it leaves out DRAM traffic), radio
@@ -13,6 +13,14 @@ pub const F32_MAC_PJ: f64 = 3.7 + 0.9;
 /// 32-bit integer multiply 3.1 pJ + add 0.1 pJ (Horowitz, ISSCC 2014), doubled for 64 bits
 /// and doubled again for the modular reduction (an estimate, stated as such).
 pub const U64_MODMAC_PJ: f64 = 4.0 * (3.1 + 0.1);
+
+/// Active power of one big mobile CPU core running flat out, in milliwatts: 750 mW, Arm's
+/// stated per-core power target for the Cortex-A76 at 3 GHz on 7 nm (the big core of 2019–20
+/// flagship phones), as reported by A. Frumusanu, "Arm's Cortex-A76 CPU Unveiled: Taking Aim
+/// at the Top for 7nm", AnandTech, 31 May 2018 (section "Performance & Power Projections").
+/// A vendor target, not a measurement: the device's CPU energy for work that is timed
+/// rather than counted (encryption, decryption, noise sampling) is `measured ms × this`.
+pub const CPU_CORE_ACTIVE_MW: f64 = 750.0;
 
 /// The radio a transfer uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -84,6 +92,16 @@ pub fn compute_mj(macs: u64) -> f64 {
     macs as f64 * F32_MAC_PJ * 1e-9
 }
 
+/// Energy in millijoules of one CPU core busy for `ms` milliseconds at
+/// [`CPU_CORE_ACTIVE_MW`] (non-finite or negative times count as 0).
+pub fn cpu_mj(ms: f64) -> f64 {
+    if ms.is_finite() && ms > 0.0 {
+        CPU_CORE_ACTIVE_MW * ms / 1e3
+    } else {
+        0.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,6 +113,14 @@ mod tests {
         // 8 Mbit × 438.39 mJ/Mbit and × 283.17 mJ/Mbit.
         assert!((lte - 8.0 * 438.39).abs() < 1e-9);
         assert!((wifi - 8.0 * 283.17).abs() < 1e-9);
+    }
+
+    #[test]
+    fn cpu_energy_is_time_times_power() {
+        // 750 mW for 2 ms = 1.5 mJ.
+        assert!((cpu_mj(2.0) - 2.0 * CPU_CORE_ACTIVE_MW / 1e3).abs() < 1e-12);
+        assert_eq!(cpu_mj(f64::NAN), 0.0);
+        assert_eq!(cpu_mj(-1.0), 0.0);
     }
 
     #[test]

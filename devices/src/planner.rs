@@ -214,6 +214,31 @@ pub enum Objective {
     Energy,
 }
 
+/// The early-exit head's verdict on this request (TDM-EXIT-1, `specs/planner.md` §7): given
+/// when the bundle carries a signed exit head and the app turned early exit on.
+///
+/// Answering locally is a candidate when `confidence >= threshold` (the cascade's calibrated
+/// accuracy then applies, [`ModelCosts::local_accuracy`]); below τ the `local` candidate is
+/// refused with [`Refusal::NotConfident`] unless the app accepts the device model's accuracy
+/// ([`AppPolicy::allow_local`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExitVerdict {
+    /// The head's confidence (largest softmax probability), in `(0, 1]`.
+    pub confidence: f64,
+    /// The signed τ.
+    pub threshold: f64,
+    /// Measured time of the device's local path (device layers, head and plan), ms: the
+    /// `local` candidate's latency. `None`: `local_macs × ns_per_mac` until measured.
+    pub local_ms: Option<f64>,
+}
+
+impl ExitVerdict {
+    /// Whether the head is confident enough to answer (`confidence >= threshold`).
+    pub fn confident(&self) -> bool {
+        self.confidence >= self.threshold
+    }
+}
+
 /// Everything [`plan`] reads.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlanInputs {
@@ -229,6 +254,9 @@ pub struct PlanInputs {
     pub remaining_rho: f64,
     /// What to minimise.
     pub objective: Objective,
+    /// The exit head's verdict on this request (`None`: early exit off or no head; then
+    /// `local` is a candidate only if [`AppPolicy::allow_local`]).
+    pub exit: Option<ExitVerdict>,
 }
 
 /// Why a candidate cannot be chosen.
@@ -242,15 +270,37 @@ pub enum Refusal {
     Budget,
     /// No usable link.
     NoLink,
+    /// `local` only: the exit head's confidence is below τ and the app does not accept the
+    /// device model's accuracy.
+    NotConfident,
 }
 
 impl Refusal {
-    fn name(self) -> &'static str {
+    /// Stable short name, as printed by [`Plan::explain`].
+    pub fn name(self) -> &'static str {
         match self {
             Self::Policy => "policy",
             Self::Accuracy => "accuracy",
             Self::Budget => "budget",
             Self::NoLink => "no link",
+            Self::NotConfident => "exit head below tau",
+        }
+    }
+
+    /// What the refusal means and what would lift it, for [`Plan::explain`].
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Policy => "the app's policy does not allow this protection or output mode",
+            Self::Accuracy => "predicted accuracy below the policy's accuracy floor",
+            Self::Budget => {
+                "its epsilon would exceed the privacy budget left in this window (the ledger \
+                 would refuse it)"
+            }
+            Self::NoLink => "no usable link (bandwidth 0 or RTT unknown)",
+            Self::NotConfident => {
+                "the exit head's confidence is below its signed tau and the app does not \
+                 accept the device model's own accuracy"
+            }
         }
     }
 }
@@ -306,6 +356,8 @@ pub struct Plan {
     pub chosen: Option<usize>,
     /// The objective used.
     pub objective: Objective,
+    /// The exit head's verdict the plan used (`None`: early exit off or no head).
+    pub exit: Option<ExitVerdict>,
 }
 
 impl Plan {
@@ -314,7 +366,16 @@ impl Plan {
         self.chosen.and_then(|i| self.candidates.get(i))
     }
 
-    /// A table of every candidate with its predicted costs; the choice is marked `*`.
+    /// Whether the chosen candidate answers on the device (early exit or accepted local).
+    pub fn answers_locally(&self) -> bool {
+        self.choice()
+            .is_some_and(|c| c.protection == PlanProtection::Local)
+    }
+
+    /// A table of every candidate with its predicted costs (latency in ms, device energy in
+    /// mJ, bytes per request including a not-yet-registered key, accuracy in [0, 1], ρ in
+    /// zCDP units); the choice is marked `*`, refused candidates say why, and the last lines
+    /// say whether the request is answered locally through the exit head or offloaded.
     pub fn explain(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(
@@ -345,9 +406,42 @@ impl Plan {
             Objective::Latency => "latency",
             Objective::Energy => "energy",
         };
+        let mut reasons: Vec<Refusal> = self.candidates.iter().filter_map(|c| c.refused).collect();
+        reasons.sort_by_key(|r| *r as u8);
+        reasons.dedup();
+        for r in reasons {
+            let _ = writeln!(out, "refused: {}: {}", r.name(), r.reason());
+        }
+        match self.exit {
+            Some(e) if e.confident() => {
+                let _ = writeln!(
+                    out,
+                    "early exit: exit head confidence {:.4} >= tau {:.4}: answering locally is a candidate",
+                    e.confidence, e.threshold
+                );
+            }
+            Some(e) => {
+                let _ = writeln!(
+                    out,
+                    "early exit: exit head confidence {:.4} < tau {:.4}: not confident, the request is offloaded",
+                    e.confidence, e.threshold
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "early exit: not evaluated (off, or no exit head in the bundle)"
+                );
+            }
+        }
         match self.choice() {
             Some(c) => {
-                let _ = writeln!(out, "choice (minimum {obj}): {}", c.name());
+                let how = if c.protection == PlanProtection::Local {
+                    "answered on the device, nothing sent"
+                } else {
+                    "offloaded"
+                };
+                let _ = writeln!(out, "choice (minimum {obj}): {} ({how})", c.name());
             }
             None => {
                 let _ = writeln!(out, "no feasible candidate");
@@ -381,6 +475,7 @@ pub fn plan(inputs: &PlanInputs) -> Plan {
         candidates,
         chosen,
         objective: inputs.objective,
+        exit: inputs.exit,
     }
 }
 
@@ -399,19 +494,29 @@ fn candidates(inp: &PlanInputs) -> Vec<Candidate> {
     let compute_ms = |macs: u64| macs as f64 * finite_nonneg(dev.ns_per_mac) / 1e6;
     let mut out = Vec::new();
 
-    // Local: nothing leaves the device.
-    let local_refused = if !pol.allow_local {
-        Some(Refusal::Policy)
+    // Local: nothing leaves the device. A candidate only when the exit head is confident or
+    // the app accepts the device model's accuracy (issue 10).
+    let confident = inp.exit.is_some_and(|e| e.confident());
+    let local_refused = if !pol.allow_local && !confident {
+        Some(match inp.exit {
+            Some(_) => Refusal::NotConfident,
+            None => Refusal::Policy,
+        })
     } else if inp.model.local_accuracy < pol.accuracy_floor {
         Some(Refusal::Accuracy)
     } else {
         None
     };
+    let local_ms = inp
+        .exit
+        .and_then(|e| e.local_ms)
+        .filter(|t| t.is_finite() && *t >= 0.0)
+        .unwrap_or_else(|| compute_ms(inp.model.local_macs));
     out.push(Candidate {
         split: None,
         protection: PlanProtection::Local,
         mode: None,
-        latency_ms: compute_ms(inp.model.local_macs),
+        latency_ms: local_ms,
         energy_mj: crate::energy::compute_mj(inp.model.local_macs),
         bytes_up: 0,
         bytes_down: 0,
@@ -426,18 +531,23 @@ fn candidates(inp: &PlanInputs) -> Vec<Candidate> {
         let device_macs = s.device_prefix_macs + s.device_suffix_macs;
         let device_ms = compute_ms(device_macs);
         // One request/response exchange = one round trip.
-        let price = |up: u64, down: u64, local_ms: f64, cloud_ms: f64, extra_rtts: f64| {
-            if !link.usable() {
-                return (f64::INFINITY, f64::INFINITY);
-            }
-            let net_ms =
-                link.transfer_ms(up) + link.transfer_ms(down) + (1.0 + extra_rtts) * link.rtt_ms;
-            let latency = local_ms + net_ms + finite_nonneg(cloud_ms);
-            // The radio stays active while waiting for the cloud.
-            let energy = crate::energy::compute_mj(device_macs)
-                + radio.transfer_mj(up, down, net_ms + finite_nonneg(cloud_ms));
-            (latency, energy)
-        };
+        // `cpu_ms`: the device's CPU time besides the multiply-adds (noise sampling,
+        // encryption, decryption), priced at the CPU's active power (TDM-PLAN-2).
+        let price =
+            |up: u64, down: u64, local_ms: f64, cpu_ms: f64, cloud_ms: f64, extra_rtts: f64| {
+                if !link.usable() {
+                    return (f64::INFINITY, f64::INFINITY);
+                }
+                let net_ms = link.transfer_ms(up)
+                    + link.transfer_ms(down)
+                    + (1.0 + extra_rtts) * link.rtt_ms;
+                let latency = local_ms + net_ms + finite_nonneg(cloud_ms);
+                // The radio stays active while waiting for the cloud.
+                let energy = crate::energy::compute_mj(device_macs)
+                    + crate::energy::cpu_mj(cpu_ms)
+                    + radio.transfer_mj(up, down, net_ms + finite_nonneg(cloud_ms));
+                (latency, energy)
+            };
         // Encrypted and noised-encrypted: one per output mode.
         let mut protections: Vec<(PlanProtection, f64, f64, bool)> = Vec::new();
         protections.push((
@@ -466,13 +576,13 @@ fn candidates(inp: &PlanInputs) -> Vec<Candidate> {
                 } else {
                     (m.key_bytes, 1.0)
                 };
-                let local_ms = device_ms
-                    + finite_nonneg(noise_ms)
+                let cpu_ms = finite_nonneg(noise_ms)
                     + finite_nonneg(m.encrypt_ms)
                     + finite_nonneg(m.decrypt_ms);
+                let local_ms = device_ms + cpu_ms;
                 let up = m.upload_bytes + key_up;
                 let (latency_ms, energy_mj) =
-                    price(up, m.download_bytes, local_ms, m.cloud_ms, key_rtt);
+                    price(up, m.download_bytes, local_ms, cpu_ms, m.cloud_ms, key_rtt);
                 let refused = refusal(
                     allowed && pol.output_modes.contains(&m.mode),
                     accuracy,
@@ -501,6 +611,7 @@ fn candidates(inp: &PlanInputs) -> Vec<Candidate> {
                 s.clear_upload_bytes,
                 s.clear_download_bytes,
                 local_ms,
+                finite_nonneg(s.noise_ms),
                 s.clear_cloud_ms,
                 0.0,
             );

@@ -410,6 +410,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         } else {
             Objective::Latency
         },
+        exit: None,
     };
     let p = plan(&inputs);
     println!(

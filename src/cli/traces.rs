@@ -447,6 +447,7 @@ fn decide(
         },
         remaining_rho: 0.0,
         objective: Objective::Latency,
+        exit: None,
     };
     Ok((class, confident, plan(&inputs)))
 }

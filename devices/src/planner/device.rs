@@ -11,8 +11,8 @@
 use tandem_he::{OutputMode, COST_BYTE_MS, COST_CT_TRANSFORM_MS};
 
 use super::{
-    plan, AppPolicy, DeviceProfile, LinkEstimate, LinkEstimator, ModeCosts, ModelCosts,
-    NoiseOption, Objective, Plan, PlanInputs, PlanProtection, SplitCosts,
+    plan, AppPolicy, DeviceProfile, ExitVerdict, LinkEstimate, LinkEstimator, ModeCosts,
+    ModelCosts, NoiseOption, Objective, Plan, PlanInputs, PlanProtection, SplitCosts,
 };
 use crate::energy::Radio;
 use crate::{Device, DeviceError, Inference, Protection};
@@ -71,6 +71,14 @@ pub(crate) struct AutoState {
     /// EWMA of (encrypt, network-minus-transfer, decrypt) ms of encrypted requests.
     encrypt_ms: Option<f64>,
     decrypt_ms: Option<f64>,
+    /// EWMA of the wall time of this device's own local answers (device layers, exit head
+    /// and the plan), ms: the `local` candidate's latency once measured.
+    pub(crate) local_ms: Option<f64>,
+    /// The link an app's link monitor reported ([`Device::set_link_report`]); used instead of
+    /// the EWMA of the device's own transfers while set.
+    link_report: Option<LinkEstimate>,
+    /// The plan of the last [`Protection::Auto`] request.
+    pub(crate) last_plan: Option<Plan>,
 }
 
 impl Default for AutoState {
@@ -80,6 +88,9 @@ impl Default for AutoState {
             link: LinkEstimator::new(0.3),
             encrypt_ms: None,
             decrypt_ms: None,
+            local_ms: None,
+            link_report: None,
+            last_plan: None,
         }
     }
 }
@@ -102,10 +113,32 @@ impl Device {
         &self.auto.policy
     }
 
-    /// The current link estimate: the EWMA of this device's own transfers, else the policy's
-    /// fallback link.
+    /// The current link estimate: the link monitor's report if the app set one
+    /// ([`Device::set_link_report`]), else the EWMA of this device's own transfers, else the
+    /// policy's fallback link.
     pub fn link_estimate(&self) -> LinkEstimate {
-        self.auto.link.estimate(self.auto.policy.fallback_link)
+        self.auto
+            .link_report
+            .unwrap_or_else(|| self.auto.link.estimate(self.auto.policy.fallback_link))
+    }
+
+    /// Sets (or with `None` clears) the link an app's link monitor measured (bandwidth in
+    /// bit/s, RTT in ms): [`Protection::Auto`] plans with it instead of the EWMA of the
+    /// device's own transfers until cleared.
+    pub fn set_link_report(&mut self, link: Option<LinkEstimate>) {
+        self.auto.link_report = link;
+    }
+
+    /// The plan the last [`Protection::Auto`] request followed ([`Plan::explain`] prints it,
+    /// including whether the exit head answered), or `None` before the first one.
+    pub fn last_plan(&self) -> Option<&Plan> {
+        self.auto.last_plan.as_ref()
+    }
+
+    /// The measured time of this device's local answers (EWMA, ms): the `local` candidate's
+    /// predicted latency. `None` until the device has answered locally once.
+    pub fn local_answer_ms(&self) -> Option<f64> {
+        self.auto.local_ms
     }
 
     /// Feeds the link estimator a round trip of `seconds` (e.g. from a ping the app makes).
@@ -119,20 +152,67 @@ impl Device {
     ///
     /// Candidates: encrypted, noised-encrypted and noised releases as [`AutoPolicy`] allows,
     /// in this device's output mode only (the keys are per mode); never answering locally
-    /// (the device's own head joins when the bundle carries an exit head). A release whose ρ
+    /// (no input, so no exit-head verdict: [`Device::plan_for`] has one). A release whose ρ
     /// (summed over the cloud layers) the ledger would refuse now is refused with
     /// `Refusal::Budget` (TDM-PLAN-3).
     ///
     /// # Errors
     /// [`DeviceError::Dp`] if a mechanism for an allowed ε cannot be built (ε ≤ 0, …).
     pub fn plan(&mut self, link: Option<LinkEstimate>) -> Result<Plan, DeviceError> {
-        let inputs = self.plan_inputs(link)?;
+        let inputs = self.plan_inputs(link, None)?;
         Ok(plan(&inputs))
+    }
+
+    /// What [`Device::answer`]`(input, Protection::Auto)` would do for `input`: as
+    /// [`Device::plan`], plus — when early exit is on ([`Device::set_early_exit`]) and the
+    /// bundle carries a signed exit head — the head's verdict on `input`: answering locally
+    /// is a candidate exactly when its confidence is at least τ (TDM-EXIT-1, TDM-PLAN-6).
+    ///
+    /// # Errors
+    /// [`DeviceError::Model`] for an input of the wrong length or with non-finite values;
+    /// otherwise as [`Device::plan`].
+    pub fn plan_for(
+        &mut self,
+        input: &[f32],
+        link: Option<LinkEstimate>,
+    ) -> Result<Plan, DeviceError> {
+        let exit = self.exit_verdict(input)?.map(|(v, _)| v);
+        let inputs = self.plan_inputs(link, exit)?;
+        Ok(plan(&inputs))
+    }
+
+    /// The exit head's verdict on `input` and its output, when early exit is on and the
+    /// bundle has a head.
+    pub(crate) fn exit_verdict(
+        &self,
+        input: &[f32],
+    ) -> Result<Option<(ExitVerdict, tandem_model::ExitOutput)>, DeviceError> {
+        if self.early_exit != crate::EarlyExit::On {
+            return Ok(None);
+        }
+        let Some(out) = self.bundle.exit_confidence(input)? else {
+            return Ok(None);
+        };
+        let threshold = self.exit_threshold().unwrap_or(1.0);
+        Ok(Some((
+            ExitVerdict {
+                confidence: out.confidence,
+                threshold,
+                local_ms: self.auto.local_ms,
+            },
+            out,
+        )))
+    }
+
+    /// Records the wall time of a local answer (EWMA).
+    pub(crate) fn learn_local(&mut self, ms: f64) {
+        self.auto.local_ms = mix(self.auto.local_ms, ms);
     }
 
     pub(crate) fn plan_inputs(
         &mut self,
         link: Option<LinkEstimate>,
+        exit: Option<ExitVerdict>,
     ) -> Result<PlanInputs, DeviceError> {
         let pol = self.auto.policy.clone();
         let mode = self.opts.output_mode;
@@ -247,10 +327,24 @@ impl Device {
             decrypt_ms: dec,
         };
         let ns = pol.ns_per_mac;
+        // The local path: the device layers up to the split and the exit head; its accuracy
+        // is the cascade's on the bundle's test split (signed calibration record), else —
+        // without a record — the offloaded model's less the calibration target.
+        let (head_macs, local_accuracy) = match self.bundle.exit_head() {
+            Some(h) => {
+                let spec = h.spec();
+                let acc = spec
+                    .calibration
+                    .as_ref()
+                    .map_or_else(|| offload_accuracy - 0.005, |c| c.test_cascade_accuracy);
+                ((spec.n_in * self.bundle.classes()) as u64, acc)
+            }
+            None => (0, 0.0),
+        };
         Ok(PlanInputs {
             model: ModelCosts {
-                local_macs: device_macs,
-                local_accuracy: 0.0,
+                local_macs: device_macs + head_macs,
+                local_accuracy,
                 splits: vec![SplitCosts {
                     depth: top.first().copied().unwrap_or(0),
                     device_prefix_macs: device_macs,
@@ -279,34 +373,67 @@ impl Device {
             },
             remaining_rho,
             objective: pol.objective,
+            exit,
         })
     }
 
     /// Resolves [`Protection::Auto`] for one request: the plan's choice as a concrete
     /// protection, and its predicted cloud time (ms) for the link estimator.
     pub(crate) fn resolve_auto(&mut self) -> Result<(Protection, f64), DeviceError> {
-        let inputs = self.plan_inputs(None)?;
+        match self.resolve_auto_with(None)? {
+            Some(r) => Ok(r),
+            // Not offered without an exit verdict (allow_local is false): refuse rather
+            // than guess.
+            None => Err(DeviceError::NoFeasiblePlan(
+                self.auto
+                    .last_plan
+                    .as_ref()
+                    .map(Plan::explain)
+                    .unwrap_or_default(),
+            )),
+        }
+    }
+
+    /// Plans one request with the exit head's verdict (if any) and keeps the plan
+    /// ([`Device::last_plan`]). `Ok(None)`: the plan answers locally; otherwise the concrete
+    /// protection to offload with and its predicted cloud time (ms, for the link estimator).
+    pub(crate) fn resolve_auto_with(
+        &mut self,
+        exit: Option<ExitVerdict>,
+    ) -> Result<Option<(Protection, f64)>, DeviceError> {
+        let inputs = self.plan_inputs(None, exit)?;
         let cloud_ms = inputs
             .model
             .splits
             .first()
             .and_then(|s| s.modes.first())
             .map_or(0.0, |m| m.cloud_ms);
+        let clear_cloud_ms = inputs
+            .model
+            .splits
+            .first()
+            .map_or(0.0, |s| s.clear_cloud_ms);
         let p = plan(&inputs);
-        let c = p
-            .choice()
-            .ok_or_else(|| DeviceError::NoFeasiblePlan(p.explain()))?;
-        Ok(match c.protection {
-            PlanProtection::Encrypted => (Protection::Encrypted, cloud_ms),
-            PlanProtection::Noised { epsilon } => (
-                Protection::Noised { epsilon },
-                inputs.model.splits[0].clear_cloud_ms,
-            ),
-            PlanProtection::NoisedEncrypted { epsilon } => {
-                (Protection::NoisedEncrypted { epsilon }, cloud_ms)
+        let protection = p.choice().map(|c| c.protection);
+        self.auto.last_plan = Some(p);
+        let Some(protection) = protection else {
+            return Err(DeviceError::NoFeasiblePlan(
+                self.auto
+                    .last_plan
+                    .as_ref()
+                    .map(Plan::explain)
+                    .unwrap_or_default(),
+            ));
+        };
+        Ok(match protection {
+            PlanProtection::Encrypted => Some((Protection::Encrypted, cloud_ms)),
+            PlanProtection::Noised { epsilon } => {
+                Some((Protection::Noised { epsilon }, clear_cloud_ms))
             }
-            // Not offered (allow_local is false): refuse rather than guess.
-            PlanProtection::Local => return Err(DeviceError::NoFeasiblePlan(p.explain())),
+            PlanProtection::NoisedEncrypted { epsilon } => {
+                Some((Protection::NoisedEncrypted { epsilon }, cloud_ms))
+            }
+            PlanProtection::Local => None,
         })
     }
 

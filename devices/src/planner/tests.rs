@@ -63,6 +63,7 @@ fn inputs(link: LinkEstimate) -> PlanInputs {
         },
         remaining_rho: 1.0,
         objective: Objective::Latency,
+        exit: None,
     }
 }
 
@@ -115,6 +116,94 @@ fn slow_link_picks_packed() {
     let c = plan(&inp).choice().cloned().expect("a choice");
     assert_eq!(c.protection, PlanProtection::Encrypted);
     assert_eq!(c.mode, Some(OutputMode::Packed));
+}
+
+/// Issue 10: answering locally is a candidate only when the exit head is confident (or the app
+/// accepts the device model's accuracy); below τ it is refused with its own reason, and the
+/// explanation says which happened.
+#[test]
+fn exit_head_makes_local_a_candidate_only_when_confident() {
+    let mut inp = inputs(link(10.0, 50.0));
+    inp.policy.allow_local = false;
+    let verdict = |confidence| ExitVerdict {
+        confidence,
+        threshold: 0.9,
+        local_ms: Some(0.02),
+    };
+    inp.exit = Some(verdict(0.95));
+    let p = plan(&inp);
+    assert!(p.answers_locally(), "{}", p.explain());
+    assert_eq!(p.candidates[0].latency_ms, 0.02, "the measured local time");
+    assert!(p.explain().contains(">= tau 0.9000"));
+    assert!(p.explain().contains("answered on the device"));
+    // Exactly τ is confident (TDM-EXIT-1: confidence >= τ).
+    inp.exit = Some(verdict(0.9));
+    assert!(plan(&inp).answers_locally());
+
+    inp.exit = Some(verdict(0.89));
+    let p = plan(&inp);
+    assert!(!p.answers_locally());
+    assert_eq!(p.candidates[0].refused, Some(Refusal::NotConfident));
+    assert_eq!(
+        p.choice().map(|c| c.protection),
+        Some(PlanProtection::Encrypted)
+    );
+    assert!(p.explain().contains("< tau 0.9000"));
+    assert!(p.explain().contains("(offloaded)"));
+    assert!(p.explain().contains("refused: exit head below tau:"));
+
+    // The app accepting the device model's accuracy admits local whatever the head says.
+    inp.policy.allow_local = true;
+    assert!(plan(&inp).answers_locally());
+    // Without a verdict and without the app's acceptance: refused by policy.
+    inp.policy.allow_local = false;
+    inp.exit = None;
+    assert_eq!(plan(&inp).candidates[0].refused, Some(Refusal::Policy));
+}
+
+/// TDM-PLAN-2: every candidate that encrypts, decrypts or samples noise pays the device CPU's
+/// energy for that time (`energy::cpu_mj`), on top of multiply-adds and radio.
+#[test]
+fn encryption_and_noise_cpu_energy_is_in_every_candidate() {
+    let mut inp = inputs(link(10.0, 50.0));
+    inp.policy.noised = vec![NoiseOption {
+        epsilon: 4.0,
+        rho: 0.1,
+        accuracy: 0.9,
+    }];
+    inp.policy.noised_encrypted = inp.policy.noised.clone();
+    let with = plan(&inp);
+    let mut free = inp.clone();
+    for s in &mut free.model.splits {
+        s.noise_ms = 0.0;
+        for m in &mut s.modes {
+            m.encrypt_ms = 0.0;
+            m.decrypt_ms = 0.0;
+        }
+    }
+    let without = plan(&free);
+    let split = &inp.model.splits[0];
+    for (a, b) in with.candidates.iter().zip(&without.candidates) {
+        let m = split.modes.iter().find(|m| Some(m.mode) == a.mode);
+        let cpu_ms = match a.protection {
+            PlanProtection::Local => 0.0,
+            PlanProtection::Encrypted => m.map_or(0.0, |m| m.encrypt_ms + m.decrypt_ms),
+            PlanProtection::NoisedEncrypted { .. } => {
+                split.noise_ms + m.map_or(0.0, |m| m.encrypt_ms + m.decrypt_ms)
+            }
+            PlanProtection::Noised { .. } => split.noise_ms,
+        };
+        let extra = a.energy_mj - b.energy_mj;
+        let want = crate::energy::cpu_mj(cpu_ms);
+        assert!(
+            (extra - want).abs() < 1e-9,
+            "{}: {extra} mJ extra, want {want}",
+            a.name()
+        );
+        if a.protection != PlanProtection::Local {
+            assert!(extra > 0.0, "{}", a.name());
+        }
+    }
 }
 
 /// The real sizes of a 784→128 int8 layer under the default parameters (the exact wire

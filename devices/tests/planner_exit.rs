@@ -1,0 +1,139 @@
+//! `Protection::Auto` through the bundle's signed exit head, over real mutual TLS on loopback
+//! (issue 10: "answering locally is a candidate only when the early-exit head is confident";
+//! TDM-PLAN-6, TDM-EXIT-1).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::path::{Path, PathBuf};
+
+use tandem_cloud::{Cloud, ServerOptions};
+use tandem_device::planner::{PlanProtection, Refusal};
+use tandem_device::{Answer, Device, DeviceOptions, EarlyExit, Protection};
+use tandem_model::{read_verifying_key, Bundle, Limits, TestSet, VerifyingKey};
+use tandem_tls::{client_config, server_config, DevPki};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn vk() -> VerifyingKey {
+    read_verifying_key(&repo().join("models/dev-verifying-key.txt")).unwrap()
+}
+
+/// With early exit on, `answer(x, Auto)` answers on the device — nothing reaches the cloud —
+/// exactly for the inputs whose exit-head confidence is at least the signed τ, and offloads
+/// (encrypted, the plaintext reference's class) the others; `last_plan` says which happened
+/// and why. With early exit off, Auto never answers locally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_answers_locally_only_when_the_exit_head_is_confident() {
+    let dir = repo().join("models/digits");
+    let full = Bundle::load(&dir, &vk(), &Limits::default()).unwrap();
+    let tau = full
+        .exit_head()
+        .expect("digits has an exit head")
+        .threshold();
+    let test = TestSet::load(&dir.join("test.json")).unwrap();
+    let (below, above): (Vec<&Vec<f32>>, Vec<&Vec<f32>>) = test
+        .x
+        .iter()
+        .partition(|x| full.exit_confidence(x).unwrap().unwrap().confidence < tau);
+    assert!(below.len() >= 3 && above.len() >= 3);
+    // Interleaved, so the device's learnt state (local time, stage times) changes between
+    // both kinds of request.
+    let rows: Vec<&Vec<f32>> = below
+        .iter()
+        .zip(&above)
+        .take(3)
+        .flat_map(|(b, a)| [*b, *a])
+        .collect();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = DevPki::generate(1).unwrap();
+    let mut o = ServerOptions::new(
+        "127.0.0.1:0".parse().unwrap(),
+        server_config(pki.server_credentials()).unwrap(),
+        vk(),
+        tmp.path().join("keys.redb"),
+    );
+    o.models = vec![dir.clone()];
+    let cloud = Cloud::start(o).await.unwrap();
+    let mut dev = Device::connect(DeviceOptions::new(
+        cloud.local_addr(),
+        client_config(pki.client_credentials("device-1").unwrap()).unwrap(),
+        dir.clone(),
+        vk(),
+        tmp.path().join("ledger.bin"),
+    ))
+    .await
+    .unwrap();
+
+    // Off (the default): a confident input is still offloaded, and the plan says the head
+    // was not consulted.
+    let before = cloud.metrics().requests();
+    let a = dev.answer(above[0], Protection::Auto).await.unwrap();
+    assert!(!a.is_local());
+    assert_eq!(cloud.metrics().requests(), before + 1);
+    let p = dev.last_plan().unwrap();
+    assert_eq!(p.candidates[0].refused, Some(Refusal::Policy));
+    assert!(p.explain().contains("early exit: not evaluated"));
+
+    dev.set_early_exit(EarlyExit::On);
+    // What Auto would do for a confident input, before doing it: local is the choice.
+    let p = dev.plan_for(above[0], None).unwrap();
+    assert!(p.answers_locally(), "{}", p.explain());
+    assert_eq!(dev.local_answer_ms(), None, "not measured yet");
+
+    let (mut local, mut offloaded) = (0, 0);
+    for x in &rows {
+        let verdict = full.exit_confidence(x).unwrap().unwrap();
+        let before = cloud.metrics().requests();
+        let a = dev.answer(x, Protection::Auto).await.unwrap();
+        let p = dev.last_plan().unwrap().clone();
+        match &a {
+            Answer::Local {
+                class, confidence, ..
+            } => {
+                local += 1;
+                assert!(*confidence >= tau);
+                assert_eq!(*class, verdict.class);
+                assert_eq!(cloud.metrics().requests(), before, "nothing sent");
+                assert!(p.answers_locally());
+                assert!(p.explain().contains("answered on the device, nothing sent"));
+            }
+            Answer::Offloaded {
+                confidence,
+                inference,
+            } => {
+                offloaded += 1;
+                assert!(confidence.unwrap() < tau);
+                assert_eq!(inference.class, full.predict_plain(x).unwrap().class);
+                assert_eq!(inference.epsilon_spent, 0.0);
+                assert_eq!(cloud.metrics().requests(), before + 1);
+                assert_eq!(p.candidates[0].refused, Some(Refusal::NotConfident));
+                assert_eq!(
+                    p.choice().unwrap().protection,
+                    PlanProtection::Encrypted,
+                    "{}",
+                    p.explain()
+                );
+                assert!(p.explain().contains("not confident"));
+            }
+        }
+        assert_eq!(
+            a.is_local(),
+            verdict.exit,
+            "local exactly when confidence >= tau"
+        );
+    }
+    assert_eq!((local, offloaded), (3, 3));
+    // The local candidate is now priced with the device's own measured local answers.
+    let ms = dev.local_answer_ms().expect("measured");
+    assert!(ms > 0.0 && ms.is_finite());
+    let p = dev.plan_for(above[1], None).unwrap();
+    assert_eq!(p.candidates[0].latency_ms, ms);
+    assert_eq!(dev.ledger_records(), 0);
+    dev.close().await;
+    cloud.shutdown().await;
+}
