@@ -85,6 +85,14 @@ enum Step {
 }
 
 /// A sentence encoder loaded from a verified bundle: tokenizer, op graph, linear layers.
+///
+/// Split depth (issue 10, TDM-SPLIT-1): the linear layers are grouped in blocks (a block starts
+/// at each linear whose output feeds an `attention` op: all-MiniLM-L6-v2 has 6 blocks of 4
+/// linears). At split depth `k` the linears of blocks `< k` run on the device in the clear
+/// (integer pipeline, needs their int8 weights: the bundle loaded with its cloud weights file)
+/// and the rest go to the cloud under encryption. The placement is chosen per linear at run
+/// time ([`BundleEncoder::embed_encoded_split`]); the result is the integer pipeline's, bit for
+/// bit, at every depth.
 pub struct BundleEncoder {
     tokenizer_path: PathBuf,
     tokenizer: Tokenizer,
@@ -93,7 +101,17 @@ pub struct BundleEncoder {
     steps: Vec<Step>,
     slots: usize,
     output: usize,
-    linears: Vec<Box<dyn Linear>>,
+    /// Per linear: its in-the-clear implementation (when the device holds its int8 weights).
+    local: Vec<Option<Box<dyn Linear>>>,
+    /// Per linear: its encrypted implementation (encrypted path only).
+    remote: Vec<Option<Box<dyn Linear>>>,
+    /// Per linear: its block.
+    block_of: Vec<usize>,
+    /// Number of blocks (at least 1).
+    blocks: usize,
+    /// Split depth [`BundleEncoder::embed_encoded`] uses.
+    split: usize,
+    batch: usize,
     plans: Vec<LayerPlan>,
     session: Option<Arc<DeviceSession>>,
     cloud: Option<Arc<dyn CloudLayers>>,
@@ -106,7 +124,9 @@ impl std::fmt::Debug for BundleEncoder {
             .field("hidden", &self.hidden)
             .field("max_tokens", &self.max_tokens)
             .field("ops", &self.steps.len())
-            .field("linears", &self.linears.len())
+            .field("linears", &self.local.len())
+            .field("blocks", &self.blocks)
+            .field("split", &self.split)
             .finish_non_exhaustive()
     }
 }
@@ -209,6 +229,7 @@ impl BundleEncoder {
             names.push(&op.output);
         }
         let output = slot(&names, &enc.output)?;
+        let (block_of, blocks) = linear_blocks(enc);
 
         let session = match &linears {
             BundleLinears::Integer => None,
@@ -218,7 +239,8 @@ impl BundleEncoder {
             BundleLinears::Integer => Some(bundle.cloud_layers()?),
             BundleLinears::Encrypted { .. } => bundle.cloud_layers().ok(),
         };
-        let mut built: Vec<Box<dyn Linear>> = Vec::with_capacity(enc.linears.len());
+        let mut local: Vec<Option<Box<dyn Linear>>> = Vec::with_capacity(enc.linears.len());
+        let mut remote: Vec<Option<Box<dyn Linear>>> = Vec::with_capacity(enc.linears.len());
         let mut plans = Vec::new();
         for (index, l) in enc.linears.iter().enumerate() {
             let device = DeviceQuant {
@@ -228,7 +250,8 @@ impl BundleEncoder {
                 weight_scales: vector(bundle, &l.scales)?,
                 bias: vector(bundle, &l.bias)?,
             };
-            let weights = match cloud_layers.and_then(|c| c.get(index)) {
+            let held = cloud_layers.and_then(|c| c.get(index));
+            let weights = match held {
                 Some(c) => Array2::from_shape_vec((c.n_out, c.n_in), c.weights.clone())
                     .map_err(|e| OpsError::shape(l.name.clone(), e.to_string()))?,
                 None => Array2::zeros((0, 0)),
@@ -237,34 +260,39 @@ impl BundleEncoder {
                 weights,
                 device: device.clone(),
             };
-            match &linears {
-                BundleLinears::Integer => built.push(Box::new(QuantizedLinear::new(qw))),
-                BundleLinears::Encrypted { ctx, mode, cloud } => {
-                    let plan = plan_encoder_layer(ctx, *mode, l, enc.batch, enc.link_kbit_per_s())
-                        .map_err(|source| OpsError::He {
-                            layer: l.name.clone(),
-                            source,
-                        })?;
-                    cloud.load(index, &plan, &qw)?;
-                    plans.push(plan);
-                    let session = session.clone().ok_or_else(|| OpsError::Cloud {
-                        index,
-                        reason: "no device session".into(),
+            if let BundleLinears::Encrypted { ctx, mode, cloud } = &linears {
+                let plan = plan_encoder_layer(ctx, *mode, l, enc.batch, enc.link_kbit_per_s())
+                    .map_err(|source| OpsError::He {
+                        layer: l.name.clone(),
+                        source,
                     })?;
-                    built.push(Box::new(EncryptedLinear::new(
-                        index,
-                        device,
-                        plan,
-                        enc.batch,
-                        cloud.clone(),
-                        session,
-                    )));
-                }
+                cloud.load(index, &plan, &qw)?;
+                plans.push(plan);
+                let session = session.clone().ok_or_else(|| OpsError::Cloud {
+                    index,
+                    reason: "no device session".into(),
+                })?;
+                remote.push(Some(Box::new(EncryptedLinear::new(
+                    index,
+                    device,
+                    plan,
+                    enc.batch,
+                    cloud.clone(),
+                    session,
+                ))));
+            } else {
+                remote.push(None);
             }
+            // The device runs a linear in the clear only with its int8 weights (the signed
+            // cloud weights file, digest-checked when the bundle loaded).
+            local.push(match held {
+                Some(_) => Some(Box::new(QuantizedLinear::new(qw)) as Box<dyn Linear>),
+                None => None,
+            });
         }
-        let (cloud, mode) = match linears {
-            BundleLinears::Integer => (None, None),
-            BundleLinears::Encrypted { mode, cloud, .. } => (Some(cloud), Some(mode)),
+        let (cloud, mode, split) = match linears {
+            BundleLinears::Integer => (None, None, blocks),
+            BundleLinears::Encrypted { mode, cloud, .. } => (Some(cloud), Some(mode), 0),
         };
         Ok(Self {
             tokenizer_path,
@@ -274,7 +302,12 @@ impl BundleEncoder {
             slots: names.len(),
             steps,
             output,
-            linears: built,
+            local,
+            remote,
+            block_of,
+            blocks,
+            split,
+            batch: enc.batch,
             plans,
             session,
             cloud,
@@ -338,7 +371,115 @@ impl BundleEncoder {
     /// Number of cloud linear layers (requests per batch of tokens).
     #[must_use]
     pub fn linear_count(&self) -> usize {
-        self.linears.len()
+        self.local.len()
+    }
+
+    /// Number of blocks (split depths are `0..=blocks`; `blocks` = everything on the device).
+    #[must_use]
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+
+    /// The block of linear layer `index` (`None` for an unknown index).
+    #[must_use]
+    pub fn block_of(&self, index: usize) -> Option<usize> {
+        self.block_of.get(index).copied()
+    }
+
+    /// Rows (tokens) per cloud request (the bundle's `encoder.batch`).
+    #[must_use]
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// The split depths this encoder can run: `k` such that the device holds the int8
+    /// weights of every linear of blocks `< k` and has an encrypted path for the rest.
+    #[must_use]
+    pub fn split_depths(&self) -> Vec<usize> {
+        (0..=self.blocks)
+            .filter(|&k| self.check_split(k).is_ok())
+            .collect()
+    }
+
+    /// The split depth [`BundleEncoder::embed_encoded`] uses (integer path: all blocks;
+    /// encrypted path: 0 until [`BundleEncoder::set_split`]).
+    #[must_use]
+    pub fn split(&self) -> usize {
+        self.split
+    }
+
+    /// Sets the split depth [`BundleEncoder::embed`] and [`BundleEncoder::embed_encoded`] use.
+    ///
+    /// # Errors
+    /// [`OpsError::Split`] if `k` cannot run (see [`BundleEncoder::split_depths`]).
+    pub fn set_split(&mut self, k: usize) -> Result<(), OpsError> {
+        self.check_split(k)?;
+        self.split = k;
+        Ok(())
+    }
+
+    /// Whether linear `index` runs on the device at split depth `k`.
+    fn runs_locally(&self, index: usize, k: usize) -> bool {
+        self.block_of.get(index).is_some_and(|&b| b < k)
+    }
+
+    fn check_split(&self, k: usize) -> Result<(), OpsError> {
+        let err = |reason: String| OpsError::Split {
+            requested: k,
+            blocks: self.blocks,
+            reason,
+        };
+        if k > self.blocks {
+            return Err(err(format!("the encoder has {} blocks", self.blocks)));
+        }
+        for i in 0..self.local.len() {
+            let name = self.remote.get(i).and_then(Option::as_ref).map_or_else(
+                || {
+                    self.local
+                        .get(i)
+                        .and_then(Option::as_ref)
+                        .map_or("?", |l| l.name())
+                },
+                |l| l.name(),
+            );
+            if self.runs_locally(i, k) {
+                if self.local.get(i).and_then(Option::as_ref).is_none() {
+                    return Err(err(format!(
+                        "linear {i} ({name}) would run on the device, which does not hold its \
+                         int8 weights: load the bundle with its cloud weights file (Part::Full) \
+                         or choose a depth from split_depths()"
+                    )));
+                }
+            } else if self.remote.get(i).and_then(Option::as_ref).is_none() {
+                return Err(err(format!(
+                    "linear {i} ({name}) would be offloaded, but this encoder has no encrypted \
+                     path (BundleLinears::Integer): build it with BundleLinears::Encrypted"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Request counts and bytes of one sentence of `tokens` tokens at split depth `k`, from the
+    /// public plans: `(requests, bytes_up, bytes_down)` of the HE blobs (protocol framing not
+    /// included). Encrypted path only (0s otherwise).
+    #[must_use]
+    pub fn offload_volume(&self, tokens: usize, k: usize) -> (u64, u64, u64) {
+        let (mut n, mut up, mut down) = (0u64, 0u64, 0u64);
+        for (i, p) in self.plans.iter().enumerate() {
+            if self.runs_locally(i, k) {
+                continue;
+            }
+            let mut left = tokens;
+            while left > 0 {
+                let rows = left.min(self.batch.max(1));
+                n += 1;
+                up += p.upload_bytes(rows) as u64;
+                down += p.download_bytes(rows) as u64;
+                left -= rows;
+            }
+        }
+        (n, up, down)
     }
 
     /// Longest token sequence, special tokens included.
@@ -376,6 +517,28 @@ impl BundleEncoder {
     /// [`OpsError::Shape`] for an empty or over-long sequence or mismatched lengths, the ops'
     /// and the linear layers' errors (over the network: the cloud's refusals).
     pub fn embed_encoded(&self, e: &Encoded) -> Result<Array1<f32>, OpsError> {
+        self.embed_encoded_split(e, self.split)
+    }
+
+    /// [`BundleEncoder::embed_encoded`] at split depth `k`: the linears of blocks `< k` on
+    /// the device in the clear, the rest offloaded under encryption.
+    ///
+    /// # Errors
+    /// [`OpsError::Split`] for a depth this encoder cannot run; as
+    /// [`BundleEncoder::embed_encoded`].
+    pub fn embed_encoded_split(&self, e: &Encoded, k: usize) -> Result<Array1<f32>, OpsError> {
+        self.check_split(k)?;
+        self.run(e, k, None)
+    }
+
+    /// Runs the graph at split depth `k` (checked by the caller); with `times`, adds each
+    /// step's wall time (and, for an offloaded linear, the session's counters) to it.
+    pub(crate) fn run(
+        &self,
+        e: &Encoded,
+        k: usize,
+        mut times: Option<&mut [StepTime]>,
+    ) -> Result<Array1<f32>, OpsError> {
         let t = e.ids.len();
         if t == 0 || t > self.max_tokens || e.type_ids.len() != t || e.mask.len() != t {
             return Err(OpsError::shape(
@@ -396,7 +559,12 @@ impl BundleEncoder {
                 .cloned()
                 .ok_or_else(|| OpsError::shape("encoder", format!("value {i} not computed")))
         };
-        for step in &self.steps {
+        for (index, step) in self.steps.iter().enumerate() {
+            let started = std::time::Instant::now();
+            let he_before = match (&times, &self.session) {
+                (Some(_), Some(s)) => Some(s.stats()),
+                _ => None,
+            };
             let (out, v) = match step {
                 Step::Embedding {
                     word,
@@ -424,10 +592,18 @@ impl BundleEncoder {
                     ops::layer_norm(get(&vals, *x)?.view(), gamma.view(), beta.view(), *eps)?,
                 ),
                 Step::Linear { x, linear, out } => {
-                    let l = self.linears.get(*linear).ok_or_else(|| OpsError::Cloud {
-                        index: *linear,
-                        reason: "no such linear layer".into(),
-                    })?;
+                    let placed = if self.runs_locally(*linear, k) {
+                        &self.local
+                    } else {
+                        &self.remote
+                    };
+                    let l = placed
+                        .get(*linear)
+                        .and_then(Option::as_ref)
+                        .ok_or_else(|| OpsError::Cloud {
+                            index: *linear,
+                            reason: "no such linear layer at this split depth".into(),
+                        })?;
                     (*out, l.forward(get(&vals, *x)?.view())?)
                 }
                 Step::Attention { x, heads, out } => {
@@ -469,10 +645,127 @@ impl BundleEncoder {
             if let Some(s) = vals.get_mut(out) {
                 *s = Some(v);
             }
+            if let Some(slot) = times.as_deref_mut().and_then(|t| t.get_mut(index)) {
+                slot.total_s += started.elapsed().as_secs_f64();
+                slot.runs += 1;
+                if let (Some(b), Some(s)) = (he_before, &self.session) {
+                    let a = s.stats();
+                    slot.encrypt_s += a.encrypt_s - b.encrypt_s;
+                    slot.decrypt_s += a.decrypt_s - b.decrypt_s;
+                    slot.cloud_s += a.cloud_wait_s - b.cloud_wait_s;
+                    slot.requests += a.requests - b.requests;
+                    slot.bytes_up += a.bytes_up - b.bytes_up;
+                    slot.bytes_down += a.bytes_down - b.bytes_down;
+                }
+            }
         }
         let y = get(&vals, self.output)?;
         Ok(y.row(0).to_owned())
     }
+}
+
+/// Wall time of one graph step, summed over runs (profiling, [`crate::profile`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct StepTime {
+    pub(crate) runs: u64,
+    pub(crate) total_s: f64,
+    pub(crate) encrypt_s: f64,
+    pub(crate) decrypt_s: f64,
+    pub(crate) cloud_s: f64,
+    pub(crate) requests: u64,
+    pub(crate) bytes_up: u64,
+    pub(crate) bytes_down: u64,
+}
+
+impl BundleEncoder {
+    /// Per step: `(op name, linear index)` (profiling).
+    pub(crate) fn step_kinds(&self) -> Vec<(&'static str, Option<usize>)> {
+        self.steps
+            .iter()
+            .map(|s| match s {
+                Step::Embedding { .. } => ("embedding", None),
+                Step::LayerNorm { .. } => ("layer_norm", None),
+                Step::Linear { linear, .. } => ("linear", Some(*linear)),
+                Step::Attention { .. } => ("attention", None),
+                Step::Gelu { .. } => ("gelu", None),
+                Step::Add { .. } => ("add", None),
+                Step::MeanPool { .. } => ("mean_pool", None),
+                Step::L2Normalize { .. } => ("l2_normalize", None),
+            })
+            .collect()
+    }
+
+    /// Name of linear `index`.
+    pub(crate) fn linear_name(&self, index: usize) -> Option<String> {
+        self.local
+            .get(index)
+            .and_then(Option::as_ref)
+            .or_else(|| self.remote.get(index).and_then(Option::as_ref))
+            .map(|l| l.name().to_string())
+    }
+
+    /// `(in, out)` of linear `index`.
+    pub(crate) fn linear_shape(&self, index: usize) -> Option<(usize, usize)> {
+        self.local
+            .get(index)
+            .and_then(Option::as_ref)
+            .or_else(|| self.remote.get(index).and_then(Option::as_ref))
+            .map(|l| (l.in_features(), l.out_features()))
+    }
+}
+
+/// The block of every linear of `enc` and the number of blocks (TDM-SPLIT-1): in graph order, a
+/// new block starts at each linear whose output an `attention` op reads (its fused Q/K/V); the
+/// linears before the first such one belong to block 0. A linear no op uses is put in the
+/// last block (it is never run).
+fn linear_blocks(enc: &EncoderSpec) -> (Vec<usize>, usize) {
+    let n = enc.linears.len();
+    let mut produced_by: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut order: Vec<usize> = Vec::new();
+    let mut starts = vec![false; n];
+    for op in &enc.ops {
+        match OpKind::parse(&op.op) {
+            Some(OpKind::Linear) => {
+                if let Some(i) = op.linear.filter(|&i| i < n) {
+                    produced_by.insert(op.output.as_str(), i);
+                    if !order.contains(&i) {
+                        order.push(i);
+                    }
+                }
+            }
+            Some(OpKind::Attention) => {
+                for v in &op.inputs {
+                    if let Some(&i) = produced_by.get(v.as_str()) {
+                        if let Some(s) = starts.get_mut(i) {
+                            *s = true;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut block_of = vec![usize::MAX; n];
+    let mut block = 0usize;
+    let mut seen_start = false;
+    for &i in &order {
+        if starts.get(i).copied().unwrap_or(false) {
+            if seen_start {
+                block += 1;
+            }
+            seen_start = true;
+        }
+        if let Some(b) = block_of.get_mut(i) {
+            *b = block;
+        }
+    }
+    let blocks = block + 1;
+    for b in &mut block_of {
+        if *b == usize::MAX {
+            *b = blocks - 1;
+        }
+    }
+    (block_of, blocks)
 }
 
 /// A tokenizer from `tokenizer.json` bytes, set up as sentence-transformers runs it:

@@ -155,6 +155,18 @@ pub enum OpsError {
         /// Why, and what to do.
         reason: String,
     },
+    /// A split depth the encoder cannot run: more blocks than it has, or a block to run on the
+    /// device whose int8 weights the device does not hold (load the bundle with its cloud
+    /// weights file, `Part::Full`), or a block to offload without an encrypted path.
+    #[error("split depth {requested} of {blocks} blocks: {reason}")]
+    Split {
+        /// Blocks asked to run on the device.
+        requested: usize,
+        /// Blocks of the encoder.
+        blocks: usize,
+        /// Why, and what to do.
+        reason: String,
+    },
     /// A signed model bundle failed to load, verify or run (the message names the file and
     /// what to do).
     #[error("model bundle: {0}")]

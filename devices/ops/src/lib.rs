@@ -32,6 +32,7 @@ pub mod import;
 pub mod linear;
 pub mod metrics;
 pub mod ops;
+pub mod profile;
 pub mod quant;
 pub mod sentence;
 pub mod weights;
@@ -45,6 +46,7 @@ pub use encrypted::{
 };
 pub use error::OpsError;
 pub use linear::{DenseLinear, FloatLinears, Linear, LinearFactory, LinearSpec};
+pub use profile::{LinearProfile, OpProfile, SplitProfile};
 pub use quant::{
     ActivationBits, DeviceQuant, PrecisionPolicy, QuantizedLinear, QuantizedLinears, QuantizedRows,
     QuantizedWeights,

@@ -136,3 +136,49 @@ fn minilm_bundle_with_signed_bounds_and_link_stays_exact() {
     let e = encrypted.embed(text).unwrap();
     assert_eq!(i.to_vec(), e.to_vec(), "encrypted vs integer: {text:?}");
 }
+
+/// Issue 10, TDM-SPLIT-1: the MiniLM bundle loaded with its cloud weights file runs every split
+/// depth 0..=6 (blocks `< k` on the device in the clear, the rest encrypted), each equal to the
+/// integer pipeline bit for bit, sending exactly the linears of the offloaded blocks.
+#[test]
+fn minilm_every_split_depth_equals_the_integer_pipeline() {
+    let Some(src) = model_dir("the MiniLM split depths") else {
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let key = SigningKey::from_bytes(&[9u8; 32]);
+    import_bert(&src, out.path(), "all-minilm-l6-v2", 16, &key).unwrap();
+    let vk = key.verifying_key();
+    let full = Bundle::load_part(out.path(), &vk, &Limits::default(), Part::Full).unwrap();
+    let integer = BundleEncoder::from_bundle(&full, BundleLinears::Integer).unwrap();
+    let ctx = Arc::new(Context::new(DEFAULT_PARAMETERS));
+    let cloud = Arc::new(InProcessCloud::new(ctx.clone(), EvalOptions::default()));
+    let encrypted = BundleEncoder::from_bundle(
+        &full,
+        BundleLinears::Encrypted {
+            ctx,
+            mode: OutputMode::Packed,
+            cloud,
+        },
+    )
+    .unwrap();
+    assert_eq!(encrypted.blocks(), 6);
+    assert_eq!(encrypted.split_depths(), (0..=6).collect::<Vec<_>>());
+    encrypted.upload_key().unwrap();
+    let session = encrypted.session().unwrap();
+    let text = SENTENCES[0];
+    let e = encrypted.encode(text).unwrap();
+    let reference = integer.embed_encoded(&e).unwrap();
+    for k in 0..=6 {
+        session.reset_stats();
+        let y = encrypted.embed_encoded_split(&e, k).unwrap();
+        assert_eq!(y.to_vec(), reference.to_vec(), "split depth {k}: {text:?}");
+        let s = session.stats();
+        assert_eq!(s.requests, 4 * (6 - k as u64), "split depth {k}");
+        assert_eq!(
+            (s.requests, s.bytes_up, s.bytes_down),
+            encrypted.offload_volume(e.ids.len(), k),
+            "split depth {k}"
+        );
+    }
+}
