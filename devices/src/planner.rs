@@ -17,8 +17,10 @@ use tandem_he::OutputMode;
 use crate::energy::Radio;
 
 mod device;
+mod encoder;
 pub use device::AutoPolicy;
 pub(crate) use device::AutoState;
+pub use encoder::{plan_split, SplitCandidate, SplitOptions, SplitPlan, SplitRefusal};
 
 /// How a candidate protects (or keeps) the split activation.
 #[derive(Debug, Clone, Copy, PartialEq)]
