@@ -364,14 +364,17 @@ fn overheads() -> Overheads {
             }))
             .saturating_sub(4)
         }),
+        // Version-2 layout (with cloud_eval_us, TDM-MSG-14): the larger of the two.
         encrypted_response: body(Message::InferResponse(tandem_protocol::InferResponse {
             request_id: 1,
             layer_id: 0,
+            cloud_eval_us: Some(0),
             payload: ResponsePayload::Encrypted(block.clone()),
         })),
         plain_response: body(Message::InferResponse(tandem_protocol::InferResponse {
             request_id: 1,
             layer_id: 0,
+            cloud_eval_us: Some(0),
             payload: ResponsePayload::Plain(vec![0]),
         }))
         .saturating_sub(8),
@@ -941,7 +944,15 @@ fn in_flight(s: &Shared) -> &Mutex<HashMap<[u8; 32], usize>> {
     &s.in_flight
 }
 
-type Answer = (u64, Result<ResponsePayload, ErrorCode>);
+/// A request's answer: the payload and the measured evaluation time in microseconds
+/// (TDM-EVAL-1), or the code it failed with.
+type Answer = (u64, Result<(ResponsePayload, u32), ErrorCode>);
+
+/// `d` in whole microseconds for `cloud_eval_us` (TDM-EVAL-1): saturating at `u32::MAX`, and at
+/// least 1, because 0 on the wire means "not measured" (TDM-MSG-14).
+fn eval_micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX).max(1)
+}
 
 async fn connection(
     start: StartHandshake<TcpStream>,
@@ -1081,9 +1092,10 @@ async fn connection(
             Some((id, res)) = rx.recv() => {
                 let now = shared.now_ms();
                 let r = match res {
-                    Ok(p) => {
+                    Ok((p, eval_us)) => {
                         shared.metrics.responses.fetch_add(1, Ordering::Relaxed);
-                        session.send_response(id, p, now)
+                        // TDM-EVAL-1: the layer's measured evaluation time goes with the answer.
+                        session.send_response_timed(id, p, eval_us, now)
                     }
                     Err(code) => session.send_request_error(id, code, now),
                 };
@@ -1349,19 +1361,22 @@ fn admit(
     tokio::task::spawn_blocking(move || {
         let _guard = guard;
         let t = Instant::now();
-        let res = evaluate(&sh, &peer, &neg, &request);
+        let res = evaluate(&sh, &peer, &neg, &request).map(|(p, d)| (p, eval_micros(d)));
         let outcome = res.as_ref().map_or_else(|c| code_name(*c), |_| "ok");
         sh.prom.request(protection, outcome, Some(t.elapsed()));
         let _ = tx.send((id, res));
     });
 }
 
+/// Evaluates one request; returns the answer and the wall time of the layer evaluation itself
+/// (TDM-EVAL-1: from the payload's decoding to the encoded result, without the queueing before
+/// it, the key-store lookup or any network I/O).
 fn evaluate(
     shared: &Shared,
     peer: &[u8; 32],
     neg: &Negotiated,
     request: &InferRequest,
-) -> Result<ResponsePayload, ErrorCode> {
+) -> Result<(ResponsePayload, Duration), ErrorCode> {
     let model = shared
         .registry
         .get(&neg.model_id, &neg.model_digest)
@@ -1382,6 +1397,7 @@ fn evaluate(
             if n.values.len() != batch.saturating_mul(cl.n_in) {
                 return Err(ErrorCode::InvalidRequest);
             }
+            let t = Instant::now();
             let mut out = Vec::with_capacity(batch * cl.n_out);
             for row in n.values.chunks(cl.n_in) {
                 let q: Vec<i64> = row.iter().map(|&v| i64::from(v)).collect();
@@ -1392,7 +1408,7 @@ fn evaluate(
                         .map_err(|_| ErrorCode::InvalidRequest)?,
                 );
             }
-            return Ok(ResponsePayload::Plain(out));
+            return Ok((ResponsePayload::Plain(out), t.elapsed()));
         }
         RequestPayload::Encrypted(e) | RequestPayload::NoisedEncrypted { enc: e, .. } => e,
     };
@@ -1419,6 +1435,8 @@ fn evaluate(
     let [ct] = enc.ciphertexts.as_slice() else {
         return Err(ErrorCode::InvalidRequest);
     };
+    // TDM-EVAL-1: the evaluation time starts here, after the key-store lookup.
+    let t = Instant::now();
     // Per-layer limit: the exact size of this layer's input for the request's batch (issue 8).
     let limit = shared.max_blob.min(layer.plan().upload_bytes(batch.max(1)));
     let input = EncryptedInput::from_bytes(ct, limit, layer.plan())
@@ -1442,10 +1460,15 @@ fn evaluate(
             tracing::warn!(error = %e, "evaluation failed");
             ErrorCode::InvalidRequest
         })?;
-    Ok(ResponsePayload::Encrypted(EncryptedBlock {
-        param_set: enc.param_set,
-        key_id: enc.key_id,
-        output_mode: enc.output_mode,
-        ciphertexts: vec![out.to_bytes()],
-    }))
+    let ciphertexts = vec![out.to_bytes()];
+    let took = t.elapsed();
+    Ok((
+        ResponsePayload::Encrypted(EncryptedBlock {
+            param_set: enc.param_set,
+            key_id: enc.key_id,
+            output_mode: enc.output_mode,
+            ciphertexts,
+        }),
+        took,
+    ))
 }

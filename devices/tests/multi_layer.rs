@@ -253,6 +253,7 @@ async fn wrong_layer_or_truncated_request_is_refused_and_the_session_goes_on() {
                     request_id,
                     layer_id,
                     payload: ResponsePayload::Plain(z),
+                    ..
                 } => {
                     assert_eq!((request_id, layer_id), (id, good));
                     assert_eq!(z, b.cloud_eval_plain_at(good as usize, &q64).unwrap());

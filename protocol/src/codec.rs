@@ -275,6 +275,20 @@ impl FrameHeader {
 /// The first failing check, as above; a body with unread bytes fails with
 /// `TrailingBytes` (TDM-FRAME-6).
 pub fn decode_frame(input: &[u8], limits: &Limits) -> Result<(Message, usize), Error> {
+    decode_frame_version(input, limits, crate::PROTOCOL_VERSION)
+}
+
+/// [`decode_frame`] under the body layout of protocol `version` (TDM-VER-3; see
+/// [`Message::decode_body_version`]): version 1 reads an InferResponse without
+/// `cloud_eval_us`, version 2 with it. Frames of every other type decode the same under both.
+///
+/// # Errors
+/// As [`decode_frame`].
+pub fn decode_frame_version(
+    input: &[u8],
+    limits: &Limits,
+    version: u16,
+) -> Result<(Message, usize), Error> {
     let mut r = Reader::new(input);
     let hdr: [u8; FRAME_HEADER_LEN] = r.array("frame.header")?;
     let header = FrameHeader::parse(&hdr, limits.max_frame_len)?;
@@ -284,7 +298,7 @@ pub fn decode_frame(input: &[u8], limits: &Limits) -> Result<(Message, usize), E
         max: u64::from(limits.max_frame_len),
     })?;
     let body = r.take(body_len, "frame.body")?;
-    let msg = Message::decode_body(header.msg_type, body, limits)?;
+    let msg = Message::decode_body_version(header.msg_type, body, limits, version)?;
     Ok((msg, r.position()))
 }
 

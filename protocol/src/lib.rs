@@ -1,4 +1,4 @@
-//! Sans-IO implementation of the Tandem protocol v1 (`specs/protocol.md`).
+//! Sans-IO implementation of the Tandem protocol, versions 2 and 1 (`specs/protocol.md`).
 //!
 //! This crate does no I/O and reads no clock. Bytes received from the TLS
 //! stream go in through `handle_input`, timer expiry through
@@ -26,7 +26,7 @@ pub mod message;
 pub mod samples;
 pub mod session;
 
-pub use codec::{decode_frame, FrameHeader, FRAME_HEADER_LEN, FRAME_VERSION};
+pub use codec::{decode_frame, decode_frame_version, FrameHeader, FRAME_HEADER_LEN, FRAME_VERSION};
 pub use error::{Error, ErrorCode};
 pub use limits::Limits;
 pub use message::{
@@ -39,8 +39,14 @@ pub use session::{
     ModelEntry, Negotiated, PeerIdentity, SessionState,
 };
 
-/// The only protocol version defined by this crate (TDM-VER-1).
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The highest protocol version this crate implements (TDM-VER-1, TDM-VER-3). Version 2 adds
+/// the cloud's evaluation time to InferResponse (TDM-MSG-14); nothing else differs from 1.
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// Every protocol version this crate implements, highest first: what [`DeviceConfig::new`] offers
+/// and [`CloudConfig::new`] accepts by default (TDM-VER-3). A version-1 peer gets the version-1
+/// layout, without `cloud_eval_us`.
+pub const SUPPORTED_VERSIONS: [u16; 2] = [2, 1];
 
 /// ALPN protocol identifier the TLS layer MUST negotiate (TDM-ALPN-1).
 pub const ALPN: &[u8] = b"tandem/1";

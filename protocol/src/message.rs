@@ -287,6 +287,11 @@ pub struct InferResponse {
     pub request_id: u64,
     /// Layer id, echoed.
     pub layer_id: u32,
+    /// The cloud's measured wall time of this layer's evaluation, in microseconds, saturating at
+    /// `u32::MAX` (TDM-MSG-14, TDM-EVAL-1). `Some` exactly when the frame uses the version-2
+    /// layout (the field is on the wire), `None` for the version-1 layout; `Some(0)` means the
+    /// cloud did not measure. Advisory: a device uses it only for cost estimates (TDM-EVAL-2).
+    pub cloud_eval_us: Option<u32>,
     /// Results.
     pub payload: ResponsePayload,
 }
@@ -539,6 +544,22 @@ impl Message {
     /// [`Error::LengthLimit`], [`Error::UnexpectedEnd`], [`Error::InvalidField`]
     /// or [`Error::TrailingBytes`] for the first check that fails.
     pub fn decode_body(ty: MessageType, body: &[u8], limits: &Limits) -> Result<Self, Error> {
+        Self::decode_body_version(ty, body, limits, crate::PROTOCOL_VERSION)
+    }
+
+    /// [`Message::decode_body`] under the layout of protocol `version` (TDM-VER-3): the
+    /// version-1 layout for `version` 1, the version-2 layout (an InferResponse carries
+    /// `cloud_eval_us`) for any other value. A session decodes with its negotiated version,
+    /// and before the handshake with the highest version it supports.
+    ///
+    /// # Errors
+    /// As [`Message::decode_body`].
+    pub fn decode_body_version(
+        ty: MessageType,
+        body: &[u8],
+        limits: &Limits,
+        version: u16,
+    ) -> Result<Self, Error> {
         let mut r = Reader::new(body);
         let msg = match ty {
             MessageType::ClientHello => {
@@ -645,6 +666,13 @@ impl Message {
                     return Err(invalid("request_id"));
                 }
                 let layer_id = r.u32("layer_id")?;
+                // TDM-VER-3, TDM-MSG-14: the version-2 layout carries the cloud's evaluation
+                // time after the layer id; the version-1 layout does not.
+                let cloud_eval_us = if version == 1 {
+                    None
+                } else {
+                    Some(r.u32("cloud_eval_us")?)
+                };
                 let payload = match r.u8("response_kind")? {
                     0 => ResponsePayload::Encrypted(read_encrypted(&mut r, limits)?),
                     1 => {
@@ -663,6 +691,7 @@ impl Message {
                 Message::InferResponse(InferResponse {
                     request_id,
                     layer_id,
+                    cloud_eval_us,
                     payload,
                 })
             }
@@ -751,6 +780,10 @@ impl Message {
             Message::InferResponse(m) => {
                 w.u64(m.request_id);
                 w.u32(m.layer_id);
+                // TDM-MSG-14: present exactly in the version-2 layout.
+                if let Some(us) = m.cloud_eval_us {
+                    w.u32(us);
+                }
                 match &m.payload {
                     ResponsePayload::Encrypted(e) => {
                         w.u8(0);
@@ -790,11 +823,29 @@ impl Message {
         Ok(out)
     }
 
-    /// Encodes, then checks that the encoding decodes under `limits` to the
-    /// same message — so nothing the peer would reject is ever sent.
+    /// The protocol version whose layout [`Message::encode`] produces for this message: `1`
+    /// for an InferResponse without `cloud_eval_us`, else [`crate::PROTOCOL_VERSION`] (every
+    /// other message has the same layout in both versions, TDM-VER-3).
+    pub fn wire_version(&self) -> u16 {
+        match self {
+            Message::InferResponse(InferResponse {
+                cloud_eval_us: None,
+                ..
+            }) => 1,
+            _ => crate::PROTOCOL_VERSION,
+        }
+    }
+
+    /// Encodes, then checks that the encoding decodes under `limits` (and the layout of
+    /// [`Message::wire_version`]) to the same message — so nothing the peer would reject is
+    /// ever sent.
+    ///
+    /// # Errors
+    /// The decoder's error if the encoding would be refused under `limits`, or
+    /// [`Error::InvalidField`] if it does not decode to the same message.
     pub fn encode_checked(&self, limits: &Limits) -> Result<Vec<u8>, Error> {
         let bytes = self.encode()?;
-        let (back, used) = crate::decode_frame(&bytes, limits)?;
+        let (back, used) = crate::codec::decode_frame_version(&bytes, limits, self.wire_version())?;
         if used != bytes.len() || back != *self {
             return Err(Error::InvalidField { field: "message" });
         }

@@ -6,7 +6,7 @@
 
 use crate::message::*;
 use crate::session::{key_id_of, CloudConfig, DeviceConfig, ModelEntry};
-use crate::{ErrorCode, Limits, PROTOCOL_VERSION};
+use crate::{ErrorCode, Limits, PROTOCOL_VERSION, SUPPORTED_VERSIONS};
 
 /// Model id used by the samples.
 pub const MODEL_ID: &str = "digits-mlp-v1";
@@ -46,7 +46,7 @@ pub fn limits() -> Limits {
 /// Device configuration matching [`cloud_config`].
 pub fn device_config() -> DeviceConfig {
     DeviceConfig {
-        versions: vec![PROTOCOL_VERSION],
+        versions: SUPPORTED_VERSIONS.to_vec(),
         param_sets: vec![PARAM_SET, 2],
         model_id: MODEL_ID.to_string(),
         model_digest: MODEL_DIGEST,
@@ -58,7 +58,7 @@ pub fn device_config() -> DeviceConfig {
 /// Cloud configuration matching [`device_config`].
 pub fn cloud_config() -> CloudConfig {
     CloudConfig {
-        versions: vec![PROTOCOL_VERSION],
+        versions: SUPPORTED_VERSIONS.to_vec(),
         param_sets: vec![PARAM_SET],
         models: vec![ModelEntry {
             model_id: MODEL_ID.to_string(),
@@ -214,10 +214,25 @@ pub fn messages() -> Vec<(&'static str, Message)> {
             }),
         ),
         (
+            // TDM-REQ-8, TDM-REQ-9: a later layer (k > 0) of a multi-layer model, 4 rows of
+            // 3 values each (batch = rows, never spanning layers).
+            "request_noised_layer5_batch4",
+            Message::InferRequest(InferRequest {
+                request_id: 3,
+                layer_id: 5,
+                batch: 4,
+                payload: RequestPayload::Noised(NoisedBlock {
+                    dp: dp_gaussian(),
+                    values: vec![1, 2, 3, -1, -2, -3, 0, 0, 0, 127, -128, 64],
+                }),
+            }),
+        ),
+        (
             "response_encrypted",
             Message::InferResponse(InferResponse {
                 request_id: 1,
                 layer_id: 0,
+                cloud_eval_us: Some(105_250),
                 payload: ResponsePayload::Encrypted(encrypted(1, OutputMode::Packed)),
             }),
         ),
@@ -226,6 +241,36 @@ pub fn messages() -> Vec<(&'static str, Message)> {
             Message::InferResponse(InferResponse {
                 request_id: 2,
                 layer_id: 1,
+                cloud_eval_us: Some(u32::MAX),
+                payload: ResponsePayload::Plain(vec![0, -1, i64::MAX, i64::MIN, 1234]),
+            }),
+        ),
+        (
+            // TDM-MSG-14: 0 = the cloud did not measure.
+            "response_plain_layer5_unmeasured",
+            Message::InferResponse(InferResponse {
+                request_id: 2,
+                layer_id: 5,
+                cloud_eval_us: Some(0),
+                payload: ResponsePayload::Plain(vec![6, -6, 0, 191]),
+            }),
+        ),
+        (
+            // TDM-VER-3: the version-1 layout (no cloud_eval_us), what a v1 session carries.
+            "response_encrypted_v1",
+            Message::InferResponse(InferResponse {
+                request_id: 1,
+                layer_id: 0,
+                cloud_eval_us: None,
+                payload: ResponsePayload::Encrypted(encrypted(1, OutputMode::Packed)),
+            }),
+        ),
+        (
+            "response_plain_v1",
+            Message::InferResponse(InferResponse {
+                request_id: 2,
+                layer_id: 1,
+                cloud_eval_us: None,
                 payload: ResponsePayload::Plain(vec![0, -1, i64::MAX, i64::MIN, 1234]),
             }),
         ),

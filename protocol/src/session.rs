@@ -20,7 +20,7 @@ use crate::message::{
     ClientHello, Close, InferRequest, InferResponse, KeyAck, KeyId, KeyRegister, Message,
     OutputMode, RequestError, RequestPayload, ResponsePayload, ServerHello,
 };
-use crate::{Error, ErrorCode, Limits, PROTOCOL_VERSION};
+use crate::{Error, ErrorCode, Limits, SUPPORTED_VERSIONS};
 
 /// Most key ids from the cloud's key store one session accepts through
 /// [`CloudSession::allow_key`] (TDM-KEY-7); bounds the session's memory, not
@@ -185,10 +185,11 @@ pub struct DeviceConfig {
 }
 
 impl DeviceConfig {
-    /// Defaults: version 1, parameter set 1, default limits, 10 min request timeout.
+    /// Defaults: versions 2 and 1 ([`SUPPORTED_VERSIONS`]), parameter set 1, default limits,
+    /// 10 min request timeout.
     pub fn new(model_id: impl Into<String>, model_digest: [u8; 32]) -> Self {
         DeviceConfig {
-            versions: vec![PROTOCOL_VERSION],
+            versions: SUPPORTED_VERSIONS.to_vec(),
             param_sets: vec![1],
             model_id: model_id.into(),
             model_digest,
@@ -214,6 +215,10 @@ pub enum DeviceEvent {
         request_id: u64,
         /// Layer id.
         layer_id: u32,
+        /// The cloud's measured evaluation time of the layer in microseconds, as reported
+        /// (TDM-MSG-14): `None` in a version-1 session, `Some(0)` if the cloud did not measure.
+        /// Advisory: use it for cost estimates only (TDM-EVAL-2).
+        cloud_eval_us: Option<u32>,
         /// Results.
         payload: ResponsePayload,
     },
@@ -560,6 +565,7 @@ impl DeviceSession {
         self.events.push_back(DeviceEvent::Response {
             request_id: r.request_id,
             layer_id: r.layer_id,
+            cloud_eval_us: r.cloud_eval_us,
             payload: r.payload,
         });
         Ok(())
@@ -598,10 +604,11 @@ pub struct CloudConfig {
 }
 
 impl CloudConfig {
-    /// Defaults: version 1, parameter set 1, default limits, the given models.
+    /// Defaults: versions 2 and 1 ([`SUPPORTED_VERSIONS`]), parameter set 1, default limits,
+    /// the given models.
     pub fn new(models: Vec<ModelEntry>) -> Self {
         CloudConfig {
-            versions: vec![PROTOCOL_VERSION],
+            versions: SUPPORTED_VERSIONS.to_vec(),
             param_sets: vec![1],
             models,
             limits: Limits::default(),
@@ -847,13 +854,35 @@ impl CloudSession {
         drive_input(self, bytes, now_ms)
     }
 
-    /// Answers an accepted request (TDM-REQ-3). Fails without closing if
-    /// the id is not in flight, the payload does not match the request
-    /// (TDM-REQ-7), or it would break a negotiated limit.
+    /// Answers an accepted request (TDM-REQ-3) without a measured evaluation time: in a
+    /// version-2 session `cloud_eval_us` is sent as 0, "not measured" (TDM-MSG-14). A runtime
+    /// that evaluates the layer uses [`CloudSession::send_response_timed`].
+    ///
+    /// # Errors
+    /// As [`CloudSession::send_response_timed`].
     pub fn send_response(
         &mut self,
         request_id: u64,
         payload: ResponsePayload,
+        now_ms: u64,
+    ) -> Result<(), Error> {
+        self.send_response_timed(request_id, payload, 0, now_ms)
+    }
+
+    /// Answers an accepted request (TDM-REQ-3) and reports `cloud_eval_us`, the wall time of
+    /// the layer evaluation in microseconds measured by the caller, excluding queueing and I/O
+    /// (TDM-EVAL-1; saturate longer times at `u32::MAX`). The field is on the wire only in a
+    /// version-2 session; in a version-1 session it is dropped (TDM-VER-3).
+    ///
+    /// # Errors
+    /// Fails without closing if not ready, if the id is not in flight
+    /// ([`Error::UnknownRequestId`]), the payload does not match the request
+    /// ([`Error::ResponseMismatch`], TDM-REQ-7), or it would break a negotiated limit.
+    pub fn send_response_timed(
+        &mut self,
+        request_id: u64,
+        payload: ResponsePayload,
+        cloud_eval_us: u32,
         now_ms: u64,
     ) -> Result<(), Error> {
         let neg = self.ready()?;
@@ -871,9 +900,12 @@ impl CloudSession {
         if !ok {
             return Err(Error::ResponseMismatch(request_id));
         }
+        // TDM-VER-3, TDM-MSG-14: the evaluation time travels only in the version-2 layout.
+        let cloud_eval_us = (neg.version >= 2).then_some(cloud_eval_us);
         let msg = Message::InferResponse(InferResponse {
             request_id,
             layer_id: pending.layer_id,
+            cloud_eval_us,
             payload,
         });
         let bytes = msg.encode_checked(&neg.limits)?;
@@ -1104,6 +1136,9 @@ trait Endpoint {
     fn frame_limit(&self) -> u32;
     /// Limits that bound message bodies now.
     fn body_limits(&self) -> Limits;
+    /// Body layout to decode with (TDM-VER-3): the negotiated version, or before the
+    /// handshake the highest version this side supports.
+    fn wire_version(&self) -> u16;
     fn on_message(&mut self, msg: Message) -> Result<(), Error>;
     /// Records a fatal error (sticky) and queues the `Closed` event.
     fn on_fatal(&mut self, e: Error) -> Error;
@@ -1128,7 +1163,8 @@ fn drive_input<E: Endpoint>(ep: &mut E, bytes: &[u8], now_ms: u64) -> Result<(),
             Err(e) => return Err(ep.on_fatal(e)),
         };
         let limits = ep.body_limits();
-        let msg = match Message::decode_body(frame.0, &frame.1, &limits) {
+        let msg = match Message::decode_body_version(frame.0, &frame.1, &limits, ep.wire_version())
+        {
             Ok(m) => m,
             Err(e) => return Err(ep.on_fatal(e)),
         };
@@ -1155,6 +1191,12 @@ impl Endpoint for DeviceSession {
     fn body_limits(&self) -> Limits {
         self.limits()
     }
+    fn wire_version(&self) -> u16 {
+        self.negotiated.as_ref().map_or_else(
+            || self.config.versions.iter().copied().max().unwrap_or(1),
+            |n| n.version,
+        )
+    }
     fn on_message(&mut self, msg: Message) -> Result<(), Error> {
         self.handle_message(msg)
     }
@@ -1178,6 +1220,12 @@ impl Endpoint for CloudSession {
         self.negotiated
             .as_ref()
             .map_or(self.config.limits, |n| n.limits)
+    }
+    fn wire_version(&self) -> u16 {
+        self.negotiated.as_ref().map_or_else(
+            || self.config.versions.iter().copied().max().unwrap_or(1),
+            |n| n.version,
+        )
     }
     fn on_message(&mut self, msg: Message) -> Result<(), Error> {
         self.handle_message(msg)

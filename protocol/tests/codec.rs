@@ -13,6 +13,12 @@ fn sample_limits() -> Limits {
     Limits::default()
 }
 
+/// Frame decode under the layout `m` was encoded with (TDM-VER-3: a version-1 InferResponse
+/// has no `cloud_eval_us`).
+fn decode_as(m: &Message, b: &[u8], l: &Limits) -> Result<(Message, usize), Error> {
+    decode_frame_version(b, l, m.wire_version())
+}
+
 #[test]
 fn samples_round_trip() {
     // TDM-FRAME-1, TDM-MSG-1: every sample encodes to a frame that decodes to itself;
@@ -20,7 +26,7 @@ fn samples_round_trip() {
     // InferResponse TDM-MSG-11, Close TDM-MSG-13).
     for (name, msg) in samples::messages() {
         let bytes = msg.encode().unwrap();
-        let (back, used) = decode_frame(&bytes, &sample_limits()).unwrap();
+        let (back, used) = decode_as(&msg, &bytes, &sample_limits()).unwrap();
         assert_eq!(back, msg, "{name}");
         assert_eq!(used, bytes.len(), "{name}");
         assert_eq!(bytes[0], FRAME_VERSION);
@@ -35,7 +41,7 @@ fn every_strict_prefix_fails() {
     for (name, msg) in samples::messages() {
         let bytes = msg.encode().unwrap();
         for cut in 0..bytes.len() {
-            let r = decode_frame(&bytes[..cut], &sample_limits());
+            let r = decode_as(&msg, &bytes[..cut], &sample_limits());
             assert!(
                 matches!(r, Err(Error::UnexpectedEnd { .. })),
                 "{name} prefix {cut}: {r:?}"
@@ -45,7 +51,13 @@ fn every_strict_prefix_fails() {
         // Also each strict prefix of the body alone.
         let body = msg.encode_body().unwrap();
         for cut in 0..body.len() {
-            assert!(Message::decode_body(msg.msg_type(), &body[..cut], &sample_limits()).is_err());
+            assert!(Message::decode_body_version(
+                msg.msg_type(),
+                &body[..cut],
+                &sample_limits(),
+                msg.wire_version()
+            )
+            .is_err());
             cases += 1;
         }
     }
@@ -58,7 +70,12 @@ fn trailing_bytes_rejected() {
     for (name, msg) in samples::messages() {
         let mut body = msg.encode_body().unwrap();
         body.push(0);
-        let r = Message::decode_body(msg.msg_type(), &body, &sample_limits());
+        let r = Message::decode_body_version(
+            msg.msg_type(),
+            &body,
+            &sample_limits(),
+            msg.wire_version(),
+        );
         assert!(
             matches!(r, Err(Error::TrailingBytes { extra: 1, .. })),
             "{name}: {r:?}"
@@ -69,7 +86,7 @@ fn trailing_bytes_rejected() {
         let len = u32::from_be_bytes(frame[2..6].try_into().unwrap()) + 1;
         frame[2..6].copy_from_slice(&len.to_be_bytes());
         assert!(matches!(
-            decode_frame(&frame, &sample_limits()),
+            decode_as(&msg, &frame, &sample_limits()),
             Err(Error::TrailingBytes { .. })
         ));
     }
@@ -84,11 +101,13 @@ fn consumed_plus_rest_is_input() {
         .collect();
     let mut rest = &all[..];
     let mut n = 0;
-    while !rest.is_empty() {
-        let (_, used) = decode_frame(rest, &sample_limits()).unwrap();
+    for (_, m) in samples::messages() {
+        let (back, used) = decode_as(&m, rest, &sample_limits()).unwrap();
+        assert_eq!(back, m);
         rest = &rest[used..];
         n += 1;
     }
+    assert!(rest.is_empty());
     assert_eq!(n, samples::messages().len());
 }
 
@@ -111,7 +130,7 @@ fn every_length_field_rewritten_fails() {
                 let mut b = bytes.clone();
                 let be = v.to_be_bytes();
                 b[off..off + width].copy_from_slice(&be[8 - width..]);
-                match decode_frame(&b, &sample_limits()) {
+                match decode_as(&msg, &b, &sample_limits()) {
                     Err(_) => rejected += 1,
                     // A shifted parse can land on another valid encoding (e.g. moving
                     // one u16 from `param_sets` to `versions`). That is inherent to
@@ -342,6 +361,7 @@ fn field_domains_enforced() {
         let m = Message::InferResponse(InferResponse {
             request_id: 1,
             layer_id: 0,
+            cloud_eval_us: Some(7),
             payload: ResponsePayload::Encrypted(enc),
         });
         assert!(decode_frame(&m.encode().unwrap(), &sample_limits()).is_err());
@@ -436,7 +456,7 @@ proptest! {
 
 fn round_trip(m: &Message) -> Result<(), TestCaseError> {
     let b = m.encode().unwrap();
-    let (back, used) = decode_frame(&b, &limits()).unwrap();
+    let (back, used) = decode_frame_version(&b, &limits(), m.wire_version()).unwrap();
     prop_assert_eq!(&back, m);
     prop_assert_eq!(used, b.len());
     Ok(())
@@ -465,7 +485,7 @@ fn truncated_field_inside_complete_frame() {
         let b = m.encode().unwrap();
         for keep in 0..b.len() - 6 {
             let f = frame(b[1], &b[6..6 + keep]);
-            let r = decode_frame(&f, &l);
+            let r = decode_as(&m, &f, &l);
             assert!(
                 matches!(r, Err(Error::UnexpectedEnd { .. })),
                 "{name} body cut to {keep}: {r:?}"
@@ -474,7 +494,7 @@ fn truncated_field_inside_complete_frame() {
             let mut two = f.clone();
             two.extend_from_slice(&b);
             assert!(matches!(
-                decode_frame(&two, &l),
+                decode_as(&m, &two, &l),
                 Err(Error::UnexpectedEnd { .. })
             ));
         }
@@ -514,7 +534,8 @@ fn order_of_checks() {
     assert_eq!(code_of(&frame(5, &short), &l), mal);
     // Ciphertext list: 2 ciphertexts need at least 10 bytes; with 9 left the list is refused
     // before the first (oversized) ciphertext length is read.
-    let mut enc = vec![0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0];
+    // request id 1, layer 0, cloud_eval_us 0 (version 2, TDM-MSG-14), kind 0.
+    let mut enc = vec![0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     enc.extend_from_slice(&[0, 1]);
     enc.extend_from_slice(&[0; 32]);
     enc.push(0);

@@ -832,6 +832,7 @@ fn response_must_match_request() {
     let bad = Message::InferResponse(InferResponse {
         request_id: id,
         layer_id: 4,
+        cloud_eval_us: Some(1),
         payload: ResponsePayload::Plain(vec![1]),
     });
     assert_eq!(
@@ -847,6 +848,7 @@ fn response_must_match_request() {
     let bad = Message::InferResponse(InferResponse {
         request_id: id,
         layer_id: 4,
+        cloud_eval_us: Some(1),
         payload: ResponsePayload::Encrypted(e),
     });
     assert_eq!(

@@ -189,13 +189,21 @@ pub fn arb_response() -> impl Strategy<Value = Message> {
         arb_enc().prop_map(ResponsePayload::Encrypted),
         vec(any::<i64>(), 1..50).prop_map(ResponsePayload::Plain),
     ];
-    (1u64.., any::<u32>(), payload).prop_map(|(request_id, layer_id, payload)| {
-        Message::InferResponse(InferResponse {
-            request_id,
-            layer_id,
-            payload,
+    // TDM-VER-3: both layouts (None = version 1, Some = version 2 with cloud_eval_us).
+    (
+        1u64..,
+        any::<u32>(),
+        proptest::option::of(any::<u32>()),
+        payload,
+    )
+        .prop_map(|(request_id, layer_id, cloud_eval_us, payload)| {
+            Message::InferResponse(InferResponse {
+                request_id,
+                layer_id,
+                cloud_eval_us,
+                payload,
+            })
         })
-    })
 }
 
 pub fn arb_request_error() -> impl Strategy<Value = Message> {

@@ -48,7 +48,13 @@ fn sample(name: &str) -> Result<Message, String> {
 }
 
 fn invalid(id: String, bytes: &[u8], code: ErrorCode, note: &str) -> Value {
-    json!({"id": id, "hex": hexutil::encode(bytes), "expect_error": format!("{code:?}"), "note": note})
+    invalid_v(id, bytes, code, note, PROTOCOL_VERSION)
+}
+
+/// An invalid vector decoded under the body layout of protocol `version` (TDM-VER-3).
+fn invalid_v(id: String, bytes: &[u8], code: ErrorCode, note: &str, version: u16) -> Value {
+    json!({"id": id, "version": version, "hex": hexutil::encode(bytes),
+        "expect_error": format!("{code:?}"), "note": note})
 }
 
 fn request_with(id: u64, name: &str) -> Result<Vec<u8>, String> {
@@ -66,8 +72,8 @@ fn valid_vectors() -> Result<Vec<Value>, String> {
         .into_iter()
         .map(|(name, m)| {
             Ok(
-                json!({"id": format!("msg/{name}"), "hex": hexutil::encode(&enc(&m)?),
-                "decoded": mj::message(&m)}),
+                json!({"id": format!("msg/{name}"), "version": m.wire_version(),
+                "hex": hexutil::encode(&enc(&m)?), "decoded": mj::message(&m)}),
             )
         })
         .collect()
@@ -89,12 +95,14 @@ fn invalid_vectors() -> Result<Vec<Value>, String> {
         // One vector per distinct cut (ids are unique).
         cuts.sort_unstable();
         cuts.dedup();
+        let v = m.wire_version();
         for cut in cuts {
-            out.push(invalid(
+            out.push(invalid_v(
                 format!("truncated/{name}/{cut}"),
                 &b[..cut],
                 mal,
                 "TDM-FRAME-7",
+                v,
             ));
         }
         // TDM-FRAME-7: a truncated field inside a complete frame — the body is cut (last
@@ -105,11 +113,12 @@ fn invalid_vectors() -> Result<Vec<Value>, String> {
         body_cuts.sort_unstable();
         body_cuts.dedup();
         for keep in body_cuts {
-            out.push(invalid(
+            out.push(invalid_v(
                 format!("truncated_field/{name}/{keep}"),
                 &reframe(&b[..FRAME_HEADER_LEN + keep])?,
                 mal,
                 "TDM-FRAME-7 complete frame, short field",
+                v,
             ));
         }
         // TDM-FRAME-6: one trailing byte inside the frame.
@@ -117,7 +126,13 @@ fn invalid_vectors() -> Result<Vec<Value>, String> {
         t.push(0);
         let len = u32::try_from(t.len() - FRAME_HEADER_LEN).map_err(|e| e.to_string())?;
         t[2..6].copy_from_slice(&len.to_be_bytes());
-        out.push(invalid(format!("trailing/{name}"), &t, mal, "TDM-FRAME-6"));
+        out.push(invalid_v(
+            format!("trailing/{name}"),
+            &t,
+            mal,
+            "TDM-FRAME-6",
+            v,
+        ));
     }
     let close = enc(&sample("close_no_error")?)?;
     for v in [0u8, 2, 0xff] {
@@ -284,6 +299,7 @@ fn invalid_vectors() -> Result<Vec<Value>, String> {
         Message::InferResponse(InferResponse {
             request_id: 1,
             layer_id: 0,
+            cloud_eval_us: Some(0),
             payload: ResponsePayload::Encrypted(e),
         })
     };
@@ -319,6 +335,7 @@ fn invalid_vectors() -> Result<Vec<Value>, String> {
         Message::InferResponse(InferResponse {
             request_id: 1,
             layer_id: 0,
+            cloud_eval_us: Some(0),
             payload: ResponsePayload::Plain(vec![]),
         }),
         mal,
@@ -383,9 +400,32 @@ fn invalid_vectors() -> Result<Vec<Value>, String> {
     ));
     out.push(invalid(
         "field/response_kind_2".into(),
-        &patch("response_plain", 6 + 12, 2)?,
+        &patch("response_plain", 6 + 16, 2)?,
         mal,
         "TDM-MSG-11",
+    ));
+    out.push(invalid_v(
+        "field/response_kind_2_v1".into(),
+        &patch("response_plain_v1", 6 + 12, 2)?,
+        mal,
+        "TDM-MSG-11, TDM-VER-3 (version-1 layout)",
+        1,
+    ));
+    // TDM-VER-3: a body in the other version's layout. A version-1 response read as version 2
+    // loses 4 bytes to cloud_eval_us; a version-2 response read as version 1 has them left over.
+    out.push(invalid_v(
+        "version/v1_response_under_v2".into(),
+        &enc(&sample("response_encrypted_v1")?)?,
+        mal,
+        "TDM-VER-3, TDM-MSG-14",
+        2,
+    ));
+    out.push(invalid_v(
+        "version/v2_response_under_v1".into(),
+        &enc(&sample("response_plain")?)?,
+        mal,
+        "TDM-VER-3, TDM-FRAME-6",
+        1,
     ));
     out.push(invalid(
         "field/error_code_13".into(),
@@ -472,6 +512,7 @@ fn order_vectors(out: &mut Vec<Value>) -> Result<(), String> {
     let resp = Message::InferResponse(InferResponse {
         request_id: 1,
         layer_id: 0,
+        cloud_eval_us: Some(0),
         payload: ResponsePayload::Encrypted(EncryptedBlock {
             ciphertexts: vec![vec![]],
             ..samples::encrypted(1, OutputMode::NoKey)
@@ -578,6 +619,7 @@ pub fn settings_json() -> Result<Value, String> {
         "request_encrypted_packed",
         "request_encrypted_nokey",
         "request_noised_encrypted",
+        "request_noised_layer5_batch4",
     ] {
         requests.insert(name.into(), json!(hexutil::encode(&enc(&sample(name)?)?)));
     }
@@ -768,7 +810,7 @@ fn transcripts() -> Result<Vec<Value>, String> {
         }),
         ("no_common_version", {
             let mut h = samples::client_hello();
-            h.versions = vec![2, 3];
+            h.versions = vec![3, 4];
             vec![step_input(&enc(&Message::ClientHello(h))?, 1)]
         }),
         ("unknown_model", {
@@ -785,6 +827,57 @@ fn transcripts() -> Result<Vec<Value>, String> {
                 step_input(&hello, 1),
                 step_input(&enc(&Message::KeyRegister(k))?, 2),
             ]
+        }),
+        (
+            // TDM-MSG-14, TDM-EVAL-1: a version-2 session reports the evaluation time.
+            "response_with_eval_time",
+            vec![
+                step_input(&hello, 1),
+                step_input(&request_with(1, "request_noised_gaussian")?, 2),
+                json!({"op": "respond_echo", "request_id": 1, "cloud_eval_us": 4321, "now": 3}),
+            ],
+        ),
+        ("v1_device_gets_v1_response", {
+            // TDM-VER-1, TDM-VER-3: a device offering only version 1 is answered in the
+            // version-1 layout, without cloud_eval_us, whatever the application measured.
+            let mut h = samples::client_hello();
+            h.versions = vec![1];
+            vec![
+                step_input(&enc(&Message::ClientHello(h))?, 1),
+                step_input(&request_with(1, "request_noised_gaussian")?, 2),
+                json!({"op": "respond_echo", "request_id": 1, "cloud_eval_us": 777, "now": 3}),
+            ]
+        }),
+        (
+            // TDM-REQ-8, TDM-REQ-9: layer k > 0 with batch 4 and layer 1 in flight together;
+            // answered in the other order (responses are matched by request id).
+            "multi_layer_requests_answered_out_of_order",
+            vec![
+                step_input(&hello, 1),
+                step_input(&request_with(1, "request_noised_layer5_batch4")?, 2),
+                step_input(&request_with(2, "request_noised_laplace")?, 3),
+                json!({"op": "respond_echo", "request_id": 2, "cloud_eval_us": 10, "now": 4}),
+                json!({"op": "respond_echo", "request_id": 1, "cloud_eval_us": 20, "now": 5}),
+            ],
+        ),
+        (
+            // TDM-REQ-8, TDM-REQ-6: a layer id the model does not serve is refused with
+            // RequestError InvalidRequest and the next request is served on the same session.
+            "unserved_layer_refused_session_continues",
+            vec![
+                step_input(&hello, 1),
+                step_input(&request_with(1, "request_noised_layer5_batch4")?, 2),
+                json!({"op": "respond_error", "request_id": 1, "code": "InvalidRequest", "now": 3}),
+                step_input(&request_with(2, "request_noised_laplace")?, 4),
+                json!({"op": "respond_echo", "request_id": 2, "cloud_eval_us": 30, "now": 5}),
+            ],
+        ),
+        ("truncated_request_closes", {
+            // TDM-FRAME-7: a complete frame whose request body is cut inside the values is
+            // MalformedMessage and closes the session.
+            let r = request_with(1, "request_noised_layer5_batch4")?;
+            let cut = reframe(r.get(..r.len() - 6).ok_or("short")?)?;
+            vec![step_input(&hello, 1), step_input(&cut, 2)]
         }),
         (
             "input_after_close",
@@ -806,6 +899,7 @@ fn transcripts() -> Result<Vec<Value>, String> {
                     &enc(&Message::InferResponse(InferResponse {
                         request_id: 1,
                         layer_id: 1,
+                        cloud_eval_us: Some(2_500),
                         payload: ResponsePayload::Plain(vec![6, 7]),
                     }))?,
                     3,
@@ -838,6 +932,7 @@ fn transcripts() -> Result<Vec<Value>, String> {
             let r = enc(&Message::InferResponse(InferResponse {
                 request_id: 1,
                 layer_id: 1,
+                cloud_eval_us: Some(2_500),
                 payload: ResponsePayload::Plain(vec![6]),
             }))?;
             vec![
@@ -884,6 +979,7 @@ fn transcripts() -> Result<Vec<Value>, String> {
                     &enc(&Message::InferResponse(InferResponse {
                         request_id: 1,
                         layer_id: 1,
+                        cloud_eval_us: Some(2_500),
                         payload: ResponsePayload::Plain(vec![42]),
                     }))?,
                     10,
@@ -907,6 +1003,68 @@ fn transcripts() -> Result<Vec<Value>, String> {
                         code: ErrorCode::Busy,
                     }))?,
                     2,
+                ),
+            ],
+        ),
+        ("v1_server_hello_then_v1_response", {
+            // TDM-VER-2, TDM-VER-3: the cloud chose version 1 (offered by the device): its
+            // responses have the version-1 layout and report no evaluation time.
+            let mut h = samples::server_hello();
+            h.version = 1;
+            vec![
+                step_input(&enc(&Message::ServerHello(h))?, 1),
+                json!({"op": "send", "sample": "request_noised_laplace", "now": 2}),
+                step_input(
+                    &enc(&Message::InferResponse(InferResponse {
+                        request_id: 1,
+                        layer_id: 1,
+                        cloud_eval_us: None,
+                        payload: ResponsePayload::Plain(vec![42]),
+                    }))?,
+                    3,
+                ),
+            ]
+        }),
+        (
+            // TDM-VER-3: in a version-2 session a version-1-layout response is malformed.
+            "v1_layout_response_in_v2_session",
+            vec![
+                step_input(&shello, 1),
+                json!({"op": "send", "sample": "request_noised_laplace", "now": 2}),
+                step_input(
+                    &enc(&Message::InferResponse(InferResponse {
+                        request_id: 1,
+                        layer_id: 1,
+                        cloud_eval_us: None,
+                        payload: ResponsePayload::Plain(vec![42]),
+                    }))?,
+                    3,
+                ),
+            ],
+        ),
+        (
+            // TDM-REQ-8, TDM-REQ-6: the cloud refuses a layer it does not serve; the session
+            // stays ready and the next request (layer 1) is answered.
+            "unserved_layer_refused_then_next_request",
+            vec![
+                step_input(&shello, 1),
+                json!({"op": "send", "sample": "request_noised_layer5_batch4", "now": 2}),
+                step_input(
+                    &enc(&Message::RequestError(RequestError {
+                        request_id: 1,
+                        code: ErrorCode::InvalidRequest,
+                    }))?,
+                    3,
+                ),
+                json!({"op": "send", "sample": "request_noised_laplace", "now": 4}),
+                step_input(
+                    &enc(&Message::InferResponse(InferResponse {
+                        request_id: 2,
+                        layer_id: 1,
+                        cloud_eval_us: Some(900),
+                        payload: ResponsePayload::Plain(vec![42]),
+                    }))?,
+                    5,
                 ),
             ],
         ),

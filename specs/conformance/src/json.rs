@@ -83,8 +83,9 @@ pub fn message(m: &Message) -> Value {
                 ResponsePayload::Encrypted(e) => json!({"kind": "encrypted", "enc": enc(e)}),
                 ResponsePayload::Plain(v) => json!({"kind": "plain", "values": v}),
             };
+            // TDM-MSG-14: `cloud_eval_us` is null in the version-1 layout.
             json!({"type": "InferResponse", "request_id": r.request_id,
-                "layer_id": r.layer_id, "payload": payload})
+                "layer_id": r.layer_id, "cloud_eval_us": r.cloud_eval_us, "payload": payload})
         }
         Message::RequestError(e) => json!({"type": "RequestError",
             "request_id": e.request_id, "code": format!("{:?}", e.code)}),

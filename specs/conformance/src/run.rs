@@ -68,8 +68,22 @@ pub fn verify_checksums(dir: &Path) -> Result<Vec<String>, String> {
     Ok(files)
 }
 
+/// The protocol version whose body layout a vector is decoded under (TDM-VER-3): its
+/// `version` field, 1 when absent (vector files written before version 2).
+fn version_of(v: &Value) -> Result<u16, String> {
+    match v.get("version") {
+        None => Ok(1),
+        Some(x) => x
+            .as_u64()
+            .and_then(|n| u16::try_from(n).ok())
+            .ok_or_else(|| format!("bad version {x}")),
+    }
+}
+
 fn check_valid(v: &Value, limits: &Limits) -> Result<(), String> {
     let bytes = hexutil::decode(v["hex"].as_str().ok_or("no hex")?).ok_or("bad hex")?;
+    let version = version_of(v)?;
+    let decode_frame = |b: &[u8], l: &Limits| decode_frame_version(b, l, version);
     let (m, used) = decode_frame(&bytes, limits).map_err(|e| format!("decode: {e}"))?;
     if used != bytes.len() {
         return Err(format!("consumed {used} of {}", bytes.len()));
@@ -93,7 +107,7 @@ fn check_valid(v: &Value, limits: &Limits) -> Result<(), String> {
 fn check_invalid(v: &Value, limits: &Limits) -> Result<(), String> {
     let bytes = hexutil::decode(v["hex"].as_str().ok_or("no hex")?).ok_or("bad hex")?;
     let want = v["expect_error"].as_str().ok_or("no expect_error")?;
-    match decode_frame(&bytes, limits) {
+    match decode_frame_version(&bytes, limits, version_of(v)?) {
         Ok((m, _)) => Err(format!("decoded as {m:?}")),
         Err(e) if format!("{:?}", e.code()) == want => Ok(()),
         Err(e) => Err(format!("got {:?} ({e}), want {want}", e.code())),

@@ -109,6 +109,11 @@ fn device_event(e: &DeviceEvent) -> String {
     match e {
         DeviceEvent::Connected(n) => format!("Connected(v{},p{})", n.version, n.param_set),
         DeviceEvent::KeyAccepted { .. } => "KeyAccepted".into(),
+        DeviceEvent::Response {
+            request_id,
+            cloud_eval_us: Some(us),
+            ..
+        } => format!("Response({request_id},eval_us={us})"),
         DeviceEvent::Response { request_id, .. } => format!("Response({request_id})"),
         DeviceEvent::RequestFailed { request_id, code } => {
             format!("RequestFailed({request_id},{code:?})")
@@ -219,7 +224,17 @@ pub fn execute(
                     .iter()
                     .find(|r| r.request_id == id)
                     .ok_or("respond_echo: no such request")?;
-                res(c.send_response(id, echo(r), now))
+                // TDM-MSG-14: the evaluation time the cloud application reports (0 = none).
+                let us = step["cloud_eval_us"].as_u64().unwrap_or(0);
+                let us = u32::try_from(us).map_err(|_| "cloud_eval_us above u32")?;
+                res(c.send_response_timed(id, echo(r), us, now))
+            }
+            (Role::Cloud(c), "respond_error") => {
+                // The cloud application refuses one request (e.g. a layer id the model does not
+                // serve: InvalidRequest, TDM-REQ-8); the session continues (TDM-REQ-6).
+                let id = step["request_id"].as_u64().ok_or("no request_id")?;
+                let code = code_from(step["code"].as_str().unwrap_or("")).ok_or("bad code")?;
+                res(c.send_request_error(id, code, now))
             }
             (Role::Cloud(c), "allow_key") => {
                 let k = hexutil::decode(step["key_id"].as_str().unwrap_or(""))
