@@ -192,7 +192,7 @@ fn main() {
             );
             match p {
                 Ok(p) => println!(
-                    "{s} chunk {c:5} b1 {:3} up {:8} down {:8} ks {:5} prod {:5} bits {}/{} cost {:.1}{}",
+                    "{s} chunk {c:5} b1 {:3} up {:8} down {:8} ks {:5} prod {:5} bits {}/{}/{} cost {:.1}{}",
                     p.batch_rows,
                     p.upload_bytes(b),
                     p.download_bytes(b),
@@ -200,6 +200,7 @@ fn main() {
                     p.ct_products_for(b),
                     p.upload_bits,
                     p.download_bits,
+                    p.body_bits,
                     plan_cost_on(&p, b, link),
                     if best == Some(p) { "  <= chosen" } else { "" }
                 ),

@@ -165,7 +165,7 @@ impl Client {
                     let Some(&a_s_j) = a_s.get(plan.output_slot_in_row(k, j).1) else {
                         continue;
                     };
-                    let phase = poly::lift_from_bits(b, out.bits).wrapping_sub(a_s_j);
+                    let phase = poly::lift_from_bits(b, out.body_bits).wrapping_sub(a_s_j);
                     let y = (phase.wrapping_add(1u64 << (d - 1)) as i64) >> d;
                     let noise = phase.wrapping_sub((y as u64).wrapping_shl(d)) as i64;
                     if let Some(slot) = rows.get_mut(k).and_then(|r| r.get_mut(j)) {

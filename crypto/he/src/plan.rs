@@ -177,8 +177,11 @@ pub struct LayerPlan {
     pub delta_out_log2: u32,
     /// Bits kept of each uploaded body coefficient.
     pub upload_bits: u32,
-    /// Bits kept of each downloaded coefficient.
+    /// Bits kept of each downloaded mask coefficient (b_mask).
     pub download_bits: u32,
+    /// Bits kept of each downloaded body coefficient (b_body ≤ `download_bits` in practice:
+    /// the body's rounding adds its variance once, the mask's N times; TDM-PAR-HE-1).
+    pub body_bits: u32,
     /// log2 of the per-output failure probability bound.
     pub log2_p_fail: f64,
 }
@@ -389,6 +392,7 @@ impl LayerPlan {
             delta_out_log2,
             upload_bits: 64,
             download_bits: 64,
+            body_bits: 64,
             log2_p_fail: 0.0,
         };
         let limit = -(params.max_fail_log2 as f64);
@@ -403,11 +407,26 @@ impl LayerPlan {
                 limit: params.max_fail_log2,
             })?;
         let v_pre = plan.pre_switch_variance(stats, plan.upload_bits);
-        plan.download_bits = (8..=64)
-            .find(|&b| log2_fail(plan.download_variance(v_pre, b), plan.delta_out_log2) <= limit)
-            .unwrap_or(64);
+        // Mask and body widths: the pair meeting the bound with the fewest bits per full
+        // batch block (its K·N mask coefficients and b₁·n_out bodies), ties to the narrower
+        // mask.
+        let masks = (plan.out_ciphertexts() * n) as u64;
+        let bodies = (plan.batch_rows * n_out) as u64;
+        let mut best: Option<(u64, u32, u32)> = None;
+        for bm in 8..=64u32 {
+            let Some(bb) = (8..=64u32).find(|&bb| {
+                log2_fail(plan.download_variance(v_pre, bm, bb), plan.delta_out_log2) <= limit
+            }) else {
+                continue;
+            };
+            let cost = masks * u64::from(bm) + bodies * u64::from(bb);
+            if best.is_none_or(|(c, _, _)| cost < c) {
+                best = Some((cost, bm, bb));
+            }
+        }
+        (plan.download_bits, plan.body_bits) = best.map_or((64, 64), |(_, bm, bb)| (bm, bb));
         plan.log2_p_fail = log2_fail(
-            plan.download_variance(v_pre, plan.download_bits),
+            plan.download_variance(v_pre, plan.download_bits, plan.body_bits),
             plan.delta_out_log2,
         );
         if plan.log2_p_fail > limit {
@@ -459,18 +478,22 @@ impl LayerPlan {
         }
     }
 
-    /// Output variance bound after switching to `bits` (mask rounding times a binary secret
-    /// of weight ≤ N, plus the body's own rounding), in 64-bit units.
-    pub fn download_variance(&self, v_pre: f64, bits: u32) -> f64 {
-        self.download_with(v_pre, bits, self.params.poly_size as f64)
+    /// Output variance bound after switching the mask to `mask_bits` and the body to
+    /// `body_bits` (64-bit units): the mask's rounding error times a binary secret of weight
+    /// ≤ N, (N·2^(2(64−b_mask)))/12, plus the body's own rounding, 2^(2(64−b_body))/12.
+    pub fn download_variance(&self, v_pre: f64, mask_bits: u32, body_bits: u32) -> f64 {
+        self.download_with(v_pre, mask_bits, body_bits, self.params.poly_size as f64)
     }
 
-    fn download_with(&self, v_pre: f64, bits: u32, key_weight: f64) -> f64 {
-        if bits >= 64 {
-            return v_pre;
-        }
-        let unit = 2f64.powi(64 - bits as i32);
-        v_pre + (key_weight + 1.0) * unit * unit / 12.0
+    fn download_with(&self, v_pre: f64, mask_bits: u32, body_bits: u32, key_weight: f64) -> f64 {
+        let rounding = |bits: u32| {
+            if bits >= 64 {
+                0.0
+            } else {
+                2f64.powi(2 * (64 - bits as i32)) / 12.0
+            }
+        };
+        v_pre + key_weight * rounding(mask_bits) + rounding(body_bits)
     }
 
     /// Average-case prediction of the decrypted output's noise variance (not a bound): digits
@@ -481,7 +504,7 @@ impl LayerPlan {
         let base = 2f64.powi(self.params.ks_base_log as i32);
         let v_ks = self.key_switch_variance_with(base * base / 12.0, key_weight);
         let v_pre = self.pre_switch_with(block_sq_norm, self.upload_bits, v_ks);
-        self.download_with(v_pre, self.download_bits, key_weight)
+        self.download_with(v_pre, self.download_bits, self.body_bits, key_weight)
     }
 }
 
@@ -683,6 +706,43 @@ mod tests {
         for j in 0..1024 {
             assert!(seen.insert(p.output_slot(j)));
         }
+    }
+
+    /// TDM-PAR-HE-1: the body is returned at its own width, about log2 √N bits below the mask,
+    /// within the failure bound; the download of the 16×384@384×1536 batch shrinks
+    /// accordingly against one width for both.
+    #[test]
+    fn download_body_is_narrower_than_the_mask_within_the_bound() {
+        let stats = WeightStats::worst_case(384, 8, 127, 0);
+        let opts = PlanOptions {
+            chunk: Some(32),
+            batch: Some(16),
+        };
+        let p = LayerPlan::new(P, OutputMode::Packed, 384, 1536, 128, stats, opts).unwrap();
+        assert!(p.body_bits + 4 <= p.download_bits, "{p:?}");
+        // The body carries the output range plus a few bits of margin, no more.
+        let range_bits = 64 - p.delta_out_log2;
+        assert!(
+            (range_bits + 1..=range_bits + 5).contains(&p.body_bits),
+            "{p:?}"
+        );
+        let v_pre = p.pre_switch_variance(stats, p.upload_bits);
+        let bound = log2_fail(
+            p.download_variance(v_pre, p.download_bits, p.body_bits),
+            p.delta_out_log2,
+        );
+        assert!(bound <= -64.0 && (bound - p.log2_p_fail).abs() < 1e-9);
+        // One bit fewer on either side breaks the bound (the widths are the narrowest pair
+        // for their cost).
+        let fail = |m: u32, b: u32| log2_fail(p.download_variance(v_pre, m, b), p.delta_out_log2);
+        assert!(fail(p.download_bits, p.body_bits - 1) > -64.0);
+        let single_width =
+            51 + (p.out_ciphertexts() * 4096 + 16 * 1536) * p.download_bits as usize / 8;
+        assert!(
+            p.download_bytes(16) + 10_000 < single_width,
+            "{} vs {single_width}",
+            p.download_bytes(16)
+        );
     }
 
     #[test]

@@ -385,7 +385,7 @@ impl PreparedLayer {
         }
         let v_pre = plan.pre_switch_variance(stats, plan.upload_bits);
         let p_fail = crate::plan::log2_fail(
-            plan.download_variance(v_pre, plan.download_bits),
+            plan.download_variance(v_pre, plan.download_bits, plan.body_bits),
             plan.delta_out_log2,
         );
         if p_fail > -(plan.params.max_fail_log2 as f64) {
@@ -550,6 +550,7 @@ impl PreparedLayer {
             key_id: input.key_id,
             mode: plan.mode,
             bits: plan.download_bits,
+            body_bits: plan.body_bits,
             n_out: plan.n_out,
             batch: input.batch,
             rows: rows_out,
@@ -708,12 +709,12 @@ impl PreparedLayer {
         let (mut a, mut b) = (vec![0u64; n], vec![0u64; n]);
         ntt.inv(&mut ct.mask, &mut a);
         ntt.inv(&mut ct.body, &mut b);
-        let bits = plan.download_bits;
+        let (bits, body_bits) = (plan.download_bits, plan.body_bits);
         let count = plan.outputs_in_ciphertext(index);
         let first = plan.first_output(index);
         let body = (0..rows)
             .flat_map(|k| (first..first + count).map(move |j| (k, j)))
-            .map(|(k, j)| poly::round_to_bits(b[plan.output_slot_in_row(k, j).1], bits))
+            .map(|(k, j)| poly::round_to_bits(b[plan.output_slot_in_row(k, j).1], body_bits))
             .collect();
         OutputCiphertext {
             mask: a.iter().map(|&v| poly::round_to_bits(v, bits)).collect(),

@@ -20,7 +20,7 @@ const KIND_EVAL_KEY: u8 = 3;
 /// magic, version, kind, parameter set id (u16 LE), key id.
 const HEADER_LEN: usize = 4 + 1 + 1 + 2 + 32;
 const INPUT_FIXED: usize = HEADER_LEN + 16 + 2 + 2 + 1;
-const OUTPUT_FIXED: usize = HEADER_LEN + 1 + 2 + 2 + 1 + 4;
+const OUTPUT_FIXED: usize = HEADER_LEN + 1 + 2 + 2 + 1 + 1 + 4;
 const KEY_FIXED: usize = HEADER_LEN + 16 + 1 + 1 + 1;
 
 /// An encrypted batch of input vectors: seeded GLWE ciphertexts (bodies only).
@@ -45,9 +45,9 @@ pub struct EncryptedInput {
 /// One returned ciphertext: the full (switched) mask and the output slots of the body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutputCiphertext {
-    /// N values of `bits` bits.
+    /// N values of the output's `bits` bits.
     pub mask: Vec<u64>,
-    /// One value per output carried, row-major over the block's rows present
+    /// One value of the output's `body_bits` bits per output carried, row-major over the block's rows present
     /// (`rows × plan.outputs_in_ciphertext(ct)`).
     pub body: Vec<u64>,
 }
@@ -61,8 +61,10 @@ pub struct EncryptedOutput {
     pub key_id: KeyId,
     /// How outputs are laid out.
     pub mode: OutputMode,
-    /// Bits per coefficient.
+    /// Bits per mask coefficient (the plan's `download_bits`).
     pub bits: u32,
+    /// Bits per body value (the plan's `body_bits`).
+    pub body_bits: u32,
     /// Outputs per batch row.
     pub n_out: usize,
     /// Number of batch rows (input vectors) the result is for.
@@ -85,13 +87,19 @@ pub fn input_len(plan: &LayerPlan, batch: usize) -> usize {
         )
 }
 
-fn output_values(plan: &LayerPlan, batch: usize) -> usize {
-    plan.batch_blocks(batch) * plan.out_ciphertexts() * plan.params.poly_size + batch * plan.n_out
+/// Bits of an output batch's payload: the masks at `download_bits`, the bodies at
+/// `body_bits` (u128: no overflow for any counts a u16 batch and u32 n_out allow).
+fn output_payload_bits(plan: &LayerPlan, batch: usize) -> u128 {
+    let masks =
+        (plan.batch_blocks(batch) * plan.out_ciphertexts()) as u128 * plan.params.poly_size as u128;
+    let bodies = batch as u128 * plan.n_out as u128;
+    masks * u128::from(plan.download_bits) + bodies * u128::from(plan.body_bits)
 }
 
 /// Wire length of an output batch for `plan`.
 pub fn output_len(plan: &LayerPlan, batch: usize) -> usize {
-    OUTPUT_FIXED + bit_bytes(output_values(plan, batch), plan.download_bits)
+    usize::try_from(output_payload_bits(plan, batch).div_ceil(8))
+        .map_or(usize::MAX, |b| b.saturating_add(OUTPUT_FIXED))
 }
 
 /// Wire length of an evaluation key with `count` automorphisms.
@@ -376,12 +384,16 @@ impl EncryptedOutput {
         out.extend_from_slice(&(self.batch as u16).to_le_bytes());
         out.extend_from_slice(&(self.rows.first().map_or(0, Vec::len) as u16).to_le_bytes());
         out.push(self.bits as u8);
+        out.push(self.body_bits as u8);
         out.extend_from_slice(&(self.n_out as u32).to_le_bytes());
         let mut w = BitWriter::new(out);
         for row in &self.rows {
             for ct in row {
-                for &v in ct.mask.iter().chain(&ct.body) {
+                for &v in &ct.mask {
                     w.put(v, self.bits);
+                }
+                for &v in &ct.body {
+                    w.put(v, self.body_bits);
                 }
             }
         }
@@ -404,10 +416,12 @@ impl EncryptedOutput {
         let batch = r.u16()? as usize;
         let cts = r.u16()? as usize;
         let bits = r.u8()? as u32;
+        let body_bits = r.u8()? as u32;
         let n_out = r.u32()? as usize;
         if mode != plan.mode
             || cts != plan.out_ciphertexts()
             || bits != plan.download_bits
+            || body_bits != plan.body_bits
             || n_out != plan.n_out
         {
             return Err(HeError::Malformed {
@@ -441,7 +455,7 @@ impl EncryptedOutput {
                 let count = plan.outputs_in_ciphertext(ci) * plan.rows_in_block(batch, block);
                 let mut body = Vec::with_capacity(count);
                 for _ in 0..count {
-                    body.push(br.get(bits)?);
+                    body.push(br.get(body_bits)?);
                 }
                 row.push(OutputCiphertext { mask, body });
             }
@@ -453,6 +467,7 @@ impl EncryptedOutput {
             key_id: kid,
             mode,
             bits,
+            body_bits,
             n_out,
             batch,
             rows,
@@ -473,8 +488,10 @@ impl EncryptedOutput {
         let n = plan.params.poly_size;
         let ok = self.mode == plan.mode
             && self.bits == plan.download_bits
+            && self.body_bits == plan.body_bits
             && self.n_out == plan.n_out
             && self.bits >= 1
+            && self.body_bits >= 1
             && plan.delta_out_log2 >= 1
             && (1..=MAX_BATCH).contains(&self.batch)
             && self.rows.len() == plan.batch_blocks(self.batch)

@@ -134,7 +134,8 @@ fn spec_decrypt_output(blob: &[u8], plan: &LayerPlan, s: &[u64]) -> Vec<Vec<i64>
     let batch = u16::from_le_bytes([blob[41], blob[42]]) as usize;
     let k = u16::from_le_bytes([blob[43], blob[44]]) as usize;
     let b = u32::from(blob[45]);
-    let n_out = u32::from_le_bytes(blob[46..50].try_into().unwrap()) as usize;
+    let bb = u32::from(blob[46]);
+    let n_out = u32::from_le_bytes(blob[47..51].try_into().unwrap()) as usize;
     assert_eq!(n_out, plan.n_out);
     let r_rows = n / plan.chunk;
     let per = match plan.mode {
@@ -142,7 +143,7 @@ fn spec_decrypt_output(blob: &[u8], plan: &LayerPlan, s: &[u64]) -> Vec<Vec<i64>
         OutputMode::Packed => r_rows * plan.n_out.div_ceil(r_rows).min(plan.chunk),
     };
     let mut bits = Bits {
-        bytes: &blob[50..],
+        bytes: &blob[51..],
         bit: 0,
     };
     let d = plan.delta_out_log2;
@@ -155,13 +156,13 @@ fn spec_decrypt_output(blob: &[u8], plan: &LayerPlan, s: &[u64]) -> Vec<Vec<i64>
             for j in ct * per..((ct + 1) * per).min(n_out) {
                 let (c, pos) = slot(plan, j);
                 assert_eq!(c, ct);
-                let phase = lift(bits.get(b), b).wrapping_sub(a_s[pos]);
+                let phase = lift(bits.get(bb), bb).wrapping_sub(a_s[pos]);
                 y[j] = (phase.wrapping_add(1u64 << (d - 1)) as i64) >> d;
             }
         }
         rows.push(y);
     }
-    assert_eq!(bits.bit.div_ceil(8), blob.len() - 50, "exact length");
+    assert_eq!(bits.bit.div_ceil(8), blob.len() - 51, "exact length");
     rows
 }
 
@@ -385,7 +386,7 @@ fn he_known_answer_vectors() {
         let bias_s: Vec<String> = bias.iter().map(i64::to_string).collect();
         let _ = write!(
             json,
-            "    {{\"id\": \"{}\", \"plan\": {{\"mode\": \"{}\", \"n_in\": {}, \"n_out\": {}, \"chunk\": {}, \"delta_in_log2\": {}, \"delta_out_log2\": {}, \"upload_bits\": {}, \"download_bits\": {}}},\n     \"weights\": [{}], \"bias\": [{}], \"x\": {}, \"y\": {},\n     \"input_blob\": \"{}\",\n     \"output_blob\": \"{}\"}}{}\n",
+            "    {{\"id\": \"{}\", \"plan\": {{\"mode\": \"{}\", \"n_in\": {}, \"n_out\": {}, \"chunk\": {}, \"delta_in_log2\": {}, \"delta_out_log2\": {}, \"upload_bits\": {}, \"download_bits\": {}, \"body_bits\": {}}},\n     \"weights\": [{}], \"bias\": [{}], \"x\": {}, \"y\": {},\n     \"input_blob\": \"{}\",\n     \"output_blob\": \"{}\"}}{}\n",
             case.id,
             case.mode.name(),
             plan.n_in,
@@ -395,6 +396,7 @@ fn he_known_answer_vectors() {
             plan.delta_out_log2,
             plan.upload_bits,
             plan.download_bits,
+            plan.body_bits,
             weights_s.join(", "),
             bias_s.join(", "),
             i64_rows(&case.x),

@@ -55,6 +55,7 @@ fn measure(
     let bound = plan.download_variance(
         plan.pre_switch_variance(stats, plan.upload_bits),
         plan.download_bits,
+        plan.body_bits,
     );
     (
         sum_sq / count,

@@ -234,3 +234,44 @@ fn invalid_forced_chunks_are_refused_not_panicking() {
         }
     }
 }
+
+/// TDM-HE-7: the output blob carries the mask width and the (narrower) body width; a blob whose
+/// body width differs from the plan's is refused, even when its length is made to match, and
+/// an output decoded at the plan's widths decrypts exactly.
+#[test]
+fn output_body_width_is_checked_against_the_plan() {
+    let f = fixture();
+    for mode in [OutputMode::NoKey, OutputMode::Packed] {
+        let layer = small_layer(mode);
+        let plan = *layer.plan();
+        assert!(
+            plan.body_bits < plan.download_bits,
+            "body {} mask {}",
+            plan.body_bits,
+            plan.download_bits
+        );
+        let mut c = f.client.lock().unwrap_or_else(|e| e.into_inner());
+        let ct = c.encrypt(&plan, &[vec![5; 64]]).unwrap();
+        let key = (mode == OutputMode::Packed).then_some(&f.prepared_key);
+        let out = layer.eval(&ct, key, EvalOptions::default()).unwrap();
+        let bytes = out.to_bytes();
+        let kid = c.key_id();
+        // Byte 46 is the body width (he-formats.md, output batch).
+        assert_eq!(u32::from(bytes[46]), plan.body_bits);
+        let decoded = EncryptedOutput::from_bytes(&bytes, bytes.len(), &plan, &kid).unwrap();
+        assert_eq!(decoded, out);
+        for wrong in [plan.body_bits - 1, plan.body_bits + 1, plan.download_bits] {
+            let mut other = out.clone();
+            other.body_bits = wrong;
+            let m = other.to_bytes();
+            assert!(
+                matches!(
+                    EncryptedOutput::from_bytes(&m, m.len(), &plan, &kid),
+                    Err(HeError::Malformed { .. })
+                ),
+                "body width {wrong} accepted"
+            );
+            assert!(c.decrypt(&plan, &other).is_err());
+        }
+    }
+}

@@ -160,9 +160,10 @@ fn layer(v: &Value, s: &[u64], key_id: &[u8], n: usize) -> Result<(), String> {
         get_u(p, "delta_in_log2")? as u32,
         get_u(p, "delta_out_log2")? as u32,
     );
-    let (ub, db) = (
+    let (ub, db, bb) = (
         get_u(p, "upload_bits")? as u32,
         get_u(p, "download_bits")? as u32,
+        get_u(p, "body_bits")? as u32,
     );
     let packed = p["mode"] == "packed";
     // Input batch (kind 1): decrypt every chunk and read the inputs back.
@@ -209,14 +210,15 @@ fn layer(v: &Value, s: &[u64], key_id: &[u8], n: usize) -> Result<(), String> {
     // Output batch (kind 2).
     let ob = blob(v, "output_blob")?;
     header(&ob, 2, key_id)?;
-    if ob.len() < 50 {
+    if ob.len() < 51 {
         return Err("output blob shorter than its fixed part".into());
     }
     let (batch, k, bits) = (le16(&ob, 41)?, le16(&ob, 43)?, u32::from(ob[45]));
+    let body_bits = u32::from(ob[46]);
     let no = ob
-        .get(46..50)
+        .get(47..51)
         .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]) as usize);
-    if no != Some(n_out) || bits != db || ob[40] != u8::from(packed) {
+    if no != Some(n_out) || bits != db || body_bits != bb || ob[40] != u8::from(packed) {
         return Err("output header differs from the plan".into());
     }
     let rows = n / chunk;
@@ -232,7 +234,7 @@ fn layer(v: &Value, s: &[u64], key_id: &[u8], n: usize) -> Result<(), String> {
         }
     };
     let mut br = Bits {
-        bytes: &ob[50..],
+        bytes: &ob[51..],
         bit: 0,
     };
     let mut ys = Vec::new();
@@ -249,7 +251,7 @@ fn layer(v: &Value, s: &[u64], key_id: &[u8], n: usize) -> Result<(), String> {
                 .take(((ct + 1) * per).min(n_out))
                 .skip(ct * per)
             {
-                let phase = lift(br.get(bits)?, bits).wrapping_sub(a_s[slot(j)]);
+                let phase = lift(br.get(body_bits)?, body_bits).wrapping_sub(a_s[slot(j)]);
                 *yj = (phase.wrapping_add(1u64 << (d_out - 1)) as i64) >> d_out;
             }
         }
