@@ -37,6 +37,9 @@ pub(crate) struct Conn {
     pub params: ParameterSet,
     io_timeout: Duration,
     epoch: Instant,
+    /// `cloud_eval_us` of the last response [`Conn::round_trip_batch`] returned, when the cloud
+    /// measured it (version 2, non-zero; TDM-MSG-14). Advisory (TDM-EVAL-2).
+    pub last_eval_us: Option<u32>,
 }
 
 fn now_ms(epoch: Instant) -> u64 {
@@ -68,6 +71,7 @@ impl Conn {
             params: tandem_he::DEFAULT_PARAMETERS,
             io_timeout: p.io_timeout,
             epoch: p.epoch,
+            last_eval_us: None,
         };
         conn.flush().await?;
         loop {
@@ -167,6 +171,7 @@ impl Conn {
         let id = self
             .session
             .send_request(layer_id, batch, payload, now_ms(self.epoch))?;
+        self.last_eval_us = None;
         let up = self.flush().await?;
         let mut down = 0;
         loop {
@@ -176,8 +181,13 @@ impl Conn {
                     DeviceEvent::Response {
                         request_id,
                         payload,
+                        cloud_eval_us,
                         ..
-                    } if request_id == id => return Ok((payload, up, down)),
+                    } if request_id == id => {
+                        // TDM-MSG-14: 0 (and a version-1 session) means "not measured".
+                        self.last_eval_us = cloud_eval_us.filter(|&us| us > 0);
+                        return Ok((payload, up, down));
+                    }
                     DeviceEvent::RequestFailed { request_id, code } if request_id == id => {
                         return Err(DeviceError::Refused(code))
                     }

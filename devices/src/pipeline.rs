@@ -57,6 +57,42 @@ pub struct Device {
     pub(crate) key_acked: Option<[u8; 32]>,
     /// Whether [`Device::answer`] may answer with the exit head (`crate::early_exit`).
     pub(crate) early_exit: crate::early_exit::EarlyExit,
+    /// EWMA of the evaluation times the cloud reported (TDM-MSG-14), per layer.
+    pub(crate) cloud_eval: CloudEvalTimes,
+}
+
+/// Smoothing factor of [`CloudEvalTimes`] (the weight of the newest report).
+const CLOUD_EVAL_ALPHA: f64 = 0.3;
+
+/// Per-layer exponentially weighted moving averages of the cloud's reported evaluation times
+/// (`cloud_eval_us`, TDM-MSG-14), in ms, kept apart for encrypted requests (Encrypted and
+/// NoisedEncrypted: what the planner prices as cloud time) and cleartext (Noised) ones, whose
+/// evaluations cost very different amounts on the same layer. Advisory (TDM-EVAL-2): used for
+/// cost estimates only.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CloudEvalTimes {
+    /// (layer id, encrypted request) → EWMA in ms.
+    ewma_ms: HashMap<(u32, bool), f64>,
+}
+
+impl CloudEvalTimes {
+    /// Folds one report of `us` microseconds for `layer_id` into its average; `0` ("not
+    /// measured", TDM-EVAL-2) is ignored.
+    pub(crate) fn observe(&mut self, layer_id: u32, encrypted: bool, us: u32) {
+        if us == 0 {
+            return;
+        }
+        let x = f64::from(us) / 1e3;
+        self.ewma_ms
+            .entry((layer_id, encrypted))
+            .and_modify(|m| *m += CLOUD_EVAL_ALPHA * (x - *m))
+            .or_insert(x);
+    }
+
+    /// The average for `layer_id` (ms), if the cloud has reported one.
+    pub(crate) fn get(&self, layer_id: u32, encrypted: bool) -> Option<f64> {
+        self.ewma_ms.get(&(layer_id, encrypted)).copied()
+    }
 }
 
 impl std::fmt::Debug for Device {
@@ -232,6 +268,7 @@ impl Device {
             connects: 0,
             key_acked: None,
             early_exit: crate::early_exit::EarlyExit::Off,
+            cloud_eval: CloudEvalTimes::default(),
             auto: Default::default(),
             opts,
         })
@@ -261,6 +298,19 @@ impl Device {
     /// Size of the evaluation-key blob (0 in no-key mode).
     pub fn key_blob_len(&self) -> usize {
         self.he.key_blob.len()
+    }
+
+    /// The cloud's evaluation time of cloud layer `layer_id` (its manifest index, the protocol
+    /// layer id), in ms: the exponentially weighted moving average (α = 0.3) of the
+    /// `cloud_eval_us` the cloud reported in its responses to this device's encrypted requests
+    /// for that layer (TDM-MSG-14). `None` until the cloud has reported one (a version-1 cloud,
+    /// or one that sends 0, never does).
+    ///
+    /// Advisory (TDM-EVAL-2): the cloud's own claim, unverified. The device uses it only to
+    /// price cloud time in its planner ([`Device::plan`], [`Protection::Auto`]), never for
+    /// results, the ledger or timeouts.
+    pub fn cloud_eval_ms(&self, layer_id: u32) -> Option<f64> {
+        self.cloud_eval.get(layer_id, true)
     }
 
     /// Evaluation-key uploads so far.
@@ -645,7 +695,12 @@ impl Device {
             .conn
             .as_mut()
             .ok_or(DeviceError::Closed(ErrorCode::NoError))?;
-        conn.round_trip(layer_id, request).await
+        let answer = conn.round_trip(layer_id, request).await?;
+        // TDM-EVAL-2: the reported evaluation time feeds cost estimates only.
+        if let Some(us) = conn.last_eval_us {
+            self.cloud_eval.observe(layer_id, body.encrypted(), us);
+        }
+        Ok(answer)
     }
 
     /// Runs one inference on a raw input vector: every device segment locally, and one

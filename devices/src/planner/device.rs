@@ -298,9 +298,16 @@ impl Device {
             up += p.upload_bytes(1) as u64 + FRAMING;
             down += p.download_bytes(1) as u64 + FRAMING;
             key += p.eval_key_bytes() as u64;
-            cloud_ms += (tandem_he::plan_cost(p, 1)
-                - (p.upload_bytes(1) + p.download_bytes(1)) as f64 * COST_BYTE_MS)
-                .max(0.0);
+            // TDM-EVAL-2: the cloud's reported evaluation time of this layer (EWMA,
+            // `Device::cloud_eval_ms`) once it has reported one, else the cost model.
+            let reported = u32::try_from(c.index)
+                .ok()
+                .and_then(|l| self.cloud_eval_ms(l));
+            cloud_ms += reported.unwrap_or_else(|| {
+                (tandem_he::plan_cost(p, 1)
+                    - (p.upload_bytes(1) + p.download_bytes(1)) as f64 * COST_BYTE_MS)
+                    .max(0.0)
+            });
             dec += p.out_ciphertexts() as f64 * COST_CT_TRANSFORM_MS;
         }
         let enc = self.auto.encrypt_ms.unwrap_or(dec);
