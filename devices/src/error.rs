@@ -92,6 +92,11 @@ pub enum DeviceError {
     /// The configuration is invalid.
     #[error("config: {0}")]
     Config(String),
+    /// The sentence encoder of an encoder bundle failed ([`crate::SentenceDevice`]): the text
+    /// cannot be tokenised, a sequence is empty or too long, the bundle's graph or an encrypted
+    /// layer failed (the message names the layer or file and what to do).
+    #[error("sentence encoder: {0}")]
+    Encoder(#[from] tandem_ops::OpsError),
     /// [`crate::Protection::Auto`] found no candidate the policy, the remaining privacy budget
     /// and the link allow (TDM-PLAN-3); nothing was charged or sent. The field is the plan's
     /// explanation (every candidate and why it was refused): allow another protection in

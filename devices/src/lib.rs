@@ -1,7 +1,8 @@
 //! # tandem-device: the device runtime
 //!
 //! What an app calls: [`Device::connect`] once, then [`Device::infer`] per input with a
-//! [`Protection`]:
+//! [`Protection`] (for an encoder bundle — a sentence encoder such as all-MiniLM-L6-v2 — use
+//! [`SentenceDevice`] instead: [`SentenceDevice::embed`], [`SentenceDevice::embed_batch`]):
 //! * [`Protection::Encrypted`] — the split activation is encrypted ([`tandem_he`]); the cloud
 //!   evaluates its layer on ciphertexts and never sees the activation or the result.
 //! * [`Protection::Noised`] — the activation is clipped, quantised and noised with exact
@@ -46,6 +47,7 @@ mod options;
 mod pipeline;
 pub mod planner;
 mod remote;
+mod sentence;
 pub mod state;
 
 pub use early_exit::{Answer, EarlyExit};
@@ -53,7 +55,8 @@ pub use error::DeviceError;
 pub use keys::{cloud_plan, parameter_set, HeState, LayerShape};
 pub use options::{DeviceOptions, DpOptions, RetryPolicy};
 pub use pipeline::{worst_case_wait, Device};
-pub use remote::{RemoteLayers, RemoteStats};
+pub use remote::{RemoteLayers, RemoteStats, DEFAULT_MAX_IN_FLIGHT};
+pub use sentence::{Encoded, SentenceDevice, SentenceStats, DEFAULT_PIPELINE};
 pub use tandem_he::OutputMode;
 
 /// Largest absolute value the encrypted cloud layer accepts (the cloud plans with the same).

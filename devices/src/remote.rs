@@ -8,12 +8,23 @@
 //! ciphertext blob; the reply is the encrypted product. Byte counts are protocol frame bytes
 //! (what the TLS layer carries as plaintext; TLS record overhead is not included).
 //!
-//! The calls block: [`RemoteLayers`] drives its connection on its own single-threaded tokio
-//! runtime, so it must not be used from inside another tokio runtime's worker (use a plain
-//! thread, as the CLI does).
+//! Pipelining (issue 8 §2, TDM-REQ-8): the calls block their own thread only. A driver thread
+//! (its own single-threaded tokio runtime) owns the session and keeps up to the negotiated
+//! `max_in_flight` requests outstanding, so several sentences encoded on several threads share
+//! one session: while the cloud evaluates one sentence's layer, the device computes another's
+//! device ops and encrypts its next request. Answers are matched by request id, never by
+//! order. Do not call from inside a tokio runtime's worker (use a plain thread or
+//! `spawn_blocking`).
+//!
+//! Failures are typed and never hang: a refusal fails its one request
+//! ([`DeviceError::Refused`], the session continues); a cloud that closes, drops the
+//! connection or stops answering for the I/O timeout fails every request in flight
+//! ([`DeviceError::Closed`], [`DeviceError::Io`], [`DeviceError::Timeout`]); the next request
+//! reconnects and registers the key again.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tandem_he::{EncryptedInput, LayerPlan, OutputMode, ParameterSet};
@@ -21,34 +32,63 @@ use tandem_model::Bundle;
 use tandem_ops::{CloudLayers, OpsError, QuantizedWeights};
 use tandem_protocol::{EncryptedBlock, ErrorCode, RequestPayload, ResponsePayload};
 
-use crate::conn::{Conn, ConnectParams};
 use crate::DeviceError;
+
+mod driver;
+
+use driver::{Driver, Job, Target};
+
+/// Most requests a [`RemoteLayers`] keeps in flight on its session unless told otherwise
+/// ([`RemoteLayers::connect_with`]); the negotiated `max_in_flight` caps it further.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 8;
 
 /// Counters of a [`RemoteLayers`] session.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[non_exhaustive]
 pub struct RemoteStats {
-    /// Requests answered (one round trip each).
+    /// Requests answered (one round trip each; several may overlap when requests are
+    /// pipelined).
     pub round_trips: u64,
     /// Request frame bytes sent (device → cloud), key upload excluded.
     pub bytes_up: u64,
-    /// Response frame bytes received (cloud → device).
+    /// Frame bytes received (cloud → device) after the handshake.
     pub bytes_down: u64,
-    /// Key-registration frame bytes sent.
+    /// Key-registration frame bytes sent (again after a reconnect).
     pub key_upload_bytes: u64,
-    /// Seconds spent waiting for answers (cloud evaluation plus transport).
+    /// Seconds from sending each request to its answer, summed over the requests (cloud
+    /// evaluation, queueing and transport; overlapping requests each count their own wait, so
+    /// this can exceed the wall time of a pipelined batch).
     pub wait_s: f64,
+    /// Seconds of evaluation the cloud reported in its answers (`InferResponse.cloud_eval_us`,
+    /// advisory, TDM-EVAL-2), summed over the requests; 0 for a cloud that does not report it.
+    pub cloud_eval_s: f64,
+    /// Answers that carried a cloud-reported evaluation time.
+    pub cloud_eval_reports: u64,
+    /// Most requests that were in flight at once on the session (1 = no pipelining).
+    pub max_in_flight: u64,
+    /// Sessions re-established after the previous one ended (idle timeout, cloud restart).
+    pub reconnects: u64,
 }
 
-/// One mTLS session serving the cloud layers of one encoder bundle.
+/// One mTLS session serving the cloud layers of one encoder bundle, usable from several
+/// threads at once: each call blocks its own thread until its answer arrives, while a driver
+/// thread keeps up to `max_in_flight` requests outstanding on the one session and matches
+/// answers to callers by request id (TDM-REQ-8).
 pub struct RemoteLayers {
-    rt: tokio::runtime::Runtime,
-    conn: Mutex<Option<Conn>>,
+    jobs: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Job>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    open: Arc<AtomicBool>,
     params: ParameterSet,
     mode: OutputMode,
     n_layers: usize,
     plans: Mutex<Vec<Option<LayerPlan>>>,
     key_id: Mutex<Option<[u8; 32]>>,
-    stats: Mutex<RemoteStats>,
+    /// Serialises the lazy no-key registration (one per HE key).
+    registering: Mutex<()>,
+    stats: Arc<Mutex<RemoteStats>>,
+    /// The first session-level error a [`CloudLayers`] call met (typed; see
+    /// [`RemoteLayers::take_error`]).
+    last_error: Mutex<Option<DeviceError>>,
 }
 
 impl std::fmt::Debug for RemoteLayers {
@@ -72,24 +112,26 @@ fn proto_mode(m: OutputMode) -> tandem_protocol::OutputMode {
     }
 }
 
-fn cloud_err(index: usize, e: &DeviceError) -> OpsError {
-    OpsError::Cloud {
-        index,
-        reason: format!("over the network: {e}"),
-    }
-}
-
 impl RemoteLayers {
     /// Connects to the cloud at `addr` (TLS server name `server_name`, client credentials in
     /// `tls`) for the encoder bundle `bundle` (its id and digest are what the handshake
-    /// names), offering `param_sets` (preference order). Only packed mode is supported: its
-    /// key id is derived from the evaluation-key blob ([`CloudLayers::upload_key`]).
+    /// names), offering `param_sets` (preference order), in HE output `mode`:
+    /// * [`OutputMode::Packed`]: the key id is derived from the evaluation-key blob
+    ///   ([`CloudLayers::upload_key`], before the first request);
+    /// * [`OutputMode::NoKey`]: nothing is uploaded; the first request registers the HE
+    ///   engine's key id with an empty blob (TDM-KEY-2), as the cloud expects.
+    ///
+    /// Each layer's plan is derived from the signed manifest alone, for the mode given, as the
+    /// cloud derives it; a cloud that does not serve the model in that mode refuses the
+    /// registration (the session closes: [`DeviceError::Closed`] with `InvalidRequest`).
+    /// `io_timeout` bounds the connect, each handshake and the wait for answers.
+    /// Keeps up to [`DEFAULT_MAX_IN_FLIGHT`] requests in flight.
     ///
     /// # Errors
-    /// [`DeviceError::Config`] for a bundle without encoder or a mode other than packed,
-    /// [`DeviceError::Io`] / [`DeviceError::Tls`] / [`DeviceError::Timeout`] when the cloud
-    /// cannot be reached, [`DeviceError::Closed`] when it refuses the handshake (e.g. a model
-    /// it does not serve).
+    /// [`DeviceError::Config`] for a bundle without encoder, [`DeviceError::Io`] /
+    /// [`DeviceError::Tls`] / [`DeviceError::Timeout`] when the cloud cannot be reached,
+    /// [`DeviceError::Closed`] when it refuses the handshake (e.g. a model it does not serve),
+    /// [`DeviceError::UnknownParameterSet`].
     pub fn connect(
         addr: SocketAddr,
         server_name: &str,
@@ -99,42 +141,74 @@ impl RemoteLayers {
         param_sets: &[u16],
         io_timeout: Duration,
     ) -> Result<Self, DeviceError> {
+        Self::connect_with(
+            addr,
+            server_name,
+            tls,
+            bundle,
+            mode,
+            param_sets,
+            io_timeout,
+            DEFAULT_MAX_IN_FLIGHT,
+        )
+    }
+
+    /// [`RemoteLayers::connect`] keeping at most `max_in_flight` (≥ 1) requests in flight.
+    ///
+    /// # Errors
+    /// As [`RemoteLayers::connect`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn connect_with(
+        addr: SocketAddr,
+        server_name: &str,
+        tls: Arc<tandem_tls::rustls::ClientConfig>,
+        bundle: &Bundle,
+        mode: OutputMode,
+        param_sets: &[u16],
+        io_timeout: Duration,
+        max_in_flight: usize,
+    ) -> Result<Self, DeviceError> {
         let enc = bundle.encoder().ok_or_else(|| {
             DeviceError::Config(format!(
                 "model {:?} is not an encoder bundle (no [encoder] section)",
                 bundle.id()
             ))
         })?;
-        if mode != OutputMode::Packed {
-            return Err(DeviceError::Config(
-                "remote encoder layers use packed mode (an evaluation key names the session's \
-                 HE key)"
-                    .into(),
-            ));
-        }
+        let target = Target {
+            addr,
+            server_name: server_name.to_string(),
+            tls,
+            model_id: bundle.id().to_string(),
+            model_digest: bundle.digest(),
+            param_sets: param_sets.to_vec(),
+            io_timeout,
+            max_in_flight: max_in_flight.max(1),
+        };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let conn = rt.block_on(Conn::open(ConnectParams {
-            addr,
-            server_name,
-            tls,
-            model_id: bundle.id(),
-            model_digest: bundle.digest(),
-            param_sets,
-            io_timeout,
-            epoch: Instant::now(),
-        }))?;
-        let params = conn.params;
+        let epoch = Instant::now();
+        let conn = rt.block_on(driver::open(&target, epoch))?;
+        let params = conn.2;
+        let stats = Arc::new(Mutex::new(RemoteStats::default()));
+        let open = Arc::new(AtomicBool::new(true));
+        let driver = Driver::new(target, epoch, conn, stats.clone(), open.clone());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let thread = std::thread::Builder::new()
+            .name("tandem-remote".into())
+            .spawn(move || rt.block_on(driver.run(rx)))?;
         Ok(Self {
-            rt,
-            conn: Mutex::new(Some(conn)),
+            jobs: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            open,
             params,
             mode,
             n_layers: enc.linears.len(),
             plans: Mutex::new(vec![None; enc.linears.len()]),
             key_id: Mutex::new(None),
-            stats: Mutex::new(RemoteStats::default()),
+            registering: Mutex::new(()),
+            stats,
+            last_error: Mutex::new(None),
         })
     }
 
@@ -144,26 +218,60 @@ impl RemoteLayers {
         self.params
     }
 
+    /// The HE output mode of the session's requests.
+    #[must_use]
+    pub fn mode(&self) -> OutputMode {
+        self.mode
+    }
+
     /// The counters so far.
     #[must_use]
     pub fn stats(&self) -> RemoteStats {
         *lock(&self.stats)
     }
 
-    /// Whether the session is still usable.
+    /// Whether a session is established now (after it ended, the next request reconnects).
     #[must_use]
     pub fn is_open(&self) -> bool {
-        lock(&self.conn).as_ref().is_some_and(Conn::is_open)
+        self.open.load(Ordering::Relaxed) && lock(&self.jobs).is_some()
+    }
+
+    /// The typed error behind the last failed [`CloudLayers`] call (whose [`OpsError`] only
+    /// carries its text), taken: `None` afterwards.
+    pub fn take_error(&self) -> Option<DeviceError> {
+        lock(&self.last_error).take()
+    }
+
+    fn submit<T>(
+        &self,
+        job: impl FnOnce(std_mpsc::Sender<Result<T, DeviceError>>) -> Job,
+    ) -> Result<T, DeviceError> {
+        let (tx, rx) = std_mpsc::channel();
+        {
+            let jobs = lock(&self.jobs);
+            let sender = jobs
+                .as_ref()
+                .ok_or(DeviceError::Closed(ErrorCode::NoError))?;
+            sender
+                .send(job(tx))
+                .map_err(|_| DeviceError::Closed(ErrorCode::InternalError))?;
+        }
+        // The driver answers every job (or drops its sender when it stops): no hang.
+        rx.recv()
+            .map_err(|_| DeviceError::Closed(ErrorCode::InternalError))?
     }
 
     /// Sends one raw encrypted request — `layer_id`, `batch` rows, ciphertext `blob` — and
     /// returns the reply's ciphertext. What [`CloudLayers::evaluate`] does, with the cloud's
-    /// answer typed (tests use it to send wrong or damaged requests).
+    /// answer typed (tests use it to send wrong or damaged requests). Several threads may
+    /// call it at once: their requests are in flight together on the one session.
     ///
     /// # Errors
     /// [`DeviceError::Refused`] with the cloud's code when it refuses the request (the
     /// session stays usable), [`DeviceError::Closed`] if it closed the session,
-    /// [`DeviceError::Config`] before a key was uploaded, transport errors.
+    /// [`DeviceError::Timeout`] if it did not answer within the I/O timeout,
+    /// [`DeviceError::Io`] if the connection broke, [`DeviceError::Config`] before a key was
+    /// registered.
     pub fn request(
         &self,
         layer_id: u32,
@@ -179,23 +287,12 @@ impl RemoteLayers {
             output_mode: proto_mode(self.mode),
             ciphertexts: vec![blob],
         });
-        let mut guard = lock(&self.conn);
-        let conn = guard
-            .as_mut()
-            .ok_or(DeviceError::Closed(ErrorCode::NoError))?;
-        let t = Instant::now();
-        let (reply, up, down) = self
-            .rt
-            .block_on(conn.round_trip_batch(layer_id, batch, payload))?;
-        let wait = t.elapsed().as_secs_f64();
-        drop(guard);
-        {
-            let mut s = lock(&self.stats);
-            s.round_trips += 1;
-            s.bytes_up += up as u64;
-            s.bytes_down += down as u64;
-            s.wait_s += wait;
-        }
+        let reply = self.submit(|reply| Job::Request {
+            layer_id,
+            batch,
+            payload,
+            reply,
+        })?;
         match reply {
             ResponsePayload::Encrypted(block) => {
                 match <[Vec<u8>; 1]>::try_from(block.ciphertexts) {
@@ -207,11 +304,54 @@ impl RemoteLayers {
         }
     }
 
-    /// Closes the session cleanly (best effort).
-    pub fn close(&self) {
-        if let Some(conn) = lock(&self.conn).take() {
-            self.rt.block_on(conn.close());
+    /// Registers `key_id` (`blob` empty in no-key mode) and waits for the cloud's `KeyAck`;
+    /// returns the frame bytes sent.
+    fn register(&self, key_id: [u8; 32], blob: Vec<u8>) -> Result<usize, DeviceError> {
+        let mode = proto_mode(self.mode);
+        let sent = self.submit(|reply| Job::Key {
+            key_id,
+            mode,
+            blob,
+            reply,
+        })?;
+        *lock(&self.key_id) = Some(key_id);
+        Ok(sent)
+    }
+
+    /// No-key mode: registers the HE key `he_key_id` the requests are encrypted under, once.
+    fn ensure_nokey(&self, he_key_id: [u8; 32]) -> Result<(), DeviceError> {
+        let _one = lock(&self.registering);
+        if *lock(&self.key_id) == Some(he_key_id) {
+            return Ok(());
         }
+        self.register(he_key_id, Vec::new()).map(|_| ())
+    }
+
+    fn fail(&self, index: usize, e: DeviceError) -> OpsError {
+        let err = OpsError::Cloud {
+            index,
+            reason: format!("over the network: {e}"),
+        };
+        let mut last = lock(&self.last_error);
+        if last.is_none() {
+            *last = Some(e);
+        }
+        err
+    }
+
+    /// Closes the session cleanly (best effort) and stops the driver thread; later calls
+    /// fail with [`DeviceError::Closed`].
+    pub fn close(&self) {
+        drop(lock(&self.jobs).take());
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RemoteLayers {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -240,22 +380,9 @@ impl CloudLayers for RemoteLayers {
 
     fn upload_key(&self, key: &[u8]) -> Result<(), OpsError> {
         let key_id = tandem_protocol::key_id_of(key);
-        let mut guard = lock(&self.conn);
-        let conn = guard.as_mut().ok_or_else(|| OpsError::Cloud {
-            index: 0,
-            reason: "session closed".into(),
-        })?;
-        let sent = self
-            .rt
-            .block_on(conn.upload_key(key_id, proto_mode(self.mode), key.to_vec()))
-            .map_err(|e| OpsError::Cloud {
-                index: 0,
-                reason: format!("evaluation key refused: {e}"),
-            })?;
-        drop(guard);
-        *lock(&self.key_id) = Some(key_id);
-        lock(&self.stats).key_upload_bytes += sent as u64;
-        Ok(())
+        self.register(key_id, key.to_vec())
+            .map(|_| ())
+            .map_err(|e| self.fail(0, e))
     }
 
     fn evaluate(&self, index: usize, request: &[u8]) -> Result<Vec<u8>, OpsError> {
@@ -280,7 +407,11 @@ impl CloudLayers for RemoteLayers {
             index,
             reason: "layer index out of range".into(),
         })?;
+        if self.mode == OutputMode::NoKey {
+            self.ensure_nokey(input.key_id)
+                .map_err(|e| self.fail(index, e))?;
+        }
         self.request(layer_id, batch, request.to_vec())
-            .map_err(|e| cloud_err(index, &e))
+            .map_err(|e| self.fail(index, e))
     }
 }

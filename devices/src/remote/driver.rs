@@ -1,0 +1,494 @@
+//! The session driver of [`super::RemoteLayers`]: one task that owns the TLS stream and the
+//! sans-IO [`DeviceSession`], takes jobs (requests, key registrations) from any number of
+//! caller threads, keeps up to the negotiated `max_in_flight` requests outstanding on the one
+//! session, and routes each answer to its caller by request id (TDM-REQ-8: responses MAY
+//! arrive in any order relative to other in-flight requests; nothing here relies on order).
+//!
+//! Time: the session's own deadline ([`DeviceSession::poll_timeout`]) is honoured; the device's
+//! `request_timeout_ms` (TDM-TIME-3) is the caller's I/O timeout, so a cloud that stops
+//! answering fails every request in flight with [`DeviceError::Timeout`] instead of hanging.
+//! A cloud that closes or drops the connection fails every request in flight with the typed
+//! cause ([`DeviceError::Closed`] with its code, [`DeviceError::Io`]).
+//!
+//! After the session ended (idle timeout, a restarted cloud, a dropped connection), the next
+//! job reconnects once and registers the session's key again before it is sent; a job whose
+//! reconnect fails gets that error.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tandem_he::ParameterSet;
+use tandem_protocol::{
+    DeviceConfig, DeviceEvent, DeviceSession, ErrorCode, OutputMode, RequestPayload,
+    ResponsePayload,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use super::RemoteStats;
+use crate::{keys, DeviceError};
+
+/// Where and how to connect (kept for reconnects).
+pub(super) struct Target {
+    pub addr: SocketAddr,
+    pub server_name: String,
+    pub tls: Arc<tandem_tls::rustls::ClientConfig>,
+    pub model_id: String,
+    pub model_digest: [u8; 32],
+    pub param_sets: Vec<u16>,
+    pub io_timeout: Duration,
+    /// Most requests kept in flight (the negotiated `max_in_flight` caps it further).
+    pub max_in_flight: usize,
+}
+
+/// What a caller asks the driver for.
+pub(super) enum Job {
+    /// An `InferRequest`; answered with the reply payload.
+    Request {
+        layer_id: u32,
+        batch: u16,
+        payload: RequestPayload,
+        reply: std_mpsc::Sender<Result<ResponsePayload, DeviceError>>,
+    },
+    /// A `KeyRegister`, answered with the frame bytes sent once the cloud's `KeyAck` arrived;
+    /// remembered and sent again after a reconnect.
+    Key {
+        key_id: [u8; 32],
+        mode: OutputMode,
+        blob: Vec<u8>,
+        reply: std_mpsc::Sender<Result<usize, DeviceError>>,
+    },
+}
+
+/// Why the session ended: copied into the error of every job it fails.
+#[derive(Debug, Clone)]
+enum Fatal {
+    Closed(ErrorCode),
+    Timeout,
+    Io(std::io::ErrorKind, String),
+}
+
+impl Fatal {
+    fn error(&self) -> DeviceError {
+        match self {
+            Fatal::Closed(c) => DeviceError::Closed(*c),
+            Fatal::Timeout => DeviceError::Timeout,
+            Fatal::Io(kind, msg) => DeviceError::Io(std::io::Error::new(*kind, msg.clone())),
+        }
+    }
+
+    fn of(e: &DeviceError) -> Fatal {
+        match e {
+            DeviceError::Closed(c) => Fatal::Closed(*c),
+            DeviceError::Timeout => Fatal::Timeout,
+            DeviceError::Io(io) => Fatal::Io(io.kind(), io.to_string()),
+            other => Fatal::Io(std::io::ErrorKind::Other, other.to_string()),
+        }
+    }
+}
+
+/// Where a key registration's outcome goes (frame bytes sent, or the error).
+type KeyReply = std_mpsc::Sender<Result<usize, DeviceError>>;
+
+/// A request sent and not yet answered.
+struct Waiting {
+    reply: std_mpsc::Sender<Result<ResponsePayload, DeviceError>>,
+    sent: Instant,
+}
+
+/// One established session.
+struct Live {
+    stream: TlsStream<TcpStream>,
+    session: DeviceSession,
+    in_flight: HashMap<u64, Waiting>,
+    /// Registrations awaiting their KeyAck: key id, caller, frame bytes sent.
+    keys: Vec<([u8; 32], KeyReply, usize)>,
+    max_in_flight: usize,
+}
+
+fn now_ms(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// TCP connect, TLS handshake, protocol handshake (each bounded by the I/O timeout); the
+/// negotiated parameter set must be one this build implements.
+pub(super) async fn open(
+    t: &Target,
+    epoch: Instant,
+) -> Result<(TlsStream<TcpStream>, DeviceSession, ParameterSet, usize), DeviceError> {
+    let tcp = tokio::time::timeout(t.io_timeout, TcpStream::connect(t.addr))
+        .await
+        .map_err(|_| DeviceError::Timeout)??;
+    tcp.set_nodelay(true)?;
+    let name = tandem_tls::server_name(&t.server_name)?;
+    let mut stream = tokio::time::timeout(
+        t.io_timeout,
+        TlsConnector::from(t.tls.clone()).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| DeviceError::Timeout)??;
+    let est = tandem_tls::established(stream.get_ref().1)?;
+    let mut config = DeviceConfig::new(t.model_id.clone(), t.model_digest);
+    config.param_sets.clone_from(&t.param_sets);
+    config.request_timeout_ms = u64::try_from(t.io_timeout.as_millis()).unwrap_or(u64::MAX);
+    let mut session = DeviceSession::new(config, est.channel_binding, now_ms(epoch))?;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        write_out(&mut stream, &mut session).await?;
+        while let Some(ev) = session.poll_event() {
+            match ev {
+                DeviceEvent::Connected(neg) => {
+                    let params = match keys::parameter_set(neg.param_set) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            session.close(ErrorCode::UnsupportedParameters);
+                            let _ = write_out(&mut stream, &mut session).await;
+                            return Err(e);
+                        }
+                    };
+                    let max = usize::from(neg.limits.max_in_flight)
+                        .min(t.max_in_flight)
+                        .max(1);
+                    return Ok((stream, session, params, max));
+                }
+                DeviceEvent::Closed { code, .. } => return Err(DeviceError::Closed(code)),
+                _ => {}
+            }
+        }
+        let n = tokio::time::timeout(t.io_timeout, stream.read(&mut buf))
+            .await
+            .map_err(|_| DeviceError::Timeout)??;
+        if n == 0 {
+            return Err(DeviceError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        let _ = session.handle_input(buf.get(..n).unwrap_or_default(), now_ms(epoch));
+    }
+}
+
+/// Writes every queued frame; returns the bytes written.
+async fn write_out(
+    stream: &mut TlsStream<TcpStream>,
+    session: &mut DeviceSession,
+) -> Result<usize, DeviceError> {
+    let mut n = 0;
+    while let Some(frame) = session.poll_transmit() {
+        stream.write_all(&frame).await?;
+        n += frame.len();
+    }
+    if n > 0 {
+        stream.flush().await?;
+    }
+    Ok(n)
+}
+
+/// The driver's state.
+pub(super) struct Driver {
+    pub target: Target,
+    pub epoch: Instant,
+    pub stats: Arc<Mutex<RemoteStats>>,
+    pub open: Arc<AtomicBool>,
+    /// The key registered on this session (sent again after a reconnect).
+    registered: Option<([u8; 32], OutputMode, Vec<u8>)>,
+    live: Option<Live>,
+    queue: VecDeque<Job>,
+}
+
+impl Driver {
+    /// A driver over an established session.
+    pub fn new(
+        target: Target,
+        epoch: Instant,
+        conn: (TlsStream<TcpStream>, DeviceSession, ParameterSet, usize),
+        stats: Arc<Mutex<RemoteStats>>,
+        open: Arc<AtomicBool>,
+    ) -> Self {
+        let (stream, session, _, max_in_flight) = conn;
+        Driver {
+            target,
+            epoch,
+            stats,
+            open,
+            registered: None,
+            live: Some(Live {
+                stream,
+                session,
+                in_flight: HashMap::new(),
+                keys: Vec::new(),
+                max_in_flight,
+            }),
+            queue: VecDeque::new(),
+        }
+    }
+
+    /// Runs until every job sender is dropped; then closes the session cleanly.
+    pub async fn run(mut self, mut jobs: mpsc::UnboundedReceiver<Job>) {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            self.start_jobs().await;
+            let Some(live) = self.live.as_mut() else {
+                // No session: wait for the next job, which reconnects.
+                match jobs.recv().await {
+                    Some(job) => {
+                        self.queue.push_back(job);
+                        self.reconnect().await;
+                        continue;
+                    }
+                    None => return,
+                }
+            };
+            let deadline = live
+                .session
+                .poll_timeout()
+                .map(|ms| self.epoch + Duration::from_millis(ms));
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                job = jobs.recv() => match job {
+                    Some(job) => self.queue.push_back(job),
+                    None => {
+                        live.session.close(ErrorCode::NoError);
+                        let _ = write_out(&mut live.stream, &mut live.session).await;
+                        let _ = live.stream.shutdown().await;
+                        self.end(&Fatal::Closed(ErrorCode::NoError));
+                        return;
+                    }
+                },
+                r = live.stream.read(&mut buf) => match r {
+                    Ok(0) => {
+                        self.handle_events();
+                        self.end(&Fatal::Io(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "the cloud closed the connection".into(),
+                        ));
+                    }
+                    Ok(n) => {
+                        lock(&self.stats).bytes_down += n as u64;
+                        let now = now_ms(self.epoch);
+                        let _ = live
+                            .session
+                            .handle_input(buf.get(..n).unwrap_or_default(), now);
+                        self.handle_events();
+                    }
+                    Err(e) => {
+                        self.handle_events();
+                        self.end(&Fatal::Io(e.kind(), e.to_string()));
+                    }
+                },
+                () = sleep => {
+                    live.session.handle_timeout(now_ms(self.epoch));
+                    self.handle_events();
+                }
+            }
+            // Whatever the session queued in reply (e.g. its Close) goes out now.
+            if let Some(live) = self.live.as_mut() {
+                if let Err(e) = write_out(&mut live.stream, &mut live.session).await {
+                    self.end(&Fatal::of(&e));
+                }
+            }
+        }
+    }
+
+    /// Sends queued jobs while the session has room for more requests in flight.
+    async fn start_jobs(&mut self) {
+        loop {
+            let Some(live) = self.live.as_mut() else {
+                return;
+            };
+            if live.in_flight.len() >= live.max_in_flight {
+                return;
+            }
+            let Some(job) = self.queue.pop_front() else {
+                return;
+            };
+            let now = now_ms(self.epoch);
+            match job {
+                Job::Request {
+                    layer_id,
+                    batch,
+                    payload,
+                    reply,
+                } => {
+                    let id = match live.session.send_request(layer_id, batch, payload, now) {
+                        Ok(id) => id,
+                        Err(e) => {
+                            let _ = reply.send(Err(DeviceError::Protocol(e)));
+                            continue;
+                        }
+                    };
+                    match write_out(&mut live.stream, &mut live.session).await {
+                        Ok(n) => {
+                            live.in_flight.insert(
+                                id,
+                                Waiting {
+                                    reply,
+                                    sent: Instant::now(),
+                                },
+                            );
+                            let mut s = lock(&self.stats);
+                            s.bytes_up += n as u64;
+                            s.max_in_flight = s.max_in_flight.max(live.in_flight.len() as u64);
+                        }
+                        Err(e) => {
+                            let fatal = Fatal::of(&e);
+                            let _ = reply.send(Err(fatal.error()));
+                            self.end(&fatal);
+                        }
+                    }
+                }
+                Job::Key {
+                    key_id,
+                    mode,
+                    blob,
+                    reply,
+                } => {
+                    if let Err(e) = live.session.register_key(key_id, mode, blob.clone(), now) {
+                        let _ = reply.send(Err(DeviceError::Protocol(e)));
+                        continue;
+                    }
+                    match write_out(&mut live.stream, &mut live.session).await {
+                        Ok(n) => {
+                            live.keys.push((key_id, reply, n));
+                            lock(&self.stats).key_upload_bytes += n as u64;
+                            self.registered = Some((key_id, mode, blob));
+                        }
+                        Err(e) => {
+                            let fatal = Fatal::of(&e);
+                            let _ = reply.send(Err(fatal.error()));
+                            self.end(&fatal);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Routes the session's events to the jobs waiting for them.
+    fn handle_events(&mut self) {
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        let mut fatal = None;
+        while let Some(ev) = live.session.poll_event() {
+            match ev {
+                DeviceEvent::Response {
+                    request_id,
+                    payload,
+                    cloud_eval_us,
+                    ..
+                } => {
+                    if let Some(w) = live.in_flight.remove(&request_id) {
+                        let mut s = lock(&self.stats);
+                        s.round_trips += 1;
+                        s.wait_s += w.sent.elapsed().as_secs_f64();
+                        // Advisory (TDM-EVAL-2): counted, never trusted for anything else;
+                        // absent (v1 peer) or 0 means not measured.
+                        if let Some(us) = cloud_eval_us.filter(|&us| us > 0) {
+                            s.cloud_eval_s += f64::from(us) * 1e-6;
+                            s.cloud_eval_reports += 1;
+                        }
+                        drop(s);
+                        let _ = w.reply.send(Ok(payload));
+                    }
+                }
+                DeviceEvent::RequestFailed { request_id, code } => {
+                    if let Some(w) = live.in_flight.remove(&request_id) {
+                        let mut s = lock(&self.stats);
+                        s.round_trips += 1;
+                        s.wait_s += w.sent.elapsed().as_secs_f64();
+                        drop(s);
+                        let _ = w.reply.send(Err(DeviceError::Refused(code)));
+                    }
+                }
+                DeviceEvent::KeyAccepted { key_id } => {
+                    if let Some(i) = live.keys.iter().position(|(k, _, _)| *k == key_id) {
+                        let (_, reply, sent) = live.keys.remove(i);
+                        let _ = reply.send(Ok(sent));
+                    }
+                }
+                DeviceEvent::Closed { code, by_peer } => {
+                    // The device's own IdleTimeout with requests in flight: the cloud did not
+                    // answer within request_timeout_ms (TDM-TIME-3).
+                    fatal = Some(if !by_peer && code == ErrorCode::IdleTimeout {
+                        Fatal::Timeout
+                    } else {
+                        Fatal::Closed(code)
+                    });
+                }
+                DeviceEvent::Connected(_) => {}
+            }
+        }
+        if let Some(f) = fatal {
+            self.end(&f);
+        }
+    }
+
+    /// Ends the session: every request and key registration in flight fails with `why`.
+    fn end(&mut self, why: &Fatal) {
+        self.open.store(false, Ordering::Relaxed);
+        if let Some(live) = self.live.take() {
+            for (_, w) in live.in_flight {
+                let _ = w.reply.send(Err(why.error()));
+            }
+            for (_, reply, _) in live.keys {
+                let _ = reply.send(Err(why.error()));
+            }
+        }
+    }
+
+    /// Opens a new session and queues the remembered key's registration first (requests
+    /// naming it are answered after the cloud's decision, TDM-KEY-8; a refusal closes the
+    /// session and fails them). If the connection fails, the queued jobs fail with its error.
+    async fn reconnect(&mut self) {
+        match open(&self.target, self.epoch).await {
+            Ok((stream, session, _params, max_in_flight)) => {
+                self.live = Some(Live {
+                    stream,
+                    session,
+                    in_flight: HashMap::new(),
+                    keys: Vec::new(),
+                    max_in_flight,
+                });
+                lock(&self.stats).reconnects += 1;
+                self.open.store(true, Ordering::Relaxed);
+                tracing::info!("session to the cloud re-established");
+                if let Some((key_id, mode, blob)) = self.registered.clone() {
+                    // Nobody waits for this acknowledgement: the receiver is dropped.
+                    let (reply, _) = std_mpsc::channel();
+                    self.queue.push_front(Job::Key {
+                        key_id,
+                        mode,
+                        blob,
+                        reply,
+                    });
+                }
+            }
+            Err(e) => {
+                let fatal = Fatal::of(&e);
+                for job in self.queue.drain(..) {
+                    match job {
+                        Job::Request { reply, .. } => {
+                            let _ = reply.send(Err(fatal.error()));
+                        }
+                        Job::Key { reply, .. } => {
+                            let _ = reply.send(Err(fatal.error()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

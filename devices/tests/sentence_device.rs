@@ -1,0 +1,408 @@
+//! The app-facing sentence API over real mutual TLS (issue 8): [`SentenceDevice`] embeds
+//! sentences equal bit for bit to the bundle's integer pipeline, in packed and no-key output
+//! modes; a pipelined batch (several sentences in flight on one session, TDM-REQ-8) equals
+//! the sequential results in input order; a cloud that drops the connection mid-batch or shuts
+//! down gives a typed error, not a hang, and the next call reconnects; a cloud that does not
+//! serve the model in no-key mode refuses its registration with a typed error.
+//!
+//! A tiny synthetic BERT (vocab 10, H 4, 1 layer, 2 heads, FFN 8, WordPiece tokenizer),
+//! imported with `import_bert`, always runs; all-MiniLM-L6-v2 runs when the model is there
+//! (`scripts/fetch-minilm.sh`, `TANDEM_MINILM_DIR`) and otherwise prints `SKIPPED: …`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tandem_cloud::{Cloud, ModelPolicy, ServerOptions};
+use tandem_device::{DeviceError, DeviceOptions, OutputMode, RetryPolicy, SentenceDevice};
+use tandem_model::{Bundle, Limits, Part, SigningKey, VerifyingKey};
+use tandem_ops::import::import_bert;
+use tandem_ops::{default_model_dir, BundleEncoder, BundleLinears};
+use tandem_protocol::ErrorCode;
+use tandem_tls::{client_config, server_config, DevPki};
+
+const CONFIG: &str = r#"{"architectures":["BertModel"],"hidden_act":"gelu","hidden_size":4,
+"intermediate_size":8,"layer_norm_eps":1e-12,"max_position_embeddings":8,"model_type":"bert",
+"num_attention_heads":2,"num_hidden_layers":1,"pad_token_id":0,"position_embedding_type":"absolute",
+"type_vocab_size":2,"vocab_size":10}"#;
+
+const TOKENIZER: &str = r###"{"version":"1.0","truncation":null,"padding":null,
+"added_tokens":[
+ {"id":0,"content":"[PAD]","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true},
+ {"id":1,"content":"[UNK]","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true},
+ {"id":2,"content":"[CLS]","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true},
+ {"id":3,"content":"[SEP]","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}],
+"normalizer":{"type":"BertNormalizer","clean_text":true,"handle_chinese_chars":true,"strip_accents":null,"lowercase":true},
+"pre_tokenizer":{"type":"BertPreTokenizer"},
+"post_processor":{"type":"TemplateProcessing",
+ "single":[{"SpecialToken":{"id":"[CLS]","type_id":0}},{"Sequence":{"id":"A","type_id":0}},{"SpecialToken":{"id":"[SEP]","type_id":0}}],
+ "pair":[{"SpecialToken":{"id":"[CLS]","type_id":0}},{"Sequence":{"id":"A","type_id":0}},{"SpecialToken":{"id":"[SEP]","type_id":0}},{"Sequence":{"id":"B","type_id":1}},{"SpecialToken":{"id":"[SEP]","type_id":1}}],
+ "special_tokens":{"[CLS]":{"id":"[CLS]","ids":[2],"tokens":["[CLS]"]},"[SEP]":{"id":"[SEP]","ids":[3],"tokens":["[SEP]"]}}},
+"decoder":null,
+"model":{"type":"WordPiece","unk_token":"[UNK]","continuing_subword_prefix":"##","max_input_chars_per_word":100,
+ "vocab":{"[PAD]":0,"[UNK]":1,"[CLS]":2,"[SEP]":3,"hello":4,"world":5,"private":6,"cloud":7,"##s":8,".":9}}}"###;
+
+/// Eight sentences of 3..=8 tokens (special tokens included) over the tiny vocabulary.
+const TINY: [&str; 8] = [
+    "hello world",
+    "private cloud.",
+    "hello private clouds",
+    "world",
+    "clouds of the world.",
+    "hello hello world private",
+    "private private.",
+    "cloud hello world.",
+];
+
+/// (name, shape) of every tensor of the tiny BERT.
+fn layout() -> Vec<(String, Vec<usize>)> {
+    let mut t = vec![
+        ("embeddings.word_embeddings.weight".into(), vec![10, 4]),
+        ("embeddings.position_embeddings.weight".into(), vec![8, 4]),
+        ("embeddings.token_type_embeddings.weight".into(), vec![2, 4]),
+        ("embeddings.LayerNorm.weight".into(), vec![4]),
+        ("embeddings.LayerNorm.bias".into(), vec![4]),
+    ];
+    let p = "encoder.layer.0";
+    for (name, out, inp) in [
+        ("attention.self.query", 4, 4),
+        ("attention.self.key", 4, 4),
+        ("attention.self.value", 4, 4),
+        ("attention.output.dense", 4, 4),
+        ("intermediate.dense", 8, 4),
+        ("output.dense", 4, 8),
+    ] {
+        t.push((format!("{p}.{name}.weight"), vec![out, inp]));
+        t.push((format!("{p}.{name}.bias"), vec![out]));
+    }
+    for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
+        t.push((format!("{p}.{ln}.weight"), vec![4]));
+        t.push((format!("{p}.{ln}.bias"), vec![4]));
+    }
+    t
+}
+
+/// The tiny checkpoint in the safetensors format (8-byte little-endian header length, JSON
+/// header of dtype / shape / data offsets, then the little-endian f32 data).
+fn checkpoint() -> Vec<u8> {
+    let mut header = Vec::new();
+    let mut data: Vec<u8> = Vec::new();
+    for (k, (name, shape)) in layout().into_iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let start = data.len();
+        for i in 0..n {
+            data.extend((0.3 * ((k * 31 + i) as f32).sin()).to_le_bytes());
+        }
+        header.push(format!(
+            "\"{name}\":{{\"dtype\":\"F32\",\"shape\":{shape:?},\"data_offsets\":[{start},{}]}}",
+            data.len()
+        ));
+    }
+    let mut h = format!("{{{}}}", header.join(",")).into_bytes();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    out.extend(data);
+    out
+}
+
+/// The tiny sentence-transformers directory.
+fn tiny_model(p: &Path) {
+    std::fs::create_dir_all(p.join("1_Pooling")).unwrap();
+    std::fs::write(p.join("config.json"), CONFIG).unwrap();
+    std::fs::write(
+        p.join("sentence_bert_config.json"),
+        r#"{"max_seq_length": 8}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        p.join("1_Pooling/config.json"),
+        r#"{"word_embedding_dimension": 4, "pooling_mode_mean_tokens": true}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        p.join("modules.json"),
+        r#"[{"type":"sentence_transformers.models.Transformer"},{"type":"sentence_transformers.models.Pooling"},{"type":"sentence_transformers.models.Normalize"}]"#,
+    )
+    .unwrap();
+    std::fs::write(p.join("tokenizer.json"), TOKENIZER).unwrap();
+    std::fs::write(p.join("model.safetensors"), checkpoint()).unwrap();
+}
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A signed bundle of `src` (batch `batch` tokens per request) and a loopback cloud serving it
+/// under `policy`.
+struct Setup {
+    _tmp: tempfile::TempDir,
+    bundle: PathBuf,
+    vk: VerifyingKey,
+    pki: DevPki,
+    rt: tokio::runtime::Runtime,
+    cloud: Option<Cloud>,
+}
+
+impl Setup {
+    fn new(src: Option<&Path>, batch: usize, policy: ModelPolicy) -> Setup {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = match src {
+            Some(dir) => dir.to_path_buf(),
+            None => {
+                let d = tmp.path().join("tiny-st");
+                tiny_model(&d);
+                d
+            }
+        };
+        let bundle = tmp.path().join("bundle");
+        let key = SigningKey::from_bytes(&[7u8; 32]);
+        import_bert(&model, &bundle, "sentence-test", batch, &key).unwrap();
+        let vk = key.verifying_key();
+        let pki = DevPki::generate(1).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let o = ServerOptions::new(
+            free_addr(),
+            server_config(pki.server_credentials()).unwrap(),
+            vk,
+            tmp.path().join("keys.redb"),
+        )
+        .with_model(bundle.clone())
+        .with_policy(bundle.clone(), policy);
+        let cloud = rt.block_on(Cloud::start(o)).unwrap();
+        Setup {
+            _tmp: tmp,
+            bundle,
+            vk,
+            pki,
+            rt,
+            cloud: Some(cloud),
+        }
+    }
+
+    fn cloud(&self) -> &Cloud {
+        self.cloud.as_ref().unwrap()
+    }
+
+    fn options(&self, mode: OutputMode) -> DeviceOptions {
+        let mut o = DeviceOptions::new(
+            self.cloud().local_addr(),
+            client_config(self.pki.client_credentials("device-1").unwrap()).unwrap(),
+            self.bundle.clone(),
+            self.vk,
+            self._tmp.path().join("unused-ledger.bin"),
+        );
+        o.output_mode = mode;
+        o.param_sets = vec![tandem_he::DEFAULT_PARAMETERS.id];
+        o.io_timeout = Duration::from_secs(60);
+        o.retry = RetryPolicy::none();
+        o
+    }
+
+    /// The bundle's integer pipeline (the reference).
+    fn integer(&self) -> BundleEncoder {
+        let full =
+            Bundle::load_part(&self.bundle, &self.vk, &Limits::default(), Part::Full).unwrap();
+        BundleEncoder::from_bundle(&full, BundleLinears::Integer).unwrap()
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(c) = self.cloud.take() {
+            self.rt.block_on(c.shutdown());
+        }
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[test]
+fn tiny_encoder_embeds_equal_the_integer_pipeline_in_both_output_modes() {
+    let s = Setup::new(None, 4, ModelPolicy::default());
+    let integer = s.integer();
+    for mode in [OutputMode::Packed, OutputMode::NoKey] {
+        let device = SentenceDevice::connect(&s.options(mode)).unwrap();
+        assert_eq!(device.hidden(), 4);
+        for text in TINY {
+            let e = device.embed(text).unwrap();
+            assert_eq!(
+                e,
+                integer.embed(text).unwrap().to_vec(),
+                "{mode:?}: {text:?} over mTLS vs the integer pipeline"
+            );
+        }
+        let st = device.stats();
+        assert_eq!(st.sentences, TINY.len() as u64);
+        // Tokens per sentence 3..=8 at 4 rows per request: 1 or 2 requests per layer.
+        let requests: usize = TINY
+            .iter()
+            .map(|t| device.encode(t).unwrap().ids.len().div_ceil(4) * device.requests_per_chunk())
+            .sum();
+        assert_eq!(st.round_trips, requests as u64, "{mode:?}");
+        assert!(st.bytes_up > 0 && st.bytes_down > 0 && st.encrypted_macs > 0);
+        // The cloud reports its evaluation time in every answer (TDM-EVAL-1).
+        assert!(
+            st.cloud_eval_s > 0.0 && st.cloud_eval_s <= st.wait_s,
+            "{st:?}"
+        );
+        assert_eq!(device.remote().stats().cloud_eval_reports, st.round_trips);
+        match mode {
+            // The packed key is the big upload; no-key registers the HE key id, an empty blob.
+            OutputMode::Packed => assert!(st.key_upload_bytes > 10_000, "{st:?}"),
+            OutputMode::NoKey => assert!(
+                st.key_upload_bytes > 0 && st.key_upload_bytes < 1_000,
+                "{st:?}"
+            ),
+        }
+        device.close();
+    }
+}
+
+#[test]
+fn a_pipelined_batch_equals_the_sequential_results_in_order() {
+    let s = Setup::new(None, 4, ModelPolicy::default());
+    let integer = s.integer();
+    let mut device = SentenceDevice::connect(&s.options(OutputMode::Packed)).unwrap();
+    device.set_pipeline(1);
+    let sequential = device.embed_batch(&TINY).unwrap();
+    let one = device.stats();
+    assert_eq!(
+        one.max_in_flight, 1,
+        "pipeline 1 keeps one request in flight"
+    );
+    device.set_pipeline(4);
+    // Reversed input: a batch that returned results in completion order or in the order of
+    // the first batch would fail.
+    let reversed: Vec<&str> = TINY.iter().rev().copied().collect();
+    let pipelined = device.embed_batch(&reversed).unwrap();
+    assert_eq!(pipelined.len(), TINY.len());
+    for (i, text) in reversed.iter().enumerate() {
+        let j = TINY.len() - 1 - i;
+        assert_eq!(
+            pipelined[i], sequential[j],
+            "{text:?}: pipelined vs sequential"
+        );
+        assert_eq!(
+            pipelined[i],
+            integer.embed(text).unwrap().to_vec(),
+            "{text:?}"
+        );
+    }
+    let st = device.stats();
+    assert_eq!(st.sentences, 2 * TINY.len() as u64);
+    assert_eq!(
+        st.round_trips,
+        2 * one.round_trips,
+        "same requests either way"
+    );
+    assert!(st.max_in_flight <= 4, "{st:?}");
+    eprintln!(
+        "pipeline 4: at most {} requests in flight at once",
+        st.max_in_flight
+    );
+    device.close();
+}
+
+#[test]
+fn a_cloud_that_drops_the_connection_mid_batch_gives_a_typed_error_then_reconnects() {
+    let mut s = Setup::new(None, 4, ModelPolicy::default());
+    let integer = s.integer();
+    let mut opts = s.options(OutputMode::Packed);
+    opts.io_timeout = Duration::from_secs(20);
+    let mut device = SentenceDevice::connect(&opts).unwrap();
+    device.set_pipeline(4);
+    assert_eq!(
+        device.embed(TINY[0]).unwrap(),
+        integer.embed(TINY[0]).unwrap().to_vec()
+    );
+    // The cloud closes the connection instead of answering the next request.
+    s.cloud().inject_request_drops(1);
+    match device.embed_batch(&TINY) {
+        Err(DeviceError::Io(_) | DeviceError::Closed(_)) => {}
+        other => panic!("a dropped connection mid-batch: expected a typed error, got {other:?}"),
+    }
+    // The next call opens a new session, registers the key again and is exact.
+    let text = TINY[5];
+    assert_eq!(
+        device.embed(text).unwrap(),
+        integer.embed(text).unwrap().to_vec()
+    );
+    assert!(device.stats().reconnects >= 1, "{:?}", device.stats());
+
+    // A cloud that is gone: typed error (the reconnect is refused), no hang.
+    s.shutdown();
+    match device.embed_batch(&TINY) {
+        Err(DeviceError::Io(_) | DeviceError::Closed(_)) => {}
+        other => panic!("cloud shut down: expected a typed error, got {other:?}"),
+    }
+    device.close();
+}
+
+#[test]
+fn a_cloud_that_serves_packed_only_refuses_no_key_with_a_typed_error() {
+    let s = Setup::new(
+        None,
+        4,
+        ModelPolicy {
+            packed: true,
+            nokey: false,
+        },
+    );
+    let device = SentenceDevice::connect(&s.options(OutputMode::NoKey)).unwrap();
+    match device.embed(TINY[0]) {
+        Err(DeviceError::Closed(ErrorCode::InvalidRequest)) => {}
+        other => panic!("no-key on a packed-only model: {other:?}"),
+    }
+    device.close();
+    // Packed is what this cloud expects: it works.
+    let device = SentenceDevice::connect(&s.options(OutputMode::Packed)).unwrap();
+    assert_eq!(
+        device.embed(TINY[1]).unwrap(),
+        s.integer().embed(TINY[1]).unwrap().to_vec()
+    );
+    device.close();
+}
+
+#[test]
+fn minilm_sentence_device_pipelined_equals_the_integer_pipeline() {
+    let dir = default_model_dir();
+    if !dir.join("model.safetensors").exists() {
+        assert!(
+            std::env::var_os("TANDEM_MINILM_DIR").is_none(),
+            "TANDEM_MINILM_DIR={} has no model.safetensors; run scripts/fetch-minilm.sh",
+            dir.display()
+        );
+        eprintln!(
+            "SKIPPED: no MiniLM model in {} (run scripts/fetch-minilm.sh); the MiniLM \
+             SentenceDevice was NOT checked",
+            dir.display()
+        );
+        return;
+    }
+    let s = Setup::new(Some(&dir), 16, ModelPolicy::default());
+    let integer = s.integer();
+    let mut device = SentenceDevice::connect(&s.options(OutputMode::Packed)).unwrap();
+    assert_eq!(device.hidden(), 384);
+    device.set_pipeline(2);
+    let texts = [
+        "A man is playing a guitar.",
+        "Private inference sends only ciphertexts to the cloud.",
+    ];
+    let got = device.embed_batch(&texts).unwrap();
+    for (v, text) in got.iter().zip(texts) {
+        assert_eq!(v, &integer.embed(text).unwrap().to_vec(), "{text:?}");
+    }
+    assert_eq!(device.stats().round_trips, 2 * 24);
+    device.close();
+}
