@@ -3,18 +3,22 @@
 //! `specs/planner.md` §6).
 //!
 //! Real requests: the cloud runs in-process on 127.0.0.1 behind mutual TLS; two devices (one
-//! per output mode) reach it through an in-process shaping proxy ([`ShapedLink`]) whose
+//! session per output mode) reach it through an in-process shaping proxy ([`ShapedLink`]) whose
 //! bandwidth and RTT the harness sets from the trace before each request. Request `i` of a
 //! trace runs at trace time `i · duration / N` (a time slot) and every strategy's request of
 //! that slot sees the same link, so the oracle — the best candidate in hindsight among those
 //! the planner's policy allows for that request — is the minimum of the measured candidates.
 //!
-//! The planner's link input is the trace's value in the slot (what a link monitor reports);
-//! its other inputs are measured once (`super::plan::measure`) and the local path profiled.
-//! Its policy: encrypted offload in either output mode; answering locally only when the
-//! exit head is confident (confidence ≥ τ), since its accuracy otherwise falls below the
-//! floor; DP releases in the clear are not offered (their accuracy on these bundles is far
-//! below offloading: `BENCHMARKS.md`). The fixed `noised` strategy still runs, for comparison.
+//! The `planner` strategy is the product's own path: `Device::answer(x, Protection::Auto)`
+//! with early exit on (the bundle's signed exit head; off with `--no-early-exit`), which
+//! answers locally when the head is confident (confidence ≥ τ) and otherwise offloads as its
+//! plan says. A session's output mode is fixed at connect, so the output-mode choice is made
+//! by asking both sessions' `Device::plan_for` and letting the cheaper one answer. The link
+//! input is the trace's value in the slot (`Device::set_link_report`, what a link monitor
+//! reports); the device's stage times and local-answer time are its own EWMAs after a profile
+//! run. Policy: encrypted offload; DP releases are not offered (their accuracy on these bundles
+//! is far below offloading: `BENCHMARKS.md`). The fixed `noised` strategy still runs, for
+//! comparison. `--plot FILE` writes an SVG of the latencies (`plotters`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -24,13 +28,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use serde::Serialize;
 use tandem::device::energy::{self, Radio};
-use tandem::device::planner::{
-    plan, AppPolicy, DeviceProfile, LinkEstimate, ModelCosts, Objective, PlanInputs, PlanProtection,
-};
+use tandem::device::planner::{AutoPolicy, LinkEstimate, PlanProtection};
 use tandem::he::OutputMode;
 use tandem_cloud::{Cloud, ServerOptions};
-use tandem_device::{Device, DeviceOptions, Protection};
-use tandem_dp::utility::{self, Dataset};
+use tandem_device::{Answer, Device, DeviceOptions, EarlyExit, Protection};
 use tandem_model::{read_verifying_key, Bundle, Limits, TestSet};
 use tandem_tls::{client_config, server_config, DevPki};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -59,6 +60,13 @@ pub struct TracesArgs {
     /// One JSON object per (trace, strategy) instead of a table.
     #[arg(long)]
     json: bool,
+    /// Early exit off: the planner and the oracle never answer locally (the comparison then
+    /// rests on offloads only; the `local` row still shows the exit head alone).
+    #[arg(long)]
+    no_early_exit: bool,
+    /// Also write an SVG plot of mean and p95 latency per (trace, strategy) to this file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 /// One link trace.
@@ -246,227 +254,6 @@ async fn pump(
     let _ = writer.await;
 }
 
-/// A softmax head on the split activation: the device's local answer and its confidence.
-#[derive(Debug, Clone)]
-pub struct ExitHead {
-    /// Weights, `classes × dim`, row-major.
-    w: Vec<f32>,
-    /// Bias, `classes`.
-    b: Vec<f32>,
-    dim: usize,
-    /// Answer locally when the top probability is at least this.
-    pub tau: f32,
-}
-
-impl ExitHead {
-    /// (class, top softmax probability) of `a`.
-    pub fn answer(&self, a: &[f32]) -> (usize, f32) {
-        let classes = self.b.len();
-        let mut z: Vec<f32> = (0..classes)
-            .map(|c| {
-                let row = &self.w[c * self.dim..(c + 1) * self.dim];
-                self.b[c] + row.iter().zip(a).map(|(w, x)| w * x).sum::<f32>()
-            })
-            .collect();
-        let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for v in &mut z {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        let (mut best, mut p) = (0, 0.0);
-        for (c, v) in z.iter().enumerate() {
-            if *v > p {
-                (best, p) = (c, *v);
-            }
-        }
-        (best, if sum > 0.0 { p / sum } else { 0.0 })
-    }
-
-    /// Multiply-adds of one answer.
-    pub fn macs(&self) -> u64 {
-        (self.w.len()) as u64
-    }
-
-    /// Fits the head by distillation — labels are the full model's predictions — on the
-    /// bundle's training rows (the dataset minus the test split), 3 of every 4 rows, by full
-    /// batch gradient descent (fixed: zero start, 400 steps, step 0.5 on standardised-scale
-    /// inputs), and calibrates τ on the 4th rows: the smallest τ whose cascade accuracy (local
-    /// when confident, else the full model) loses at most `max_loss` against the full model.
-    ///
-    /// # Errors
-    /// A dataset that cannot be loaded or does not match the bundle.
-    pub fn fit(bundle: &Bundle, test: &TestSet, max_loss: f64) -> anyhow::Result<ExitHead> {
-        let name = &bundle.manifest().dataset;
-        let ds = Dataset::load(name, &utility::data_dir())
-            .with_context(|| format!("loading dataset {name} for the exit head"))?;
-        let held: std::collections::HashSet<usize> = test.indices.iter().copied().collect();
-        let (mut fit, mut cal) = (Vec::new(), Vec::new());
-        for (k, i) in (0..ds.y.len()).filter(|i| !held.contains(i)).enumerate() {
-            let x: Vec<f32> = ds.x.row(i).iter().map(|v| *v as f32).collect();
-            let a = bundle.device_prefix(&x)?;
-            let full = bundle.predict_plain(&x)?.class;
-            let row = (a, full, ds.y[i]);
-            if k % 2 == 1 {
-                cal.push(row);
-            } else {
-                fit.push(row);
-            }
-        }
-        let dim = fit.first().map_or(0, |r| r.0.len());
-        let classes = bundle.classes();
-        if dim == 0 || fit.is_empty() || cal.is_empty() {
-            bail!("{name}: no training rows outside the test split");
-        }
-        // Scale: the mean activation magnitude, so one step size fits every bundle.
-        let scale = fit
-            .iter()
-            .flat_map(|r| r.0.iter())
-            .map(|v| v.abs())
-            .sum::<f32>()
-            / (fit.len() * dim) as f32;
-        let s = if scale > 0.0 { 1.0 / scale } else { 1.0 };
-        let mut head = ExitHead {
-            w: vec![0.0; classes * dim],
-            b: vec![0.0; classes],
-            dim,
-            tau: 1.0,
-        };
-        let n = fit.len() as f32;
-        for _ in 0..400 {
-            let mut gw = vec![0.0f32; classes * dim];
-            let mut gb = vec![0.0f32; classes];
-            for (a, t, _) in &fit {
-                let xs: Vec<f32> = a.iter().map(|v| v * s).collect();
-                let mut z: Vec<f32> = (0..classes)
-                    .map(|c| {
-                        head.b[c]
-                            + head.w[c * dim..(c + 1) * dim]
-                                .iter()
-                                .zip(&xs)
-                                .map(|(w, x)| w * x)
-                                .sum::<f32>()
-                    })
-                    .collect();
-                let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = z
-                    .iter_mut()
-                    .map(|v| {
-                        *v = (*v - max).exp();
-                        *v
-                    })
-                    .sum();
-                for c in 0..classes {
-                    let g = z[c] / sum - if c == *t { 1.0 } else { 0.0 };
-                    gb[c] += g;
-                    for j in 0..dim {
-                        gw[c * dim + j] += g * xs[j];
-                    }
-                }
-            }
-            for (w, g) in head.w.iter_mut().zip(&gw) {
-                *w -= 0.5 * g / n;
-            }
-            for (b, g) in head.b.iter_mut().zip(&gb) {
-                *b -= 0.5 * g / n;
-            }
-        }
-        // Fold the input scale into the weights.
-        for w in &mut head.w {
-            *w *= s;
-        }
-        // τ: the smallest threshold (over the calibration confidences) within the loss.
-        let answers: Vec<(usize, f32, usize, usize)> = cal
-            .iter()
-            .map(|(a, full, y)| {
-                let (c, p) = head.answer(a);
-                (c, p, *full, *y)
-            })
-            .collect();
-        let full_acc = answers.iter().filter(|r| r.2 == r.3).count() as f64 / answers.len() as f64;
-        let mut taus: Vec<f32> = answers.iter().map(|r| r.1).collect();
-        taus.push(1.0);
-        taus.sort_by(f32::total_cmp);
-        let _ = full_acc;
-        for tau in taus {
-            // Harm only: local answers that are wrong where the full model is right (local
-            // answers that fix a full-model error do not buy extra harm).
-            let harm = answers
-                .iter()
-                .filter(|&&(c, p, full, y)| p >= tau && c != full && (c != y || full == y))
-                .count() as f64
-                / answers.len() as f64;
-            if harm <= max_loss {
-                head.tau = tau;
-                break;
-            }
-        }
-        Ok(head)
-    }
-}
-
-/// What the planner's decision reads besides the request.
-struct Decider<'a> {
-    bundle: &'a Bundle,
-    /// The fitted head, when the bundle carries none.
-    head: Option<&'a ExitHead>,
-    split: &'a tandem::device::planner::SplitCosts,
-    local_macs: u64,
-    ns_per_mac: f64,
-}
-
-/// The planner's decision for input `x` on `link`: the exit head's class, whether it is
-/// confident (≥ τ), and the plan. Policy: encrypted offload in either output mode; local
-/// only when confident (then at the offloaded accuracy: the cascade's calibrated loss).
-fn decide(
-    d: &Decider<'_>,
-    radio: Radio,
-    link: LinkEstimate,
-    x: &[f32],
-) -> anyhow::Result<(usize, bool, tandem::device::planner::Plan)> {
-    let (class, confident) = local_answer(d.bundle, d.head, x)?;
-    let inputs = PlanInputs {
-        model: ModelCosts {
-            local_macs: d.local_macs,
-            local_accuracy: d.split.offload_accuracy,
-            splits: vec![d.split.clone()],
-        },
-        device: DeviceProfile {
-            ns_per_mac: d.ns_per_mac,
-            radio,
-        },
-        link,
-        policy: AppPolicy {
-            allow_local: confident,
-            allow_encrypted: true,
-            noised: Vec::new(),
-            noised_encrypted: Vec::new(),
-            output_modes: vec![OutputMode::Packed, OutputMode::NoKey],
-            accuracy_floor: 0.0,
-            latency_target_ms: None,
-        },
-        remaining_rho: 0.0,
-        objective: Objective::Latency,
-        exit: None,
-    };
-    Ok((class, confident, plan(&inputs)))
-}
-
-/// The device's local answer for `x` and whether it is confident: the bundle's signed exit
-/// head (TDM-EXIT-1, `Bundle::exit_confidence`) when it has one, else the fitted `head`.
-fn local_answer(
-    bundle: &Bundle,
-    head: Option<&ExitHead>,
-    x: &[f32],
-) -> anyhow::Result<(usize, bool)> {
-    if let Some(o) = bundle.exit_confidence(x)? {
-        return Ok((o.class, o.exit));
-    }
-    let head = head.context("the bundle has no exit head and none was fitted")?;
-    let (class, conf) = head.answer(&bundle.device_prefix(x)?);
-    Ok((class, conf >= head.tau))
-}
-
 /// One measured request.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -480,6 +267,8 @@ struct Sample {
 struct Row {
     trace: String,
     strategy: &'static str,
+    /// Whether the planner (and the oracle) could answer locally through the exit head.
+    early_exit: bool,
     requests: usize,
     mean_ms: f64,
     p95_ms: f64,
@@ -495,12 +284,13 @@ struct Row {
     offload_prediction_error: Option<f64>,
 }
 
-fn row(trace: &str, strategy: &'static str, s: &[Sample]) -> Row {
+fn row(trace: &str, strategy: &'static str, s: &[Sample], early_exit: bool) -> Row {
     let n = s.len().max(1) as f64;
     let mut ms: Vec<f64> = s.iter().map(|x| x.ms).collect();
     Row {
         trace: trace.to_string(),
         strategy,
+        early_exit,
         requests: s.len(),
         mean_ms: ms.iter().sum::<f64>() / n,
         p95_ms: percentile(&mut ms, 95.0),
@@ -520,6 +310,28 @@ pub fn run(a: TracesArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(run_async(a))
+}
+
+/// The energy of one measured offload (`specs/planner.md` §2 on the measured values): the
+/// device's multiply-adds (`macs`), the CPU time of noise, encryption and decryption at the
+/// CPU's active power, and the radio for the measured bytes and network time.
+fn offload_energy(r: &tandem_device::Inference, macs: u64, radio: energy::RadioModel) -> f64 {
+    energy::compute_mj(macs)
+        + energy::cpu_mj(r.timings.dp_ms + r.timings.encrypt_ms + r.timings.decrypt_ms)
+        + radio.transfer_mj(
+            (r.bytes_up + r.key_upload_bytes) as u64,
+            r.bytes_down as u64,
+            r.timings.network_ms,
+        )
+}
+
+fn ms_since(s: Instant) -> f64 {
+    s.elapsed().as_secs_f64() * 1e3
+}
+
+/// EWMA step (weight 0.3 for the new sample).
+fn ewma(old: Option<f64>, x: f64) -> Option<f64> {
+    Some(old.map_or(x, |o| o + 0.3 * (x - o)))
 }
 
 async fn run_async(a: TracesArgs) -> anyhow::Result<()> {
@@ -544,42 +356,31 @@ async fn run_async(a: TracesArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading bundle {}", a.model.display()))?;
     let test = TestSet::load(&a.model.join("test.json"))?;
     let measured = super::plan::measure(&bundle, &a.model, true)?;
-    // The bundle's signed exit head if it has one; else one fitted here (no disagreement
-    // with the full model on the calibration rows).
-    let fitted = match bundle.exit_head() {
-        Some(_) => None,
-        None => Some(ExitHead::fit(&bundle, &test, 0.0)?),
+    let Some(head) = bundle.exit_head() else {
+        bail!(
+            "{}: no signed exit head; the planner's local candidate needs one (`tandem exit-head \
+             --model {} --key <signing key>` trains, calibrates and signs it)",
+            a.model.display(),
+            a.model.display()
+        );
     };
-    let (tau, head_macs, head_source) = match (bundle.exit_head(), &fitted) {
-        (Some(h), _) => (
-            h.threshold(),
-            (measured.n_in * bundle.classes()) as u64,
-            "signed",
-        ),
-        (None, Some(h)) => (f64::from(h.tau), h.macs(), "fitted by the bench"),
-        (None, None) => bail!("no exit head"),
-    };
+    let tau = head.threshold();
+    let head_macs = (measured.n_in * bundle.classes()) as u64;
     let local_macs = measured.prefix_macs + head_macs;
-    let ctx = Decider {
-        bundle: &bundle,
-        head: fitted.as_ref(),
-        split: &measured.split,
-        local_macs,
-        ns_per_mac: measured.ns_per_mac,
-    };
-    // Profile the planner's local path once (device layers, head, plan): the median over
-    // repeated runs is the local candidate's predicted latency, and the decision overhead of
-    // an offloaded one.
+    let offload_macs = measured.split.device_prefix_macs + measured.split.device_suffix_macs;
+    let early_exit = !a.no_early_exit;
     let probe = test.x.first().context("empty test split")?;
-    let mut t_local = Vec::new();
-    for _ in 0..501 {
-        let s = Instant::now();
-        std::hint::black_box(decide(&ctx, Radio::Wifi, LinkEstimate::NONE, probe)?);
-        t_local.push(s.elapsed().as_secs_f64() * 1e3);
+    // A confident and an unconfident row, to profile both paths of the device.
+    let mut confident_row = None;
+    let mut unconfident_row = None;
+    for x in &test.x {
+        match bundle.exit_confidence(x)? {
+            Some(o) if o.exit => confident_row = confident_row.or(Some(x)),
+            Some(_) => unconfident_row = unconfident_row.or(Some(x)),
+            None => {}
+        }
     }
-    let local_ms = percentile(&mut t_local, 50.0);
-    // Clip for the noised strategy: median activation norm on the training side is not
-    // needed for a fixed comparison; the device default is used.
+
     let tmp = tempfile::tempdir()?;
     let pki = DevPki::generate(2)?;
     let mut sopts = ServerOptions::new(
@@ -590,11 +391,14 @@ async fn run_async(a: TracesArgs) -> anyhow::Result<()> {
     );
     sopts.models = vec![a.model.clone()];
     let cloud = Cloud::start(sopts).await?;
-    let link = ShapedLink::new(LinkEstimate {
+    let fast = LinkEstimate {
         bandwidth_bps: 1e10,
         rtt_ms: 0.0,
-    });
+    };
+    let link = ShapedLink::new(fast);
     let addr = link.proxy(cloud.local_addr()).await?;
+    // One device (one session, one evaluation key) per output mode: a session's output mode
+    // is fixed at connect, so the planner's output-mode choice is the choice of session.
     let mut devices = Vec::new();
     for (k, mode) in [OutputMode::Packed, OutputMode::NoKey]
         .into_iter()
@@ -610,95 +414,140 @@ async fn run_async(a: TracesArgs) -> anyhow::Result<()> {
         o.output_mode = mode;
         o.dp.budget_rho = Some(1e9);
         let mut d = Device::connect(o).await?;
-        // Register the evaluation key on the fast link: the traces measure steady state.
+        d.set_early_exit(if early_exit {
+            EarlyExit::On
+        } else {
+            EarlyExit::Off
+        });
+        d.set_auto_policy(AutoPolicy {
+            ns_per_mac: measured.ns_per_mac,
+            ..AutoPolicy::default()
+        });
+        d.set_link_report(Some(fast));
+        // Register the evaluation key on the fast link (the traces measure steady state),
+        // then profile the device's own paths once: its local answers (device layers, head,
+        // plan) and its encrypted offloads (encryption, decryption), through `Protection::Auto`
+        // itself; the device keeps the EWMA of both.
         d.infer(probe, Protection::Encrypted).await?;
+        for _ in 0..10 {
+            if let Some(x) = unconfident_row {
+                d.answer(x, Protection::Auto).await?;
+            }
+        }
+        if early_exit {
+            for _ in 0..200 {
+                if let Some(x) = confident_row {
+                    d.answer(x, Protection::Auto).await?;
+                }
+            }
+        }
         devices.push(d);
     }
+    let local_profile_ms = devices[0].local_answer_ms();
+
     let mut rows = Vec::new();
-    // The local path's predicted time: the profile, then the EWMA of the planner's own local
-    // answers (in a request stream the path runs with colder caches than in the profile loop).
-    let mut local_est = local_ms;
+    // The bench's own overhead around the device call: planning the other session too (the
+    // output-mode choice), as an EWMA per kind of answer.
+    let (mut pre_local, mut pre_offload): (Option<f64>, Option<f64>) = (None, None);
     for trace in &traces {
         let radio = trace.radio().model();
+        for d in &mut devices {
+            d.set_auto_policy(AutoPolicy {
+                ns_per_mac: measured.ns_per_mac,
+                radio: trace.radio(),
+                ..AutoPolicy::default()
+            });
+        }
         let mut by: std::collections::BTreeMap<&'static str, Vec<Sample>> = Default::default();
         let mut errors = Vec::new();
         let mut errors_off = Vec::new();
         let mut offloads = 0usize;
-        let offload_energy = |r: &tandem_device::Inference| {
-            energy::compute_mj(
-                measured.split.device_prefix_macs + measured.split.device_suffix_macs,
-            ) + radio.transfer_mj(
-                (r.bytes_up + r.key_upload_bytes) as u64,
-                r.bytes_down as u64,
-                r.timings.network_ms,
-            )
-        };
         for i in 0..a.requests {
             let t = i as f64 * trace.duration_s() / a.requests as f64;
             let l = trace.at(t);
             link.set(l);
+            for d in &mut devices {
+                d.set_link_report(Some(l));
+            }
             let k = i * test.x.len() / a.requests;
             let (x, y) = (&test.x[k], test.y[k]);
+            let verdict = bundle.exit_confidence(x)?;
+            let confident = early_exit && verdict.as_ref().is_some_and(|o| o.exit);
 
-            // The planner: exit head first, then the plan, then the chosen request.
+            // The planner: the device's own `Protection::Auto` (exit head, plan, request).
+            // Its plan for this request on the packed session decides; if it offloads, the
+            // no-key session's plan is asked too and the cheaper offload's session answers.
             let s = Instant::now();
-            let (local_class, confident, p) = decide(&ctx, trace.radio(), l, x)?;
-            let choice = p.choice().context("planner found no feasible candidate")?;
-            let predicted = match choice.protection {
-                PlanProtection::Local => local_est,
-                _ => choice.latency_ms + local_est,
+            let p0 = devices[0].plan_for(x, None)?;
+            let (d, plan) = if p0.answers_locally() {
+                (0, p0)
+            } else {
+                let p1 = devices[1].plan_for(x, None)?;
+                let lat = |p: &tandem_device::planner::Plan| {
+                    p.choice().map_or(f64::INFINITY, |c| c.latency_ms)
+                };
+                if lat(&p1) < lat(&p0) {
+                    (1, p1)
+                } else {
+                    (0, p0)
+                }
             };
-            let sample = match (choice.protection, choice.mode) {
-                (PlanProtection::Local, _) => Sample {
-                    ms: s.elapsed().as_secs_f64() * 1e3,
+            let pre_ms = ms_since(s);
+            let choice = plan
+                .choice()
+                .context("the planner found no feasible candidate")?;
+            let local = choice.protection == PlanProtection::Local;
+            let pre_est = if local { pre_local } else { pre_offload };
+            let predicted = choice.latency_ms + pre_est.unwrap_or(pre_ms);
+            let answer = devices[d].answer(x, Protection::Auto).await?;
+            let ms = ms_since(s);
+            if local {
+                pre_local = ewma(pre_local, pre_ms);
+            } else {
+                pre_offload = ewma(pre_offload, pre_ms);
+            }
+            let sample = match &answer {
+                Answer::Local { class, .. } => Sample {
+                    ms,
                     energy_mj: energy::compute_mj(local_macs),
-                    correct: local_class == y,
+                    correct: *class == y,
                     epsilon: 0.0,
                 },
-                (_, mode) => {
+                Answer::Offloaded { inference: r, .. } => {
                     offloads += 1;
-                    let d = if mode == Some(OutputMode::NoKey) {
-                        1
-                    } else {
-                        0
-                    };
-                    let r = devices[d].infer(x, Protection::Encrypted).await?;
+                    let head = if early_exit { head_macs } else { 0 };
                     Sample {
-                        ms: s.elapsed().as_secs_f64() * 1e3,
-                        energy_mj: offload_energy(&r) + energy::compute_mj(head_macs),
+                        ms,
+                        energy_mj: offload_energy(r, offload_macs + head, radio),
                         correct: r.class == y,
-                        epsilon: 0.0,
+                        epsilon: r.epsilon_spent,
                     }
                 }
             };
-            if choice.protection == PlanProtection::Local {
-                // The device learns its local path's time from its own answers (EWMA).
-                local_est += 0.3 * (sample.ms - local_est);
-            }
             let err = (predicted - sample.ms).abs() / sample.ms.max(1e-9);
             errors.push(err);
-            if choice.protection != PlanProtection::Local {
+            if !answer.is_local() {
                 errors_off.push(err);
             }
             by.entry("planner").or_default().push(sample);
 
             // Fixed strategies, same slot.
             let s = Instant::now();
-            let (c, _) = local_answer(&bundle, fitted.as_ref(), x)?;
-            let local = Sample {
-                ms: s.elapsed().as_secs_f64() * 1e3,
+            let c = bundle.exit_confidence(x)?.map_or(usize::MAX, |o| o.class);
+            let local_sample = Sample {
+                ms: ms_since(s),
                 energy_mj: energy::compute_mj(local_macs),
                 correct: c == y,
                 epsilon: 0.0,
             };
-            by.entry("local").or_default().push(local);
+            by.entry("local").or_default().push(local_sample);
             let mut offl = Vec::new();
             for (d, name) in [(0, "encrypted_packed"), (1, "encrypted_nokey")] {
                 let s = Instant::now();
                 let r = devices[d].infer(x, Protection::Encrypted).await?;
                 let smp = Sample {
-                    ms: s.elapsed().as_secs_f64() * 1e3,
-                    energy_mj: offload_energy(&r),
+                    ms: ms_since(s),
+                    energy_mj: offload_energy(&r, offload_macs, radio),
                     correct: r.class == y,
                     epsilon: 0.0,
                 };
@@ -710,15 +559,16 @@ async fn run_async(a: TracesArgs) -> anyhow::Result<()> {
                 .infer(x, Protection::Noised { epsilon: a.epsilon })
                 .await?;
             by.entry("noised").or_default().push(Sample {
-                ms: s.elapsed().as_secs_f64() * 1e3,
-                energy_mj: offload_energy(&r),
+                ms: ms_since(s),
+                energy_mj: offload_energy(&r, offload_macs, radio),
                 correct: r.class == y,
                 epsilon: r.epsilon_spent,
             });
-            // The oracle: the fastest measured candidate the policy allows for this request.
+            // The oracle: the fastest measured candidate the planner's policy allows for this
+            // request (local only when early exit is on and the head is confident).
             let mut allowed = offl;
             if confident {
-                allowed.push(local);
+                allowed.push(local_sample);
             }
             if let Some(best) = allowed.into_iter().min_by(|p, q| p.ms.total_cmp(&q.ms)) {
                 by.entry("oracle").or_default().push(best);
@@ -733,7 +583,7 @@ async fn run_async(a: TracesArgs) -> anyhow::Result<()> {
             "noised",
         ] {
             let s = by.get(name).map(Vec::as_slice).unwrap_or_default();
-            let mut r = row(&trace.name, name, s);
+            let mut r = row(&trace.name, name, s, early_exit);
             if name == "planner" {
                 r.median_prediction_error = Some(percentile(&mut errors, 50.0));
                 r.offload_rate = Some(offloads as f64 / a.requests as f64);
@@ -755,12 +605,14 @@ async fn run_async(a: TracesArgs) -> anyhow::Result<()> {
         }
     } else {
         println!(
-            "exit head ({head_source}): tau {tau:.3}; local path {local_ms:.4} ms (profiled); {} \
-             requests per trace",
+            "exit head (signed): tau {tau:.4}, early exit {}; device local answer {} (profiled, \
+             then learnt); {} requests per trace",
+            if early_exit { "on" } else { "off" },
+            local_profile_ms.map_or("not profiled".into(), |m| format!("{m:.4} ms")),
             a.requests
         );
         println!(
-            "{:<6} {:<17} {:>9} {:>9} {:>10} {:>9} {:>8}  pred.err",
+            "{:<6} {:<17} {:>9} {:>9} {:>10} {:>9} {:>8}  pred.err (all / offloads)",
             "trace", "strategy", "mean ms", "p95 ms", "energy mJ", "accuracy", "eps"
         );
         for r in &rows {
@@ -773,11 +625,122 @@ async fn run_async(a: TracesArgs) -> anyhow::Result<()> {
                 r.energy_mj,
                 r.accuracy,
                 r.epsilon_spent,
-                r.median_prediction_error
-                    .map_or(String::new(), |e| format!("{:.1}%", e * 100.0))
+                match (r.median_prediction_error, r.offload_prediction_error) {
+                    (Some(e), Some(o)) => format!("{:.1}% / {:.1}%", e * 100.0, o * 100.0),
+                    (Some(e), None) => format!("{:.1}%", e * 100.0),
+                    _ => String::new(),
+                }
             );
         }
     }
+    if let Some(path) = &a.plot {
+        write_plot(path, &rows, early_exit)?;
+        if !a.json {
+            println!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Plots mean (filled circle) and p95 (triangle) latency per strategy, one colour per trace,
+/// on a log axis, as SVG (`plotters`, SVG backend: no system fonts).
+///
+/// # Errors
+/// The file cannot be written.
+fn write_plot(path: &Path, rows: &[Row], early_exit: bool) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    const STRATEGIES: [&str; 6] = [
+        "planner",
+        "oracle",
+        "local",
+        "encrypted_packed",
+        "encrypted_nokey",
+        "noised",
+    ];
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("plotting {}: {e}", path.display());
+    let mut traces: Vec<&str> = rows.iter().map(|r| r.trace.as_str()).collect();
+    traces.dedup();
+    let floor = 1e-3;
+    let ys = rows.iter().flat_map(|r| [r.mean_ms, r.p95_ms]);
+    let (lo, hi) = ys.fold((f64::INFINITY, 0.0f64), |(lo, hi), y| {
+        (lo.min(y.max(floor)), hi.max(y))
+    });
+    let (lo, hi) = if lo.is_finite() && hi > 0.0 {
+        (lo / 2.0, hi * 2.0)
+    } else {
+        (floor, 1.0)
+    };
+    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let title = format!(
+        "tandem bench traces: latency per strategy (early exit {})",
+        if early_exit { "on" } else { "off" }
+    );
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5f64..5.5f64, (lo..hi).log_scale())
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_labels(STRATEGIES.len())
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 {
+                STRATEGIES
+                    .get(i as usize)
+                    .copied()
+                    .unwrap_or("")
+                    .to_string()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("ms per request (circle: mean, triangle: p95), log scale")
+        .draw()
+        .map_err(|e| err(&e))?;
+    for (k, t) in traces.iter().enumerate() {
+        const COLORS: [RGBColor; 4] = [
+            RGBColor(215, 48, 39),
+            RGBColor(69, 117, 180),
+            RGBColor(26, 152, 80),
+            RGBColor(90, 90, 90),
+        ];
+        let color = COLORS[k % COLORS.len()].to_rgba();
+        let dx = (k as f64 - (traces.len() as f64 - 1.0) / 2.0) * 0.18;
+        let pts: Vec<(f64, f64, f64)> = STRATEGIES
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                rows.iter()
+                    .find(|r| r.trace == *t && r.strategy == *s)
+                    .map(|r| (i as f64 + dx, r.mean_ms.max(floor), r.p95_ms.max(floor)))
+            })
+            .collect();
+        chart
+            .draw_series(
+                pts.iter()
+                    .map(|&(x, m, _)| Circle::new((x, m), 5, color.filled())),
+            )
+            .map_err(|e| err(&e))?
+            .label(t.to_string())
+            .legend(move |(x, y)| Circle::new((x + 8, y), 5, color.filled()));
+        chart
+            .draw_series(
+                pts.iter()
+                    .map(|&(x, _, p)| TriangleMarker::new((x, p), 6, color.stroke_width(2))),
+            )
+            .map_err(|e| err(&e))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
     Ok(())
 }
 
@@ -805,6 +768,50 @@ mod tests {
         ] {
             std::fs::write(&p, bad).unwrap();
             assert!(Trace::load(&p).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    /// `--plot` writes an SVG naming every trace and strategy (plotters, no system fonts).
+    #[test]
+    fn plot_names_every_trace_and_strategy() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.svg");
+        let samples = |ms: f64| {
+            vec![Sample {
+                ms,
+                energy_mj: 1.0,
+                correct: true,
+                epsilon: 0.0,
+            }]
+        };
+        let mut rows = Vec::new();
+        for (k, t) in ["3g", "wifi"].into_iter().enumerate() {
+            for (i, s) in [
+                "planner",
+                "oracle",
+                "local",
+                "encrypted_packed",
+                "encrypted_nokey",
+                "noised",
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                rows.push(row(t, s, &samples((1 + i + k) as f64 * 3.0), true));
+            }
+        }
+        write_plot(&p, &rows, true).unwrap();
+        let svg = std::fs::read_to_string(&p).unwrap();
+        assert!(svg.starts_with("<svg"));
+        for name in [
+            "3g",
+            "wifi",
+            "planner",
+            "encrypted_nokey",
+            "noised",
+            "early exit on",
+        ] {
+            assert!(svg.contains(name), "{name} missing");
         }
     }
 
