@@ -147,6 +147,10 @@ pub struct ServerOptions {
     pub limits: Limits,
     /// Test hook: the first `n` requests are dropped by closing their connection unanswered.
     pub fault_drop_requests: u64,
+    /// Test hook: every layer evaluation takes at least this long (the evaluation sleeps inside
+    /// its timed window, as a slower or overloaded replica would), so the `cloud_eval_us` it
+    /// reports (TDM-EVAL-1) includes it. Zero (the default): no delay.
+    pub fault_eval_delay: Duration,
     /// Spread each encrypted evaluation over rayon's global thread pool (its size is the
     /// process's choice, e.g. `tandem bench sentence --threads`); default: one thread per
     /// request, requests in parallel.
@@ -194,6 +198,7 @@ impl ServerOptions {
             resources: ResourceLimits::default(),
             limits: Limits::default(),
             fault_drop_requests: 0,
+            fault_eval_delay: Duration::ZERO,
             parallel_eval: false,
         }
     }
@@ -468,6 +473,7 @@ struct Shared {
     in_flight: Mutex<HashMap<[u8; 32], usize>>,
     epoch: Instant,
     fault_drop: AtomicU64,
+    fault_eval_delay: Duration,
     parallel_eval: bool,
     max_blob: usize,
     prom: Arc<Prom>,
@@ -612,6 +618,7 @@ impl Cloud {
             in_flight: Mutex::new(HashMap::new()),
             epoch: Instant::now(),
             fault_drop: AtomicU64::new(opts.fault_drop_requests),
+            fault_eval_delay: opts.fault_eval_delay,
             parallel_eval: opts.parallel_eval,
             max_blob: limits.max_ciphertext_len as usize,
             prom: prom.clone(),
@@ -1368,6 +1375,13 @@ fn admit(
     });
 }
 
+/// The [`ServerOptions::fault_eval_delay`] test hook (runs on a blocking worker thread).
+fn slow_down(shared: &Shared) {
+    if !shared.fault_eval_delay.is_zero() {
+        std::thread::sleep(shared.fault_eval_delay);
+    }
+}
+
 /// Evaluates one request; returns the answer and the wall time of the layer evaluation itself
 /// (TDM-EVAL-1: from the payload's decoding to the encoded result, without the queueing before
 /// it, the key-store lookup or any network I/O).
@@ -1398,6 +1412,7 @@ fn evaluate(
                 return Err(ErrorCode::InvalidRequest);
             }
             let t = Instant::now();
+            slow_down(shared);
             let mut out = Vec::with_capacity(batch * cl.n_out);
             for row in n.values.chunks(cl.n_in) {
                 let q: Vec<i64> = row.iter().map(|&v| i64::from(v)).collect();
@@ -1437,6 +1452,7 @@ fn evaluate(
     };
     // TDM-EVAL-1: the evaluation time starts here, after the key-store lookup.
     let t = Instant::now();
+    slow_down(shared);
     // Per-layer limit: the exact size of this layer's input for the request's batch (issue 8).
     let limit = shared.max_blob.min(layer.plan().upload_bytes(batch.max(1)));
     let input = EncryptedInput::from_bytes(ct, limit, layer.plan())
