@@ -8,6 +8,7 @@ pub mod early_exit;
 pub mod eval;
 pub mod model_bert;
 pub mod plan;
+pub mod plan_encoder;
 pub mod privacy_train;
 pub mod runtime;
 pub mod sentence;

@@ -17,8 +17,8 @@ use std::time::Instant;
 use anyhow::{bail, Context as _};
 use tandem::device::energy::Radio;
 use tandem::device::planner::{
-    plan, AppPolicy, DeviceProfile, LinkEstimate, ModeCosts, ModelCosts, NoiseOption, Objective,
-    PlanInputs, SplitCosts,
+    plan, AppPolicy, DeviceProfile, ExitVerdict, LinkEstimate, ModeCosts, ModelCosts, NoiseOption,
+    Objective, PlanInputs, SplitCosts,
 };
 use tandem::dp::{Clip, Mechanism, Quantizer};
 use tandem::he::{
@@ -93,9 +93,23 @@ pub struct PlanArgs {
     /// The evaluation key is not registered with the cloud yet (charge its upload).
     #[arg(long)]
     key_not_registered: bool,
+    /// Encoder bundles: sentence length priced, tokens (special tokens included).
+    #[arg(long, default_value_t = 16)]
+    tokens: usize,
+    /// Encoder bundles: the device profile file (default: a cache path, see plan_encoder.rs).
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// Encoder bundles: one JSON line per split depth.
+    #[arg(long)]
+    json: bool,
+    /// Plan the request of this row of the bundle's `test.json` with early exit on: the
+    /// bundle's signed exit head is evaluated on it, and answering locally is a candidate when
+    /// its confidence is at least the signed τ (what `Protection::Auto` does per request).
+    #[arg(long)]
+    row: Option<usize>,
 }
 
-fn parse_bandwidth(s: &str) -> anyhow::Result<f64> {
+pub(crate) fn parse_bandwidth(s: &str) -> anyhow::Result<f64> {
     let t = s.trim().to_ascii_lowercase();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -118,7 +132,7 @@ fn parse_bandwidth(s: &str) -> anyhow::Result<f64> {
     Ok(bps)
 }
 
-fn parse_rtt_ms(s: &str) -> anyhow::Result<f64> {
+pub(crate) fn parse_rtt_ms(s: &str) -> anyhow::Result<f64> {
     let t = s.trim().to_ascii_lowercase();
     let (num, mult) = if let Some(n) = t.strip_suffix("ms") {
         (n, 1.0)
@@ -319,6 +333,9 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     let vk = tandem::read_verifying_key(&a.verifying_key)?;
     let bundle = Bundle::load(&a.model, &vk, &Limits::default())
         .with_context(|| format!("loading bundle {}", a.model.display()))?;
+    if bundle.encoder().is_some() {
+        return super::plan_encoder::run(&bundle, encoder_args(a)?);
+    }
     let m = bundle.manifest();
     let forbidden: Vec<OutputMode> = a
         .forbid_mode
@@ -380,10 +397,44 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     };
 
     let local_macs = prefix_macs + (n_in * m.classes) as u64;
+    // The exit head's verdict on `--row` (TDM-EXIT-1): the planner's `local` candidate.
+    let head = bundle.exit_head();
+    let exit = match a.row {
+        None => None,
+        Some(i) => {
+            let h = head.with_context(|| {
+                format!(
+                    "--row: {} has no signed exit head (`tandem exit-head` adds one)",
+                    a.model.display()
+                )
+            })?;
+            let test = tandem::model::TestSet::load(&a.model.join("test.json"))?;
+            let x = test.x.get(i).with_context(|| {
+                format!(
+                    "--row {i}: {}/test.json has {} rows",
+                    a.model.display(),
+                    test.x.len()
+                )
+            })?;
+            let o = bundle
+                .exit_confidence(x)?
+                .context("the exit head gave no verdict")?;
+            Some(ExitVerdict {
+                confidence: o.confidence,
+                threshold: h.threshold(),
+                local_ms: None,
+            })
+        }
+    };
+    // Accuracy of answering locally: the app's figure if it gives one, else the cascade's
+    // on the test split (the head's signed calibration record).
+    let cascade_accuracy = head
+        .and_then(|h| h.spec().calibration.as_ref())
+        .map(|c| c.test_cascade_accuracy);
     let inputs = PlanInputs {
         model: ModelCosts {
             local_macs,
-            local_accuracy: a.local_accuracy.unwrap_or(0.0),
+            local_accuracy: a.local_accuracy.or(cascade_accuracy).unwrap_or(0.0),
             splits: vec![split],
         },
         device: DeviceProfile { ns_per_mac, radio },
@@ -410,7 +461,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         } else {
             Objective::Latency
         },
-        exit: None,
+        exit,
     };
     let p = plan(&inputs);
     println!(
@@ -433,6 +484,20 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         },
     );
     if a.explain {
+        println!(
+            "latency = device compute + encryption/decryption/noise + bytes / bandwidth + round \
+             trips x RTT + cloud time; energy = multiply-adds x {} pJ + CPU time of \
+             encryption/decryption/noise x {} mW + radio ({}, Huang et al. MobiSys 2012); bytes \
+             per request incl. 64 B framing each way{}",
+            tandem::device::energy::F32_MAC_PJ,
+            tandem::device::energy::CPU_CORE_ACTIVE_MW,
+            radio.name(),
+            if a.key_not_registered {
+                " and the evaluation key's first upload"
+            } else {
+                ""
+            }
+        );
         print!("{}", p.explain());
     } else {
         match p.choice() {
@@ -449,6 +514,35 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         bail!("no feasible candidate under this policy, budget and link");
     }
     Ok(())
+}
+
+/// The split-depth planner's arguments (encoder bundles, `plan_encoder.rs`).
+fn encoder_args(a: PlanArgs) -> anyhow::Result<super::plan_encoder::EncoderPlanArgs> {
+    let bandwidth_bps = parse_bandwidth(&a.bandwidth)?;
+    let rtt_ms = parse_rtt_ms(&a.rtt)?;
+    Ok(super::plan_encoder::EncoderPlanArgs {
+        link: if bandwidth_bps > 0.0 {
+            LinkEstimate {
+                bandwidth_bps,
+                rtt_ms,
+            }
+        } else {
+            LinkEstimate::NONE
+        },
+        radio: match a.radio.as_str() {
+            "wifi" => Radio::Wifi,
+            "lte" => Radio::Lte,
+            r => bail!("--radio {r}: expected wifi or lte"),
+        },
+        model: a.model,
+        energy: a.energy,
+        explain: a.explain,
+        json: a.json,
+        tokens: a.tokens,
+        profile: a.profile,
+        latency_target_ms: a.latency_target_ms,
+        key_not_registered: a.key_not_registered,
+    })
 }
 
 #[cfg(test)]
