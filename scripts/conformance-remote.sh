@@ -23,4 +23,5 @@ for _ in $(seq 50); do
 done
 digest=$(sha256sum models/digits/manifest.toml | cut -d' ' -f1)
 "$bin/tandem-conformance" remote --server "127.0.0.1:$port" --pki "$dir/pki" \
-  --device device-1 --model digits-mlp --digest "$digest"
+  --device device-1 --model digits-mlp --digest "$digest" \
+  --layer 1 --width 32   # models/digits: manifest index 1 is its cloud layer fc1, 32 inputs

@@ -73,7 +73,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// `remote --server ADDR --pki DIR --device NAME --model ID --digest HEX [--server-name NAME]`
+/// `remote --server ADDR --pki DIR --device NAME --model ID --digest HEX [--server-name NAME]
+/// [--layer ID --width N]`
 fn remote_main(args: &[String]) -> ExitCode {
     let get = |flag: &str| {
         args.iter()
@@ -87,7 +88,7 @@ fn remote_main(args: &[String]) -> ExitCode {
         get("--model"),
         get("--digest"),
     ) else {
-        eprintln!("usage: tandem-conformance remote --server ADDR --pki DIR --device NAME --model ID --digest HEX [--server-name NAME]");
+        eprintln!("usage: tandem-conformance remote --server ADDR --pki DIR --device NAME --model ID --digest HEX [--server-name NAME] [--layer ID --width N]");
         return ExitCode::FAILURE;
     };
     let (Ok(server), Some(model_digest)) = (server.parse(), remote::parse_digest(&digest)) else {
@@ -101,6 +102,20 @@ fn remote_main(args: &[String]) -> ExitCode {
         device: get("--device").unwrap_or_else(|| "device-1".into()),
         model_id,
         model_digest,
+        layer: match (get("--layer"), get("--width")) {
+            (Some(l), Some(w)) => match (l.parse(), w.parse()) {
+                (Ok(l), Ok(w)) => Some((l, w)),
+                _ => {
+                    eprintln!("remote: --layer and --width take integers");
+                    return ExitCode::FAILURE;
+                }
+            },
+            (None, None) => None,
+            _ => {
+                eprintln!("remote: --layer and --width go together");
+                return ExitCode::FAILURE;
+            }
+        },
     };
     let t = remote::run(&target);
     println!(

@@ -10,7 +10,10 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tandem_protocol::{DeviceConfig, DeviceEvent, DeviceSession, ErrorCode};
+use tandem_protocol::{
+    samples, DeviceConfig, DeviceEvent, DeviceSession, ErrorCode, Message, NoisedBlock,
+    RequestPayload, ResponsePayload,
+};
 use tandem_tls::rustls::{ClientConnection, StreamOwned};
 
 /// Where and as whom to connect, and which model to ask for.
@@ -27,6 +30,9 @@ pub struct Target {
     pub model_id: String,
     /// That model's digest.
     pub model_digest: [u8; 32],
+    /// A cloud layer the model serves: its layer id (manifest index) and input width
+    /// (`--layer ID --width N`); the multi-layer request scenarios are skipped without it.
+    pub layer: Option<(u32, usize)>,
 }
 
 /// Outcome counts.
@@ -224,9 +230,183 @@ fn oversized_length_is_refused_early(t: &Target) -> Result<(), String> {
     )
 }
 
+/// A session that completed its handshake on a fresh connection, offering `versions`.
+struct Live {
+    tls: Tls,
+    s: DeviceSession,
+    start: Instant,
+}
+
+fn live(t: &Target, versions: &[u16]) -> Result<Live, String> {
+    let (mut tls, binding) = connect(t)?;
+    let start = Instant::now();
+    let mut c = DeviceConfig::new(t.model_id.clone(), t.model_digest);
+    c.versions = versions.to_vec();
+    let mut s = DeviceSession::new(c, binding, 0).map_err(|e| e.to_string())?;
+    let mut frames = Vec::new();
+    while let Some(f) = s.poll_transmit() {
+        frames.push(f);
+    }
+    let ev = exchange(&mut tls, &mut s, &frames, start);
+    if ev.iter().any(|e| matches!(e, DeviceEvent::Connected(_))) {
+        Ok(Live { tls, s, start })
+    } else {
+        Err(format!("not connected: {ev:?}"))
+    }
+}
+
+impl Live {
+    /// Sends one noised request and returns the event that answers it (response, request
+    /// failure or close).
+    fn request(&mut self, layer: u32, batch: u16, values: Vec<i32>) -> Result<DeviceEvent, String> {
+        let payload = RequestPayload::Noised(NoisedBlock {
+            dp: samples::dp_gaussian(),
+            values,
+        });
+        let id = self
+            .s
+            .send_request(layer, batch, payload, now_ms(self.start))
+            .map_err(|e| format!("send: {e}"))?;
+        self.answer(id)
+    }
+
+    fn answer(&mut self, id: u64) -> Result<DeviceEvent, String> {
+        while let Some(f) = self.s.poll_transmit() {
+            self.tls.write_all(&f).map_err(|e| e.to_string())?;
+        }
+        self.tls.flush().map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 16 * 1024];
+        for _ in 0..256 {
+            let n = match self.tls.read(&mut buf) {
+                Ok(0) => return Err("the cloud hung up".into()),
+                Ok(n) => n,
+                Err(e) => return Err(format!("read: {e}")),
+            };
+            let _ = self.s.handle_input(&buf[..n], now_ms(self.start));
+            while let Some(e) = self.s.poll_event() {
+                match &e {
+                    DeviceEvent::Response { request_id, .. }
+                    | DeviceEvent::RequestFailed { request_id, .. }
+                        if *request_id == id =>
+                    {
+                        return Ok(e)
+                    }
+                    DeviceEvent::Closed { .. } => return Ok(e),
+                    _ => {}
+                }
+            }
+        }
+        Err("no answer".into())
+    }
+}
+
+fn layer_of(t: &Target) -> Result<(u32, usize), String> {
+    t.layer
+        .ok_or_else(|| "SKIP: no --layer/--width for a served cloud layer".to_string())
+}
+
+fn expect_plain(ev: &DeviceEvent, rows: usize) -> Result<Option<u32>, String> {
+    match ev {
+        DeviceEvent::Response {
+            payload: ResponsePayload::Plain(v),
+            cloud_eval_us,
+            ..
+        } if !v.is_empty() && v.len() % rows == 0 => Ok(*cloud_eval_us),
+        other => Err(format!(
+            "expected plain results for {rows} rows, got {other:?}"
+        )),
+    }
+}
+
+fn expect_refused(ev: &DeviceEvent, code: ErrorCode) -> Result<(), String> {
+    match ev {
+        DeviceEvent::RequestFailed { code: c, .. } if *c == code => Ok(()),
+        other => Err(format!("expected RequestError {code:?}, got {other:?}")),
+    }
+}
+
+// TDM-REQ-8, TDM-REQ-9, TDM-MSG-14, TDM-EVAL-1: a batched request (3 rows) for a cloud layer
+// (layer id k, not necessarily 0) is answered with 3 rows of results, and a version-2 cloud
+// reports a measured (non-zero) evaluation time.
+fn batched_request_reports_eval_time(t: &Target) -> Result<(), String> {
+    let (layer, width) = layer_of(t)?;
+    let mut l = live(t, &tandem_protocol::SUPPORTED_VERSIONS)?;
+    let version = l.s.negotiated().map(|n| n.version);
+    if version != Some(2) {
+        return Err(format!("negotiated {version:?}, want 2"));
+    }
+    let values = (0..3 * width).map(|i| (i % 7) as i32 - 3).collect();
+    let ev = l.request(layer, 3, values)?;
+    match expect_plain(&ev, 3)? {
+        Some(us) if us >= 1 => Ok(()),
+        other => Err(format!(
+            "cloud_eval_us {other:?}, want a measured time (>= 1)"
+        )),
+    }
+}
+
+// TDM-REQ-8, TDM-REQ-6: a layer id the model does not serve (a device layer id, an index past
+// the last layer) and a value count other than batch x the layer's width are refused one by
+// one with RequestError InvalidRequest; the session stays usable for a valid request.
+fn unserved_layer_refused_session_continues(t: &Target) -> Result<(), String> {
+    let (layer, width) = layer_of(t)?;
+    let mut l = live(t, &tandem_protocol::SUPPORTED_VERSIONS)?;
+    for bad in [layer.wrapping_add(1000), u32::MAX] {
+        expect_refused(
+            &l.request(bad, 1, vec![1; width])?,
+            ErrorCode::InvalidRequest,
+        )?;
+    }
+    expect_refused(
+        &l.request(layer, 2, vec![1; 2 * width + 2])?,
+        ErrorCode::InvalidRequest,
+    )?;
+    expect_plain(&l.request(layer, 1, vec![1; width])?, 1).map(|_| ())
+}
+
+// TDM-VER-3: a device that offers only version 1 gets version-1 responses (no cloud_eval_us).
+fn v1_device_gets_v1_layout(t: &Target) -> Result<(), String> {
+    let (layer, width) = layer_of(t)?;
+    let mut l = live(t, &[1])?;
+    let version = l.s.negotiated().map(|n| n.version);
+    if version != Some(1) {
+        return Err(format!("negotiated {version:?}, want 1"));
+    }
+    match expect_plain(&l.request(layer, 1, vec![2; width])?, 1)? {
+        None => Ok(()),
+        Some(us) => Err(format!("version-1 response carried cloud_eval_us {us}")),
+    }
+}
+
+// TDM-FRAME-7: a complete InferRequest frame whose body is cut inside its values closes the
+// session with MalformedMessage.
+fn truncated_request_closes(t: &Target) -> Result<(), String> {
+    let mut l = live(t, &tandem_protocol::SUPPORTED_VERSIONS)?;
+    let req = Message::InferRequest(tandem_protocol::InferRequest {
+        request_id: 1,
+        layer_id: 1,
+        batch: 2,
+        payload: RequestPayload::Noised(NoisedBlock {
+            dp: samples::dp_gaussian(),
+            values: vec![5; 8],
+        }),
+    })
+    .encode()
+    .map_err(|e| e.to_string())?;
+    let keep = req.len() - 6;
+    let mut cut = req[..keep].to_vec();
+    let body = u32::try_from(keep - 6).map_err(|e| e.to_string())?;
+    cut[2..6].copy_from_slice(&body.to_be_bytes());
+    l.tls.write_all(&cut).map_err(|e| e.to_string())?;
+    l.tls.flush().map_err(|e| e.to_string())?;
+    let mut s = l.s;
+    let ev = exchange(&mut l.tls, &mut s, &[], l.start);
+    closed_by_peer_with(&ev, &[ErrorCode::MalformedMessage])
+}
+
 /// Runs every scenario against the target, printing one line each.
 pub fn run(t: &Target) -> Tally {
-    let scenarios: [(&str, Scenario); 6] = [
+    let scenarios: [(&str, Scenario); 10] = [
         ("handshake_completes", handshake_completes),
         (
             "wrong_channel_binding_is_refused",
@@ -248,6 +428,16 @@ pub fn run(t: &Target) -> Tally {
             "oversized_length_is_refused_early",
             oversized_length_is_refused_early,
         ),
+        (
+            "batched_request_reports_eval_time",
+            batched_request_reports_eval_time,
+        ),
+        (
+            "unserved_layer_refused_session_continues",
+            unserved_layer_refused_session_continues,
+        ),
+        ("v1_device_gets_v1_layout", v1_device_gets_v1_layout),
+        ("truncated_request_closes", truncated_request_closes),
     ];
     let mut tally = Tally::default();
     if !t.pki.join(tandem_tls::pki::layout::CLOUD_CA_CERT).exists() {
@@ -260,6 +450,10 @@ pub fn run(t: &Target) -> Tally {
             Ok(()) => {
                 println!("PASSED remote/{name}");
                 tally.passed += 1;
+            }
+            Err(e) if e.starts_with("SKIP: ") => {
+                println!("SKIPPED remote/{name}: {}", &e[6..]);
+                tally.skipped += 1;
             }
             Err(e) => {
                 println!("FAILED remote/{name}: {e}");
