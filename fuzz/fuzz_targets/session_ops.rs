@@ -2,7 +2,8 @@
 //! an arbitrary Vec<Op> of local operations, partial deliveries, drops,
 //! duplicates, raw injections and time jumps. Invariants: Closed is terminal
 //! (TDM-SES-3), each side emits at most one Close (TDM-ERR-3), no request is
-//! answered twice (TDM-REQ-3), in-flight bounded (TDM-REQ-4).
+//! answered twice (TDM-REQ-3), in-flight bounded (TDM-REQ-4), a response carries
+//! `cloud_eval_us` exactly when the session negotiated version 2 (TDM-VER-3, TDM-MSG-14).
 #![no_main]
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
@@ -86,7 +87,9 @@ fuzz_target!(|ops: Vec<Op>| {
                             }
                             RequestPayload::Noised(_) => ResponsePayload::Plain(vec![1]),
                         };
-                        c.send_response(r.request_id, p, now)
+                        // TDM-EVAL-1: an evaluation time derived from the op (0 = not measured).
+                        let us = u32::from(i).wrapping_mul(0x0101_0101);
+                        c.send_response_timed(r.request_id, p, us, now)
                     }
                     _ => c.send_request_error(r.request_id, ErrorCode::Busy, now),
                 };
@@ -159,6 +162,10 @@ fuzz_target!(|ops: Vec<Op>| {
             }
         }
         while let Some(e) = d.poll_event() {
+            if let DeviceEvent::Response { cloud_eval_us, .. } = &e {
+                let v2 = d.negotiated().is_some_and(|n| n.version == 2);
+                assert_eq!(cloud_eval_us.is_some(), v2, "layout of another version");
+            }
             if let DeviceEvent::Response { request_id, .. }
             | DeviceEvent::RequestFailed { request_id, .. } = e
             {
