@@ -126,7 +126,7 @@ enum BenchCommand {
     EarlyExit(cli::early_exit::BenchArgs),
     /// One encrypted sentence embedding per `--tokens` value over loopback mTLS: end-to-end,
     /// cloud and device seconds, round trips, bytes, key upload, encrypted multiply-adds.
-    Sentence(cli::sentence::BenchArgs),
+    Sentence(Box<cli::sentence::BenchArgs>),
     /// The planner against fixed strategies and the oracle on shaped loopback links that
     /// follow the link traces (`data/traces`, `specs/planner.md` §6).
     Traces(cli::traces::TracesArgs),
@@ -152,7 +152,7 @@ fn main() -> anyhow::Result<()> {
             BenchCommand::Load(args) => cli::runtime::bench_load(args),
             BenchCommand::Traces(args) => cli::traces::run(args),
             BenchCommand::EarlyExit(args) => cli::early_exit::bench(args),
-            BenchCommand::Sentence(args) => cli::sentence::bench(args),
+            BenchCommand::Sentence(args) => cli::sentence::bench(*args),
         },
         Command::Demo { json, minilm } => match minilm.model.as_deref() {
             None | Some("digits") => cli::demo::run(json),

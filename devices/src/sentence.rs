@@ -250,6 +250,12 @@ impl SentenceDevice {
         self.encoder.linear_count()
     }
 
+    /// The underlying encoder (its plans, tokenizer, HE counters) for tools that measure it.
+    #[must_use]
+    pub fn encoder(&self) -> &BundleEncoder {
+        &self.encoder
+    }
+
     /// The session to the cloud (its counters, its output mode).
     #[must_use]
     pub fn remote(&self) -> &Arc<RemoteLayers> {

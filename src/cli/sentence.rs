@@ -4,8 +4,14 @@
 //! development PKI.
 //!
 //! Byte counts are protocol frame bytes on the session (TLS plaintext, TLS record overhead not
-//! included); `cloud_s` is the time the device waited for the cloud's answers (evaluation plus
-//! loopback transport), `device_s` the rest of the end-to-end time.
+//! included); `cloud_s` is the evaluation time the cloud reported in its answers
+//! (`InferResponse.cloud_eval_us`, summed; advisory), `wait_s` the time the device waited for
+//! answers (evaluation plus queueing and loopback transport), `device_s` the rest of the
+//! end-to-end time (device ops, encryption, decryption).
+//!
+//! Both commands go through the app-facing [`tandem_device::SentenceDevice`] (one code path
+//! with the library); `bench sentence --pipeline N` measures its pipelined
+//! [`tandem_device::SentenceDevice::embed_batch`] against sentences one after the other.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,10 +22,9 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
 use tandem_cloud::{Cloud, ServerOptions};
-use tandem_device::RemoteLayers;
-use tandem_he::{Context as HeContext, OutputMode};
+use tandem_device::{RemoteLayers, SentenceDevice, SentenceStats};
 use tandem_model::{read_verifying_key, Bundle, Limits, Part};
-use tandem_ops::{BundleEncoder, BundleLinears, Encoded};
+use tandem_ops::{BundleEncoder, Encoded};
 use tandem_tls::{client_config, client_config_from_files, server_config, ClientFiles, DevPki};
 
 /// Where the cloud is.
@@ -41,6 +46,11 @@ pub struct CloudArgs {
     /// With `--cloud`: the TLS server name of the cloud.
     #[arg(long, default_value = "localhost")]
     pub server_name: String,
+    /// HE output mode of the cloud layers: `packed` (one evaluation-key upload per session,
+    /// small answers) or `nokey` (nothing uploaded, larger answers); the cloud must serve the
+    /// model in that mode.
+    #[arg(long, default_value = "packed")]
+    pub mode: String,
 }
 
 /// `tandem embed` arguments.
@@ -72,15 +82,26 @@ pub struct BenchArgs {
     /// Print JSON lines only.
     #[arg(long)]
     pub json: bool,
+    /// Pipelining across inferences: per `--tokens` value, embed `--sentences` sentences one
+    /// after the other, then with this many in flight on the one session; one JSON line each
+    /// (keys `pipeline`, `sentences`, `sentences_per_s`).
+    #[arg(long)]
+    pub pipeline: Option<usize>,
+    /// With `--pipeline`: sentences per run.
+    #[arg(long, default_value_t = 8)]
+    pub sentences: usize,
     /// The cloud.
     #[command(flatten)]
     pub cloud: CloudArgs,
+    /// Split depth (issue 10): `--split`, `--bandwidth`, `--rtt`, `--reps` (sentence_split.rs).
+    #[command(flatten)]
+    pub split: super::sentence_split::SplitArgs,
 }
 
 /// A device session against the cloud, with its encoder (key uploaded).
 struct Session {
     remote: Arc<RemoteLayers>,
-    encoder: BundleEncoder,
+    device: SentenceDevice,
     key_upload_bytes: u64,
     model: String,
     /// The loopback cloud and its runtime, when this process started it.
@@ -146,29 +167,21 @@ impl Session {
                 )
             }
         };
+        let mode = super::eval::parse_mode(&c.mode)?;
         let remote = Arc::new(RemoteLayers::connect(
             addr,
             &server_name,
             tls,
             &bundle,
-            OutputMode::Packed,
+            mode,
             &[tandem_he::DEFAULT_PARAMETERS.id],
             Duration::from_secs(120),
         )?);
-        let ctx = Arc::new(HeContext::new(remote.params()));
-        let encoder = BundleEncoder::from_bundle(
-            &bundle,
-            BundleLinears::Encrypted {
-                ctx,
-                mode: OutputMode::Packed,
-                cloud: remote.clone(),
-            },
-        )?;
-        encoder.upload_key()?;
+        let device = SentenceDevice::with_remote(&bundle, remote.clone())?;
         let key_upload_bytes = remote.stats().key_upload_bytes;
         Ok(Session {
             remote,
-            encoder,
+            device,
             key_upload_bytes,
             model: bundle.id().to_string(),
             local,
@@ -186,9 +199,9 @@ impl Session {
 /// `tandem embed`: prints the embedding as JSON.
 pub fn embed(a: EmbedArgs) -> anyhow::Result<()> {
     let s = Session::open(&a.model, &a.cloud, 1)?;
-    let e = s.encoder.encode(&a.text)?;
+    let e = s.device.encode(&a.text)?;
     let t = Instant::now();
-    let v = s.encoder.embed_encoded(&e)?;
+    let v = s.device.embed_encoded(&e)?;
     let e2e = t.elapsed().as_secs_f64();
     let st = s.remote.stats();
     let out = serde_json::json!({
@@ -199,7 +212,8 @@ pub fn embed(a: EmbedArgs) -> anyhow::Result<()> {
         "bytes_up": st.bytes_up,
         "bytes_down": st.bytes_down,
         "key_upload_bytes": s.key_upload_bytes,
-        "embedding": v.to_vec(),
+        "cloud_s": st.cloud_eval_s,
+        "embedding": v,
     });
     println!("{}", serde_json::to_string(&out)?);
     s.close();
@@ -251,6 +265,108 @@ struct BenchLine {
     bytes_per_token: f64,
     /// How bytes are counted.
     bytes_counted: &'static str,
+    /// Seconds the device waited for answers, summed over requests (evaluation + queueing +
+    /// transport; overlapping requests each count).
+    wait_s: f64,
+    /// Where `cloud_s` comes from.
+    cloud_s_source: &'static str,
+    /// HE output mode.
+    output_mode: &'static str,
+    /// Sentences embedded in this run.
+    sentences: u64,
+    /// Sentences in flight at once (`embed_batch` pipeline; 1 = one after the other).
+    pipeline: usize,
+    /// Most requests in flight at once on the session during the run.
+    max_in_flight: u64,
+    /// Throughput: sentences / `e2e_s`.
+    sentences_per_s: f64,
+}
+
+/// One JSON line for a run of `sentences` sentences of `tokens` tokens that took `e2e` s, from
+/// the counters `before` it and now.
+fn bench_line(
+    s: &Session,
+    tokens: usize,
+    threads: usize,
+    pipeline: usize,
+    e2e: f64,
+    before: &SentenceStats,
+) -> BenchLine {
+    let after = s.device.stats();
+    let up = after.bytes_up - before.bytes_up;
+    let down = after.bytes_down - before.bytes_down;
+    let sentences = after.sentences - before.sentences;
+    let wait_s = after.wait_s - before.wait_s;
+    let cloud_s = after.cloud_eval_s - before.cloud_eval_s;
+    let device_busy = (after.encrypt_s - before.encrypt_s) + (after.decrypt_s - before.decrypt_s);
+    BenchLine {
+        model: s.model.clone(),
+        tokens,
+        threads,
+        e2e_s: e2e,
+        cloud_s,
+        // One after the other: everything but the waits. Pipelined, the waits overlap device
+        // work, so the sum of waits says little; then at least the HE work of the device.
+        device_s: if pipeline <= 1 {
+            (e2e - wait_s).max(0.0)
+        } else {
+            device_busy
+        },
+        round_trips: after.round_trips - before.round_trips,
+        bytes_up: up,
+        bytes_down: down,
+        key_upload_bytes: s.key_upload_bytes,
+        encrypted_macs: after.encrypted_macs - before.encrypted_macs,
+        s_per_token: e2e / (tokens as f64 * sentences.max(1) as f64),
+        bytes_per_token: (up + down) as f64 / (tokens as f64 * sentences.max(1) as f64),
+        bytes_counted: "protocol frames on the mTLS session (TLS plaintext)",
+        wait_s,
+        cloud_s_source: "cloud-reported evaluation time (InferResponse.cloud_eval_us), summed",
+        output_mode: s.remote.mode().name(),
+        sentences,
+        pipeline,
+        max_in_flight: after.max_in_flight,
+        sentences_per_s: sentences as f64 / e2e.max(f64::MIN_POSITIVE),
+    }
+}
+
+/// `bench sentence --pipeline N`: for each `--tokens` value, `--sentences` sentences one after
+/// the other, then the same with N in flight (`SentenceDevice::embed_batch`); one JSON line
+/// each, with the throughput.
+fn bench_pipeline(
+    mut s: Session,
+    a: &BenchArgs,
+    threads: usize,
+    pipeline: usize,
+) -> anyhow::Result<()> {
+    let n = a.sentences.max(1);
+    for &tokens in &a.tokens {
+        let e = sentence_of(s.device.encoder(), tokens)?;
+        let batch = vec![e; n];
+        let mut lines = Vec::new();
+        for p in [1, pipeline.max(1)] {
+            s.device.set_pipeline(p);
+            let before = s.device.stats();
+            let t = Instant::now();
+            s.device.embed_batch_encoded(&batch)?;
+            let e2e = t.elapsed().as_secs_f64();
+            let line = bench_line(&s, tokens, threads, p, e2e, &before);
+            if !a.json {
+                eprintln!(
+                    "{n} sentences of {tokens} tokens, {p} in flight: {e2e:.2} s, {:.3} \
+                     sentences/s ({} requests in flight at most)",
+                    line.sentences_per_s, line.max_in_flight
+                );
+            }
+            println!("{}", serde_json::to_string(&line)?);
+            lines.push(line.sentences_per_s);
+        }
+        if let (false, [seq, pip]) = (a.json, lines.as_slice()) {
+            eprintln!("pipelined / sequential throughput: {:.2}x", pip / seq);
+        }
+    }
+    s.close();
+    Ok(())
 }
 
 /// `tandem bench sentence`: one encrypted sentence embedding per `--tokens` value, over
@@ -262,44 +378,31 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
         .num_threads(threads)
         .build_global()
         .context("setting up the thread pool")?;
-    let s = Session::open(&a.model, &a.cloud, threads)?;
+    if a.split.active() {
+        let (m, c, t, j) = (&a.model, &a.cloud, &a.tokens, a.json);
+        return super::sentence_split::bench(m, c, t, threads, j, &a.split);
+    }
+    let mut s = Session::open(&a.model, &a.cloud, threads)?;
+    if let Some(pipeline) = a.pipeline {
+        return bench_pipeline(s, &a, threads, pipeline);
+    }
     for &tokens in &a.tokens {
-        let e = sentence_of(&s.encoder, tokens)?;
-        let before = s.remote.stats();
-        let he = s.encoder.session().map(|x| x.stats()).unwrap_or_default();
+        let e = sentence_of(s.device.encoder(), tokens)?;
+        let before = s.device.stats();
         let t = Instant::now();
-        s.encoder.embed_encoded(&e)?;
+        s.device.embed_encoded(&e)?;
         let e2e = t.elapsed().as_secs_f64();
-        let after = s.remote.stats();
-        let he_after = s.encoder.session().map(|x| x.stats()).unwrap_or_default();
-        let cloud_s = after.wait_s - before.wait_s;
-        let up = after.bytes_up - before.bytes_up;
-        let down = after.bytes_down - before.bytes_down;
-        let line = BenchLine {
-            model: s.model.clone(),
-            tokens,
-            threads,
-            e2e_s: e2e,
-            cloud_s,
-            device_s: (e2e - cloud_s).max(0.0),
-            round_trips: after.round_trips - before.round_trips,
-            bytes_up: up,
-            bytes_down: down,
-            key_upload_bytes: s.key_upload_bytes,
-            encrypted_macs: he_after.encrypted_macs - he.encrypted_macs,
-            s_per_token: e2e / tokens as f64,
-            bytes_per_token: (up + down) as f64 / tokens as f64,
-            bytes_counted: "protocol frames on the mTLS session (TLS plaintext)",
-        };
+        let line = bench_line(&s, tokens, threads, 1, e2e, &before);
         if !a.json {
             eprintln!(
-                "{tokens} tokens, {threads} thread(s): {e2e:.2} s end to end ({cloud_s:.2} s \
-                 waiting for the cloud), {} round trips, {up} B up, {down} B down",
-                line.round_trips
+                "{tokens} tokens, {threads} thread(s): {e2e:.2} s end to end ({:.2} s cloud \
+                 evaluation, {:.2} s waiting for the cloud), {} round trips, {} B up, {} B down",
+                line.cloud_s, line.wait_s, line.round_trips, line.bytes_up, line.bytes_down
             );
         }
         println!("{}", serde_json::to_string(&line)?);
     }
+    s.device.set_pipeline(1);
     s.close();
     Ok(())
 }
