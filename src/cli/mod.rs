@@ -12,4 +12,5 @@ pub mod plan_encoder;
 pub mod privacy_train;
 pub mod runtime;
 pub mod sentence;
+pub mod sentence_split;
 pub mod traces;

@@ -1,0 +1,335 @@
+//! `tandem bench sentence --split K[,K..|auto]` (issue 10, TDM-SPLIT-1/2): one sentence
+//! embedding per token count, split depth and repetition, the first `K` blocks run on the
+//! device in the clear and the linears of the rest by the cloud under encryption, over mutual
+//! TLS — the loopback cloud of `tandem bench sentence` (optionally behind the shaped link of
+//! `tandem bench traces`: `--bandwidth`, `--rtt`) or `--cloud`.
+//!
+//! The device needs the int8 weights of the blocks it runs: the bundle is loaded with its
+//! cloud weights file (`Part::Full`). `auto` takes the depth `tandem plan` would choose for the
+//! link given by `--bandwidth`/`--rtt`; with `--bandwidth` every line also carries the
+//! planner's prediction (`predicted_e2e_s`) from the cached device profile
+//! (`plan_encoder::load_or_profile`). JSON lines keep the keys of `bench sentence` and add
+//! `split`, `split_requested`, `rep`, `bandwidth_bps`, `rtt_ms` and `predicted_e2e_s`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+use serde::Serialize;
+use tandem::device::energy::Radio;
+use tandem::device::planner::{LinkEstimate, Objective};
+use tandem_cloud::{Cloud, ServerOptions};
+use tandem_device::RemoteLayers;
+use tandem_he::{Context as HeContext, OutputMode};
+use tandem_model::{read_verifying_key, Bundle, Limits, Part};
+use tandem_ops::{BundleEncoder, BundleLinears, SplitProfile};
+use tandem_tls::{client_config, client_config_from_files, server_config, ClientFiles, DevPki};
+
+use super::sentence::CloudArgs;
+use super::traces::ShapedLink;
+
+/// The split-depth options of `tandem bench sentence`.
+#[derive(Args, Clone, Default)]
+pub struct SplitArgs {
+    /// Split depths to measure, comma-separated: a number of blocks to run on the device in
+    /// the clear (0 = every linear offloaded, the default path without --split; the block
+    /// count = all on the device), or `auto` (the planner's choice for --bandwidth/--rtt).
+    #[arg(long, value_delimiter = ',')]
+    pub split: Vec<String>,
+    /// Shape the loopback link to this bandwidth (e.g. `20mbit`; the token-bucket proxy of
+    /// `tandem bench traces`) and predict each run's latency for it; with --cloud only the
+    /// link the planner assumes.
+    #[arg(long)]
+    pub bandwidth: Option<String>,
+    /// Round-trip time of the shaped link / the planner's link (e.g. `20ms`).
+    #[arg(long, default_value = "0ms")]
+    pub rtt: String,
+    /// Runs per (tokens, split): one JSON line each.
+    #[arg(long, default_value_t = 1)]
+    pub reps: usize,
+    /// The device profile file for predictions and `auto` (default: the cache path of
+    /// `tandem plan`).
+    #[arg(long)]
+    pub split_profile: Option<PathBuf>,
+}
+
+impl SplitArgs {
+    /// Whether `--split` was given.
+    pub fn active(&self) -> bool {
+        !self.split.is_empty()
+    }
+}
+
+#[derive(Serialize)]
+struct Line {
+    model: String,
+    tokens: usize,
+    threads: usize,
+    e2e_s: f64,
+    cloud_s: f64,
+    device_s: f64,
+    round_trips: u64,
+    bytes_up: u64,
+    bytes_down: u64,
+    key_upload_bytes: u64,
+    encrypted_macs: u64,
+    s_per_token: f64,
+    bytes_per_token: f64,
+    bytes_counted: &'static str,
+    wait_s: f64,
+    cloud_s_source: &'static str,
+    output_mode: &'static str,
+    /// Blocks run on the device in the clear.
+    split: usize,
+    /// What was asked (`auto` or the number).
+    split_requested: String,
+    rep: usize,
+    /// Shaped / assumed link (`null` without --bandwidth).
+    bandwidth_bps: Option<f64>,
+    rtt_ms: Option<f64>,
+    /// The planner's prediction for this depth and link (`null` without --bandwidth).
+    predicted_e2e_s: Option<f64>,
+}
+
+/// Runs the split-depth benchmark (`tandem bench sentence --split ...`).
+pub fn bench(
+    model: &std::path::Path,
+    c: &CloudArgs,
+    tokens: &[usize],
+    threads: usize,
+    json: bool,
+    a: &SplitArgs,
+) -> anyhow::Result<()> {
+    let vk =
+        read_verifying_key(&c.key).with_context(|| format!("verifying key {}", c.key.display()))?;
+    if tandem_model::is_dev_key(&vk) {
+        eprintln!(
+            "warning: verifying with the public DEVELOPMENT key {}: use your own key outside \
+             development",
+            c.key.display()
+        );
+    }
+    let bundle =
+        Bundle::load_part(model, &vk, &Limits::default(), Part::Full).with_context(|| {
+            format!(
+                "loading {} with its cloud weights file (the device runs the blocks before the \
+             split in the clear with their int8 weights)",
+                model.display()
+            )
+        })?;
+    if bundle.encoder().is_none() {
+        bail!(
+            "{} is not an encoder bundle (no [encoder] section): --split needs one (`tandem \
+             model import-bert`)",
+            model.display()
+        );
+    }
+    let link = match &a.bandwidth {
+        Some(b) => Some(LinkEstimate {
+            bandwidth_bps: super::plan::parse_bandwidth(b)?,
+            rtt_ms: super::plan::parse_rtt_ms(&a.rtt)?,
+        }),
+        None => None,
+    };
+    if link.is_some_and(|l| l.bandwidth_bps <= 0.0) {
+        bail!("--bandwidth must be > 0 for a shaped link");
+    }
+    let wants_auto = a.split.iter().any(|s| s == "auto");
+    if wants_auto && link.is_none() {
+        bail!("--split auto needs --bandwidth and --rtt (the link the planner plans for)");
+    }
+    // Profiles first (in process, before the loopback cloud holds its own copy of the layers).
+    let mut profiles: Vec<(usize, SplitProfile)> = Vec::new();
+    if link.is_some() {
+        for &t in tokens {
+            // One file per token count: --split-profile names it for a single --tokens value.
+            let path = a.split_profile.clone().filter(|_| tokens.len() == 1);
+            let (p, _) = super::plan_encoder::load_or_profile(&bundle, t, path.as_deref())?;
+            profiles.push((t, p));
+        }
+    }
+
+    // The session: loopback cloud (shaped) or --cloud.
+    let (addr, server_name, tls, local) = match c.cloud {
+        Some(addr) => {
+            let Some(pki) = &c.pki else {
+                bail!("--cloud needs --pki <dir> (the device's credentials)");
+            };
+            let files = ClientFiles::from_pki_dir(pki, &c.device)?;
+            (
+                addr,
+                c.server_name.clone(),
+                client_config_from_files(&files)?,
+                None,
+            )
+        }
+        None => {
+            let pki = DevPki::generate(1)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let store = std::env::temp_dir().join(format!(
+                "tandem-sentence-split-{}-keys.redb",
+                std::process::id()
+            ));
+            let addr = {
+                let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+                l.local_addr()?
+            };
+            let mut o =
+                ServerOptions::new(addr, server_config(pki.server_credentials())?, vk, store);
+            o.models = vec![model.to_path_buf()];
+            o.parallel_eval = threads > 1;
+            let cloud = rt.block_on(Cloud::start(o))?;
+            let upstream = cloud.local_addr();
+            let addr = match link {
+                Some(l) => rt.block_on(ShapedLink::new(l).proxy(upstream))?,
+                None => upstream,
+            };
+            let tls = client_config(pki.client_credentials("device-1")?)?;
+            (addr, "localhost".to_string(), tls, Some((rt, cloud)))
+        }
+    };
+    let remote = Arc::new(RemoteLayers::connect(
+        addr,
+        &server_name,
+        tls,
+        &bundle,
+        OutputMode::Packed,
+        &[tandem_he::DEFAULT_PARAMETERS.id],
+        Duration::from_secs(300),
+    )?);
+    let encoder = BundleEncoder::from_bundle(
+        &bundle,
+        BundleLinears::Encrypted {
+            ctx: Arc::new(HeContext::new(remote.params())),
+            mode: OutputMode::Packed,
+            cloud: remote.clone(),
+        },
+    )?;
+    encoder.upload_key()?;
+    let key_upload_bytes = remote.stats().key_upload_bytes;
+    let depths = encoder.split_depths();
+    let result = run_lines(
+        &bundle,
+        &encoder,
+        &remote,
+        tokens,
+        threads,
+        json,
+        a,
+        link,
+        &profiles,
+        &depths,
+        key_upload_bytes,
+    );
+    remote.close();
+    if let Some((rt, cloud)) = local {
+        rt.block_on(cloud.shutdown());
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_lines(
+    bundle: &Bundle,
+    encoder: &BundleEncoder,
+    remote: &RemoteLayers,
+    tokens: &[usize],
+    threads: usize,
+    json: bool,
+    a: &SplitArgs,
+    link: Option<LinkEstimate>,
+    profiles: &[(usize, SplitProfile)],
+    depths: &[usize],
+    key_upload_bytes: u64,
+) -> anyhow::Result<()> {
+    for &t in tokens {
+        let e = super::plan_encoder::sentence(encoder, t)?;
+        let plan = match (link, profiles.iter().find(|(pt, _)| *pt == t)) {
+            (Some(l), Some((_, p))) => Some(super::plan_encoder::plan_for(
+                p,
+                depths.to_vec(),
+                l,
+                Radio::Wifi,
+                Objective::Latency,
+                true,
+                None,
+            )),
+            _ => None,
+        };
+        for requested in &a.split {
+            let k = if requested == "auto" {
+                match plan.as_ref().and_then(|p| p.choice()) {
+                    Some(c) => c.depth,
+                    None => bail!("--split auto: no feasible depth on this link"),
+                }
+            } else {
+                requested.parse::<usize>().with_context(|| {
+                    format!("--split {requested}: expected a block count or `auto`")
+                })?
+            };
+            if !depths.contains(&k) {
+                bail!(
+                    "--split {k}: this device can run depths {depths:?} of {}",
+                    bundle.id()
+                );
+            }
+            let predicted = plan
+                .as_ref()
+                .and_then(|p| p.candidates.get(k))
+                .map(|c| c.latency_ms / 1e3);
+            for rep in 0..a.reps.max(1) {
+                let before = remote.stats();
+                let he = encoder.session().map(|x| x.stats()).unwrap_or_default();
+                let start = Instant::now();
+                encoder.embed_encoded_split(&e, k)?;
+                let e2e = start.elapsed().as_secs_f64();
+                let after = remote.stats();
+                let he_after = encoder.session().map(|x| x.stats()).unwrap_or_default();
+                let wait = after.wait_s - before.wait_s;
+                let cloud = after.cloud_eval_s - before.cloud_eval_s;
+                let up = after.bytes_up - before.bytes_up;
+                let down = after.bytes_down - before.bytes_down;
+                let line = Line {
+                    model: bundle.id().to_string(),
+                    tokens: t,
+                    threads,
+                    e2e_s: e2e,
+                    cloud_s: cloud,
+                    device_s: (e2e - wait).max(0.0),
+                    round_trips: after.round_trips - before.round_trips,
+                    bytes_up: up,
+                    bytes_down: down,
+                    key_upload_bytes,
+                    encrypted_macs: he_after.encrypted_macs - he.encrypted_macs,
+                    s_per_token: e2e / t as f64,
+                    bytes_per_token: (up + down) as f64 / t as f64,
+                    bytes_counted: "protocol frames on the mTLS session (TLS plaintext)",
+                    wait_s: wait,
+                    cloud_s_source: "cloud-reported evaluation time (InferResponse.cloud_eval_us)",
+                    output_mode: "packed",
+                    split: k,
+                    split_requested: requested.clone(),
+                    rep,
+                    bandwidth_bps: link.map(|l| l.bandwidth_bps),
+                    rtt_ms: link.map(|l| l.rtt_ms),
+                    predicted_e2e_s: predicted,
+                };
+                if !json {
+                    eprintln!(
+                        "{t} tokens, split {k} ({requested}), rep {rep}: {e2e:.2} s end to end \
+                         ({wait:.2} s waiting), {} round trips, {up} B up, {down} B down{}",
+                        line.round_trips,
+                        predicted.map_or(String::new(), |p| format!(", predicted {p:.2} s"))
+                    );
+                }
+                println!("{}", serde_json::to_string(&line)?);
+            }
+        }
+    }
+    Ok(())
+}
