@@ -64,24 +64,34 @@ pub fn schoolbook_mul(a: &[u64], b: &[u64]) -> Vec<u64> {
 pub fn decompose(a: &[u64], base_log: u32, levels: u32, out: &mut [Vec<i64>]) {
     let kept = base_log * levels;
     let shift = 64 - kept;
-    let base = 1i64 << base_log;
+    let half = 1u64 << (base_log - 1);
     let mask = (1u64 << base_log) - 1;
-    for (i, &c) in a.iter().enumerate() {
-        // Round to the nearest multiple of 2^shift, keep the top `kept` bits.
-        let mut v = if shift == 0 {
+    let Some((top, lower)) = out.split_first_mut() else {
+        return;
+    };
+    // Round to the nearest multiple of 2^shift and keep the top `kept` bits (in `top`, as the
+    // running value), then peel digits from the least significant level up, level by level
+    // over the whole vector (so each pass vectorises).
+    for (t, &c) in top.iter_mut().zip(a) {
+        let v = if shift == 0 {
             c
         } else {
             (c >> shift).wrapping_add((c >> (shift - 1)) & 1)
         };
-        for j in (0..levels as usize).rev() {
-            let mut d = (v & mask) as i64;
-            v >>= base_log;
-            if d >= base / 2 {
-                d -= base;
-                v = v.wrapping_add(1);
-            }
-            out[j][i] = d;
+        *t = v as i64;
+    }
+    for level in lower.iter_mut().rev() {
+        for (t, d) in top.iter_mut().zip(level.iter_mut()) {
+            let v = *t as u64;
+            let low = v & mask;
+            let carry = u64::from(low >= half);
+            *d = low as i64 - (carry << base_log) as i64;
+            *t = ((v >> base_log) + carry) as i64;
         }
+    }
+    for t in top.iter_mut() {
+        let low = (*t as u64) & mask;
+        *t = low as i64 - ((u64::from(low >= half)) << base_log) as i64;
     }
 }
 

@@ -523,7 +523,7 @@ impl PreparedLayer {
                 .iter()
                 .map(|&v| poly::lift_from_bits(v, plan.upload_bits))
                 .collect();
-            let (mut fa, mut fb) = (ntt.zero(), ntt.zero());
+            let (mut fa, mut fb) = (ntt.uninit(), ntt.uninit());
             ntt.fwd_u64(&a, &mut fa);
             ntt.fwd_u64(&body, &mut fb);
             NttCiphertext { mask: fa, body: fb }
