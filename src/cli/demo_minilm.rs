@@ -17,12 +17,12 @@ use indicatif::ProgressBar;
 use ndarray::Array1;
 use serde::Serialize;
 use tandem_cloud::{Cloud, ServerOptions};
-use tandem_device::RemoteLayers;
+use tandem_device::{RemoteLayers, SentenceDevice};
 use tandem_he::{Context, EvalOptions, OutputMode, DEFAULT_PARAMETERS};
 use tandem_model::{dev_signing_key, read_verifying_key, Bundle, Limits, Part};
 use tandem_ops::import::import_bert;
 use tandem_ops::metrics::{cosine, nearest};
-use tandem_ops::{BundleEncoder, BundleLinears, InProcessCloud};
+use tandem_ops::InProcessCloud;
 use tandem_tls::{client_config, server_config, DevPki};
 
 use super::demo::repo_root;
@@ -246,8 +246,7 @@ enum Backend {
 /// The loopback mTLS path: the device's encoder, its session to the cloud, the cloud server
 /// and its runtime, the temporary directory (key store, imported bundle).
 struct Mtls {
-    enc: BundleEncoder,
-    remote: Arc<RemoteLayers>,
+    device: SentenceDevice,
     key_upload_bytes: usize,
     server: Cloud,
     rt: tokio::runtime::Runtime,
@@ -281,9 +280,9 @@ impl Backend {
         }
     }
 
-    /// Embeds `q` under encryption; `cloud_s` is the cloud's evaluation time in process, the
-    /// device's wait for answers (evaluation + transport) over mTLS; bytes are ciphertext blob
-    /// bytes in process, protocol frame bytes over mTLS.
+    /// Embeds `q` under encryption; `cloud_s` is the cloud's evaluation time (measured in
+    /// process; over mTLS as the cloud reports it in its answers, `cloud_eval_us`); bytes are
+    /// ciphertext blob bytes in process, protocol frame bytes over mTLS.
     fn embed(&self, q: &str) -> anyhow::Result<(Array1<f32>, QueryCost)> {
         match self {
             Self::InProcess { e, cloud } => {
@@ -307,19 +306,19 @@ impl Backend {
                 ))
             }
             Self::Mtls(m) => {
-                let (enc, remote) = (&m.enc, &m.remote);
-                let tokens = enc.encode(q)?.ids.len();
-                let s0 = remote.stats();
+                let device = &m.device;
+                let tokens = device.encode(q)?.ids.len();
+                let s0 = device.stats();
                 let t = Instant::now();
-                let emb = enc.embed(q)?;
+                let emb = Array1::from(device.embed(q)?);
                 let latency_s = t.elapsed().as_secs_f64();
-                let s1 = remote.stats();
+                let s1 = device.stats();
                 Ok((
                     emb,
                     QueryCost {
                         tokens,
                         latency_s,
-                        cloud_s: s1.wait_s - s0.wait_s,
+                        cloud_s: s1.cloud_eval_s - s0.cloud_eval_s,
                         requests: s1.round_trips - s0.round_trips,
                         bytes_up: s1.bytes_up - s0.bytes_up,
                         bytes_down: s1.bytes_down - s0.bytes_down,
@@ -331,7 +330,7 @@ impl Backend {
 
     fn close(self) {
         if let Self::Mtls(m) = self {
-            m.remote.close();
+            m.device.close();
             m.rt.block_on(m.server.shutdown());
         }
     }
@@ -395,19 +394,11 @@ fn start_mtls(model: &MiniLm, progress: &ProgressBar) -> anyhow::Result<Backend>
         &[DEFAULT_PARAMETERS.id],
         Duration::from_secs(120),
     )?);
-    let ctx = Arc::new(Context::new(remote.params()));
-    let enc = BundleEncoder::from_bundle(
-        &device_part,
-        BundleLinears::Encrypted {
-            ctx,
-            mode: OutputMode::Packed,
-            cloud: remote.clone(),
-        },
-    )?;
-    let key_upload_bytes = enc.upload_key()?;
+    // The app-facing API: what an app linking the library does.
+    let device = SentenceDevice::with_remote(&device_part, remote.clone())?;
+    let key_upload_bytes = usize::try_from(device.stats().key_upload_bytes)?;
     Ok(Backend::Mtls(Box::new(Mtls {
-        enc,
-        remote,
+        device,
         key_upload_bytes,
         server,
         rt,
@@ -446,7 +437,7 @@ fn print_report(r: &DemoJson) {
         println!();
         println!("query: {:?}", q.query);
         println!(
-            "  {} tokens, {:.2} s ({:.2} s waiting for the cloud), {} requests, {:.2} MB up, {:.2} MB down; cosine to the float embedding {:.5}; same hits as float: {}",
+            "  {} tokens, {:.2} s ({:.2} s cloud evaluation), {} requests, {:.2} MB up, {:.2} MB down; cosine to the float embedding {:.5}; same hits as float: {}",
             q.tokens,
             q.latency_s,
             q.cloud_s,
