@@ -44,7 +44,7 @@ impl ErrorCode {
         self as u16
     }
 
-    /// Parses a wire value; `None` for values not defined in v1.
+    /// Parses a wire value; `None` for values not defined (versions 1 and 2 share them).
     pub fn from_u16(v: u16) -> Option<Self> {
         Some(match v {
             0 => Self::NoError,
@@ -64,7 +64,7 @@ impl ErrorCode {
         })
     }
 
-    /// All codes defined in v1, in wire order.
+    /// All codes defined (versions 1 and 2), in wire order.
     pub const ALL: [ErrorCode; 13] = [
         Self::NoError,
         Self::ProtocolViolation,

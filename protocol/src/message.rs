@@ -33,7 +33,7 @@ pub enum MessageType {
 }
 
 impl MessageType {
-    /// Parses a type byte; `None` if undefined in v1.
+    /// Parses a type byte; `None` if undefined (versions 1 and 2 share the types).
     pub fn from_u8(v: u8) -> Option<Self> {
         Some(match v {
             0x01 => Self::ClientHello,
@@ -312,7 +312,7 @@ pub struct Close {
     pub code: ErrorCode,
 }
 
-/// Every v1 message.
+/// Every message (versions 1 and 2; only InferResponse differs, TDM-VER-3).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
     /// See [`ClientHello`].

@@ -777,7 +777,7 @@ impl CloudSession {
         Ok(())
     }
 
-    /// Refuses a pending registration (TDM-KEY-8): v1 has no per-key refusal
+    /// Refuses a pending registration (TDM-KEY-8): versions 1 and 2 have no per-key refusal
     /// message, so the session closes with `code` (e.g. `InvalidRequest` for
     /// a blob that does not decode or does not fit the plan, `LimitExceeded`
     /// for a key larger than the device's quota, `InternalError` if it could
