@@ -394,7 +394,7 @@ impl Plan {
             };
             let _ = writeln!(
                 out,
-                "{mark} {:<40} {:>11.2} {:>10.3} {:>10} {:>10} {:>8.4} {:>9.4}  {status}",
+                "{mark} {:<40} {:>11.3} {:>10.3} {:>10} {:>10} {:>8.4} {:>9.4}  {status}",
                 c.name(),
                 c.latency_ms,
                 c.energy_mj,

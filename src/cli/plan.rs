@@ -486,8 +486,8 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     if a.explain {
         println!(
             "latency = device compute + encryption/decryption/noise + bytes / bandwidth + round \
-             trips x RTT + cloud time; energy = multiply-adds x {} pJ + CPU time of \
-             encryption/decryption/noise x {} mW + radio ({}, Huang et al. MobiSys 2012); bytes \
+             trips x RTT + cloud time; energy = multiply-adds x {:.1} pJ + CPU time of \
+             encryption/decryption/noise x {:.0} mW + radio ({}, Huang et al. MobiSys 2012); bytes \
              per request incl. 64 B framing each way{}",
             tandem::device::energy::F32_MAC_PJ,
             tandem::device::energy::CPU_CORE_ACTIVE_MW,
