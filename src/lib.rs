@@ -8,6 +8,9 @@
 //!
 //! * the device runtime at the top level: [`Device`], [`DeviceOptions`], [`Protection`],
 //!   [`DeviceError`], … (crate [`device`]);
+//! * sentence embeddings from an encoder bundle (e.g. all-MiniLM-L6-v2 imported with
+//!   `tandem model import-bert`), every linear layer computed by the cloud under encryption:
+//!   [`SentenceDevice`] (same [`DeviceOptions`]; blocking calls, see the second example);
 //! * the signed model bundles ([`model`]), mutual TLS set-up ([`tls`]), the wire protocol
 //!   types ([`protocol`]), HE ([`he`]) and DP ([`dp`]).
 //!
@@ -33,13 +36,31 @@
 //! device.close().await;
 //! # Ok(()) }
 //! ```
+//!
+//! Embedding sentences (a blocking API: from async code, call it in
+//! `tokio::task::spawn_blocking`):
+//!
+//! ```no_run
+//! # fn run(opts: tandem::DeviceOptions) -> Result<(), tandem::DeviceError> {
+//! use tandem::SentenceDevice;
+//!
+//! // opts as above, with bundle_dir = an encoder bundle
+//! let mut device = SentenceDevice::connect(&opts)?;
+//! let v: Vec<f32> = device.embed("Where is the nearest pharmacy?")?; // [hidden], unit norm
+//! device.set_pipeline(4); // up to 4 sentences in flight on the one session
+//! let batch = device.embed_batch(&["first sentence", "second sentence"])?; // input order
+//! let st = device.stats(); // bytes, round trips, cloud-reported evaluation seconds
+//! println!("{} dims, {} sentences, {} B up", v.len(), batch.len(), st.bytes_up);
+//! device.close();
+//! # Ok(()) }
+//! ```
 #![forbid(unsafe_code)]
 
 /// The device runtime (everything below is re-exported at the top level too).
 pub use tandem_device as device;
 pub use tandem_device::{
-    Device, DeviceError, DeviceOptions, DpOptions, Inference, Protection, RetryPolicy, Timings,
-    MAX_ABS_INPUT,
+    Device, DeviceError, DeviceOptions, DpOptions, Inference, Protection, RemoteStats,
+    RetryPolicy, SentenceDevice, SentenceStats, Timings, MAX_ABS_INPUT,
 };
 /// Differential privacy on activations and the privacy ledger.
 pub use tandem_dp as dp;
