@@ -936,3 +936,30 @@ pub fn worst_case_wait(retry: &RetryPolicy) -> Duration {
     let pauses: Duration = (1..retry.max_attempts).map(|k| retry.backoff(k, 1.0)).sum();
     pauses.min(retry.deadline)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::CloudEvalTimes;
+
+    #[test]
+    fn cloud_eval_times_average_per_layer_and_kind() {
+        // TDM-EVAL-2: 0 ("not measured") is ignored; reports of one layer and kind are
+        // smoothed with alpha = 0.3; other layers and cleartext reports stay apart.
+        let mut t = CloudEvalTimes::default();
+        t.observe(1, true, 0);
+        assert_eq!(t.get(1, true), None);
+        t.observe(1, true, 1_000);
+        assert_eq!(t.get(1, true), Some(1.0));
+        t.observe(1, true, 2_000);
+        assert!((t.get(1, true).unwrap() - 1.3).abs() < 1e-12);
+        t.observe(1, true, 0);
+        assert!((t.get(1, true).unwrap() - 1.3).abs() < 1e-12);
+        t.observe(1, false, 50);
+        t.observe(2, true, u32::MAX);
+        assert!((t.get(1, true).unwrap() - 1.3).abs() < 1e-12);
+        assert_eq!(t.get(1, false), Some(0.05));
+        assert_eq!(t.get(2, true), Some(f64::from(u32::MAX) / 1e3));
+        assert_eq!(t.get(3, true), None);
+    }
+}
