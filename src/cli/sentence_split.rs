@@ -12,19 +12,21 @@
 //! `split`, `split_requested`, `rep`, `bandwidth_bps`, `rtt_ms` and `predicted_e2e_s`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Args;
 use serde::Serialize;
 use tandem::device::energy::Radio;
-use tandem::device::planner::{LinkEstimate, Objective};
+use tandem::device::planner::{plan_split, LinkEstimate, Objective, SplitOptions};
 use tandem_cloud::{Cloud, ServerOptions};
 use tandem_device::RemoteLayers;
 use tandem_he::{Context as HeContext, OutputMode};
 use tandem_model::{read_verifying_key, Bundle, Limits, Part};
-use tandem_ops::{BundleEncoder, BundleLinears, SplitProfile};
+use tandem_ops::{
+    BundleEncoder, BundleLinears, CloudLayers, OpsError, QuantizedWeights, SplitProfile,
+};
 use tandem_tls::{client_config, client_config_from_files, server_config, ClientFiles, DevPki};
 
 use super::sentence::CloudArgs;
@@ -62,6 +64,68 @@ impl SplitArgs {
     }
 }
 
+/// The session's cloud layers, recording per layer the evaluation time the cloud reported in
+/// its answers (`InferResponse.cloud_eval_us`, advisory): a sentence's requests are sequential,
+/// so the session counter's change around one request is that layer's report.
+struct ReportedTimes {
+    remote: Arc<RemoteLayers>,
+    /// Per layer: (sum of reported ms, reports).
+    per_layer: Mutex<Vec<(f64, u64)>>,
+}
+
+impl ReportedTimes {
+    /// Mean reported ms per layer, `profile`'s in-process time where none was reported yet.
+    fn cloud_ms(&self, profile: &SplitProfile) -> Vec<f64> {
+        let r = self
+            .per_layer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        profile
+            .linears
+            .iter()
+            .map(|l| match r.get(l.index) {
+                Some(&(sum, n)) if n > 0 => sum / n as f64,
+                _ => l.cloud_ms,
+            })
+            .collect()
+    }
+}
+
+impl CloudLayers for ReportedTimes {
+    fn load(
+        &self,
+        index: usize,
+        plan: &tandem_he::LayerPlan,
+        weights: &QuantizedWeights,
+    ) -> Result<(), OpsError> {
+        self.remote.load(index, plan, weights)
+    }
+
+    fn upload_key(&self, key: &[u8]) -> Result<(), OpsError> {
+        self.remote.upload_key(key)
+    }
+
+    fn evaluate(&self, index: usize, request: &[u8]) -> Result<Vec<u8>, OpsError> {
+        let before = self.remote.stats();
+        let reply = self.remote.evaluate(index, request)?;
+        let after = self.remote.stats();
+        if after.cloud_eval_reports > before.cloud_eval_reports {
+            let mut r = self
+                .per_layer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if r.len() <= index {
+                r.resize(index + 1, (0.0, 0));
+            }
+            if let Some(e) = r.get_mut(index) {
+                e.0 += (after.cloud_eval_s - before.cloud_eval_s) * 1e3;
+                e.1 += 1;
+            }
+        }
+        Ok(reply)
+    }
+}
+
 #[derive(Serialize)]
 struct Line {
     model: String,
@@ -89,8 +153,12 @@ struct Line {
     /// Shaped / assumed link (`null` without --bandwidth).
     bandwidth_bps: Option<f64>,
     rtt_ms: Option<f64>,
-    /// The planner's prediction for this depth and link (`null` without --bandwidth).
+    /// The planner's prediction for this depth and link (`null` without --bandwidth), cloud
+    /// time from the device profile (in-process evaluation, measured once).
     predicted_e2e_s: Option<f64>,
+    /// The same with the cloud time of each layer taken from what the cloud reported on this
+    /// session so far (mean per layer; the profile's where none yet).
+    predicted_reported_e2e_s: Option<f64>,
 }
 
 /// Runs the split-depth benchmark (`tandem bench sentence --split ...`).
@@ -202,12 +270,16 @@ pub fn bench(
         &[tandem_he::DEFAULT_PARAMETERS.id],
         Duration::from_secs(300),
     )?);
+    let reported = Arc::new(ReportedTimes {
+        remote: remote.clone(),
+        per_layer: Mutex::new(Vec::new()),
+    });
     let encoder = BundleEncoder::from_bundle(
         &bundle,
         BundleLinears::Encrypted {
             ctx: Arc::new(HeContext::new(remote.params())),
             mode: OutputMode::Packed,
-            cloud: remote.clone(),
+            cloud: reported.clone(),
         },
     )?;
     encoder.upload_key()?;
@@ -217,6 +289,7 @@ pub fn bench(
         &bundle,
         &encoder,
         &remote,
+        &reported,
         tokens,
         threads,
         json,
@@ -238,6 +311,7 @@ fn run_lines(
     bundle: &Bundle,
     encoder: &BundleEncoder,
     remote: &RemoteLayers,
+    reported: &ReportedTimes,
     tokens: &[usize],
     threads: usize,
     json: bool,
@@ -249,18 +323,29 @@ fn run_lines(
 ) -> anyhow::Result<()> {
     for &t in tokens {
         let e = super::plan_encoder::sentence(encoder, t)?;
-        let plan = match (link, profiles.iter().find(|(pt, _)| *pt == t)) {
-            (Some(l), Some((_, p))) => Some(super::plan_encoder::plan_for(
-                p,
-                depths.to_vec(),
-                l,
-                Radio::Wifi,
-                Objective::Latency,
-                true,
-                None,
-            )),
+        let profile = profiles.iter().find(|(pt, _)| *pt == t).map(|(_, p)| p);
+        let plan_with = |cloud_ms: Option<Vec<f64>>| match (link, profile) {
+            (Some(l), Some(p)) => {
+                let mut o = SplitOptions::all_depths(p);
+                o.depths = depths.to_vec();
+                o.radio = Radio::Wifi;
+                o.objective = Objective::Latency;
+                o.cloud_ms = cloud_ms;
+                Some(plan_split(p, l, &o))
+            }
             _ => None,
         };
+        let plan = plan_with(None);
+        // One unreported sentence first at the lowest depth asked for, so that the cloud has
+        // reported every layer the measured runs offload.
+        if let (Some(_), Some(min)) = (
+            plan.as_ref(),
+            a.split.iter().filter_map(|s| s.parse::<usize>().ok()).min(),
+        ) {
+            if depths.contains(&min) {
+                encoder.embed_encoded_split(&e, min)?;
+            }
+        }
         for requested in &a.split {
             let k = if requested == "auto" {
                 match plan.as_ref().and_then(|p| p.choice()) {
@@ -283,6 +368,9 @@ fn run_lines(
                 .and_then(|p| p.candidates.get(k))
                 .map(|c| c.latency_ms / 1e3);
             for rep in 0..a.reps.max(1) {
+                let predicted_reported = profile
+                    .and_then(|p| plan_with(Some(reported.cloud_ms(p))))
+                    .and_then(|p| p.candidates.get(k).map(|c| c.latency_ms / 1e3));
                 let before = remote.stats();
                 let he = encoder.session().map(|x| x.stats()).unwrap_or_default();
                 let start = Instant::now();
@@ -318,6 +406,7 @@ fn run_lines(
                     bandwidth_bps: link.map(|l| l.bandwidth_bps),
                     rtt_ms: link.map(|l| l.rtt_ms),
                     predicted_e2e_s: predicted,
+                    predicted_reported_e2e_s: predicted_reported,
                 };
                 if !json {
                     eprintln!(
