@@ -12,7 +12,7 @@ use anyhow::{bail, Context as _};
 use ndarray::Array2;
 use serde::Serialize;
 use tandem_cloud::{Cloud, ServerOptions};
-use tandem_device::energy::{compute_mj, Radio};
+use tandem_device::energy::{compute_mj, cpu_mj, Radio};
 use tandem_device::{Device, DeviceOptions, EarlyExit, Protection};
 use tandem_dp::exit_head::{
     calibrate, cascade_at, distill, exit_rows, write_svg, DistillConfig, RowOutcome, TauSeries,
@@ -262,6 +262,8 @@ struct Costs {
     down: f64,
     /// Cascade at the signed τ, measured on the same rows, ms (mean).
     cascade_ms: f64,
+    /// Device CPU time of encryption and decryption per offload, ms (mean).
+    cpu_ms: f64,
 }
 
 fn macs(bundle: &Bundle, from: usize, to: usize) -> u64 {
@@ -274,7 +276,9 @@ fn macs(bundle: &Bundle, from: usize, to: usize) -> u64 {
         .sum()
 }
 
-async fn measure(dir: &Path, xs: &[Vec<f32>]) -> anyhow::Result<(f64, f64, f64, f64, f64)> {
+/// Measures on `xs` over loopback mTLS: encrypted offloads, then the cascade at the signed τ.
+/// Returns the mean costs (`local_ms` left 0 for the caller).
+async fn measure(dir: &Path, xs: &[Vec<f32>]) -> anyhow::Result<Costs> {
     let root = repo_root();
     let vk = read_verifying_key(&root.join("models/dev-verifying-key.txt"))?;
     let tmp = tempfile::tempdir()?;
@@ -299,12 +303,13 @@ async fn measure(dir: &Path, xs: &[Vec<f32>]) -> anyhow::Result<(f64, f64, f64, 
     if let Some(x) = xs.first() {
         dev.infer(x, Protection::Encrypted).await?;
     }
-    let (mut total, mut net, mut up, mut down) = (0.0, 0.0, 0.0, 0.0);
+    let (mut total, mut net, mut up, mut down, mut cpu) = (0.0, 0.0, 0.0, 0.0, 0.0);
     for x in xs {
         let s = Instant::now();
         let r = dev.infer(x, Protection::Encrypted).await?;
         total += s.elapsed().as_secs_f64() * 1e3;
         net += r.timings.network_ms;
+        cpu += r.timings.encrypt_ms + r.timings.decrypt_ms + r.timings.dp_ms;
         up += r.bytes_up as f64;
         down += r.bytes_down as f64;
     }
@@ -318,7 +323,15 @@ async fn measure(dir: &Path, xs: &[Vec<f32>]) -> anyhow::Result<(f64, f64, f64, 
     dev.close().await;
     cloud.shutdown().await;
     let n = xs.len().max(1) as f64;
-    Ok((total / n, net / n, up / n, down / n, cascade / n))
+    Ok(Costs {
+        local_ms: 0.0,
+        offload_ms: total / n,
+        network_ms: net / n,
+        up: up / n,
+        down: down / n,
+        cascade_ms: cascade / n,
+        cpu_ms: cpu / n,
+    })
 }
 
 /// `tandem bench early-exit`.
@@ -361,20 +374,17 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
         let local_ms = s.elapsed().as_secs_f64() * 1e3 / (5 * test.x.len()).max(1) as f64;
         let k = args.offload_samples.clamp(1, test.x.len());
-        let (offload_ms, network_ms, up, down, cascade_ms) =
-            rt.block_on(measure(dir, &test.x[..k]))?;
         let c = Costs {
             local_ms,
-            offload_ms,
-            network_ms,
-            up,
-            down,
-            cascade_ms,
+            ..rt.block_on(measure(dir, &test.x[..k]))?
         };
         let split = bundle.cloud_index();
         let head_macs = (head.spec().n_in * bundle.classes()) as u64;
         let local_mj = compute_mj(macs(&bundle, 0, split) + head_macs);
+        // Offload: the remaining device layers, the CPU time of encryption and decryption
+        // (measured, at `energy::CPU_CORE_ACTIVE_MW`) and the radio.
         let offload_mj = compute_mj(macs(&bundle, split, bundle.layers().len()))
+            + cpu_mj(c.cpu_ms)
             + radio
                 .model()
                 .transfer_mj(c.up as u64, c.down as u64, c.network_ms);
