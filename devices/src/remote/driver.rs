@@ -25,7 +25,7 @@ use tandem_protocol::{
     DeviceConfig, DeviceEvent, DeviceSession, ErrorCode, OutputMode, RequestPayload,
     ResponsePayload,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::client::TlsStream;
@@ -102,14 +102,63 @@ struct Waiting {
     sent: Instant,
 }
 
-/// One established session.
+/// An established connection: the TLS stream after the handshake, the session, the limit.
+pub(super) type Opened = (TlsStream<TcpStream>, DeviceSession, ParameterSet, usize);
+
+/// One established session. Reads happen in the driver's loop; writes in a task of their own
+/// fed with whole frames, so a large request being written never stops the driver from
+/// reading answers (neither side can block the other with full socket buffers).
 struct Live {
-    stream: TlsStream<TcpStream>,
+    reader: ReadHalf<TlsStream<TcpStream>>,
+    frames: mpsc::UnboundedSender<Vec<u8>>,
+    writer: tokio::task::JoinHandle<std::io::Result<()>>,
     session: DeviceSession,
     in_flight: HashMap<u64, Waiting>,
     /// Registrations awaiting their KeyAck: key id, caller, frame bytes sent.
     keys: Vec<([u8; 32], KeyReply, usize)>,
     max_in_flight: usize,
+}
+
+impl Live {
+    /// Splits the stream and starts its writer task (inside the driver's runtime).
+    fn start(opened: Opened) -> Live {
+        let (stream, session, _params, max_in_flight) = opened;
+        let (reader, mut w) = tokio::io::split(stream);
+        let (frames, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let writer = tokio::spawn(async move {
+            while let Some(frame) = rx.recv().await {
+                w.write_all(&frame).await?;
+                if rx.is_empty() {
+                    w.flush().await?;
+                }
+            }
+            w.shutdown().await
+        });
+        Live {
+            reader,
+            frames,
+            writer,
+            session,
+            in_flight: HashMap::new(),
+            keys: Vec::new(),
+            max_in_flight,
+        }
+    }
+
+    /// Hands every frame the session queued to the writer; returns their bytes.
+    fn queue_out(&mut self) -> Result<usize, DeviceError> {
+        let mut n = 0;
+        while let Some(frame) = self.session.poll_transmit() {
+            n += frame.len();
+            self.frames.send(frame).map_err(|_| {
+                DeviceError::Io(std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "the connection's writer stopped",
+                ))
+            })?;
+        }
+        Ok(n)
+    }
 }
 
 fn now_ms(epoch: Instant) -> u64 {
@@ -122,10 +171,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// TCP connect, TLS handshake, protocol handshake (each bounded by the I/O timeout); the
 /// negotiated parameter set must be one this build implements.
-pub(super) async fn open(
-    t: &Target,
-    epoch: Instant,
-) -> Result<(TlsStream<TcpStream>, DeviceSession, ParameterSet, usize), DeviceError> {
+pub(super) async fn open(t: &Target, epoch: Instant) -> Result<Opened, DeviceError> {
     let tcp = tokio::time::timeout(t.io_timeout, TcpStream::connect(t.addr))
         .await
         .map_err(|_| DeviceError::Timeout)??;
@@ -199,52 +245,49 @@ pub(super) struct Driver {
     pub open: Arc<AtomicBool>,
     /// The key registered on this session (sent again after a reconnect).
     registered: Option<([u8; 32], OutputMode, Vec<u8>)>,
+    /// The first connection, opened before the driver's thread started.
+    first: Option<Opened>,
     live: Option<Live>,
     queue: VecDeque<Job>,
 }
 
 impl Driver {
-    /// A driver over an established session.
+    /// A driver over an established connection.
     pub fn new(
         target: Target,
         epoch: Instant,
-        conn: (TlsStream<TcpStream>, DeviceSession, ParameterSet, usize),
+        conn: Opened,
         stats: Arc<Mutex<RemoteStats>>,
         open: Arc<AtomicBool>,
     ) -> Self {
-        let (stream, session, _, max_in_flight) = conn;
         Driver {
             target,
             epoch,
             stats,
             open,
             registered: None,
-            live: Some(Live {
-                stream,
-                session,
-                in_flight: HashMap::new(),
-                keys: Vec::new(),
-                max_in_flight,
-            }),
+            first: Some(conn),
+            live: None,
             queue: VecDeque::new(),
         }
     }
 
     /// Runs until every job sender is dropped; then closes the session cleanly.
     pub async fn run(mut self, mut jobs: mpsc::UnboundedReceiver<Job>) {
+        self.live = self.first.take().map(Live::start);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            self.start_jobs().await;
+            self.start_jobs();
             let Some(live) = self.live.as_mut() else {
-                // No session: wait for the next job, which reconnects.
-                match jobs.recv().await {
-                    Some(job) => {
-                        self.queue.push_back(job);
-                        self.reconnect().await;
-                        continue;
+                // No session: a waiting or the next job reconnects.
+                if self.queue.is_empty() {
+                    match jobs.recv().await {
+                        Some(job) => self.queue.push_back(job),
+                        None => return,
                     }
-                    None => return,
                 }
+                self.reconnect().await;
+                continue;
             };
             let deadline = live
                 .session
@@ -261,19 +304,19 @@ impl Driver {
                     Some(job) => self.queue.push_back(job),
                     None => {
                         live.session.close(ErrorCode::NoError);
-                        let _ = write_out(&mut live.stream, &mut live.session).await;
-                        let _ = live.stream.shutdown().await;
-                        self.end(&Fatal::Closed(ErrorCode::NoError));
+                        let _ = live.queue_out();
+                        self.end(&Fatal::Closed(ErrorCode::NoError)).await;
                         return;
                     }
                 },
-                r = live.stream.read(&mut buf) => match r {
+                r = live.reader.read(&mut buf) => match r {
                     Ok(0) => {
                         self.handle_events();
                         self.end(&Fatal::Io(
                             std::io::ErrorKind::UnexpectedEof,
                             "the cloud closed the connection".into(),
-                        ));
+                        ))
+                        .await;
                     }
                     Ok(n) => {
                         lock(&self.stats).bytes_down += n as u64;
@@ -281,29 +324,40 @@ impl Driver {
                         let _ = live
                             .session
                             .handle_input(buf.get(..n).unwrap_or_default(), now);
+                        // Whatever the session queued in reply (e.g. its Close) goes out.
+                        let _ = live.queue_out();
                         self.handle_events();
                     }
                     Err(e) => {
                         self.handle_events();
-                        self.end(&Fatal::Io(e.kind(), e.to_string()));
+                        self.end(&Fatal::Io(e.kind(), e.to_string())).await;
                     }
+                },
+                r = &mut live.writer => {
+                    let why = match r {
+                        Ok(Err(e)) => Fatal::Io(e.kind(), e.to_string()),
+                        _ => Fatal::Io(
+                            std::io::ErrorKind::BrokenPipe,
+                            "the connection's writer stopped".into(),
+                        ),
+                    };
+                    // The writer already finished: nothing to wait for.
+                    drop(self.end_now(&why));
                 },
                 () = sleep => {
                     live.session.handle_timeout(now_ms(self.epoch));
+                    let _ = live.queue_out();
                     self.handle_events();
                 }
             }
-            // Whatever the session queued in reply (e.g. its Close) goes out now.
-            if let Some(live) = self.live.as_mut() {
-                if let Err(e) = write_out(&mut live.stream, &mut live.session).await {
-                    self.end(&Fatal::of(&e));
-                }
+            if self.live.as_ref().is_some_and(|l| l.session.is_closed()) {
+                self.end(&Fatal::Closed(ErrorCode::NoError)).await;
             }
         }
     }
 
     /// Sends queued jobs while the session has room for more requests in flight.
-    async fn start_jobs(&mut self) {
+    fn start_jobs(&mut self) {
         loop {
             let Some(live) = self.live.as_mut() else {
                 return;
@@ -315,7 +369,7 @@ impl Driver {
                 return;
             };
             let now = now_ms(self.epoch);
-            match job {
+            let sent = match job {
                 Job::Request {
                     layer_id,
                     batch,
@@ -329,25 +383,20 @@ impl Driver {
                             continue;
                         }
                     };
-                    match write_out(&mut live.stream, &mut live.session).await {
-                        Ok(n) => {
-                            live.in_flight.insert(
-                                id,
-                                Waiting {
-                                    reply,
-                                    sent: Instant::now(),
-                                },
-                            );
-                            let mut s = lock(&self.stats);
-                            s.bytes_up += n as u64;
-                            s.max_in_flight = s.max_in_flight.max(live.in_flight.len() as u64);
-                        }
-                        Err(e) => {
-                            let fatal = Fatal::of(&e);
-                            let _ = reply.send(Err(fatal.error()));
-                            self.end(&fatal);
-                        }
+                    live.in_flight.insert(
+                        id,
+                        Waiting {
+                            reply,
+                            sent: Instant::now(),
+                        },
+                    );
+                    let r = live.queue_out();
+                    if let Ok(n) = r {
+                        let mut s = lock(&self.stats);
+                        s.bytes_up += n as u64;
+                        s.max_in_flight = s.max_in_flight.max(live.in_flight.len() as u64);
                     }
+                    r
                 }
                 Job::Key {
                     key_id,
@@ -359,19 +408,18 @@ impl Driver {
                         let _ = reply.send(Err(DeviceError::Protocol(e)));
                         continue;
                     }
-                    match write_out(&mut live.stream, &mut live.session).await {
-                        Ok(n) => {
-                            live.keys.push((key_id, reply, n));
-                            lock(&self.stats).key_upload_bytes += n as u64;
-                            self.registered = Some((key_id, mode, blob));
-                        }
-                        Err(e) => {
-                            let fatal = Fatal::of(&e);
-                            let _ = reply.send(Err(fatal.error()));
-                            self.end(&fatal);
-                        }
+                    let r = live.queue_out();
+                    if let Ok(n) = r {
+                        live.keys.push((key_id, reply, n));
+                        lock(&self.stats).key_upload_bytes += n as u64;
+                        self.registered = Some((key_id, mode, blob));
                     }
+                    r
                 }
+            };
+            if let Err(e) = sent {
+                // The writer is gone: the session ends; the job just queued fails with it.
+                self.end_now(&Fatal::of(&e));
             }
         }
     }
@@ -432,20 +480,29 @@ impl Driver {
             }
         }
         if let Some(f) = fatal {
-            self.end(&f);
+            self.end_now(&f);
         }
     }
 
-    /// Ends the session: every request and key registration in flight fails with `why`.
-    fn end(&mut self, why: &Fatal) {
+    /// Ends the session: every request and key registration in flight fails with `why`; the
+    /// writer is left to send what it holds (e.g. a Close) and stop.
+    fn end_now(&mut self, why: &Fatal) -> Option<tokio::task::JoinHandle<std::io::Result<()>>> {
         self.open.store(false, Ordering::Relaxed);
-        if let Some(live) = self.live.take() {
-            for (_, w) in live.in_flight {
-                let _ = w.reply.send(Err(why.error()));
-            }
-            for (_, reply, _) in live.keys {
-                let _ = reply.send(Err(why.error()));
-            }
+        let live = self.live.take()?;
+        for (_, w) in live.in_flight {
+            let _ = w.reply.send(Err(why.error()));
+        }
+        for (_, reply, _) in live.keys {
+            let _ = reply.send(Err(why.error()));
+        }
+        drop(live.frames);
+        Some(live.writer)
+    }
+
+    /// [`Driver::end_now`], then lets the writer finish (bounded by the I/O timeout).
+    async fn end(&mut self, why: &Fatal) {
+        if let Some(writer) = self.end_now(why) {
+            let _ = tokio::time::timeout(self.target.io_timeout, writer).await;
         }
     }
 
@@ -454,14 +511,8 @@ impl Driver {
     /// session and fails them). If the connection fails, the queued jobs fail with its error.
     async fn reconnect(&mut self) {
         match open(&self.target, self.epoch).await {
-            Ok((stream, session, _params, max_in_flight)) => {
-                self.live = Some(Live {
-                    stream,
-                    session,
-                    in_flight: HashMap::new(),
-                    keys: Vec::new(),
-                    max_in_flight,
-                });
+            Ok(opened) => {
+                self.live = Some(Live::start(opened));
                 lock(&self.stats).reconnects += 1;
                 self.open.store(true, Ordering::Relaxed);
                 tracing::info!("session to the cloud re-established");
