@@ -10,7 +10,7 @@
 //! integer one bit for bit.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use ndarray::{Array1, Array2, ArrayView1, Axis};
 use tandem_he::{Context, LayerPlan, OutputMode};
@@ -284,10 +284,17 @@ impl BundleEncoder {
                 remote.push(None);
             }
             // The device runs a linear in the clear only with its int8 weights (the signed
-            // cloud weights file, digest-checked when the bundle loaded).
-            local.push(match held {
-                Some(_) => Some(Box::new(QuantizedLinear::new(qw)) as Box<dyn Linear>),
-                None => None,
+            // cloud weights file, digest-checked when the bundle loaded). On the encrypted path
+            // they are kept as int8 and expanded on first local use (MiniLM: 22 MB instead of
+            // 360 MB when every block is offloaded).
+            local.push(match (held, &linears) {
+                (None, _) => None,
+                (Some(_), BundleLinears::Integer) => {
+                    Some(Box::new(QuantizedLinear::new(qw)) as Box<dyn Linear>)
+                }
+                (Some(_), BundleLinears::Encrypted { .. }) => {
+                    Some(Box::new(LazyLocal::new(qw)?) as Box<dyn Linear>)
+                }
             });
         }
         let (cloud, mode, split) = match linears {
@@ -661,6 +668,81 @@ impl BundleEncoder {
         }
         let y = get(&vals, self.output)?;
         Ok(y.row(0).to_owned())
+    }
+}
+
+/// A linear run in the clear on the device, its int8 weights expanded into the integer
+/// pipeline ([`QuantizedLinear`]) on first use.
+struct LazyLocal {
+    device: DeviceQuant,
+    n_out: usize,
+    weights: Vec<i8>,
+    built: OnceLock<QuantizedLinear>,
+}
+
+impl LazyLocal {
+    fn new(qw: QuantizedWeights) -> Result<Self, OpsError> {
+        let (n_out, n_in) = qw.weights.dim();
+        if n_in != qw.device.in_features {
+            return Err(OpsError::shape(
+                qw.device.name.clone(),
+                format!(
+                    "weights {n_out}x{n_in}, layer input {}",
+                    qw.device.in_features
+                ),
+            ));
+        }
+        let weights = qw
+            .weights
+            .iter()
+            .map(|&v| i8::try_from(v))
+            .collect::<Result<Vec<i8>, _>>()
+            .map_err(|_| {
+                OpsError::shape(
+                    qw.device.name.clone(),
+                    "a weight outside the int8 range in the cloud weights file",
+                )
+            })?;
+        Ok(Self {
+            device: qw.device,
+            n_out,
+            weights,
+            built: OnceLock::new(),
+        })
+    }
+
+    fn get(&self) -> Result<&QuantizedLinear, OpsError> {
+        if let Some(l) = self.built.get() {
+            return Ok(l);
+        }
+        let w = Array2::from_shape_vec(
+            (self.n_out, self.device.in_features),
+            self.weights.iter().map(|&v| i64::from(v)).collect(),
+        )
+        .map_err(|e| OpsError::shape(self.device.name.clone(), e.to_string()))?;
+        let l = QuantizedLinear::new(QuantizedWeights {
+            weights: w,
+            device: self.device.clone(),
+        });
+        Ok(self.built.get_or_init(|| l))
+    }
+}
+
+impl Linear for LazyLocal {
+    fn name(&self) -> &str {
+        &self.device.name
+    }
+
+    fn in_features(&self) -> usize {
+        self.device.in_features
+    }
+
+    fn out_features(&self) -> usize {
+        self.n_out
+    }
+
+    fn forward(&self, x: ndarray::ArrayView2<'_, f32>) -> Result<Array2<f32>, OpsError> {
+        self.get()?.forward(x)
     }
 }
 
