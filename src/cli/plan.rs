@@ -499,6 +499,22 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
             }
         );
         print!("{}", p.explain());
+        let local_policy = p.candidates.first().is_some_and(|c| {
+            c.protection == tandem::device::planner::PlanProtection::Local
+                && c.refused == Some(tandem::device::planner::Refusal::Policy)
+        });
+        if local_policy {
+            println!(
+                "hint: answering locally is a candidate with --row N (the bundle's exit head on \
+                 test row N, local when its confidence >= tau{}) or --local-accuracy A (the app \
+                 accepts the device model's accuracy A)",
+                if head.is_some() {
+                    ""
+                } else {
+                    "; this bundle has none"
+                }
+            );
+        }
     } else {
         match p.choice() {
             Some(c) => println!(
