@@ -20,7 +20,9 @@ mod device;
 mod encoder;
 pub use device::AutoPolicy;
 pub(crate) use device::AutoState;
-pub use encoder::{plan_split, SplitCandidate, SplitOptions, SplitPlan, SplitRefusal};
+pub use encoder::{
+    plan_split, SplitCandidate, SplitOptions, SplitPlan, SplitRefusal, ENCODER_FRAMING_BYTES,
+};
 
 /// How a candidate protects (or keeps) the split activation.
 #[derive(Debug, Clone, Copy, PartialEq)]

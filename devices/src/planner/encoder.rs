@@ -30,7 +30,7 @@ use crate::energy::Radio;
 
 /// Protocol framing assumed around one HE blob (request or reply), bytes: measured on the
 /// digits bundle (`tandem plan`'s `HE_FRAMING_BYTES`, 64 up / 62 down).
-pub const DEFAULT_FRAMING_BYTES: u64 = 64;
+pub const ENCODER_FRAMING_BYTES: u64 = 64;
 
 /// What the device allows and knows besides the profile and the link.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,7 +60,7 @@ impl SplitOptions {
         Self {
             depths: (0..=profile.blocks).collect(),
             key_registered: true,
-            framing_bytes: DEFAULT_FRAMING_BYTES,
+            framing_bytes: ENCODER_FRAMING_BYTES,
             cloud_ms: None,
             latency_target_ms: None,
             radio: Radio::Wifi,
@@ -431,7 +431,7 @@ mod tests {
         assert_eq!(with_key.round_trips, base.round_trips + 1);
         assert_eq!(
             with_key.bytes_up,
-            base.bytes_up + p.key_bytes + DEFAULT_FRAMING_BYTES
+            base.bytes_up + p.key_bytes + ENCODER_FRAMING_BYTES
         );
         assert!(with_key.latency_ms > base.latency_ms + 1000.0);
         o.key_registered = true;
