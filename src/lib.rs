@@ -59,8 +59,8 @@
 /// The device runtime (everything below is re-exported at the top level too).
 pub use tandem_device as device;
 pub use tandem_device::{
-    Device, DeviceError, DeviceOptions, DpOptions, Inference, Protection, RemoteStats,
-    RetryPolicy, SentenceDevice, SentenceStats, Timings, MAX_ABS_INPUT,
+    Device, DeviceError, DeviceOptions, DpOptions, Inference, Protection, RemoteStats, RetryPolicy,
+    SentenceDevice, SentenceStats, Timings, MAX_ABS_INPUT,
 };
 /// Differential privacy on activations and the privacy ledger.
 pub use tandem_dp as dp;

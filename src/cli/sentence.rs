@@ -22,6 +22,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
 use tandem_cloud::{Cloud, ServerOptions};
+use tandem_device::planner::LinkEstimate;
 use tandem_device::{RemoteLayers, SentenceDevice, SentenceStats};
 use tandem_model::{read_verifying_key, Bundle, Limits, Part};
 use tandem_ops::{BundleEncoder, Encoded};
@@ -51,6 +52,13 @@ pub struct CloudArgs {
     /// model in that mode.
     #[arg(long, default_value = "packed")]
     pub mode: String,
+    /// Without `--cloud`: route the session through a shaped loopback link with this
+    /// round-trip time in ms (`bench traces`' paced proxy, at `--link-mbit`).
+    #[arg(long)]
+    pub link_rtt_ms: Option<f64>,
+    /// With `--link-rtt-ms`: the link's bandwidth in Mbit/s (both directions).
+    #[arg(long, default_value_t = 1000.0)]
+    pub link_mbit: f64,
 }
 
 /// `tandem embed` arguments.
@@ -103,6 +111,8 @@ struct Session {
     remote: Arc<RemoteLayers>,
     device: SentenceDevice,
     key_upload_bytes: u64,
+    /// The shaped loopback link's RTT, if any (`--link-rtt-ms`).
+    link_rtt_ms: Option<f64>,
     model: String,
     /// The loopback cloud and its runtime, when this process started it.
     local: Option<(tokio::runtime::Runtime, Cloud)>,
@@ -159,12 +169,17 @@ impl Session {
                 o.parallel_eval = threads > 1;
                 let cloud = rt.block_on(Cloud::start(o))?;
                 let tls = client_config(pki.client_credentials("device-1")?)?;
-                (
-                    cloud.local_addr(),
-                    "localhost".to_string(),
-                    tls,
-                    Some((rt, cloud)),
-                )
+                let addr = match c.link_rtt_ms {
+                    Some(rtt_ms) => {
+                        let link = super::traces::ShapedLink::new(LinkEstimate {
+                            bandwidth_bps: c.link_mbit * 1e6,
+                            rtt_ms,
+                        });
+                        rt.block_on(link.proxy(cloud.local_addr()))?
+                    }
+                    None => cloud.local_addr(),
+                };
+                (addr, "localhost".to_string(), tls, Some((rt, cloud)))
             }
         };
         let mode = super::eval::parse_mode(&c.mode)?;
@@ -183,6 +198,7 @@ impl Session {
             remote,
             device,
             key_upload_bytes,
+            link_rtt_ms: c.link_rtt_ms.filter(|_| c.cloud.is_none()),
             model: bundle.id().to_string(),
             local,
         })
@@ -280,6 +296,8 @@ struct BenchLine {
     max_in_flight: u64,
     /// Throughput: sentences / `e2e_s`.
     sentences_per_s: f64,
+    /// RTT of the shaped loopback link (`--link-rtt-ms`; `null`: plain loopback).
+    link_rtt_ms: Option<f64>,
 }
 
 /// One JSON line for a run of `sentences` sentences of `tokens` tokens that took `e2e` s, from
@@ -327,6 +345,7 @@ fn bench_line(
         pipeline,
         max_in_flight: after.max_in_flight,
         sentences_per_s: sentences as f64 / e2e.max(f64::MIN_POSITIVE),
+        link_rtt_ms: s.link_rtt_ms,
     }
 }
 
