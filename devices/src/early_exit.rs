@@ -144,11 +144,17 @@ impl Device {
         let start = Instant::now();
         let verdict = self.exit_verdict(input)?;
         let confidence = verdict.as_ref().map(|(v, _)| v.confidence);
-        match self.resolve_auto_with(verdict.as_ref().map(|(v, _)| *v))? {
+        match self.resolve_auto_with(verdict.as_ref().map(|(v, _)| *v), true)? {
             None => {
-                // Chosen only with a verdict (the head was confident).
-                let (_, out) =
-                    verdict.ok_or_else(|| DeviceError::NoFeasiblePlan(self.last_plan_text()))?;
+                // Chosen with a confident verdict, or because the app accepts the device
+                // model's accuracy (then the head answers even with early exit off).
+                let out = match verdict {
+                    Some((_, out)) => out,
+                    None => self
+                        .bundle
+                        .exit_confidence(input)?
+                        .ok_or_else(|| DeviceError::NoFeasiblePlan(self.last_plan_text()))?,
+                };
                 let device_ms = start.elapsed().as_secs_f64() * 1e3;
                 self.learn_local(device_ms);
                 Ok(Answer::Local {

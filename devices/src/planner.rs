@@ -506,7 +506,7 @@ fn candidates(inp: &PlanInputs) -> Vec<Candidate> {
             Some(_) => Refusal::NotConfident,
             None => Refusal::Policy,
         })
-    } else if inp.model.local_accuracy < pol.accuracy_floor {
+    } else if inp.model.local_accuracy.is_nan() || inp.model.local_accuracy < pol.accuracy_floor {
         Some(Refusal::Accuracy)
     } else {
         None

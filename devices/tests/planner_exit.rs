@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use tandem_cloud::{Cloud, ServerOptions};
-use tandem_device::planner::{PlanProtection, Refusal};
+use tandem_device::planner::{AutoPolicy, PlanProtection, Refusal};
 use tandem_device::{Answer, Device, DeviceOptions, EarlyExit, Protection};
 use tandem_model::{read_verifying_key, Bundle, Limits, TestSet, VerifyingKey};
 use tandem_tls::{client_config, server_config, DevPki};
@@ -133,6 +133,27 @@ async fn auto_answers_locally_only_when_the_exit_head_is_confident() {
     assert!(ms > 0.0 && ms.is_finite());
     let p = dev.plan_for(above[1], None).unwrap();
     assert_eq!(p.candidates[0].latency_ms, ms);
+
+    // The app accepts the device model's accuracy: the head answers even an unconfident
+    // input, with early exit off; `infer(x, Auto)` (which cannot answer locally) still
+    // offloads.
+    dev.set_early_exit(EarlyExit::Off);
+    dev.set_auto_policy(AutoPolicy {
+        accept_local_accuracy: Some(0.9),
+        ..AutoPolicy::default()
+    });
+    let before = cloud.metrics().requests();
+    let a = dev.answer(below[0], Protection::Auto).await.unwrap();
+    assert!(a.is_local(), "{}", dev.last_plan().unwrap().explain());
+    assert_eq!(
+        a.class(),
+        full.exit_confidence(below[0]).unwrap().unwrap().class
+    );
+    assert_eq!(cloud.metrics().requests(), before, "nothing sent");
+    assert_eq!(dev.last_plan().unwrap().candidates[0].accuracy, 0.9);
+    let r = dev.infer(below[0], Protection::Auto).await.unwrap();
+    assert_eq!(r.class, full.predict_plain(below[0]).unwrap().class);
+    assert_eq!(cloud.metrics().requests(), before + 1);
     assert_eq!(dev.ledger_records(), 0);
     dev.close().await;
     cloud.shutdown().await;

@@ -39,6 +39,12 @@ pub struct AutoPolicy {
     pub fallback_link: LinkEstimate,
     /// Device ns per f32 multiply-add (profile it once; the default is a conservative 1 ns).
     pub ns_per_mac: f64,
+    /// The app accepts the device model's own accuracy (in [0, 1]) for every request:
+    /// answering locally with the bundle's exit head is then a candidate whatever its
+    /// confidence, priced at this accuracy (issue 10: "or the app accepts the device model's
+    /// accuracy"). `None` (default): local only when the head is confident (early exit on).
+    /// Needs a bundle with an exit head (the device has nothing else to answer with).
+    pub accept_local_accuracy: Option<f64>,
 }
 
 impl Default for AutoPolicy {
@@ -58,6 +64,7 @@ impl Default for AutoPolicy {
                 rtt_ms: 50.0,
             },
             ns_per_mac: 1.0,
+            accept_local_accuracy: None,
         }
     }
 }
@@ -151,8 +158,9 @@ impl Device {
     /// it. `link`: the link to plan for (`None`: [`Device::link_estimate`]).
     ///
     /// Candidates: encrypted, noised-encrypted and noised releases as [`AutoPolicy`] allows,
-    /// in this device's output mode only (the keys are per mode); never answering locally
-    /// (no input, so no exit-head verdict: [`Device::plan_for`] has one). A release whose ρ
+    /// in this device's output mode only (the keys are per mode); answering locally only if
+    /// the app accepts the device model's accuracy ([`AutoPolicy::accept_local_accuracy`]: no
+    /// input, so no exit-head verdict here; [`Device::plan_for`] has one). A release whose ρ
     /// (summed over the cloud layers) the ledger would refuse now is refused with
     /// `Refusal::Budget` (TDM-PLAN-3).
     ///
@@ -337,6 +345,9 @@ impl Device {
         // The local path: the device layers up to the split and the exit head; its accuracy
         // is the cascade's on the bundle's test split (signed calibration record), else —
         // without a record — the offloaded model's less the calibration target.
+        let accepted_local = pol
+            .accept_local_accuracy
+            .filter(|_| self.bundle.exit_head().is_some());
         let (head_macs, local_accuracy) = match self.bundle.exit_head() {
             Some(h) => {
                 let spec = h.spec();
@@ -351,7 +362,7 @@ impl Device {
         Ok(PlanInputs {
             model: ModelCosts {
                 local_macs: device_macs + head_macs,
-                local_accuracy,
+                local_accuracy: accepted_local.unwrap_or(local_accuracy),
                 splits: vec![SplitCosts {
                     depth: top.first().copied().unwrap_or(0),
                     device_prefix_macs: device_macs,
@@ -370,7 +381,8 @@ impl Device {
             },
             link: link.unwrap_or_else(|| self.link_estimate()),
             policy: AppPolicy {
-                allow_local: false,
+                // The app's acceptance counts only with a head to answer with.
+                allow_local: accepted_local.is_some(),
                 allow_encrypted: pol.allow_encrypted,
                 noised,
                 noised_encrypted,
@@ -387,7 +399,8 @@ impl Device {
     /// Resolves [`Protection::Auto`] for one request: the plan's choice as a concrete
     /// protection, and its predicted cloud time (ms) for the link estimator.
     pub(crate) fn resolve_auto(&mut self) -> Result<(Protection, f64), DeviceError> {
-        match self.resolve_auto_with(None)? {
+        // `infer` returns an `Inference`: it has no way to answer locally.
+        match self.resolve_auto_with(None, false)? {
             Some(r) => Ok(r),
             // Not offered without an exit verdict (allow_local is false): refuse rather
             // than guess.
@@ -407,8 +420,13 @@ impl Device {
     pub(crate) fn resolve_auto_with(
         &mut self,
         exit: Option<ExitVerdict>,
+        can_answer_locally: bool,
     ) -> Result<Option<(Protection, f64)>, DeviceError> {
-        let inputs = self.plan_inputs(None, exit)?;
+        let mut inputs = self.plan_inputs(None, exit)?;
+        if !can_answer_locally {
+            inputs.policy.allow_local = false;
+            inputs.exit = None;
+        }
         let cloud_ms = inputs
             .model
             .splits
