@@ -333,7 +333,8 @@ fn bench_line(
         round_trips: after.round_trips - before.round_trips,
         bytes_up: up,
         bytes_down: down,
-        key_upload_bytes: s.key_upload_bytes,
+        // Packed: the key sent at connect; no-key: the registration frame of the first request.
+        key_upload_bytes: after.key_upload_bytes,
         encrypted_macs: after.encrypted_macs - before.encrypted_macs,
         s_per_token: e2e / (tokens as f64 * sentences.max(1) as f64),
         bytes_per_token: (up + down) as f64 / (tokens as f64 * sentences.max(1) as f64),
