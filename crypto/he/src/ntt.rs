@@ -17,6 +17,126 @@ use tfhe_ntt::prime32::Plan;
 
 const PRIMES: usize = 5;
 
+/// The fewer primes an int8 layer's server-side arithmetic uses (TDM-PAR-HE-4: every integer
+/// of such a layer stays below 2^116.1, inside the first four primes' centred range 2^118.9).
+pub const PRIMES_INT8: usize = 4;
+
+/// Runs `f` compiled for AVX-512 (or AVX2) when the CPU has it, through pulp's runtime
+/// dispatch, so that the plain loops inside vectorise; `f` must inline (`#[inline(always)]`).
+#[inline(always)]
+pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if let Some(simd) = pulp::x86::V4::try_new() {
+            simd.vectorize(f)
+        } else if let Some(simd) = pulp::x86::V3::try_new() {
+            simd.vectorize(f)
+        } else {
+            f()
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    f()
+}
+
+/// `x mod p` for any u64 `x` and a prime p < 2^31, `pinv` = 1/p: the quotient from f64 is off
+/// by at most one (x/p < 2^35, relative error < 2^-50), corrected branch-free. Vectorises.
+#[inline(always)]
+fn reduce(x: u64, p: u64, pinv: f64) -> u64 {
+    let q = ((x as f64) * pinv) as u64;
+    let r = x.wrapping_sub(q.wrapping_mul(p)) as i64; // in (−2p, 2p)
+    let r = r + ((r >> 63) & p as i64); // [0, 2p)
+    let r = r as u64;
+    r.min(r.wrapping_sub(p))
+}
+
+/// `a·w mod p` for a < 2^32 and a constant w < p < 2^31 with `w_shoup` = ⌊w·2^32/p⌋
+/// (Shoup's multiplication: the quotient estimate is off by at most one).
+#[inline(always)]
+fn mul_shoup(a: u64, w: u64, w_shoup: u64, p: u64) -> u64 {
+    let q = (a * w_shoup) >> 32;
+    let r = (a * w).wrapping_sub(q * p);
+    r.min(r.wrapping_sub(p))
+}
+
+/// Constants of the centred CRT over the first [`PRIMES_INT8`] primes (Garner's mixed radix),
+/// with products reduced modulo 2^64.
+#[derive(Debug, Clone, Copy)]
+struct Crt4 {
+    p: [u64; PRIMES_INT8],
+    pinv: [f64; PRIMES_INT8],
+    /// `inv[i][j]` = p_j^−1 mod p_i (j < i) and its Shoup constant.
+    inv: [[(u64, u64); PRIMES_INT8]; PRIMES_INT8],
+    /// p_0 ⋯ p_{i−1} mod 2^64 (the mixed-radix weights).
+    radix: [u64; PRIMES_INT8],
+    /// M = p_0 ⋯ p_3 mod 2^64.
+    m: u64,
+}
+
+fn pow_mod(mut base: u64, mut e: u64, p: u64) -> u64 {
+    let mut r = 1u64;
+    base %= p;
+    while e > 0 {
+        if e & 1 == 1 {
+            r = r * base % p;
+        }
+        base = base * base % p;
+        e >>= 1;
+    }
+    r
+}
+
+impl Crt4 {
+    fn new(primes: &[u32; PRIMES]) -> Self {
+        let mut c = Self {
+            p: [0; PRIMES_INT8],
+            pinv: [0.0; PRIMES_INT8],
+            inv: [[(0, 0); PRIMES_INT8]; PRIMES_INT8],
+            radix: [1; PRIMES_INT8],
+            m: 1,
+        };
+        for i in 0..PRIMES_INT8 {
+            let p = u64::from(primes[i]);
+            c.p[i] = p;
+            c.pinv[i] = 1.0 / p as f64;
+            c.radix[i] = c.m;
+            c.m = c.m.wrapping_mul(p);
+            for (slot, &pj) in c.inv[i].iter_mut().zip(primes).take(i) {
+                // Fermat: p_j^(p−2) = p_j^−1 mod the prime p.
+                let w = pow_mod(u64::from(pj), p - 2, p);
+                *slot = (w, (w << 32) / p);
+            }
+        }
+        c
+    }
+
+    /// The centred integer with residues `r[i]` < p_i (|value| < M/2 − M/2^3.8), modulo 2^64.
+    #[inline(always)]
+    fn reconstruct(&self, r: [u64; PRIMES_INT8]) -> u64 {
+        // Mixed-radix digits v_i < p_i with value = Σ v_i·p_0⋯p_{i−1} (Garner).
+        let mut v = [0u64; PRIMES_INT8];
+        let mut x = 0u64;
+        for i in 0..PRIMES_INT8 {
+            let p = self.p[i];
+            let mut t = r[i];
+            for (&vj, &(w, ws)) in v.iter().zip(&self.inv[i]).take(i) {
+                // (t − v_j)·p_j^−1 mod p_i; v_j < p_j < 2·p_i (the primes are within a factor 2).
+                let vj = vj.min(vj.wrapping_sub(p));
+                t = mul_shoup(t + p - vj, w, ws, p);
+            }
+            v[i] = t;
+            x = x.wrapping_add(t.wrapping_mul(self.radix[i]));
+        }
+        // The value is below M/2^3.8 or above M − M/2^3.8: the top digit tells which.
+        let top = PRIMES_INT8 - 1;
+        if 2 * v[top] >= self.p[top] {
+            x.wrapping_sub(self.m)
+        } else {
+            x
+        }
+    }
+}
+
 /// A polynomial in the NTT domain (5 residue vectors of length N, prime-major).
 ///
 /// Its buffer comes from, and returns on drop to, a small per-thread pool: the packing tree
@@ -35,10 +155,13 @@ thread_local! {
 /// A buffer of `len` values from the pool, contents unspecified (the caller overwrites it).
 fn pooled(len: usize) -> Vec<u32> {
     let reused = POOL
-        .try_with(|p| p.borrow_mut().pop())
+        .try_with(|p| {
+            let mut p = p.borrow_mut();
+            let at = p.iter().rposition(|v| v.len() == len)?;
+            Some(p.swap_remove(at))
+        })
         .ok()
-        .flatten()
-        .filter(|v| v.len() == len);
+        .flatten();
     reused.unwrap_or_else(|| vec![0; len])
 }
 
@@ -71,6 +194,7 @@ pub struct Ntt {
     plan: Plan32,
     n: usize,
     primes: [u32; PRIMES],
+    crt4: Crt4,
     /// For odd g: `perm[g][i]` is the slot whose value `τ_g(f)` takes at slot i.
     perms: HashMap<usize, Vec<u32>>,
 }
@@ -96,6 +220,7 @@ impl Ntt {
             plan,
             n,
             primes,
+            crt4: Crt4::new(&primes),
             perms: HashMap::new(),
         })
     }
@@ -128,8 +253,37 @@ impl Ntt {
         NttPoly(pooled(PRIMES * self.n))
     }
 
+    /// The zero polynomial over the first `primes` primes (4 or 5; see [`PRIMES_INT8`]).
+    /// Every operation works on as many primes as its output has; operands with more primes
+    /// (keys, monomials) contribute their first ones.
+    pub fn zero_with(&self, primes: usize) -> NttPoly {
+        let mut v = pooled(primes.clamp(PRIMES_INT8, PRIMES) * self.n);
+        v.fill(0);
+        NttPoly(v)
+    }
+
+    /// [`Ntt::uninit`] over the first `primes` primes.
+    pub fn uninit_with(&self, primes: usize) -> NttPoly {
+        NttPoly(pooled(primes.clamp(PRIMES_INT8, PRIMES) * self.n))
+    }
+
     /// Forward transform of a polynomial with arbitrary coefficients modulo 2^64.
     pub fn fwd_u64(&self, coeffs: &[u64], out: &mut NttPoly) {
+        if out.0.len() < PRIMES * self.n {
+            for (i, chunk) in out.0.chunks_exact_mut(self.n).enumerate() {
+                let (p, pinv) = (self.crt4.p[i], self.crt4.pinv[i]);
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (o, &v) in chunk.iter_mut().zip(coeffs) {
+                            *o = reduce(v, p, pinv) as u32;
+                        }
+                    },
+                );
+                self.prime_plan(i).fwd(chunk);
+            }
+            return;
+        }
         let (p0, rest) = out.0.split_at_mut(self.n);
         let (p1, rest) = rest.split_at_mut(self.n);
         let (p2, rest) = rest.split_at_mut(self.n);
@@ -141,10 +295,15 @@ impl Ntt {
     pub fn fwd_small(&self, coeffs: &[i64], out: &mut NttPoly) {
         for (i, chunk) in out.0.chunks_exact_mut(self.n).enumerate() {
             let p = self.primes[i] as i64;
-            for (o, &v) in chunk.iter_mut().zip(coeffs) {
-                // v + p if v < 0 (branch-free, so the loop vectorises).
-                *o = (v + (p & (v >> 63))) as u32;
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (o, &v) in chunk.iter_mut().zip(coeffs) {
+                        // v + p if v < 0 (branch-free, so the loop vectorises).
+                        *o = (v + (p & (v >> 63))) as u32;
+                    }
+                },
+            );
             self.prime_plan(i).fwd(chunk);
         }
     }
@@ -153,6 +312,30 @@ impl Ntt {
     pub fn inv(&self, scratch: &mut NttPoly, out: &mut [u64]) {
         for (i, chunk) in scratch.0.chunks_exact_mut(self.n).enumerate() {
             self.prime_plan(i).normalize(chunk);
+        }
+        if scratch.0.len() < PRIMES * self.n {
+            for (i, chunk) in scratch.0.chunks_exact_mut(self.n).enumerate() {
+                self.prime_plan(i).inv(chunk);
+            }
+            let (r0, rest) = scratch.0.split_at(self.n);
+            let (r1, rest) = rest.split_at(self.n);
+            let (r2, r3) = rest.split_at(self.n);
+            let crt = self.crt4;
+            vectorized(
+                #[inline(always)]
+                || {
+                    for ((((o, &a), &b), &c), &d) in out.iter_mut().zip(r0).zip(r1).zip(r2).zip(r3)
+                    {
+                        *o = crt.reconstruct([
+                            u64::from(a),
+                            u64::from(b),
+                            u64::from(c),
+                            u64::from(d),
+                        ]);
+                    }
+                },
+            );
+            return;
         }
         let (p0, rest) = scratch.0.split_at_mut(self.n);
         let (p1, rest) = rest.split_at_mut(self.n);
@@ -183,11 +366,16 @@ impl Ntt {
             .enumerate()
         {
             let p = self.primes[i];
-            for (x, &y) in acc.iter_mut().zip(b) {
-                // Both < p < 2^30: no overflow; s − p wraps above s exactly when s < p.
-                let s = *x + y;
-                *x = s.min(s.wrapping_sub(p));
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (x, &y) in acc.iter_mut().zip(b) {
+                        // Both < p < 2^30: no overflow; s − p wraps above s exactly when s < p.
+                        let s = *x + y;
+                        *x = s.min(s.wrapping_sub(p));
+                    }
+                },
+            );
         }
     }
 
@@ -212,14 +400,19 @@ impl Ntt {
                 .enumerate()
         {
             let p = self.primes[i];
-            for (x, y) in xs.iter_mut().zip(ys.iter_mut()) {
-                // Both < p < 2^30: no overflow.
-                let (a, b) = (*x, *y);
-                let s = a + b;
-                let d = a + p - b;
-                *x = s.min(s.wrapping_sub(p));
-                *y = d.min(d.wrapping_sub(p));
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (x, y) in xs.iter_mut().zip(ys.iter_mut()) {
+                        // Both < p < 2^30: no overflow.
+                        let (a, b) = (*x, *y);
+                        let s = a + b;
+                        let d = a + p - b;
+                        *x = s.min(s.wrapping_sub(p));
+                        *y = d.min(d.wrapping_sub(p));
+                    }
+                },
+            );
         }
     }
 
@@ -237,10 +430,15 @@ impl Ntt {
         {
             let p = self.primes[pi];
             let perm = &perm[pi * self.n..(pi + 1) * self.n];
-            for (x, &src) in acc.iter_mut().zip(perm) {
-                let s = *x + inp.get(src as usize).copied().unwrap_or(0);
-                *x = s.min(s.wrapping_sub(p));
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (x, &src) in acc.iter_mut().zip(perm) {
+                        let s = *x + inp.get(src as usize).copied().unwrap_or(0);
+                        *x = s.min(s.wrapping_sub(p));
+                    }
+                },
+            );
         }
     }
 
@@ -349,6 +547,84 @@ mod tests {
         c.0[0] = 1;
         assert_eq!(z.0[0], 0);
         assert_ne!(c, z);
+    }
+
+    /// TDM-PAR-HE-4: the four-prime path (own f64-quotient reduction and centred CRT) gives
+    /// the same products modulo 2^64 as the five-prime one, for full-range u64 operands times
+    /// int8 weights, and its centred range exceeds the int8 bound 2^116.1.
+    #[test]
+    fn four_prime_products_match_five_prime_and_schoolbook() {
+        let n = 256;
+        let ntt = Ntt::new(n).unwrap();
+        let m4: u128 = ntt.primes[..PRIMES_INT8]
+            .iter()
+            .map(|&p| u128::from(p))
+            .product();
+        assert!(
+            (m4 / 2) as f64 > 2f64.powf(116.1),
+            "M4/2 = 2^{}",
+            (m4 as f64).log2() - 1.0
+        );
+        // Garner's step reduces a digit of one prime modulo the next by one subtraction, and
+        // reduce() needs p < 2^31.
+        let (lo, hi) = (
+            ntt.primes.iter().min().unwrap(),
+            ntt.primes.iter().max().unwrap(),
+        );
+        assert!(*hi < 2 * *lo && *hi < 1 << 31);
+        for seed in 0..4u64 {
+            let mut a = rand_u64(n, 10 + seed);
+            // Extremes: 0, 2^64 − 1 and values around the primes.
+            a[0] = u64::MAX;
+            a[1] = 0;
+            a[2] = u64::from(ntt.primes[0]);
+            let b: Vec<i64> = rand_u64(n, 20 + seed)
+                .iter()
+                .map(|&v| {
+                    if seed == 0 {
+                        -128
+                    } else {
+                        (v % 257) as i64 - 128
+                    }
+                })
+                .collect();
+            let bu: Vec<u64> = b.iter().map(|&v| v as u64).collect();
+            let want = poly::schoolbook_mul(&a, &bu);
+            for primes in [PRIMES_INT8, PRIMES] {
+                let (mut fa, mut fb) = (ntt.uninit_with(primes), ntt.uninit_with(primes));
+                ntt.fwd_u64(&a, &mut fa);
+                ntt.fwd_small(&b, &mut fb);
+                let mut acc = ntt.zero_with(primes);
+                // Accumulate 64 copies: a larger integer than one product, still exact.
+                for _ in 0..64 {
+                    ntt.mul_acc(&mut acc, &fa, &fb);
+                }
+                let mut out = vec![0u64; n];
+                ntt.inv(&mut acc, &mut out);
+                let want64: Vec<u64> = want.iter().map(|v| v.wrapping_mul(64)).collect();
+                assert_eq!(out, want64, "{primes} primes, seed {seed}");
+            }
+        }
+        // reduce() over edge values of every prime.
+        for i in 0..PRIMES_INT8 {
+            let (p, pinv) = (ntt.crt4.p[i], ntt.crt4.pinv[i]);
+            for x in [
+                0,
+                1,
+                p - 1,
+                p,
+                p + 1,
+                u64::MAX,
+                u64::MAX - p,
+                (1 << 63) + 12345,
+                p * p - 1,
+            ] {
+                assert_eq!(reduce(x, p, pinv), x % p, "x = {x}, p = {p}");
+            }
+            for x in rand_u64(10_000, 99 + i as u64) {
+                assert_eq!(reduce(x, p, pinv), x % p);
+            }
+        }
     }
 
     #[test]

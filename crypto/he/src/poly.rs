@@ -61,6 +61,7 @@ pub fn schoolbook_mul(a: &[u64], b: &[u64]) -> Vec<u64> {
 /// `[-B/2, B/2)`, the low `64 - levels·base_log` bits rounded to nearest.
 ///
 /// `out[j]` receives level j (j = 0 most significant) for every coefficient.
+#[inline(always)]
 pub fn decompose(a: &[u64], base_log: u32, levels: u32, out: &mut [Vec<i64>]) {
     let kept = base_log * levels;
     let shift = 64 - kept;

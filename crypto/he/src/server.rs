@@ -28,6 +28,8 @@ pub struct PreparedLayer {
     weights: Vec<NttPoly>,
     /// Per block: Δ_in·bias placed at the block's output slots.
     bias: Vec<Option<NttPoly>>,
+    /// CRT primes of the server's arithmetic: 4 when every |w| ≤ 128 (TDM-PAR-HE-4), else 5.
+    primes: usize,
 }
 
 impl std::fmt::Debug for PreparedLayer {
@@ -408,6 +410,13 @@ impl PreparedLayer {
         let rows = plan.rows();
         let (chunk, in_chunks, blocks) = (plan.chunk, plan.in_chunks(), plan.out_blocks());
         let ntt = &ctx.ntt;
+        // TDM-PAR-HE-4: int8-sized weights keep every integer of the evaluation below 2^116.1,
+        // exact over four primes; larger weights (up to 2^20) need all five.
+        let primes = if weights.iter().all(|w| w.unsigned_abs() <= 128) {
+            crate::ntt::PRIMES_INT8
+        } else {
+            5
+        };
         let mut polys = Vec::with_capacity(blocks * in_chunks);
         let mut coeffs = vec![0i64; n];
         for o in 0..blocks {
@@ -433,7 +442,7 @@ impl PreparedLayer {
                         }
                     }
                 }
-                let mut f = ntt.zero();
+                let mut f = ntt.uninit_with(primes);
                 ntt.fwd_small(&coeffs, &mut f);
                 polys.push(f);
             }
@@ -455,7 +464,7 @@ impl PreparedLayer {
                 }
             }
             bias_polys.push(any.then(|| {
-                let mut f = ntt.zero();
+                let mut f = ntt.uninit_with(primes);
                 ntt.fwd_u64(&b, &mut f);
                 f
             }));
@@ -465,6 +474,7 @@ impl PreparedLayer {
             plan,
             weights: polys,
             bias: bias_polys,
+            primes,
         })
     }
 
@@ -523,7 +533,7 @@ impl PreparedLayer {
                 .iter()
                 .map(|&v| poly::lift_from_bits(v, plan.upload_bits))
                 .collect();
-            let (mut fa, mut fb) = (ntt.uninit(), ntt.uninit());
+            let (mut fa, mut fb) = (ntt.uninit_with(self.primes), ntt.uninit_with(self.primes));
             ntt.fwd_u64(&a, &mut fa);
             ntt.fwd_u64(&body, &mut fb);
             NttCiphertext { mask: fa, body: fb }
@@ -561,7 +571,7 @@ impl PreparedLayer {
     fn product(&self, inputs: &[NttCiphertext], o: usize) -> NttCiphertext {
         let ntt = &self.ctx.ntt;
         let chunks = inputs.len();
-        let (mut acc_a, mut acc_b) = (ntt.zero(), ntt.zero());
+        let (mut acc_a, mut acc_b) = (ntt.zero_with(self.primes), ntt.zero_with(self.primes));
         for (c, inp) in inputs.iter().enumerate() {
             let w = &self.weights[o * chunks + c];
             ntt.mul_acc(&mut acc_a, &inp.mask, w);
@@ -618,8 +628,8 @@ impl PreparedLayer {
     ) -> NttCiphertext {
         self.subtree(inputs, first, last, offset, step, width, key, opts)
             .unwrap_or_else(|| NttCiphertext {
-                mask: self.ctx.ntt.zero(),
-                body: self.ctx.ntt.zero(),
+                mask: self.ctx.ntt.zero_with(self.primes),
+                body: self.ctx.ntt.zero_with(self.primes),
             })
     }
 
@@ -753,7 +763,10 @@ pub(crate) fn key_switch_add(
         digits.iter_mut().for_each(|d| d.resize(n, 0));
         ntt.inv(&mut scratch, a);
         poly::automorphism_into(a, g, ta);
-        poly::decompose(ta, p.ks_base_log, p.ks_levels, digits);
+        crate::ntt::vectorized(
+            #[inline(always)]
+            || poly::decompose(ta, p.ks_base_log, p.ks_levels, digits),
+        );
         for (digit, (neg_a, neg_b)) in digits.iter().zip(levels) {
             ntt.fwd_small(digit, &mut scratch);
             ntt.mul_acc(&mut u.mask, &scratch, neg_a);

@@ -410,3 +410,46 @@ fn largest_batched_shape_decrypts_exactly() {
         }
     }
 }
+
+/// TDM-PAR-HE-4: layers whose weights all satisfy |w| ≤ 128 run over four CRT primes, wider
+/// weights (up to 2^20 − 1) over five; both stay exact at their extremes (128 and 129 sit on
+/// either side of the switch, ±(2^20 − 1) is the widest weight the engine accepts).
+#[test]
+fn four_and_five_prime_layers_are_exact_at_their_extremes() {
+    let f = fixture();
+    let (n_in, n_out) = (16, 40);
+    for (w_max, x_max) in [(128i64, 128u64), (129, 128), ((1 << 20) - 1, 2)] {
+        for mode in [OutputMode::NoKey, OutputMode::Packed] {
+            let mut w = values(n_in * n_out, 31, -w_max, w_max);
+            // Full-magnitude rows of both signs.
+            w[..n_in].iter_mut().for_each(|v| *v = w_max);
+            w[n_in..2 * n_in].iter_mut().for_each(|v| *v = -w_max);
+            let b = values(n_out, 32, -(1 << 16), 1 << 16);
+            let x_max = x_max as i64;
+            let xs = vec![
+                vec![-x_max; n_in],
+                vec![x_max; n_in],
+                values(n_in, 33, -x_max, x_max),
+            ];
+            let layer = PreparedLayer::prepare(
+                f.ctx.clone(),
+                mode,
+                n_in,
+                n_out,
+                &w,
+                &b,
+                x_max as u64,
+                PlanOptions::default(),
+            )
+            .unwrap();
+            let got = run(&layer, &xs);
+            for (x, y) in xs.iter().zip(&got) {
+                assert_eq!(
+                    y,
+                    &reference(&w, &b, x, n_in, n_out),
+                    "|w| <= {w_max}, {mode:?}"
+                );
+            }
+        }
+    }
+}
