@@ -150,6 +150,12 @@ impl BundleEncoder {
     /// has no int8 weights: an in-process cloud gets them from the bundle if its cloud part is
     /// loaded, a remote cloud already holds them).
     ///
+    /// Split depth: when the bundle was loaded with its cloud weights file (`Part::Full`), the
+    /// encrypted path also keeps every linear's int8 weights so that the device can run any
+    /// prefix of blocks in the clear ([`BundleEncoder::embed_encoded_split`],
+    /// [`BundleEncoder::split_depths`] = `0..=blocks`); with the device part only it can run
+    /// depth 0 only. The integer path runs every block on the device.
+    ///
     /// # Errors
     /// [`OpsError::Bundle`] for a bundle without `[encoder]` or without the parts needed,
     /// [`OpsError::Tokenizer`] for a tokenizer the `tokenizers` crate refuses, [`OpsError::He`]
