@@ -1,7 +1,7 @@
 //! Split depth for multi-block encoders (issue 10; `specs/planner.md` §9, TDM-SPLIT-2): at
 //! depth `k` the device runs blocks `< k` in the clear and offloads the linear layers of the
-//! rest under encryption (`tandem_ops::BundleEncoder::embed_encoded_split`); `k = blocks` is
-//! the Local candidate (no encryption, nothing leaves the device).
+//! rest under encryption (`tandem_ops::BundleEncoder::embed_encoded_split`, TDM-SPLIT-1);
+//! `k = blocks` is the Local candidate (no encryption, nothing leaves the device).
 //!
 //! Pure data, like [`super::plan`]: the device's side comes from a [`SplitProfile`] measured
 //! once and cached (`BundleEncoder::profile`), the link from a [`LinkEstimate`]. Per depth `k`
