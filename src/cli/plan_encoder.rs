@@ -9,7 +9,8 @@
 //! sentence of `--tokens` tokens three times with every linear in the clear and three times
 //! with every linear encrypted against an in-process cloud (packed mode, evaluation over
 //! rayon's pool as the loopback cloud of `tandem bench sentence` runs it); it needs the
-//! bundle's cloud weights file.
+//! bundle's cloud weights file. A cached file is reused as long as it names the same bundle
+//! digest and token count; delete it to measure again (e.g. after the device's load changed).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
