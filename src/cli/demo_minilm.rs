@@ -61,8 +61,8 @@ pub struct MiniLmDemoArgs {
     /// Hits shown per query.
     #[arg(long, default_value_t = 3, requires = "model")]
     pub top: usize,
-    /// HE output mode of the cloud layers: `packed` or `nokey` (`nokey` only with
-    /// `--cloud in-process`).
+    /// HE output mode of the cloud layers: `packed` (an evaluation key uploaded once) or
+    /// `nokey` (no key, larger answers).
     #[arg(long, default_value = "packed", requires = "model")]
     pub mode: String,
     /// Where the cloud runs: `mtls` (a `tandem-cloud` server on 127.0.0.1 serving the signed
@@ -155,14 +155,7 @@ pub fn run(args: &MiniLmDemoArgs, json: bool) -> anyhow::Result<()> {
             let e = model.encrypted(ctx, mode, 16, cloud.clone())?;
             Backend::InProcess { e, cloud }
         }
-        "mtls" => {
-            if mode != OutputMode::Packed {
-                bail!(
-                    "--cloud mtls runs packed mode only; use --cloud in-process for --mode nokey"
-                );
-            }
-            start_mtls(&model, &progress)?
-        }
+        "mtls" => start_mtls(&model, mode, &progress)?,
         other => bail!("--cloud {other}: expected `mtls` or `in-process`"),
     };
     let load_s = t_load.elapsed().as_secs_f64();
@@ -339,7 +332,7 @@ impl Backend {
 /// Starts a `tandem-cloud` server on 127.0.0.1 serving the bundle (a MiniLM directory is
 /// imported into a temporary one, signed with the development key) with a throw-away PKI, and
 /// connects the device's encoder to it over mutual TLS; uploads the evaluation key.
-fn start_mtls(model: &MiniLm, progress: &ProgressBar) -> anyhow::Result<Backend> {
+fn start_mtls(model: &MiniLm, mode: OutputMode, progress: &ProgressBar) -> anyhow::Result<Backend> {
     let tmp = tempfile::tempdir()?;
     let (bundle_dir, vk) = match &model.bundle {
         Some((dir, key)) => (
@@ -390,7 +383,7 @@ fn start_mtls(model: &MiniLm, progress: &ProgressBar) -> anyhow::Result<Backend>
         "localhost",
         client_config(pki.client_credentials("device-1")?)?,
         &device_part,
-        OutputMode::Packed,
+        mode,
         &[DEFAULT_PARAMETERS.id],
         Duration::from_secs(120),
     )?);
