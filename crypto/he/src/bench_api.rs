@@ -48,14 +48,16 @@ impl Fixture {
         let client = Client::from_seed(ctx.clone(), 7);
         let key = PreparedEvaluationKey::prepare(&client.evaluation_key(4)?, &ctx)?;
         let coeffs = pseudo_random(n, 1);
-        let (mut mask, mut body) = (ctx.ntt.zero(), ctx.ntt.zero());
+        // Ciphertexts and weights over the four primes an int8 layer runs on (TDM-PAR-HE-4).
+        let primes = crate::ntt::PRIMES_INT8;
+        let (mut mask, mut body) = (ctx.ntt.uninit_with(primes), ctx.ntt.uninit_with(primes));
         ctx.ntt.fwd_u64(&coeffs, &mut mask);
         ctx.ntt.fwd_u64(&pseudo_random(n, 2), &mut body);
         let w: Vec<i64> = pseudo_random(n, 3)
             .iter()
             .map(|v| (v % 255) as i64 - 127)
             .collect();
-        let mut weights = ctx.ntt.zero();
+        let mut weights = ctx.ntt.uninit_with(primes);
         ctx.ntt.fwd_small(&w, &mut weights);
         Ok(Self {
             g: automorphism_for_stride(n, 2),
@@ -67,14 +69,16 @@ impl Fixture {
         })
     }
 
-    /// One forward transform of N coefficients modulo 2^64; returns one residue.
+    /// One forward transform of N coefficients modulo 2^64 over the four primes of an int8
+    /// layer; returns one residue.
     pub fn ntt_forward(&self) -> u32 {
-        let mut out = self.ctx.ntt.zero();
+        let mut out = self.ctx.ntt.uninit_with(crate::ntt::PRIMES_INT8);
         self.ctx.ntt.fwd_u64(&self.coeffs, &mut out);
         out.0[0]
     }
 
-    /// One inverse transform back to N coefficients modulo 2^64; returns one coefficient.
+    /// One inverse transform (four primes, Garner reconstruction) back to N coefficients
+    /// modulo 2^64; returns one coefficient.
     pub fn ntt_inverse(&self) -> u64 {
         let mut scratch = self.ct.mask.clone();
         let mut out = vec![0u64; self.ctx.params().poly_size];
@@ -82,7 +86,8 @@ impl Fixture {
         out[0]
     }
 
-    /// One key switch as the packing tree does it: `u + KeySwitch(τ_g(v))` (operands cloned).
+    /// One key switch as the packing tree of an int8 layer does it (four primes):
+    /// `u + KeySwitch(τ_g(v))` (operands cloned).
     pub fn key_switch(&self) -> u32 {
         let r = key_switch_add(
             &self.ctx,
@@ -96,7 +101,11 @@ impl Fixture {
 
     /// One ciphertext × plaintext product accumulated in the NTT domain (mask and body).
     pub fn ct_product(&self) -> u32 {
-        let (mut a, mut b) = (self.ctx.ntt.zero(), self.ctx.ntt.zero());
+        let primes = crate::ntt::PRIMES_INT8;
+        let (mut a, mut b) = (
+            self.ctx.ntt.zero_with(primes),
+            self.ctx.ntt.zero_with(primes),
+        );
         self.ctx.ntt.mul_acc(&mut a, &self.ct.mask, &self.weights);
         self.ctx.ntt.mul_acc(&mut b, &self.ct.body, &self.weights);
         a.0[0] ^ b.0[0]
