@@ -10,7 +10,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 use tandem_cloud::{Cloud, ServerOptions};
-use tandem_device::{Device, DeviceOptions, DpOptions, Protection};
+use tandem_device::{Answer, Device, DeviceOptions, DpOptions, EarlyExit, Protection};
 use tandem_he::OutputMode;
 use tandem_model::{read_verifying_key, TestSet};
 use tandem_tls::{client_config, client_config_from_files, server_config, ClientFiles, DevPki};
@@ -146,6 +146,9 @@ struct DeviceToml {
     /// Release at an ε the bundle has no noise-trained variant for, with the nearest variant
     /// (default false: refused with `UntrainedEpsilon` before anything is charged or sent).
     allow_untrained_epsilon: Option<bool>,
+    /// Answer on the device when the bundle's signed exit head is confident (confidence ≥ its
+    /// signed τ; default false). With `protection = "auto"` the planner decides per request.
+    early_exit: Option<bool>,
     /// Connection attempts per operation (default 10).
     connect_attempts: Option<usize>,
     /// Give up retrying after this many seconds (default 30).
@@ -214,6 +217,10 @@ pub fn cloud(cmd: CloudCommand) -> anyhow::Result<()> {
 
 #[derive(Serialize)]
 struct InferJson {
+    /// `"device"` (the exit head answered, nothing left the device) or `"cloud"`.
+    answered_on: &'static str,
+    /// The exit head's confidence, when it was evaluated.
+    exit_confidence: Option<f64>,
     class: usize,
     logits: Vec<f32>,
     total_ms: f64,
@@ -283,21 +290,46 @@ pub fn device(cmd: DeviceCommand) -> anyhow::Result<()> {
     };
     runtime(2)?.block_on(async {
         let mut dev = Device::connect(opts).await?;
+        if c.early_exit.unwrap_or(false) {
+            dev.set_early_exit(EarlyExit::On);
+        }
         for x in &rows {
-            let r = dev.infer(x, protection).await?;
-            println!(
-                "{}",
-                serde_json::to_string(&InferJson {
+            // `answer` is `infer` plus the exit head: with early exit off it offloads every row.
+            let line = match dev.answer(x, protection).await? {
+                Answer::Local {
+                    class,
+                    confidence,
+                    logits,
+                    device_ms,
+                } => InferJson {
+                    answered_on: "device",
+                    exit_confidence: Some(confidence),
+                    class,
+                    logits,
+                    total_ms: device_ms,
+                    network_ms: 0.0,
+                    bytes_up: 0,
+                    bytes_down: 0,
+                    key_upload_bytes: 0,
+                    epsilon_spent: 0.0,
+                },
+                Answer::Offloaded {
+                    confidence,
+                    inference: r,
+                } => InferJson {
+                    answered_on: "cloud",
+                    exit_confidence: confidence,
                     class: r.class,
-                    logits: r.logits.clone(),
                     total_ms: r.timings.total_ms(),
                     network_ms: r.timings.network_ms,
                     bytes_up: r.bytes_up,
                     bytes_down: r.bytes_down,
                     key_upload_bytes: r.key_upload_bytes,
                     epsilon_spent: r.epsilon_spent,
-                })?
-            );
+                    logits: r.logits,
+                },
+            };
+            println!("{}", serde_json::to_string(&line)?);
         }
         dev.close().await;
         Ok(())
