@@ -46,7 +46,7 @@ pub use encrypted::{
 };
 pub use error::OpsError;
 pub use linear::{DenseLinear, FloatLinears, Linear, LinearFactory, LinearSpec};
-pub use profile::{LinearProfile, OpProfile, SplitProfile};
+pub use profile::{LinearProfile, OpProfile, SplitProfile, MAX_PROFILE_BLOCKS};
 pub use quant::{
     ActivationBits, DeviceQuant, PrecisionPolicy, QuantizedLinear, QuantizedLinears, QuantizedRows,
     QuantizedWeights,

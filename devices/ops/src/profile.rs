@@ -22,6 +22,15 @@ use crate::{BundleEncoder, OpsError};
 pub const PROFILE_FORMAT: u32 = 1;
 /// Largest profile file read (bytes).
 const MAX_PROFILE_BYTES: u64 = 1 << 20;
+/// Most encoder blocks a profile may name (all-MiniLM-L6-v2 has 6; BERT-large 24).
+pub const MAX_PROFILE_BLOCKS: usize = 256;
+/// Most tokens a profiled sentence may have.
+const MAX_PROFILE_TOKENS: usize = 1 << 16;
+/// Most bytes one linear's requests (or replies, or the key) may count (1 TiB): sums over
+/// every linear of a profile cannot overflow `u64`.
+const MAX_PROFILE_BYTES_PER_ITEM: u64 = 1 << 40;
+/// Longest step time a profile may hold, ms (one day).
+const MAX_STEP_MS: f64 = 86_400_000.0;
 
 /// One non-linear graph step (runs on the device at every split depth).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,8 +107,19 @@ impl SplitProfile {
     ///
     /// # Errors
     /// [`OpsError::Io`] if the file cannot be read, [`OpsError::FileTooLarge`] above 1 MiB,
-    /// [`OpsError::Config`] if it is not a profile of this format (delete it to re-profile).
+    /// [`OpsError::Config`] if it is not a profile of this format (delete it to re-profile),
+    /// [`OpsError::InvalidConfig`] if its values are out of range or inconsistent
+    /// ([`SplitProfile::validate`]): the file is input the device reads, it is checked before
+    /// anything is sized or summed by it.
     pub fn read(path: &Path) -> Result<Self, OpsError> {
+        if path.is_dir() {
+            return Err(OpsError::InvalidConfig {
+                path: path.to_path_buf(),
+                reason: "is a directory, not a split-profile file: pass a file path (it is \
+                         created when absent)"
+                    .to_string(),
+            });
+        }
         let bytes = crate::weights::read_limited(path, MAX_PROFILE_BYTES)?;
         let p: SplitProfile =
             serde_json::from_slice(&bytes).map_err(|source| OpsError::Config {
@@ -116,7 +136,100 @@ impl SplitProfile {
                 ),
             });
         }
+        p.validate().map_err(|reason| OpsError::InvalidConfig {
+            path: path.to_path_buf(),
+            reason: format!("not a usable split profile: {reason}; delete the file to re-profile"),
+        })?;
         Ok(p)
+    }
+
+    /// Checks that the profile is consistent and its values in range: at least one and at
+    /// most [`MAX_PROFILE_BLOCKS`] blocks, `tokens` in `1..=65536`, `batch` and `reps` ≥ 1,
+    /// at least one linear, linear `i` has index `i` and a block `< blocks`, every block has a
+    /// linear, `requests` in `1..=tokens`, `macs ≤ tokens · n_in · n_out`, byte counts
+    /// ≤ 2^40 each, every time finite in `[0, 86 400 000]` ms.
+    ///
+    /// # Errors
+    /// What is wrong, as text (the caller names the file).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.blocks == 0 || self.blocks > MAX_PROFILE_BLOCKS {
+            return Err(format!(
+                "blocks {} outside 1..={MAX_PROFILE_BLOCKS}",
+                self.blocks
+            ));
+        }
+        if self.tokens == 0 || self.tokens > MAX_PROFILE_TOKENS {
+            return Err(format!(
+                "tokens {} outside 1..={MAX_PROFILE_TOKENS}",
+                self.tokens
+            ));
+        }
+        if self.batch == 0 || self.reps == 0 {
+            return Err("batch and reps must be at least 1".to_string());
+        }
+        if self.key_bytes > MAX_PROFILE_BYTES_PER_ITEM {
+            return Err(format!("key_bytes {} too large", self.key_bytes));
+        }
+        if self.linears.is_empty() {
+            return Err("no linear layer".to_string());
+        }
+        let time = |what: &str, ms: f64| {
+            if ms.is_finite() && (0.0..=MAX_STEP_MS).contains(&ms) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{what}: {ms} ms is not a time in [0, {MAX_STEP_MS}] ms"
+                ))
+            }
+        };
+        for o in &self.ops {
+            time(&format!("op {} ({})", o.step, o.op), o.ms)?;
+        }
+        let mut seen = vec![false; self.blocks];
+        for (i, l) in self.linears.iter().enumerate() {
+            let at = format!("linear {i}");
+            if l.index != i {
+                return Err(format!("{at} has index {}", l.index));
+            }
+            match seen.get_mut(l.block) {
+                Some(s) => *s = true,
+                None => {
+                    return Err(format!(
+                        "{at} in block {} of {} blocks",
+                        l.block, self.blocks
+                    ))
+                }
+            }
+            if l.requests == 0 || l.requests > self.tokens as u64 {
+                return Err(format!(
+                    "{at}: {} requests for {} tokens",
+                    l.requests, self.tokens
+                ));
+            }
+            let most_macs = (self.tokens as u64)
+                .checked_mul(l.n_in as u64)
+                .and_then(|x| x.checked_mul(l.n_out as u64));
+            if most_macs.is_none_or(|m| l.macs > m) {
+                return Err(format!(
+                    "{at}: {} multiply-adds for {} tokens of {}x{}",
+                    l.macs, self.tokens, l.n_in, l.n_out
+                ));
+            }
+            if l.upload_bytes > MAX_PROFILE_BYTES_PER_ITEM
+                || l.download_bytes > MAX_PROFILE_BYTES_PER_ITEM
+            {
+                return Err(format!("{at}: byte counts too large"));
+            }
+            time(&format!("{at} local"), l.local_ms)?;
+            time(&format!("{at} encrypt"), l.encrypt_ms)?;
+            time(&format!("{at} decrypt"), l.decrypt_ms)?;
+            time(&format!("{at} offload rest"), l.offload_other_ms)?;
+            time(&format!("{at} cloud"), l.cloud_ms)?;
+        }
+        if let Some(b) = seen.iter().position(|s| !s) {
+            return Err(format!("block {b} has no linear layer"));
+        }
+        Ok(())
     }
 
     /// Writes the profile as JSON (parent directories created).

@@ -23,7 +23,7 @@
 
 use std::fmt::Write as _;
 
-use tandem_ops::SplitProfile;
+use tandem_ops::{SplitProfile, MAX_PROFILE_BLOCKS};
 
 use super::{LinkEstimate, Objective};
 use crate::energy::Radio;
@@ -233,7 +233,7 @@ fn nonneg(x: f64) -> f64 {
 pub fn plan_split(profile: &SplitProfile, link: LinkEstimate, opts: &SplitOptions) -> SplitPlan {
     let radio = opts.radio.model();
     let ops_ms = profile.ops_ms();
-    let mut candidates = Vec::with_capacity(profile.blocks + 1);
+    let mut candidates = Vec::with_capacity(profile.blocks.min(MAX_PROFILE_BLOCKS) + 1);
     for k in 0..=profile.blocks {
         let mut device_ms = ops_ms;
         let (mut cloud_ms, mut up, mut down, mut rtts) = (0.0, 0u64, 0u64, 0u64);
@@ -249,15 +249,17 @@ pub fn plan_split(profile: &SplitProfile, link: LinkEstimate, opts: &SplitOption
                     .and_then(|c| c.get(l.index).copied())
                     .unwrap_or(l.cloud_ms),
             );
-            up += l.upload_bytes + opts.framing_bytes * l.requests;
-            down += l.download_bytes + opts.framing_bytes * l.requests;
-            rtts += l.requests;
+            // Saturating: a profile built in memory is not checked ([`SplitProfile::validate`]).
+            let framing = opts.framing_bytes.saturating_mul(l.requests);
+            up = up.saturating_add(l.upload_bytes.saturating_add(framing));
+            down = down.saturating_add(l.download_bytes.saturating_add(framing));
+            rtts = rtts.saturating_add(l.requests);
         }
         let local = rtts == 0;
         if !local && !opts.key_registered && profile.key_bytes > 0 {
-            up += profile.key_bytes + opts.framing_bytes;
-            down += opts.framing_bytes;
-            rtts += 1;
+            up = up.saturating_add(profile.key_bytes.saturating_add(opts.framing_bytes));
+            down = down.saturating_add(opts.framing_bytes);
+            rtts = rtts.saturating_add(1);
         }
         let refused = if !opts.depths.contains(&k) {
             Some(SplitRefusal::NotRunnable)
