@@ -12,7 +12,11 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use tandem_cloud::{Cloud, ModelPolicy, ServerOptions};
 use tandem_device::{DeviceError, DeviceOptions, OutputMode, RetryPolicy, SentenceDevice};
@@ -345,6 +349,68 @@ fn a_cloud_that_drops_the_connection_mid_batch_gives_a_typed_error_then_reconnec
     match device.embed_batch(&TINY) {
         Err(DeviceError::Io(_) | DeviceError::Closed(_)) => {}
         other => panic!("cloud shut down: expected a typed error, got {other:?}"),
+    }
+    device.close();
+}
+
+/// A loopback proxy to `upstream` that forwards everything until `mute` is set, then keeps
+/// the connection open but delivers nothing more from the cloud (a cloud that stops
+/// answering).
+async fn muting_proxy(upstream: SocketAddr, mute: Arc<AtomicBool>) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((down, _)) = l.accept().await {
+            let mute = mute.clone();
+            tokio::spawn(async move {
+                let Ok(up) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let (mut dr, mut dw) = down.into_split();
+                let (mut ur, mut uw) = up.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut dr, &mut uw).await;
+                });
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = match ur.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if !mute.load(Ordering::SeqCst) && dw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                // Never close the device's side: it must notice by itself.
+                std::future::pending::<()>().await;
+                drop(dw);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_cloud_that_stops_answering_mid_batch_times_out_with_a_typed_error() {
+    let s = Setup::new(None, 4, ModelPolicy::default());
+    let integer = s.integer();
+    let mute = Arc::new(AtomicBool::new(false));
+    let proxy =
+        s.rt.block_on(muting_proxy(s.cloud().local_addr(), mute.clone()));
+    let mut opts = s.options(OutputMode::Packed);
+    opts.addr = proxy;
+    // The device's request timeout (TDM-TIME-3) is its I/O timeout.
+    opts.io_timeout = Duration::from_secs(10);
+    let mut device = SentenceDevice::connect(&opts).unwrap();
+    device.set_pipeline(4);
+    assert_eq!(
+        device.embed(TINY[2]).unwrap(),
+        integer.embed(TINY[2]).unwrap().to_vec()
+    );
+    mute.store(true, Ordering::SeqCst);
+    match device.embed_batch(&TINY) {
+        Err(DeviceError::Timeout) => {}
+        other => panic!("a cloud that stopped answering: expected Timeout, got {other:?}"),
     }
     device.close();
 }
