@@ -506,7 +506,7 @@ fn candidates(inp: &PlanInputs) -> Vec<Candidate> {
             Some(_) => Refusal::NotConfident,
             None => Refusal::Policy,
         })
-    } else if inp.model.local_accuracy.is_nan() || inp.model.local_accuracy < pol.accuracy_floor {
+    } else if below_floor(inp.model.local_accuracy, pol.accuracy_floor) {
         Some(Refusal::Accuracy)
     } else {
         None
@@ -644,13 +644,19 @@ fn candidates(inp: &PlanInputs) -> Vec<Candidate> {
     out
 }
 
+/// An accuracy the floor refuses; fails closed: a NaN accuracy or a NaN floor refuses (a NaN
+/// floor compared false everywhere and so was no floor at all).
+fn below_floor(accuracy: f64, floor: f64) -> bool {
+    accuracy.is_nan() || floor.is_nan() || accuracy < floor
+}
+
 fn refusal(allowed: bool, accuracy: f64, rho: f64, inp: &PlanInputs) -> Option<Refusal> {
     // A release that charges nothing needs no budget; any other must fit what remains
     // (NaN budget or ρ pays nothing).
     let pays = rho == 0.0 || (rho.is_finite() && rho > 0.0 && rho <= inp.remaining_rho);
     if !allowed {
         Some(Refusal::Policy)
-    } else if accuracy.is_nan() || accuracy < inp.policy.accuracy_floor {
+    } else if below_floor(accuracy, inp.policy.accuracy_floor) {
         Some(Refusal::Accuracy)
     } else if !pays {
         // TDM-PLAN-3: never plan a release the ledger would refuse.

@@ -328,8 +328,70 @@ pub fn measure(
     })
 }
 
+/// Longest round-trip time accepted, ms (one hour: beyond it the link is no link).
+const MAX_RTT_MS: f64 = 3_600_000.0;
+/// Highest bandwidth accepted, bit/s (1 Tbit/s).
+const MAX_BANDWIDTH_BPS: f64 = 1e12;
+
+/// Checks the numeric arguments before anything is measured: a NaN, negative or out-of-range
+/// value is refused by name instead of silently disabling a constraint (a NaN accuracy floor
+/// or latency target compared false everywhere, i.e. no floor or no target).
+fn check_args(a: &PlanArgs) -> anyhow::Result<()> {
+    let unit = |name: &str, v: f64| -> anyhow::Result<()> {
+        if !(0.0..=1.0).contains(&v) {
+            bail!("{name} {v}: must be in [0, 1]");
+        }
+        Ok(())
+    };
+    unit("--accuracy-floor", a.accuracy_floor)?;
+    if let Some(v) = a.local_accuracy {
+        unit("--local-accuracy", v)?;
+    }
+    for &v in &a.noised_accuracy {
+        unit("--noised-accuracy", v)?;
+    }
+    if let Some(t) = a.latency_target_ms {
+        if !(t.is_finite() && t > 0.0) {
+            bail!("--latency-target-ms {t}: must be a positive number of milliseconds");
+        }
+    }
+    for &e in &a.epsilon {
+        if !(e.is_finite() && e > 0.0) {
+            bail!("--epsilon {e}: must be positive and finite");
+        }
+    }
+    if !(a.delta > 0.0 && a.delta < 1.0) {
+        bail!("--delta {}: must be in (0, 1)", a.delta);
+    }
+    if !(a.clip_l2.is_finite() && a.clip_l2 > 0.0) {
+        bail!("--clip-l2 {}: must be positive and finite", a.clip_l2);
+    }
+    if let Some(r) = a.budget_rho {
+        if !(r.is_finite() && r >= 0.0) {
+            bail!("--budget-rho {r}: must be finite and non-negative");
+        }
+    }
+    let bw = parse_bandwidth(&a.bandwidth)?;
+    if bw > MAX_BANDWIDTH_BPS {
+        bail!(
+            "--bandwidth {}: above {} Gbit/s",
+            a.bandwidth,
+            MAX_BANDWIDTH_BPS / 1e9
+        );
+    }
+    let rtt = parse_rtt_ms(&a.rtt)?;
+    if rtt > MAX_RTT_MS {
+        bail!(
+            "--rtt {}: above one hour (use --bandwidth 0 for no link)",
+            a.rtt
+        );
+    }
+    Ok(())
+}
+
 /// `tandem plan …`.
 pub fn run(a: PlanArgs) -> anyhow::Result<()> {
+    check_args(&a)?;
     let vk = tandem::read_verifying_key(&a.verifying_key)?;
     let bundle = Bundle::load(&a.model, &vk, &Limits::default())
         .with_context(|| format!("loading bundle {}", a.model.display()))?;
@@ -576,5 +638,52 @@ mod tests {
         assert_eq!(parse_rtt_ms("80ms").unwrap(), 80.0);
         assert_eq!(parse_rtt_ms("0.08s").unwrap(), 80.0);
         assert!(parse_rtt_ms("fast").is_err());
+    }
+
+    fn args(extra: &[&str]) -> PlanArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            plan: PlanArgs,
+        }
+        let mut argv = vec!["plan", "--model", "m"];
+        argv.extend_from_slice(extra);
+        <Cli as clap::Parser>::try_parse_from(argv).unwrap().plan
+    }
+
+    /// Was: NaN or out-of-range constraints were accepted and compared false (no floor, no
+    /// target), `--local-accuracy 5` made local win, `--rtt 1e300s` printed 300-digit
+    /// latencies, and a bad value was reported only after the measurements ran.
+    #[test]
+    fn out_of_range_arguments_are_refused_by_name() {
+        assert!(check_args(&args(&[])).is_ok());
+        assert!(check_args(&args(&["--epsilon", "1", "--noised-accuracy", "0.9"])).is_ok());
+        for (bad, name) in [
+            (&["--accuracy-floor", "NaN"][..], "--accuracy-floor"),
+            (&["--accuracy-floor", "2"], "--accuracy-floor"),
+            (&["--local-accuracy", "NaN"], "--local-accuracy"),
+            (&["--local-accuracy", "5"], "--local-accuracy"),
+            (
+                &["--epsilon", "1", "--noised-accuracy", "NaN"],
+                "--noised-accuracy",
+            ),
+            (&["--latency-target-ms", "NaN"], "--latency-target-ms"),
+            (&["--latency-target-ms", "0"], "--latency-target-ms"),
+            (
+                &["--epsilon", "inf", "--noised-accuracy", "0.9"],
+                "--epsilon",
+            ),
+            (&["--delta", "1"], "--delta"),
+            (&["--delta", "NaN"], "--delta"),
+            (&["--clip-l2", "NaN"], "--clip-l2"),
+            (&["--budget-rho", "NaN"], "--budget-rho"),
+            (&["--budget-rho", "inf"], "--budget-rho"),
+            (&["--rtt", "1e300s"], "--rtt"),
+            (&["--rtt", "NaNms"], "--rtt"),
+            (&["--bandwidth", "9999999gbit"], "--bandwidth"),
+        ] {
+            let e = check_args(&args(bad)).unwrap_err().to_string();
+            assert!(e.starts_with(name), "{bad:?}: {e}");
+        }
     }
 }

@@ -294,6 +294,20 @@ fn local_only_when_app_accepts_it() {
     );
 }
 
+/// Was: a NaN accuracy floor compared false everywhere, so it was no floor and the local
+/// candidate won; it now fails closed (every candidate refused for accuracy, no plan).
+#[test]
+fn a_nan_accuracy_floor_refuses_every_candidate() {
+    let mut inp = inputs(link(1.0, 80.0));
+    inp.policy.accuracy_floor = f64::NAN;
+    let p = plan(&inp);
+    assert!(p
+        .candidates
+        .iter()
+        .all(|c| c.refused == Some(Refusal::Accuracy)));
+    assert_eq!(p.chosen, None);
+}
+
 #[test]
 fn budget_running_out_switches_noised_to_encrypted_or_local() {
     let mut inp = inputs(link(1.0, 80.0));
