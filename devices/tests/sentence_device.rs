@@ -255,11 +255,10 @@ fn tiny_encoder_embeds_equal_the_integer_pipeline_in_both_output_modes() {
             .sum();
         assert_eq!(st.round_trips, requests as u64, "{mode:?}");
         assert!(st.bytes_up > 0 && st.bytes_down > 0 && st.encrypted_macs > 0);
-        // The cloud reports its evaluation time in every answer (TDM-EVAL-1).
-        assert!(
-            st.cloud_eval_s > 0.0 && st.cloud_eval_s <= st.wait_s,
-            "{st:?}"
-        );
+        // The cloud reports its evaluation time in every answer (TDM-EVAL-1). Not compared
+        // with the device's wait: the two clocks start at different events, and on a loaded
+        // machine the device may stamp a request after the cloud has begun on it.
+        assert!(st.cloud_eval_s > 0.0, "{st:?}");
         assert_eq!(device.remote().stats().cloud_eval_reports, st.round_trips);
         match mode {
             // The packed key is the big upload; no-key registers the HE key id, an empty blob.
