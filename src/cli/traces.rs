@@ -339,6 +339,18 @@ fn offload_energy(r: &tandem_device::Inference, macs: u64, radio: energy::RadioM
         )
 }
 
+/// Most requests per trace (each is a real request of every strategy: 100 000 take hours).
+const MAX_REQUESTS: usize = 100_000;
+
+/// `--requests` in `1..=MAX_REQUESTS`. Was: 0 refused, but 2^64 − 1 accepted (a run that never
+/// ends, and `i · rows` overflowing the row index).
+fn check_requests(n: usize) -> anyhow::Result<()> {
+    if n == 0 || n > MAX_REQUESTS {
+        bail!("--requests {n}: must be in 1..={MAX_REQUESTS}");
+    }
+    Ok(())
+}
+
 fn ms_since(s: Instant) -> f64 {
     s.elapsed().as_secs_f64() * 1e3
 }
@@ -349,8 +361,11 @@ fn ewma(old: Option<f64>, x: f64) -> Option<f64> {
 }
 
 async fn run_async(a: TracesArgs) -> anyhow::Result<()> {
-    if a.requests == 0 {
-        bail!("--requests must be at least 1");
+    check_requests(a.requests)?;
+    // Fail before minutes of measurements, not after them.
+    if let Some(path) = &a.plot {
+        std::fs::File::create(path)
+            .with_context(|| format!("--plot {}: cannot create the file", path.display()))?;
     }
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&a.traces)
         .with_context(|| format!("reading trace directory {}", a.traces.display()))?
@@ -368,6 +383,14 @@ async fn run_async(a: TracesArgs) -> anyhow::Result<()> {
     let vk = read_verifying_key(&a.verifying_key)?;
     let bundle = Bundle::load(&a.model, &vk, &Limits::default())
         .with_context(|| format!("loading bundle {}", a.model.display()))?;
+    if bundle.encoder().is_some() {
+        bail!(
+            "{}: an encoder bundle; `bench traces` runs the MLP bundles (one cloud layer and a \
+             test.json, e.g. models/digits); for an encoder's split depths use `tandem bench \
+             sentence --split`",
+            a.model.display()
+        );
+    }
     let test = TestSet::load(&a.model.join("test.json"))?;
     let measured = super::plan::measure(&bundle, &a.model, true)?;
     let Some(head) = bundle.exit_head() else {
@@ -483,8 +506,11 @@ async fn run_async(a: TracesArgs) -> anyhow::Result<()> {
             for d in &mut devices {
                 d.set_link_report(Some(l));
             }
+            // `i < requests <= 100 000` and the rows of a size-limited file: no overflow.
             let k = i * test.x.len() / a.requests;
-            let (x, y) = (&test.x[k], test.y[k]);
+            let (Some(x), Some(&y)) = (test.x.get(k), test.y.get(k)) else {
+                bail!("test row {k} out of range");
+            };
             let verdict = bundle.exit_confidence(x)?;
             let confident = early_exit && verdict.as_ref().is_some_and(|o| o.exit);
 
@@ -801,6 +827,14 @@ mod tests {
         assert_eq!(o.ms, 39.0);
         let o = oracle_sample(smp(40.0, true), &[smp(39.0, true)], Some(smp(0.01, false)));
         assert_eq!((o.ms, o.correct), (0.01, false));
+    }
+
+    #[test]
+    fn request_counts_are_bounded() {
+        assert!(check_requests(1).is_ok());
+        assert!(check_requests(MAX_REQUESTS).is_ok());
+        assert!(check_requests(0).is_err());
+        assert!(check_requests(usize::MAX).is_err());
     }
 
     /// `--plot` writes an SVG naming every trace and strategy (plotters, no system fonts).
