@@ -27,6 +27,8 @@ pub(crate) struct ConnectParams<'a> {
     pub param_sets: &'a [u16],
     pub io_timeout: Duration,
     pub epoch: Instant,
+    /// The device's `request_timeout_ms` (TDM-TIME-3); `None` keeps the session's default.
+    pub request_timeout_ms: Option<u64>,
 }
 
 /// One established session.
@@ -40,7 +42,13 @@ pub(crate) struct Conn {
     /// `cloud_eval_us` of the last response [`Conn::round_trip_batch`] returned, when the cloud
     /// measured it (version 2, non-zero; TDM-MSG-14). Advisory (TDM-EVAL-2).
     pub last_eval_us: Option<u32>,
+    /// The negotiated `max_in_flight` (the smaller of both sides' limits, TDM-REQ-8).
+    pub max_in_flight: u16,
 }
+
+/// An established connection taken apart by [`Conn::into_parts`]: the TLS stream after the
+/// handshake, the session, the negotiated parameter set and `max_in_flight`.
+pub(crate) type ConnParts = (TlsStream<TcpStream>, DeviceSession, ParameterSet, u16);
 
 fn now_ms(epoch: Instant) -> u64 {
     u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
@@ -64,6 +72,9 @@ impl Conn {
         let est = tandem_tls::established(stream.get_ref().1)?;
         let mut config = DeviceConfig::new(p.model_id, p.model_digest);
         config.param_sets = p.param_sets.to_vec();
+        if let Some(ms) = p.request_timeout_ms {
+            config.request_timeout_ms = ms;
+        }
         let session = DeviceSession::new(config, est.channel_binding, now_ms(p.epoch))?;
         let mut conn = Conn {
             stream,
@@ -72,6 +83,7 @@ impl Conn {
             io_timeout: p.io_timeout,
             epoch: p.epoch,
             last_eval_us: None,
+            max_in_flight: 1,
         };
         conn.flush().await?;
         loop {
@@ -79,6 +91,7 @@ impl Conn {
             while let Some(ev) = conn.session.poll_event() {
                 match ev {
                     DeviceEvent::Connected(neg) => {
+                        conn.max_in_flight = neg.limits.max_in_flight;
                         match keys::parameter_set(neg.param_set) {
                             Ok(params) => conn.params = params,
                             Err(e) => {
@@ -95,6 +108,12 @@ impl Conn {
             }
             conn.flush().await?;
         }
+    }
+
+    /// Hands over the stream, session, parameter set and negotiated `max_in_flight`, for a
+    /// driver that pumps the session itself (the pipelined [`crate::RemoteLayers`]).
+    pub fn into_parts(self) -> ConnParts {
+        (self.stream, self.session, self.params, self.max_in_flight)
     }
 
     /// Whether the session is still usable.

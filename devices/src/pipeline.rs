@@ -370,6 +370,7 @@ impl Device {
             param_sets: &self.opts.param_sets,
             io_timeout: self.opts.io_timeout,
             epoch: self.epoch,
+            request_timeout_ms: None,
         })
         .await?;
         self.connects += 1;

@@ -22,17 +22,16 @@ use std::time::{Duration, Instant};
 
 use tandem_he::ParameterSet;
 use tandem_protocol::{
-    DeviceConfig, DeviceEvent, DeviceSession, ErrorCode, OutputMode, RequestPayload,
-    ResponsePayload,
+    DeviceEvent, DeviceSession, ErrorCode, OutputMode, RequestPayload, ResponsePayload,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 
 use super::RemoteStats;
-use crate::{keys, DeviceError};
+use crate::conn::{Conn, ConnectParams};
+use crate::DeviceError;
 
 /// Where and how to connect (kept for reconnects).
 pub(super) struct Target {
@@ -169,72 +168,25 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// TCP connect, TLS handshake, protocol handshake (each bounded by the I/O timeout); the
-/// negotiated parameter set must be one this build implements.
+/// TCP connect, TLS handshake, protocol handshake ([`Conn::open`], each bounded by the I/O
+/// timeout, which is also the device's `request_timeout_ms`); the negotiated parameter set
+/// must be one this build implements.
 pub(super) async fn open(t: &Target, epoch: Instant) -> Result<Opened, DeviceError> {
-    let tcp = tokio::time::timeout(t.io_timeout, TcpStream::connect(t.addr))
-        .await
-        .map_err(|_| DeviceError::Timeout)??;
-    tcp.set_nodelay(true)?;
-    let name = tandem_tls::server_name(&t.server_name)?;
-    let mut stream = tokio::time::timeout(
-        t.io_timeout,
-        TlsConnector::from(t.tls.clone()).connect(name, tcp),
-    )
-    .await
-    .map_err(|_| DeviceError::Timeout)??;
-    let est = tandem_tls::established(stream.get_ref().1)?;
-    let mut config = DeviceConfig::new(t.model_id.clone(), t.model_digest);
-    config.param_sets.clone_from(&t.param_sets);
-    config.request_timeout_ms = u64::try_from(t.io_timeout.as_millis()).unwrap_or(u64::MAX);
-    let mut session = DeviceSession::new(config, est.channel_binding, now_ms(epoch))?;
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        write_out(&mut stream, &mut session).await?;
-        while let Some(ev) = session.poll_event() {
-            match ev {
-                DeviceEvent::Connected(neg) => {
-                    let params = match keys::parameter_set(neg.param_set) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            session.close(ErrorCode::UnsupportedParameters);
-                            let _ = write_out(&mut stream, &mut session).await;
-                            return Err(e);
-                        }
-                    };
-                    let max = usize::from(neg.limits.max_in_flight)
-                        .min(t.max_in_flight)
-                        .max(1);
-                    return Ok((stream, session, params, max));
-                }
-                DeviceEvent::Closed { code, .. } => return Err(DeviceError::Closed(code)),
-                _ => {}
-            }
-        }
-        let n = tokio::time::timeout(t.io_timeout, stream.read(&mut buf))
-            .await
-            .map_err(|_| DeviceError::Timeout)??;
-        if n == 0 {
-            return Err(DeviceError::Io(std::io::ErrorKind::UnexpectedEof.into()));
-        }
-        let _ = session.handle_input(buf.get(..n).unwrap_or_default(), now_ms(epoch));
-    }
-}
-
-/// Writes every queued frame; returns the bytes written.
-async fn write_out(
-    stream: &mut TlsStream<TcpStream>,
-    session: &mut DeviceSession,
-) -> Result<usize, DeviceError> {
-    let mut n = 0;
-    while let Some(frame) = session.poll_transmit() {
-        stream.write_all(&frame).await?;
-        n += frame.len();
-    }
-    if n > 0 {
-        stream.flush().await?;
-    }
-    Ok(n)
+    let conn = Conn::open(ConnectParams {
+        addr: t.addr,
+        server_name: &t.server_name,
+        tls: t.tls.clone(),
+        model_id: &t.model_id,
+        model_digest: t.model_digest,
+        param_sets: &t.param_sets,
+        io_timeout: t.io_timeout,
+        epoch,
+        request_timeout_ms: Some(u64::try_from(t.io_timeout.as_millis()).unwrap_or(u64::MAX)),
+    })
+    .await?;
+    let (stream, session, params, negotiated) = conn.into_parts();
+    let max = usize::from(negotiated).min(t.max_in_flight).max(1);
+    Ok((stream, session, params, max))
 }
 
 /// The driver's state.
