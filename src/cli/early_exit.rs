@@ -113,8 +113,19 @@ fn outcomes(
         .collect()
 }
 
+/// `--target-loss` in `[0, 100]` percentage points. Was: NaN and infinity were accepted and
+/// signed into the bundle's calibration record with τ at the least confident held-out row
+/// (no target at all); a negative value failed only after training, with a confusing message.
+fn check_target_loss(points: f64) -> anyhow::Result<()> {
+    if !(0.0..=100.0).contains(&points) {
+        bail!("--target-loss {points}: must be in [0, 100] percentage points (e.g. 0.5)");
+    }
+    Ok(())
+}
+
 /// `tandem exit-head --model DIR`: trains, calibrates and re-signs.
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
+    check_target_loss(args.target_loss)?;
     let root = repo_root();
     let key_file = args.key;
     let pub_file = args
@@ -233,6 +244,15 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         "  re-signed; model digest {}",
         tandem_model::Summary::of(&signed).digest
     );
+    let test_loss = 100.0 * (on_test.full_accuracy - on_test.cascade_accuracy);
+    if test_loss > args.target_loss {
+        eprintln!(
+            "warning: on the test split the cascade loses {test_loss:.2} points, more than the \
+             target {} (tau was calibrated on held-out training rows); consider shipping this \
+             bundle without a head or with a lower --target-loss",
+            args.target_loss
+        );
+    }
     Ok(())
 }
 
@@ -458,4 +478,18 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_loss_outside_0_100_points_is_refused_before_training() {
+        assert!(check_target_loss(0.5).is_ok());
+        assert!(check_target_loss(0.0).is_ok());
+        for bad in [f64::NAN, f64::INFINITY, -1.0, 100.5, 1e300] {
+            assert!(check_target_loss(bad).is_err(), "{bad} accepted");
+        }
+    }
 }
