@@ -69,6 +69,10 @@ pub struct BenchArgs {
     /// Radio of the energy model (`wifi` or `lte`).
     #[arg(long, default_value = "wifi")]
     radio: String,
+    /// Verifying key of the bundles' signer (default: the dev key,
+    /// `models/dev-verifying-key.txt`).
+    #[arg(long)]
+    verifying_key: Option<PathBuf>,
 }
 
 /// The dataset file behind a bundle's `dataset` field.
@@ -361,7 +365,17 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "lte" => Radio::Lte,
         other => bail!("--radio {other:?}: wifi or lte"),
     };
-    let vk = read_verifying_key(&repo_root().join("models/dev-verifying-key.txt"))?;
+    let vk = read_verifying_key(
+        &args
+            .verifying_key
+            .clone()
+            .unwrap_or_else(|| repo_root().join("models/dev-verifying-key.txt")),
+    )?;
+    // Fail before the measurements, not after them (was: "plot: backend error" at the end).
+    if let Some(svg) = &args.svg {
+        std::fs::File::create(svg)
+            .with_context(|| format!("--svg {}: cannot create the file", svg.display()))?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -376,6 +390,13 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     for dir in &args.model {
         let bundle = Bundle::load(dir, &vk, &Limits::default())
             .with_context(|| format!("loading {}", dir.display()))?;
+        if bundle.encoder().is_some() {
+            bail!(
+                "{}: an encoder bundle; the early-exit cascade is for the MLP bundles \
+                 (models/digits, models/breast_cancer)",
+                dir.display()
+            );
+        }
         let Some(head) = bundle.exit_head() else {
             bail!(
                 "{} has no exit head: run `tandem exit-head --model {}` first",
