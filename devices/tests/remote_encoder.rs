@@ -10,41 +10,16 @@
 //! `SKIPPED: …` and checks nothing; with `TANDEM_MINILM_DIR` set a missing model is a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_cloud::{Cloud, ServerOptions};
 use tandem_device::{DeviceError, RemoteLayers};
 use tandem_he::{Client, Context, OutputMode};
-use tandem_model::{Bundle, Limits, Part, SigningKey};
-use tandem_ops::import::import_bert;
-use tandem_ops::{default_model_dir, BundleEncoder, BundleLinears};
+use tandem_model::Part;
+use tandem_ops::{BundleEncoder, BundleLinears};
 use tandem_protocol::ErrorCode;
-use tandem_tls::{client_config, server_config, DevPki};
 
-fn model_dir(what: &str) -> Option<PathBuf> {
-    let dir = default_model_dir();
-    if dir.join("model.safetensors").exists() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("TANDEM_MINILM_DIR").is_none(),
-        "TANDEM_MINILM_DIR={} has no model.safetensors; run scripts/fetch-minilm.sh",
-        dir.display()
-    );
-    eprintln!(
-        "SKIPPED: no MiniLM model in {} (run scripts/fetch-minilm.sh); {what} was NOT checked",
-        dir.display()
-    );
-    None
-}
-
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
+mod common;
 
 const SENTENCES: [&str; 3] = [
     "A man is playing a guitar.",
@@ -54,37 +29,18 @@ const SENTENCES: [&str; 3] = [
 
 #[test]
 fn minilm_over_mtls_equals_the_integer_pipeline_and_refusals_keep_the_session() {
-    let Some(src) = model_dir("MiniLM over mTLS") else {
+    let Some(src) = common::model_dir("MiniLM over mTLS") else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let bundle_dir = tmp.path().join("minilm");
-    let key = SigningKey::from_bytes(&[5u8; 32]);
-    import_bert(&src, &bundle_dir, "all-minilm-l6-v2", 16, &key).unwrap();
-    let vk = key.verifying_key();
+    let mut c = common::EncoderCloud::start(tmp, &src, "all-minilm-l6-v2", 16, 5, None);
 
-    let pki = DevPki::generate(1).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut o = ServerOptions::new(
-        free_addr(),
-        server_config(pki.server_credentials()).unwrap(),
-        vk,
-        tmp.path().join("keys.redb"),
-    );
-    o.models = vec![bundle_dir.clone()];
-    let cloud: Cloud = rt.block_on(Cloud::start(o)).unwrap();
-
-    let device_part =
-        Bundle::load_part(&bundle_dir, &vk, &Limits::default(), Part::Device).unwrap();
-    let full = Bundle::load_part(&bundle_dir, &vk, &Limits::default(), Part::Full).unwrap();
-    let tls = client_config(pki.client_credentials("device-1").unwrap()).unwrap();
+    let device_part = c.load(Part::Device);
+    let full = c.load(Part::Full);
+    let tls = c.tls();
     let remote = Arc::new(
         RemoteLayers::connect(
-            cloud.local_addr(),
+            c.cloud().local_addr(),
             "localhost",
             tls,
             &device_part,
@@ -144,5 +100,5 @@ fn minilm_over_mtls_equals_the_integer_pipeline_and_refusals_keep_the_session() 
     assert_eq!(e.to_vec(), integer.embed(SENTENCES[2]).unwrap().to_vec());
 
     remote.close();
-    rt.block_on(cloud.shutdown());
+    c.shutdown();
 }

@@ -11,20 +11,21 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use tandem_cloud::{Cloud, ModelPolicy, ServerOptions};
+use tandem_cloud::ModelPolicy;
 use tandem_device::{DeviceError, DeviceOptions, OutputMode, RetryPolicy, SentenceDevice};
-use tandem_model::{Bundle, Limits, Part, SigningKey, VerifyingKey};
-use tandem_ops::import::import_bert;
-use tandem_ops::{default_model_dir, BundleEncoder, BundleLinears};
+use tandem_model::Part;
+use tandem_ops::{BundleEncoder, BundleLinears};
 use tandem_protocol::ErrorCode;
-use tandem_tls::{client_config, server_config, DevPki};
+
+mod common;
+use common::EncoderCloud as Setup;
 
 const CONFIG: &str = r#"{"architectures":["BertModel"],"hidden_act":"gelu","hidden_size":4,
 "intermediate_size":8,"layer_norm_eps":1e-12,"max_position_embeddings":8,"model_type":"bert",
@@ -136,73 +137,29 @@ fn tiny_model(p: &Path) {
     std::fs::write(p.join("model.safetensors"), checkpoint()).unwrap();
 }
 
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
-/// A signed bundle of `src` (batch `batch` tokens per request) and a loopback cloud serving it
-/// under `policy`.
-struct Setup {
-    _tmp: tempfile::TempDir,
-    bundle: PathBuf,
-    vk: VerifyingKey,
-    pki: DevPki,
-    rt: tokio::runtime::Runtime,
-    cloud: Option<Cloud>,
+/// A signed bundle of `src` (the tiny model when `None`; batch `batch` tokens per request) and
+/// a loopback cloud serving it under `policy`.
+fn setup(src: Option<&Path>, batch: usize, policy: ModelPolicy) -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = match src {
+        Some(dir) => dir.to_path_buf(),
+        None => {
+            let d = tmp.path().join("tiny-st");
+            tiny_model(&d);
+            d
+        }
+    };
+    Setup::start(tmp, &model, "sentence-test", batch, 7, Some(policy))
 }
 
 impl Setup {
-    fn new(src: Option<&Path>, batch: usize, policy: ModelPolicy) -> Setup {
-        let tmp = tempfile::tempdir().unwrap();
-        let model = match src {
-            Some(dir) => dir.to_path_buf(),
-            None => {
-                let d = tmp.path().join("tiny-st");
-                tiny_model(&d);
-                d
-            }
-        };
-        let bundle = tmp.path().join("bundle");
-        let key = SigningKey::from_bytes(&[7u8; 32]);
-        import_bert(&model, &bundle, "sentence-test", batch, &key).unwrap();
-        let vk = key.verifying_key();
-        let pki = DevPki::generate(1).unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let o = ServerOptions::new(
-            free_addr(),
-            server_config(pki.server_credentials()).unwrap(),
-            vk,
-            tmp.path().join("keys.redb"),
-        )
-        .with_model(bundle.clone())
-        .with_policy(bundle.clone(), policy);
-        let cloud = rt.block_on(Cloud::start(o)).unwrap();
-        Setup {
-            _tmp: tmp,
-            bundle,
-            vk,
-            pki,
-            rt,
-            cloud: Some(cloud),
-        }
-    }
-
-    fn cloud(&self) -> &Cloud {
-        self.cloud.as_ref().unwrap()
-    }
-
     fn options(&self, mode: OutputMode) -> DeviceOptions {
         let mut o = DeviceOptions::new(
             self.cloud().local_addr(),
-            client_config(self.pki.client_credentials("device-1").unwrap()).unwrap(),
+            self.tls(),
             self.bundle.clone(),
             self.vk,
-            self._tmp.path().join("unused-ledger.bin"),
+            self.tmp.path().join("unused-ledger.bin"),
         );
         o.output_mode = mode;
         o.param_sets = vec![tandem_he::DEFAULT_PARAMETERS.id];
@@ -213,27 +170,13 @@ impl Setup {
 
     /// The bundle's integer pipeline (the reference).
     fn integer(&self) -> BundleEncoder {
-        let full =
-            Bundle::load_part(&self.bundle, &self.vk, &Limits::default(), Part::Full).unwrap();
-        BundleEncoder::from_bundle(&full, BundleLinears::Integer).unwrap()
-    }
-
-    fn shutdown(&mut self) {
-        if let Some(c) = self.cloud.take() {
-            self.rt.block_on(c.shutdown());
-        }
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        self.shutdown();
+        BundleEncoder::from_bundle(&self.load(Part::Full), BundleLinears::Integer).unwrap()
     }
 }
 
 #[test]
 fn tiny_encoder_embeds_equal_the_integer_pipeline_in_both_output_modes() {
-    let s = Setup::new(None, 4, ModelPolicy::default());
+    let s = setup(None, 4, ModelPolicy::default());
     let integer = s.integer();
     for mode in [OutputMode::Packed, OutputMode::NoKey] {
         let device = SentenceDevice::connect(&s.options(mode)).unwrap();
@@ -274,7 +217,7 @@ fn tiny_encoder_embeds_equal_the_integer_pipeline_in_both_output_modes() {
 
 #[test]
 fn a_pipelined_batch_equals_the_sequential_results_in_order() {
-    let s = Setup::new(None, 4, ModelPolicy::default());
+    let s = setup(None, 4, ModelPolicy::default());
     let integer = s.integer();
     let mut device = SentenceDevice::connect(&s.options(OutputMode::Packed)).unwrap();
     device.set_pipeline(1);
@@ -319,7 +262,7 @@ fn a_pipelined_batch_equals_the_sequential_results_in_order() {
 
 #[test]
 fn a_cloud_that_drops_the_connection_mid_batch_gives_a_typed_error_then_reconnects() {
-    let mut s = Setup::new(None, 4, ModelPolicy::default());
+    let mut s = setup(None, 4, ModelPolicy::default());
     let integer = s.integer();
     let mut opts = s.options(OutputMode::Packed);
     opts.io_timeout = Duration::from_secs(20);
@@ -391,7 +334,7 @@ async fn muting_proxy(upstream: SocketAddr, mute: Arc<AtomicBool>) -> SocketAddr
 
 #[test]
 fn a_cloud_that_stops_answering_mid_batch_times_out_with_a_typed_error() {
-    let s = Setup::new(None, 4, ModelPolicy::default());
+    let s = setup(None, 4, ModelPolicy::default());
     let integer = s.integer();
     let mute = Arc::new(AtomicBool::new(false));
     let proxy =
@@ -416,7 +359,7 @@ fn a_cloud_that_stops_answering_mid_batch_times_out_with_a_typed_error() {
 
 #[test]
 fn a_cloud_that_serves_packed_only_refuses_no_key_with_a_typed_error() {
-    let s = Setup::new(
+    let s = setup(
         None,
         4,
         ModelPolicy {
@@ -441,21 +384,10 @@ fn a_cloud_that_serves_packed_only_refuses_no_key_with_a_typed_error() {
 
 #[test]
 fn minilm_sentence_device_pipelined_equals_the_integer_pipeline() {
-    let dir = default_model_dir();
-    if !dir.join("model.safetensors").exists() {
-        assert!(
-            std::env::var_os("TANDEM_MINILM_DIR").is_none(),
-            "TANDEM_MINILM_DIR={} has no model.safetensors; run scripts/fetch-minilm.sh",
-            dir.display()
-        );
-        eprintln!(
-            "SKIPPED: no MiniLM model in {} (run scripts/fetch-minilm.sh); the MiniLM \
-             SentenceDevice was NOT checked",
-            dir.display()
-        );
+    let Some(dir) = common::model_dir("the MiniLM SentenceDevice") else {
         return;
-    }
-    let s = Setup::new(Some(&dir), 16, ModelPolicy::default());
+    };
+    let s = setup(Some(&dir), 16, ModelPolicy::default());
     let integer = s.integer();
     let mut device = SentenceDevice::connect(&s.options(OutputMode::Packed)).unwrap();
     assert_eq!(device.hidden(), 384);

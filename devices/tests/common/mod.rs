@@ -1,0 +1,122 @@
+//! Set-up shared by the integration tests of `tandem-device`: loopback ports, the MiniLM skip
+//! rule, and a loopback cloud serving a freshly signed encoder bundle over mutual TLS.
+//! Each test keeps its own assertions; only set-up lives here.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tandem_cloud::{Cloud, ModelPolicy, ServerOptions};
+use tandem_model::{Bundle, Limits, Part, SigningKey, VerifyingKey};
+use tandem_ops::default_model_dir;
+use tandem_ops::import::import_bert;
+use tandem_tls::{client_config, server_config, DevPki};
+
+/// A loopback address nobody listens on (yet).
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// The MiniLM model directory (`scripts/fetch-minilm.sh`), or `None` after printing
+/// `SKIPPED: … {what} was NOT checked`. With `TANDEM_MINILM_DIR` set a missing model fails.
+pub fn model_dir(what: &str) -> Option<PathBuf> {
+    let dir = default_model_dir();
+    if dir.join("model.safetensors").exists() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var_os("TANDEM_MINILM_DIR").is_none(),
+        "TANDEM_MINILM_DIR={} has no model.safetensors; run scripts/fetch-minilm.sh",
+        dir.display()
+    );
+    eprintln!(
+        "SKIPPED: no MiniLM model in {} (run scripts/fetch-minilm.sh); {what} was NOT checked",
+        dir.display()
+    );
+    None
+}
+
+/// A sentence-transformers model imported as a signed encoder bundle (id `id`, `batch` tokens
+/// per request, signing key from `seed`) in a temporary directory, and a loopback cloud
+/// serving it over mTLS with a throwaway development PKI. The cloud shuts down on drop.
+pub struct EncoderCloud {
+    pub tmp: tempfile::TempDir,
+    pub bundle: PathBuf,
+    pub vk: VerifyingKey,
+    pub pki: DevPki,
+    pub rt: tokio::runtime::Runtime,
+    cloud: Option<Cloud>,
+}
+
+impl EncoderCloud {
+    /// `model` may lie inside `tmp`. `policy`: the bundle's serving policy (`None`: the
+    /// cloud's default for a model given without one).
+    pub fn start(
+        tmp: tempfile::TempDir,
+        model: &Path,
+        id: &str,
+        batch: usize,
+        seed: u8,
+        policy: Option<ModelPolicy>,
+    ) -> EncoderCloud {
+        let bundle = tmp.path().join("bundle");
+        let key = SigningKey::from_bytes(&[seed; 32]);
+        import_bert(model, &bundle, id, batch, &key).unwrap();
+        let vk = key.verifying_key();
+        let pki = DevPki::generate(1).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut o = ServerOptions::new(
+            free_addr(),
+            server_config(pki.server_credentials()).unwrap(),
+            vk,
+            tmp.path().join("keys.redb"),
+        )
+        .with_model(bundle.clone());
+        if let Some(p) = policy {
+            o = o.with_policy(bundle.clone(), p);
+        }
+        let cloud = rt.block_on(Cloud::start(o)).unwrap();
+        EncoderCloud {
+            tmp,
+            bundle,
+            vk,
+            pki,
+            rt,
+            cloud: Some(cloud),
+        }
+    }
+
+    /// The running cloud.
+    pub fn cloud(&self) -> &Cloud {
+        self.cloud.as_ref().unwrap()
+    }
+
+    /// The device's mTLS client configuration (`device-1` of the PKI).
+    pub fn tls(&self) -> Arc<tandem_tls::rustls::ClientConfig> {
+        client_config(self.pki.client_credentials("device-1").unwrap()).unwrap()
+    }
+
+    /// The bundle's `part`, verified.
+    pub fn load(&self, part: Part) -> Bundle {
+        Bundle::load_part(&self.bundle, &self.vk, &Limits::default(), part).unwrap()
+    }
+
+    /// Stops the cloud (idempotent).
+    pub fn shutdown(&mut self) {
+        if let Some(c) = self.cloud.take() {
+            self.rt.block_on(c.shutdown());
+        }
+    }
+}
+
+impl Drop for EncoderCloud {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
