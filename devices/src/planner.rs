@@ -635,7 +635,9 @@ fn candidates(inp: &PlanInputs) -> Vec<Candidate> {
         }
     }
     for c in &mut out {
-        if c.refused.is_none() && !c.latency_ms.is_finite() {
+        // A link so slow or so far away that a cost overflows (e.g. an RTT of f64::MAX ms:
+        // latency finite at f64::MAX, energy infinite) is no link either.
+        if c.refused.is_none() && !(c.latency_ms.is_finite() && c.energy_mj.is_finite()) {
             c.refused = Some(Refusal::NoLink);
         }
         c.meets_target =

@@ -282,6 +282,11 @@ pub fn plan_split(profile: &SplitProfile, link: LinkEstimate, opts: &SplitOption
             } else {
                 radio.transfer_mj(up, down, network_ms + cloud_ms)
             };
+        // A cost that overflows (e.g. an RTT of f64::MAX ms) is no link either.
+        let refused = refused.or_else(|| {
+            (!local && !(latency_ms.is_finite() && energy_mj.is_finite()))
+                .then_some(SplitRefusal::NoLink)
+        });
         let meets_target =
             refused.is_none() && opts.latency_target_ms.is_none_or(|t| latency_ms <= t);
         candidates.push(SplitCandidate {
@@ -395,6 +400,19 @@ mod tests {
         assert!((c[2].energy_mj - crate::energy::cpu_mj(21.0)).abs() < 1e-12);
         assert_eq!(plan.choice().map(|c| c.depth), Some(2));
         assert!(plan.explain().contains("* split2/local"));
+    }
+
+    /// Was: an RTT of f64::MAX ms priced the offloaded depths at an infinite latency that
+    /// was still "ok" (feasible).
+    #[test]
+    fn an_overflowing_link_is_no_link() {
+        let p = profile();
+        let o = SplitOptions::all_depths(&p);
+        let plan = plan_split(&p, link(10.0, f64::MAX), &o);
+        for c in plan.candidates.iter().filter(|c| !c.local) {
+            assert_eq!(c.refused, Some(SplitRefusal::NoLink), "depth {}", c.depth);
+        }
+        assert!(plan.choice().is_some_and(|c| c.local));
     }
 
     #[test]

@@ -294,6 +294,48 @@ fn local_only_when_app_accepts_it() {
     );
 }
 
+/// A link report an app's monitor got wrong (NaN, infinite, zero, negative, or so extreme the
+/// transfer time overflows) is no link: offloads are refused with `NoLink`, local wins when
+/// allowed, nothing is planned otherwise; never a NaN latency chosen.
+#[test]
+fn absurd_link_reports_are_no_link() {
+    let nan = f64::NAN;
+    let inf = f64::INFINITY;
+    for (bw, rtt) in [
+        (nan, 50.0),
+        (10e6, nan),
+        (inf, 50.0),
+        (10e6, inf),
+        (0.0, 50.0),
+        (-1e6, 50.0),
+        (10e6, -5.0),
+        (1e-300, 50.0),
+        (10e6, f64::MAX),
+    ] {
+        let l = LinkEstimate {
+            bandwidth_bps: bw,
+            rtt_ms: rtt,
+        };
+        let mut inp = inputs(l);
+        let p = plan(&inp);
+        assert_eq!(
+            p.choice().map(|c| c.protection),
+            Some(PlanProtection::Local),
+            "{bw} bit/s, {rtt} ms"
+        );
+        for c in p.candidates.iter().filter(|c| c.split.is_some()) {
+            assert_eq!(
+                c.refused,
+                Some(Refusal::NoLink),
+                "{bw} bit/s, {rtt} ms: {}",
+                p.explain()
+            );
+        }
+        inp.policy.allow_local = false;
+        assert_eq!(plan(&inp).chosen, None, "{bw} bit/s, {rtt} ms");
+    }
+}
+
 /// Was: a NaN accuracy floor compared false everywhere, so it was no floor and the local
 /// candidate won; it now fails closed (every candidate refused for accuracy, no plan).
 #[test]
