@@ -284,7 +284,7 @@ pub fn plan_split(profile: &SplitProfile, link: LinkEstimate, opts: &SplitOption
             };
         // A cost that overflows (e.g. an RTT of f64::MAX ms) is no link either.
         let refused = refused.or_else(|| {
-            (!local && !(latency_ms.is_finite() && energy_mj.is_finite()))
+            (!local && (!latency_ms.is_finite() || !energy_mj.is_finite()))
                 .then_some(SplitRefusal::NoLink)
         });
         let meets_target =
