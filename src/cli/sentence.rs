@@ -24,7 +24,7 @@ use serde::Serialize;
 use tandem_cloud::{Cloud, ServerOptions};
 use tandem_device::planner::LinkEstimate;
 use tandem_device::{RemoteLayers, SentenceDevice, SentenceStats};
-use tandem_model::{read_verifying_key, Bundle, Limits, Part};
+use tandem_model::{read_verifying_key, Bundle, Limits, Part, VerifyingKey};
 use tandem_ops::{BundleEncoder, Encoded};
 use tandem_tls::{client_config, client_config_from_files, server_config, ClientFiles, DevPki};
 
@@ -106,6 +106,112 @@ pub struct BenchArgs {
     pub split: super::sentence_split::SplitArgs,
 }
 
+/// Loads the encoder bundle at `model` (part `part`), verified with the key at `key`
+/// (warning on stderr when it is the public development key); returns it with that key.
+///
+/// # Errors
+/// The key or bundle cannot be read or verified, or the bundle has no `[encoder]` section.
+pub(super) fn load_encoder_bundle(
+    model: &Path,
+    key: &Path,
+    part: Part,
+) -> anyhow::Result<(Bundle, VerifyingKey)> {
+    let vk = read_verifying_key(key).with_context(|| format!("verifying key {}", key.display()))?;
+    if tandem_model::is_dev_key(&vk) {
+        eprintln!(
+            "warning: verifying with the public DEVELOPMENT key {}: use your own key outside \
+             development",
+            key.display()
+        );
+    }
+    let bundle = Bundle::load_part(model, &vk, &Limits::default(), part).with_context(|| {
+        if part == Part::Full {
+            format!(
+                "loading {} with its cloud weights file (the device runs the blocks before the \
+                 split in the clear with their int8 weights)",
+                model.display()
+            )
+        } else {
+            format!("loading the bundle {}", model.display())
+        }
+    })?;
+    if bundle.encoder().is_none() {
+        bail!(
+            "{} is not an encoder bundle (no [encoder] section): make one with `tandem model \
+             import-bert`",
+            model.display()
+        );
+    }
+    Ok((bundle, vk))
+}
+
+/// Where the device session goes: `--cloud` with the PKI's credentials, or a loopback cloud
+/// started in this process (throwaway development PKI) serving `model`, optionally behind a
+/// shaped link (`bench traces`' paced proxy).
+pub(super) struct Endpoint {
+    pub addr: SocketAddr,
+    pub server_name: String,
+    pub tls: Arc<tandem_tls::rustls::ClientConfig>,
+    /// The loopback cloud and its runtime, when this process started it.
+    pub local: Option<(tokio::runtime::Runtime, Cloud)>,
+}
+
+impl Endpoint {
+    /// `threads > 1` lets the loopback cloud evaluate in parallel; `tag` names its key store
+    /// file in the temporary directory.
+    ///
+    /// # Errors
+    /// `--cloud` without `--pki`, unreadable credentials, or a loopback cloud that does not
+    /// start.
+    pub(super) fn open(
+        model: &Path,
+        c: &CloudArgs,
+        vk: VerifyingKey,
+        threads: usize,
+        link: Option<LinkEstimate>,
+        tag: &str,
+    ) -> anyhow::Result<Endpoint> {
+        if let Some(addr) = c.cloud {
+            let Some(pki) = &c.pki else {
+                bail!("--cloud needs --pki <dir> (the device's credentials)");
+            };
+            let files = ClientFiles::from_pki_dir(pki, &c.device)?;
+            return Ok(Endpoint {
+                addr,
+                server_name: c.server_name.clone(),
+                tls: client_config_from_files(&files)?,
+                local: None,
+            });
+        }
+        let pki = DevPki::generate(1)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let store =
+            std::env::temp_dir().join(format!("tandem-{tag}-{}-keys.redb", std::process::id()));
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?
+        };
+        let mut o = ServerOptions::new(addr, server_config(pki.server_credentials())?, vk, store);
+        o.models = vec![model.to_path_buf()];
+        o.parallel_eval = threads > 1;
+        let cloud = rt.block_on(Cloud::start(o))?;
+        let tls = client_config(pki.client_credentials("device-1")?)?;
+        let addr = match link {
+            Some(l) => rt.block_on(super::traces::ShapedLink::new(l).proxy(cloud.local_addr()))?,
+            None => cloud.local_addr(),
+        };
+        Ok(Endpoint {
+            addr,
+            server_name: "localhost".to_string(),
+            tls,
+            local: Some((rt, cloud)),
+        })
+    }
+}
+
 /// A device session against the cloud, with its encoder (key uploaded).
 struct Session {
     remote: Arc<RemoteLayers>,
@@ -120,68 +226,17 @@ struct Session {
 
 impl Session {
     fn open(model: &Path, c: &CloudArgs, threads: usize) -> anyhow::Result<Session> {
-        let vk = read_verifying_key(&c.key)
-            .with_context(|| format!("verifying key {}", c.key.display()))?;
-        if tandem_model::is_dev_key(&vk) {
-            eprintln!(
-                "warning: verifying with the public DEVELOPMENT key {}: use your own key \
-                 outside development",
-                c.key.display()
-            );
-        }
-        let bundle = Bundle::load_part(model, &vk, &Limits::default(), Part::Device)
-            .with_context(|| format!("loading the bundle {}", model.display()))?;
-        if bundle.encoder().is_none() {
-            bail!(
-                "{} is not an encoder bundle (no [encoder] section): make one with `tandem \
-                 model import-bert`",
-                model.display()
-            );
-        }
-        let (addr, server_name, tls, local) = match c.cloud {
-            Some(addr) => {
-                let Some(pki) = &c.pki else {
-                    bail!("--cloud needs --pki <dir> (the device's credentials)");
-                };
-                let files = ClientFiles::from_pki_dir(pki, &c.device)?;
-                (
-                    addr,
-                    c.server_name.clone(),
-                    client_config_from_files(&files)?,
-                    None,
-                )
-            }
-            None => {
-                let pki = DevPki::generate(1)?;
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()?;
-                let store = std::env::temp_dir()
-                    .join(format!("tandem-sentence-{}-keys.redb", std::process::id()));
-                let addr = {
-                    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-                    l.local_addr()?
-                };
-                let mut o =
-                    ServerOptions::new(addr, server_config(pki.server_credentials())?, vk, store);
-                o.models = vec![model.to_path_buf()];
-                o.parallel_eval = threads > 1;
-                let cloud = rt.block_on(Cloud::start(o))?;
-                let tls = client_config(pki.client_credentials("device-1")?)?;
-                let addr = match c.link_rtt_ms {
-                    Some(rtt_ms) => {
-                        let link = super::traces::ShapedLink::new(LinkEstimate {
-                            bandwidth_bps: c.link_mbit * 1e6,
-                            rtt_ms,
-                        });
-                        rt.block_on(link.proxy(cloud.local_addr()))?
-                    }
-                    None => cloud.local_addr(),
-                };
-                (addr, "localhost".to_string(), tls, Some((rt, cloud)))
-            }
-        };
+        let (bundle, vk) = load_encoder_bundle(model, &c.key, Part::Device)?;
+        let link = c.link_rtt_ms.map(|rtt_ms| LinkEstimate {
+            bandwidth_bps: c.link_mbit * 1e6,
+            rtt_ms,
+        });
+        let Endpoint {
+            addr,
+            server_name,
+            tls,
+            local,
+        } = Endpoint::open(model, c, vk, threads, link, "sentence")?;
         let mode = super::eval::parse_mode(&c.mode)?;
         let remote = Arc::new(RemoteLayers::connect(
             addr,

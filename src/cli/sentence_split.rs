@@ -20,17 +20,14 @@ use clap::Args;
 use serde::Serialize;
 use tandem::device::energy::Radio;
 use tandem::device::planner::{plan_split, LinkEstimate, Objective, SplitOptions};
-use tandem_cloud::{Cloud, ServerOptions};
 use tandem_device::RemoteLayers;
 use tandem_he::{Context as HeContext, OutputMode};
-use tandem_model::{read_verifying_key, Bundle, Limits, Part};
+use tandem_model::{Bundle, Part};
 use tandem_ops::{
     BundleEncoder, BundleLinears, CloudLayers, OpsError, QuantizedWeights, SplitProfile,
 };
-use tandem_tls::{client_config, client_config_from_files, server_config, ClientFiles, DevPki};
 
-use super::sentence::CloudArgs;
-use super::traces::ShapedLink;
+use super::sentence::{CloudArgs, Endpoint};
 
 /// The split-depth options of `tandem bench sentence`.
 #[derive(Args, Clone, Default)]
@@ -170,30 +167,7 @@ pub fn bench(
     json: bool,
     a: &SplitArgs,
 ) -> anyhow::Result<()> {
-    let vk =
-        read_verifying_key(&c.key).with_context(|| format!("verifying key {}", c.key.display()))?;
-    if tandem_model::is_dev_key(&vk) {
-        eprintln!(
-            "warning: verifying with the public DEVELOPMENT key {}: use your own key outside \
-             development",
-            c.key.display()
-        );
-    }
-    let bundle =
-        Bundle::load_part(model, &vk, &Limits::default(), Part::Full).with_context(|| {
-            format!(
-                "loading {} with its cloud weights file (the device runs the blocks before the \
-             split in the clear with their int8 weights)",
-                model.display()
-            )
-        })?;
-    if bundle.encoder().is_none() {
-        bail!(
-            "{} is not an encoder bundle (no [encoder] section): --split needs one (`tandem \
-             model import-bert`)",
-            model.display()
-        );
-    }
+    let (bundle, vk) = super::sentence::load_encoder_bundle(model, &c.key, Part::Full)?;
     let link = match &a.bandwidth {
         Some(b) => Some(LinkEstimate {
             bandwidth_bps: super::plan::parse_bandwidth(b)?,
@@ -220,47 +194,12 @@ pub fn bench(
     }
 
     // The session: loopback cloud (shaped) or --cloud.
-    let (addr, server_name, tls, local) = match c.cloud {
-        Some(addr) => {
-            let Some(pki) = &c.pki else {
-                bail!("--cloud needs --pki <dir> (the device's credentials)");
-            };
-            let files = ClientFiles::from_pki_dir(pki, &c.device)?;
-            (
-                addr,
-                c.server_name.clone(),
-                client_config_from_files(&files)?,
-                None,
-            )
-        }
-        None => {
-            let pki = DevPki::generate(1)?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            let store = std::env::temp_dir().join(format!(
-                "tandem-sentence-split-{}-keys.redb",
-                std::process::id()
-            ));
-            let addr = {
-                let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-                l.local_addr()?
-            };
-            let mut o =
-                ServerOptions::new(addr, server_config(pki.server_credentials())?, vk, store);
-            o.models = vec![model.to_path_buf()];
-            o.parallel_eval = threads > 1;
-            let cloud = rt.block_on(Cloud::start(o))?;
-            let upstream = cloud.local_addr();
-            let addr = match link {
-                Some(l) => rt.block_on(ShapedLink::new(l).proxy(upstream))?,
-                None => upstream,
-            };
-            let tls = client_config(pki.client_credentials("device-1")?)?;
-            (addr, "localhost".to_string(), tls, Some((rt, cloud)))
-        }
-    };
+    let Endpoint {
+        addr,
+        server_name,
+        tls,
+        local,
+    } = Endpoint::open(model, c, vk, threads, link, "sentence-split")?;
     let remote = Arc::new(RemoteLayers::connect(
         addr,
         &server_name,
