@@ -8,57 +8,12 @@
 //! `SKIPPED: …` and checks nothing; with `TANDEM_MINILM_DIR` set a missing model is a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
-
-use serde_json::Value;
-
-fn model_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("TANDEM_MINILM_DIR").map_or_else(
-        || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tandem/minilm"),
-        PathBuf::from,
-    );
-    if dir.join("model.safetensors").exists() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("TANDEM_MINILM_DIR").is_none(),
-        "TANDEM_MINILM_DIR={} has no model.safetensors; run scripts/fetch-minilm.sh",
-        dir.display()
-    );
-    eprintln!(
-        "SKIPPED: no MiniLM model in {} (run scripts/fetch-minilm.sh and set TANDEM_MINILM_DIR); \
-         tandem bench sentence --split was NOT checked",
-        dir.display()
-    );
-    None
-}
-
-fn tandem(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tandem {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn json_lines(out: &Output) -> Vec<Value> {
-    String::from_utf8(out.stdout.clone())
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
+mod common;
+use common::{json_lines, run_ok as tandem};
 
 #[test]
 fn bench_sentence_split_runs_each_depth_and_auto_follows_the_plan() {
-    let Some(src) = model_dir() else {
+    let Some(src) = common::model_dir("tandem bench sentence --split") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

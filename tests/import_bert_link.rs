@@ -6,29 +6,10 @@
 //! `SKIPPED: …` and checks nothing; with `TANDEM_MINILM_DIR` set a missing model is a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
-fn model_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("TANDEM_MINILM_DIR").map_or_else(
-        || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tandem/minilm"),
-        PathBuf::from,
-    );
-    if dir.join("model.safetensors").exists() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("TANDEM_MINILM_DIR").is_none(),
-        "TANDEM_MINILM_DIR={} has no model.safetensors; run scripts/fetch-minilm.sh",
-        dir.display()
-    );
-    eprintln!(
-        "SKIPPED: no MiniLM model in {} (run scripts/fetch-minilm.sh and set TANDEM_MINILM_DIR); \
-         import-bert --link-kbit was NOT checked",
-        dir.display()
-    );
-    None
-}
+mod common;
 
 fn import(src: &Path, out: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
@@ -41,16 +22,12 @@ fn import(src: &Path, out: &Path, extra: &[&str]) -> Output {
         "models/dev-signing-key.txt".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(&args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap()
+    common::run(&args)
 }
 
 #[test]
 fn import_bert_signs_row_bounds_always_and_the_link_only_when_given() {
-    let Some(src) = model_dir() else {
+    let Some(src) = common::model_dir("import-bert --link-kbit") else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();

@@ -12,39 +12,8 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The MiniLM directory, or `None` after printing why the test checks nothing.
-fn model_dir(what: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("TANDEM_MINILM_DIR").map_or_else(
-        || {
-            let cache = std::env::var_os("TANDEM_CACHE").map_or_else(
-                || {
-                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                        .join(".cache/tandem")
-                },
-                PathBuf::from,
-            );
-            cache.join("minilm")
-        },
-        PathBuf::from,
-    );
-    if dir.join("model.safetensors").exists() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("TANDEM_MINILM_DIR").is_none(),
-        "TANDEM_MINILM_DIR={} has no model.safetensors; run scripts/fetch-minilm.sh",
-        dir.display()
-    );
-    eprintln!(
-        "SKIPPED: no MiniLM model in {} (run scripts/fetch-minilm.sh and set TANDEM_MINILM_DIR); {what} was NOT checked",
-        dir.display()
-    );
-    None
-}
+mod common;
+use common::{model_dir, repo};
 
 fn tandem(args: &[&str], model: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tandem"))

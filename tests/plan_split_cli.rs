@@ -8,37 +8,10 @@
 //! `SKIPPED: …` and checks nothing; with `TANDEM_MINILM_DIR` set a missing model is a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
-fn model_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("TANDEM_MINILM_DIR").map_or_else(
-        || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tandem/minilm"),
-        PathBuf::from,
-    );
-    if dir.join("model.safetensors").exists() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("TANDEM_MINILM_DIR").is_none(),
-        "TANDEM_MINILM_DIR={} has no model.safetensors; run scripts/fetch-minilm.sh",
-        dir.display()
-    );
-    eprintln!(
-        "SKIPPED: no MiniLM model in {} (run scripts/fetch-minilm.sh and set TANDEM_MINILM_DIR); \
-         tandem plan on an encoder bundle was NOT checked",
-        dir.display()
-    );
-    None
-}
-
-fn tandem(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap()
-}
+mod common;
+use common::run as tandem;
 
 fn plan(
     bundle: &Path,
@@ -86,7 +59,7 @@ fn chosen(lines: &[serde_json::Value]) -> u64 {
 
 #[test]
 fn plan_lists_every_split_depth_caches_the_profile_and_picks_the_obvious_one() {
-    let Some(src) = model_dir() else {
+    let Some(src) = common::model_dir("tandem plan on an encoder bundle") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
