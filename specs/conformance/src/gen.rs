@@ -646,6 +646,26 @@ fn step_input(bytes: &[u8], now: u64) -> Value {
     json!({"op": "input", "hex": hexutil::encode(bytes), "now": now})
 }
 
+/// The encoded `InferResponse` to request `request_id` on layer 1 with plain `values`
+/// (`cloud_eval_us`: `None` for the version-1 layout, TDM-MSG-14).
+fn plain_response(
+    request_id: u64,
+    cloud_eval_us: Option<u32>,
+    values: Vec<i64>,
+) -> Result<Vec<u8>, String> {
+    enc(&Message::InferResponse(InferResponse {
+        request_id,
+        layer_id: 1,
+        cloud_eval_us,
+        payload: ResponsePayload::Plain(values),
+    }))
+}
+
+/// The encoded `RequestError` refusing request `request_id` with `code`.
+fn request_error(request_id: u64, code: ErrorCode) -> Result<Vec<u8>, String> {
+    enc(&Message::RequestError(RequestError { request_id, code }))
+}
+
 fn transcripts() -> Result<Vec<Value>, String> {
     let hello = enc(&Message::ClientHello(samples::client_hello()))?;
     let shello = enc(&Message::ServerHello(samples::server_hello()))?;
@@ -895,15 +915,7 @@ fn transcripts() -> Result<Vec<Value>, String> {
             vec![
                 step_input(&shello, 1),
                 json!({"op": "send", "sample": "request_noised_gaussian", "now": 2}),
-                step_input(
-                    &enc(&Message::InferResponse(InferResponse {
-                        request_id: 1,
-                        layer_id: 1,
-                        cloud_eval_us: Some(2_500),
-                        payload: ResponsePayload::Plain(vec![6, 7]),
-                    }))?,
-                    3,
-                ),
+                step_input(&plain_response(1, Some(2_500), vec![6, 7])?, 3),
             ],
         ),
         (
@@ -919,22 +931,11 @@ fn transcripts() -> Result<Vec<Value>, String> {
             vec![
                 step_input(&shello, 1),
                 json!({"op": "send", "sample": "request_noised_laplace", "now": 2}),
-                step_input(
-                    &enc(&Message::RequestError(RequestError {
-                        request_id: 1,
-                        code: ErrorCode::Busy,
-                    }))?,
-                    3,
-                ),
+                step_input(&request_error(1, ErrorCode::Busy)?, 3),
             ],
         ),
         ("duplicate_response", {
-            let r = enc(&Message::InferResponse(InferResponse {
-                request_id: 1,
-                layer_id: 1,
-                cloud_eval_us: Some(2_500),
-                payload: ResponsePayload::Plain(vec![6]),
-            }))?;
+            let r = plain_response(1, Some(2_500), vec![6])?;
             vec![
                 step_input(&shello, 1),
                 json!({"op": "send", "sample": "request_noised_laplace", "now": 2}),
@@ -975,15 +976,7 @@ fn transcripts() -> Result<Vec<Value>, String> {
             vec![
                 step_input(&shello, 1),
                 json!({"op": "send", "sample": "request_noised_laplace", "now": 2}),
-                step_input(
-                    &enc(&Message::InferResponse(InferResponse {
-                        request_id: 1,
-                        layer_id: 1,
-                        cloud_eval_us: Some(2_500),
-                        payload: ResponsePayload::Plain(vec![42]),
-                    }))?,
-                    10,
-                ),
+                step_input(&plain_response(1, Some(2_500), vec![42])?, 10),
                 json!({"op": "timeout", "now": 30_009}),
                 json!({"op": "timeout", "now": 30_010}),
             ],
@@ -1014,15 +1007,7 @@ fn transcripts() -> Result<Vec<Value>, String> {
             vec![
                 step_input(&enc(&Message::ServerHello(h))?, 1),
                 json!({"op": "send", "sample": "request_noised_laplace", "now": 2}),
-                step_input(
-                    &enc(&Message::InferResponse(InferResponse {
-                        request_id: 1,
-                        layer_id: 1,
-                        cloud_eval_us: None,
-                        payload: ResponsePayload::Plain(vec![42]),
-                    }))?,
-                    3,
-                ),
+                step_input(&plain_response(1, None, vec![42])?, 3),
             ]
         }),
         (
@@ -1031,15 +1016,7 @@ fn transcripts() -> Result<Vec<Value>, String> {
             vec![
                 step_input(&shello, 1),
                 json!({"op": "send", "sample": "request_noised_laplace", "now": 2}),
-                step_input(
-                    &enc(&Message::InferResponse(InferResponse {
-                        request_id: 1,
-                        layer_id: 1,
-                        cloud_eval_us: None,
-                        payload: ResponsePayload::Plain(vec![42]),
-                    }))?,
-                    3,
-                ),
+                step_input(&plain_response(1, None, vec![42])?, 3),
             ],
         ),
         (
@@ -1049,23 +1026,9 @@ fn transcripts() -> Result<Vec<Value>, String> {
             vec![
                 step_input(&shello, 1),
                 json!({"op": "send", "sample": "request_noised_layer5_batch4", "now": 2}),
-                step_input(
-                    &enc(&Message::RequestError(RequestError {
-                        request_id: 1,
-                        code: ErrorCode::InvalidRequest,
-                    }))?,
-                    3,
-                ),
+                step_input(&request_error(1, ErrorCode::InvalidRequest)?, 3),
                 json!({"op": "send", "sample": "request_noised_laplace", "now": 4}),
-                step_input(
-                    &enc(&Message::InferResponse(InferResponse {
-                        request_id: 2,
-                        layer_id: 1,
-                        cloud_eval_us: Some(900),
-                        payload: ResponsePayload::Plain(vec![42]),
-                    }))?,
-                    5,
-                ),
+                step_input(&plain_response(2, Some(900), vec![42])?, 5),
             ],
         ),
         (
