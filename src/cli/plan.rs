@@ -99,7 +99,7 @@ pub struct PlanArgs {
     /// Encoder bundles: the device profile file (default: a cache path, see plan_encoder.rs).
     #[arg(long)]
     profile: Option<PathBuf>,
-    /// Encoder bundles: one JSON line per split depth.
+    /// One JSON line per candidate (encoder bundles: per split depth) instead of text.
     #[arg(long)]
     json: bool,
     /// Plan the request of this row of the bundle's `test.json` with early exit on: the
@@ -526,26 +526,50 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         exit,
     };
     let p = plan(&inputs);
-    println!(
-        "model {} ({}), split after layer {cloud_at}, cloud layer {}x{}; link {}, radio {}; \
+    if !a.json {
+        println!(
+            "model {} ({}), split after layer {cloud_at}, cloud layer {}x{}; link {}, radio {}; \
          device {ns_per_mac:.3} ns/MAC (measured); cloud time {}; remaining rho {remaining_rho:.4}",
-        m.id,
-        a.model.display(),
-        n_in,
-        n_out,
-        if bandwidth_bps > 0.0 {
-            format!("{:.3} Mbit/s, RTT {rtt_ms} ms", bandwidth_bps / 1e6)
-        } else {
-            "none".to_string()
-        },
-        radio.name(),
-        if cloud_measured {
-            "measured here, one thread"
-        } else {
-            "modelled (tandem_he::plan_cost)"
-        },
-    );
-    if a.explain {
+            m.id,
+            a.model.display(),
+            n_in,
+            n_out,
+            if bandwidth_bps > 0.0 {
+                format!("{:.3} Mbit/s, RTT {rtt_ms} ms", bandwidth_bps / 1e6)
+            } else {
+                "none".to_string()
+            },
+            radio.name(),
+            if cloud_measured {
+                "measured here, one thread"
+            } else {
+                "modelled (tandem_he::plan_cost)"
+            },
+        );
+    }
+    if a.json {
+        // One line per candidate, the keys of the encoder bundles' lines where they apply
+        // (was: --json was silently ignored for these bundles).
+        for (i, c) in p.candidates.iter().enumerate() {
+            let line = serde_json::json!({
+                "model": m.id,
+                "bandwidth_bps": bandwidth_bps,
+                "rtt_ms": rtt_ms,
+                "candidate": c.name(),
+                "split": c.split,
+                "local": c.protection == tandem::device::planner::PlanProtection::Local,
+                "chosen": p.chosen == Some(i),
+                "predicted_e2e_ms": finite_or_null(c.latency_ms),
+                "energy_mj": finite_or_null(c.energy_mj),
+                "bytes_up": c.bytes_up,
+                "bytes_down": c.bytes_down,
+                "accuracy": finite_or_null(c.accuracy),
+                "rho": finite_or_null(c.rho),
+                "refused": c.refused.map(|r| r.name()),
+            });
+            println!("{line}");
+        }
+    } else if a.explain {
         println!(
             "latency = device compute + encryption/decryption/noise + bytes / bandwidth + round \
              trips x RTT + cloud time; energy = multiply-adds x {:.1} pJ + CPU time of \
@@ -592,6 +616,12 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         bail!("no feasible candidate under this policy, budget and link");
     }
     Ok(())
+}
+
+/// `x` as a JSON number, or `null` when it is not finite (JSON has no infinity; serde_json
+/// would print `null` anyway, this makes it explicit).
+fn finite_or_null(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
 }
 
 /// The split-depth planner's arguments (encoder bundles, `plan_encoder.rs`).
