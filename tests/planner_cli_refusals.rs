@@ -35,6 +35,8 @@ fn plan_refuses_nan_and_out_of_range_constraints() {
         (&["--latency-target-ms", "NaN"], "--latency-target-ms"),
         (&["--budget-rho", "NaN"], "--budget-rho"),
         (&["--rtt", "1e300s"], "--rtt"),
+        // Encoder-bundle inputs on an MLP bundle (was: silently ignored).
+        (&["--tokens", "8"], "--tokens"),
     ] {
         refused(&[&m[..], extra].concat(), flag);
     }

@@ -93,9 +93,9 @@ pub struct PlanArgs {
     /// The evaluation key is not registered with the cloud yet (charge its upload).
     #[arg(long)]
     key_not_registered: bool,
-    /// Encoder bundles: sentence length priced, tokens (special tokens included).
-    #[arg(long, default_value_t = 16)]
-    tokens: usize,
+    /// Encoder bundles: sentence length priced, tokens (special tokens included) [default: 16].
+    #[arg(long)]
+    tokens: Option<usize>,
     /// Encoder bundles: the device profile file (default: a cache path, see plan_encoder.rs).
     #[arg(long)]
     profile: Option<PathBuf>,
@@ -398,6 +398,12 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     if bundle.encoder().is_some() {
         return super::plan_encoder::run(&bundle, encoder_args(a)?);
     }
+    if a.tokens.is_some() || a.profile.is_some() {
+        bail!(
+            "--tokens / --profile: inputs of encoder bundles; {} is an MLP bundle",
+            a.model.display()
+        );
+    }
     let m = bundle.manifest();
     let forbidden: Vec<OutputMode> = a
         .forbid_mode
@@ -626,6 +632,27 @@ fn finite_or_null(x: f64) -> Option<f64> {
 
 /// The split-depth planner's arguments (encoder bundles, `plan_encoder.rs`).
 fn encoder_args(a: PlanArgs) -> anyhow::Result<super::plan_encoder::EncoderPlanArgs> {
+    // Was: silently ignored for an encoder bundle (the split-depth planner has no such input).
+    for (given, flag) in [
+        (a.row.is_some(), "--row"),
+        (
+            !a.epsilon.is_empty() || !a.noised_accuracy.is_empty(),
+            "--epsilon",
+        ),
+        (a.noised_encrypted, "--noised-encrypted"),
+        (a.local_accuracy.is_some(), "--local-accuracy"),
+        (a.accuracy_floor != 0.0, "--accuracy-floor"),
+        (a.budget_rho.is_some(), "--budget-rho"),
+        (!a.forbid_mode.is_empty(), "--forbid-mode"),
+    ] {
+        if given {
+            bail!(
+                "{flag}: not an input of the split-depth planner of an encoder bundle ({}); \
+                 it prices encrypted (packed) offload per depth only",
+                a.model.display()
+            );
+        }
+    }
     let bandwidth_bps = parse_bandwidth(&a.bandwidth)?;
     let rtt_ms = parse_rtt_ms(&a.rtt)?;
     Ok(super::plan_encoder::EncoderPlanArgs {
@@ -646,7 +673,7 @@ fn encoder_args(a: PlanArgs) -> anyhow::Result<super::plan_encoder::EncoderPlanA
         energy: a.energy,
         explain: a.explain,
         json: a.json,
-        tokens: a.tokens,
+        tokens: a.tokens.unwrap_or(16),
         profile: a.profile,
         latency_target_ms: a.latency_target_ms,
         key_not_registered: a.key_not_registered,
