@@ -25,7 +25,6 @@ use tandem_cloud::{Cloud, ServerOptions};
 use tandem_device::planner::LinkEstimate;
 use tandem_device::{RemoteLayers, SentenceDevice, SentenceStats};
 use tandem_model::{read_verifying_key, Bundle, Limits, Part, VerifyingKey};
-use tandem_ops::{BundleEncoder, Encoded};
 use tandem_tls::{client_config, client_config_from_files, server_config, ClientFiles, DevPki};
 
 /// Where the cloud is.
@@ -210,6 +209,35 @@ impl Endpoint {
             local: Some((rt, cloud)),
         })
     }
+
+    /// A [`RemoteLayers`] session to the endpoint for `bundle` in `mode` (the default HE
+    /// parameter set; `io_timeout` bounds connect, handshake and each answer).
+    ///
+    /// # Errors
+    /// The cloud cannot be reached or refuses the session.
+    pub(super) fn connect(
+        &self,
+        bundle: &Bundle,
+        mode: tandem_he::OutputMode,
+        io_timeout: Duration,
+    ) -> anyhow::Result<Arc<RemoteLayers>> {
+        Ok(Arc::new(RemoteLayers::connect(
+            self.addr,
+            &self.server_name,
+            self.tls.clone(),
+            bundle,
+            mode,
+            &[tandem_he::DEFAULT_PARAMETERS.id],
+            io_timeout,
+        )?))
+    }
+
+    /// Stops the loopback cloud, if this process started one.
+    pub(super) fn shutdown(self) {
+        if let Some((rt, cloud)) = self.local {
+            rt.block_on(cloud.shutdown());
+        }
+    }
 }
 
 /// A device session against the cloud, with its encoder (key uploaded).
@@ -220,8 +248,8 @@ struct Session {
     /// The shaped loopback link's RTT, if any (`--link-rtt-ms`).
     link_rtt_ms: Option<f64>,
     model: String,
-    /// The loopback cloud and its runtime, when this process started it.
-    local: Option<(tokio::runtime::Runtime, Cloud)>,
+    /// Where the session goes (and the loopback cloud, when this process started it).
+    endpoint: Endpoint,
 }
 
 impl Session {
@@ -231,22 +259,9 @@ impl Session {
             bandwidth_bps: c.link_mbit * 1e6,
             rtt_ms,
         });
-        let Endpoint {
-            addr,
-            server_name,
-            tls,
-            local,
-        } = Endpoint::open(model, c, vk, threads, link, "sentence")?;
+        let endpoint = Endpoint::open(model, c, vk, threads, link, "sentence")?;
         let mode = super::eval::parse_mode(&c.mode)?;
-        let remote = Arc::new(RemoteLayers::connect(
-            addr,
-            &server_name,
-            tls,
-            &bundle,
-            mode,
-            &[tandem_he::DEFAULT_PARAMETERS.id],
-            Duration::from_secs(120),
-        )?);
+        let remote = endpoint.connect(&bundle, mode, Duration::from_secs(120))?;
         let device = SentenceDevice::with_remote(&bundle, remote.clone())?;
         let key_upload_bytes = remote.stats().key_upload_bytes;
         Ok(Session {
@@ -255,15 +270,13 @@ impl Session {
             key_upload_bytes,
             link_rtt_ms: c.link_rtt_ms.filter(|_| c.cloud.is_none()),
             model: bundle.id().to_string(),
-            local,
+            endpoint,
         })
     }
 
     fn close(self) {
         self.remote.close();
-        if let Some((rt, cloud)) = self.local {
-            rt.block_on(cloud.shutdown());
-        }
+        self.endpoint.shutdown();
     }
 }
 
@@ -291,58 +304,37 @@ pub fn embed(a: EmbedArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A tokenised text of exactly `tokens` tokens: a long English text, truncated, its last
-/// token replaced by the separator.
-fn sentence_of(encoder: &BundleEncoder, tokens: usize) -> anyhow::Result<Encoded> {
-    if tokens < 2 || tokens > encoder.max_seq_length() {
-        bail!(
-            "--tokens {tokens}: the model takes 2..={} tokens",
-            encoder.max_seq_length()
-        );
-    }
-    let text = "Private inference splits a model between a device and a cloud: the device keeps \
-                its data and sends only encrypted activations, and the cloud multiplies them by \
-                its weights without ever seeing them. "
-        .repeat(16);
-    let full = encoder.encode(&text)?;
-    let (Some(&sep), true) = (full.ids.last(), full.ids.len() >= tokens) else {
-        bail!("the benchmark text is too short for {tokens} tokens");
-    };
-    let mut e = Encoded {
-        ids: full.ids[..tokens].to_vec(),
-        type_ids: full.type_ids[..tokens].to_vec(),
-        mask: full.mask[..tokens].to_vec(),
-    };
-    if let Some(last) = e.ids.last_mut() {
-        *last = sep;
-    }
-    Ok(e)
+/// The keys every `bench sentence` JSON line carries (with or without `--split`).
+#[derive(Serialize)]
+pub(super) struct RunLine {
+    pub model: String,
+    pub tokens: usize,
+    pub threads: usize,
+    pub e2e_s: f64,
+    pub cloud_s: f64,
+    pub device_s: f64,
+    pub round_trips: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub key_upload_bytes: u64,
+    pub encrypted_macs: u64,
+    pub s_per_token: f64,
+    pub bytes_per_token: f64,
+    /// How bytes are counted.
+    pub bytes_counted: &'static str,
+    /// Seconds the device waited for answers, summed over requests (evaluation + queueing +
+    /// transport; overlapping requests each count).
+    pub wait_s: f64,
+    /// Where `cloud_s` comes from.
+    pub cloud_s_source: &'static str,
+    /// HE output mode.
+    pub output_mode: &'static str,
 }
 
 #[derive(Serialize)]
 struct BenchLine {
-    model: String,
-    tokens: usize,
-    threads: usize,
-    e2e_s: f64,
-    cloud_s: f64,
-    device_s: f64,
-    round_trips: u64,
-    bytes_up: u64,
-    bytes_down: u64,
-    key_upload_bytes: u64,
-    encrypted_macs: u64,
-    s_per_token: f64,
-    bytes_per_token: f64,
-    /// How bytes are counted.
-    bytes_counted: &'static str,
-    /// Seconds the device waited for answers, summed over requests (evaluation + queueing +
-    /// transport; overlapping requests each count).
-    wait_s: f64,
-    /// Where `cloud_s` comes from.
-    cloud_s_source: &'static str,
-    /// HE output mode.
-    output_mode: &'static str,
+    #[serde(flatten)]
+    run: RunLine,
     /// Sentences embedded in this run.
     sentences: u64,
     /// Sentences in flight at once (`embed_batch` pipeline; 1 = one after the other).
@@ -373,30 +365,32 @@ fn bench_line(
     let cloud_s = after.cloud_eval_s - before.cloud_eval_s;
     let device_busy = (after.encrypt_s - before.encrypt_s) + (after.decrypt_s - before.decrypt_s);
     BenchLine {
-        model: s.model.clone(),
-        tokens,
-        threads,
-        e2e_s: e2e,
-        cloud_s,
-        // One after the other: everything but the waits. Pipelined, the waits overlap device
-        // work, so the sum of waits says little; then at least the HE work of the device.
-        device_s: if pipeline <= 1 {
-            (e2e - wait_s).max(0.0)
-        } else {
-            device_busy
+        run: RunLine {
+            model: s.model.clone(),
+            tokens,
+            threads,
+            e2e_s: e2e,
+            cloud_s,
+            // One after the other: everything but the waits. Pipelined, the waits overlap device
+            // work, so the sum of waits says little; then at least the HE work of the device.
+            device_s: if pipeline <= 1 {
+                (e2e - wait_s).max(0.0)
+            } else {
+                device_busy
+            },
+            round_trips: after.round_trips - before.round_trips,
+            bytes_up: up,
+            bytes_down: down,
+            // Packed: the key sent at connect; no-key: the registration frame of the first request.
+            key_upload_bytes: after.key_upload_bytes,
+            encrypted_macs: after.encrypted_macs - before.encrypted_macs,
+            s_per_token: e2e / (tokens as f64 * sentences.max(1) as f64),
+            bytes_per_token: (up + down) as f64 / (tokens as f64 * sentences.max(1) as f64),
+            bytes_counted: "protocol frames on the mTLS session (TLS plaintext)",
+            wait_s,
+            cloud_s_source: "cloud-reported evaluation time (InferResponse.cloud_eval_us), summed",
+            output_mode: s.remote.mode().name(),
         },
-        round_trips: after.round_trips - before.round_trips,
-        bytes_up: up,
-        bytes_down: down,
-        // Packed: the key sent at connect; no-key: the registration frame of the first request.
-        key_upload_bytes: after.key_upload_bytes,
-        encrypted_macs: after.encrypted_macs - before.encrypted_macs,
-        s_per_token: e2e / (tokens as f64 * sentences.max(1) as f64),
-        bytes_per_token: (up + down) as f64 / (tokens as f64 * sentences.max(1) as f64),
-        bytes_counted: "protocol frames on the mTLS session (TLS plaintext)",
-        wait_s,
-        cloud_s_source: "cloud-reported evaluation time (InferResponse.cloud_eval_us), summed",
-        output_mode: s.remote.mode().name(),
         sentences,
         pipeline,
         max_in_flight: after.max_in_flight,
@@ -416,7 +410,7 @@ fn bench_pipeline(
 ) -> anyhow::Result<()> {
     let n = a.sentences.max(1);
     for &tokens in &a.tokens {
-        let e = sentence_of(s.device.encoder(), tokens)?;
+        let e = super::plan_encoder::sentence(s.device.encoder(), tokens)?;
         let batch = vec![e; n];
         let mut lines = Vec::new();
         for p in [1, pipeline.max(1)] {
@@ -462,7 +456,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
         return bench_pipeline(s, &a, threads, pipeline);
     }
     for &tokens in &a.tokens {
-        let e = sentence_of(s.device.encoder(), tokens)?;
+        let e = super::plan_encoder::sentence(s.device.encoder(), tokens)?;
         let before = s.device.stats();
         let t = Instant::now();
         s.device.embed_encoded(&e)?;
@@ -472,7 +466,11 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             eprintln!(
                 "{tokens} tokens, {threads} thread(s): {e2e:.2} s end to end ({:.2} s cloud \
                  evaluation, {:.2} s waiting for the cloud), {} round trips, {} B up, {} B down",
-                line.cloud_s, line.wait_s, line.round_trips, line.bytes_up, line.bytes_down
+                line.run.cloud_s,
+                line.run.wait_s,
+                line.run.round_trips,
+                line.run.bytes_up,
+                line.run.bytes_down
             );
         }
         println!("{}", serde_json::to_string(&line)?);

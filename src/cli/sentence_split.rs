@@ -27,7 +27,7 @@ use tandem_ops::{
     BundleEncoder, BundleLinears, CloudLayers, OpsError, QuantizedWeights, SplitProfile,
 };
 
-use super::sentence::{CloudArgs, Endpoint};
+use super::sentence::{CloudArgs, Endpoint, RunLine};
 
 /// The split-depth options of `tandem bench sentence`.
 #[derive(Args, Clone, Default)]
@@ -125,23 +125,9 @@ impl CloudLayers for ReportedTimes {
 
 #[derive(Serialize)]
 struct Line {
-    model: String,
-    tokens: usize,
-    threads: usize,
-    e2e_s: f64,
-    cloud_s: f64,
-    device_s: f64,
-    round_trips: u64,
-    bytes_up: u64,
-    bytes_down: u64,
-    key_upload_bytes: u64,
-    encrypted_macs: u64,
-    s_per_token: f64,
-    bytes_per_token: f64,
-    bytes_counted: &'static str,
-    wait_s: f64,
-    cloud_s_source: &'static str,
-    output_mode: &'static str,
+    /// The keys of `bench sentence`.
+    #[serde(flatten)]
+    run: RunLine,
     /// Blocks run on the device in the clear.
     split: usize,
     /// What was asked (`auto` or the number).
@@ -194,21 +180,8 @@ pub fn bench(
     }
 
     // The session: loopback cloud (shaped) or --cloud.
-    let Endpoint {
-        addr,
-        server_name,
-        tls,
-        local,
-    } = Endpoint::open(model, c, vk, threads, link, "sentence-split")?;
-    let remote = Arc::new(RemoteLayers::connect(
-        addr,
-        &server_name,
-        tls,
-        &bundle,
-        OutputMode::Packed,
-        &[tandem_he::DEFAULT_PARAMETERS.id],
-        Duration::from_secs(300),
-    )?);
+    let endpoint = Endpoint::open(model, c, vk, threads, link, "sentence-split")?;
+    let remote = endpoint.connect(&bundle, OutputMode::Packed, Duration::from_secs(300))?;
     let reported = Arc::new(ReportedTimes {
         remote: remote.clone(),
         per_layer: Mutex::new(Vec::new()),
@@ -239,9 +212,7 @@ pub fn bench(
         key_upload_bytes,
     );
     remote.close();
-    if let Some((rt, cloud)) = local {
-        rt.block_on(cloud.shutdown());
-    }
+    endpoint.shutdown();
     result
 }
 
@@ -322,23 +293,26 @@ fn run_lines(
                 let up = after.bytes_up - before.bytes_up;
                 let down = after.bytes_down - before.bytes_down;
                 let line = Line {
-                    model: bundle.id().to_string(),
-                    tokens: t,
-                    threads,
-                    e2e_s: e2e,
-                    cloud_s: cloud,
-                    device_s: (e2e - wait).max(0.0),
-                    round_trips: after.round_trips - before.round_trips,
-                    bytes_up: up,
-                    bytes_down: down,
-                    key_upload_bytes,
-                    encrypted_macs: he_after.encrypted_macs - he.encrypted_macs,
-                    s_per_token: e2e / t as f64,
-                    bytes_per_token: (up + down) as f64 / t as f64,
-                    bytes_counted: "protocol frames on the mTLS session (TLS plaintext)",
-                    wait_s: wait,
-                    cloud_s_source: "cloud-reported evaluation time (InferResponse.cloud_eval_us)",
-                    output_mode: "packed",
+                    run: RunLine {
+                        model: bundle.id().to_string(),
+                        tokens: t,
+                        threads,
+                        e2e_s: e2e,
+                        cloud_s: cloud,
+                        device_s: (e2e - wait).max(0.0),
+                        round_trips: after.round_trips - before.round_trips,
+                        bytes_up: up,
+                        bytes_down: down,
+                        key_upload_bytes,
+                        encrypted_macs: he_after.encrypted_macs - he.encrypted_macs,
+                        s_per_token: e2e / t as f64,
+                        bytes_per_token: (up + down) as f64 / t as f64,
+                        bytes_counted: "protocol frames on the mTLS session (TLS plaintext)",
+                        wait_s: wait,
+                        cloud_s_source:
+                            "cloud-reported evaluation time (InferResponse.cloud_eval_us)",
+                        output_mode: "packed",
+                    },
                     split: k,
                     split_requested: requested.clone(),
                     rep,
@@ -351,7 +325,7 @@ fn run_lines(
                     eprintln!(
                         "{t} tokens, split {k} ({requested}), rep {rep}: {e2e:.2} s end to end \
                          ({wait:.2} s waiting), {} round trips, {up} B up, {down} B down{}",
-                        line.round_trips,
+                        line.run.round_trips,
                         predicted.map_or(String::new(), |p| format!(", predicted {p:.2} s"))
                     );
                 }
