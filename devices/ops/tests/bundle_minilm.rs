@@ -8,33 +8,18 @@
 #![cfg(feature = "import")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use tandem_he::{Context, EvalOptions, OutputMode, DEFAULT_PARAMETERS};
 use tandem_model::{Bundle, Limits, Part, SigningKey};
 use tandem_ops::import::{import_bert, import_bert_with_link};
 use tandem_ops::{
-    default_model_dir, BundleEncoder, BundleLinears, InProcessCloud, PrecisionPolicy,
-    QuantizedLinears, SentenceEncoder,
+    BundleEncoder, BundleLinears, InProcessCloud, PrecisionPolicy, QuantizedLinears,
+    SentenceEncoder,
 };
 
-fn model_dir(what: &str) -> Option<PathBuf> {
-    let dir = default_model_dir();
-    if dir.join("model.safetensors").exists() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("TANDEM_MINILM_DIR").is_none(),
-        "TANDEM_MINILM_DIR={} has no model.safetensors; run scripts/fetch-minilm.sh",
-        dir.display()
-    );
-    eprintln!(
-        "SKIPPED: no MiniLM model in {} (run scripts/fetch-minilm.sh); {what} was NOT checked",
-        dir.display()
-    );
-    None
-}
+mod common;
+use common::model_dir;
 
 const SENTENCES: [&str; 3] = [
     "A man is playing a guitar.",

@@ -27,9 +27,11 @@ use serde::Deserialize;
 use tandem_he::{Context, EvalOptions, OutputMode, DEFAULT_PARAMETERS};
 use tandem_ops::metrics::{agreement, cosine};
 use tandem_ops::{
-    default_model_dir, EncryptedLinears, InProcessCloud, PrecisionPolicy, QuantizedLinears,
-    SentenceEncoder,
+    EncryptedLinears, InProcessCloud, PrecisionPolicy, QuantizedLinears, SentenceEncoder,
 };
+
+mod common;
+use common::model_dir;
 
 const MEAN_COSINE: f64 = 0.99;
 const MIN_COSINE: f64 = 0.97;
@@ -73,23 +75,6 @@ fn corpus() -> Vec<String> {
         .lines()
         .map(str::to_string)
         .collect()
-}
-
-fn model_dir(what: &str) -> Option<PathBuf> {
-    let dir = default_model_dir();
-    if dir.join("model.safetensors").exists() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("TANDEM_MINILM_DIR").is_none(),
-        "TANDEM_MINILM_DIR={} has no model.safetensors; run scripts/fetch-minilm.sh",
-        dir.display()
-    );
-    eprintln!(
-        "SKIPPED: no MiniLM model in {} (run scripts/fetch-minilm.sh); {what} was NOT checked",
-        dir.display()
-    );
-    None
 }
 
 fn integer_encoder(dir: &Path) -> SentenceEncoder {

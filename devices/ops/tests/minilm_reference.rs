@@ -14,7 +14,9 @@ use std::sync::OnceLock;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tandem_ops::{default_model_dir, SentenceEncoder};
+use tandem_ops::SentenceEncoder;
+
+mod common;
 
 const MIN_COSINE: f64 = 0.9999;
 const MAX_ABS_DIFF: f64 = 1e-5;
@@ -80,19 +82,7 @@ fn hex(bytes: &[u8]) -> String {
 fn encoder() -> Option<&'static SentenceEncoder> {
     static E: OnceLock<Option<SentenceEncoder>> = OnceLock::new();
     E.get_or_init(|| {
-        let dir = default_model_dir();
-        if !dir.join("model.safetensors").exists() {
-            assert!(
-                std::env::var_os("TANDEM_MINILM_DIR").is_none(),
-                "TANDEM_MINILM_DIR={} has no model.safetensors; run scripts/fetch-minilm.sh",
-                dir.display()
-            );
-            eprintln!(
-                "SKIPPED: no MiniLM model in {} (run scripts/fetch-minilm.sh); the float path was NOT checked against the reference",
-                dir.display()
-            );
-            return None;
-        }
+        let dir = common::model_dir("the float path against the reference")?;
         let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
         assert_eq!(
             hex(&Sha256::digest(&bytes)),
