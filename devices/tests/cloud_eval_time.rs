@@ -4,29 +4,21 @@
 //! planner from it, for nothing else (TDM-EVAL-2).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use tandem_cloud::{Cloud, ServerOptions};
 use tandem_device::planner::{AutoPolicy, LinkEstimate, Plan, PlanProtection};
 use tandem_device::{Device, DeviceOptions, Protection};
-use tandem_model::{read_verifying_key, TestSet, VerifyingKey};
+use tandem_model::TestSet;
 use tandem_tls::{client_config, server_config, DevPki};
+
+mod common;
+use common::{dev_vk as vk, repo};
 
 /// Four layers: device, cloud (manifest index 1), cloud (index 2), device.
 const MODEL: &str = "models/digits2";
 const CLOUD_LAYERS: [u32; 2] = [1, 2];
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn vk() -> VerifyingKey {
-    read_verifying_key(&repo().join("models/dev-verifying-key.txt")).unwrap()
-}
 
 async fn cloud(pki: &DevPki, dir: &Path, eval_delay: Duration) -> Cloud {
     let tls = server_config(pki.server_credentials()).unwrap();

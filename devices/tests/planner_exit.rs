@@ -3,24 +3,14 @@
 //! TDM-PLAN-6, TDM-EXIT-1).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use std::path::{Path, PathBuf};
-
 use tandem_cloud::{Cloud, ServerOptions};
 use tandem_device::planner::{AutoPolicy, PlanProtection, Refusal};
 use tandem_device::{Answer, Device, DeviceOptions, EarlyExit, Protection};
-use tandem_model::{read_verifying_key, Bundle, Limits, TestSet, VerifyingKey};
+use tandem_model::{Bundle, Limits, TestSet};
 use tandem_tls::{client_config, server_config, DevPki};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn vk() -> VerifyingKey {
-    read_verifying_key(&repo().join("models/dev-verifying-key.txt")).unwrap()
-}
+mod common;
+use common::{dev_vk as vk, repo};
 
 /// With early exit on, `answer(x, Auto)` answers on the device — nothing reaches the cloud —
 /// exactly for the inputs whose exit-head confidence is at least the signed τ, and offloads

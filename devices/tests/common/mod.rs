@@ -8,10 +8,23 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tandem_cloud::{Cloud, ModelPolicy, ServerOptions};
-use tandem_model::{Bundle, Limits, Part, SigningKey, VerifyingKey};
+use tandem_model::{read_verifying_key, Bundle, Limits, Part, SigningKey, VerifyingKey};
 use tandem_ops::default_model_dir;
 use tandem_ops::import::import_bert;
 use tandem_tls::{client_config, server_config, DevPki};
+
+/// The repository root (bundles under `models/`).
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The development verifying key the committed bundles are signed with.
+pub fn dev_vk() -> VerifyingKey {
+    read_verifying_key(&repo().join("models/dev-verifying-key.txt")).unwrap()
+}
 
 /// A loopback address nobody listens on (yet).
 pub fn free_addr() -> SocketAddr {
