@@ -89,7 +89,13 @@ pub fn load_or_profile(
     let path = path.map_or_else(|| default_profile_path(bundle, tokens), Path::to_path_buf);
     let digest = hex(&bundle.digest());
     if path.exists() {
-        let p = SplitProfile::read(&path)?;
+        let p = SplitProfile::read(&path).with_context(|| {
+            format!(
+                "reading the cached split profile {}: delete it (or pass another --profile) to \
+                 measure again",
+                path.display()
+            )
+        })?;
         if p.model_digest == digest && p.tokens == tokens {
             return Ok((p, path));
         }
