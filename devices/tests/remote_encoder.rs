@@ -10,11 +10,8 @@
 //! `SKIPPED: …` and checks nothing; with `TANDEM_MINILM_DIR` set a missing model is a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use tandem_device::{DeviceError, RemoteLayers};
-use tandem_he::{Client, Context, OutputMode};
+use tandem_device::DeviceError;
+use tandem_he::Client;
 use tandem_model::Part;
 use tandem_ops::{BundleEncoder, BundleLinears};
 use tandem_protocol::ErrorCode;
@@ -37,29 +34,7 @@ fn minilm_over_mtls_equals_the_integer_pipeline_and_refusals_keep_the_session() 
 
     let device_part = c.load(Part::Device);
     let full = c.load(Part::Full);
-    let tls = c.tls();
-    let remote = Arc::new(
-        RemoteLayers::connect(
-            c.cloud().local_addr(),
-            "localhost",
-            tls,
-            &device_part,
-            OutputMode::Packed,
-            &[tandem_he::DEFAULT_PARAMETERS.id],
-            Duration::from_secs(60),
-        )
-        .unwrap(),
-    );
-    let ctx = Arc::new(Context::new(remote.params()));
-    let encrypted = BundleEncoder::from_bundle(
-        &device_part,
-        BundleLinears::Encrypted {
-            ctx: ctx.clone(),
-            mode: OutputMode::Packed,
-            cloud: remote.clone(),
-        },
-    )
-    .unwrap();
+    let (remote, ctx, encrypted) = c.remote_encoder(&device_part);
     let integer = BundleEncoder::from_bundle(&full, BundleLinears::Integer).unwrap();
     assert!(encrypted.upload_key().unwrap() > 0);
     assert!(remote.stats().key_upload_bytes > 0);

@@ -10,12 +10,7 @@
 //! `SKIPPED: …` and checks nothing; with `TANDEM_MINILM_DIR` set a missing model is a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use tandem_device::planner::ENCODER_FRAMING_BYTES;
-use tandem_device::RemoteLayers;
-use tandem_he::{Context, OutputMode};
 use tandem_model::Part;
 use tandem_ops::{BundleEncoder, BundleLinears};
 
@@ -31,28 +26,7 @@ fn minilm_split_depths_over_mtls_equal_the_integer_pipeline_and_the_priced_bytes
 
     // The device holds the cloud weights file too: it may run any prefix of blocks.
     let full = c.load(Part::Full);
-    let tls = c.tls();
-    let remote = Arc::new(
-        RemoteLayers::connect(
-            c.cloud().local_addr(),
-            "localhost",
-            tls,
-            &full,
-            OutputMode::Packed,
-            &[tandem_he::DEFAULT_PARAMETERS.id],
-            Duration::from_secs(60),
-        )
-        .unwrap(),
-    );
-    let split = BundleEncoder::from_bundle(
-        &full,
-        BundleLinears::Encrypted {
-            ctx: Arc::new(Context::new(remote.params())),
-            mode: OutputMode::Packed,
-            cloud: remote.clone(),
-        },
-    )
-    .unwrap();
+    let (remote, _, split) = c.remote_encoder(&full);
     split.upload_key().unwrap();
     assert_eq!(split.split_depths(), (0..=6).collect::<Vec<_>>());
     let integer = BundleEncoder::from_bundle(&full, BundleLinears::Integer).unwrap();

@@ -6,11 +6,14 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tandem_cloud::{Cloud, ModelPolicy, ServerOptions};
+use tandem_device::RemoteLayers;
+use tandem_he::{Context, OutputMode};
 use tandem_model::{read_verifying_key, Bundle, Limits, Part, SigningKey, VerifyingKey};
-use tandem_ops::default_model_dir;
 use tandem_ops::import::import_bert;
+use tandem_ops::{default_model_dir, BundleEncoder, BundleLinears};
 use tandem_tls::{client_config, server_config, DevPki};
 
 /// The repository root (bundles under `models/`).
@@ -118,6 +121,38 @@ impl EncoderCloud {
     /// The bundle's `part`, verified.
     pub fn load(&self, part: Part) -> Bundle {
         Bundle::load_part(&self.bundle, &self.vk, &Limits::default(), part).unwrap()
+    }
+
+    /// A packed-mode [`RemoteLayers`] session to the cloud for `bundle` (default parameter
+    /// set, 60 s I/O timeout), its HE context, and `bundle`'s encoder with every offloaded
+    /// linear encrypted through that session. No key is uploaded yet.
+    pub fn remote_encoder(
+        &self,
+        bundle: &Bundle,
+    ) -> (Arc<RemoteLayers>, Arc<Context>, BundleEncoder) {
+        let remote = Arc::new(
+            RemoteLayers::connect(
+                self.cloud().local_addr(),
+                "localhost",
+                self.tls(),
+                bundle,
+                OutputMode::Packed,
+                &[tandem_he::DEFAULT_PARAMETERS.id],
+                Duration::from_secs(60),
+            )
+            .unwrap(),
+        );
+        let ctx = Arc::new(Context::new(remote.params()));
+        let encoder = BundleEncoder::from_bundle(
+            bundle,
+            BundleLinears::Encrypted {
+                ctx: ctx.clone(),
+                mode: OutputMode::Packed,
+                cloud: remote.clone(),
+            },
+        )
+        .unwrap();
+        (remote, ctx, encoder)
     }
 
     /// Stops the cloud (idempotent).
