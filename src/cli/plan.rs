@@ -110,6 +110,10 @@ pub struct PlanArgs {
 }
 
 pub(crate) fn parse_bandwidth(s: &str) -> anyhow::Result<f64> {
+    // Was: case folded, so `2MBps` (megabytes per second) read as 2 Mbit/s, 8x too slow.
+    if s.contains('B') {
+        bail!("--bandwidth {s}: byte units are not accepted; give bits, e.g. 16mbit for 2 MB/s");
+    }
     let t = s.trim().to_ascii_lowercase();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -692,6 +696,9 @@ mod tests {
         assert_eq!(parse_bandwidth("0").unwrap(), 0.0);
         assert!(parse_bandwidth("2 parsecs").is_err());
         assert!(parse_bandwidth("-1mbit").is_err());
+        assert_eq!(parse_bandwidth("2Mbit").unwrap(), 2e6);
+        assert!(parse_bandwidth("2MBps").is_err());
+        assert!(parse_bandwidth("2MB").is_err());
         assert_eq!(parse_rtt_ms("80ms").unwrap(), 80.0);
         assert_eq!(parse_rtt_ms("0.08s").unwrap(), 80.0);
         assert!(parse_rtt_ms("fast").is_err());
