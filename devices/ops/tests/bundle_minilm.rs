@@ -27,6 +27,26 @@ const SENTENCES: [&str; 3] = [
     "Encrypted inference keeps activations private.",
 ];
 
+/// The bundle in `dir` with its cloud weights file, verified with `key`'s verifying key.
+fn load_full(dir: &std::path::Path, key: &SigningKey) -> Bundle {
+    Bundle::load_part(dir, &key.verifying_key(), &Limits::default(), Part::Full).unwrap()
+}
+
+/// `full`'s encoder with every linear encrypted through an in-process cloud (packed).
+fn in_process_encrypted(full: &Bundle) -> BundleEncoder {
+    let ctx = Arc::new(Context::new(DEFAULT_PARAMETERS));
+    let cloud = Arc::new(InProcessCloud::new(ctx.clone(), EvalOptions::default()));
+    BundleEncoder::from_bundle(
+        full,
+        BundleLinears::Encrypted {
+            ctx,
+            mode: OutputMode::Packed,
+            cloud,
+        },
+    )
+    .unwrap()
+}
+
 #[test]
 fn minilm_bundle_integer_and_encrypted_equal_the_checkpoint_integer_pipeline() {
     let Some(src) = model_dir("the MiniLM bundle import") else {
@@ -36,9 +56,14 @@ fn minilm_bundle_integer_and_encrypted_equal_the_checkpoint_integer_pipeline() {
     let key = SigningKey::from_bytes(&[9u8; 32]);
     let s = import_bert(&src, out.path(), "all-minilm-l6-v2", 16, &key).unwrap();
     assert_eq!(s.linears, 24, "6 blocks × (fused QKV, O, FFN in, FFN out)");
-    let vk = key.verifying_key();
-    let full = Bundle::load_part(out.path(), &vk, &Limits::default(), Part::Full).unwrap();
-    let cloud_part = Bundle::load_part(out.path(), &vk, &Limits::default(), Part::Cloud).unwrap();
+    let full = load_full(out.path(), &key);
+    let cloud_part = Bundle::load_part(
+        out.path(),
+        &key.verifying_key(),
+        &Limits::default(),
+        Part::Cloud,
+    )
+    .unwrap();
     assert_eq!(cloud_part.cloud_indices(), (0..24).collect::<Vec<_>>());
 
     let reference = SentenceEncoder::load_with(
@@ -49,17 +74,7 @@ fn minilm_bundle_integer_and_encrypted_equal_the_checkpoint_integer_pipeline() {
     )
     .unwrap();
     let integer = BundleEncoder::from_bundle(&full, BundleLinears::Integer).unwrap();
-    let ctx = Arc::new(Context::new(DEFAULT_PARAMETERS));
-    let cloud = Arc::new(InProcessCloud::new(ctx.clone(), EvalOptions::default()));
-    let encrypted = BundleEncoder::from_bundle(
-        &full,
-        BundleLinears::Encrypted {
-            ctx,
-            mode: OutputMode::Packed,
-            cloud,
-        },
-    )
-    .unwrap();
+    let encrypted = in_process_encrypted(&full);
     assert!(encrypted.upload_key().unwrap() > 0);
     for text in SENTENCES {
         let r = reference.embed(text).unwrap();
@@ -87,8 +102,7 @@ fn minilm_bundle_with_signed_bounds_and_link_stays_exact() {
     let out = tempfile::tempdir().unwrap();
     let key = SigningKey::from_bytes(&[9u8; 32]);
     import_bert_with_link(&src, out.path(), "all-minilm-l6-v2", 16, Some(2_000), &key).unwrap();
-    let vk = key.verifying_key();
-    let full = Bundle::load_part(out.path(), &vk, &Limits::default(), Part::Full).unwrap();
+    let full = load_full(out.path(), &key);
     let enc = full.encoder().unwrap();
     assert_eq!(enc.link_kbit_s, Some(2_000));
     let layers = full.cloud_layers().unwrap();
@@ -104,17 +118,7 @@ fn minilm_bundle_with_signed_bounds_and_link_stays_exact() {
         assert!(l.max_row_l1.unwrap() < (l.n_in as u64) * 127, "{}", l.name);
     }
     let integer = BundleEncoder::from_bundle(&full, BundleLinears::Integer).unwrap();
-    let ctx = Arc::new(Context::new(DEFAULT_PARAMETERS));
-    let cloud = Arc::new(InProcessCloud::new(ctx.clone(), EvalOptions::default()));
-    let encrypted = BundleEncoder::from_bundle(
-        &full,
-        BundleLinears::Encrypted {
-            ctx,
-            mode: OutputMode::Packed,
-            cloud,
-        },
-    )
-    .unwrap();
+    let encrypted = in_process_encrypted(&full);
     encrypted.upload_key().unwrap();
     let text = SENTENCES[0];
     let i = integer.embed(text).unwrap();
@@ -133,20 +137,9 @@ fn minilm_every_split_depth_equals_the_integer_pipeline() {
     let out = tempfile::tempdir().unwrap();
     let key = SigningKey::from_bytes(&[9u8; 32]);
     import_bert(&src, out.path(), "all-minilm-l6-v2", 16, &key).unwrap();
-    let vk = key.verifying_key();
-    let full = Bundle::load_part(out.path(), &vk, &Limits::default(), Part::Full).unwrap();
+    let full = load_full(out.path(), &key);
     let integer = BundleEncoder::from_bundle(&full, BundleLinears::Integer).unwrap();
-    let ctx = Arc::new(Context::new(DEFAULT_PARAMETERS));
-    let cloud = Arc::new(InProcessCloud::new(ctx.clone(), EvalOptions::default()));
-    let encrypted = BundleEncoder::from_bundle(
-        &full,
-        BundleLinears::Encrypted {
-            ctx,
-            mode: OutputMode::Packed,
-            cloud,
-        },
-    )
-    .unwrap();
+    let encrypted = in_process_encrypted(&full);
     assert_eq!(encrypted.blocks(), 6);
     assert_eq!(encrypted.split_depths(), (0..=6).collect::<Vec<_>>());
     encrypted.upload_key().unwrap();
