@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tandem::model::{read_verifying_key, Bundle, Limits, TestSet};
+mod common;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tandem"));
@@ -134,17 +134,7 @@ fn infer(
 fn device_infer_answers_confident_rows_on_the_device_only_with_early_exit_on() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
-    let model = root.join("models/digits");
-    let vk = read_verifying_key(&root.join("models/dev-verifying-key.txt")).unwrap();
-    let bundle = Bundle::load(&model, &vk, &Limits::default()).unwrap();
-    let test = TestSet::load(&model.join("test.json")).unwrap();
-    let exits: Vec<bool> = test
-        .x
-        .iter()
-        .map(|x| bundle.exit_confidence(x).unwrap().unwrap().exit)
-        .collect();
-    let confident = exits.iter().position(|e| *e).unwrap();
-    let unsure = exits.iter().position(|e| !*e).unwrap();
+    let (bundle, test, confident, unsure) = common::digits_exit_rows();
     let rows = vec![test.x[confident].clone(), test.x[unsure].clone()];
 
     let (_cloud, port) = start_cloud(dir.path(), root);

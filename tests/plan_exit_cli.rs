@@ -4,10 +4,9 @@
 //! explanation says which happened.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use std::path::Path;
 use std::process::Command;
 
-use tandem::model::{read_verifying_key, Bundle, Limits, TestSet};
+mod common;
 
 fn explain(row: usize) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
@@ -37,18 +36,7 @@ fn explain(row: usize) -> String {
 
 #[test]
 fn plan_row_answers_locally_only_when_the_exit_head_is_confident() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = root.join("models/digits");
-    let vk = read_verifying_key(&root.join("models/dev-verifying-key.txt")).unwrap();
-    let bundle = Bundle::load(&dir, &vk, &Limits::default()).unwrap();
-    let test = TestSet::load(&dir.join("test.json")).unwrap();
-    let exits: Vec<bool> = test
-        .x
-        .iter()
-        .map(|x| bundle.exit_confidence(x).unwrap().unwrap().exit)
-        .collect();
-    let confident = exits.iter().position(|e| *e).unwrap();
-    let unsure = exits.iter().position(|e| !*e).unwrap();
+    let (_, _, confident, unsure) = common::digits_exit_rows();
 
     let out = explain(confident);
     let chosen = out.lines().find(|l| l.starts_with("* ")).unwrap();

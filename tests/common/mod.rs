@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use serde_json::Value;
+use tandem::model::{read_verifying_key, Bundle, Limits, TestSet};
 
 /// The repository root (the `tandem` package's directory).
 pub fn repo() -> PathBuf {
@@ -74,4 +75,22 @@ pub fn json_lines(out: &Output) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// The committed `models/digits` bundle (verified with the development key), its test set,
+/// and the index of the first test row its signed exit head is confident about and of the
+/// first it is not.
+pub fn digits_exit_rows() -> (Bundle, TestSet, usize, usize) {
+    let dir = repo().join("models/digits");
+    let vk = read_verifying_key(&repo().join("models/dev-verifying-key.txt")).unwrap();
+    let bundle = Bundle::load(&dir, &vk, &Limits::default()).unwrap();
+    let test = TestSet::load(&dir.join("test.json")).unwrap();
+    let exits: Vec<bool> = test
+        .x
+        .iter()
+        .map(|x| bundle.exit_confidence(x).unwrap().unwrap().exit)
+        .collect();
+    let confident = exits.iter().position(|e| *e).unwrap();
+    let unsure = exits.iter().position(|e| !*e).unwrap();
+    (bundle, test, confident, unsure)
 }
