@@ -67,6 +67,15 @@ fn benches_refuse_bad_output_paths_and_counts_before_measuring() {
         "--requests",
     );
     refused(
+        &[
+            &["bench", "traces"][..],
+            &d,
+            &["--requests", "1", "--epsilon", "NaN"],
+        ]
+        .concat(),
+        "--epsilon",
+    );
+    refused(
         &[&["bench", "early-exit"][..], &d, &["--svg", plot]].concat(),
         "--svg",
     );

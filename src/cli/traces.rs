@@ -362,6 +362,9 @@ fn ewma(old: Option<f64>, x: f64) -> Option<f64> {
 
 async fn run_async(a: TracesArgs) -> anyhow::Result<()> {
     check_requests(a.requests)?;
+    if !(a.epsilon.is_finite() && a.epsilon > 0.0) {
+        bail!("--epsilon {}: must be positive and finite", a.epsilon);
+    }
     // Fail before minutes of measurements, not after them.
     if let Some(path) = &a.plot {
         std::fs::File::create(path)
