@@ -7,41 +7,27 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tandem_cloud::{Cloud, ServerOptions};
+use tandem_cloud::Cloud;
 use tandem_device::planner::{AutoPolicy, LinkEstimate, Plan, PlanProtection};
-use tandem_device::{Device, DeviceOptions, Protection};
+use tandem_device::{Device, Protection};
 use tandem_model::TestSet;
-use tandem_tls::{client_config, server_config, DevPki};
+use tandem_tls::DevPki;
 
 mod common;
-use common::{dev_vk as vk, repo};
+use common::repo;
 
 /// Four layers: device, cloud (manifest index 1), cloud (index 2), device.
 const MODEL: &str = "models/digits2";
 const CLOUD_LAYERS: [u32; 2] = [1, 2];
 
 async fn cloud(pki: &DevPki, dir: &Path, eval_delay: Duration) -> Cloud {
-    let tls = server_config(pki.server_credentials()).unwrap();
-    let mut o = ServerOptions::new(
-        "127.0.0.1:0".parse().unwrap(),
-        tls,
-        vk(),
-        dir.join("keys.redb"),
-    );
-    o.models = vec![repo().join(MODEL)];
+    let mut o = common::server_options(pki, dir, vec![repo().join(MODEL)]);
     o.fault_eval_delay = eval_delay;
     Cloud::start(o).await.unwrap()
 }
 
 async fn device(pki: &DevPki, c: &Cloud, ledger: &Path) -> Device {
-    let tls = client_config(pki.client_credentials("device-1").unwrap()).unwrap();
-    let mut o = DeviceOptions::new(
-        c.local_addr(),
-        tls,
-        repo().join(MODEL),
-        vk(),
-        ledger.to_path_buf(),
-    );
+    let mut o = common::device_options(pki, c, repo().join(MODEL), ledger.to_path_buf());
     o.dp.budget_rho = Some(1e6);
     Device::connect(o).await.unwrap()
 }

@@ -3,11 +3,11 @@
 //! TDM-PLAN-6, TDM-EXIT-1).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use tandem_cloud::{Cloud, ServerOptions};
+use tandem_cloud::Cloud;
 use tandem_device::planner::{AutoPolicy, PlanProtection, Refusal};
-use tandem_device::{Answer, Device, DeviceOptions, EarlyExit, Protection};
+use tandem_device::{Answer, Device, EarlyExit, Protection};
 use tandem_model::{Bundle, Limits, TestSet};
-use tandem_tls::{client_config, server_config, DevPki};
+use tandem_tls::DevPki;
 
 mod common;
 use common::{dev_vk as vk, repo};
@@ -41,23 +41,12 @@ async fn auto_answers_locally_only_when_the_exit_head_is_confident() {
 
     let tmp = tempfile::tempdir().unwrap();
     let pki = DevPki::generate(1).unwrap();
-    let mut o = ServerOptions::new(
-        "127.0.0.1:0".parse().unwrap(),
-        server_config(pki.server_credentials()).unwrap(),
-        vk(),
-        tmp.path().join("keys.redb"),
-    );
-    o.models = vec![dir.clone()];
+    let o = common::server_options(&pki, tmp.path(), vec![dir.clone()]);
     let cloud = Cloud::start(o).await.unwrap();
-    let mut dev = Device::connect(DeviceOptions::new(
-        cloud.local_addr(),
-        client_config(pki.client_credentials("device-1").unwrap()).unwrap(),
-        dir.clone(),
-        vk(),
-        tmp.path().join("ledger.bin"),
-    ))
-    .await
-    .unwrap();
+    let ledger = tmp.path().join("ledger.bin");
+    let mut dev = Device::connect(common::device_options(&pki, &cloud, dir.clone(), ledger))
+        .await
+        .unwrap();
 
     // Off (the default): a confident input is still offloaded, and the plan says the head
     // was not consulted.

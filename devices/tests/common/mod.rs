@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_cloud::{Cloud, ModelPolicy, ServerOptions};
-use tandem_device::RemoteLayers;
+use tandem_device::{DeviceOptions, RemoteLayers};
 use tandem_he::{Context, OutputMode};
 use tandem_model::{read_verifying_key, Bundle, Limits, Part, SigningKey, VerifyingKey};
 use tandem_ops::import::import_bert;
@@ -27,6 +27,31 @@ pub fn repo() -> PathBuf {
 /// The development verifying key the committed bundles are signed with.
 pub fn dev_vk() -> VerifyingKey {
     read_verifying_key(&repo().join("models/dev-verifying-key.txt")).unwrap()
+}
+
+/// Options of a loopback cloud (`127.0.0.1:0`) with `pki`'s server credentials, the
+/// development verifying key, its key store in `dir`, serving the bundle directories `models`.
+pub fn server_options(pki: &DevPki, dir: &Path, models: Vec<PathBuf>) -> ServerOptions {
+    let mut o = ServerOptions::new(
+        "127.0.0.1:0".parse().unwrap(),
+        server_config(pki.server_credentials()).unwrap(),
+        dev_vk(),
+        dir.join("keys.redb"),
+    );
+    o.models = models;
+    o
+}
+
+/// Options of a device (`device-1` of `pki`) for the bundle `model` (development key) against
+/// the cloud `c`, its privacy ledger at `ledger`.
+pub fn device_options(pki: &DevPki, c: &Cloud, model: PathBuf, ledger: PathBuf) -> DeviceOptions {
+    DeviceOptions::new(
+        c.local_addr(),
+        client_config(pki.client_credentials("device-1").unwrap()).unwrap(),
+        model,
+        dev_vk(),
+        ledger,
+    )
 }
 
 /// A loopback address nobody listens on (yet).
