@@ -6,11 +6,9 @@
 use tandem_cloud::Cloud;
 use tandem_device::planner::{AutoPolicy, PlanProtection, Refusal};
 use tandem_device::{Answer, Device, EarlyExit, Protection};
-use tandem_model::{Bundle, Limits, TestSet};
 use tandem_tls::DevPki;
 
 mod common;
-use common::{dev_vk as vk, repo};
 
 /// With early exit on, `answer(x, Auto)` answers on the device — nothing reaches the cloud —
 /// exactly for the inputs whose exit-head confidence is at least the signed τ, and offloads
@@ -18,17 +16,8 @@ use common::{dev_vk as vk, repo};
 /// and why. With early exit off, Auto never answers locally.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_answers_locally_only_when_the_exit_head_is_confident() {
-    let dir = repo().join("models/digits");
-    let full = Bundle::load(&dir, &vk(), &Limits::default()).unwrap();
-    let tau = full
-        .exit_head()
-        .expect("digits has an exit head")
-        .threshold();
-    let test = TestSet::load(&dir.join("test.json")).unwrap();
-    let (below, above): (Vec<&Vec<f32>>, Vec<&Vec<f32>>) = test
-        .x
-        .iter()
-        .partition(|x| full.exit_confidence(x).unwrap().unwrap().confidence < tau);
+    let (dir, full, tau, test) = common::digits();
+    let (below, above) = common::by_confidence(&full, tau, &test);
     assert!(below.len() >= 3 && above.len() >= 3);
     // Interleaved, so the device's learnt state (local time, stage times) changes between
     // both kinds of request.

@@ -11,9 +11,9 @@ use std::time::Duration;
 use tandem_cloud::{Cloud, ModelPolicy, ServerOptions};
 use tandem_device::{DeviceOptions, RemoteLayers};
 use tandem_he::{Context, OutputMode};
-use tandem_model::{read_verifying_key, Bundle, Limits, Part, SigningKey, VerifyingKey};
+use tandem_model::{read_verifying_key, Bundle, Limits, Part, SigningKey, TestSet, VerifyingKey};
 use tandem_ops::import::import_bert;
-use tandem_ops::{default_model_dir, BundleEncoder, BundleLinears};
+use tandem_ops::{BundleEncoder, BundleLinears};
 use tandem_tls::{client_config, server_config, DevPki};
 
 /// The repository root (bundles under `models/`).
@@ -60,24 +60,11 @@ pub fn free_addr() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
-/// The MiniLM model directory (`scripts/fetch-minilm.sh`), or `None` after printing
-/// `SKIPPED: … {what} was NOT checked`. With `TANDEM_MINILM_DIR` set a missing model fails.
-pub fn model_dir(what: &str) -> Option<PathBuf> {
-    let dir = default_model_dir();
-    if dir.join("model.safetensors").exists() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var_os("TANDEM_MINILM_DIR").is_none(),
-        "TANDEM_MINILM_DIR={} has no model.safetensors; run scripts/fetch-minilm.sh",
-        dir.display()
-    );
-    eprintln!(
-        "SKIPPED: no MiniLM model in {} (run scripts/fetch-minilm.sh); {what} was NOT checked",
-        dir.display()
-    );
-    None
-}
+/// The MiniLM skip rule of `tandem-ops`' tests (one copy for both test directories).
+#[path = "../../ops/tests/common/mod.rs"]
+mod ops_common;
+#[allow(unused_imports)]
+pub use ops_common::model_dir;
 
 /// A sentence-transformers model imported as a signed encoder bundle (id `id`, `batch` tokens
 /// per request, signing key from `seed`) in a temporary directory, and a loopback cloud
@@ -192,4 +179,28 @@ impl Drop for EncoderCloud {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The committed `models/digits` bundle (development key): its directory, the bundle, its
+/// exit head's τ and its test set.
+pub fn digits() -> (PathBuf, Bundle, f64, TestSet) {
+    let dir = repo().join("models/digits");
+    let full = Bundle::load(&dir, &dev_vk(), &Limits::default()).unwrap();
+    let tau = full
+        .exit_head()
+        .expect("digits carries an exit head")
+        .threshold();
+    let test = TestSet::load(&dir.join("test.json")).unwrap();
+    (dir, full, tau, test)
+}
+
+/// `test`'s rows split by `full`'s exit-head confidence: (below `tau`, at or above it).
+pub fn by_confidence<'a>(
+    full: &Bundle,
+    tau: f64,
+    test: &'a TestSet,
+) -> (Vec<&'a Vec<f32>>, Vec<&'a Vec<f32>>) {
+    test.x
+        .iter()
+        .partition(|x| full.exit_confidence(x).unwrap().unwrap().confidence < tau)
 }
