@@ -27,16 +27,8 @@ impl Drop for Cloud {
 }
 
 fn start_cloud(dir: &Path, root: &Path) -> (Cloud, u16) {
-    let out = bin()
-        .args(["pki", "init"])
-        .arg(dir.join("pki"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let pki = dir.join("pki");
+    common::run_ok(&["pki".as_ref(), "init".as_ref(), pki.as_os_str()]);
     // Port 0: the cloud prints the address it bound.
     std::fs::write(
         dir.join("cloud.toml"),
@@ -112,18 +104,15 @@ fn infer(
     )
     .unwrap();
     std::fs::write(dir.join("rows.json"), serde_json::to_string(rows).unwrap()).unwrap();
-    let out = bin()
-        .args(["device", "infer", "--config"])
-        .arg(dir.join("device.toml"))
-        .arg("--input")
-        .arg(dir.join("rows.json"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (config, input) = (dir.join("device.toml"), dir.join("rows.json"));
+    let out = common::run_ok(&[
+        "device".as_ref(),
+        "infer".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--input".as_ref(),
+        input.as_os_str(),
+    ]);
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
