@@ -60,11 +60,12 @@ pub fn free_addr() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
-/// The MiniLM skip rule of `tandem-ops`' tests (one copy for both test directories).
+/// The MiniLM skip rule and the tiny synthetic model of `tandem-ops`' tests (one copy for
+/// both test directories).
 #[path = "../../ops/tests/common/mod.rs"]
 mod ops_common;
 #[allow(unused_imports)]
-pub use ops_common::model_dir;
+pub use ops_common::{model_dir, tiny};
 
 /// A sentence-transformers model imported as a signed encoder bundle (id `id`, `batch` tokens
 /// per request, signing key from `seed`) in a temporary directory, and a loopback cloud

@@ -1,6 +1,9 @@
-//! Set-up shared by the integration tests of `tandem-ops`: the MiniLM skip rule.
+//! Set-up shared by the integration tests of `tandem-ops`: the MiniLM skip rule and the tiny
+//! synthetic model ([`tiny`]).
 //! Each test keeps its own assertions; only set-up lives here.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod tiny;
 
 use std::path::PathBuf;
 
