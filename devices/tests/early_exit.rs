@@ -2,23 +2,11 @@
 //! `specs/planner.md` §7).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use std::path::{Path, PathBuf};
+use tandem_cloud::Cloud;
+use tandem_device::{Answer, Device, EarlyExit, Protection};
+use tandem_tls::DevPki;
 
-use tandem_cloud::{Cloud, ServerOptions};
-use tandem_device::{Answer, Device, DeviceOptions, EarlyExit, Protection};
-use tandem_model::{read_verifying_key, Bundle, Limits, TestSet, VerifyingKey};
-use tandem_tls::{client_config, server_config, DevPki};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn vk() -> VerifyingKey {
-    read_verifying_key(&repo().join("models/dev-verifying-key.txt")).unwrap()
-}
+mod common;
 
 /// TDM-EXIT-1, TDM-EXIT-2: with early exit on, the device answers from the signed head
 /// exactly when its confidence is at least the signed τ — nothing reaches the cloud — and
@@ -26,18 +14,9 @@ fn vk() -> VerifyingKey {
 /// default) every input is offloaded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_answers_locally_only_at_or_above_tau() {
-    let dir = repo().join("models/digits");
-    let full = Bundle::load(&dir, &vk(), &Limits::default()).unwrap();
-    let tau = full
-        .exit_head()
-        .expect("digits carries an exit head")
-        .threshold();
-    let test = TestSet::load(&dir.join("test.json")).unwrap();
+    let (dir, full, tau, test) = common::digits();
     // Every test row below τ and as many above it: both branches are exercised.
-    let (below, above): (Vec<&Vec<f32>>, Vec<&Vec<f32>>) = test
-        .x
-        .iter()
-        .partition(|x| full.exit_confidence(x).unwrap().unwrap().confidence < tau);
+    let (below, above) = common::by_confidence(&full, tau, &test);
     assert!(!below.is_empty() && !above.is_empty());
     let rows: Vec<&Vec<f32>> = below
         .iter()
@@ -47,22 +26,9 @@ async fn device_answers_locally_only_at_or_above_tau() {
 
     let tmp = tempfile::tempdir().unwrap();
     let pki = DevPki::generate(1).unwrap();
-    let tls = server_config(pki.server_credentials()).unwrap();
-    let mut o = ServerOptions::new(
-        "127.0.0.1:0".parse().unwrap(),
-        tls,
-        vk(),
-        tmp.path().join("keys.redb"),
-    );
-    o.models = vec![dir.clone()];
+    let o = common::server_options(&pki, tmp.path(), vec![dir.clone()]);
     let cloud = Cloud::start(o).await.unwrap();
-    let dopts = DeviceOptions::new(
-        cloud.local_addr(),
-        client_config(pki.client_credentials("device-1").unwrap()).unwrap(),
-        dir.clone(),
-        vk(),
-        tmp.path().join("ledger.bin"),
-    );
+    let dopts = common::device_options(&pki, &cloud, dir.clone(), tmp.path().join("ledger.bin"));
     let mut dev = Device::connect(dopts).await.unwrap();
     assert_eq!(dev.early_exit(), EarlyExit::Off, "off by default");
     assert_eq!(dev.exit_threshold(), Some(tau));
