@@ -18,19 +18,6 @@ use tandem_ops::encrypted::plan_encoder_layer;
 const H: usize = 8;
 const BATCH: usize = 8;
 
-fn op(kind: &str, inputs: &[&str], output: &str) -> OpSpec {
-    OpSpec {
-        op: kind.into(),
-        inputs: inputs.iter().map(|s| s.to_string()).collect(),
-        output: output.into(),
-        placement: Placement::Device,
-        tensors: Vec::new(),
-        linear: None,
-        heads: None,
-        eps: None,
-    }
-}
-
 /// Small int8 weights (|w| <= 3): their row bounds are far below the entry bounds.
 fn weights(n_in: usize, n_out: usize) -> Vec<i8> {
     (0..n_in * n_out).map(|i| (i % 7) as i8 - 3).collect()
@@ -60,26 +47,26 @@ fn true_bounds(n_in: usize, n_out: usize) -> (u64, u64) {
 }
 
 fn manifest(link: Option<u32>, qkv: Option<(u64, u64)>, o: Option<(u64, u64)>) -> Manifest {
-    let mut ops = vec![op("embedding", &[], "e")];
+    let mut ops = vec![OpSpec::device("embedding", &[], "e")];
     ops[0].tensors = vec!["word".into(), "pos".into(), "type".into()];
-    let mut ln = op("layer_norm", &["e"], "x");
+    let mut ln = OpSpec::device("layer_norm", &["e"], "x");
     ln.tensors = vec!["ln.g".into(), "ln.b".into()];
     ln.eps = Some(1e-12);
     ops.push(ln);
     for (i, (input, output)) in [("x", "qkv"), ("ctx", "o")].into_iter().enumerate() {
         if i == 1 {
-            let mut att = op("attention", &["qkv"], "ctx");
+            let mut att = OpSpec::device("attention", &["qkv"], "ctx");
             att.heads = Some(2);
             ops.push(att);
         }
-        let mut l = op("linear", &[input], output);
+        let mut l = OpSpec::device("linear", &[input], output);
         l.placement = Placement::Cloud;
         l.linear = Some(i);
         ops.push(l);
     }
-    ops.push(op("add", &["o", "x"], "r"));
-    ops.push(op("mean_pool", &["r"], "p"));
-    ops.push(op("l2_normalize", &["p"], "out"));
+    ops.push(OpSpec::device("add", &["o", "x"], "r"));
+    ops.push(OpSpec::device("mean_pool", &["r"], "p"));
+    ops.push(OpSpec::device("l2_normalize", &["p"], "out"));
     Manifest::for_encoder(
         "tiny-encoder",
         "1",

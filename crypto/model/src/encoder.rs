@@ -149,6 +149,23 @@ pub struct OpSpec {
     pub eps: Option<f64>,
 }
 
+impl OpSpec {
+    /// A device-placed op `op` reading the values `inputs` and defining `output`, with no
+    /// tensors, linear index, heads or epsilon (set those fields as the op needs).
+    pub fn device(op: &str, inputs: &[&str], output: &str) -> OpSpec {
+        OpSpec {
+            op: op.into(),
+            inputs: inputs.iter().map(|s| (*s).to_string()).collect(),
+            output: output.into(),
+            placement: Placement::Device,
+            tensors: Vec::new(),
+            linear: None,
+            heads: None,
+            eps: None,
+        }
+    }
+}
+
 /// The operations an encoder graph may use.
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -10,19 +10,6 @@ use tandem_model::{
 
 const H: usize = 4;
 
-fn op(kind: &str, inputs: &[&str], output: &str) -> OpSpec {
-    OpSpec {
-        op: kind.into(),
-        inputs: inputs.iter().map(|s| s.to_string()).collect(),
-        output: output.into(),
-        placement: Placement::Device,
-        tensors: Vec::new(),
-        linear: None,
-        heads: None,
-        eps: None,
-    }
-}
-
 fn linear(name: &str, n_in: usize, n_out: usize) -> CloudLinear {
     CloudLinear {
         name: name.into(),
@@ -41,27 +28,27 @@ fn linear(name: &str, n_in: usize, n_out: usize) -> CloudLinear {
 
 /// embedding → ln → qkv (cloud) → attention → o (cloud) → add → gelu → mean_pool → l2.
 fn manifest(tokenizer_sha: &str) -> Manifest {
-    let mut ops = vec![op("embedding", &[], "e")];
+    let mut ops = vec![OpSpec::device("embedding", &[], "e")];
     ops[0].tensors = vec!["word".into(), "pos".into(), "type".into()];
-    let mut ln = op("layer_norm", &["e"], "x");
+    let mut ln = OpSpec::device("layer_norm", &["e"], "x");
     ln.tensors = vec!["ln.g".into(), "ln.b".into()];
     ln.eps = Some(1e-12);
     ops.push(ln);
-    let mut qkv = op("linear", &["x"], "qkv");
+    let mut qkv = OpSpec::device("linear", &["x"], "qkv");
     qkv.placement = Placement::Cloud;
     qkv.linear = Some(0);
     ops.push(qkv);
-    let mut att = op("attention", &["qkv"], "ctx");
+    let mut att = OpSpec::device("attention", &["qkv"], "ctx");
     att.heads = Some(2);
     ops.push(att);
-    let mut o = op("linear", &["ctx"], "o");
+    let mut o = OpSpec::device("linear", &["ctx"], "o");
     o.placement = Placement::Cloud;
     o.linear = Some(1);
     ops.push(o);
-    ops.push(op("add", &["o", "x"], "r"));
-    ops.push(op("gelu", &["r"], "g"));
-    ops.push(op("mean_pool", &["g"], "p"));
-    ops.push(op("l2_normalize", &["p"], "out"));
+    ops.push(OpSpec::device("add", &["o", "x"], "r"));
+    ops.push(OpSpec::device("gelu", &["r"], "g"));
+    ops.push(OpSpec::device("mean_pool", &["g"], "p"));
+    ops.push(OpSpec::device("l2_normalize", &["p"], "out"));
     Manifest::for_encoder(
         "tiny-encoder",
         "1",

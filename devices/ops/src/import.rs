@@ -59,19 +59,6 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn op(kind: &str, inputs: &[&str], output: &str) -> OpSpec {
-    OpSpec {
-        op: kind.into(),
-        inputs: inputs.iter().map(|s| (*s).to_string()).collect(),
-        output: output.into(),
-        placement: Placement::Device,
-        tensors: Vec::new(),
-        linear: None,
-        heads: None,
-        eps: None,
-    }
-}
-
 fn f32t(name: &str, shape: Vec<usize>, v: Vec<f32>) -> NamedTensor {
     NamedTensor {
         name: name.into(),
@@ -136,7 +123,7 @@ pub fn import_bert_with_link(
         cfg.type_vocab_size,
     )?;
     let mut ops = Vec::new();
-    let mut e = op("embedding", &[], "embedded");
+    let mut e = OpSpec::device("embedding", &[], "embedded");
     e.tensors = vec![
         "embeddings.word_embeddings.weight".into(),
         "embeddings.position_embeddings.weight".into(),
@@ -148,7 +135,7 @@ pub fn import_bert_with_link(
             let (g, b) = (format!("{prefix}.weight"), format!("{prefix}.bias"));
             tensors.push(f32t(&g, vec![h], t.vector(&g, h)?.to_vec()));
             tensors.push(f32t(&b, vec![h], t.vector(&b, h)?.to_vec()));
-            let mut o = op("layer_norm", &[input], output);
+            let mut o = OpSpec::device("layer_norm", &[input], output);
             o.tensors = vec![g, b];
             o.eps = Some(cfg.layer_norm_eps);
             ops.push(o);
@@ -211,17 +198,17 @@ pub fn import_bert_with_link(
         let p = format!("encoder.layer.{i}");
         let v = |s: &str| format!("l{i}.{s}");
         let lin = |ops: &mut Vec<OpSpec>, k: usize, input: &str, output: &str| {
-            let mut o = op("linear", &[input], output);
+            let mut o = OpSpec::device("linear", &[input], output);
             o.placement = Placement::Cloud;
             o.linear = Some(4 * i + k);
             ops.push(o);
         };
         lin(&mut ops, 0, &x, &v("qkv"));
-        let mut a = op("attention", &[&v("qkv")], &v("context"));
+        let mut a = OpSpec::device("attention", &[&v("qkv")], &v("context"));
         a.heads = Some(heads);
         ops.push(a);
         lin(&mut ops, 1, &v("context"), &v("attn_out"));
-        ops.push(op("add", &[&v("attn_out"), &x], &v("attn_res")));
+        ops.push(OpSpec::device("add", &[&v("attn_out"), &x], &v("attn_res")));
         layer_norm(
             &mut ops,
             &format!("{p}.attention.output.LayerNorm"),
@@ -229,9 +216,13 @@ pub fn import_bert_with_link(
             &v("attn"),
         )?;
         lin(&mut ops, 2, &v("attn"), &v("ffn_in"));
-        ops.push(op("gelu", &[&v("ffn_in")], &v("ffn_act")));
+        ops.push(OpSpec::device("gelu", &[&v("ffn_in")], &v("ffn_act")));
         lin(&mut ops, 3, &v("ffn_act"), &v("ffn_out"));
-        ops.push(op("add", &[&v("ffn_out"), &v("attn")], &v("ffn_res")));
+        ops.push(OpSpec::device(
+            "add",
+            &[&v("ffn_out"), &v("attn")],
+            &v("ffn_res"),
+        ));
         let next = format!("x{}", i + 1);
         layer_norm(
             &mut ops,
@@ -241,9 +232,9 @@ pub fn import_bert_with_link(
         )?;
         x = next;
     }
-    ops.push(op("mean_pool", &[&x], "pooled"));
+    ops.push(OpSpec::device("mean_pool", &[&x], "pooled"));
     let output = if normalize {
-        ops.push(op("l2_normalize", &["pooled"], "embedding"));
+        ops.push(OpSpec::device("l2_normalize", &["pooled"], "embedding"));
         "embedding"
     } else {
         "pooled"

@@ -29,19 +29,6 @@ const TOKENIZER: &str = r#"{"version":"1.0","truncation":null,"padding":null,"ad
 "model":{"type":"WordLevel","vocab":{"[UNK]":0,"the":1,"device":2,"keeps":3,"its":4,"data":5,
 "cloud":6,"sees":7,"nothing":8,"private":9,"split":10,"model":11},"unk_token":"[UNK]"}}"#;
 
-fn op(kind: &str, inputs: &[&str], output: &str) -> OpSpec {
-    OpSpec {
-        op: kind.into(),
-        inputs: inputs.iter().map(|s| s.to_string()).collect(),
-        output: output.into(),
-        placement: Placement::Device,
-        tensors: Vec::new(),
-        linear: None,
-        heads: None,
-        eps: None,
-    }
-}
-
 fn linear(name: &str, n_in: usize, n_out: usize) -> CloudLinear {
     CloudLinear {
         name: name.into(),
@@ -72,10 +59,10 @@ fn linears() -> Vec<(String, usize, usize)> {
 }
 
 fn manifest() -> Manifest {
-    let mut ops = vec![op("embedding", &[], "e")];
+    let mut ops = vec![OpSpec::device("embedding", &[], "e")];
     ops[0].tensors = vec!["word".into(), "pos".into(), "type".into()];
     let ln = |input: &str, output: &str, t: &str| {
-        let mut o = op("layer_norm", &[input], output);
+        let mut o = OpSpec::device("layer_norm", &[input], output);
         o.tensors = vec![format!("{t}.g"), format!("{t}.b")];
         o.eps = Some(1e-12);
         o
@@ -83,7 +70,7 @@ fn manifest() -> Manifest {
     ops.push(ln("e", "x0", "ln"));
     let mut index = 0;
     let mut lin = |ops: &mut Vec<OpSpec>, input: &str, output: &str| {
-        let mut l = op("linear", &[input], output);
+        let mut l = OpSpec::device("linear", &[input], output);
         l.placement = Placement::Cloud;
         l.linear = Some(index);
         index += 1;
@@ -93,20 +80,20 @@ fn manifest() -> Manifest {
         let v = |s: &str| format!("b{b}.{s}");
         let x = format!("x{b}");
         lin(&mut ops, &x, &v("qkv"));
-        let mut att = op("attention", &[&v("qkv")], &v("ctx"));
+        let mut att = OpSpec::device("attention", &[&v("qkv")], &v("ctx"));
         att.heads = Some(2);
         ops.push(att);
         lin(&mut ops, &v("ctx"), &v("o"));
-        ops.push(op("add", &[&v("o"), &x], &v("r1")));
+        ops.push(OpSpec::device("add", &[&v("o"), &x], &v("r1")));
         ops.push(ln(&v("r1"), &v("y"), &format!("l{b}.ln1")));
         lin(&mut ops, &v("y"), &v("f1"));
-        ops.push(op("gelu", &[&v("f1")], &v("g")));
+        ops.push(OpSpec::device("gelu", &[&v("f1")], &v("g")));
         lin(&mut ops, &v("g"), &v("f2"));
-        ops.push(op("add", &[&v("f2"), &v("y")], &v("r2")));
+        ops.push(OpSpec::device("add", &[&v("f2"), &v("y")], &v("r2")));
         ops.push(ln(&v("r2"), &format!("x{}", b + 1), &format!("l{b}.ln2")));
     }
-    ops.push(op("mean_pool", &[&format!("x{BLOCKS}")], "p"));
-    ops.push(op("l2_normalize", &["p"], "out"));
+    ops.push(OpSpec::device("mean_pool", &[&format!("x{BLOCKS}")], "p"));
+    ops.push(OpSpec::device("l2_normalize", &["p"], "out"));
     let digest = {
         use sha2::Digest;
         hex(&sha2::Sha256::digest(TOKENIZER.as_bytes()))
