@@ -39,40 +39,12 @@ const TINY: [&str; 8] = [
     "cloud hello world.",
 ];
 
-/// (name, shape) of every tensor of the tiny BERT.
-fn layout() -> Vec<(String, Vec<usize>)> {
-    let mut t = vec![
-        ("embeddings.word_embeddings.weight".into(), vec![10, 4]),
-        ("embeddings.position_embeddings.weight".into(), vec![8, 4]),
-        ("embeddings.token_type_embeddings.weight".into(), vec![2, 4]),
-        ("embeddings.LayerNorm.weight".into(), vec![4]),
-        ("embeddings.LayerNorm.bias".into(), vec![4]),
-    ];
-    let p = "encoder.layer.0";
-    for (name, out, inp) in [
-        ("attention.self.query", 4, 4),
-        ("attention.self.key", 4, 4),
-        ("attention.self.value", 4, 4),
-        ("attention.output.dense", 4, 4),
-        ("intermediate.dense", 8, 4),
-        ("output.dense", 4, 8),
-    ] {
-        t.push((format!("{p}.{name}.weight"), vec![out, inp]));
-        t.push((format!("{p}.{name}.bias"), vec![out]));
-    }
-    for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
-        t.push((format!("{p}.{ln}.weight"), vec![4]));
-        t.push((format!("{p}.{ln}.bias"), vec![4]));
-    }
-    t
-}
-
 /// The tiny checkpoint in the safetensors format (8-byte little-endian header length, JSON
 /// header of dtype / shape / data offsets, then the little-endian f32 data).
 fn checkpoint() -> Vec<u8> {
     let mut header = Vec::new();
     let mut data: Vec<u8> = Vec::new();
-    for (k, (name, shape)) in layout().into_iter().enumerate() {
+    for (k, (name, shape)) in common::tiny::layout(false).into_iter().enumerate() {
         let n: usize = shape.iter().product();
         let start = data.len();
         for i in 0..n {

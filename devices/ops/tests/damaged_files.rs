@@ -14,45 +14,16 @@ use tandem_ops::{
 };
 
 mod common;
-use common::tiny::{write_model_dir, CONFIG, TOKENIZER};
+use common::tiny::{layout, write_model_dir, CONFIG, TOKENIZER};
 
 fn config() -> BertConfig {
     serde_json::from_str(CONFIG).unwrap()
 }
 
-/// (name, shape) of every tensor the tiny model needs, plus the unused `pooler.*` ones.
-fn layout() -> Vec<(String, Vec<usize>)> {
-    let mut t = vec![
-        ("embeddings.word_embeddings.weight".into(), vec![10, 4]),
-        ("embeddings.position_embeddings.weight".into(), vec![8, 4]),
-        ("embeddings.token_type_embeddings.weight".into(), vec![2, 4]),
-        ("embeddings.LayerNorm.weight".into(), vec![4]),
-        ("embeddings.LayerNorm.bias".into(), vec![4]),
-        ("pooler.dense.weight".into(), vec![4, 4]),
-    ];
-    let p = "encoder.layer.0";
-    for (name, out, inp) in [
-        ("attention.self.query", 4, 4),
-        ("attention.self.key", 4, 4),
-        ("attention.self.value", 4, 4),
-        ("attention.output.dense", 4, 4),
-        ("intermediate.dense", 8, 4),
-        ("output.dense", 4, 8),
-    ] {
-        t.push((format!("{p}.{name}.weight"), vec![out, inp]));
-        t.push((format!("{p}.{name}.bias"), vec![out]));
-    }
-    for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
-        t.push((format!("{p}.{ln}.weight"), vec![4]));
-        t.push((format!("{p}.{ln}.bias"), vec![4]));
-    }
-    t
-}
-
 /// Serialises the tiny checkpoint; `edit` may change a tensor's dtype, shape or values.
 fn checkpoint_with(edit: impl Fn(&str, &mut Dtype, &mut Vec<usize>, &mut Vec<u8>)) -> Vec<u8> {
     let mut owned = Vec::new();
-    for (k, (name, shape)) in layout().into_iter().enumerate() {
+    for (k, (name, shape)) in layout(true).into_iter().enumerate() {
         let n: usize = shape.iter().product();
         let mut bytes: Vec<u8> = (0..n)
             .flat_map(|i| (0.3 * ((k * 31 + i) as f32).sin()).to_le_bytes())

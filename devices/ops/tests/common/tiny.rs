@@ -27,6 +27,38 @@ pub const TOKENIZER: &str = r###"{"version":"1.0","truncation":null,"padding":nu
 "model":{"type":"WordPiece","unk_token":"[UNK]","continuing_subword_prefix":"##","max_input_chars_per_word":100,
  "vocab":{"[PAD]":0,"[UNK]":1,"[CLS]":2,"[SEP]":3,"hello":4,"world":5,"private":6,"cloud":7,"##s":8,".":9}}}"###;
 
+/// (name, shape) of every tensor of the tiny BERT, with the unused `pooler.dense.weight`
+/// (index 5) when `pooler`.
+pub fn layout(pooler: bool) -> Vec<(String, Vec<usize>)> {
+    let mut t = vec![
+        ("embeddings.word_embeddings.weight".into(), vec![10, 4]),
+        ("embeddings.position_embeddings.weight".into(), vec![8, 4]),
+        ("embeddings.token_type_embeddings.weight".into(), vec![2, 4]),
+        ("embeddings.LayerNorm.weight".into(), vec![4]),
+        ("embeddings.LayerNorm.bias".into(), vec![4]),
+    ];
+    if pooler {
+        t.push(("pooler.dense.weight".into(), vec![4, 4]));
+    }
+    let p = "encoder.layer.0";
+    for (name, out, inp) in [
+        ("attention.self.query", 4, 4),
+        ("attention.self.key", 4, 4),
+        ("attention.self.value", 4, 4),
+        ("attention.output.dense", 4, 4),
+        ("intermediate.dense", 8, 4),
+        ("output.dense", 4, 8),
+    ] {
+        t.push((format!("{p}.{name}.weight"), vec![out, inp]));
+        t.push((format!("{p}.{name}.bias"), vec![out]));
+    }
+    for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
+        t.push((format!("{p}.{ln}.weight"), vec![4]));
+        t.push((format!("{p}.{ln}.bias"), vec![4]));
+    }
+    t
+}
+
 /// Writes the tiny sentence-transformers directory at `p` (created if needed) with
 /// `checkpoint` as its `model.safetensors`.
 pub fn write_model_dir(p: &Path, checkpoint: &[u8]) {
