@@ -457,24 +457,49 @@ impl Plan {
 
 /// Plans one request (TDM-PLAN-1..4).
 ///
+/// What [`choose`] reads of a feasible candidate.
+pub(crate) struct Costs {
+    pub(crate) latency_ms: f64,
+    pub(crate) energy_mj: f64,
+    pub(crate) meets_target: bool,
+}
+
+/// The index of the chosen candidate, the one rule both planners follow: among the feasible
+/// candidates (`costs` is `None` for a refused one) that meet the latency target, the lowest
+/// objective (latency or energy); if none meets the target, the feasible one with the lowest
+/// latency. Ties break on list order; `None` only when nothing is feasible.
+pub(crate) fn choose<T>(
+    candidates: &[T],
+    objective: Objective,
+    costs: impl Fn(&T) -> Option<Costs>,
+) -> Option<usize> {
+    let key = |c: &Costs| match objective {
+        Objective::Latency => c.latency_ms,
+        Objective::Energy => c.energy_mj,
+    };
+    let best = |pred: &dyn Fn(&Costs) -> bool, by: &dyn Fn(&Costs) -> f64| {
+        candidates
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| costs(c).filter(|k| pred(k)).map(|k| (i, by(&k))))
+            .min_by(|(i, a), (j, b)| a.total_cmp(b).then(i.cmp(j)))
+            .map(|(i, _)| i)
+    };
+    best(&|c| c.meets_target, &key).or_else(|| best(&|_| true, &|c| c.latency_ms))
+}
+
 /// The choice is the feasible candidate meeting the latency target with the lowest objective
 /// (latency or energy); if no feasible candidate meets the target, the feasible one with the
 /// lowest latency. Ties break on list order. `None` is chosen only when nothing is feasible.
 pub fn plan(inputs: &PlanInputs) -> Plan {
     let candidates = candidates(inputs);
-    let key = |c: &Candidate| match inputs.objective {
-        Objective::Latency => c.latency_ms,
-        Objective::Energy => c.energy_mj,
-    };
-    let best = |pred: &dyn Fn(&Candidate) -> bool, by: &dyn Fn(&Candidate) -> f64| {
-        candidates
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.refused.is_none() && pred(c))
-            .min_by(|(i, a), (j, b)| by(a).total_cmp(&by(b)).then(i.cmp(j)))
-            .map(|(i, _)| i)
-    };
-    let chosen = best(&|c| c.meets_target, &key).or_else(|| best(&|_| true, &|c| c.latency_ms));
+    let chosen = choose(&candidates, inputs.objective, |c| {
+        c.refused.is_none().then_some(Costs {
+            latency_ms: c.latency_ms,
+            energy_mj: c.energy_mj,
+            meets_target: c.meets_target,
+        })
+    });
     Plan {
         candidates,
         chosen,

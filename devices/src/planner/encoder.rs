@@ -304,19 +304,13 @@ pub fn plan_split(profile: &SplitProfile, link: LinkEstimate, opts: &SplitOption
             meets_target,
         });
     }
-    let key = |c: &SplitCandidate| match opts.objective {
-        Objective::Latency => c.latency_ms,
-        Objective::Energy => c.energy_mj,
-    };
-    let best = |pred: &dyn Fn(&SplitCandidate) -> bool, by: &dyn Fn(&SplitCandidate) -> f64| {
-        candidates
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.refused.is_none() && pred(c))
-            .min_by(|(i, a), (j, b)| by(a).total_cmp(&by(b)).then(i.cmp(j)))
-            .map(|(i, _)| i)
-    };
-    let chosen = best(&|c| c.meets_target, &key).or_else(|| best(&|_| true, &|c| c.latency_ms));
+    let chosen = super::choose(&candidates, opts.objective, |c: &SplitCandidate| {
+        c.refused.is_none().then_some(super::Costs {
+            latency_ms: c.latency_ms,
+            energy_mj: c.energy_mj,
+            meets_target: c.meets_target,
+        })
+    });
     SplitPlan {
         candidates,
         chosen,
