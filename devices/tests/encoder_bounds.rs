@@ -87,6 +87,7 @@ fn manifest(link: Option<u32>, qkv: Option<(u64, u64)>, o: Option<(u64, u64)>) -
             ops,
             output: "out".into(),
             link_kbit_s: link,
+            max_bodies: None,
         },
     )
     .unwrap()

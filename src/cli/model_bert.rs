@@ -32,6 +32,11 @@ pub struct ImportArgs {
     /// written, plans assume 25 000 (25 Mbit/s).
     #[arg(long)]
     pub link_kbit: Option<u32>,
+    /// Most secrets one GLWE mask may be shared by in the HE plans (1..=8), signed into the
+    /// bundle: r token blocks of a request travel as r bodies with one mask, so downloads
+    /// carry one mask per r bodies (the evaluation key grows r-fold). Omitted: not written, 1.
+    #[arg(long)]
+    pub max_bodies: Option<u32>,
 }
 
 /// Runs the import and prints what it wrote.
@@ -57,12 +62,15 @@ pub fn run(a: ImportArgs) -> anyhow::Result<()> {
             tandem_model::dev_signing_key()
         }
     };
-    let s = tandem_ops::import::import_bert_with_link(
+    let s = tandem_ops::import::import_bert_with_plan(
         &a.src,
         &a.out,
         &a.id,
         a.batch,
-        a.link_kbit,
+        tandem_ops::import::PlanKnobs {
+            link_kbit_s: a.link_kbit,
+            max_bodies: a.max_bodies,
+        },
         &key,
     )
     .with_context(|| format!("importing {} into {}", a.src.display(), a.out.display()))?;

@@ -35,6 +35,8 @@ pub const MAX_PLANNED_BATCH: usize = 64;
 pub const DEFAULT_LINK_KBIT_S: u32 = 25_000;
 /// Largest signed link rate (kbit/s): 100 Gbit/s.
 pub const MAX_LINK_KBIT_S: u32 = 100_000_000;
+/// Largest signed `max_bodies`: secrets that may share one GLWE mask in an HE plan.
+pub const MAX_BODIES: u32 = 8;
 
 /// The `[encoder]` section: a transformer encoder described as an op graph.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -66,6 +68,14 @@ pub struct EncoderSpec {
     /// with the same value (TDM-PAR-HE-3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_kbit_s: Option<u32>,
+    /// Most secrets (`1..=`[`MAX_BODIES`]) one GLWE mask may be shared by in the HE plans of
+    /// the cloud layers (shared-mask "multi-body" ciphertexts, Peikert–Vaikuntanathan–Waters
+    /// 2008; specs/parameters.md): r row blocks of a request travel as r bodies under r
+    /// independent secrets with one mask, so a download carries one mask per r bodies.
+    /// Absent = 1 (one secret, one mask per body). Public and signed: device and cloud plan
+    /// with the same value (TDM-PAR-HE-3), and the device's evaluation key covers it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bodies: Option<u32>,
 }
 
 /// One linear layer evaluated by the cloud: `acc = Xq · Wqᵀ` on int8 rows.
@@ -318,6 +328,12 @@ impl EncoderSpec {
         self.link_kbit_s.unwrap_or(DEFAULT_LINK_KBIT_S)
     }
 
+    /// Most secrets one mask may be shared by in the HE plans: the signed `max_bodies`,
+    /// else 1.
+    pub fn max_bodies(&self) -> usize {
+        self.max_bodies.unwrap_or(1) as usize
+    }
+
     /// Tensors of the encoder with the party whose weights file holds each.
     pub fn tensor_owners(&self) -> Vec<(String, Placement)> {
         let mut v = Vec::new();
@@ -444,6 +460,13 @@ impl EncoderSpec {
             if !(1..=MAX_LINK_KBIT_S).contains(&k) {
                 return inv(format!(
                     "link_kbit_s = {k} (1..={MAX_LINK_KBIT_S}; omit it for {DEFAULT_LINK_KBIT_S})"
+                ));
+            }
+        }
+        if let Some(r) = self.max_bodies {
+            if !(1..=MAX_BODIES).contains(&r) {
+                return inv(format!(
+                    "max_bodies = {r} (1..={MAX_BODIES}; omit it for 1)"
                 ));
             }
         }

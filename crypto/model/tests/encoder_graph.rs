@@ -69,6 +69,7 @@ fn manifest(tokenizer_sha: &str) -> Manifest {
             ops,
             output: "out".into(),
             link_kbit_s: None,
+            max_bodies: None,
         },
     )
     .unwrap_or_else(|e| panic!("{e}"))
@@ -248,6 +249,7 @@ fn missing_or_extra_tensors_are_typed() {
 fn signed_plan_knobs_round_trip_and_bad_values_are_typed() {
     let mut m = manifest(&sha_hex(b"{}"));
     enc(&mut m).link_kbit_s = Some(2_000);
+    enc(&mut m).max_bodies = Some(4);
     // Row bounds of the tiny weights (|w| <= 100, 4 per row).
     enc(&mut m).linears[0].max_row_l1 = Some(400);
     enc(&mut m).linears[0].max_row_sq = Some(40_000);
@@ -261,6 +263,8 @@ fn signed_plan_knobs_round_trip_and_bad_values_are_typed() {
         .unwrap_or_else(|e| panic!("{e}"));
     let e = b.encoder().unwrap_or_else(|| panic!("encoder"));
     assert_eq!(e.link_kbit_per_s(), 2_000);
+    assert_eq!(e.max_bodies(), 4);
+    assert!(text.contains("max_bodies = 4"), "{text}");
     assert_eq!(
         e.linears[0].plan_bounds(),
         (127, Some(400), Some(40_000), 0)
@@ -269,9 +273,12 @@ fn signed_plan_knobs_round_trip_and_bad_values_are_typed() {
     // Absent knobs: the default link and the entry bounds, and nothing new in the file.
     let base = manifest(&sha_hex(b"{}"));
     assert_eq!(base.encoder.as_ref().unwrap().link_kbit_per_s(), 25_000);
+    assert_eq!(base.encoder.as_ref().unwrap().max_bodies(), 1);
     let plain = toml::to_string(&base).unwrap();
     assert!(
-        !plain.contains("link_kbit_s") && !plain.contains("max_row"),
+        !plain.contains("link_kbit_s")
+            && !plain.contains("max_row")
+            && !plain.contains("max_bodies"),
         "{plain}"
     );
     // The signature covers the knobs: editing the rate in manifest.toml breaks it.
@@ -283,8 +290,10 @@ fn signed_plan_knobs_round_trip_and_bad_values_are_typed() {
     assert!(Bundle::load_part(dir.path(), &vk, &Limits::default(), Part::Cloud).is_err());
     // Zero / overflowing values are typed graph errors naming the field.
     type Edit = fn(&mut EncoderSpec);
-    let bad: [(&str, Edit); 5] = [
+    let bad: [(&str, Edit); 7] = [
         ("link_kbit_s", |e| e.link_kbit_s = Some(0)),
+        ("max_bodies", |e| e.max_bodies = Some(0)),
+        ("max_bodies", |e| e.max_bodies = Some(9)),
         ("link_kbit_s", |e| e.link_kbit_s = Some(u32::MAX)),
         ("max_row_l1", |e| e.linears[1].max_row_l1 = Some(0)),
         ("max_row_l1", |e| {

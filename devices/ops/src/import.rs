@@ -99,6 +99,46 @@ pub fn import_bert_with_link(
     link_kbit_s: Option<u32>,
     key: &SigningKey,
 ) -> Result<ImportSummary, OpsError> {
+    import_bert_with_plan(
+        src,
+        out,
+        id,
+        batch,
+        PlanKnobs {
+            link_kbit_s,
+            max_bodies: None,
+        },
+        key,
+    )
+}
+
+/// The public HE planning knobs an import signs into the `[encoder]` section (each `None` is
+/// left out of the manifest and planned at its default).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlanKnobs {
+    /// Link rate (kbit/s) the HE plans weigh bytes at (`None`: 25 000).
+    pub link_kbit_s: Option<u32>,
+    /// Most secrets one GLWE mask may be shared by (`None`: 1; `1..=8`).
+    pub max_bodies: Option<u32>,
+}
+
+/// [`import_bert`] with the HE planning knobs `knobs` signed into the bundle.
+///
+/// # Errors
+/// As [`import_bert`]; [`OpsError::Bundle`] for a knob out of its range (link rate
+/// `1..=100 000 000` kbit/s, `max_bodies` `1..=8`).
+pub fn import_bert_with_plan(
+    src: &Path,
+    out: &Path,
+    id: &str,
+    batch: usize,
+    knobs: PlanKnobs,
+    key: &SigningKey,
+) -> Result<ImportSummary, OpsError> {
+    let PlanKnobs {
+        link_kbit_s,
+        max_bodies,
+    } = knobs;
     let mut rec = Recorder(Vec::new());
     let enc = SentenceEncoder::load_with(src, &mut rec)?;
     let cfg: BertConfig = enc.model().config().clone();
@@ -274,6 +314,7 @@ pub fn import_bert_with_link(
             ops,
             output: output.into(),
             link_kbit_s,
+            max_bodies,
         },
     )?;
     tandem_model::write_bundle(out, &manifest, &tensors, key)?;

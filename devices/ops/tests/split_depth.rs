@@ -121,6 +121,7 @@ fn manifest() -> Manifest {
             ops,
             output: "out".into(),
             link_kbit_s: None,
+            max_bodies: None,
         },
     )
     .unwrap()
