@@ -130,6 +130,7 @@ pub fn matmul(shape: Option<&str>, runs: usize, threads: usize, json: bool) -> a
                 PlanOptions {
                     chunk: None,
                     batch: (per_request > 1).then_some(per_request),
+                    max_bodies: 1,
                 },
             )?;
             let prepare_ms = ms(t);

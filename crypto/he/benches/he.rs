@@ -39,6 +39,7 @@ fn layer(c: &mut Criterion, batch: usize, n_in: usize, n_out: usize) {
     let opts = PlanOptions {
         chunk: None,
         batch: (batch > 1).then_some(batch),
+        max_bodies: 1,
     };
     let layer = PreparedLayer::prepare(
         ctx.clone(),

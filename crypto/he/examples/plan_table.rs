@@ -80,6 +80,7 @@ fn chosen_bounded(
         bounds,
         b,
         link,
+        1,
     )
     .ok()
 }
@@ -188,6 +189,7 @@ fn main() {
                 PlanOptions {
                     chunk: Some(c),
                     batch: (b > 1).then_some(b),
+                    max_bodies: 1,
                 },
             );
             match p {

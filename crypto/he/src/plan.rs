@@ -171,6 +171,10 @@ pub struct LayerPlan {
     pub chunk: usize,
     /// Batch rows carried by one input polynomial (b₁ ≥ 1; 1 = one row per polynomial).
     pub batch_rows: usize,
+    /// Bodies per ciphertext, r ≥ 1 (TDM-PAR-HE-1, TDM-PAR-HE-3): r independent secrets share
+    /// one mask (Peikert–Vaikuntanathan–Waters packed Regev), so a batch block of r·b₁ rows
+    /// travels as one mask and r bodies of b₁ rows each. 1 = one secret (the v1 format).
+    pub bodies: usize,
     /// log2 of the input scaling factor Δ_in.
     pub delta_in_log2: u32,
     /// log2 of the output scaling factor (Δ_in times the packing factor).
@@ -196,6 +200,9 @@ pub struct PlanOptions {
     /// input polynomial (the v1 layout); a larger batch places ⌈batch⌉ ≤ N/chunk rows in one
     /// polynomial (Cheetah's matrix layout) and picks the chunk from [`plan_cost`].
     pub batch: Option<usize>,
+    /// Largest number of bodies per ciphertext the planner may choose (a power of two is
+    /// searched up to it, at most [`crate::limits::MAX_BODIES`]); 0 or 1 = one secret.
+    pub max_bodies: usize,
 }
 
 /// Bits that must remain for a signed range [−y, y] times a power-of-two Δ within 2^64.
@@ -388,6 +395,7 @@ impl LayerPlan {
             max_abs_input,
             chunk,
             batch_rows: batch.min(n / chunk).max(1),
+            bodies: 1,
             delta_in_log2,
             delta_out_log2,
             upload_bits: 64,
@@ -592,7 +600,7 @@ pub(crate) fn plan_first_fitting(
     let batch = opts.batch.unwrap_or(1);
     let with = |chunk: usize| PlanOptions {
         chunk: Some(chunk),
-        batch: opts.batch,
+        ..opts
     };
     if batch >= 2 && opts.chunk.is_none() {
         let top = n_in.next_power_of_two().clamp(2, params.poly_size);
@@ -717,6 +725,7 @@ mod tests {
         let opts = PlanOptions {
             chunk: Some(32),
             batch: Some(16),
+            max_bodies: 1,
         };
         let p = LayerPlan::new(P, OutputMode::Packed, 384, 1536, 128, stats, opts).unwrap();
         assert!(p.body_bits + 4 <= p.download_bits, "{p:?}");

@@ -303,15 +303,20 @@ impl PreparedLayer {
             WeightBounds::entries(127, max_abs_bias),
             batch,
             link,
+            1,
         )
     }
 
     /// [`PreparedLayer::plan_int8_batch_with_link`] with public row bounds on the int8
     /// weights (`bounds.max_abs_weight` is capped at 127): tighter signed bounds give fewer
-    /// bits per coefficient both ways.
+    /// bits per coefficient both ways. `max_bodies` (public, 0 or 1 = one secret) lets the
+    /// planner share each mask among up to that many bodies (secrets), searched jointly with
+    /// the chunk by the cost model (TDM-PAR-HE-3); the device needs an evaluation key with at
+    /// least the plan's [`LayerPlan::bodies`] (see `Client::evaluation_key_for`).
     ///
     /// # Errors
-    /// As [`PreparedLayer::plan_int8_batch`].
+    /// As [`PreparedLayer::plan_int8_batch`]; [`HeError::Shape`] if `max_bodies` exceeds
+    /// [`crate::limits::MAX_BODIES`].
     pub fn plan_int8_batch_bounded(
         params: crate::ParameterSet,
         mode: OutputMode,
@@ -320,6 +325,7 @@ impl PreparedLayer {
         bounds: WeightBounds,
         batch: usize,
         link: LinkModel,
+        max_bodies: usize,
     ) -> Result<LayerPlan, HeError> {
         if batch == 0 || batch > crate::limits::MAX_BATCH {
             return Err(HeError::Shape(format!(
@@ -340,6 +346,7 @@ impl PreparedLayer {
             PlanOptions {
                 chunk: None,
                 batch: (batch > 1).then_some(batch),
+                max_bodies,
             },
             link,
         )

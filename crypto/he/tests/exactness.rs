@@ -181,6 +181,7 @@ fn batch_layout_decrypts_exactly() {
             let opts = PlanOptions {
                 chunk,
                 batch: Some(planned),
+                max_bodies: 1,
             };
             check_with(mode, n_in, n_out, w, b, xs, opts);
         }
@@ -196,6 +197,7 @@ fn batch_layout_decrypts_exactly() {
             PlanOptions {
                 chunk: None,
                 batch: Some(8),
+                max_bodies: 1,
             },
         );
     }
@@ -316,6 +318,7 @@ fn signed_row_bounds_plan_fewer_bytes_and_refuse_weights_beyond_them() {
         bounds,
         b,
         link,
+        1,
     )
     .unwrap();
     assert_eq!(
@@ -326,7 +329,8 @@ fn signed_row_bounds_plan_fewer_bytes_and_refuse_weights_beyond_them() {
             n_out,
             WeightBounds::entries(127, 0),
             b,
-            link
+            link,
+            1
         )
         .unwrap(),
         worst,
@@ -379,7 +383,7 @@ proptest! {
         let w = if extreme { vec![127; n_in * n_out] } else { values(n_in * n_out, seed, -128, 127) };
         let b = values(n_out, seed ^ 1, -(1 << 16), 1 << 16);
         let xs: Vec<Vec<i64>> = (0..rows).map(|i| if extreme { vec![-128; n_in] } else { values(n_in, seed ^ (i as u64 + 2), -128, 127) }).collect();
-        check_with(mode, n_in, n_out, w, b, xs, PlanOptions { chunk: None, batch: Some(planned) });
+        check_with(mode, n_in, n_out, w, b, xs, PlanOptions { chunk: None, batch: Some(planned), max_bodies: 1 });
     }
 }
 
@@ -405,6 +409,7 @@ fn largest_batched_shape_decrypts_exactly() {
                 PlanOptions {
                     chunk: None,
                     batch: Some(64),
+                    max_bodies: 1,
                 },
             );
         }

@@ -74,6 +74,7 @@ fn measured_noise_variance_matches_prediction() {
     let batched = PlanOptions {
         chunk: None,
         batch: Some(16),
+        max_bodies: 1,
     };
     // Row-by-row layout, then the batch layout (16 rows per request, 16 × 1536 = 24 576
     // outputs: the same ±20 % band is wider still in standard deviations).

@@ -73,6 +73,7 @@ pub fn plan_layer(
                 PlanOptions {
                     chunk: None,
                     batch: (batch > 1).then_some(batch),
+                    max_bodies: 1,
                 },
             )
         }
@@ -110,6 +111,7 @@ pub fn plan_encoder_layer(
         tandem_he::LinkModel {
             kbit_per_s: link_kbit_s,
         },
+        1,
     )
 }
 

@@ -25,6 +25,7 @@ fn state() -> &'static State {
             let opts = PlanOptions {
                 chunk: Some(16),
                 batch,
+                max_bodies: 1,
             };
             if let Ok(l) = PreparedLayer::prepare(
                 ctx.clone(),

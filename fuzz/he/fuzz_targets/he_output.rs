@@ -23,6 +23,7 @@ fn state() -> &'static State {
                 let opts = PlanOptions {
                     chunk: Some(16),
                     batch,
+                    max_bodies: 1,
                 };
                 if let Ok(p) = PreparedLayer::plan_public(
                     DEFAULT_PARAMETERS,
