@@ -19,6 +19,16 @@ fn units(c: &mut Criterion) {
     c.bench_function("ntt/inverse_u64", |b| b.iter(|| black_box(f.ntt_inverse())));
     c.bench_function("key_switch", |b| b.iter(|| black_box(f.key_switch())));
     c.bench_function("ct_pt_product", |b| b.iter(|| black_box(f.ct_product())));
+    // Multi-body units (TDM-PAR-HE-3 cost model): one shared mask, 4 bodies. The per-body
+    // cost is (bodies4 − single) / 3.
+    let ctx = Arc::new(Context::new(DEFAULT_PARAMETERS));
+    let f4 = Fixture::with_bodies(ctx, 4).unwrap();
+    c.bench_function("key_switch/bodies4", |b| {
+        b.iter(|| black_box(f4.key_switch()))
+    });
+    c.bench_function("ct_pt_product/bodies4", |b| {
+        b.iter(|| black_box(f4.ct_product()))
+    });
 }
 
 fn int8(len: usize, seed: u64) -> Vec<i64> {

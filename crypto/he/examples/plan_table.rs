@@ -5,6 +5,7 @@
 //! cargo run --release -p tandem-he --example plan_table -- [--link KBIT_PER_S] 16x384@384x1536 ...
 //! cargo run --release -p tandem-he --example plan_table -- --link 5000 minilm   # 6 layers of all-MiniLM-L6-v2, 16 tokens
 //! cargo run --release -p tandem-he --example plan_table -- --link 2000 --bounds minilm  # with MiniLM's row bounds
+//! cargo run --release -p tandem-he --example plan_table -- --link 2000 --max-bodies 4 minilm  # shared masks, r ≤ 4
 //! RAYON_NUM_THREADS=2 cargo run --release -p tandem-he --example plan_table -- --link 2000 --time 2 minilm
 //! ```
 //! `--time T` evaluates the chosen plan of each shape (for `minilm`: each MiniLM shape) under its chosen plan (random int8 weights and
@@ -35,7 +36,7 @@ fn time_eval(plan: LayerPlan, batch: usize, threads: usize) -> Result<f64, HeErr
     let w = values(plan.n_in * plan.n_out, 1);
     let layer = PreparedLayer::prepare_with_plan(ctx.clone(), plan, &w, &vec![0; plan.n_out])?;
     let mut client = Client::new(ctx.clone());
-    let key = client.evaluation_key(plan.chunk)?;
+    let key = client.evaluation_key_for(plan.chunk, plan.bodies)?;
     let key = PreparedEvaluationKey::prepare(&key, &ctx)?;
     let xs: Vec<Vec<i64>> = (0..batch)
         .map(|r| values(plan.n_in, 2 + r as u64))
@@ -61,8 +62,8 @@ fn parse(s: &str) -> Option<(usize, usize, usize)> {
     Some((b.parse().ok()?, n.parse().ok()?, m.parse().ok()?))
 }
 
-fn chosen(b: usize, n: usize, m: usize, link: LinkModel) -> Option<LayerPlan> {
-    chosen_bounded(b, n, m, link, WeightBounds::entries(127, 0))
+fn chosen(b: usize, n: usize, m: usize, link: LinkModel, r: usize) -> Option<LayerPlan> {
+    chosen_bounded(b, n, m, link, WeightBounds::entries(127, 0), r)
 }
 
 fn chosen_bounded(
@@ -71,6 +72,7 @@ fn chosen_bounded(
     m: usize,
     link: LinkModel,
     bounds: WeightBounds,
+    max_bodies: usize,
 ) -> Option<LayerPlan> {
     PreparedLayer::plan_int8_batch_bounded(
         DEFAULT_PARAMETERS,
@@ -80,7 +82,7 @@ fn chosen_bounded(
         bounds,
         b,
         link,
-        1,
+        max_bodies,
     )
     .ok()
 }
@@ -103,6 +105,13 @@ fn main() {
         }
         args.drain(i..(i + 2).min(args.len()));
     }
+    let mut max_bodies = 1;
+    if let Some(i) = args.iter().position(|a| a == "--max-bodies") {
+        if let Some(v) = args.get(i + 1).and_then(|v| v.parse().ok()) {
+            max_bodies = v;
+        }
+        args.drain(i..(i + 2).min(args.len()));
+    }
     let bounded = args.iter().any(|a| a == "--bounds");
     args.retain(|a| a != "--bounds");
     let mut time = None;
@@ -120,6 +129,8 @@ fn main() {
                 (16, 1536, 384),
             ];
             let (mut up, mut down, mut ks, mut ms) = (0, 0, 0, 0.0);
+            // One packing key per device covers every layer: the largest chunk and r chosen.
+            let (mut key_chunk, mut key_bodies) = (2, 1);
             for ((b, n, m), (l1, sq)) in shapes.into_iter().zip(MINILM_ROW_BOUNDS) {
                 let bounds = if bounded {
                     WeightBounds {
@@ -130,7 +141,7 @@ fn main() {
                 } else {
                     WeightBounds::entries(127, 0)
                 };
-                let Some(p) = chosen_bounded(b, n, m, link, bounds) else {
+                let Some(p) = chosen_bounded(b, n, m, link, bounds, max_bodies) else {
                     println!("{b}x{n}@{n}x{m}: no plan");
                     return;
                 };
@@ -141,12 +152,16 @@ fn main() {
                         return;
                     }
                 };
+                (key_chunk, key_bodies) = (key_chunk.max(p.chunk), key_bodies.max(p.bodies));
                 println!(
-                    "{b}x{n}@{n}x{m} chunk {} up {} down {} ks {}{}",
+                    "{b}x{n}@{n}x{m} chunk {} b1 {} bodies {} up {} down {} ks {} ks_bodies {}{}",
                     p.chunk,
+                    p.batch_rows,
+                    p.bodies,
                     p.upload_bytes(b),
                     p.download_bytes(b),
                     p.key_switches_for(b),
+                    p.key_switch_bodies_for(b),
                     t.map_or(String::new(), |t| format!(" server {t:.1} ms"))
                 );
                 ms += 6.0 * t.unwrap_or(0.0);
@@ -154,8 +169,15 @@ fn main() {
                 down += 6 * p.download_bytes(b);
                 ks += 6 * p.key_switches_for(b);
             }
+            let key_bytes = LayerPlan {
+                chunk: key_chunk,
+                bodies: key_bodies,
+                ..PreparedLayer::plan_int8(DEFAULT_PARAMETERS, OutputMode::Packed, 8, 8, 0)
+                    .unwrap_or_else(|e| unreachable!("{e}"))
+            }
+            .eval_key_bytes();
             println!(
-                "minilm 16 tokens at {} kbit/s: up {up} down {down} total {} key switches {ks}{}",
+                "minilm 16 tokens at {} kbit/s, max bodies {max_bodies}: up {up} down {down} total {} key switches {ks} eval key {key_bytes} bytes (chunk {key_chunk}, {key_bodies} bodies){}",
                 link.kbit_per_s,
                 up + down,
                 time.map_or(String::new(), |t| format!(
@@ -168,7 +190,7 @@ fn main() {
             eprintln!("shape {s}: expected BxN@NxM");
             continue;
         };
-        let best = chosen(b, n, m, link);
+        let best = chosen(b, n, m, link, max_bodies);
         if let (Some(threads), Some(p)) = (time, best) {
             match time_eval(p, b, threads) {
                 Ok(t) => println!("{s} chunk {} server {t:.1} ms ({threads} threads)", p.chunk),
@@ -177,7 +199,13 @@ fn main() {
             continue;
         }
         let mut c = 2;
-        while c <= n.next_power_of_two().min(DEFAULT_PARAMETERS.poly_size) {
+        let mut r = 1;
+        let top = if max_bodies > 1 {
+            DEFAULT_PARAMETERS.poly_size
+        } else {
+            n.next_power_of_two().min(DEFAULT_PARAMETERS.poly_size)
+        };
+        while c <= top {
             let p = PreparedLayer::plan_public(
                 DEFAULT_PARAMETERS,
                 OutputMode::Packed,
@@ -189,13 +217,19 @@ fn main() {
                 PlanOptions {
                     chunk: Some(c),
                     batch: (b > 1).then_some(b),
-                    max_bodies: 1,
+                    max_bodies: r,
                 },
             );
+            let next = match &p {
+                Ok(p) if p.bodies == r && r < max_bodies => (c, r * 2),
+                _ => (c * 2, 1),
+            };
             match p {
+                Ok(p) if p.bodies < r => {}
                 Ok(p) => println!(
-                    "{s} chunk {c:5} b1 {:3} up {:8} down {:8} ks {:5} prod {:5} bits {}/{}/{} cost {:.1}{}",
+                    "{s} chunk {c:5} b1 {:3} r {} up {:8} down {:8} ks {:5} prod {:5} bits {}/{}/{} cost {:.1}{}",
                     p.batch_rows,
+                    p.bodies,
                     p.upload_bytes(b),
                     p.download_bytes(b),
                     p.key_switches_for(b),
@@ -206,9 +240,9 @@ fn main() {
                     plan_cost_on(&p, b, link),
                     if best == Some(p) { "  <= chosen" } else { "" }
                 ),
-                Err(e) => println!("{s} chunk {c:5}: {e}"),
+                Err(e) => println!("{s} chunk {c:5} r {r}: {e}"),
             }
-            c *= 2;
+            (c, r) = next;
         }
     }
 }

@@ -44,15 +44,30 @@ impl Fixture {
     /// Only if the parameter set cannot carry a packing key for chunk 4 (never for the
     /// frozen sets).
     pub fn new(ctx: Arc<Context>) -> Result<Self, crate::HeError> {
+        Self::with_bodies(ctx, 1)
+    }
+
+    /// [`Fixture::new`] with ciphertexts of `bodies` bodies sharing one mask and a packing key
+    /// for that many secrets: the operands of the multi-body cost-model units.
+    ///
+    /// # Errors
+    /// [`crate::HeError::Shape`] for `bodies` outside 1..=[`crate::limits::MAX_BODIES`].
+    pub fn with_bodies(ctx: Arc<Context>, bodies: usize) -> Result<Self, crate::HeError> {
         let n = ctx.params().poly_size;
         let client = Client::from_seed(ctx.clone(), 7);
-        let key = PreparedEvaluationKey::prepare(&client.evaluation_key(4)?, &ctx)?;
+        let key = PreparedEvaluationKey::prepare(&client.evaluation_key_for(4, bodies)?, &ctx)?;
         let coeffs = pseudo_random(n, 1);
         // Ciphertexts and weights over the four primes an int8 layer runs on (TDM-PAR-HE-4).
         let primes = crate::ntt::PRIMES_INT8;
-        let (mut mask, mut body) = (ctx.ntt.uninit_with(primes), ctx.ntt.uninit_with(primes));
+        let mut mask = ctx.ntt.uninit_with(primes);
         ctx.ntt.fwd_u64(&coeffs, &mut mask);
-        ctx.ntt.fwd_u64(&pseudo_random(n, 2), &mut body);
+        let body = (0..bodies as u64)
+            .map(|i| {
+                let mut f = ctx.ntt.uninit_with(primes);
+                ctx.ntt.fwd_u64(&pseudo_random(n, 2 + 100 * i), &mut f);
+                f
+            })
+            .collect();
         let w: Vec<i64> = pseudo_random(n, 3)
             .iter()
             .map(|v| (v % 255) as i64 - 127)
@@ -99,15 +114,18 @@ impl Fixture {
         r.mask.0[0]
     }
 
-    /// One ciphertext × plaintext product accumulated in the NTT domain (mask and body).
+    /// One ciphertext × plaintext product accumulated in the NTT domain (the mask and every
+    /// body).
     pub fn ct_product(&self) -> u32 {
         let primes = crate::ntt::PRIMES_INT8;
-        let (mut a, mut b) = (
-            self.ctx.ntt.zero_with(primes),
-            self.ctx.ntt.zero_with(primes),
-        );
+        let mut a = self.ctx.ntt.zero_with(primes);
         self.ctx.ntt.mul_acc(&mut a, &self.ct.mask, &self.weights);
-        self.ctx.ntt.mul_acc(&mut b, &self.ct.body, &self.weights);
-        a.0[0] ^ b.0[0]
+        let mut x = a.0[0];
+        for body in &self.ct.body {
+            let mut b = self.ctx.ntt.zero_with(primes);
+            self.ctx.ntt.mul_acc(&mut b, body, &self.weights);
+            x ^= b.0[0];
+        }
+        x
     }
 }

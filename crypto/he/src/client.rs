@@ -49,9 +49,29 @@ impl Client {
         self.sk.key_id()
     }
 
-    /// Generates the packing key for inputs chunks up to `max_chunk` values.
+    /// Generates the packing key for inputs chunks up to `max_chunk` values (single-secret:
+    /// plans with one body per ciphertext).
+    ///
+    /// # Errors
+    /// [`HeError::Shape`] if `max_chunk` is not a power of two in 2..=N.
     pub fn evaluation_key(&self, max_chunk: usize) -> Result<EvaluationKey, HeError> {
         EvaluationKey::generate(&self.sk, &self.ctx.ntt, max_chunk)
+    }
+
+    /// Generates the packing key for input chunks up to `max_chunk` values and plans with up
+    /// to `bodies` bodies per ciphertext ([`LayerPlan::bodies`]); `bodies` = 1 is
+    /// [`Client::evaluation_key`]. Its size grows with `bodies` (one body polynomial per
+    /// secret per level, the masks are seeded).
+    ///
+    /// # Errors
+    /// [`HeError::Shape`] if `max_chunk` is not a power of two in 2..=N or `bodies` is not in
+    /// 1..=[`crate::limits::MAX_BODIES`].
+    pub fn evaluation_key_for(
+        &self,
+        max_chunk: usize,
+        bodies: usize,
+    ) -> Result<EvaluationKey, HeError> {
+        EvaluationKey::generate_for(&self.sk, &self.ctx.ntt, max_chunk, bodies)
     }
 
     /// Encrypts a batch of input vectors for `plan`'s layer.
@@ -92,34 +112,56 @@ impl Client {
                 )));
             }
         }
+        // Batch block S (r·b₁ rows), chunk c: one mask from the stream (order S, c) shared by
+        // the block's bodies; body i carries rows i·b₁ .. (i+1)·b₁ under secret i, row k of
+        // it, value v of chunk c at X^(k·n₁·m₁ + v). Stored as bodies[(S·r + i)·chunks + c].
         let b1 = plan.batch_rows.max(1);
-        let blocks = plan.batch_blocks(batch.len());
-        let mut bodies = Vec::with_capacity(blocks * chunks);
-        for block in batch.chunks(b1) {
+        let r = plan.bodies();
+        if r > crate::limits::MAX_BODIES {
+            return Err(HeError::Shape(format!(
+                "plan with {r} bodies (1..={})",
+                crate::limits::MAX_BODIES
+            )));
+        }
+        let mut bodies = Vec::with_capacity(plan.input_bodies(batch.len()) * chunks);
+        for block in batch.chunks(plan.block_rows()) {
+            let parts: Vec<&[Vec<i64>]> = block.chunks(b1).collect();
+            let mut per = vec![Vec::new(); parts.len() * chunks];
             for c in 0..chunks {
-                // Row k of the block, value i of chunk c at X^(k·n₁·m₁ + i).
-                let mut m = vec![0u64; n];
-                for (k, x) in block.iter().enumerate() {
-                    let base = k * plan.row_offset();
-                    for (i, &v) in x.iter().skip(c * plan.chunk).take(plan.chunk).enumerate() {
-                        m[base + i] = (v as u64).wrapping_shl(plan.delta_in_log2);
-                    }
-                }
-                let (_, body) =
+                let ms: Vec<Vec<u64>> = parts
+                    .iter()
+                    .map(|rows| {
+                        let mut m = vec![0u64; n];
+                        for (k, x) in rows.iter().enumerate() {
+                            let base = k * plan.row_offset();
+                            for (i, &v) in
+                                x.iter().skip(c * plan.chunk).take(plan.chunk).enumerate()
+                            {
+                                m[base + i] = (v as u64).wrapping_shl(plan.delta_in_log2);
+                            }
+                        }
+                        m
+                    })
+                    .collect();
+                let refs: Vec<&[u64]> = ms.iter().map(Vec::as_slice).collect();
+                let (_, cts) =
                     self.sk
-                        .encrypt_poly(&self.ctx.ntt, &m, &mut masks, &mut self.noise);
-                bodies.push(
-                    body.iter()
+                        .encrypt_shared(&self.ctx.ntt, &refs, &mut masks, &mut self.noise);
+                for (i, body) in cts.into_iter().enumerate() {
+                    per[i * chunks + c] = body
+                        .iter()
                         .map(|&v| poly::round_to_bits(v, plan.upload_bits))
-                        .collect(),
-                );
+                        .collect();
+                }
             }
+            bodies.extend(per);
         }
         Ok(EncryptedInput {
             params_id: params.id,
             key_id: self.key_id(),
             mask_seed,
             batch: batch.len(),
+            secrets: r,
             chunks,
             bits: plan.upload_bits,
             bodies,
@@ -147,9 +189,11 @@ impl Client {
     ) -> Result<Vec<Vec<(i64, i64)>>, HeError> {
         out.check_against(plan, &self.key_id())?;
         let d = plan.delta_out_log2;
+        let b1 = plan.batch_rows.max(1);
         let mut result = Vec::with_capacity(out.batch);
         for (block, cts) in out.rows.iter().enumerate() {
             let present = plan.rows_in_block(out.batch, block);
+            let bodies = plan.bodies_in_block(out.batch, block);
             let mut rows = vec![vec![(0i64, 0i64); plan.n_out]; present];
             for (ci, ct) in cts.iter().enumerate() {
                 let a: Vec<u64> = ct
@@ -157,12 +201,15 @@ impl Client {
                     .iter()
                     .map(|&v| poly::lift_from_bits(v, out.bits))
                     .collect();
-                let a_s = self.sk.mul_mask(&self.ctx.ntt, &a);
+                // a·s_i for every body present: row k of the block is row k mod b₁ of body
+                // ⌊k / b₁⌋.
+                let a_s = self.sk.mul_mask_bodies(&self.ctx.ntt, &a, bodies);
                 let first = plan.first_output(ci);
                 let count = plan.outputs_in_ciphertext(ci);
                 for (idx, &b) in ct.body.iter().enumerate() {
                     let (k, j) = (idx / count.max(1), first + idx % count.max(1));
-                    let Some(&a_s_j) = a_s.get(plan.output_slot_in_row(k, j).1) else {
+                    let slot = plan.output_slot_in_row(k % b1, j).1;
+                    let Some(&a_s_j) = a_s.get(k / b1).and_then(|p| p.get(slot)) else {
                         continue;
                     };
                     let phase = poly::lift_from_bits(b, out.body_bits).wrapping_sub(a_s_j);

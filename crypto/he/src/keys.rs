@@ -1,6 +1,7 @@
 //! Device secret keys, key ids and automorphism (packing) evaluation keys.
 
 use crate::error::HeError;
+use crate::limits::MAX_BODIES;
 use crate::ntt::{Ntt, NttPoly};
 use crate::params::ParameterSet;
 use crate::poly;
@@ -15,13 +16,18 @@ use tfhe::core_crypto::prelude::{
 /// A 32-byte identifier of a secret key: every ciphertext and evaluation key carries it.
 pub type KeyId = [u8; 32];
 
-/// The device's GLWE secret key (binary polynomial). Never leaves the device.
+/// The device's GLWE secret keys (binary polynomials). Never leave the device.
+///
+/// Secret 0 is the key of the single-secret format; secrets 1 .. [`MAX_BODIES`] are the
+/// further independent secrets of multi-body ciphertexts (one shared mask, one body per
+/// secret; TDM-PAR-HE-1). All of them come from the same 128-bit seed, so a device that
+/// persists only the seed recovers every one.
 pub struct SecretKey {
     pub(crate) params: ParameterSet,
-    /// Coefficients in {0, 1}.
-    pub(crate) coeffs: Vec<i64>,
-    /// The key in the NTT domain, for fast `a·s`.
-    pub(crate) ntt: NttPoly,
+    /// Per secret: coefficients in {0, 1}.
+    pub(crate) coeffs: Vec<Vec<i64>>,
+    /// Per secret: the key in the NTT domain, for fast `a·s`.
+    pub(crate) ntt: Vec<NttPoly>,
     key_id: KeyId,
 }
 
@@ -40,15 +46,21 @@ pub(crate) fn hex8(b: &[u8]) -> String {
 }
 
 impl SecretKey {
-    /// Derives the key deterministically from a 128-bit seed (tfhe's secret CSPRNG).
+    /// Derives the keys deterministically from a 128-bit seed (tfhe's secret CSPRNG): secret 0
+    /// first, then secrets 1 .. [`MAX_BODIES`] from the same stream (so secret 0, and with it
+    /// the key id, is what a single-secret key from this seed always was).
     pub fn from_seed(params: ParameterSet, ntt: &Ntt, seed: u128) -> Self {
         let mut gen = SecretRandomGenerator::<DefaultRandomGenerator>::new(Seed(seed));
-        let key = allocate_and_generate_new_binary_glwe_secret_key::<u64, _>(
-            GlweDimension(1),
-            PolynomialSize(params.poly_size),
-            &mut gen,
-        );
-        let coeffs: Vec<i64> = key.as_ref().iter().map(|&c| c as i64).collect();
+        let coeffs: Vec<Vec<i64>> = (0..MAX_BODIES)
+            .map(|_| {
+                let key = allocate_and_generate_new_binary_glwe_secret_key::<u64, _>(
+                    GlweDimension(1),
+                    PolynomialSize(params.poly_size),
+                    &mut gen,
+                );
+                key.as_ref().iter().map(|&c| c as i64).collect()
+            })
+            .collect();
         Self::from_coeffs(params, ntt, coeffs)
     }
 
@@ -57,13 +69,21 @@ impl SecretKey {
         Self::from_seed(params, ntt, crate::rng::fresh_seed())
     }
 
-    fn from_coeffs(params: ParameterSet, ntt: &Ntt, coeffs: Vec<i64>) -> Self {
-        let mut s_ntt = ntt.zero();
-        ntt.fwd_small(&coeffs, &mut s_ntt);
+    fn from_coeffs(params: ParameterSet, ntt: &Ntt, coeffs: Vec<Vec<i64>>) -> Self {
+        let s_ntt = coeffs
+            .iter()
+            .map(|c| {
+                let mut f = ntt.zero();
+                ntt.fwd_small(c, &mut f);
+                f
+            })
+            .collect();
+        // The id names secret 0 only (stable for single-secret keys); the others are bound to
+        // it through the seed they share.
         let mut h = Sha256::new();
         h.update(b"tandem-he key id v1");
         h.update(params.id.to_le_bytes());
-        for c in &coeffs {
+        for c in coeffs.first().into_iter().flatten() {
             h.update([*c as u8]);
         }
         Self {
@@ -74,8 +94,9 @@ impl SecretKey {
         }
     }
 
-    /// The key's id (a SHA-256 digest; the key is derived from a 128-bit seed, so it has at
-    /// most 128 bits of entropy — enough that the digest reveals nothing usable about it).
+    /// The key's id (a SHA-256 digest of secret 0; the keys are derived from a 128-bit seed,
+    /// so it has at most 128 bits of entropy — enough that the digest reveals nothing usable
+    /// about it).
     pub fn key_id(&self) -> KeyId {
         self.key_id
     }
@@ -85,43 +106,59 @@ impl SecretKey {
         self.params
     }
 
-    /// `a·s` modulo (X^N + 1, 2^64).
-    pub(crate) fn mul_mask(&self, ntt: &Ntt, a: &[u64]) -> Vec<u64> {
+    /// `a·s_i` for the first `count` secrets (one forward transform of `a`).
+    pub(crate) fn mul_mask_bodies(&self, ntt: &Ntt, a: &[u64], count: usize) -> Vec<Vec<u64>> {
         let mut fa = ntt.zero();
         ntt.fwd_u64(a, &mut fa);
-        let mut acc = ntt.zero();
-        ntt.mul_acc(&mut acc, &fa, &self.ntt);
-        let mut out = vec![0u64; ntt.n()];
-        ntt.inv(&mut acc, &mut out);
-        out
+        self.ntt
+            .iter()
+            .take(count)
+            .map(|s| {
+                let mut acc = ntt.zero();
+                ntt.mul_acc(&mut acc, &fa, s);
+                let mut out = vec![0u64; ntt.n()];
+                ntt.inv(&mut acc, &mut out);
+                out
+            })
+            .collect()
     }
 
-    /// Encrypts the plaintext polynomial `m` (already scaled) with the mask drawn from `mask`.
-    /// Returns `(mask, body)`.
-    pub(crate) fn encrypt_poly(
+    /// Encrypts plaintext `ms[i]` under secret i, all with the one mask drawn from `mask`:
+    /// body_i = a·s_i + e_i + m_i (fresh noise e_i per body). Returns `(mask, bodies)`.
+    /// At most [`MAX_BODIES`] plaintexts are used.
+    pub(crate) fn encrypt_shared(
         &self,
         ntt: &Ntt,
-        m: &[u64],
+        ms: &[&[u64]],
         mask: &mut crate::rng::MaskGenerator,
         noise: &mut NoiseSource,
-    ) -> (Vec<u64>, Vec<u64>) {
+    ) -> (Vec<u64>, Vec<Vec<u64>>) {
         let n = self.params.poly_size;
         let mut a = vec![0u64; n];
         mask.fill(&mut a);
-        let mut body = self.mul_mask(ntt, &a);
-        let e = noise.tuniform(n, self.params.noise_bound_log2);
-        for ((b, &mi), &ei) in body.iter_mut().zip(m).zip(&e) {
-            *b = b.wrapping_add(mi).wrapping_add(ei);
-        }
-        (a, body)
+        let products = self.mul_mask_bodies(ntt, &a, ms.len());
+        let bodies = products
+            .into_iter()
+            .zip(ms)
+            .map(|(mut body, m)| {
+                let e = noise.tuniform(n, self.params.noise_bound_log2);
+                for ((b, &mi), &ei) in body.iter_mut().zip(m.iter()).zip(&e) {
+                    *b = b.wrapping_add(mi).wrapping_add(ei);
+                }
+                body
+            })
+            .collect();
+        (a, bodies)
     }
 }
 
 impl Drop for SecretKey {
     fn drop(&mut self) {
         // Best effort: overwrite key material before the allocator reuses it.
-        self.coeffs.iter_mut().for_each(|c| *c = 0);
-        self.ntt.0.iter_mut().for_each(|c| *c = 0);
+        self.coeffs.iter_mut().flatten().for_each(|c| *c = 0);
+        self.ntt
+            .iter_mut()
+            .for_each(|f| f.0.iter_mut().for_each(|c| *c = 0));
     }
 }
 
@@ -130,17 +167,24 @@ pub fn automorphism_for_stride(n: usize, stride: usize) -> usize {
     2 * n / stride + 1
 }
 
-/// Packing key: one key-switching key per automorphism `X -> X^g`, from τ_g(s) back to s.
+/// Packing key: one key-switching key per automorphism `X -> X^g`, from τ_g(s_i) back to s_i
+/// for each of the key's r = [`EvaluationKey::bodies`] secrets.
 ///
-/// On the wire only the bodies and one 128-bit mask seed travel (masks are re-derived).
+/// Level ℓ of automorphism g has one mask A_{g,ℓ} shared by the r secrets and r bodies
+/// A_{g,ℓ}·s_i + e + gadget_ℓ·τ_g(s_i) (TDM-PAR-HE-1), so one decomposition of a shared mask
+/// switches every body. On the wire only the bodies and one 128-bit mask seed travel (masks are
+/// re-derived); r = 1 is the single-secret key format.
 #[derive(Clone, PartialEq, Eq)]
 pub struct EvaluationKey {
     pub(crate) params: ParameterSet,
     pub(crate) key_id: KeyId,
     pub(crate) mask_seed: u128,
+    /// Bodies (secrets) per level, r ≥ 1.
+    pub(crate) secrets: usize,
     /// Automorphism indices, in wire order.
     pub(crate) automorphisms: Vec<usize>,
-    /// `bodies[k][j]`: body polynomial of level j for automorphism k.
+    /// `bodies[k][j]`: the r body polynomials of level j for automorphism k, concatenated
+    /// (r·N values, secret 0 first).
     pub(crate) bodies: Vec<Vec<Vec<u64>>>,
 }
 
@@ -149,20 +193,45 @@ impl std::fmt::Debug for EvaluationKey {
         f.debug_struct("EvaluationKey")
             .field("params", &self.params.name)
             .field("key_id", &hex8(&self.key_id))
+            .field("bodies", &self.secrets)
             .field("automorphisms", &self.automorphisms)
             .finish()
     }
 }
 
 impl EvaluationKey {
-    /// Generates keys for every stride up to `max_chunk` (a power of two ≤ N): enough to pack
-    /// any layer whose input chunk is at most `max_chunk` values.
+    /// Generates single-secret keys for every stride up to `max_chunk` (a power of two ≤ N):
+    /// enough to pack any layer whose input chunk is at most `max_chunk` values.
+    ///
+    /// # Errors
+    /// [`HeError::Shape`] if `max_chunk` is not a power of two in 2..=N.
     pub fn generate(sk: &SecretKey, ntt: &Ntt, max_chunk: usize) -> Result<Self, HeError> {
+        Self::generate_for(sk, ntt, max_chunk, 1)
+    }
+
+    /// [`EvaluationKey::generate`] for plans with up to `bodies` bodies per ciphertext (each
+    /// level: one shared seeded mask, `bodies` bodies). `bodies` = 1 is exactly
+    /// [`EvaluationKey::generate`].
+    ///
+    /// # Errors
+    /// [`HeError::Shape`] if `max_chunk` is not a power of two in 2..=N or `bodies` is not in
+    /// 1..=[`MAX_BODIES`].
+    pub fn generate_for(
+        sk: &SecretKey,
+        ntt: &Ntt,
+        max_chunk: usize,
+        bodies: usize,
+    ) -> Result<Self, HeError> {
         let p = sk.params;
         let n = p.poly_size;
         if !max_chunk.is_power_of_two() || max_chunk < 2 || max_chunk > n {
             return Err(HeError::Shape(format!(
                 "max_chunk {max_chunk} must be a power of two in 2..={n}"
+            )));
+        }
+        if bodies == 0 || bodies > MAX_BODIES.min(sk.coeffs.len()) {
+            return Err(HeError::Shape(format!(
+                "evaluation key for {bodies} bodies (1..={MAX_BODIES})"
             )));
         }
         let automorphisms: Vec<usize> = (1..=max_chunk.trailing_zeros())
@@ -171,25 +240,35 @@ impl EvaluationKey {
         let mask_seed = crate::rng::fresh_seed();
         let mut masks = mask_generator(mask_seed);
         let mut noise = NoiseSource::new();
-        let s_u64: Vec<u64> = sk.coeffs.iter().map(|&c| c as u64).collect();
-        let mut bodies = Vec::with_capacity(automorphisms.len());
+        let secrets: Vec<Vec<u64>> = sk
+            .coeffs
+            .iter()
+            .take(bodies)
+            .map(|s| s.iter().map(|&c| c as u64).collect())
+            .collect();
+        let mut all = Vec::with_capacity(automorphisms.len());
         for &g in &automorphisms {
-            let ts = poly::automorphism(&s_u64, g);
+            let ts: Vec<Vec<u64>> = secrets.iter().map(|s| poly::automorphism(s, g)).collect();
             let mut levels = Vec::with_capacity(p.ks_levels as usize);
             for j in 0..p.ks_levels {
                 let gadget = 1u64 << (64 - (j + 1) * p.ks_base_log);
-                let m: Vec<u64> = ts.iter().map(|&c| c.wrapping_mul(gadget)).collect();
-                let (_, body) = sk.encrypt_poly(ntt, &m, &mut masks, &mut noise);
-                levels.push(body);
+                let ms: Vec<Vec<u64>> = ts
+                    .iter()
+                    .map(|t| t.iter().map(|&c| c.wrapping_mul(gadget)).collect())
+                    .collect();
+                let refs: Vec<&[u64]> = ms.iter().map(Vec::as_slice).collect();
+                let (_, level) = sk.encrypt_shared(ntt, &refs, &mut masks, &mut noise);
+                levels.push(level.concat());
             }
-            bodies.push(levels);
+            all.push(levels);
         }
         Ok(Self {
             params: p,
             key_id: sk.key_id,
             mask_seed,
+            secrets: bodies,
             automorphisms,
-            bodies,
+            bodies: all,
         })
     }
 
@@ -207,26 +286,41 @@ impl EvaluationKey {
     pub fn max_chunk(&self) -> usize {
         1usize << self.automorphisms.len()
     }
+
+    /// Bodies (secrets) per key-switching level: the most bodies per ciphertext of a plan
+    /// this key can evaluate (1 = single-secret key).
+    pub fn bodies(&self) -> usize {
+        self.secrets
+    }
 }
 
 /// An evaluation key expanded on the server: masks re-derived, everything in the NTT domain and
 /// negated so that key switching is a pure multiply-accumulate.
 pub struct PreparedEvaluationKey {
     pub(crate) key_id: KeyId,
-    /// For each automorphism g: per level (−a_j, −b_j) in the NTT domain.
-    pub(crate) levels: std::collections::HashMap<usize, Vec<(NttPoly, NttPoly)>>,
+    /// Bodies (secrets) per level.
+    pub(crate) secrets: usize,
+    /// For each automorphism g: per level (−A_j, [−b_{j,i} for each secret i]) in the NTT
+    /// domain.
+    pub(crate) levels: std::collections::HashMap<usize, Vec<(NttPoly, Vec<NttPoly>)>>,
 }
 
 impl std::fmt::Debug for PreparedEvaluationKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PreparedEvaluationKey")
             .field("key_id", &hex8(&self.key_id))
+            .field("bodies", &self.secrets)
             .finish()
     }
 }
 
 impl PreparedEvaluationKey {
     /// Expands an evaluation key (masks from the seed, NTT domain, negated).
+    ///
+    /// # Errors
+    /// [`HeError::ParameterMismatch`] for a key of another parameter set;
+    /// [`HeError::Malformed`] for an automorphism outside the packing set or bodies that do not
+    /// match the key's body count.
     pub fn prepare(key: &EvaluationKey, ctx: &crate::Context) -> Result<Self, HeError> {
         if key.params != ctx.params() {
             return Err(HeError::ParameterMismatch {
@@ -236,6 +330,13 @@ impl PreparedEvaluationKey {
         }
         let ntt = &ctx.ntt;
         let n = key.params.poly_size;
+        let r = key.secrets;
+        if r == 0 || r > MAX_BODIES {
+            return Err(HeError::Malformed {
+                what: "evaluation key",
+                reason: "body count out of range",
+            });
+        }
         let mut masks = mask_generator(key.mask_seed);
         let mut levels = std::collections::HashMap::new();
         let mut a = vec![0u64; n];
@@ -248,19 +349,32 @@ impl PreparedEvaluationKey {
             }
             let mut per_level = Vec::with_capacity(bodies.len());
             for body in bodies {
+                if body.len() != r * n {
+                    return Err(HeError::Malformed {
+                        what: "evaluation key",
+                        reason: "level length does not match the body count",
+                    });
+                }
                 masks.fill(&mut a);
                 let neg_a: Vec<u64> = a.iter().map(|v| v.wrapping_neg()).collect();
-                let neg_b: Vec<u64> = body.iter().map(|v| v.wrapping_neg()).collect();
                 let mut fa = ntt.zero();
-                let mut fb = ntt.zero();
                 ntt.fwd_u64(&neg_a, &mut fa);
-                ntt.fwd_u64(&neg_b, &mut fb);
-                per_level.push((fa, fb));
+                let fbs = body
+                    .chunks_exact(n)
+                    .map(|b| {
+                        let neg_b: Vec<u64> = b.iter().map(|v| v.wrapping_neg()).collect();
+                        let mut fb = ntt.zero();
+                        ntt.fwd_u64(&neg_b, &mut fb);
+                        fb
+                    })
+                    .collect();
+                per_level.push((fa, fbs));
             }
             levels.insert(g, per_level);
         }
         Ok(Self {
             key_id: key.key_id,
+            secrets: r,
             levels,
         })
     }
@@ -268,5 +382,10 @@ impl PreparedEvaluationKey {
     /// The secret key this evaluation key belongs to.
     pub fn key_id(&self) -> KeyId {
         self.key_id
+    }
+
+    /// Bodies (secrets) per key-switching level.
+    pub fn bodies(&self) -> usize {
+        self.secrets
     }
 }

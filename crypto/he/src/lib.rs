@@ -47,8 +47,8 @@ pub use params::{
 };
 pub use plan::{
     log2_fail, plan_cost, plan_cost_on, LayerPlan, LinkModel, OutputMode, PlanOptions,
-    WeightBounds, WeightStats, COST_BYTE_MS, COST_CT_PRODUCT_MS, COST_CT_TRANSFORM_MS,
-    COST_KEY_SWITCH_MS,
+    WeightBounds, WeightStats, COST_BODY_TRANSFORM_MS, COST_BYTE_MS, COST_CT_PRODUCT_MS,
+    COST_CT_TRANSFORM_MS, COST_KEY_SWITCH_BODY_MS, COST_KEY_SWITCH_MS,
 };
 pub use server::{weight_stats, EvalOptions, PreparedLayer, INT8_LAYER_MAX_INPUT};
 pub use wire::{EncryptedInput, EncryptedOutput, OutputCiphertext};

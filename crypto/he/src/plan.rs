@@ -233,14 +233,33 @@ impl LayerPlan {
     pub fn row_offset(&self) -> usize {
         self.chunk * self.rows()
     }
-    /// Number of batch blocks for `batch` input rows.
+    /// Bodies per ciphertext, r (at least 1).
+    pub fn bodies(&self) -> usize {
+        self.bodies.max(1)
+    }
+    /// Batch rows of one batch block: r·b₁ (body i carries the block's rows i·b₁ .. (i+1)·b₁).
+    pub fn block_rows(&self) -> usize {
+        self.batch_rows.max(1) * self.bodies()
+    }
+    /// Number of batch blocks for `batch` input rows (each one shared mask per ciphertext).
     pub fn batch_blocks(&self, batch: usize) -> usize {
-        batch.div_ceil(self.batch_rows.max(1))
+        batch.div_ceil(self.block_rows())
     }
     /// Rows present in batch block `block` of a `batch`-row request.
     pub fn rows_in_block(&self, batch: usize, block: usize) -> usize {
-        let b1 = self.batch_rows.max(1);
-        b1.min(batch.saturating_sub(block * b1))
+        let rows = self.block_rows();
+        rows.min(batch.saturating_sub(block * rows))
+    }
+    /// Bodies present in batch block `block` of a `batch`-row request: a short last block
+    /// carries only the bodies its rows need (public: derived from `batch`).
+    pub fn bodies_in_block(&self, batch: usize, block: usize) -> usize {
+        self.rows_in_block(batch, block)
+            .div_ceil(self.batch_rows.max(1))
+    }
+    /// Uploaded body polynomials per input chunk for `batch` rows: ⌈batch / b₁⌉ (the same
+    /// for every r: masks are seeded, bodies are what travels).
+    pub fn input_bodies(&self, batch: usize) -> usize {
+        batch.div_ceil(self.batch_rows.max(1))
     }
     /// Number of output blocks (product ciphertexts).
     pub fn out_blocks(&self) -> usize {
@@ -261,13 +280,35 @@ impl LayerPlan {
             OutputMode::Packed => self.out_blocks().div_ceil(self.blocks_per_group()),
         }
     }
-    /// Key switches the server performs for a request of `batch` rows.
+    /// Key switches the server performs for a request of `batch` rows: each one decomposes a
+    /// shared mask once and accumulates it into every body of its batch block (see
+    /// [`LayerPlan::key_switch_bodies_for`]).
     pub fn key_switches_for(&self, batch: usize) -> usize {
         self.key_switches() * self.batch_blocks(batch)
     }
-    /// Ciphertext × plaintext products the server performs for a request of `batch` rows.
+    /// Body accumulations over all key switches of a `batch`-row request (Σ over batch blocks
+    /// of key switches × bodies present; equal to [`LayerPlan::key_switches_for`] when r = 1).
+    pub fn key_switch_bodies_for(&self, batch: usize) -> usize {
+        self.key_switches() * self.body_blocks_sum(batch)
+    }
+    /// Ciphertext × plaintext products the server performs for a request of `batch` rows (one
+    /// per batch block, input chunk and output block; each multiplies the shared mask and
+    /// every body present by the same weight polynomial).
     pub fn ct_products_for(&self, batch: usize) -> usize {
         self.batch_blocks(batch) * self.in_chunks() * self.out_blocks()
+    }
+    /// Polynomial × weight products behind [`LayerPlan::ct_products_for`]: 1 + r per
+    /// ciphertext product with r bodies present (2 per product when r = 1).
+    pub fn poly_products_for(&self, batch: usize) -> usize {
+        (self.batch_blocks(batch) + self.body_blocks_sum(batch))
+            * self.in_chunks()
+            * self.out_blocks()
+    }
+    /// Σ over the batch blocks of a `batch`-row request of the bodies present.
+    pub(crate) fn body_blocks_sum(&self, batch: usize) -> usize {
+        (0..self.batch_blocks(batch))
+            .map(|b| self.bodies_in_block(batch, b))
+            .sum()
     }
     /// Key switches the server performs per batch block (packed mode; one row when
     /// `batch_rows` is 1).
@@ -330,9 +371,11 @@ impl LayerPlan {
     pub fn eval_key_bytes(&self) -> usize {
         match self.mode {
             OutputMode::NoKey => 0,
-            OutputMode::Packed => {
-                crate::wire::eval_key_len(&self.params, self.chunk.trailing_zeros() as usize)
-            }
+            OutputMode::Packed => crate::wire::eval_key_len(
+                &self.params,
+                self.chunk.trailing_zeros() as usize,
+                self.bodies(),
+            ),
         }
     }
 
@@ -363,6 +406,13 @@ impl LayerPlan {
                 crate::limits::MAX_BATCH
             )));
         }
+        if opts.max_bodies > crate::limits::MAX_BODIES {
+            return Err(HeError::Shape(format!(
+                "max_bodies {} (0..={})",
+                opts.max_bodies,
+                crate::limits::MAX_BODIES
+            )));
+        }
         let chunk = match opts.chunk {
             Some(c) if c.is_power_of_two() && c >= 2 && c <= n => c,
             Some(c) => {
@@ -387,6 +437,12 @@ impl LayerPlan {
         let delta_in_log2 = delta_out_log2
             .checked_sub(pack_log2)
             .ok_or_else(|| HeError::OutOfRange("no room for the packing factor".into()))?;
+        // b₁ rows per polynomial; r bodies (a power of two ≤ max_bodies) with r·b₁ ≤ batch.
+        let batch_rows = batch.min(n / chunk).max(1);
+        let mut bodies = 1;
+        while bodies * 2 <= opts.max_bodies && bodies * 2 * batch_rows <= batch {
+            bodies *= 2;
+        }
         let mut plan = Self {
             params,
             mode,
@@ -394,8 +450,8 @@ impl LayerPlan {
             n_out,
             max_abs_input,
             chunk,
-            batch_rows: batch.min(n / chunk).max(1),
-            bodies: 1,
+            batch_rows,
+            bodies,
             delta_in_log2,
             delta_out_log2,
             upload_bits: 64,
@@ -419,7 +475,7 @@ impl LayerPlan {
         // batch block (its K·N mask coefficients and b₁·n_out bodies), ties to the narrower
         // mask.
         let masks = (plan.out_ciphertexts() * n) as u64;
-        let bodies = (plan.batch_rows * n_out) as u64;
+        let bodies = (plan.block_rows() * n_out) as u64;
         let mut best: Option<(u64, u32, u32)> = None;
         for bm in 8..=64u32 {
             let Some(bb) = (8..=64u32).find(|&bb| {
@@ -528,11 +584,25 @@ pub fn log2_fail(variance: f64, delta_log2: u32) -> f64 {
 /// Modelled server time of one key switch (ms, one thread, N = 4096; measured by
 /// `cargo bench -p tandem-he` on the reference machine, BENCHMARKS.md).
 pub const COST_KEY_SWITCH_MS: f64 = 0.40;
-/// Modelled time of one ciphertext × plaintext product in the NTT domain (ms).
+/// Modelled time of one ciphertext × plaintext product in the NTT domain (ms). A multi-body
+/// product costs (1 + r)/2 of it: `ct_pt_product` 9.73 µs for mask + body against
+/// `ct_pt_product/bodies4` 24.3 µs for mask + 4 bodies (4.87 µs per polynomial either way).
 pub const COST_CT_PRODUCT_MS: f64 = 0.012;
 /// Modelled time to expand and transform one uploaded ciphertext, or to transform back and
 /// modulus-switch one returned ciphertext (ms).
 pub const COST_CT_TRANSFORM_MS: f64 = 0.09;
+/// Modelled time one more body adds to a key switch of a multi-body ciphertext (ms): its
+/// automorphism in the NTT domain and L multiply-accumulates with its own key body (the mask's
+/// decomposition and forward transforms are shared). Source: `cargo bench -p tandem-he --bench
+/// he -- key_switch` (criterion, one thread, 2-core CI machine, 2026-12-01): `key_switch`
+/// 131.6 µs, `key_switch/bodies4` 218.2 µs, so one more body is (218.2 − 131.6) / 3 = 28.8 µs
+/// = 0.219 of a single key switch; scaled to [`COST_KEY_SWITCH_MS`]: 0.219 × 0.40 = 0.088 ms.
+pub const COST_KEY_SWITCH_BODY_MS: f64 = 0.088;
+/// Modelled time one more body adds to an uploaded or returned ciphertext (ms): one forward
+/// (or inverse) transform and the rounding; the mask's expansion and transform are shared.
+/// Source: `cargo bench -p tandem-he --bench he -- ntt/forward` (same run): 32.9 µs per
+/// N = 4096 transform over four primes, rounded up to 0.035 ms.
+pub const COST_BODY_TRANSFORM_MS: f64 = 0.035;
 /// Modelled link of the default [`LinkModel`]: 25 Mbit/s, so one byte costs 8 / 25 000 ms.
 pub const COST_BYTE_MS: f64 = 8.0 / 25_000.0;
 
@@ -570,13 +640,27 @@ pub fn plan_cost(plan: &LayerPlan, batch: usize) -> f64 {
 }
 
 /// [`plan_cost`] with the bytes weighed at `link`'s rate (ms).
+///
+/// Multi-body plans (r > 1, TDM-PAR-HE-3): a key switch costs [`COST_KEY_SWITCH_MS`] plus
+/// [`COST_KEY_SWITCH_BODY_MS`] per further body, a ciphertext product (1 + r)/2 ×
+/// [`COST_CT_PRODUCT_MS`] (the mask's product is shared), an uploaded or returned ciphertext
+/// [`COST_CT_TRANSFORM_MS`] plus [`COST_BODY_TRANSFORM_MS`] per further body. Every extra
+/// term is exactly 0 for r = 1, so single-secret plans cost (and are chosen) as before.
 pub fn plan_cost_on(plan: &LayerPlan, batch: usize, link: LinkModel) -> f64 {
     let blocks = plan.batch_blocks(batch);
     let cts = blocks * (plan.in_chunks() + plan.out_ciphertexts());
+    let bodies = plan.body_blocks_sum(batch);
+    let extra_bodies = (plan.input_bodies(batch) - blocks) * plan.in_chunks()
+        + (bodies - blocks) * plan.out_ciphertexts();
+    let extra_products = plan.poly_products_for(batch) - 2 * plan.ct_products_for(batch);
+    let extra_ks = plan.key_switch_bodies_for(batch) - plan.key_switches_for(batch);
     let bytes = plan.upload_bytes(batch) + plan.download_bytes(batch);
     plan.key_switches_for(batch) as f64 * COST_KEY_SWITCH_MS
+        + extra_ks as f64 * COST_KEY_SWITCH_BODY_MS
         + plan.ct_products_for(batch) as f64 * COST_CT_PRODUCT_MS
+        + extra_products as f64 * (COST_CT_PRODUCT_MS / 2.0)
         + cts as f64 * COST_CT_TRANSFORM_MS
+        + extra_bodies as f64 * COST_BODY_TRANSFORM_MS
         + bytes as f64 * link.byte_ms()
 }
 
@@ -584,10 +668,16 @@ pub fn plan_cost_on(plan: &LayerPlan, batch: usize, link: LinkModel) -> f64 {
 /// * one row (`opts.batch` absent or 1): the mode's default chunk and then (packed mode) ever
 ///   smaller ones — a smaller chunk means a smaller packing factor, hence less key-switching
 ///   noise; the first plan that meets the failure bound wins (the v1 rule);
-/// * a batch of two or more rows: every chunk from 2 to the input width, the plan with the
-///   lowest [`plan_cost_on`] over `link` among those that meet the failure bound.
+/// * a batch of two or more rows: every chunk from 2 to the input width jointly with every
+///   body count r = 1, 2, 4, … ≤ `opts.max_bodies` with r·b₁ ≤ batch (TDM-PAR-HE-3), and
+///   chunks above the input width up to N with r ≥ 2 (fewer rows per polynomial, more bodies
+///   per mask), the plan
+///   with the lowest [`plan_cost_on`] over `link` among those that meet the failure bound
+///   (ties to the smaller chunk, then the fewer bodies).
 ///
-/// Returns the chosen plan, or the last refusal.
+/// A caller's chunk with a batch takes the largest r the batch allows (at most
+/// `opts.max_bodies`). Everything is public (shape, batch, bounds, link, max_bodies), so device
+/// and cloud derive the same plan. Returns the chosen plan, or the last refusal.
 pub(crate) fn plan_first_fitting(
     params: ParameterSet,
     mode: OutputMode,
@@ -597,6 +687,13 @@ pub(crate) fn plan_first_fitting(
     link: LinkModel,
     mut plan_with: impl FnMut(PlanOptions) -> Result<LayerPlan, HeError>,
 ) -> Result<LayerPlan, HeError> {
+    if opts.max_bodies > crate::limits::MAX_BODIES {
+        return Err(HeError::Shape(format!(
+            "max_bodies {} (0..={})",
+            opts.max_bodies,
+            crate::limits::MAX_BODIES
+        )));
+    }
     let batch = opts.batch.unwrap_or(1);
     let with = |chunk: usize| PlanOptions {
         chunk: Some(chunk),
@@ -606,16 +703,33 @@ pub(crate) fn plan_first_fitting(
         let top = n_in.next_power_of_two().clamp(2, params.poly_size);
         let mut best: Option<(f64, LayerPlan)> = None;
         let mut last = Err(HeError::Shape("no chunk candidate".into()));
+        // Chunks above the input width (zero-padded) only pay off with shared masks: there
+        // they are tried with r ≥ 2 only, so single-secret plans are searched as before.
+        let wide = if opts.max_bodies >= 2 {
+            params.poly_size
+        } else {
+            top
+        };
         let mut chunk = 2;
-        while chunk <= top {
-            match plan_with(with(chunk)) {
-                Ok(plan) => {
-                    let cost = plan_cost_on(&plan, batch, link);
-                    if best.as_ref().is_none_or(|(c, _)| cost < *c) {
-                        best = Some((cost, plan));
+        while chunk <= wide {
+            let mut r = if chunk > top { 2 } else { 1 };
+            while r == 1 || r <= opts.max_bodies {
+                let o = PlanOptions {
+                    max_bodies: r,
+                    ..with(chunk)
+                };
+                match plan_with(o) {
+                    // A plan with fewer bodies than asked is one already costed (r·b₁ > batch).
+                    Ok(plan) if plan.bodies() < r => break,
+                    Ok(plan) => {
+                        let cost = plan_cost_on(&plan, batch, link);
+                        if best.as_ref().is_none_or(|(c, _)| cost < *c) {
+                            best = Some((cost, plan));
+                        }
                     }
+                    Err(e) => last = Err(e),
                 }
-                Err(e) => last = Err(e),
+                r *= 2;
             }
             chunk *= 2;
         }

@@ -13,11 +13,12 @@ use std::sync::Arc;
 /// (which may reach −128) fit too.
 pub const INT8_LAYER_MAX_INPUT: u64 = 128;
 
-/// A GLWE ciphertext in the NTT domain.
+/// A GLWE ciphertext in the NTT domain: one mask shared by r ≥ 1 bodies (body i under
+/// secret i; r = 1 is a plain GLWE ciphertext).
 #[derive(Clone)]
 pub(crate) struct NttCiphertext {
     pub(crate) mask: NttPoly,
-    pub(crate) body: NttPoly,
+    pub(crate) body: Vec<NttPoly>,
 }
 
 /// A layer ready for evaluation: its plan, and its weights and bias in the NTT domain.
@@ -317,6 +318,7 @@ impl PreparedLayer {
     /// # Errors
     /// As [`PreparedLayer::plan_int8_batch`]; [`HeError::Shape`] if `max_bodies` exceeds
     /// [`crate::limits::MAX_BODIES`].
+    #[allow(clippy::too_many_arguments)]
     pub fn plan_int8_batch_bounded(
         params: crate::ParameterSet,
         mode: OutputMode,
@@ -512,6 +514,12 @@ impl PreparedLayer {
             OutputMode::Packed => match key {
                 None => return Err(HeError::MissingEvaluationKey("packed mode needs a key")),
                 Some(k) if k.key_id != input.key_id => return Err(HeError::KeyIdMismatch),
+                Some(k) if k.secrets < plan.bodies() => {
+                    return Err(HeError::MissingEvaluationKey(
+                        "the key carries fewer bodies (secrets) than the plan; register a key \
+                         from Client::evaluation_key_for with at least the plan's bodies",
+                    ))
+                }
                 Some(k) => {
                     for stride in 1..=plan.chunk.trailing_zeros() {
                         let g = automorphism_for_stride(plan.params.poly_size, 1 << stride);
@@ -526,24 +534,39 @@ impl PreparedLayer {
         let n = plan.params.poly_size;
         let chunks = plan.in_chunks();
         let blocks = plan.batch_blocks(input.batch);
-        // Expand the masks in stream order, then transform every uploaded ciphertext.
+        let r = plan.bodies();
+        // Expand the masks in stream order (batch block, chunk: one mask per block and chunk,
+        // shared by the block's bodies), then transform every uploaded ciphertext.
         let mut masks = crate::rng::mask_generator(input.mask_seed);
         let mut raw = Vec::with_capacity(blocks * chunks);
-        for body in &input.bodies {
-            let mut a = vec![0u64; n];
-            masks.fill(&mut a);
-            raw.push((a, body));
+        for block in 0..blocks {
+            let present = plan.bodies_in_block(input.batch, block);
+            for c in 0..chunks {
+                let mut a = vec![0u64; n];
+                masks.fill(&mut a);
+                let bodies: Vec<&Vec<u64>> = (0..present)
+                    .filter_map(|i| input.bodies.get((block * r + i) * chunks + c))
+                    .collect();
+                raw.push((a, bodies));
+            }
         }
-        let inputs: Vec<NttCiphertext> = map_maybe_par(raw, opts.parallel, |(a, body)| {
+        let inputs: Vec<NttCiphertext> = map_maybe_par(raw, opts.parallel, |(a, bodies)| {
             let ntt = &self.ctx.ntt;
-            let body: Vec<u64> = body
-                .iter()
-                .map(|&v| poly::lift_from_bits(v, plan.upload_bits))
-                .collect();
-            let (mut fa, mut fb) = (ntt.uninit_with(self.primes), ntt.uninit_with(self.primes));
+            let mut fa = ntt.uninit_with(self.primes);
             ntt.fwd_u64(&a, &mut fa);
-            ntt.fwd_u64(&body, &mut fb);
-            NttCiphertext { mask: fa, body: fb }
+            let body = bodies
+                .into_iter()
+                .map(|body| {
+                    let body: Vec<u64> = body
+                        .iter()
+                        .map(|&v| poly::lift_from_bits(v, plan.upload_bits))
+                        .collect();
+                    let mut fb = ntt.uninit_with(self.primes);
+                    ntt.fwd_u64(&body, &mut fb);
+                    fb
+                })
+                .collect();
+            NttCiphertext { mask: fa, body }
         });
         let per_block = plan.out_ciphertexts();
         let jobs: Vec<(usize, usize)> = (0..blocks)
@@ -570,22 +593,30 @@ impl PreparedLayer {
             body_bits: plan.body_bits,
             n_out: plan.n_out,
             batch: input.batch,
+            secrets: r,
             rows: rows_out,
         })
     }
 
-    /// The accumulated product ciphertext of output block `o` (NTT domain, bias added).
+    /// The accumulated product ciphertext of output block `o` (NTT domain, bias added to every
+    /// body): the shared mask and each body times the same weight polynomial (1 + r products).
     fn product(&self, inputs: &[NttCiphertext], o: usize) -> NttCiphertext {
         let ntt = &self.ctx.ntt;
         let chunks = inputs.len();
-        let (mut acc_a, mut acc_b) = (ntt.zero_with(self.primes), ntt.zero_with(self.primes));
+        let r = inputs.first().map_or(1, |i| i.body.len());
+        let mut acc_a = ntt.zero_with(self.primes);
+        let mut acc_b: Vec<NttPoly> = (0..r).map(|_| ntt.zero_with(self.primes)).collect();
         for (c, inp) in inputs.iter().enumerate() {
             let w = &self.weights[o * chunks + c];
             ntt.mul_acc(&mut acc_a, &inp.mask, w);
-            ntt.mul_acc(&mut acc_b, &inp.body, w);
+            for (acc, body) in acc_b.iter_mut().zip(&inp.body) {
+                ntt.mul_acc(acc, body, w);
+            }
         }
         if let Some(b) = &self.bias[o] {
-            ntt.add_assign(&mut acc_b, b);
+            for acc in &mut acc_b {
+                ntt.add_assign(acc, b);
+            }
         }
         NttCiphertext {
             mask: acc_a,
@@ -634,9 +665,14 @@ impl PreparedLayer {
         opts: EvalOptions,
     ) -> NttCiphertext {
         self.subtree(inputs, first, last, offset, step, width, key, opts)
-            .unwrap_or_else(|| NttCiphertext {
-                mask: self.ctx.ntt.zero_with(self.primes),
-                body: self.ctx.ntt.zero_with(self.primes),
+            .unwrap_or_else(|| {
+                let r = inputs.first().map_or(1, |i| i.body.len());
+                NttCiphertext {
+                    mask: self.ctx.ntt.zero_with(self.primes),
+                    body: (0..r)
+                        .map(|_| self.ctx.ntt.zero_with(self.primes))
+                        .collect(),
+                }
             })
     }
 
@@ -695,9 +731,11 @@ impl PreparedLayer {
                 let mut u = even;
                 let mono = &self.ctx.monomials[&k];
                 ntt.mul_assign_normalize(&mut odd.mask, mono);
-                ntt.mul_assign_normalize(&mut odd.body, mono);
                 ntt.butterfly(&mut u.mask, &mut odd.mask);
-                ntt.butterfly(&mut u.body, &mut odd.body);
+                for (ub, ob) in u.body.iter_mut().zip(odd.body.iter_mut()) {
+                    ntt.mul_assign_normalize(ob, mono);
+                    ntt.butterfly(ub, ob);
+                }
                 self.add_rotated(u, odd, g, key)
             }
         })
@@ -717,21 +755,38 @@ impl PreparedLayer {
         key_switch_add(&self.ctx, u, v, g, key)
     }
 
-    /// Back to coefficients, modulus-switch, keep the full mask and the output slots of the
-    /// `rows` batch rows present (row-major), nothing else.
+    /// Back to coefficients, modulus-switch, keep the full (shared) mask and the output slots
+    /// of the `rows` batch rows present (row-major over the block's bodies), nothing else.
     fn finish(&self, mut ct: NttCiphertext, index: usize, rows: usize) -> OutputCiphertext {
         let plan = &self.plan;
         let n = plan.params.poly_size;
         let ntt = &self.ctx.ntt;
-        let (mut a, mut b) = (vec![0u64; n], vec![0u64; n]);
+        let mut a = vec![0u64; n];
         ntt.inv(&mut ct.mask, &mut a);
-        ntt.inv(&mut ct.body, &mut b);
+        let bs: Vec<Vec<u64>> = ct
+            .body
+            .iter_mut()
+            .map(|f| {
+                let mut b = vec![0u64; n];
+                ntt.inv(f, &mut b);
+                b
+            })
+            .collect();
         let (bits, body_bits) = (plan.download_bits, plan.body_bits);
         let count = plan.outputs_in_ciphertext(index);
         let first = plan.first_output(index);
+        let b1 = plan.batch_rows.max(1);
+        // Row k of the block is row k mod b₁ of body ⌊k / b₁⌋.
         let body = (0..rows)
             .flat_map(|k| (first..first + count).map(move |j| (k, j)))
-            .map(|(k, j)| poly::round_to_bits(b[plan.output_slot_in_row(k, j).1], body_bits))
+            .map(|(k, j)| {
+                let v = bs
+                    .get(k / b1)
+                    .and_then(|b| b.get(plan.output_slot_in_row(k % b1, j).1))
+                    .copied()
+                    .unwrap_or(0);
+                poly::round_to_bits(v, body_bits)
+            })
             .collect();
         OutputCiphertext {
             mask: a.iter().map(|&v| poly::round_to_bits(v, bits)).collect(),
@@ -740,7 +795,8 @@ impl PreparedLayer {
     }
 }
 
-/// `u + KeySwitch(τ_g(v))` (see `PreparedLayer::add_rotated`); `key` must cover `g`.
+/// `u + KeySwitch(τ_g(v))` (see `PreparedLayer::add_rotated`); `key` must cover `g` and carry
+/// at least as many bodies as `u` (extra key bodies are unused).
 pub(crate) fn key_switch_add(
     ctx: &Context,
     mut u: NttCiphertext,
@@ -751,7 +807,9 @@ pub(crate) fn key_switch_add(
     let ntt = &ctx.ntt;
     let p = ctx.params();
     let n = p.poly_size;
-    ntt.add_automorphism(g, &v.body, &mut u.body);
+    for (ub, vb) in u.body.iter_mut().zip(&v.body) {
+        ntt.add_automorphism(g, vb, ub);
+    }
     let NttCiphertext {
         mask: mut scratch,
         body: _,
@@ -774,10 +832,14 @@ pub(crate) fn key_switch_add(
             #[inline(always)]
             || poly::decompose(ta, p.ks_base_log, p.ks_levels, digits),
         );
+        // One decomposition and one forward transform per digit, shared by every body: the
+        // level's mask is shared, body i accumulates with its own key body (TDM-PAR-HE-1).
         for (digit, (neg_a, neg_b)) in digits.iter().zip(levels) {
             ntt.fwd_small(digit, &mut scratch);
             ntt.mul_acc(&mut u.mask, &scratch, neg_a);
-            ntt.mul_acc(&mut u.body, &scratch, neg_b);
+            for (ub, kb) in u.body.iter_mut().zip(neg_b) {
+                ntt.mul_acc(ub, &scratch, kb);
+            }
         }
     });
     u

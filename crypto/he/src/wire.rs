@@ -6,7 +6,7 @@
 
 use crate::error::HeError;
 use crate::keys::{automorphism_for_stride, EvaluationKey, KeyId};
-use crate::limits::MAX_BATCH;
+use crate::limits::{MAX_BATCH, MAX_BODIES};
 use crate::params::ParameterSet;
 use crate::plan::{LayerPlan, OutputMode};
 
@@ -17,6 +17,11 @@ pub const VERSION: u8 = 1;
 const KIND_INPUT: u8 = 1;
 const KIND_OUTPUT: u8 = 2;
 const KIND_EVAL_KEY: u8 = 3;
+/// Multi-body kinds (r ≥ 2 bodies per shared mask, TDM-PAR-HE-1): the single-secret layout
+/// with one byte r after the header.
+const KIND_INPUT_MULTI: u8 = 4;
+const KIND_OUTPUT_MULTI: u8 = 5;
+const KIND_EVAL_KEY_MULTI: u8 = 6;
 /// magic, version, kind, parameter set id (u16 LE), key id.
 const HEADER_LEN: usize = 4 + 1 + 1 + 2 + 32;
 const INPUT_FIXED: usize = HEADER_LEN + 16 + 2 + 2 + 1;
@@ -30,15 +35,20 @@ pub struct EncryptedInput {
     pub params_id: u16,
     /// Key the ciphertexts are encrypted under.
     pub key_id: KeyId,
-    /// Seed of the mask stream (masks for block 0 chunk 0, block 0 chunk 1, …).
+    /// Seed of the mask stream (masks for block 0 chunk 0, block 0 chunk 1, …; one per batch
+    /// block and chunk, shared by the block's bodies).
     pub mask_seed: u128,
     /// Number of input vectors.
     pub batch: usize,
+    /// Bodies per shared mask (the plan's r = `bodies`; 1 = the single-secret format).
+    pub secrets: usize,
     /// Ciphertexts per batch block (`plan.batch_rows` rows; one row in the v1 layout).
     pub chunks: usize,
     /// Bits kept of each body coefficient.
     pub bits: u32,
-    /// `bodies[block * chunks + c]`: N values of `bits` bits.
+    /// `bodies[(block·r + i) * chunks + c]`: body i (batch rows i·b₁ .. (i+1)·b₁ of batch
+    /// block `block`, secret i) of chunk c, N values of `bits` bits; a short last block has
+    /// only the bodies its rows need.
     pub bodies: Vec<Vec<u64>>,
 }
 
@@ -69,8 +79,10 @@ pub struct EncryptedOutput {
     pub n_out: usize,
     /// Number of batch rows (input vectors) the result is for.
     pub batch: usize,
-    /// Per batch block (`plan.batch_rows` rows; one row in the v1 layout), the returned
-    /// ciphertexts.
+    /// Bodies per shared mask (the plan's r = `bodies`; 1 = the single-secret format).
+    pub secrets: usize,
+    /// Per batch block (`plan.block_rows()` = r·b₁ rows; one row in the v1 layout), the
+    /// returned ciphertexts.
     pub rows: Vec<Vec<OutputCiphertext>>,
 }
 
@@ -78,11 +90,17 @@ fn bit_bytes(values: usize, bits: u32) -> usize {
     (values * bits as usize).div_ceil(8)
 }
 
+/// Header bytes a blob with `r` bodies per mask adds to the single-secret layout.
+fn multi_extra(r: usize) -> usize {
+    usize::from(r > 1)
+}
+
 /// Wire length of an input batch for `plan`.
 pub fn input_len(plan: &LayerPlan, batch: usize) -> usize {
     INPUT_FIXED
+        + multi_extra(plan.bodies())
         + bit_bytes(
-            plan.batch_blocks(batch) * plan.in_chunks() * plan.params.poly_size,
+            plan.input_bodies(batch) * plan.in_chunks() * plan.params.poly_size,
             plan.upload_bits,
         )
 }
@@ -98,13 +116,18 @@ fn output_payload_bits(plan: &LayerPlan, batch: usize) -> u128 {
 
 /// Wire length of an output batch for `plan`.
 pub fn output_len(plan: &LayerPlan, batch: usize) -> usize {
-    usize::try_from(output_payload_bits(plan, batch).div_ceil(8))
-        .map_or(usize::MAX, |b| b.saturating_add(OUTPUT_FIXED))
+    usize::try_from(output_payload_bits(plan, batch).div_ceil(8)).map_or(usize::MAX, |b| {
+        b.saturating_add(OUTPUT_FIXED + multi_extra(plan.bodies()))
+    })
 }
 
-/// Wire length of an evaluation key with `count` automorphisms.
-pub fn eval_key_len(params: &ParameterSet, count: usize) -> usize {
-    KEY_FIXED + 2 * count + count * params.ks_levels as usize * params.poly_size * 8
+/// Wire length of an evaluation key with `count` automorphisms and `bodies` bodies (secrets)
+/// per level.
+pub fn eval_key_len(params: &ParameterSet, count: usize, bodies: usize) -> usize {
+    KEY_FIXED
+        + multi_extra(bodies)
+        + 2 * count
+        + count * params.ks_levels as usize * params.poly_size * 8 * bodies
 }
 
 struct BitWriter {
@@ -229,22 +252,30 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn put_header(out: &mut Vec<u8>, kind: u8, params_id: u16, key_id: &KeyId) {
+/// Header; `kinds` = (single-secret kind, multi-body kind): r > 1 takes the second and
+/// writes r after the header.
+fn put_header(out: &mut Vec<u8>, kinds: (u8, u8), r: usize, params_id: u16, key_id: &KeyId) {
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);
-    out.push(kind);
+    out.push(if r > 1 { kinds.1 } else { kinds.0 });
     out.extend_from_slice(&params_id.to_le_bytes());
     out.extend_from_slice(key_id);
+    if r > 1 {
+        out.push(r as u8);
+    }
 }
 
 /// Opens a blob: limit first, then magic, version, kind and parameter set.
+/// Opens a blob of the single-secret kind `kinds.0` or the multi-body kind `kinds.1`; returns
+/// the body count r (1 for the first, 2..=[`MAX_BODIES`] read after the header for the
+/// second, checked before anything is allocated).
 fn open<'a>(
     bytes: &'a [u8],
     limit: usize,
-    kind: u8,
+    kinds: (u8, u8),
     params: &ParameterSet,
     what: &'static str,
-) -> Result<(Reader<'a>, KeyId), HeError> {
+) -> Result<(Reader<'a>, KeyId, usize), HeError> {
     if bytes.len() > limit {
         return Err(HeError::TooLarge {
             what,
@@ -265,7 +296,8 @@ fn open<'a>(
             reason: "unsupported version",
         });
     }
-    if r.u8()? != kind {
+    let kind = r.u8()?;
+    if kind != kinds.0 && kind != kinds.1 {
         return Err(HeError::Malformed {
             what,
             reason: "wrong kind",
@@ -279,15 +311,33 @@ fn open<'a>(
         });
     }
     let key_id = r.array::<32>()?;
-    Ok((r, key_id))
+    let bodies = if kind == kinds.1 {
+        let b = usize::from(r.u8()?);
+        if !(2..=MAX_BODIES).contains(&b) {
+            return Err(HeError::Malformed {
+                what,
+                reason: "body count out of range",
+            });
+        }
+        b
+    } else {
+        1
+    };
+    Ok((r, key_id, bodies))
 }
 
 impl EncryptedInput {
     /// Encodes to bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
         let values = self.bodies.iter().map(Vec::len).sum::<usize>();
-        let mut out = Vec::with_capacity(INPUT_FIXED + bit_bytes(values, self.bits));
-        put_header(&mut out, KIND_INPUT, self.params_id, &self.key_id);
+        let mut out = Vec::with_capacity(INPUT_FIXED + 1 + bit_bytes(values, self.bits));
+        put_header(
+            &mut out,
+            (KIND_INPUT, KIND_INPUT_MULTI),
+            self.secrets,
+            self.params_id,
+            &self.key_id,
+        );
         out.extend_from_slice(&self.mask_seed.to_le_bytes());
         out.extend_from_slice(&(self.batch as u16).to_le_bytes());
         out.extend_from_slice(&(self.chunks as u16).to_le_bytes());
@@ -304,7 +354,13 @@ impl EncryptedInput {
     /// Decodes an input batch for `plan`, refusing anything but the exact expected shape.
     pub fn from_bytes(bytes: &[u8], limit: usize, plan: &LayerPlan) -> Result<Self, HeError> {
         const WHAT: &str = "encrypted input";
-        let (mut r, key_id) = open(bytes, limit, KIND_INPUT, &plan.params, WHAT)?;
+        let (mut r, key_id, secrets) = open(
+            bytes,
+            limit,
+            (KIND_INPUT, KIND_INPUT_MULTI),
+            &plan.params,
+            WHAT,
+        )?;
         let mask_seed = u128::from_le_bytes(r.array::<16>()?);
         let batch = r.u16()? as usize;
         let chunks = r.u16()? as usize;
@@ -315,7 +371,7 @@ impl EncryptedInput {
                 reason: "batch out of range",
             });
         }
-        if chunks != plan.in_chunks() || bits != plan.upload_bits {
+        if chunks != plan.in_chunks() || bits != plan.upload_bits || secrets != plan.bodies() {
             return Err(HeError::Malformed {
                 what: WHAT,
                 reason: "layout differs from the layer plan",
@@ -329,7 +385,7 @@ impl EncryptedInput {
         }
         let n = plan.params.poly_size;
         let mut br = BitReader::new(r.bytes);
-        let count = plan.batch_blocks(batch) * chunks;
+        let count = plan.input_bodies(batch) * chunks;
         let mut bodies = Vec::with_capacity(count);
         for _ in 0..count {
             let mut body = Vec::with_capacity(n);
@@ -344,6 +400,7 @@ impl EncryptedInput {
             key_id,
             mask_seed,
             batch,
+            secrets,
             chunks,
             bits,
             bodies,
@@ -363,7 +420,8 @@ impl EncryptedInput {
             || self.batch > MAX_BATCH
             || self.chunks != plan.in_chunks()
             || self.bits != plan.upload_bits
-            || self.bodies.len() != plan.batch_blocks(self.batch) * self.chunks
+            || self.secrets != plan.bodies()
+            || self.bodies.len() != plan.input_bodies(self.batch) * self.chunks
             || self.bodies.iter().any(|b| b.len() != n)
         {
             return Err(HeError::Malformed {
@@ -379,7 +437,13 @@ impl EncryptedOutput {
     /// Encodes to bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        put_header(&mut out, KIND_OUTPUT, self.params_id, &self.key_id);
+        put_header(
+            &mut out,
+            (KIND_OUTPUT, KIND_OUTPUT_MULTI),
+            self.secrets,
+            self.params_id,
+            &self.key_id,
+        );
         out.push(self.mode.to_u8());
         out.extend_from_slice(&(self.batch as u16).to_le_bytes());
         out.extend_from_slice(&(self.rows.first().map_or(0, Vec::len) as u16).to_le_bytes());
@@ -408,7 +472,13 @@ impl EncryptedOutput {
         key_id: &KeyId,
     ) -> Result<Self, HeError> {
         const WHAT: &str = "encrypted output";
-        let (mut r, kid) = open(bytes, limit, KIND_OUTPUT, &plan.params, WHAT)?;
+        let (mut r, kid, secrets) = open(
+            bytes,
+            limit,
+            (KIND_OUTPUT, KIND_OUTPUT_MULTI),
+            &plan.params,
+            WHAT,
+        )?;
         if &kid != key_id {
             return Err(HeError::KeyIdMismatch);
         }
@@ -423,6 +493,7 @@ impl EncryptedOutput {
             || bits != plan.download_bits
             || body_bits != plan.body_bits
             || n_out != plan.n_out
+            || secrets != plan.bodies()
         {
             return Err(HeError::Malformed {
                 what: WHAT,
@@ -470,6 +541,7 @@ impl EncryptedOutput {
             body_bits,
             n_out,
             batch,
+            secrets,
             rows,
         })
     }
@@ -490,6 +562,7 @@ impl EncryptedOutput {
             && self.bits == plan.download_bits
             && self.body_bits == plan.body_bits
             && self.n_out == plan.n_out
+            && self.secrets == plan.bodies()
             && self.bits >= 1
             && self.body_bits >= 1
             && plan.delta_out_log2 >= 1
@@ -517,8 +590,14 @@ impl EvaluationKey {
     /// Encodes to bytes (bodies at full 64-bit width: rounding them would add key-switch noise).
     pub fn to_bytes(&self) -> Vec<u8> {
         let p = &self.params;
-        let mut out = Vec::with_capacity(eval_key_len(p, self.automorphisms.len()));
-        put_header(&mut out, KIND_EVAL_KEY, p.id, &self.key_id);
+        let mut out = Vec::with_capacity(eval_key_len(p, self.automorphisms.len(), self.secrets));
+        put_header(
+            &mut out,
+            (KIND_EVAL_KEY, KIND_EVAL_KEY_MULTI),
+            self.secrets,
+            p.id,
+            &self.key_id,
+        );
         out.extend_from_slice(&self.mask_seed.to_le_bytes());
         out.push(p.ks_base_log as u8);
         out.push(p.ks_levels as u8);
@@ -539,7 +618,13 @@ impl EvaluationKey {
     /// Decodes an evaluation key under `params`, with a byte limit.
     pub fn from_bytes(bytes: &[u8], limit: usize, params: &ParameterSet) -> Result<Self, HeError> {
         const WHAT: &str = "evaluation key";
-        let (mut r, key_id) = open(bytes, limit, KIND_EVAL_KEY, params, WHAT)?;
+        let (mut r, key_id, secrets) = open(
+            bytes,
+            limit,
+            (KIND_EVAL_KEY, KIND_EVAL_KEY_MULTI),
+            params,
+            WHAT,
+        )?;
         let mask_seed = u128::from_le_bytes(r.array::<16>()?);
         if r.u8()? as u32 != params.ks_base_log || r.u8()? as u32 != params.ks_levels {
             return Err(HeError::Malformed {
@@ -554,7 +639,7 @@ impl EvaluationKey {
                 reason: "automorphism count out of range",
             });
         }
-        if bytes.len() != eval_key_len(params, count) {
+        if bytes.len() != eval_key_len(params, count, secrets) {
             return Err(HeError::Malformed {
                 what: WHAT,
                 reason: "length does not match the header",
@@ -577,7 +662,7 @@ impl EvaluationKey {
         for _ in 0..count {
             let mut levels = Vec::with_capacity(params.ks_levels as usize);
             for _ in 0..params.ks_levels {
-                let raw = r.take(n * 8)?;
+                let raw = r.take(n * 8 * secrets)?;
                 levels.push(
                     raw.chunks_exact(8)
                         .map(|c| {
@@ -592,6 +677,7 @@ impl EvaluationKey {
             params: *params,
             key_id,
             mask_seed,
+            secrets,
             automorphisms,
             bodies,
         })

@@ -343,6 +343,7 @@ fn he_known_answer_vectors() {
             key_id,
             mask_seed: MASK_SEED,
             batch: case.x.len(),
+            secrets: 1,
             chunks,
             bits: plan.upload_bits,
             bodies,
