@@ -251,7 +251,7 @@ impl ModelRegistry {
                                 LinkModel {
                                     kbit_per_s: enc.link_kbit_per_s(),
                                 },
-                                1,
+                                enc.max_bodies(),
                             )?
                         }
                         None => cloud_plan(params, mode, cl.n_in, cl.n_out, cl.bias_bound)?,

@@ -87,7 +87,9 @@ fn manifest(link: Option<u32>, qkv: Option<(u64, u64)>, o: Option<(u64, u64)>) -
             ops,
             output: "out".into(),
             link_kbit_s: link,
-            max_bodies: None,
+            // The signed variant also lets 4 secrets share a mask: device and cloud must
+            // derive the same multi-body plans from it.
+            max_bodies: link.map(|_| 4),
         },
     )
     .unwrap()
@@ -153,8 +155,15 @@ fn device_and_cloud_plan_encoder_layers_from_the_signed_bounds_and_link() {
         let served = reg.get(&entry.model_id, &entry.model_digest).unwrap();
         for mode in [OutputMode::Packed, OutputMode::NoKey] {
             for (i, l) in enc.linears.iter().enumerate() {
-                let device =
-                    plan_encoder_layer(&ctx, mode, l, enc.batch, enc.link_kbit_per_s()).unwrap();
+                let device = plan_encoder_layer(
+                    &ctx,
+                    mode,
+                    l,
+                    enc.batch,
+                    enc.link_kbit_per_s(),
+                    enc.max_bodies(),
+                )
+                .unwrap();
                 let cloud = served
                     .layer(i as u32, DEFAULT_PARAMETERS.id, mode)
                     .unwrap()
@@ -170,6 +179,7 @@ fn device_and_cloud_plan_encoder_layers_from_the_signed_bounds_and_link() {
                         &plain.encoder.as_ref().unwrap().linears[i],
                         BATCH,
                         25_000,
+                        1,
                     )
                     .unwrap();
                     let bytes =

@@ -267,11 +267,18 @@ impl BundleEncoder {
                 device: device.clone(),
             };
             if let BundleLinears::Encrypted { ctx, mode, cloud } = &linears {
-                let plan = plan_encoder_layer(ctx, *mode, l, enc.batch, enc.link_kbit_per_s())
-                    .map_err(|source| OpsError::He {
-                        layer: l.name.clone(),
-                        source,
-                    })?;
+                let plan = plan_encoder_layer(
+                    ctx,
+                    *mode,
+                    l,
+                    enc.batch,
+                    enc.link_kbit_per_s(),
+                    enc.max_bodies(),
+                )
+                .map_err(|source| OpsError::He {
+                    layer: l.name.clone(),
+                    source,
+                })?;
                 cloud.load(index, &plan, &qw)?;
                 plans.push(plan);
                 let session = session.clone().ok_or_else(|| OpsError::Cloud {

@@ -82,7 +82,8 @@ pub fn plan_layer(
 
 /// The plan of an encoder bundle's cloud linear layer `l` for requests of `batch` rows, from
 /// its signed public fields only: int8 inputs, `weight_bound`, the signed row bounds
-/// (`max_row_l1`, `max_row_sq`; absent = entry bounds) and the signed link rate `link_kbit_s`
+/// (`max_row_l1`, `max_row_sq`; absent = entry bounds), the signed link rate `link_kbit_s`
+/// and the signed `max_bodies` (most secrets one GLWE mask may be shared by; 1 = one secret)
 /// (TDM-PAR-HE-3). The cloud plans the same layer from the same fields
 /// (`tandem_cloud`'s registry), so both sides agree on the layout.
 ///
@@ -94,6 +95,7 @@ pub fn plan_encoder_layer(
     l: &tandem_model::CloudLinear,
     batch: usize,
     link_kbit_s: u32,
+    max_bodies: usize,
 ) -> Result<LayerPlan, HeError> {
     let (max_abs_weight, max_row_l1, max_row_sq, max_abs_bias) = l.plan_bounds();
     PreparedLayer::plan_int8_batch_bounded(
@@ -111,7 +113,7 @@ pub fn plan_encoder_layer(
         tandem_he::LinkModel {
             kbit_per_s: link_kbit_s,
         },
-        1,
+        max_bodies,
     )
 }
 
