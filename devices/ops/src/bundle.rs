@@ -352,8 +352,8 @@ impl BundleEncoder {
         Self::from_bundle(&bundle, linears)
     }
 
-    /// In packed mode, generates the evaluation key covering every layer's chunk and uploads
-    /// it to the cloud; returns its size in bytes (0 for the integer path and no-key mode).
+    /// In packed mode, generates the evaluation key covering every layer's chunk and number of
+    /// bodies ([`tandem_he::LayerPlan::bodies`]) and uploads it to the cloud; returns its size in bytes (0 for the integer path and no-key mode).
     ///
     /// # Errors
     /// [`OpsError::He`] if the key cannot be generated; the cloud's errors.
@@ -364,9 +364,10 @@ impl BundleEncoder {
             return Ok(0);
         };
         let max_chunk = self.plans.iter().map(|p| p.chunk).max().unwrap_or(1);
+        let bodies = self.plans.iter().map(|p| p.bodies).max().unwrap_or(1);
         let key = session
             .client()
-            .evaluation_key(max_chunk)
+            .evaluation_key_for(max_chunk, bodies)
             .map_err(|source| OpsError::He {
                 layer: "evaluation key".into(),
                 source,

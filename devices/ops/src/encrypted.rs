@@ -573,10 +573,11 @@ impl EncryptedLinears {
             return Ok(0);
         }
         let max_chunk = self.planned.iter().map(|p| p.plan.chunk).max().unwrap_or(1);
+        let bodies = self.planned.iter().map(|p| p.plan.bodies).max().unwrap_or(1);
         let key = self
             .session
             .client()
-            .evaluation_key(max_chunk)
+            .evaluation_key_for(max_chunk, bodies)
             .map_err(|source| OpsError::He {
                 layer: "evaluation key".into(),
                 source,
