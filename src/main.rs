@@ -118,6 +118,12 @@ enum BenchCommand {
         /// Server threads (1 = single-threaded evaluation).
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Most secrets one mask may be shared by in batch plans (1 = single-secret).
+        #[arg(long, default_value_t = tandem::he::limits::MAX_BODIES)]
+        max_bodies: usize,
+        /// Link rate (kbit/s) the batch planner weighs bytes at.
+        #[arg(long, default_value_t = 25_000)]
+        link: u32,
     },
     /// N concurrent devices against an in-process cloud for T seconds: throughput, latency
     /// percentiles, peak RSS.
@@ -147,7 +153,9 @@ fn main() -> anyhow::Result<()> {
                 shape,
                 runs,
                 threads,
-            } => cli::bench::matmul(shape.as_deref(), runs, threads, json),
+                max_bodies,
+                link,
+            } => cli::bench::matmul(shape.as_deref(), runs, threads, json, max_bodies, link),
             BenchCommand::Dp { json } => cli::dp::bench_dp(json),
             BenchCommand::Load(args) => cli::runtime::bench_load(args),
             BenchCommand::Traces(args) => cli::traces::run(args),

@@ -6,8 +6,8 @@ use ndarray::Array2;
 use std::sync::Arc;
 use std::time::Instant;
 use tandem::he::{
-    Client, Context, EncryptedInput, EncryptedOutput, EvalOptions, OutputMode, PlanOptions,
-    PreparedEvaluationKey, PreparedLayer, DEFAULT_PARAMETERS,
+    Client, Context, EncryptedInput, EncryptedOutput, EvalOptions, LinkModel, OutputMode,
+    PlanOptions, PreparedEvaluationKey, PreparedLayer, DEFAULT_PARAMETERS,
 };
 
 /// The shapes the anchor (concrete-ml-extensions) was measured on, then the transformer
@@ -63,8 +63,17 @@ fn int8_values(n: usize, seed: u64) -> Vec<i64> {
         .collect()
 }
 
-/// Runs the benchmark; prints one JSON object per (shape, mode) with `--json`.
-pub fn matmul(shape: Option<&str>, runs: usize, threads: usize, json: bool) -> anyhow::Result<()> {
+/// Runs the benchmark; prints one JSON object per (shape, mode) with `--json`. Batch plans
+/// share each mask among up to `max_bodies` secrets (1 = single-secret; the planner chooses
+/// r ≤ it by its cost model, bytes weighed at `link_kbit_s`).
+pub fn matmul(
+    shape: Option<&str>,
+    runs: usize,
+    threads: usize,
+    json: bool,
+    max_bodies: usize,
+    link_kbit_s: u32,
+) -> anyhow::Result<()> {
     let shapes = match shape {
         Some(s) => vec![parse_shape(s)?],
         None => SHAPES.to_vec(),
@@ -119,7 +128,7 @@ pub fn matmul(shape: Option<&str>, runs: usize, threads: usize, json: bool) -> a
             let t = Instant::now();
             // Requests carry at most MAX_BATCH rows: larger batches go as several requests.
             let per_request = batch.min(tandem::he::limits::MAX_BATCH);
-            let layer = PreparedLayer::prepare(
+            let layer = PreparedLayer::prepare_with_link(
                 ctx.clone(),
                 mode,
                 n_in,
@@ -130,7 +139,10 @@ pub fn matmul(shape: Option<&str>, runs: usize, threads: usize, json: bool) -> a
                 PlanOptions {
                     chunk: None,
                     batch: (per_request > 1).then_some(per_request),
-                    max_bodies: 1,
+                    max_bodies,
+                },
+                LinkModel {
+                    kbit_per_s: link_kbit_s,
                 },
             )?;
             let prepare_ms = ms(t);
@@ -141,7 +153,7 @@ pub fn matmul(shape: Option<&str>, runs: usize, threads: usize, json: bool) -> a
                 let t = Instant::now();
                 let mut client = Client::new(ctx.clone());
                 let eval_key = match mode {
-                    OutputMode::Packed => Some(client.evaluation_key(plan.chunk)?),
+                    OutputMode::Packed => Some(client.evaluation_key_for(plan.chunk, plan.bodies)?),
                     OutputMode::NoKey => None,
                 };
                 keygen.push(ms(t));
@@ -198,6 +210,8 @@ pub fn matmul(shape: Option<&str>, runs: usize, threads: usize, json: bool) -> a
                 "params": DEFAULT_PARAMETERS.name,
                 "chunk": plan.chunk,
                 "batch_rows": plan.batch_rows,
+                "bodies": plan.bodies,
+                "link_kbit_s": link_kbit_s,
                 "key_switches": xs.chunks(per_request).map(|r| plan.key_switches_for(r.len())).sum::<usize>(),
                 "ct_products": xs.chunks(per_request).map(|r| plan.ct_products_for(r.len())).sum::<usize>(),
                 "keygen_ms": median(keygen),
