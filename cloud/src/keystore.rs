@@ -341,13 +341,15 @@ impl std::fmt::Debug for KeyStore {
     }
 }
 
-/// Bytes of a prepared evaluation key with `automorphisms` packing keys under `params`: per
-/// automorphism and gadget level two polynomials in the NTT domain, each 5 residues of N
+/// Bytes of a prepared evaluation key with `automorphisms` packing keys for `bodies` secrets
+/// (shared-mask keys, `tandem_he::EvaluationKey::bodies`) under `params`: per automorphism and
+/// gadget level one mask and `bodies` body polynomials in the NTT domain, each 5 residues of N
 /// 32-bit words (`tandem_he` NTT layout).
-pub fn prepared_key_bytes(params: &ParameterSet, automorphisms: usize) -> usize {
+pub fn prepared_key_bytes(params: &ParameterSet, automorphisms: usize, bodies: usize) -> usize {
     automorphisms
         .saturating_mul(params.ks_levels as usize)
-        .saturating_mul(2 * 5 * 4)
+        .saturating_mul(bodies.max(1).saturating_add(1))
+        .saturating_mul(5 * 4)
         .saturating_mul(params.poly_size)
 }
 
@@ -580,7 +582,11 @@ impl KeyStore {
                     he_key_id: key.key_id(),
                     max_chunk: key.max_chunk(),
                     prepared: Some(Arc::new(prepared)),
-                    prepared_bytes: prepared_key_bytes(&params, key.automorphisms().len()),
+                    prepared_bytes: prepared_key_bytes(
+                        &params,
+                        key.automorphisms().len(),
+                        key.bodies(),
+                    ),
                 })
             }
         }

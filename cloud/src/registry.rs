@@ -311,17 +311,26 @@ impl ModelRegistry {
             prepared_key_bytes: 0,
         };
         for m in &self.models {
+            // The device's key covers every packed layer of the model at once: the largest
+            // chunk and the largest number of bodies among them (which may come from two
+            // different layers), so size it from both maxima rather than per plan.
+            let packed: Vec<&LayerPlan> =
+                m.plans().filter(|p| p.mode == OutputMode::Packed).collect();
+            for first in &packed {
+                let same = packed.iter().filter(|p| p.params.id == first.params.id);
+                let mut widest = **first;
+                widest.chunk = same.clone().map(|p| p.chunk).max().unwrap_or(first.chunk);
+                widest.bodies = same.map(|p| p.bodies()).max().unwrap_or(1);
+                s.key_len = s.key_len.max(widest.eval_key_bytes());
+                s.prepared_key_bytes =
+                    s.prepared_key_bytes
+                        .max(crate::keystore::prepared_key_bytes(
+                            &widest.params,
+                            widest.chunk.trailing_zeros() as usize,
+                            widest.bodies,
+                        ));
+            }
             for plan in m.plans() {
-                s.key_len = s.key_len.max(plan.eval_key_bytes());
-                if plan.mode == OutputMode::Packed {
-                    let automorphisms = plan.chunk.trailing_zeros() as usize;
-                    s.prepared_key_bytes =
-                        s.prepared_key_bytes
-                            .max(crate::keystore::prepared_key_bytes(
-                                &plan.params,
-                                automorphisms,
-                            ));
-                }
                 s.ciphertext_len = s
                     .ciphertext_len
                     .max(plan.upload_bytes(max_batch))
