@@ -16,18 +16,33 @@ use tfhe::core_crypto::prelude::{
 /// A 32-byte identifier of a secret key: every ciphertext and evaluation key carries it.
 pub type KeyId = [u8; 32];
 
+/// One binary secret: its coefficients and its NTT-domain form.
+pub(crate) struct Secret {
+    /// Coefficients in {0, 1}.
+    pub(crate) coeffs: Vec<i64>,
+    /// The secret in the NTT domain, for fast `a·s`.
+    pub(crate) ntt: NttPoly,
+}
+
+impl Secret {
+    fn wipe(&mut self) {
+        self.coeffs.iter_mut().for_each(|c| *c = 0);
+        self.ntt.0.iter_mut().for_each(|c| *c = 0);
+    }
+}
+
 /// The device's GLWE secret keys (binary polynomials). Never leave the device.
 ///
 /// Secret 0 is the key of the single-secret format; secrets 1 .. [`MAX_BODIES`] are the
 /// further independent secrets of multi-body ciphertexts (one shared mask, one body per
 /// secret; TDM-PAR-HE-1). All of them come from the same 128-bit seed, so a device that
-/// persists only the seed recovers every one.
+/// persists only the seed recovers every one; secrets 1.. are derived on first use (a
+/// single-secret client never holds them).
 pub struct SecretKey {
     pub(crate) params: ParameterSet,
-    /// Per secret: coefficients in {0, 1}.
-    pub(crate) coeffs: Vec<Vec<i64>>,
-    /// Per secret: the key in the NTT domain, for fast `a·s`.
-    pub(crate) ntt: Vec<NttPoly>,
+    seed: u128,
+    first: Secret,
+    rest: std::sync::OnceLock<Vec<Secret>>,
     key_id: KeyId,
 }
 
@@ -45,53 +60,52 @@ pub(crate) fn hex8(b: &[u8]) -> String {
     b.iter().take(8).map(|x| format!("{x:02x}")).collect()
 }
 
+/// The first `count` secrets of `seed`'s stream (tfhe's secret CSPRNG), in order.
+fn derive(params: ParameterSet, ntt: &Ntt, seed: u128, count: usize) -> Vec<Secret> {
+    let mut gen = SecretRandomGenerator::<DefaultRandomGenerator>::new(Seed(seed));
+    (0..count)
+        .map(|_| {
+            let key = allocate_and_generate_new_binary_glwe_secret_key::<u64, _>(
+                GlweDimension(1),
+                PolynomialSize(params.poly_size),
+                &mut gen,
+            );
+            let coeffs: Vec<i64> = key.as_ref().iter().map(|&c| c as i64).collect();
+            let mut f = ntt.zero();
+            ntt.fwd_small(&coeffs, &mut f);
+            Secret { coeffs, ntt: f }
+        })
+        .collect()
+}
+
 impl SecretKey {
     /// Derives the keys deterministically from a 128-bit seed (tfhe's secret CSPRNG): secret 0
     /// first, then secrets 1 .. [`MAX_BODIES`] from the same stream (so secret 0, and with it
     /// the key id, is what a single-secret key from this seed always was).
     pub fn from_seed(params: ParameterSet, ntt: &Ntt, seed: u128) -> Self {
-        let mut gen = SecretRandomGenerator::<DefaultRandomGenerator>::new(Seed(seed));
-        let coeffs: Vec<Vec<i64>> = (0..MAX_BODIES)
-            .map(|_| {
-                let key = allocate_and_generate_new_binary_glwe_secret_key::<u64, _>(
-                    GlweDimension(1),
-                    PolynomialSize(params.poly_size),
-                    &mut gen,
-                );
-                key.as_ref().iter().map(|&c| c as i64).collect()
-            })
-            .collect();
-        Self::from_coeffs(params, ntt, coeffs)
-    }
-
-    /// A fresh key from the operating system's entropy (through tfhe's seeder).
-    pub fn generate(params: ParameterSet, ntt: &Ntt) -> Self {
-        Self::from_seed(params, ntt, crate::rng::fresh_seed())
-    }
-
-    fn from_coeffs(params: ParameterSet, ntt: &Ntt, coeffs: Vec<Vec<i64>>) -> Self {
-        let s_ntt = coeffs
-            .iter()
-            .map(|c| {
-                let mut f = ntt.zero();
-                ntt.fwd_small(c, &mut f);
-                f
-            })
-            .collect();
+        let first = derive(params, ntt, seed, 1)
+            .pop()
+            .unwrap_or_else(|| unreachable!("derive(1) yields one secret"));
         // The id names secret 0 only (stable for single-secret keys); the others are bound to
         // it through the seed they share.
         let mut h = Sha256::new();
         h.update(b"tandem-he key id v1");
         h.update(params.id.to_le_bytes());
-        for c in coeffs.first().into_iter().flatten() {
+        for c in &first.coeffs {
             h.update([*c as u8]);
         }
         Self {
             params,
-            coeffs,
-            ntt: s_ntt,
+            seed,
+            first,
+            rest: std::sync::OnceLock::new(),
             key_id: h.finalize().into(),
         }
+    }
+
+    /// A fresh key from the operating system's entropy (through tfhe's seeder).
+    pub fn generate(params: ParameterSet, ntt: &Ntt) -> Self {
+        Self::from_seed(params, ntt, crate::rng::fresh_seed())
     }
 
     /// The key's id (a SHA-256 digest of secret 0; the keys are derived from a 128-bit seed,
@@ -106,16 +120,29 @@ impl SecretKey {
         self.params
     }
 
+    /// Secrets 0 .. `count` (at most [`MAX_BODIES`]); secrets 1.. are derived on first use.
+    pub(crate) fn secrets(&self, ntt: &Ntt, count: usize) -> Vec<&Secret> {
+        let mut all = vec![&self.first];
+        if count > 1 {
+            let rest = self.rest.get_or_init(|| {
+                let mut v = derive(self.params, ntt, self.seed, MAX_BODIES);
+                v.remove(0).wipe();
+                v
+            });
+            all.extend(rest.iter().take(count - 1));
+        }
+        all
+    }
+
     /// `a·s_i` for the first `count` secrets (one forward transform of `a`).
     pub(crate) fn mul_mask_bodies(&self, ntt: &Ntt, a: &[u64], count: usize) -> Vec<Vec<u64>> {
         let mut fa = ntt.zero();
         ntt.fwd_u64(a, &mut fa);
-        self.ntt
-            .iter()
-            .take(count)
+        self.secrets(ntt, count)
+            .into_iter()
             .map(|s| {
                 let mut acc = ntt.zero();
-                ntt.mul_acc(&mut acc, &fa, s);
+                ntt.mul_acc(&mut acc, &fa, &s.ntt);
                 let mut out = vec![0u64; ntt.n()];
                 ntt.inv(&mut acc, &mut out);
                 out
@@ -155,10 +182,11 @@ impl SecretKey {
 impl Drop for SecretKey {
     fn drop(&mut self) {
         // Best effort: overwrite key material before the allocator reuses it.
-        self.coeffs.iter_mut().flatten().for_each(|c| *c = 0);
-        self.ntt
-            .iter_mut()
-            .for_each(|f| f.0.iter_mut().for_each(|c| *c = 0));
+        self.seed = 0;
+        self.first.wipe();
+        if let Some(rest) = self.rest.get_mut() {
+            rest.iter_mut().for_each(Secret::wipe);
+        }
     }
 }
 
@@ -229,7 +257,7 @@ impl EvaluationKey {
                 "max_chunk {max_chunk} must be a power of two in 2..={n}"
             )));
         }
-        if bodies == 0 || bodies > MAX_BODIES.min(sk.coeffs.len()) {
+        if bodies == 0 || bodies > MAX_BODIES {
             return Err(HeError::Shape(format!(
                 "evaluation key for {bodies} bodies (1..={MAX_BODIES})"
             )));
@@ -241,10 +269,9 @@ impl EvaluationKey {
         let mut masks = mask_generator(mask_seed);
         let mut noise = NoiseSource::new();
         let secrets: Vec<Vec<u64>> = sk
-            .coeffs
-            .iter()
-            .take(bodies)
-            .map(|s| s.iter().map(|&c| c as u64).collect())
+            .secrets(ntt, bodies)
+            .into_iter()
+            .map(|s| s.coeffs.iter().map(|&c| c as u64).collect())
             .collect();
         let mut all = Vec::with_capacity(automorphisms.len());
         for &g in &automorphisms {
