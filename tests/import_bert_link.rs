@@ -1,6 +1,7 @@
-//! `tandem model import-bert --link-kbit N` (issue 9), run as the built binary: the bundle
-//! signs the link rate only when it is given and always the row bounds of its int8 weights;
-//! a zero rate is refused with the field named and no bundle signed.
+//! `tandem model import-bert --link-kbit N --max-bodies R` (issues 8 and 9), run as the built
+//! binary: the bundle signs the link rate and the shared-mask limit (defaults 1 000 kbit/s and
+//! 4) and always the row bounds of its int8 weights; a zero rate or an out-of-range limit is
+//! refused with the field named and no bundle signed.
 //!
 //! Needs all-MiniLM-L6-v2 from `scripts/fetch-minilm.sh`: without it the test prints
 //! `SKIPPED: …` and checks nothing; with `TANDEM_MINILM_DIR` set a missing model is a failure.
@@ -26,7 +27,7 @@ fn import(src: &Path, out: &Path, extra: &[&str]) -> Output {
 }
 
 #[test]
-fn import_bert_signs_row_bounds_always_and_the_link_only_when_given() {
+fn import_bert_signs_row_bounds_the_link_and_the_body_limit() {
     let Some(src) = common::model_dir("import-bert --link-kbit") else {
         return;
     };
@@ -37,7 +38,14 @@ fn import_bert_signs_row_bounds_always_and_the_link_only_when_given() {
     let o = import(&src, &plain, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let m = manifest(&plain);
-    assert!(!m.contains("link_kbit_s"), "no --link-kbit, no field");
+    assert!(
+        m.contains("link_kbit_s = 1000"),
+        "the default link rate is signed"
+    );
+    assert!(
+        m.contains("max_bodies = 4"),
+        "the default body limit is signed"
+    );
     assert_eq!(m.matches("max_row_l1 = ").count(), 24, "every cloud layer");
     assert_eq!(m.matches("max_row_sq = ").count(), 24, "every cloud layer");
 
@@ -45,6 +53,18 @@ fn import_bert_signs_row_bounds_always_and_the_link_only_when_given() {
     let o = import(&src, &slow, &["--link-kbit", "2000"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(manifest(&slow).contains("link_kbit_s = 2000"));
+
+    let single = tmp.path().join("single");
+    let o = import(&src, &single, &["--max-bodies", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(manifest(&single).contains("max_bodies = 1"));
+
+    let nine = tmp.path().join("nine");
+    let o = import(&src, &nine, &["--max-bodies", "9"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("max_bodies"), "{err}");
+    assert!(!nine.join("manifest.sig").exists(), "nothing signed");
 
     let zero = tmp.path().join("zero");
     let o = import(&src, &zero, &["--link-kbit", "0"]);

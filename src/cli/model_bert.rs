@@ -28,15 +28,16 @@ pub struct ImportArgs {
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
     /// Link rate (kbit/s) the HE plans weigh bytes at, signed into the bundle (device and
-    /// cloud plan with it; a slower link trades key switches for fewer bytes). Omitted: not
-    /// written, plans assume 25 000 (25 Mbit/s).
-    #[arg(long)]
-    pub link_kbit: Option<u32>,
+    /// cloud plan with it; a slower link trades key switches for fewer bytes). The default
+    /// (1 000) keeps a 16-token MiniLM sentence under 4 MB; 25000 gives the fewest key
+    /// switches.
+    #[arg(long, default_value_t = 1_000)]
+    pub link_kbit: u32,
     /// Most secrets one GLWE mask may be shared by in the HE plans (1..=8), signed into the
     /// bundle: r token blocks of a request travel as r bodies with one mask, so downloads
-    /// carry one mask per r bodies (the evaluation key grows r-fold). Omitted: not written, 1.
-    #[arg(long)]
-    pub max_bodies: Option<u32>,
+    /// carry one mask per r bodies (the evaluation key grows with the r the plans choose).
+    #[arg(long, default_value_t = 4)]
+    pub max_bodies: u32,
 }
 
 /// Runs the import and prints what it wrote.
@@ -68,8 +69,8 @@ pub fn run(a: ImportArgs) -> anyhow::Result<()> {
         &a.id,
         a.batch,
         tandem_ops::import::PlanKnobs {
-            link_kbit_s: a.link_kbit,
-            max_bodies: a.max_bodies,
+            link_kbit_s: Some(a.link_kbit),
+            max_bodies: Some(a.max_bodies),
         },
         &key,
     )
