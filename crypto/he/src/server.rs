@@ -381,6 +381,13 @@ impl PreparedLayer {
                 "weights must satisfy |w| < 2^20".into(),
             ));
         }
+        if plan.bodies > crate::limits::MAX_BODIES {
+            return Err(HeError::Shape(format!(
+                "plan with {} bodies per mask (1..={})",
+                plan.bodies,
+                crate::limits::MAX_BODIES
+            )));
+        }
         let stats = weight_stats(weights, n_in, n_out, bias, plan.rows());
         let max_out = stats
             .max_row_l1

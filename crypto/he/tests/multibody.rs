@@ -422,3 +422,47 @@ fn multi_body_blobs_are_refused_when_damaged() {
         Err(HeError::Malformed { .. })
     ));
 }
+
+/// Plans with more bodies than the engine carries are refused with typed errors, from the
+/// planner's options, at prepare and at encryption (never a panic).
+#[test]
+fn too_many_bodies_are_refused() {
+    let m = multi();
+    let over = limits::MAX_BODIES + 1;
+    let (n_in, n_out) = (16, 4);
+    let w = values(n_in * n_out, 1, -128, 127);
+    let b = vec![0; n_out];
+    let e = PreparedLayer::prepare(
+        m.ctx.clone(),
+        OutputMode::NoKey,
+        n_in,
+        n_out,
+        &w,
+        &b,
+        128,
+        forced(4096, 16, over),
+    )
+    .unwrap_err();
+    assert!(matches!(e, HeError::Shape(_)), "{e}");
+    let e = PreparedLayer::plan_int8_batch_bounded(
+        DEFAULT_PARAMETERS,
+        OutputMode::Packed,
+        n_in,
+        n_out,
+        WeightBounds::entries(127, 0),
+        16,
+        LinkModel::default(),
+        over,
+    )
+    .unwrap_err();
+    assert!(matches!(e, HeError::Shape(_)), "{e}");
+    let plan = LayerPlan {
+        bodies: over,
+        ..PreparedLayer::plan_int8(DEFAULT_PARAMETERS, OutputMode::NoKey, n_in, n_out, 0).unwrap()
+    };
+    let e = PreparedLayer::prepare_with_plan(m.ctx.clone(), plan, &w, &b).unwrap_err();
+    assert!(matches!(e, HeError::Shape(_)), "{e}");
+    let xs = vec![vec![1; n_in]; 2];
+    let e = m.client.lock().unwrap().encrypt(&plan, &xs).unwrap_err();
+    assert!(matches!(e, HeError::Shape(_)), "{e}");
+}
