@@ -20,12 +20,13 @@ fn state() -> &'static State {
         let w: Vec<i64> = (0..n_in * n_out).map(|i| (i as i64 % 255) - 127).collect();
         let b = vec![5; n_out];
         let mut layers = Vec::new();
-        // v1 layout (one row per polynomial) and the batch layout (several rows).
-        for batch in [None, Some(4)] {
+        // v1 layout (one row per polynomial), the batch layout (several rows) and shared
+        // masks (chunk 2048: 2 rows per polynomial, 2 bodies per mask; blob kind 4).
+        for (chunk, batch, max_bodies) in [(16, None, 1), (16, Some(4), 1), (2048, Some(4), 2)] {
             let opts = PlanOptions {
-                chunk: Some(16),
+                chunk: Some(chunk),
                 batch,
-                max_bodies: 1,
+                max_bodies,
             };
             if let Ok(l) = PreparedLayer::prepare(
                 ctx.clone(),

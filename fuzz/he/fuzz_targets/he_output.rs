@@ -19,11 +19,13 @@ fn state() -> &'static State {
         let ctx = Arc::new(Context::new(DEFAULT_PARAMETERS));
         let mut plans = Vec::new();
         for mode in [OutputMode::NoKey, OutputMode::Packed] {
-            for batch in [None, Some(3)] {
+            // The last one shares masks (2 bodies per mask; blob kind 5).
+            for (chunk, batch, max_bodies) in [(16, None, 1), (16, Some(3), 1), (2048, Some(4), 2)]
+            {
                 let opts = PlanOptions {
-                    chunk: Some(16),
+                    chunk: Some(chunk),
                     batch,
-                    max_bodies: 1,
+                    max_bodies,
                 };
                 if let Ok(p) = PreparedLayer::plan_public(
                     DEFAULT_PARAMETERS,
