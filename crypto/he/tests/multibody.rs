@@ -466,3 +466,46 @@ fn too_many_bodies_are_refused() {
     let e = m.client.lock().unwrap().encrypt(&plan, &xs).unwrap_err();
     assert!(matches!(e, HeError::Shape(_)), "{e}");
 }
+
+/// TDM-PAR-HE-3: the joint (chunk, bodies) search never costs more than the single-secret
+/// search, keeps the single-secret plan where shared masks do not pay (25 Mbit/s), takes them
+/// where they do (1 Mbit/s: fewer bytes both ways), and depends on public inputs only.
+#[test]
+fn planner_shares_masks_only_where_the_cost_model_gains() {
+    let plan = |link: u32, max_bodies: usize| {
+        PreparedLayer::plan_int8_batch_bounded(
+            DEFAULT_PARAMETERS,
+            OutputMode::Packed,
+            384,
+            1536,
+            WeightBounds::entries(127, 0),
+            16,
+            LinkModel { kbit_per_s: link },
+            max_bodies,
+        )
+        .unwrap()
+    };
+    for link in [25_000, 1_000] {
+        let single = plan(link, 1);
+        assert_eq!(single, plan(link, 0));
+        assert_eq!(single.bodies, 1);
+        let link_model = LinkModel { kbit_per_s: link };
+        for max_bodies in [2, 4, 8] {
+            let multi = plan(link, max_bodies);
+            assert_eq!(multi, plan(link, max_bodies), "deterministic");
+            assert!(multi.bodies <= max_bodies && multi.bodies * multi.batch_rows <= 16);
+            assert!(
+                plan_cost_on(&multi, 16, link_model) <= plan_cost_on(&single, 16, link_model),
+                "{multi:?}"
+            );
+            if link == 25_000 {
+                assert_eq!(multi, single);
+            } else {
+                assert!(multi.bodies >= 2, "{multi:?}");
+                assert!(multi.download_bytes(16) < single.download_bytes(16));
+                assert!(multi.upload_bytes(16) < single.upload_bytes(16));
+                assert!(multi.eval_key_bytes() > single.eval_key_bytes());
+            }
+        }
+    }
+}
