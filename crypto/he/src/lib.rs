@@ -5,6 +5,13 @@
 //! exactly `W·x + b`. Built on tfhe-rs `core_crypto` (key generation, CSPRNGs, noise
 //! distributions, security formulas) and `tfhe-ntt` (exact transforms modulo 2^64).
 //!
+//! Batch plans may share one mask among r ≤ [`limits::MAX_BODIES`] bodies under independent
+//! secrets of the same device (Peikert–Vaikuntanathan–Waters packed Regev; `LayerPlan::bodies`,
+//! chosen by the planner up to `PlanOptions::max_bodies`): the download carries one mask per r
+//! row blocks, products and key switches share the mask's work, and the device registers a
+//! packing key with that many bodies (`Client::evaluation_key_for`). r = 1 is the
+//! single-secret format, byte for byte.
+//!
 //! ```
 //! use std::sync::Arc;
 //! use tandem_he::{Client, Context, OutputMode, PlanOptions, PreparedLayer, EvalOptions, DEFAULT_PARAMETERS};
