@@ -573,7 +573,12 @@ impl EncryptedLinears {
             return Ok(0);
         }
         let max_chunk = self.planned.iter().map(|p| p.plan.chunk).max().unwrap_or(1);
-        let bodies = self.planned.iter().map(|p| p.plan.bodies).max().unwrap_or(1);
+        let bodies = self
+            .planned
+            .iter()
+            .map(|p| p.plan.bodies)
+            .max()
+            .unwrap_or(1);
         let key = self
             .session
             .client()
