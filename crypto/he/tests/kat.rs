@@ -3,7 +3,10 @@
 //! The blobs are built here from the text of the spec (secret from a fixed seed, masks from
 //! the AES-CTR stream of TDM-HE-4, fixed-seed noise, explicit rounding), then the engine must
 //! accept them and compute with them exactly, and its outputs are decoded again by the spec's
-//! slot rule. The result is written to `specs/vectors/he/kat.json`; this test fails if the
+//! slot rule. The `multibody` section does the same for the shared-mask kinds 4, 5, 6
+//! (secrets 1.. derived from the seed as the spec says, r = 2 and 4, b₁ = 2, full and short
+//! blocks, a kind-6 key with 2 bodies that a packed r = 2 layer evaluates with).
+//! The result is written to `specs/vectors/he/kat.json`; this test fails if the
 //! committed file differs. Regenerate after an intended format change with
 //! `TANDEM_WRITE_HE_KAT=1 cargo test --release -p tandem-he --test kat`.
 #![allow(
@@ -18,8 +21,9 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use tandem_he::{
-    Client, Context, EncryptedInput, EvalOptions, EvaluationKey, LayerPlan, OutputMode,
-    PlanOptions, PreparedEvaluationKey, PreparedLayer, DEFAULT_PARAMETERS,
+    Client, Context, EncryptedInput, EncryptedOutput, EvalOptions, EvaluationKey, LayerPlan,
+    OutputMode, ParameterSet, PlanOptions, PreparedEvaluationKey, PreparedLayer,
+    DEFAULT_PARAMETERS,
 };
 use tfhe::core_crypto::commons::math::random::{RandomGenerator, Seed};
 use tfhe::core_crypto::prelude::{
@@ -31,6 +35,13 @@ const SK_SEED: u128 = 0x7A4D_4845_4B41_5400_0000_0000_0000_0001;
 const MASK_SEED: u128 = 0x0011_2233_4455_6677_8899_AABB_CCDD_EEFF;
 const KEY_MASK_SEED: u128 = 0x0F1E_2D3C_4B5A_6978_8796_A5B4_C3D2_E1F0;
 const NOISE_SEED: u128 = 42;
+/// Shared-mask (kinds 4, 5, 6) vectors: their own mask, key-mask and noise seeds, so the
+/// single-secret entries above stay byte-identical.
+const MB_MASK_SEED: u128 = 0x4D42_4D41_534B_0000_0000_0000_0000_0004;
+const MB_KEY_MASK_SEED: u128 = 0x4D42_4B45_5900_0000_0000_0000_0000_0006;
+const MB_NOISE_SEED: u128 = 43;
+/// `tandem_he::limits::MAX_BODIES`: secrets 0 .. 8 of a seed.
+const MAX_BODIES: usize = 8;
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -113,7 +124,7 @@ fn he_key_id(s: &[u64]) -> [u8; 32] {
 /// Output slot of output `j` (he-formats.md, output batch): `(ciphertext, coefficient)`.
 fn slot(plan: &LayerPlan, j: usize) -> (usize, usize) {
     let n = plan.params.poly_size;
-    let r_rows = n / plan.chunk;
+    let r_rows = n / (plan.chunk * plan.batch_rows.max(1));
     let blocks = plan.n_out.div_ceil(r_rows);
     let (beta, r) = (j / r_rows, j % r_rows);
     match plan.mode {
@@ -407,7 +418,9 @@ fn he_known_answer_vectors() {
             if ci + 1 < cases.len() { "," } else { "" }
         );
     }
-    json.push_str("  ]\n}\n");
+    json.push_str("  ],\n");
+    multibody_section(&ctx, &client, &mut json);
+    json.push_str("}\n");
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../specs/vectors/he/kat.json");
     if std::env::var_os("TANDEM_WRITE_HE_KAT").is_some() {
@@ -421,4 +434,439 @@ fn he_known_answer_vectors() {
          is intended, regenerate with TANDEM_WRITE_HE_KAT=1 cargo test --release -p tandem-he --test kat \
          and update specs/he-formats.md"
     );
+}
+
+/// Secrets 0 .. `count` of `SK_SEED` as the device derives them: one tfhe secret generator,
+/// secret 0 first, then secret 1, … from the same stream.
+fn secrets(n: usize, count: usize) -> Vec<Vec<u64>> {
+    let mut gen = SecretRandomGenerator::<DefaultRandomGenerator>::new(Seed(SK_SEED));
+    (0..count)
+        .map(|_| {
+            allocate_and_generate_new_binary_glwe_secret_key::<u64, _>(
+                GlweDimension(1),
+                PolynomialSize(n),
+                &mut gen,
+            )
+            .as_ref()
+            .to_vec()
+        })
+        .collect()
+}
+
+/// The derivation as he-formats.md states it: coefficient k of secret i is bit 0 of byte
+/// i·N + k of the TDM-HE-4 AES-CTR stream keyed by the seed.
+fn spec_secrets(n: usize, count: usize) -> Vec<Vec<u64>> {
+    let mut gen = RandomGenerator::<DefaultRandomGenerator>::new(Seed(SK_SEED));
+    let mut bytes = vec![0u8; n * count];
+    gen.fill_slice_with_random_uniform(&mut bytes);
+    bytes
+        .chunks(n)
+        .map(|c| c.iter().map(|&b| u64::from(b & 1)).collect())
+        .collect()
+}
+
+fn bits_hex(s: &[u64]) -> String {
+    let mut out = vec![0u8; s.len() / 8];
+    for (i, &c) in s.iter().enumerate() {
+        out[i / 8] |= (c as u8) << (i % 8);
+    }
+    hex(&out)
+}
+
+/// `τ_g(s)(X) = s(X^g) mod X^N + 1`.
+fn automorphism(s: &[u64], g: usize) -> Vec<u64> {
+    let n = s.len();
+    let mut tau = vec![0u64; n];
+    for (i, &c) in s.iter().enumerate() {
+        let e = (i * g) % (2 * n);
+        if e < n {
+            tau[e] = tau[e].wrapping_add(c);
+        } else {
+            tau[e - n] = tau[e - n].wrapping_sub(c);
+        }
+    }
+    tau
+}
+
+/// LSB-first bit-stream writer appending to a byte vector (he-formats.md, notation).
+struct BitW {
+    out: Vec<u8>,
+    bit: usize,
+}
+
+impl BitW {
+    fn put(&mut self, v: u64, b: u32) {
+        for k in 0..b as usize {
+            if self.bit.is_multiple_of(8) {
+                self.out.push(0);
+            }
+            if (v >> k) & 1 == 1 {
+                *self.out.last_mut().unwrap() |= 1 << (self.bit % 8);
+            }
+            self.bit += 1;
+        }
+    }
+}
+
+fn noise_poly(noise: &mut RandomGenerator<DefaultRandomGenerator>, n: usize) -> Vec<u64> {
+    let mut e = vec![0u64; n];
+    noise.fill_slice_with_random_from_distribution(&mut e, TUniform::<u64>::new(4));
+    e
+}
+
+/// A kind-6 evaluation key with one automorphism (A = 1) and r = `ss.len()` bodies, from the
+/// text of he-formats.md (§ Shared masks, TDM-HE-8).
+fn spec_multi_key(
+    params: &ParameterSet,
+    key_id: &[u8; 32],
+    ss: &[Vec<u64>],
+    noise: &mut RandomGenerator<DefaultRandomGenerator>,
+) -> Vec<u8> {
+    let n = params.poly_size;
+    let (base_log, levels) = (params.ks_base_log, params.ks_levels as usize);
+    let g = 2 * n / 2 + 1;
+    let mut b = Vec::new();
+    b.extend_from_slice(b"TDHE");
+    b.extend_from_slice(&[1, 6]);
+    b.extend_from_slice(&params.id.to_le_bytes());
+    b.extend_from_slice(key_id);
+    b.push(ss.len() as u8);
+    b.extend_from_slice(&MB_KEY_MASK_SEED.to_le_bytes());
+    b.extend_from_slice(&[base_log as u8, levels as u8, 1]);
+    b.extend_from_slice(&(g as u16).to_le_bytes());
+    let mut kmasks = RandomGenerator::<DefaultRandomGenerator>::new(Seed(MB_KEY_MASK_SEED));
+    let taus: Vec<Vec<u64>> = ss.iter().map(|s| automorphism(s, g)).collect();
+    for j in 0..levels {
+        let mut a = vec![0u64; n];
+        kmasks.fill_slice_with_random_uniform(&mut a);
+        let gadget = 1u64 << (64 - (j as u32 + 1) * base_log);
+        for (s, tau) in ss.iter().zip(&taus) {
+            let e = noise_poly(noise, n);
+            let a_s = mul_binary(&a, s);
+            for i in 0..n {
+                let body = a_s[i]
+                    .wrapping_add(e[i])
+                    .wrapping_add(tau[i].wrapping_mul(gadget));
+                b.extend_from_slice(&body.to_le_bytes());
+            }
+        }
+    }
+    assert_eq!(b.len(), 60 + 2 + 8 * levels * n * ss.len());
+    b
+}
+
+/// A kind-4 input blob from the text of he-formats.md (§ Shared masks): blocks of r·b₁ rows,
+/// one mask per (block, chunk) in stream order β·C + c, body i under secret i carrying rows
+/// i·b₁ …, bodies in order (β, i, c), a short block with only the bodies its rows need.
+fn spec_multi_input(
+    plan: &LayerPlan,
+    key_id: &[u8; 32],
+    ss: &[Vec<u64>],
+    xs: &[Vec<i64>],
+    noise: &mut RandomGenerator<DefaultRandomGenerator>,
+) -> Vec<u8> {
+    let n = plan.params.poly_size;
+    let (b1, r) = (plan.batch_rows, plan.bodies);
+    let rr = n / (plan.chunk * b1);
+    let chunks = plan.n_in.div_ceil(plan.chunk);
+    let mut out = Vec::new();
+    out.extend_from_slice(b"TDHE");
+    out.extend_from_slice(&[1, 4]);
+    out.extend_from_slice(&plan.params.id.to_le_bytes());
+    out.extend_from_slice(key_id);
+    out.push(r as u8);
+    out.extend_from_slice(&MB_MASK_SEED.to_le_bytes());
+    out.extend_from_slice(&(xs.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(chunks as u16).to_le_bytes());
+    out.push(plan.upload_bits as u8);
+    let mut w = BitW {
+        bit: out.len() * 8,
+        out,
+    };
+    let mut masks = RandomGenerator::<DefaultRandomGenerator>::new(Seed(MB_MASK_SEED));
+    for block in xs.chunks(r * b1) {
+        let parts: Vec<&[Vec<i64>]> = block.chunks(b1).collect();
+        let mut bodies = vec![Vec::new(); parts.len() * chunks];
+        for c in 0..chunks {
+            let mut a = vec![0u64; n];
+            masks.fill_slice_with_random_uniform(&mut a);
+            for (i, rows) in parts.iter().enumerate() {
+                let mut m = vec![0u64; n];
+                for (k, x) in rows.iter().enumerate() {
+                    for (t, &v) in x.iter().skip(c * plan.chunk).take(plan.chunk).enumerate() {
+                        m[k * plan.chunk * rr + t] = (v as u64).wrapping_shl(plan.delta_in_log2);
+                    }
+                }
+                let e = noise_poly(noise, n);
+                let a_s = mul_binary(&a, &ss[i]);
+                bodies[i * chunks + c] = (0..n)
+                    .map(|t| {
+                        round_bits(
+                            a_s[t].wrapping_add(m[t]).wrapping_add(e[t]),
+                            plan.upload_bits,
+                        )
+                    })
+                    .collect::<Vec<u64>>();
+            }
+        }
+        for body in &bodies {
+            for &v in body {
+                w.put(v, plan.upload_bits);
+            }
+        }
+    }
+    let len = 62 + (xs.len().div_ceil(b1) * chunks * n * plan.upload_bits as usize).div_ceil(8);
+    assert_eq!(w.out.len(), len, "input length of he-formats.md");
+    w.out
+}
+
+/// Decodes a kind-5 output blob by the text of he-formats.md and decrypts row ρ of each block
+/// with secret ⌊ρ/b₁⌋.
+fn spec_decrypt_output_multi(blob: &[u8], plan: &LayerPlan, ss: &[Vec<u64>]) -> Vec<Vec<i64>> {
+    let n = plan.params.poly_size;
+    assert_eq!(&blob[..4], b"TDHE");
+    assert_eq!((blob[4], blob[5]), (1, 5));
+    let (b1, r) = (plan.batch_rows, plan.bodies);
+    assert_eq!(usize::from(blob[40]), r);
+    assert_eq!(blob[41], u8::from(plan.mode == OutputMode::Packed));
+    let batch = u16::from_le_bytes([blob[42], blob[43]]) as usize;
+    let k = u16::from_le_bytes([blob[44], blob[45]]) as usize;
+    let (b, bb) = (u32::from(blob[46]), u32::from(blob[47]));
+    let n_out = u32::from_le_bytes(blob[48..52].try_into().unwrap()) as usize;
+    assert_eq!(n_out, plan.n_out);
+    let rr = n / (plan.chunk * b1);
+    let per = match plan.mode {
+        OutputMode::NoKey => rr,
+        OutputMode::Packed => rr * plan.n_out.div_ceil(rr).min(plan.chunk),
+    };
+    let mut bits = Bits {
+        bytes: &blob[52..],
+        bit: 0,
+    };
+    let d = plan.delta_out_log2;
+    let mut out = Vec::new();
+    for beta in 0..batch.div_ceil(r * b1) {
+        let rows = (r * b1).min(batch - beta * r * b1);
+        let mut ys = vec![vec![0i64; n_out]; rows];
+        for ct in 0..k {
+            let a: Vec<u64> = (0..n).map(|_| lift(bits.get(b), b)).collect();
+            let a_s: Vec<Vec<u64>> = ss[..rows.div_ceil(b1)]
+                .iter()
+                .map(|s| mul_binary(&a, s))
+                .collect();
+            for (rho, y) in ys.iter_mut().enumerate() {
+                for j in ct * per..((ct + 1) * per).min(n_out) {
+                    let (c, pos) = slot(plan, j);
+                    assert_eq!(c, ct);
+                    let pos = pos + (rho % b1) * plan.chunk * rr;
+                    let phase = lift(bits.get(bb), bb).wrapping_sub(a_s[rho / b1][pos]);
+                    y[j] = (phase.wrapping_add(1u64 << (d - 1)) as i64) >> d;
+                }
+            }
+        }
+        out.extend(ys);
+    }
+    assert_eq!(bits.bit.div_ceil(8), blob.len() - 52, "exact length");
+    let want = 52
+        + (batch.div_ceil(r * b1) * k * n * b as usize + batch * n_out * bb as usize).div_ceil(8);
+    assert_eq!(blob.len(), want, "output length of he-formats.md");
+    out
+}
+
+struct MbCase {
+    id: &'static str,
+    mode: OutputMode,
+    n_in: usize,
+    n_out: usize,
+    opts: PlanOptions,
+    /// `(b₁, r)` set on the planner's plan (the planner fills a polynomial with rows before
+    /// it shares masks, so a small-key packed plan with r = 2 is built by hand).
+    force: Option<(usize, usize)>,
+    want: (usize, usize),
+    x: Vec<Vec<i64>>,
+}
+
+/// The `multibody` section of kat.json: secrets 1.. of the seed, a kind-6 key (A = 1, r = 2)
+/// and kind-4/5 layer vectors with r = 2 and 4, full and short blocks, b₁ = 2.
+fn multibody_section(ctx: &Arc<Context>, client: &Client, json: &mut String) {
+    let params = ctx.params();
+    let n = params.poly_size;
+    let ss = secrets(n, MAX_BODIES);
+    assert_eq!(
+        ss,
+        spec_secrets(n, MAX_BODIES),
+        "he-formats.md secret derivation"
+    );
+    assert_eq!(he_key_id(&ss[0]), client.key_id());
+    let key_id = client.key_id();
+    let mut noise = RandomGenerator::<DefaultRandomGenerator>::new(Seed(MB_NOISE_SEED));
+    let kblob = spec_multi_key(&params, &key_id, &ss[..2], &mut noise);
+    let ek = EvaluationKey::from_bytes(&kblob, kblob.len(), &params).expect("engine decodes key");
+    assert_eq!(ek.bodies(), 2);
+    assert_eq!(ek.to_bytes(), kblob, "engine re-encodes the kind-6 key");
+    let pek = PreparedEvaluationKey::prepare(&ek, ctx).expect("engine prepares key");
+    let rows = |count: usize, seed: i64| -> Vec<Vec<i64>> {
+        (0..count as i64)
+            .map(|k| {
+                (0..6)
+                    .map(|i| ((k * 53 + i * 29 + seed) % 255) - 127)
+                    .collect()
+            })
+            .collect()
+    };
+    let cases = [
+        MbCase {
+            id: "he/multibody_nokey_6x2_r2_b2_batch5",
+            mode: OutputMode::NoKey,
+            n_in: 6,
+            n_out: 2,
+            opts: PlanOptions {
+                chunk: Some(2048),
+                batch: Some(5),
+                max_bodies: 2,
+            },
+            force: None,
+            want: (2, 2),
+            x: rows(5, 11),
+        },
+        MbCase {
+            id: "he/multibody_packed_2x3_r2_b2_batch5",
+            mode: OutputMode::Packed,
+            n_in: 2,
+            n_out: 3,
+            opts: PlanOptions {
+                chunk: Some(2),
+                ..PlanOptions::default()
+            },
+            force: Some((2, 2)),
+            want: (2, 2),
+            x: rows(5, 77),
+        },
+        MbCase {
+            id: "he/multibody_nokey_3x1_r4_b2_batch5",
+            mode: OutputMode::NoKey,
+            n_in: 3,
+            n_out: 1,
+            opts: PlanOptions {
+                chunk: Some(2048),
+                batch: Some(8),
+                max_bodies: 4,
+            },
+            force: None,
+            want: (2, 4),
+            x: rows(5, 5),
+        },
+    ];
+    let more: Vec<String> = ss[1..]
+        .iter()
+        .map(|s| format!("\"{}\"", bits_hex(s)))
+        .collect();
+    json.push_str("  \"multibody\": {\n");
+    let _ = writeln!(json, "    \"secret_key_bits\": [{}],", more.join(", "));
+    let _ = writeln!(
+        json,
+        "    \"evaluation_key\": {{\"id\": \"he/multibody_eval_key_a1_r2\", \"bodies\": 2, \"blob_sha256\": \"{}\", \"blob\": \"{}\"}},",
+        hex(&Sha256::digest(&kblob)),
+        hex(&kblob)
+    );
+    json.push_str("    \"vectors\": [\n");
+    for (ci, case) in cases.iter().enumerate() {
+        let x: Vec<Vec<i64>> = case.x.iter().map(|r| r[..case.n_in].to_vec()).collect();
+        let weights: Vec<i64> = (0..case.n_in * case.n_out)
+            .map(|i| (i as i64 * 37 % 255) - 127)
+            .collect();
+        let bias: Vec<i64> = (0..case.n_out as i64).map(|r| 1000 * r - 500).collect();
+        let planned = PreparedLayer::prepare(
+            ctx.clone(),
+            case.mode,
+            case.n_in,
+            case.n_out,
+            &weights,
+            &bias,
+            128,
+            case.opts,
+        )
+        .expect("layer");
+        let layer = match case.force {
+            None => planned,
+            Some((b1, r)) => {
+                let plan = LayerPlan {
+                    batch_rows: b1,
+                    bodies: r,
+                    ..*planned.plan()
+                };
+                PreparedLayer::prepare_with_plan(ctx.clone(), plan, &weights, &bias)
+                    .expect("layer with a set plan")
+            }
+        };
+        let plan = *layer.plan();
+        assert_eq!((plan.batch_rows, plan.bodies), case.want, "{}", case.id);
+        let r = plan.bodies;
+        let in_blob = spec_multi_input(&plan, &key_id, &ss[..r], &x, &mut noise);
+        let input = EncryptedInput::from_bytes(&in_blob, in_blob.len(), &plan).expect("decode");
+        assert_eq!(
+            input.to_bytes(),
+            in_blob,
+            "engine re-encodes the kind-4 blob"
+        );
+        let key = (case.mode == OutputMode::Packed).then_some(&pek);
+        let out = layer
+            .eval(&input, key, EvalOptions::default())
+            .expect("eval");
+        let out_blob = out.to_bytes();
+        assert_eq!(out_blob[5], 5, "{}: kind 5", case.id);
+        let want: Vec<Vec<i64>> = x
+            .iter()
+            .map(|x| {
+                (0..case.n_out)
+                    .map(|o| {
+                        (0..case.n_in)
+                            .map(|i| weights[o * case.n_in + i] * x[i])
+                            .sum::<i64>()
+                            + bias[o]
+                    })
+                    .collect()
+            })
+            .collect();
+        let decoded =
+            EncryptedOutput::from_bytes(&out_blob, out_blob.len(), &plan, &key_id).expect("out");
+        assert_eq!(
+            client.decrypt(&plan, &decoded).expect("decrypt"),
+            want,
+            "{}",
+            case.id
+        );
+        assert_eq!(
+            spec_decrypt_output_multi(&out_blob, &plan, &ss[..r]),
+            want,
+            "{}",
+            case.id
+        );
+        let weights_s: Vec<String> = weights.iter().map(i64::to_string).collect();
+        let bias_s: Vec<String> = bias.iter().map(i64::to_string).collect();
+        let _ = write!(
+            json,
+            "      {{\"id\": \"{}\", \"plan\": {{\"mode\": \"{}\", \"n_in\": {}, \"n_out\": {}, \"chunk\": {}, \"batch_rows\": {}, \"bodies\": {}, \"delta_in_log2\": {}, \"delta_out_log2\": {}, \"upload_bits\": {}, \"download_bits\": {}, \"body_bits\": {}}},\n       \"weights\": [{}], \"bias\": [{}], \"x\": {}, \"y\": {},\n       \"input_blob\": \"{}\",\n       \"output_blob\": \"{}\"}}{}\n",
+            case.id,
+            case.mode.name(),
+            plan.n_in,
+            plan.n_out,
+            plan.chunk,
+            plan.batch_rows,
+            plan.bodies,
+            plan.delta_in_log2,
+            plan.delta_out_log2,
+            plan.upload_bits,
+            plan.download_bits,
+            plan.body_bits,
+            weights_s.join(", "),
+            bias_s.join(", "),
+            i64_rows(&x),
+            i64_rows(&want),
+            hex(&in_blob),
+            hex(&out_blob),
+            if ci + 1 < cases.len() { "," } else { "" }
+        );
+    }
+    json.push_str("    ]\n  }\n");
 }

@@ -1,7 +1,8 @@
 //! Independent check of `vectors/he/kat.json` from the text of `specs/he-formats.md` alone:
 //! key id (TDM-HE-2), mask stream (TDM-HE-4, AES-128-CTR), input and output blob layouts
-//! (TDM-HE-5..7) decrypted with the vector's secret, evaluation key (TDM-HE-8). No
-//! `tandem-he` code is used.
+//! (TDM-HE-5..7) decrypted with the vector's secret, evaluation key (TDM-HE-8), and the
+//! shared-mask kinds 4, 5, 6: secrets 1.. derived from the seed, each body decrypted with its
+//! own secret. No `tandem-he` code is used.
 // Coefficient loops index polynomials of length N by position on purpose (like the spec text).
 #![allow(clippy::needless_range_loop)]
 
@@ -152,10 +153,51 @@ fn le16(b: &[u8], at: usize) -> Result<usize, String> {
         .ok_or("short blob".into())
 }
 
-/// Decrypts one layer vector's input and output blobs; returns `(x, y)`.
-fn layer(v: &Value, s: &[u64], key_id: &[u8], n: usize) -> Result<(), String> {
+/// Secrets 0 .. `count` of a device seed (he-formats.md, TDM-HE-2 and § Shared masks):
+/// coefficient k of secret i is bit 0 of byte i·N + k of the TDM-HE-4 stream keyed by the seed.
+fn derive_secrets(seed: &[u8; 16], n: usize, count: usize) -> Vec<Vec<u64>> {
+    let mut m = MaskStream::new(seed);
+    (0..count)
+        .map(|_| (0..n).map(|_| u64::from(m.byte() & 1)).collect())
+        .collect()
+}
+
+fn bits_of(b: &[u8], n: usize) -> Vec<u64> {
+    (0..n)
+        .map(|i| b.get(i / 8).map_or(0, |b| u64::from((b >> (i % 8)) & 1)))
+        .collect()
+}
+
+/// The body count r of a blob of single-secret kind `kind` (r = 1, fields from offset 40) or
+/// shared-mask kind `kind + 3` (r in 2..=8 at offset 40, fields from 41). Returns `(r, offset)`.
+fn open(b: &[u8], kind: u8, multi: bool, key_id: &[u8]) -> Result<(usize, usize), String> {
+    if !multi {
+        header(b, kind, key_id)?;
+        return Ok((1, 40));
+    }
+    header(b, kind + 3, key_id)?;
+    let r = usize::from(*b.get(40).ok_or("short blob")?);
+    if !(2..=8).contains(&r) {
+        return Err(format!("body count {r} outside 2..=8"));
+    }
+    Ok((r, 41))
+}
+
+/// Decrypts one layer vector's input and output blobs (kinds 1/2, or 4/5 for a plan with
+/// `bodies` ≥ 2) and compares them with its `x` and `y`. `ss` holds the device's secrets
+/// (at least the plan's r).
+fn layer(v: &Value, ss: &[Vec<u64>], key_id: &[u8], n: usize) -> Result<(), String> {
     let p = &v["plan"];
     let (n_in, n_out, chunk) = (get_u(p, "n_in")?, get_u(p, "n_out")?, get_u(p, "chunk")?);
+    // Vectors written before shared masks carry neither field: b₁ = 1, r = 1.
+    let b1 = p
+        .get("batch_rows")
+        .map_or(Ok(1), |_| get_u(p, "batch_rows"))?;
+    let r_plan = p.get("bodies").map_or(Ok(1), |_| get_u(p, "bodies"))?;
+    if !chunk.is_power_of_two() || chunk > n || b1 == 0 || b1 * chunk > n || r_plan == 0 {
+        return Err("plan out of range".into());
+    }
+    let multi = r_plan > 1;
     let (d_in, d_out) = (
         get_u(p, "delta_in_log2")? as u32,
         get_u(p, "delta_out_log2")? as u32,
@@ -165,68 +207,119 @@ fn layer(v: &Value, s: &[u64], key_id: &[u8], n: usize) -> Result<(), String> {
         get_u(p, "download_bits")? as u32,
         get_u(p, "body_bits")? as u32,
     );
+    if d_in == 0 || d_out == 0 || d_in > 63 || d_out > 63 {
+        return Err("scaling factors out of range".into());
+    }
     let packed = p["mode"] == "packed";
-    // Input batch (kind 1): decrypt every chunk and read the inputs back.
+    // Weight rows per block R = ⌊N/(chunk·b₁)⌋; row k of a body at X^(k·chunk·R).
+    let rr = n / (chunk * b1);
+    let row_off = chunk * rr;
+    // Input batch (kind 1 / 4): decrypt every body and read the inputs back.
     let ib = blob(v, "input_blob")?;
-    header(&ib, 1, key_id)?;
-    if ib.len() < 61 {
+    let (r, at) = open(&ib, 1, multi, key_id)?;
+    if r != r_plan || ss.len() < r {
+        return Err(format!(
+            "input blob has {r} bodies per mask, the plan {r_plan}"
+        ));
+    }
+    if ib.len() < at + 21 {
         return Err("input blob shorter than its fixed part".into());
     }
     let seed: [u8; 16] = ib
-        .get(40..56)
+        .get(at..at + 16)
         .and_then(|s| s.try_into().ok())
         .ok_or("seed")?;
-    let (batch, chunks, bits) = (le16(&ib, 56)?, le16(&ib, 58)?, u32::from(ib[60]));
-    if chunks != n_in.div_ceil(chunk) || bits != ub {
+    let (batch, chunks, bits) = (
+        le16(&ib, at + 16)?,
+        le16(&ib, at + 18)?,
+        u32::from(ib[at + 20]),
+    );
+    if chunks != n_in.div_ceil(chunk) || bits != ub || !(1..=64).contains(&batch) {
         return Err("input layout differs from the plan".into());
+    }
+    // TDM-HE-6 (+ one byte for kind 4).
+    let want_len = at + 21 + (batch.div_ceil(b1) * chunks * n * bits as usize).div_ceil(8);
+    if ib.len() != want_len {
+        return Err(format!("input blob length {} != {want_len}", ib.len()));
     }
     let mut masks = MaskStream::new(&seed);
     let mut br = Bits {
-        bytes: &ib[61..],
+        bytes: &ib[at + 21..],
         bit: 0,
     };
-    let mut xs = Vec::new();
-    for _ in 0..batch {
-        let mut x = vec![0i64; n_in];
-        for c in 0..chunks {
-            let a = masks.poly(n);
-            let a_s = mul_binary(&a, s);
-            for i in 0..n {
-                let phase = lift(br.get(bits)?, bits).wrapping_sub(a_s[i]);
-                let m = (phase.wrapping_add(1u64 << (d_in - 1)) as i64) >> d_in;
-                match x.get_mut(c * chunk + i).filter(|_| i < chunk) {
-                    Some(xi) => *xi = m,
-                    None if m != 0 => return Err(format!("coefficient {i} of chunk {c} is not 0")),
-                    None => {}
+    let block_rows = r * b1;
+    let mut xs = vec![vec![0i64; n_in]; batch];
+    for beta in 0..batch.div_ceil(block_rows) {
+        let present = block_rows.min(batch - beta * block_rows);
+        // One mask per (block, chunk), stream order β·C + c.
+        let a: Vec<Vec<u64>> = (0..chunks).map(|_| masks.poly(n)).collect();
+        // Bodies in order (β, i, c); a short block has ⌈B_β/b₁⌉ of them.
+        for i in 0..present.div_ceil(b1) {
+            for (c, a_c) in a.iter().enumerate() {
+                let a_s = mul_binary(a_c, &ss[i]);
+                for t in 0..n {
+                    let phase = lift(br.get(bits)?, bits).wrapping_sub(a_s[t]);
+                    let m = (phase.wrapping_add(1u64 << (d_in - 1)) as i64) >> d_in;
+                    let (k, off) = (t / row_off, t % row_off);
+                    let row = beta * block_rows + i * b1 + k;
+                    let slot = (k < b1 && off < chunk && row < batch)
+                        .then(|| xs.get_mut(row).and_then(|x| x.get_mut(c * chunk + off)))
+                        .flatten();
+                    match slot {
+                        Some(xi) => *xi = m,
+                        None if m != 0 => {
+                            return Err(format!(
+                                "block {beta} body {i} chunk {c}: coefficient {t} is not 0"
+                            ))
+                        }
+                        None => {}
+                    }
                 }
             }
         }
-        xs.push(x);
     }
     br.finish()?;
     if xs != rows_of(&v["x"]) {
         return Err(format!("inputs decrypt to {xs:?}"));
     }
-    // Output batch (kind 2).
+    // Output batch (kind 2 / 5).
     let ob = blob(v, "output_blob")?;
-    header(&ob, 2, key_id)?;
-    if ob.len() < 51 {
+    let (r, at) = open(&ob, 2, multi, key_id)?;
+    if r != r_plan {
+        return Err(format!(
+            "output blob has {r} bodies per mask, the plan {r_plan}"
+        ));
+    }
+    if ob.len() < at + 11 {
         return Err("output blob shorter than its fixed part".into());
     }
-    let (batch, k, bits) = (le16(&ob, 41)?, le16(&ob, 43)?, u32::from(ob[45]));
-    let body_bits = u32::from(ob[46]);
+    let (batch, k, bits) = (
+        le16(&ob, at + 1)?,
+        le16(&ob, at + 3)?,
+        u32::from(ob[at + 5]),
+    );
+    let body_bits = u32::from(ob[at + 6]);
     let no = ob
-        .get(47..51)
+        .get(at + 7..at + 11)
         .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]) as usize);
-    if no != Some(n_out) || bits != db || body_bits != bb || ob[40] != u8::from(packed) {
+    if no != Some(n_out) || bits != db || body_bits != bb || ob[at] != u8::from(packed) {
         return Err("output header differs from the plan".into());
     }
-    let rows = n / chunk;
-    let blocks = n_out.div_ceil(rows);
+    let blocks = n_out.div_ceil(rr);
     let g = blocks.min(chunk);
-    let per = if packed { rows * g } else { rows };
+    let per = if packed { rr * g } else { rr };
+    let want_k = if packed { blocks.div_ceil(g) } else { blocks };
+    if k != want_k || !(1..=64).contains(&batch) {
+        return Err(format!("output blob has K = {k}, the plan {want_k}"));
+    }
+    // TDM-HE-7 with ⌈B/(r·b₁)⌉ blocks (+ one byte for kind 5).
+    let payload = batch.div_ceil(block_rows) * k * n * bits as usize + batch * n_out * bb as usize;
+    let want_len = at + 11 + payload.div_ceil(8);
+    if ob.len() != want_len {
+        return Err(format!("output blob length {} != {want_len}", ob.len()));
+    }
     let slot = |j: usize| {
-        let (beta, r) = (j / rows, j % rows);
+        let (beta, r) = (j / rr, j % rr);
         if packed {
             r * chunk + (beta % g) * (chunk / g.next_power_of_two())
         } else {
@@ -234,28 +327,37 @@ fn layer(v: &Value, s: &[u64], key_id: &[u8], n: usize) -> Result<(), String> {
         }
     };
     let mut br = Bits {
-        bytes: &ob[51..],
+        bytes: &ob[at + 11..],
         bit: 0,
     };
     let mut ys = Vec::new();
-    for _ in 0..batch {
-        let mut y = vec![0i64; n_out];
+    for beta in 0..batch.div_ceil(block_rows) {
+        let present = block_rows.min(batch - beta * block_rows);
+        let mut y = vec![vec![0i64; n_out]; present];
         for ct in 0..k {
             let a: Vec<u64> = (0..n)
                 .map(|_| br.get(bits).map(|v| lift(v, bits)))
                 .collect::<Result<_, _>>()?;
-            let a_s = mul_binary(&a, s);
-            for (j, yj) in y
-                .iter_mut()
-                .enumerate()
-                .take(((ct + 1) * per).min(n_out))
-                .skip(ct * per)
-            {
-                let phase = lift(br.get(body_bits)?, body_bits).wrapping_sub(a_s[slot(j)]);
-                *yj = (phase.wrapping_add(1u64 << (d_out - 1)) as i64) >> d_out;
+            let a_s: Vec<Vec<u64>> = ss[..present.div_ceil(b1)]
+                .iter()
+                .map(|s| mul_binary(&a, s))
+                .collect();
+            // Row ρ of the block: body ⌊ρ/b₁⌋, slot_j + (ρ mod b₁)·chunk·R.
+            for (rho, yr) in y.iter_mut().enumerate() {
+                for (j, yj) in yr
+                    .iter_mut()
+                    .enumerate()
+                    .take(((ct + 1) * per).min(n_out))
+                    .skip(ct * per)
+                {
+                    let pos = slot(j) + (rho % b1) * row_off;
+                    let a_s_j = a_s[rho / b1].get(pos).ok_or("slot outside N")?;
+                    let phase = lift(br.get(body_bits)?, body_bits).wrapping_sub(*a_s_j);
+                    *yj = (phase.wrapping_add(1u64 << (d_out - 1)) as i64) >> d_out;
+                }
             }
         }
-        ys.push(y);
+        ys.extend(y);
     }
     br.finish()?;
     if ys != rows_of(&v["y"]) {
@@ -264,60 +366,87 @@ fn layer(v: &Value, s: &[u64], key_id: &[u8], n: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// An evaluation key (kind 3, or kind 6 with `multi`): header, counts, length, and every
+/// body minus `a·s_i` minus `τ_g(s_i)·2^(64−(j+1)·base_log)` within the noise bound.
 fn eval_key(
     v: &Value,
-    s: &[u64],
+    ss: &[Vec<u64>],
     key_id: &[u8],
     n: usize,
     base_log: u32,
     levels: usize,
+    multi: bool,
 ) -> Result<(), String> {
     let b = blob(v, "blob")?;
-    header(&b, 3, key_id)?;
+    let (r, at) = open(&b, 3, multi, key_id)?;
+    if multi && v["bodies"].as_u64() != Some(r as u64) {
+        return Err(format!(
+            "key blob has {r} bodies, the vector says {}",
+            v["bodies"]
+        ));
+    }
+    if ss.len() < r {
+        return Err("more bodies than secrets".into());
+    }
     let seed: [u8; 16] = b
-        .get(40..56)
+        .get(at..at + 16)
         .and_then(|s| s.try_into().ok())
         .ok_or("seed")?;
-    let a_count = usize::from(*b.get(58).ok_or("short")?);
-    if usize::from(b[56]) != base_log as usize || usize::from(b[57]) != levels {
+    let a_count = usize::from(*b.get(at + 18).ok_or("short")?);
+    if usize::from(b[at + 16]) != base_log as usize || usize::from(b[at + 17]) != levels {
         return Err("gadget differs".into());
     }
-    if b.len() != 59 + 2 * a_count + 8 * a_count * levels * n {
-        return Err("evaluation key length".into());
+    if !(1..=12).contains(&a_count) {
+        return Err(format!("automorphism count {a_count}"));
+    }
+    // TDM-HE-8 (+ one byte for kind 6).
+    let want_len = at + 19 + 2 * a_count + 8 * a_count * levels * n * r;
+    if b.len() != want_len {
+        return Err(format!("evaluation key length {} != {want_len}", b.len()));
     }
     let mut masks = MaskStream::new(&seed);
-    let mut at = 59 + 2 * a_count;
+    let mut pos = at + 19 + 2 * a_count;
     for l in 1..=a_count {
-        let g = le16(&b, 59 + 2 * (l - 1))?;
+        let g = le16(&b, at + 19 + 2 * (l - 1))?;
         if g != 2 * n / (1 << l) + 1 {
             return Err(format!("automorphism {l} is {g}"));
         }
-        let mut tau = vec![0u64; n];
-        for (i, &c) in s.iter().enumerate() {
-            let e = (i * g) % (2 * n);
-            if e < n {
-                tau[e] = tau[e].wrapping_add(c);
-            } else {
-                tau[e - n] = tau[e - n].wrapping_sub(c);
-            }
-        }
+        let taus: Vec<Vec<u64>> = ss[..r]
+            .iter()
+            .map(|s| {
+                let mut tau = vec![0u64; n];
+                for (i, &c) in s.iter().enumerate() {
+                    let e = (i * g) % (2 * n);
+                    if e < n {
+                        tau[e] = tau[e].wrapping_add(c);
+                    } else {
+                        tau[e - n] = tau[e - n].wrapping_sub(c);
+                    }
+                }
+                tau
+            })
+            .collect();
         for j in 0..levels {
+            // One mask per level, shared by the r bodies (s_0 first).
             let a = masks.poly(n);
-            let a_s = mul_binary(&a, s);
             let gadget = 1u64 << (64 - (j as u32 + 1) * base_log);
-            for i in 0..n {
-                let body = b
-                    .get(at..at + 8)
-                    .map(|x| u64::from_le_bytes(x.try_into().unwrap_or([0; 8])))
-                    .ok_or("short")?;
-                at += 8;
-                let e = body
-                    .wrapping_sub(a_s[i])
-                    .wrapping_sub(tau[i].wrapping_mul(gadget)) as i64;
-                if e.unsigned_abs() > 16 {
-                    return Err(format!(
-                        "key {l} level {j} coefficient {i}: noise {e} outside TUniform(2^4)"
-                    ));
+            for (si, (s, tau)) in ss.iter().zip(&taus).enumerate() {
+                let a_s = mul_binary(&a, s);
+                for i in 0..n {
+                    let body = b
+                        .get(pos..pos + 8)
+                        .map(|x| u64::from_le_bytes(x.try_into().unwrap_or([0; 8])))
+                        .ok_or("short")?;
+                    pos += 8;
+                    let e = body
+                        .wrapping_sub(a_s[i])
+                        .wrapping_sub(tau[i].wrapping_mul(gadget))
+                        as i64;
+                    if e.unsigned_abs() > 16 {
+                        return Err(format!(
+                            "key {l} level {j} body {si} coefficient {i}: noise {e} outside TUniform(2^4)"
+                        ));
+                    }
                 }
             }
         }
@@ -337,9 +466,7 @@ pub fn check(doc: &Value) -> Vec<(String, Result<(), String>)> {
         return vec![("he/params".into(), Err("bad params".into()))];
     };
     let bits = blob(doc, "secret_key_bits").unwrap_or_default();
-    let s: Vec<u64> = (0..n)
-        .map(|i| bits.get(i / 8).map_or(0, |b| u64::from((b >> (i % 8)) & 1)))
-        .collect();
+    let s = bits_of(&bits, n);
     let key_id = blob(doc, "he_key_id").unwrap_or_default();
     // TDM-HE-2.
     let mut h = Sha256::new();
@@ -379,14 +506,57 @@ pub fn check(doc: &Value) -> Vec<(String, Result<(), String>)> {
     })();
     out.push(("he/mask_stream".into(), r));
     let ek = &doc["evaluation_key"];
+    let single = std::slice::from_ref(&s);
     out.push((
         ek["id"].as_str().unwrap_or("he/eval_key").into(),
-        eval_key(ek, &s, &key_id, n, base_log as u32, levels),
+        eval_key(ek, single, &key_id, n, base_log as u32, levels, false),
     ));
     for v in doc["vectors"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
         out.push((
             v["id"].as_str().unwrap_or("he/?").into(),
-            layer(v, &s, &key_id, n),
+            layer(v, single, &key_id, n),
+        ));
+    }
+    // Shared masks (kinds 4, 5, 6): secrets 0 .. 8 derived from the device seed as the spec
+    // says; secret 0 must be the vector's secret, 1 .. 7 the listed ones.
+    let mb = &doc["multibody"];
+    if mb.is_null() {
+        return out;
+    }
+    let derived = doc["secret_key_seed"]
+        .as_str()
+        .and_then(|h| u128::from_str_radix(h, 16).ok())
+        .map(|seed| derive_secrets(&seed.to_le_bytes(), n, 8));
+    let listed: Vec<Vec<u64>> = mb["secret_key_bits"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+        .iter()
+        .map(|h| bits_of(&h.as_str().and_then(hexutil::decode).unwrap_or_default(), n))
+        .collect();
+    let ss = match derived {
+        Some(d) if d[0] == s && d[1..] == listed[..] => {
+            out.push(("he/secret_derivation".into(), Ok(())));
+            d
+        }
+        _ => {
+            out.push((
+                "he/secret_derivation".into(),
+                Err("secrets derived from secret_key_seed differ from the listed bits".into()),
+            ));
+            // Go on with the listed secrets so the blobs are still checked.
+            std::iter::once(s).chain(listed).collect()
+        }
+    };
+    let ek = &mb["evaluation_key"];
+    out.push((
+        ek["id"].as_str().unwrap_or("he/multibody_eval_key").into(),
+        eval_key(ek, &ss, &key_id, n, base_log as u32, levels, true),
+    ));
+    for v in mb["vectors"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        out.push((
+            v["id"].as_str().unwrap_or("he/?").into(),
+            layer(v, &ss, &key_id, n),
         ));
     }
     out

@@ -103,3 +103,98 @@ fn he_vectors_checked_from_the_spec() {
     assert!(text.contains("PASSED he/nokey_6x3_batch2"), "{text}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Writes the protocol vectors and `kat` (a possibly edited he/kat.json) into a fresh
+/// directory, runs `vectors` over it and returns (success, stdout).
+fn run_he_kat(tag: &str, kat: &str) -> (bool, String) {
+    let dir = std::env::temp_dir().join(format!("tandem-vectors-{tag}-{}", std::process::id()));
+    assert!(bin()
+        .arg("gen-vectors")
+        .arg(&dir)
+        .status()
+        .unwrap()
+        .success());
+    std::fs::create_dir_all(dir.join("he")).unwrap();
+    std::fs::write(dir.join("he/kat.json"), kat).unwrap();
+    let out = bin().arg("vectors").arg(&dir).output().unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    (out.status.success(), String::from_utf8(out.stdout).unwrap())
+}
+
+/// Replaces `count` hex digits of the string value `field` found after `anchor`, starting
+/// `skip` digits into the value, by their complement (15 − d).
+fn flip_hex(text: &mut String, anchor: &str, field: &str, skip: usize, count: usize) {
+    let a = text.find(anchor).unwrap();
+    let key = format!("\"{field}\": ");
+    let v = a + text[a..].find(&key).unwrap() + key.len();
+    let v = v + text[v..].find('"').unwrap() + 1 + skip;
+    let flipped: String = text[v..v + count]
+        .chars()
+        .map(|c| char::from_digit(15 - c.to_digit(16).unwrap(), 16).unwrap())
+        .collect();
+    text.replace_range(v..v + count, &flipped);
+}
+
+#[test]
+fn he_multibody_vectors_checked_from_the_spec() {
+    // he-formats.md § Shared masks (kinds 4, 5, 6): the independent checker catches a damaged
+    // kind-5 payload, a kind-4 body count that differs from the plan, a damaged kind-6 key
+    // body, and listed secrets that are not the seed's derivation; the others still pass.
+    let text = std::fs::read_to_string(root().join("specs/vectors/he/kat.json")).unwrap();
+    let (ok, out) = run_he_kat("he-mb", &text);
+    assert!(ok, "{out}");
+    for id in [
+        "he/secret_derivation",
+        "he/multibody_eval_key_a1_r2",
+        "he/multibody_nokey_6x2_r2_b2_batch5",
+        "he/multibody_packed_2x3_r2_b2_batch5",
+        "he/multibody_nokey_3x1_r4_b2_batch5",
+    ] {
+        assert!(out.contains(&format!("PASSED {id}\n")), "{id}: {out}");
+    }
+    let mut bad = text.clone();
+    // 64 bits of the first block's masks (whole mask coefficients, high bits included).
+    flip_hex(
+        &mut bad,
+        "\"id\": \"he/multibody_packed_2x3_r2_b2_batch5\"",
+        "output_blob",
+        2 * 52 + 4000,
+        16,
+    );
+    // r = 4 → 2 in the kind-4 header (offset 40).
+    let at = bad
+        .find("\"id\": \"he/multibody_nokey_3x1_r4_b2_batch5\"")
+        .unwrap();
+    let at = at + bad[at..].find("\"input_blob\": \"").unwrap() + 15 + 80;
+    assert_eq!(&bad[at..at + 2], "04");
+    bad.replace_range(at..at + 2, "02");
+    // One body coefficient of the kind-6 key (level 1, secret 1).
+    flip_hex(
+        &mut bad,
+        "\"id\": \"he/multibody_eval_key_a1_r2\"",
+        "blob",
+        2 * (63 + 8 * 4096 * 3),
+        16,
+    );
+    let (ok, out) = run_he_kat("he-mb-bad", &bad);
+    assert!(!ok, "{out}");
+    for id in [
+        "he/multibody_packed_2x3_r2_b2_batch5",
+        "he/multibody_nokey_3x1_r4_b2_batch5",
+        "he/multibody_eval_key_a1_r2",
+    ] {
+        assert!(out.contains(&format!("FAILED {id}")), "{id}: {out}");
+    }
+    assert!(
+        out.contains("PASSED he/multibody_nokey_6x2_r2_b2_batch5\n"),
+        "{out}"
+    );
+    assert!(out.contains("PASSED he/secret_derivation\n"), "{out}");
+    assert!(out.contains("PASSED he/packed_4x3_chunk2\n"), "{out}");
+    // Secret 1 as listed is no longer what the seed derives.
+    let mut bad = text;
+    flip_hex(&mut bad, "\"multibody\": {", "secret_key_bits", 1, 1);
+    let (ok, out) = run_he_kat("he-mb-sk", &bad);
+    assert!(!ok, "{out}");
+    assert!(out.contains("FAILED he/secret_derivation"), "{out}");
+}
