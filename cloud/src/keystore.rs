@@ -229,6 +229,9 @@ pub struct StoredKey {
     pub he_key_id: [u8; 32],
     /// Largest input chunk the key can pack (0 in no-key mode).
     pub max_chunk: usize,
+    /// Bodies (secrets) per key-switching level: the most bodies per mask of a plan it can
+    /// serve (`tandem_he::EvaluationKey::bodies`; 0 in no-key mode).
+    pub bodies: usize,
     /// The prepared packing key (`None` for no-key mode).
     pub prepared: Option<Arc<PreparedEvaluationKey>>,
     /// Bytes the prepared key occupies in memory.
@@ -483,17 +486,21 @@ impl KeyStore {
         self.op("expire", |b| b.expire(cutoff))
     }
 
-    /// Decodes and validates a registration against parameter set `param_set` and the plan's
-    /// `min_chunk` (the packed plan's chunk; 0 for no-key), prepares the key, then stores it
+    /// Decodes and validates a registration against parameter set `param_set`, the plans'
+    /// `min_chunk` (the largest packed chunk; 0 for no-key) and `min_bodies` (the most bodies
+    /// per mask of a packed plan, shared-mask plans; 0 or 1 for single-secret plans and
+    /// no-key), prepares the key, then stores it
     /// durably under `(peer, key_id)` (committed before this returns), evicting the device's
     /// least recently used keys if the quota requires. CPU-bound for packed keys: call from a
     /// blocking task. Only after `Ok` may the session send `KeyAck` (TDM-KEY-8).
     ///
     /// # Errors
     /// [`CloudError::KeyInvalid`] if the blob does not decode, belongs to another parameter
-    /// set, or cannot pack `min_chunk`; [`CloudError::Quota`] if the blob alone exceeds the
+    /// set, cannot pack `min_chunk` or carries fewer than `min_bodies` bodies;
+    /// [`CloudError::Quota`] if the blob alone exceeds the
     /// per-device byte quota; [`CloudError::Store`] / [`CloudError::StoreUnavailable`] if the
     /// commit fails.
+    #[allow(clippy::too_many_arguments)]
     pub fn register(
         &self,
         peer: &[u8; 32],
@@ -502,6 +509,7 @@ impl KeyStore {
         blob: &[u8],
         param_set: u16,
         min_chunk: usize,
+        min_bodies: usize,
     ) -> Result<(StoredKey, Registration), CloudError> {
         let ctx = self
             .contexts
@@ -515,6 +523,14 @@ impl KeyStore {
             return Err(CloudError::KeyInvalid(format!(
                 "evaluation key packs chunks of at most {} inputs, the model's plan needs {min_chunk}",
                 stored.max_chunk
+            )));
+        }
+        if mode == OutputMode::Packed && stored.bodies < min_bodies {
+            return Err(CloudError::KeyInvalid(format!(
+                "evaluation key carries {} bodies (secrets) per level, the model's shared-mask \
+                 plans need {min_bodies}: generate it with \
+                 Client::evaluation_key_for(max_chunk, {min_bodies})",
+                stored.bodies
             )));
         }
         let new_bytes = blob.len() as u64;
@@ -567,6 +583,7 @@ impl KeyStore {
                     param_set: params.id,
                     he_key_id: *key_id,
                     max_chunk: 0,
+                    bodies: 0,
                     prepared: None,
                     prepared_bytes: 0,
                 })
@@ -581,6 +598,7 @@ impl KeyStore {
                     param_set: params.id,
                     he_key_id: key.key_id(),
                     max_chunk: key.max_chunk(),
+                    bodies: key.bodies(),
                     prepared: Some(Arc::new(prepared)),
                     prepared_bytes: prepared_key_bytes(
                         &params,

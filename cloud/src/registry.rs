@@ -142,6 +142,18 @@ impl ServedModel {
             .unwrap_or(0)
     }
 
+    /// The most bodies per mask (`LayerPlan::bodies`, shared-mask plans) among the model's
+    /// cloud layers under `param_set` and `mode`: an evaluation key registered for the model
+    /// must carry at least that many (one key serves every layer; TDM-PAR-HE-3).
+    pub fn max_bodies(&self, param_set: u16, mode: OutputMode) -> usize {
+        self.layers
+            .iter()
+            .filter(|(_, p, m, _)| *p == param_set && *m == mode)
+            .map(|(_, _, _, l)| l.plan().bodies())
+            .max()
+            .unwrap_or(1)
+    }
+
     fn plans(&self) -> impl Iterator<Item = &LayerPlan> {
         self.layers.iter().map(|(_, _, _, l)| l.plan())
     }

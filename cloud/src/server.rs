@@ -1186,15 +1186,26 @@ async fn register_key(
         let _ = session.refuse_key(key_id, ErrorCode::InvalidRequest);
         return;
     };
-    // One key serves every cloud layer of the model: it must cover the largest chunk.
-    let min_chunk = match mode {
-        OutputMode::Packed => model.max_chunk(neg.param_set, mode),
-        OutputMode::NoKey => 0,
+    // One key serves every cloud layer of the model: it must cover the largest chunk and the
+    // most bodies per mask among them (shared-mask plans, TDM-PAR-HE-3).
+    let (min_chunk, min_bodies) = match mode {
+        OutputMode::Packed => (
+            model.max_chunk(neg.param_set, mode),
+            model.max_bodies(neg.param_set, mode),
+        ),
+        OutputMode::NoKey => (0, 0),
     };
     let sh = shared.clone();
     let r = tokio::task::spawn_blocking(move || {
-        sh.keys
-            .register(&peer, &key_id, mode, &key_blob, neg.param_set, min_chunk)
+        sh.keys.register(
+            &peer,
+            &key_id,
+            mode,
+            &key_blob,
+            neg.param_set,
+            min_chunk,
+            min_bodies,
+        )
     })
     .await;
     let (code, outcome) = match r {

@@ -1,0 +1,274 @@
+//! Shared-mask ("multi-body") HE plans over real mutual TLS (issue 8, TDM-PAR-HE-3,
+//! TDM-KEY-8): a small signed encoder bundle whose `[encoder]` section lets 4 secrets share a
+//! mask at 1 000 kbit/s, so the cloud plans its 384→384 layer with 2 bodies per mask. A device
+//! that registers an evaluation key with fewer bodies than the model's plans (an old client,
+//! or a hostile one) is refused at registration with a typed code (the key is never
+//! acknowledged, TDM-KEY-8), and the honest key then gives the exact integer products.
+//!
+//! Runs without the MiniLM weights (synthetic int8 weights, a placeholder tokenizer the
+//! cloud never reads).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_cloud::{Cloud, ServerOptions};
+use tandem_device::{DeviceError, RemoteLayers};
+use tandem_he::{Client, Context, EncryptedOutput, LayerPlan, OutputMode, DEFAULT_PARAMETERS};
+use tandem_model::{
+    write_bundle, Bundle, CloudLinear, EncoderSpec, Limits, Manifest, NamedTensor, OpSpec, Part,
+    Placement, SigningKey, TensorData, WeightsRef,
+};
+use tandem_ops::encrypted::plan_encoder_layer;
+use tandem_ops::CloudLayers;
+use tandem_protocol::ErrorCode;
+use tandem_tls::{client_config, server_config, DevPki};
+
+mod common;
+
+/// Hidden width: at 16 tokens per request and 1 000 kbit/s the 384→384 layer plans 2 bodies.
+const H: usize = 384;
+const BATCH: usize = 16;
+const LINEARS: [(&str, usize, usize); 2] = [("qkv", H, 3 * H), ("o", H, H)];
+
+/// Small deterministic int8 weights `[n_out, n_in]`.
+fn weights(n_in: usize, n_out: usize) -> Vec<i8> {
+    (0..n_in * n_out).map(|i| (i % 7) as i8 - 3).collect()
+}
+
+fn linear(name: &str, n_in: usize, n_out: usize) -> CloudLinear {
+    CloudLinear {
+        name: name.into(),
+        n_in,
+        n_out,
+        weight: format!("{name}.w"),
+        scales: format!("{name}.s"),
+        bias: format!("{name}.b"),
+        input_bound: 127,
+        weight_bound: 127,
+        bias_bound: 0,
+        max_row_l1: None,
+        max_row_sq: None,
+    }
+}
+
+fn manifest(max_bodies: u32) -> Manifest {
+    let mut ops = vec![OpSpec::device("embedding", &[], "e")];
+    ops[0].tensors = vec!["word".into(), "pos".into(), "type".into()];
+    for (i, (input, output)) in [("e", "qkv"), ("ctx", "o")].into_iter().enumerate() {
+        if i == 1 {
+            let mut att = OpSpec::device("attention", &["qkv"], "ctx");
+            att.heads = Some(2);
+            ops.push(att);
+        }
+        let mut l = OpSpec::device("linear", &[input], output);
+        l.placement = Placement::Cloud;
+        l.linear = Some(i);
+        ops.push(l);
+    }
+    ops.push(OpSpec::device("mean_pool", &["o"], "p"));
+    ops.push(OpSpec::device("l2_normalize", &["p"], "out"));
+    Manifest::for_encoder(
+        "multibody-encoder",
+        "1",
+        "none",
+        EncoderSpec {
+            hidden: H,
+            max_tokens: BATCH,
+            batch: BATCH,
+            vocab_size: 10,
+            max_position_embeddings: BATCH,
+            type_vocab_size: 2,
+            tokenizer: WeightsRef {
+                file: "tokenizer.json".into(),
+                sha256: "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a".into(),
+                bytes: 2,
+            },
+            linears: LINEARS.iter().map(|&(n, i, o)| linear(n, i, o)).collect(),
+            ops,
+            output: "out".into(),
+            link_kbit_s: Some(1_000),
+            max_bodies: Some(max_bodies),
+        },
+    )
+    .unwrap()
+}
+
+fn f32t(name: &str, shape: &[usize]) -> NamedTensor {
+    let n = shape.iter().product::<usize>();
+    NamedTensor {
+        name: name.into(),
+        shape: shape.to_vec(),
+        data: TensorData::F32((0..n).map(|i| 0.25 + (i % 7) as f32 * 0.1).collect()),
+    }
+}
+
+fn write(dir: &Path, m: &Manifest, key: &SigningKey) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), b"{}").unwrap();
+    let mut t = vec![
+        f32t("word", &[10, H]),
+        f32t("pos", &[BATCH, H]),
+        f32t("type", &[2, H]),
+    ];
+    for (name, n_in, n_out) in LINEARS {
+        t.push(NamedTensor {
+            name: format!("{name}.w"),
+            shape: vec![n_out, n_in],
+            data: TensorData::I8(weights(n_in, n_out)),
+        });
+        t.push(f32t(&format!("{name}.s"), &[n_out]));
+        t.push(f32t(&format!("{name}.b"), &[n_out]));
+    }
+    write_bundle(dir, m, &t, key).unwrap();
+}
+
+/// A loopback cloud over mTLS serving the bundle in `dir` (signed by `key`).
+struct Served {
+    pki: DevPki,
+    rt: tokio::runtime::Runtime,
+    cloud: Option<Cloud>,
+}
+
+impl Served {
+    fn start(tmp: &Path, dir: &Path, key: &SigningKey) -> Served {
+        let pki = DevPki::generate(1).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let o = ServerOptions::new(
+            common::free_addr(),
+            server_config(pki.server_credentials()).unwrap(),
+            key.verifying_key(),
+            tmp.join("keys.redb"),
+        )
+        .with_model(dir.to_path_buf());
+        let cloud = Some(rt.block_on(Cloud::start(o)).unwrap());
+        Served { pki, rt, cloud }
+    }
+
+    fn connect(&self, bundle: &Bundle) -> RemoteLayers {
+        RemoteLayers::connect(
+            self.cloud.as_ref().unwrap().local_addr(),
+            "localhost",
+            client_config(self.pki.client_credentials("device-1").unwrap()).unwrap(),
+            bundle,
+            OutputMode::Packed,
+            &[DEFAULT_PARAMETERS.id],
+            Duration::from_secs(60),
+        )
+        .unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(c) = self.cloud.take() {
+            self.rt.block_on(c.shutdown());
+        }
+    }
+}
+
+/// The packed plans of the bundle's cloud layers, as the device derives them.
+fn plans(ctx: &Context, bundle: &Bundle) -> Vec<LayerPlan> {
+    let enc = bundle.encoder().unwrap();
+    enc.linears
+        .iter()
+        .map(|l| {
+            plan_encoder_layer(
+                ctx,
+                OutputMode::Packed,
+                l,
+                enc.batch,
+                enc.link_kbit_per_s(),
+                enc.max_bodies(),
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+/// `x · Wᵀ` on the layer's int8 weights, row by row.
+fn product(rows: &[Vec<i64>], n_in: usize, n_out: usize) -> Vec<Vec<i64>> {
+    let w = weights(n_in, n_out);
+    rows.iter()
+        .map(|x| {
+            (0..n_out)
+                .map(|j| (0..n_in).map(|i| x[i] * i64::from(w[j * n_in + i])).sum())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn a_key_with_fewer_bodies_than_the_plans_is_refused_and_the_honest_key_is_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = SigningKey::from_bytes(&[7u8; 32]);
+    let dir = tmp.path().join("bundle");
+    write(&dir, &manifest(4), &key);
+    let served = Served::start(tmp.path(), &dir, &key);
+    let bundle =
+        Bundle::load_part(&dir, &key.verifying_key(), &Limits::default(), Part::Device).unwrap();
+    let remote = served.connect(&bundle);
+    let ctx = Arc::new(Context::new(remote.params()));
+    let plans = plans(&ctx, &bundle);
+    let max_chunk = plans.iter().map(|p| p.chunk).max().unwrap();
+    let max_bodies = plans.iter().map(LayerPlan::bodies).max().unwrap();
+    assert!(
+        max_bodies >= 2,
+        "the premise: a shared-mask plan ({plans:?})"
+    );
+    let mut client = Client::new(ctx);
+
+    // Enough automorphisms, too few bodies (one secret, up to one less than the plans
+    // need): refused at registration, never acknowledged; v1 has no per-key refusal, so the
+    // cloud closes that session with InvalidRequest (TDM-KEY-8) and a new one works.
+    let mut remote = remote;
+    for bodies in 1..max_bodies {
+        let short = client
+            .evaluation_key_for(max_chunk, bodies)
+            .unwrap()
+            .to_bytes();
+        assert!(
+            remote.upload_key(&short).is_err(),
+            "a {bodies}-body key for {max_bodies}-body plans was acknowledged"
+        );
+        match remote.take_error() {
+            Some(DeviceError::Closed(ErrorCode::InvalidRequest)) => {}
+            other => panic!("{bodies}-body key: expected a typed refusal, got {other:?}"),
+        }
+        remote.close();
+        remote = served.connect(&bundle);
+    }
+
+    // The honest key on a new session: every layer exact, the shared-mask one included.
+    let honest = client
+        .evaluation_key_for(max_chunk, max_bodies)
+        .unwrap()
+        .to_bytes();
+    remote.upload_key(&honest).unwrap();
+    let rows: Vec<Vec<i64>> = (0..BATCH)
+        .map(|t| {
+            (0..H)
+                .map(|i| ((t * 31 + i * 7) % 255) as i64 - 127)
+                .collect()
+        })
+        .collect();
+    for (index, (plan, &(_, n_in, n_out))) in plans.iter().zip(&LINEARS).enumerate() {
+        let blob = client.encrypt(plan, &rows).unwrap().to_bytes();
+        let reply = remote
+            .request(index as u32, BATCH as u16, blob)
+            .unwrap_or_else(|e| panic!("layer {index}: {e}"));
+        let out = EncryptedOutput::from_bytes(&reply, reply.len(), plan, &client.key_id()).unwrap();
+        assert_eq!(
+            client.decrypt(plan, &out).unwrap(),
+            product(&rows, n_in, n_out),
+            "layer {index} ({} bodies)",
+            plan.bodies()
+        );
+    }
+    remote.close();
+}
