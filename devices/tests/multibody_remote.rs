@@ -272,3 +272,124 @@ fn a_key_with_fewer_bodies_than_the_plans_is_refused_and_the_honest_key_is_exact
     }
     remote.close();
 }
+
+/// Byte offset of the body count r in a multi-body blob (kinds 4, 5, 6): after magic (4),
+/// version (1), kind (1), parameter set (2) and key id (32) (specs/he-formats.md).
+const R_AT: usize = 40;
+
+#[test]
+fn damaged_shared_mask_requests_and_keys_get_typed_refusals() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = SigningKey::from_bytes(&[8u8; 32]);
+    let dir = tmp.path().join("bundle");
+    write(&dir, &manifest(4), &key);
+    let served = Served::start(tmp.path(), &dir, &key);
+    let bundle =
+        Bundle::load_part(&dir, &key.verifying_key(), &Limits::default(), Part::Device).unwrap();
+    let remote = served.connect(&bundle);
+    let ctx = Arc::new(Context::new(remote.params()));
+    let plans = plans(&ctx, &bundle);
+    let max_chunk = plans.iter().map(|p| p.chunk).max().unwrap();
+    let max_bodies = plans.iter().map(LayerPlan::bodies).max().unwrap();
+    let mut client = Client::new(ctx);
+    let honest = client
+        .evaluation_key_for(max_chunk, max_bodies)
+        .unwrap()
+        .to_bytes();
+    remote.upload_key(&honest).unwrap();
+    let rows: Vec<Vec<i64>> = (0..BATCH)
+        .map(|t| {
+            (0..H)
+                .map(|i| ((t * 13 + i * 5) % 255) as i64 - 127)
+                .collect()
+        })
+        .collect();
+    // Layer 1 is the shared-mask one.
+    let plan = plans[1];
+    assert!(plan.bodies() >= 2, "{plan:?}");
+    let good = client.encrypt(&plan, &rows).unwrap().to_bytes();
+    assert_eq!((good[5], usize::from(good[R_AT])), (4, plan.bodies()));
+
+    // Damaged kind-4 requests: a typed RequestError, the session continues (TDM-REQ-8).
+    let mut damaged: Vec<(String, Vec<u8>, u16)> = vec![
+        (
+            "truncated by one byte".into(),
+            good[..good.len() - 1].to_vec(),
+            16,
+        ),
+        ("header only".into(), good[..=R_AT].to_vec(), 16),
+        (
+            "eight bytes appended".into(),
+            [&good[..], &[0; 8]].concat(),
+            16,
+        ),
+        ("batch of 8 declared".into(), good.clone(), 8),
+        (
+            "layer 0's request".into(),
+            client.encrypt(&plans[0], &rows).unwrap().to_bytes(),
+            16,
+        ),
+    ];
+    for r in [0u8, 1, 3, 4, 8, 9, 255] {
+        let mut b = good.clone();
+        b[R_AT] = r;
+        damaged.push((format!("r = {r}"), b, 16));
+    }
+    let mut single = good.clone();
+    single[5] = 1;
+    single.remove(R_AT);
+    damaged.push(("kind 1 (single body)".into(), single, 16));
+    for (what, blob, batch) in damaged {
+        match remote.request(1, batch, blob) {
+            Err(DeviceError::Refused(ErrorCode::MalformedMessage)) => {}
+            other => panic!("{what}: expected MalformedMessage, got {other:?}"),
+        }
+        assert!(remote.is_open(), "{what} closed the session");
+    }
+    // Larger than the offered frame: refused before anything is sent.
+    match remote.request(1, 16, [&good[..], &vec![0; 2 << 20]].concat()) {
+        Err(DeviceError::Protocol(_)) => {}
+        other => panic!("oversized request: {other:?}"),
+    }
+    let reply = remote.request(1, 16, good).unwrap();
+    let out = EncryptedOutput::from_bytes(&reply, reply.len(), &plan, &client.key_id()).unwrap();
+    assert_eq!(
+        client.decrypt(&plan, &out).unwrap(),
+        product(&rows, H, H),
+        "still exact after the refusals"
+    );
+    remote.close();
+
+    // Damaged kind-6 keys: never acknowledged; the cloud closes that session with
+    // InvalidRequest (TDM-KEY-8). Keys larger than the offered max_key_len (more bodies or a
+    // wider chunk than the plans need) are not sent at all; the honest key fits exactly.
+    assert_eq!((honest[5], usize::from(honest[R_AT])), (6, max_bodies));
+    let mut keys: Vec<(String, Vec<u8>)> =
+        vec![("truncated".into(), honest[..honest.len() - 1].to_vec())];
+    for r in [0u8, 1, 3, 9, 255] {
+        let mut k = honest.clone();
+        k[R_AT] = r;
+        keys.push((format!("r = {r}"), k));
+    }
+    for (what, blob) in keys {
+        let remote = served.connect(&bundle);
+        assert!(remote.upload_key(&blob).is_err(), "{what} acknowledged");
+        match remote.take_error() {
+            Some(DeviceError::Closed(ErrorCode::InvalidRequest)) => {}
+            other => panic!("key {what}: expected InvalidRequest, got {other:?}"),
+        }
+    }
+    let remote = served.connect(&bundle);
+    for (chunk, bodies) in [(max_chunk, max_bodies + 1), (2 * max_chunk, max_bodies)] {
+        let big = client.evaluation_key_for(chunk, bodies).unwrap().to_bytes();
+        assert!(big.len() > honest.len());
+        assert!(remote.upload_key(&big).is_err(), "{chunk}/{bodies} sent");
+        match remote.take_error() {
+            Some(DeviceError::Protocol(_)) => {}
+            other => panic!("key for chunk {chunk}, {bodies} bodies: {other:?}"),
+        }
+        assert!(remote.is_open());
+    }
+    remote.upload_key(&honest).unwrap();
+    remote.close();
+}
