@@ -571,10 +571,13 @@ fn spec_multi_input(
     let chunks = plan.n_in.div_ceil(plan.chunk);
     let mut out = Vec::new();
     out.extend_from_slice(b"TDHE");
-    out.extend_from_slice(&[1, 4]);
+    // r = 1 (a batch plan with b₁ rows and one secret) is kind 1, without the r byte.
+    out.extend_from_slice(&[1, if r > 1 { 4 } else { 1 }]);
     out.extend_from_slice(&plan.params.id.to_le_bytes());
     out.extend_from_slice(key_id);
-    out.push(r as u8);
+    if r > 1 {
+        out.push(r as u8);
+    }
     out.extend_from_slice(&MB_MASK_SEED.to_le_bytes());
     out.extend_from_slice(&(xs.len() as u16).to_le_bytes());
     out.extend_from_slice(&(chunks as u16).to_le_bytes());
@@ -615,24 +618,31 @@ fn spec_multi_input(
             }
         }
     }
-    let len = 62 + (xs.len().div_ceil(b1) * chunks * n * plan.upload_bits as usize).div_ceil(8);
+    let len = 61
+        + usize::from(r > 1)
+        + (xs.len().div_ceil(b1) * chunks * n * plan.upload_bits as usize).div_ceil(8);
     assert_eq!(w.out.len(), len, "input length of he-formats.md");
     w.out
 }
 
-/// Decodes a kind-5 output blob by the text of he-formats.md and decrypts row ρ of each block
-/// with secret ⌊ρ/b₁⌋.
+/// Decodes a kind-5 output blob (kind 2 when r = 1) by the text of he-formats.md and decrypts
+/// row ρ of each block with secret ⌊ρ/b₁⌋.
 fn spec_decrypt_output_multi(blob: &[u8], plan: &LayerPlan, ss: &[Vec<u64>]) -> Vec<Vec<i64>> {
     let n = plan.params.poly_size;
-    assert_eq!(&blob[..4], b"TDHE");
-    assert_eq!((blob[4], blob[5]), (1, 5));
     let (b1, r) = (plan.batch_rows, plan.bodies);
-    assert_eq!(usize::from(blob[40]), r);
-    assert_eq!(blob[41], u8::from(plan.mode == OutputMode::Packed));
-    let batch = u16::from_le_bytes([blob[42], blob[43]]) as usize;
-    let k = u16::from_le_bytes([blob[44], blob[45]]) as usize;
-    let (b, bb) = (u32::from(blob[46]), u32::from(blob[47]));
-    let n_out = u32::from_le_bytes(blob[48..52].try_into().unwrap()) as usize;
+    let at = 40 + usize::from(r > 1);
+    assert_eq!(&blob[..4], b"TDHE");
+    assert_eq!((blob[4], blob[5]), (1, if r > 1 { 5 } else { 2 }));
+    if r > 1 {
+        assert_eq!(usize::from(blob[40]), r);
+    }
+    // Past the r byte, the kind-2 offsets.
+    let blob = &blob[at - 40..];
+    assert_eq!(blob[40], u8::from(plan.mode == OutputMode::Packed));
+    let batch = u16::from_le_bytes([blob[41], blob[42]]) as usize;
+    let k = u16::from_le_bytes([blob[43], blob[44]]) as usize;
+    let (b, bb) = (u32::from(blob[45]), u32::from(blob[46]));
+    let n_out = u32::from_le_bytes(blob[47..51].try_into().unwrap()) as usize;
     assert_eq!(n_out, plan.n_out);
     let rr = n / (plan.chunk * b1);
     let per = match plan.mode {
@@ -640,7 +650,7 @@ fn spec_decrypt_output_multi(blob: &[u8], plan: &LayerPlan, ss: &[Vec<u64>]) -> 
         OutputMode::Packed => rr * plan.n_out.div_ceil(rr).min(plan.chunk),
     };
     let mut bits = Bits {
-        bytes: &blob[52..],
+        bytes: &blob[51..],
         bit: 0,
     };
     let d = plan.delta_out_log2;
@@ -666,11 +676,65 @@ fn spec_decrypt_output_multi(blob: &[u8], plan: &LayerPlan, ss: &[Vec<u64>]) -> 
         }
         out.extend(ys);
     }
-    assert_eq!(bits.bit.div_ceil(8), blob.len() - 52, "exact length");
-    let want = 52
+    assert_eq!(bits.bit.div_ceil(8), blob.len() - 51, "exact length");
+    let want = 51
         + (batch.div_ceil(r * b1) * k * n * b as usize + batch * n_out * bb as usize).div_ceil(8);
     assert_eq!(blob.len(), want, "output length of he-formats.md");
     out
+}
+
+/// Decrypts a kind-4 input blob (kind 1 when r = 1) by the text of he-formats.md: every body
+/// with its own secret; every coefficient outside the input positions must decrypt to 0.
+fn spec_decrypt_input_multi(blob: &[u8], plan: &LayerPlan, ss: &[Vec<u64>]) -> Vec<Vec<i64>> {
+    let n = plan.params.poly_size;
+    let (b1, r) = (plan.batch_rows, plan.bodies);
+    let at = 40 + usize::from(r > 1);
+    assert_eq!((blob[4], blob[5]), (1, if r > 1 { 4 } else { 1 }));
+    let seed = u128::from_le_bytes(blob[at..at + 16].try_into().unwrap());
+    let batch = u16::from_le_bytes([blob[at + 16], blob[at + 17]]) as usize;
+    let chunks = u16::from_le_bytes([blob[at + 18], blob[at + 19]]) as usize;
+    let bits_w = u32::from(blob[at + 20]);
+    assert_eq!(
+        (chunks, bits_w),
+        (plan.n_in.div_ceil(plan.chunk), plan.upload_bits)
+    );
+    let row_off = plan.chunk * (n / (plan.chunk * b1));
+    let mut masks = RandomGenerator::<DefaultRandomGenerator>::new(Seed(seed));
+    let mut bits = Bits {
+        bytes: &blob[at + 21..],
+        bit: 0,
+    };
+    let d = plan.delta_in_log2;
+    let mut xs = vec![vec![0i64; plan.n_in]; batch];
+    for beta in 0..batch.div_ceil(r * b1) {
+        let present = (r * b1).min(batch - beta * r * b1);
+        let a: Vec<Vec<u64>> = (0..chunks)
+            .map(|_| {
+                let mut a = vec![0u64; n];
+                masks.fill_slice_with_random_uniform(&mut a);
+                a
+            })
+            .collect();
+        for i in 0..present.div_ceil(b1) {
+            for (c, a_c) in a.iter().enumerate() {
+                let a_s = mul_binary(a_c, &ss[i]);
+                for t in 0..n {
+                    let phase = lift(bits.get(bits_w), bits_w).wrapping_sub(a_s[t]);
+                    let m = (phase.wrapping_add(1u64 << (d - 1)) as i64) >> d;
+                    let (k, off) = (t / row_off, t % row_off);
+                    let row = beta * r * b1 + i * b1 + k;
+                    let col = c * plan.chunk + off;
+                    if k < b1 && off < plan.chunk && row < batch && col < plan.n_in {
+                        xs[row][col] = m;
+                    } else {
+                        assert_eq!(m, 0, "block {beta} body {i} chunk {c} coefficient {t}");
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(bits.bit.div_ceil(8), blob.len() - at - 21, "exact length");
+    xs
 }
 
 struct MbCase {
@@ -699,6 +763,7 @@ fn multibody_section(ctx: &Arc<Context>, client: &Client, json: &mut String) {
     );
     assert_eq!(he_key_id(&ss[0]), client.key_id());
     let key_id = client.key_id();
+    let mut device = Client::from_seed(ctx.clone(), SK_SEED);
     let mut noise = RandomGenerator::<DefaultRandomGenerator>::new(Seed(MB_NOISE_SEED));
     let kblob = spec_multi_key(&params, &key_id, &ss[..2], &mut noise);
     let ek = EvaluationKey::from_bytes(&kblob, kblob.len(), &params).expect("engine decodes key");
@@ -756,6 +821,22 @@ fn multibody_section(ctx: &Arc<Context>, client: &Client, json: &mut String) {
             want: (2, 4),
             x: rows(5, 5),
         },
+        // r = 1 with b₁ = 2 (kinds 1 and 2): the batch layout whose slot rule R = N/(chunk·b₁)
+        // the shared-mask kinds inherit.
+        MbCase {
+            id: "he/batch_nokey_6x2_r1_b2_batch3",
+            mode: OutputMode::NoKey,
+            n_in: 6,
+            n_out: 2,
+            opts: PlanOptions {
+                chunk: Some(2048),
+                batch: Some(3),
+                max_bodies: 1,
+            },
+            force: None,
+            want: (2, 1),
+            x: rows(3, 101),
+        },
     ];
     let more: Vec<String> = ss[1..]
         .iter()
@@ -803,18 +884,28 @@ fn multibody_section(ctx: &Arc<Context>, client: &Client, json: &mut String) {
         assert_eq!((plan.batch_rows, plan.bodies), case.want, "{}", case.id);
         let r = plan.bodies;
         let in_blob = spec_multi_input(&plan, &key_id, &ss[..r], &x, &mut noise);
+        assert_eq!(spec_decrypt_input_multi(&in_blob, &plan, &ss[..r]), x);
         let input = EncryptedInput::from_bytes(&in_blob, in_blob.len(), &plan).expect("decode");
         assert_eq!(
             input.to_bytes(),
             in_blob,
             "engine re-encodes the kind-4 blob"
         );
+        // The engine's own encryption (fresh seeds, not stored) follows the same layout.
+        let own = device.encrypt(&plan, &x).expect("encrypt").to_bytes();
+        assert_eq!(own.len(), in_blob.len(), "{}", case.id);
+        assert_eq!(
+            spec_decrypt_input_multi(&own, &plan, &ss[..r]),
+            x,
+            "{}",
+            case.id
+        );
         let key = (case.mode == OutputMode::Packed).then_some(&pek);
         let out = layer
             .eval(&input, key, EvalOptions::default())
             .expect("eval");
         let out_blob = out.to_bytes();
-        assert_eq!(out_blob[5], 5, "{}: kind 5", case.id);
+        assert_eq!(out_blob[5], if r > 1 { 5 } else { 2 }, "{}: kind", case.id);
         let want: Vec<Vec<i64>> = x
             .iter()
             .map(|x| {

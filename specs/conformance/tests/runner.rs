@@ -149,6 +149,7 @@ fn he_multibody_vectors_checked_from_the_spec() {
         "he/multibody_nokey_6x2_r2_b2_batch5",
         "he/multibody_packed_2x3_r2_b2_batch5",
         "he/multibody_nokey_3x1_r4_b2_batch5",
+        "he/batch_nokey_6x2_r1_b2_batch3",
     ] {
         assert!(out.contains(&format!("PASSED {id}\n")), "{id}: {out}");
     }
