@@ -81,6 +81,7 @@ impl Client {
         batch: &[Vec<i64>],
     ) -> Result<EncryptedInput, HeError> {
         let params = self.ctx.params();
+        plan.check_layout()?;
         if plan.params != params {
             return Err(HeError::ParameterMismatch {
                 expected: params.id,
@@ -187,6 +188,7 @@ impl Client {
         plan: &LayerPlan,
         out: &EncryptedOutput,
     ) -> Result<Vec<Vec<(i64, i64)>>, HeError> {
+        plan.check_layout()?;
         out.check_against(plan, &self.key_id())?;
         let d = plan.delta_out_log2;
         let b1 = plan.batch_rows.max(1);

@@ -221,6 +221,55 @@ fn delta_out_log2_for(max_abs_output: u64) -> Option<u32> {
 }
 
 impl LayerPlan {
+    /// Checks the plan's layout fields are consistent before anything indexes polynomials
+    /// with them: `chunk` a power of two ≤ N, `chunk · batch_rows` ≤ N (a block's rows fit one
+    /// polynomial), `bodies` ≤ [`crate::limits::MAX_BODIES`], non-empty shapes, bit widths in
+    /// `1..=64` and Δ_in ≤ Δ_out < 2^64. Plans from this crate's planner always pass; a plan
+    /// built or edited by hand (the fields are public) gets a typed error instead of an index
+    /// out of bounds.
+    ///
+    /// # Errors
+    /// [`HeError::Shape`] naming the first inconsistent field.
+    pub fn check_layout(&self) -> Result<(), HeError> {
+        let n = self.params.poly_size;
+        let bad = |what: String| Err(HeError::Shape(format!("layer plan: {what}")));
+        if !self.chunk.is_power_of_two() || self.chunk > n {
+            return bad(format!("chunk {} (a power of two <= N = {n})", self.chunk));
+        }
+        if self.chunk.saturating_mul(self.batch_rows.max(1)) > n {
+            return bad(format!(
+                "chunk {} x batch_rows {} exceeds N = {n}",
+                self.chunk, self.batch_rows
+            ));
+        }
+        if self.bodies > crate::limits::MAX_BODIES {
+            return bad(format!(
+                "{} bodies per mask (1..={})",
+                self.bodies,
+                crate::limits::MAX_BODIES
+            ));
+        }
+        if self.n_in == 0 || self.n_out == 0 {
+            return bad(format!("shape {}x{}", self.n_out, self.n_in));
+        }
+        for (name, bits) in [
+            ("upload_bits", self.upload_bits),
+            ("download_bits", self.download_bits),
+            ("body_bits", self.body_bits),
+        ] {
+            if !(1..=64).contains(&bits) {
+                return bad(format!("{name} = {bits} (1..=64)"));
+            }
+        }
+        if self.delta_out_log2 >= 64 || self.delta_in_log2 > self.delta_out_log2 {
+            return bad(format!(
+                "delta_in_log2 {} / delta_out_log2 {} (delta_in <= delta_out < 2^64)",
+                self.delta_in_log2, self.delta_out_log2
+            ));
+        }
+        Ok(())
+    }
+
     /// Number of input chunks.
     pub fn in_chunks(&self) -> usize {
         self.n_in.div_ceil(self.chunk)

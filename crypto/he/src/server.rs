@@ -363,6 +363,7 @@ impl PreparedLayer {
         bias: &[i64],
     ) -> Result<Self, HeError> {
         let (n_in, n_out) = (plan.n_in, plan.n_out);
+        plan.check_layout()?;
         if plan.params != ctx.params() {
             return Err(HeError::ParameterMismatch {
                 expected: ctx.params().id,
