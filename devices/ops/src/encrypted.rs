@@ -249,16 +249,29 @@ impl CloudLayers for InProcessCloud {
             source,
         };
         let params = self.ctx.params();
-        // The largest key any loaded layer needs (its automorphisms cover every smaller chunk).
-        let limit = self
-            .layers
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .flatten()
-            .map(|(_, l)| l.plan().eval_key_bytes())
-            .max()
-            .unwrap_or(0);
+        // The key the device sends covers every loaded layer at once: the widest chunk (its
+        // automorphisms cover every smaller one) and the most bodies per mask, which may come
+        // from two different layers (`upload_key` of the encoders), so size the limit from both
+        // maxima rather than from any one plan (as the cloud's `wire_sizes` does).
+        let limit = {
+            let layers = self.layers.read().unwrap_or_else(PoisonError::into_inner);
+            let packed = || {
+                layers
+                    .iter()
+                    .flatten()
+                    .map(|(_, l)| l.plan())
+                    .filter(|p| p.mode == OutputMode::Packed)
+            };
+            packed()
+                .next()
+                .map(|first| {
+                    let mut widest = *first;
+                    widest.chunk = packed().map(|p| p.chunk).max().unwrap_or(first.chunk);
+                    widest.bodies = packed().map(LayerPlan::bodies).max().unwrap_or(1);
+                    widest.eval_key_bytes()
+                })
+                .unwrap_or(0)
+        };
         let key = EvaluationKey::from_bytes(key, limit, &params).map_err(he)?;
         let prepared = PreparedEvaluationKey::prepare(&key, &self.ctx).map_err(he)?;
         *self.key.write().unwrap_or_else(PoisonError::into_inner) = Some(prepared);
