@@ -170,6 +170,9 @@ pub struct WireSizes {
     pub elements: usize,
     /// Largest prepared evaluation key in memory (bytes).
     pub prepared_key_bytes: usize,
+    /// Most rows per request a served encoder bundle sends: the largest signed `[encoder]
+    /// batch` (TDM-REQ-9; 0 if no encoder bundle is served). `max_batch` must allow it.
+    pub encoder_batch: usize,
 }
 
 /// All models the cloud serves, by id.
@@ -314,15 +317,26 @@ impl ModelRegistry {
     }
 
     /// The largest wire objects any served model, parameter set and allowed mode needs for
-    /// batches of up to `max_batch` rows (exact sizes from the HE plans).
+    /// batches of up to `max_batch` rows (an encoder bundle: up to its signed batch; exact
+    /// sizes from the HE plans).
     pub fn wire_sizes(&self, max_batch: usize) -> WireSizes {
         let mut s = WireSizes {
             key_len: 0,
             ciphertext_len: 0,
             elements: 0,
             prepared_key_bytes: 0,
+            encoder_batch: 0,
         };
         for m in &self.models {
+            // An encoder bundle's requests carry at most its signed batch of rows (the cloud
+            // refuses more, TDM-REQ-9): its blobs are sized for that, not for `max_batch`.
+            let rows = match m.bundle.encoder() {
+                Some(e) => {
+                    s.encoder_batch = s.encoder_batch.max(e.batch);
+                    e.batch.min(max_batch)
+                }
+                None => max_batch,
+            };
             // The device's key covers every packed layer of the model at once: the largest
             // chunk and the largest number of bodies among them (which may come from two
             // different layers), so size it from both maxima rather than per plan.
@@ -345,16 +359,14 @@ impl ModelRegistry {
             for plan in m.plans() {
                 s.ciphertext_len = s
                     .ciphertext_len
-                    .max(plan.upload_bytes(max_batch))
-                    .max(plan.download_bytes(max_batch));
+                    .max(plan.upload_bytes(rows))
+                    .max(plan.download_bytes(rows));
                 s.elements = s
                     .elements
-                    .max(max_batch.saturating_mul(plan.n_in.max(plan.n_out)));
+                    .max(rows.saturating_mul(plan.n_in.max(plan.n_out)));
             }
             for cl in m.bundle.cloud_layers().unwrap_or_default() {
-                s.elements = s
-                    .elements
-                    .max(max_batch.saturating_mul(cl.n_in.max(cl.n_out)));
+                s.elements = s.elements.max(rows.saturating_mul(cl.n_in.max(cl.n_out)));
             }
         }
         s

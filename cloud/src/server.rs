@@ -226,7 +226,11 @@ impl ServerOptions {
 /// # Errors
 /// [`CloudError::Config`] if a limit leaves the protocol's domain (TDM-LIM-2): an explicit
 /// `max_frame_len` outside `4096..=268435456` is refused (not clamped), and a key limit
-/// smaller than the served models' largest evaluation key is refused with the size needed.
+/// smaller than the served models' largest evaluation key is refused with the size needed;
+/// likewise a `max_batch` below a served encoder bundle's signed batch (its devices send
+/// that many rows per request, TDM-REQ-9) and a `cap` whose `max_ciphertext_len` or
+/// `max_elements` cannot carry the served models' largest request or answer (the cloud
+/// would evaluate requests whose answers it cannot send).
 pub fn derive_limits(
     sizes: &WireSizes,
     resources: &ResourceLimits,
@@ -242,6 +246,14 @@ pub fn derive_limits(
                  to derive it from the served models"
             )));
         }
+    }
+    if usize::from(resources.max_batch) < sizes.encoder_batch {
+        return Err(CloudError::Config(format!(
+            "max_batch = {} is smaller than the {} rows per request a served encoder bundle is \
+             planned for ([encoder] batch, signed by `tandem model import-bert --batch`): set \
+             max_batch to at least {}, or import the model with --batch {}",
+            resources.max_batch, sizes.encoder_batch, sizes.encoder_batch, resources.max_batch
+        )));
     }
     if let Some(k) = resources.max_key_len {
         if (k as usize) < sizes.key_len {
@@ -301,6 +313,17 @@ pub fn derive_limits(
             "the protocol cap max_key_len = {} is smaller than the {} bytes the served models' \
              evaluation keys need: raise it to at least {}",
             l.max_key_len, sizes.key_len, sizes.key_len
+        )));
+    }
+    if (l.max_ciphertext_len as usize) < ct_len || (l.max_elements as usize) < elements {
+        return Err(CloudError::Config(format!(
+            "the served models need ciphertexts of up to {ct_len} bytes and {elements} values \
+             per message for max_batch = {} rows (their largest request or answer over the \
+             output modes served), above the protocol cap max_ciphertext_len = {} / \
+             max_elements = {}: serve the large models in packed mode only (output_modes = \
+             [\"packed\"]: smaller answers), or lower max_batch (encoder bundles: import them \
+             with a smaller --batch)",
+            resources.max_batch, l.max_ciphertext_len, l.max_elements
         )));
     }
     Ok(l)

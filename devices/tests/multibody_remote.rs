@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_cloud::{Cloud, ServerOptions};
+use tandem_cloud::{Cloud, CloudError, ServerOptions};
 use tandem_device::{DeviceError, RemoteLayers};
 use tandem_he::{Client, Context, EncryptedOutput, LayerPlan, OutputMode, DEFAULT_PARAMETERS};
 use tandem_model::{
@@ -133,21 +133,32 @@ struct Served {
 
 impl Served {
     fn start(tmp: &Path, dir: &Path, key: &SigningKey) -> Served {
+        Self::try_start(tmp, dir, key, |_| {}).unwrap()
+    }
+
+    /// [`Served::start`] with the server options changed by `edit` first.
+    fn try_start(
+        tmp: &Path,
+        dir: &Path,
+        key: &SigningKey,
+        edit: impl FnOnce(&mut ServerOptions),
+    ) -> Result<Served, CloudError> {
         let pki = DevPki::generate(1).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
-        let o = ServerOptions::new(
+        let mut o = ServerOptions::new(
             common::free_addr(),
             server_config(pki.server_credentials()).unwrap(),
             key.verifying_key(),
             tmp.join("keys.redb"),
         )
         .with_model(dir.to_path_buf());
-        let cloud = Some(rt.block_on(Cloud::start(o)).unwrap());
-        Served { pki, rt, cloud }
+        edit(&mut o);
+        let cloud = Some(rt.block_on(Cloud::start(o))?);
+        Ok(Served { pki, rt, cloud })
     }
 
     fn connect(&self, bundle: &Bundle) -> RemoteLayers {
@@ -392,4 +403,40 @@ fn damaged_shared_mask_requests_and_keys_get_typed_refusals() {
     }
     remote.upload_key(&honest).unwrap();
     remote.close();
+}
+
+/// A careless operator: limits that cannot carry the served encoder bundle stop start-up with
+/// an error naming the field, instead of a cloud that refuses (or cannot answer) every long
+/// sentence.
+#[test]
+fn a_cloud_whose_limits_cannot_carry_the_bundle_refuses_to_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = SigningKey::from_bytes(&[9u8; 32]);
+    let dir = tmp.path().join("bundle");
+    write(&dir, &manifest(4), &key);
+    let refused = |what: &str, edit: &dyn Fn(&mut ServerOptions)| match Served::try_start(
+        tmp.path(),
+        &dir,
+        &key,
+        edit,
+    ) {
+        Err(CloudError::Config(m)) => assert!(m.contains(what), "{what}: {m}"),
+        Err(e) => panic!("{what}: expected a config error, got {e}"),
+        Ok(_) => panic!("{what}: the cloud started"),
+    };
+    // The bundle is signed for 16 rows per request: devices send up to 16.
+    refused("max_batch", &|o| o.resources.max_batch = (BATCH / 2) as u16);
+    // A protocol cap below the largest answer: evaluated, then never sent.
+    refused("max_ciphertext_len", &|o| {
+        o.limits.max_ciphertext_len = 4096
+    });
+    // At the signed batch, and with a larger max_batch (the bundle's blobs stay sized for its
+    // own batch), it starts.
+    for rows in [BATCH, 64] {
+        let served = Served::try_start(tmp.path(), &dir, &key, |o| {
+            o.resources.max_batch = rows as u16;
+        })
+        .unwrap_or_else(|e| panic!("max_batch = {rows}: {e}"));
+        drop(served);
+    }
 }
