@@ -65,8 +65,8 @@ pub struct EmbeddingsArgs {
     /// matched by text.
     #[arg(long)]
     pub reference: Option<PathBuf>,
-    /// Encrypt every N-th sentence (index 0, N, 2N, …); 1 encrypts them all (about 1–2 s of
-    /// cloud time per sentence on one core).
+    /// Encrypt every N-th sentence (index 0, N, 2N, …); 1 encrypts them all (about 3–4 s of
+    /// cloud time per 16 tokens on one core: hours for the whole corpus).
     #[arg(long, default_value_t = 16)]
     pub encrypt_every: usize,
     /// HE output mode of the cloud layers: `packed` (evaluation key uploaded once, fewer bytes)
