@@ -295,3 +295,57 @@ fn demo_minilm_searches_a_tiny_corpus_in_process() {
     );
     assert_eq!(v["path"], "encrypted-in-process");
 }
+
+/// A bundle imported with `--batch 32` is served by `tandem embed`'s loopback cloud: a
+/// 36-token sentence goes as two requests per layer (32 + 4 rows) and equals the embedding of
+/// the default 16-row bundle (the plans change, the integer pipeline does not). Before, the
+/// loopback cloud kept the default `max_batch = 16` and refused the 32-row requests.
+#[test]
+fn embed_serves_a_bundle_imported_with_a_larger_batch() {
+    let Some(model) = model_dir("tandem embed --model <bundle --batch 32>") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let text = "the quick brown fox jumps over the lazy dog while the cat sleeps on the warm \
+                mat near the old red barn and the farmer walks home slowly through the green \
+                fields of wheat";
+    let mut embeddings = Vec::new();
+    for batch in ["32", "16"] {
+        let bundle = tmp.path().join(format!("minilm-{batch}"));
+        let src = model.to_str().unwrap();
+        let out = tandem(
+            &[
+                "model",
+                "import-bert",
+                src,
+                "--out",
+                bundle.to_str().unwrap(),
+                "--batch",
+                batch,
+            ],
+            &model,
+        );
+        assert!(
+            out.status.success(),
+            "import-bert --batch {batch}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v = last_json(&tandem(
+            &["embed", "--model", bundle.to_str().unwrap(), text],
+            &model,
+        ));
+        let tokens = f(&v, "tokens") as usize;
+        assert!(
+            tokens > 32,
+            "{tokens} tokens: the sentence must need two requests"
+        );
+        let per_layer = tokens.div_ceil(batch.parse::<usize>().unwrap());
+        assert_eq!(
+            f(&v, "round_trips") as usize,
+            24 * per_layer,
+            "--batch {batch}"
+        );
+        embeddings.push(v["embedding"].clone());
+    }
+    assert_eq!(embeddings[0], embeddings[1]);
+}

@@ -318,11 +318,11 @@ pub fn derive_limits(
     if (l.max_ciphertext_len as usize) < ct_len || (l.max_elements as usize) < elements {
         return Err(CloudError::Config(format!(
             "the served models need ciphertexts of up to {ct_len} bytes and {elements} values \
-             per message for max_batch = {} rows (their largest request or answer over the \
-             output modes served), above the protocol cap max_ciphertext_len = {} / \
-             max_elements = {}: serve the large models in packed mode only (output_modes = \
-             [\"packed\"]: smaller answers), or lower max_batch (encoder bundles: import them \
-             with a smaller --batch)",
+             per message (their largest request or answer over the output modes served, for up \
+             to max_batch = {} rows or an encoder bundle's signed batch), above the protocol \
+             cap max_ciphertext_len = {} / max_elements = {}: serve the large models in packed \
+             mode only (output_modes = [\"packed\"]: smaller answers), or lower max_batch \
+             (encoder bundles: import them with a smaller --batch)",
             resources.max_batch, l.max_ciphertext_len, l.max_elements
         )));
     }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
-use tandem_cloud::{Cloud, ServerOptions};
+use tandem_cloud::{Cloud, ModelPolicy, ServerOptions};
 use tandem_device::planner::LinkEstimate;
 use tandem_device::{RemoteLayers, SentenceDevice, SentenceStats};
 use tandem_model::{read_verifying_key, Bundle, Limits, Part, VerifyingKey};
@@ -157,7 +157,10 @@ pub(super) struct Endpoint {
 
 impl Endpoint {
     /// `threads > 1` lets the loopback cloud evaluate in parallel; `tag` names its key store
-    /// file in the temporary directory.
+    /// file in the temporary directory. The loopback cloud serves the bundle in `mode` only
+    /// (the other mode's layers are not prepared: about half the memory and start-up time)
+    /// and admits the HE engine's largest batch, so a bundle imported with any `--batch`
+    /// is served.
     ///
     /// # Errors
     /// `--cloud` without `--pki`, unreadable credentials, or a loopback cloud that does not
@@ -169,6 +172,7 @@ impl Endpoint {
         threads: usize,
         link: Option<LinkEstimate>,
         tag: &str,
+        mode: tandem_he::OutputMode,
     ) -> anyhow::Result<Endpoint> {
         if let Some(addr) = c.cloud {
             let Some(pki) = &c.pki else {
@@ -195,6 +199,15 @@ impl Endpoint {
         };
         let mut o = ServerOptions::new(addr, server_config(pki.server_credentials())?, vk, store);
         o.models = vec![model.to_path_buf()];
+        o.policies = vec![(
+            model.to_path_buf(),
+            ModelPolicy {
+                packed: mode == tandem_he::OutputMode::Packed,
+                nokey: mode == tandem_he::OutputMode::NoKey,
+            },
+        )];
+        // An encoder bundle's blobs are sized for its own signed batch whatever max_batch is.
+        o.resources.max_batch = tandem_he::limits::MAX_BATCH as u16;
         o.parallel_eval = threads > 1;
         let cloud = rt.block_on(Cloud::start(o))?;
         let tls = client_config(pki.client_credentials("device-1")?)?;
@@ -259,8 +272,8 @@ impl Session {
             bandwidth_bps: c.link_mbit * 1e6,
             rtt_ms,
         });
-        let endpoint = Endpoint::open(model, c, vk, threads, link, "sentence")?;
         let mode = super::eval::parse_mode(&c.mode)?;
+        let endpoint = Endpoint::open(model, c, vk, threads, link, "sentence", mode)?;
         let remote = endpoint.connect(&bundle, mode, Duration::from_secs(120))?;
         let device = SentenceDevice::with_remote(&bundle, remote.clone())?;
         let key_upload_bytes = remote.stats().key_upload_bytes;

@@ -180,7 +180,15 @@ pub fn bench(
     }
 
     // The session: loopback cloud (shaped) or --cloud.
-    let endpoint = Endpoint::open(model, c, vk, threads, link, "sentence-split")?;
+    let endpoint = Endpoint::open(
+        model,
+        c,
+        vk,
+        threads,
+        link,
+        "sentence-split",
+        OutputMode::Packed,
+    )?;
     let remote = endpoint.connect(&bundle, OutputMode::Packed, Duration::from_secs(300))?;
     let reported = Arc::new(ReportedTimes {
         remote: remote.clone(),
