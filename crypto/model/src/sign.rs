@@ -330,10 +330,11 @@ pub fn write_bundle(
     tensors: &[NamedTensor],
     key: &SigningKey,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut m = manifest.clone();
     unbind(&mut m);
     m.validate(&Limits::default())?;
+    // Created only for a valid manifest: a refused one leaves no empty directory behind.
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let owners = m.tensor_owners();
     let mut parts: [Vec<NamedTensor>; 2] = [Vec::new(), Vec::new()];
     for t in tensors {

@@ -294,16 +294,7 @@ pub fn import_bert_with_plan(
     };
     tensors.extend(linear_tensors);
 
-    std::fs::create_dir_all(out).map_err(|source| OpsError::Io {
-        path: out.to_path_buf(),
-        source,
-    })?;
     let tok = read_limited(&src.join("tokenizer.json"), MAX_TOKENIZER_BYTES)?;
-    let tok_path = out.join("tokenizer.json");
-    std::fs::write(&tok_path, &tok).map_err(|source| OpsError::Io {
-        path: tok_path.clone(),
-        source,
-    })?;
     let digest = <sha2::Sha256 as sha2::Digest>::digest(&tok);
     let n_ops = ops.len();
     let n_linears = linears.len();
@@ -330,6 +321,19 @@ pub fn import_bert_with_plan(
             max_bodies,
         },
     )?;
+    // Only a manifest that validates (knobs in range, graph consistent) writes anything: a
+    // refused import leaves `out` as it was (no half-written directory, no replaced tokenizer
+    // under an existing bundle's digest). `write_bundle` checks it again with the weights.
+    manifest.validate(&tandem_model::Limits::default())?;
+    std::fs::create_dir_all(out).map_err(|source| OpsError::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let tok_path = out.join("tokenizer.json");
+    std::fs::write(&tok_path, &tok).map_err(|source| OpsError::Io {
+        path: tok_path.clone(),
+        source,
+    })?;
     tandem_model::write_bundle(out, &manifest, &tensors, key)?;
     let size = |f: &str| std::fs::metadata(out.join(f)).map_or(0, |m| m.len());
     Ok(ImportSummary {
