@@ -29,7 +29,7 @@ pub enum DeviceError {
     #[error("protocol: {0}")]
     Protocol(#[from] tandem_protocol::Error),
     /// The cloud closed the session.
-    #[error("session closed by the cloud ({0:?})")]
+    #[error("session closed by the cloud ({0:?}){hint}", hint = closed_hint(*.0))]
     Closed(ErrorCode),
     /// The cloud refused the request.
     #[error("request refused by the cloud ({0:?})")]
@@ -123,5 +123,18 @@ impl DeviceError {
             DeviceError::Refused(c) => *c == ErrorCode::Busy,
             _ => false,
         }
+    }
+}
+
+/// What a device user can do about a session the cloud closed with `code`, for the codes whose
+/// cause is on the device's side of the configuration.
+fn closed_hint(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::UnknownModel => {
+            ": the cloud serves no model with this bundle's id and digest; device and cloud must \
+             hold the same signed bundle (a re-import with other --batch, --link-kbit or \
+             --max-bodies changes the digest)"
+        }
+        _ => "",
     }
 }

@@ -440,3 +440,45 @@ fn a_cloud_whose_limits_cannot_carry_the_bundle_refuses_to_start() {
         drop(served);
     }
 }
+
+/// Cloud and device holding bundles that differ only in the signed `max_bodies` (so in their
+/// plans): the digests differ and the handshake is refused with UnknownModel — no request is
+/// ever evaluated under mismatched plans — and the error tells the user what to check.
+#[test]
+fn bundles_differing_only_in_max_bodies_are_refused_at_the_handshake() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = SigningKey::from_bytes(&[10u8; 32]);
+    let served_dir = tmp.path().join("served");
+    let other_dir = tmp.path().join("other");
+    write(&served_dir, &manifest(4), &key);
+    write(&other_dir, &manifest(2), &key);
+    let vk = key.verifying_key();
+    let other = Bundle::load_part(&other_dir, &vk, &Limits::default(), Part::Device).unwrap();
+    let served_bundle =
+        Bundle::load_part(&served_dir, &vk, &Limits::default(), Part::Device).unwrap();
+    assert_eq!(other.id(), served_bundle.id());
+    assert_ne!(other.digest(), served_bundle.digest());
+    let served = Served::start(tmp.path(), &served_dir, &key);
+    let r = RemoteLayers::connect(
+        served.cloud.as_ref().unwrap().local_addr(),
+        "localhost",
+        client_config(served.pki.client_credentials("device-1").unwrap()).unwrap(),
+        &other,
+        OutputMode::Packed,
+        &[DEFAULT_PARAMETERS.id],
+        Duration::from_secs(60),
+    );
+    match r {
+        Err(e @ DeviceError::Closed(ErrorCode::UnknownModel)) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("same signed bundle") && text.contains("--max-bodies"),
+                "{text}"
+            );
+        }
+        Err(e) => panic!("expected UnknownModel, got {e}"),
+        Ok(_) => panic!("a session for a bundle the cloud does not serve"),
+    }
+    // The served bundle itself connects.
+    served.connect(&served_bundle).close();
+}
