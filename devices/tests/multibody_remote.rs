@@ -430,6 +430,23 @@ fn a_cloud_whose_limits_cannot_carry_the_bundle_refuses_to_start() {
     refused("max_ciphertext_len", &|o| {
         o.limits.max_ciphertext_len = 4096
     });
+    // An explicit max_key_len one byte short of the honest shared-mask key (widest chunk and
+    // most bodies): refused naming the field; exactly that size starts.
+    let bundle =
+        Bundle::load_part(&dir, &key.verifying_key(), &Limits::default(), Part::Device).unwrap();
+    let plans = plans(&Context::new(DEFAULT_PARAMETERS), &bundle);
+    let mut widest = plans[0];
+    widest.chunk = plans.iter().map(|p| p.chunk).max().unwrap();
+    widest.bodies = plans.iter().map(LayerPlan::bodies).max().unwrap();
+    let need = widest.eval_key_bytes() as u32;
+    assert!(widest.bodies >= 2);
+    refused("max_key_len", &|o| o.resources.max_key_len = Some(need - 1));
+    drop(
+        Served::try_start(tmp.path(), &dir, &key, |o| {
+            o.resources.max_key_len = Some(need);
+        })
+        .unwrap_or_else(|e| panic!("max_key_len = {need}: {e}")),
+    );
     // At the signed batch, and with a larger max_batch (the bundle's blobs stay sized for its
     // own batch), it starts.
     for rows in [BATCH, 64] {
