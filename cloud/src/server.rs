@@ -255,6 +255,14 @@ pub fn derive_limits(
             resources.max_batch, sizes.encoder_batch, sizes.encoder_batch, resources.max_batch
         )));
     }
+    if resources.key_cache_bytes < sizes.prepared_key_bytes {
+        return Err(CloudError::Config(format!(
+            "key_cache_bytes = {} cannot hold one prepared evaluation key of the served models \
+             ({} bytes): every request would prepare its key again; set key_cache_bytes to at \
+             least {} (a multiple of it for several devices), or leave it out for 256 MiB",
+            resources.key_cache_bytes, sizes.prepared_key_bytes, sizes.prepared_key_bytes
+        )));
+    }
     if let Some(k) = resources.max_key_len {
         if (k as usize) < sizes.key_len {
             return Err(CloudError::Config(format!(

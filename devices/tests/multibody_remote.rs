@@ -441,6 +441,11 @@ fn a_cloud_whose_limits_cannot_carry_the_bundle_refuses_to_start() {
     let need = widest.eval_key_bytes() as u32;
     assert!(widest.bodies >= 2);
     refused("max_key_len", &|o| o.resources.max_key_len = Some(need - 1));
+    // A prepared-key cache that cannot hold one prepared key: every request would prepare
+    // the key again, so start-up is refused naming the field.
+    refused("key_cache_bytes", &|o| {
+        o.resources.key_cache_bytes = 1 << 20
+    });
     drop(
         Served::try_start(tmp.path(), &dir, &key, |o| {
             o.resources.max_key_len = Some(need);
