@@ -84,8 +84,7 @@ fn check(
     opts: PlanOptions,
     want_bodies: Option<usize>,
 ) -> LayerPlan {
-    let m = multi();
-    let layer = PreparedLayer::prepare(m.ctx.clone(), mode, n_in, n_out, w, b, 128, opts).unwrap();
+    let layer = prepare(mode, n_in, n_out, w, b, opts).unwrap();
     let plan = *layer.plan();
     if let Some(r) = want_bodies {
         assert_eq!(plan.bodies, r, "{plan:?}");
@@ -109,6 +108,53 @@ fn forced(chunk: usize, batch: usize, max_bodies: usize) -> PlanOptions {
         batch: Some(batch),
         max_bodies,
     }
+}
+
+/// Prepares a layer on the shared context with the default plaintext bound (128).
+fn prepare(
+    mode: OutputMode,
+    n_in: usize,
+    n_out: usize,
+    w: &[i64],
+    b: &[i64],
+    opts: PlanOptions,
+) -> Result<PreparedLayer, HeError> {
+    PreparedLayer::prepare(multi().ctx.clone(), mode, n_in, n_out, w, b, 128, opts)
+}
+
+/// Int8 weights (seed `seed`) and biases in ±100 (seed `seed + 1`) of an `n_in`×`n_out` layer.
+fn weights(n_in: usize, n_out: usize, seed: u64) -> (Vec<i64>, Vec<i64>) {
+    (
+        values(n_in * n_out, seed, -128, 127),
+        values(n_out, seed + 1, -100, 100),
+    )
+}
+
+/// `count` int8 rows of width `n_in`, row k from seed `seed + k`.
+fn rows(count: u64, n_in: usize, seed: u64) -> Vec<Vec<i64>> {
+    (0..count)
+        .map(|k| values(n_in, seed + k, -128, 127))
+        .collect()
+}
+
+/// Each decrypted row equals the plaintext reference of its input row.
+fn assert_reference(
+    xs: &[Vec<i64>],
+    got: &[Vec<i64>],
+    w: &[i64],
+    b: &[i64],
+    n_in: usize,
+    n_out: usize,
+) {
+    for (x, y) in xs.iter().zip(got) {
+        assert_eq!(y, &reference(w, b, x, n_in, n_out));
+    }
+}
+
+/// Asserts that `r` is a [`HeError::Malformed`], naming `what` otherwise.
+fn assert_malformed(r: Result<(), HeError>, what: std::fmt::Arguments) {
+    let e = r.unwrap_err();
+    assert!(matches!(e, HeError::Malformed { .. }), "{what}: {e}");
 }
 
 /// r ∈ {2, 4} in both modes: full blocks, a short last block (fewer bodies), and fewer rows
@@ -148,7 +194,7 @@ fn several_multi_body_blocks_decrypt_exactly() {
     let (n_in, n_out) = (300, 40);
     let w = values(n_in * n_out, 5, -128, 127);
     let b = values(n_out, 6, -1000, 1000);
-    let xs: Vec<Vec<i64>> = (0..21).map(|k| values(n_in, 100 + k, -128, 127)).collect();
+    let xs = rows(21, n_in, 100);
     for mode in [OutputMode::NoKey, OutputMode::Packed] {
         // chunk 2048: b₁ = 2, r = 2: 4 rows per block, 21 rows = 5 full blocks and one row.
         let plan = check(mode, n_in, n_out, &w, &b, &xs, forced(2048, 4, 2), Some(2));
@@ -191,9 +237,7 @@ proptest! {
 #[test]
 fn minilm_shapes_with_shared_masks_decrypt_exactly() {
     let m = multi();
-    let xs = |n_in: usize| -> Vec<Vec<i64>> {
-        (0..16).map(|k| values(n_in, 40 + k, -128, 127)).collect()
-    };
+    let xs = |n_in: usize| rows(16, n_in, 40);
     let (n_in, n_out) = (384, 1536);
     let w = values(n_in * n_out, 31, -127, 127);
     let b = values(n_out, 32, -1000, 1000);
@@ -228,10 +272,8 @@ fn minilm_shapes_with_shared_masks_decrypt_exactly() {
     )
     .unwrap();
     assert!(layer.plan().bodies > 1, "{:?}", layer.plan());
-    let rows = xs(n_in);
-    for (x, y) in rows.iter().zip(run(&layer, &rows)) {
-        assert_eq!(y, reference(&w, &b, x, n_in, n_out));
-    }
+    let xs = xs(n_in);
+    assert_reference(&xs, &run(&layer, &xs), &w, &b, n_in, n_out);
 }
 
 /// Secrets 1.. come from the device's seed: a client rebuilt from the same seed decrypts what
@@ -240,29 +282,16 @@ fn minilm_shapes_with_shared_masks_decrypt_exactly() {
 fn all_secrets_are_reproduced_from_the_seed() {
     let m = multi();
     let (n_in, n_out) = (64, 8);
-    let w = values(n_in * n_out, 1, -128, 127);
-    let b = values(n_out, 2, -100, 100);
-    let layer = PreparedLayer::prepare(
-        m.ctx.clone(),
-        OutputMode::NoKey,
-        n_in,
-        n_out,
-        &w,
-        &b,
-        128,
-        forced(4096, 8, 8),
-    )
-    .unwrap();
+    let (w, b) = weights(n_in, n_out, 1);
+    let layer = prepare(OutputMode::NoKey, n_in, n_out, &w, &b, forced(4096, 8, 8)).unwrap();
     assert_eq!(layer.plan().bodies, 8);
-    let xs: Vec<Vec<i64>> = (0..8).map(|k| values(n_in, 9 + k, -128, 127)).collect();
+    let xs = rows(8, n_in, 9);
     let ct = m.client.lock().unwrap().encrypt(layer.plan(), &xs).unwrap();
     let out = layer.eval(&ct, None, EvalOptions::default()).unwrap();
     let again = Client::from_seed(m.ctx.clone(), SEED);
     assert_eq!(again.key_id(), m.client.lock().unwrap().key_id());
     let got = again.decrypt(layer.plan(), &out).unwrap();
-    for (x, y) in xs.iter().zip(&got) {
-        assert_eq!(y, &reference(&w, &b, x, n_in, n_out));
-    }
+    assert_reference(&xs, &got, &w, &b, n_in, n_out);
     // Another seed's client does not decrypt it.
     let other = Client::from_seed(m.ctx.clone(), SEED + 1);
     assert!(matches!(
@@ -277,21 +306,10 @@ fn all_secrets_are_reproduced_from_the_seed() {
 fn key_with_too_few_bodies_is_refused() {
     let m = multi();
     let (n_in, n_out) = (500, 30);
-    let w = values(n_in * n_out, 3, -128, 127);
-    let b = values(n_out, 4, -100, 100);
-    let layer = PreparedLayer::prepare(
-        m.ctx.clone(),
-        OutputMode::Packed,
-        n_in,
-        n_out,
-        &w,
-        &b,
-        128,
-        forced(4096, 8, 8),
-    )
-    .unwrap();
+    let (w, b) = weights(n_in, n_out, 3);
+    let layer = prepare(OutputMode::Packed, n_in, n_out, &w, &b, forced(4096, 8, 8)).unwrap();
     assert_eq!(layer.plan().bodies, 8);
-    let xs: Vec<Vec<i64>> = (0..8).map(|k| values(n_in, 9 + k, -128, 127)).collect();
+    let xs = rows(8, n_in, 9);
     let mut client = m.client.lock().unwrap();
     let ct = client.encrypt(layer.plan(), &xs).unwrap();
     for bodies in [1, 2, 4] {
@@ -312,22 +330,10 @@ fn key_with_too_few_bodies_is_refused() {
     ));
     // More key bodies than the plan needs: fine.
     drop(client);
-    let layer = PreparedLayer::prepare(
-        m.ctx.clone(),
-        OutputMode::Packed,
-        n_in,
-        n_out,
-        &w,
-        &b,
-        128,
-        forced(4096, 2, 2),
-    )
-    .unwrap();
+    let layer = prepare(OutputMode::Packed, n_in, n_out, &w, &b, forced(4096, 2, 2)).unwrap();
     assert_eq!(layer.plan().bodies, 2);
     let got = run(&layer, &xs[..3]);
-    for (x, y) in xs.iter().zip(&got) {
-        assert_eq!(y, &reference(&w, &b, x, n_in, n_out));
-    }
+    assert_reference(&xs, &got, &w, &b, n_in, n_out);
 }
 
 /// Multi-body blobs: truncated, oversized, over the limit, a body count other than the plan's,
@@ -336,22 +342,11 @@ fn key_with_too_few_bodies_is_refused() {
 fn multi_body_blobs_are_refused_when_damaged() {
     let m = multi();
     let (n_in, n_out) = (100, 20);
-    let w = values(n_in * n_out, 3, -128, 127);
-    let b = values(n_out, 4, -100, 100);
-    let layer = PreparedLayer::prepare(
-        m.ctx.clone(),
-        OutputMode::Packed,
-        n_in,
-        n_out,
-        &w,
-        &b,
-        128,
-        forced(2048, 4, 2),
-    )
-    .unwrap();
+    let (w, b) = weights(n_in, n_out, 3);
+    let layer = prepare(OutputMode::Packed, n_in, n_out, &w, &b, forced(2048, 4, 2)).unwrap();
     let plan = *layer.plan();
     assert_eq!(plan.bodies, 2);
-    let xs: Vec<Vec<i64>> = (0..4).map(|k| values(n_in, 9 + k, -128, 127)).collect();
+    let xs = rows(4, n_in, 9);
     let mut client = m.client.lock().unwrap();
     let input = client.encrypt(&plan, &xs).unwrap().to_bytes();
     let out = layer
@@ -385,32 +380,25 @@ fn multi_body_blobs_are_refused_when_damaged() {
         assert_eq!(blob[R_AT], 2, "{what}");
         decode(blob, blob.len()).unwrap();
         for cut in [1, 7, blob.len() / 2, blob.len() - 1, R_AT + 1, R_AT] {
-            let e = decode(&blob[..cut], blob.len()).unwrap_err();
-            assert!(
-                matches!(e, HeError::Malformed { .. }),
-                "{what} cut {cut}: {e}"
+            assert_malformed(
+                decode(&blob[..cut], blob.len()),
+                format_args!("{what} cut {cut}"),
             );
         }
         let mut long = blob.to_vec();
         long.push(0);
-        let e = decode(&long, long.len()).unwrap_err();
-        assert!(matches!(e, HeError::Malformed { .. }), "{what} long: {e}");
+        assert_malformed(decode(&long, long.len()), format_args!("{what} long"));
         let e = decode(blob, blob.len() - 1).unwrap_err();
         assert!(matches!(e, HeError::TooLarge { .. }), "{what} limit: {e}");
         for r in [0u8, 1, 3, 4, limits::MAX_BODIES as u8 + 1, 255] {
             let mut bad = blob.to_vec();
             bad[R_AT] = r;
-            let e = decode(&bad, bad.len()).unwrap_err();
-            assert!(
-                matches!(e, HeError::Malformed { .. }),
-                "{what} r = {r}: {e}"
-            );
+            assert_malformed(decode(&bad, bad.len()), format_args!("{what} r = {r}"));
         }
         // The single-secret kind byte on a multi-body blob: the length no longer matches.
         let mut bad = blob.to_vec();
         bad[5] -= 3;
-        let e = decode(&bad, bad.len()).unwrap_err();
-        assert!(matches!(e, HeError::Malformed { .. }), "{what} kind: {e}");
+        assert_malformed(decode(&bad, bad.len()), format_args!("{what} kind"));
     }
     // A multi-body blob against the single-secret plan of the same layout, and back.
     assert!(matches!(
@@ -432,14 +420,12 @@ fn too_many_bodies_are_refused() {
     let (n_in, n_out) = (16, 4);
     let w = values(n_in * n_out, 1, -128, 127);
     let b = vec![0; n_out];
-    let e = PreparedLayer::prepare(
-        m.ctx.clone(),
+    let e = prepare(
         OutputMode::NoKey,
         n_in,
         n_out,
         &w,
         &b,
-        128,
         forced(4096, 16, over),
     )
     .unwrap_err();
