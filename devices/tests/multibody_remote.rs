@@ -214,13 +214,23 @@ fn product(rows: &[Vec<i64>], n_in: usize, n_out: usize) -> Vec<Vec<i64>> {
         .collect()
 }
 
-#[test]
-fn a_key_with_fewer_bodies_than_the_plans_is_refused_and_the_honest_key_is_exact() {
-    let tmp = tempfile::tempdir().unwrap();
-    let key = SigningKey::from_bytes(&[7u8; 32]);
-    let dir = tmp.path().join("bundle");
+/// A cloud serving a fresh multi-body bundle (`manifest(4)`) in `tmp`, a device session on it,
+/// and the packed plans the device derives with their widest chunk and most bodies.
+struct Session {
+    remote: RemoteLayers,
+    client: Client,
+    plans: Vec<LayerPlan>,
+    max_chunk: usize,
+    max_bodies: usize,
+    bundle: Bundle,
+    served: Served,
+}
+
+fn session(tmp: &Path, key_byte: u8) -> Session {
+    let key = SigningKey::from_bytes(&[key_byte; 32]);
+    let dir = tmp.join("bundle");
     write(&dir, &manifest(4), &key);
-    let served = Served::start(tmp.path(), &dir, &key);
+    let served = Served::start(tmp, &dir, &key);
     let bundle =
         Bundle::load_part(&dir, &key.verifying_key(), &Limits::default(), Part::Device).unwrap();
     let remote = served.connect(&bundle);
@@ -228,29 +238,74 @@ fn a_key_with_fewer_bodies_than_the_plans_is_refused_and_the_honest_key_is_exact
     let plans = plans(&ctx, &bundle);
     let max_chunk = plans.iter().map(|p| p.chunk).max().unwrap();
     let max_bodies = plans.iter().map(LayerPlan::bodies).max().unwrap();
+    Session {
+        remote,
+        client: Client::new(ctx),
+        plans,
+        max_chunk,
+        max_bodies,
+        bundle,
+        served,
+    }
+}
+
+/// `BATCH` int8 rows of width `H`: entry (t, i) is `(t·a + i·b) mod 255 − 127`.
+fn rows(a: usize, b: usize) -> Vec<Vec<i64>> {
+    (0..BATCH)
+        .map(|t| {
+            (0..H)
+                .map(|i| ((t * a + i * b) % 255) as i64 - 127)
+                .collect()
+        })
+        .collect()
+}
+
+/// Decodes and decrypts a layer's reply under `plan`.
+fn decrypt(client: &Client, plan: &LayerPlan, reply: &[u8]) -> Vec<Vec<i64>> {
+    let out = EncryptedOutput::from_bytes(reply, reply.len(), plan, &client.key_id()).unwrap();
+    client.decrypt(plan, &out).unwrap()
+}
+
+/// The key `blob` is never acknowledged and the cloud closes the session with InvalidRequest
+/// (TDM-KEY-8).
+fn assert_key_closes_session(remote: &RemoteLayers, blob: &[u8], what: &str) {
+    assert!(remote.upload_key(blob).is_err(), "{what} acknowledged");
+    match remote.take_error() {
+        Some(DeviceError::Closed(ErrorCode::InvalidRequest)) => {}
+        other => panic!("{what}: expected InvalidRequest, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_key_with_fewer_bodies_than_the_plans_is_refused_and_the_honest_key_is_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Session {
+        served,
+        bundle,
+        plans,
+        max_chunk,
+        max_bodies,
+        mut client,
+        mut remote,
+    } = session(tmp.path(), 7);
     assert!(
         max_bodies >= 2,
         "the premise: a shared-mask plan ({plans:?})"
     );
-    let mut client = Client::new(ctx);
 
     // Enough automorphisms, too few bodies (one secret, up to one less than the plans
     // need): refused at registration, never acknowledged; v1 has no per-key refusal, so the
     // cloud closes that session with InvalidRequest (TDM-KEY-8) and a new one works.
-    let mut remote = remote;
     for bodies in 1..max_bodies {
         let short = client
             .evaluation_key_for(max_chunk, bodies)
             .unwrap()
             .to_bytes();
-        assert!(
-            remote.upload_key(&short).is_err(),
-            "a {bodies}-body key for {max_bodies}-body plans was acknowledged"
+        assert_key_closes_session(
+            &remote,
+            &short,
+            &format!("a {bodies}-body key for {max_bodies}-body plans"),
         );
-        match remote.take_error() {
-            Some(DeviceError::Closed(ErrorCode::InvalidRequest)) => {}
-            other => panic!("{bodies}-body key: expected a typed refusal, got {other:?}"),
-        }
         remote.close();
         remote = served.connect(&bundle);
     }
@@ -261,21 +316,14 @@ fn a_key_with_fewer_bodies_than_the_plans_is_refused_and_the_honest_key_is_exact
         .unwrap()
         .to_bytes();
     remote.upload_key(&honest).unwrap();
-    let rows: Vec<Vec<i64>> = (0..BATCH)
-        .map(|t| {
-            (0..H)
-                .map(|i| ((t * 31 + i * 7) % 255) as i64 - 127)
-                .collect()
-        })
-        .collect();
+    let rows = rows(31, 7);
     for (index, (plan, &(_, n_in, n_out))) in plans.iter().zip(&LINEARS).enumerate() {
         let blob = client.encrypt(plan, &rows).unwrap().to_bytes();
         let reply = remote
             .request(index as u32, BATCH as u16, blob)
             .unwrap_or_else(|e| panic!("layer {index}: {e}"));
-        let out = EncryptedOutput::from_bytes(&reply, reply.len(), plan, &client.key_id()).unwrap();
         assert_eq!(
-            client.decrypt(plan, &out).unwrap(),
+            decrypt(&client, plan, &reply),
             product(&rows, n_in, n_out),
             "layer {index} ({} bodies)",
             plan.bodies()
@@ -291,30 +339,21 @@ const R_AT: usize = 40;
 #[test]
 fn damaged_shared_mask_requests_and_keys_get_typed_refusals() {
     let tmp = tempfile::tempdir().unwrap();
-    let key = SigningKey::from_bytes(&[8u8; 32]);
-    let dir = tmp.path().join("bundle");
-    write(&dir, &manifest(4), &key);
-    let served = Served::start(tmp.path(), &dir, &key);
-    let bundle =
-        Bundle::load_part(&dir, &key.verifying_key(), &Limits::default(), Part::Device).unwrap();
-    let remote = served.connect(&bundle);
-    let ctx = Arc::new(Context::new(remote.params()));
-    let plans = plans(&ctx, &bundle);
-    let max_chunk = plans.iter().map(|p| p.chunk).max().unwrap();
-    let max_bodies = plans.iter().map(LayerPlan::bodies).max().unwrap();
-    let mut client = Client::new(ctx);
+    let Session {
+        served,
+        bundle,
+        plans,
+        max_chunk,
+        max_bodies,
+        mut client,
+        remote,
+    } = session(tmp.path(), 8);
     let honest = client
         .evaluation_key_for(max_chunk, max_bodies)
         .unwrap()
         .to_bytes();
     remote.upload_key(&honest).unwrap();
-    let rows: Vec<Vec<i64>> = (0..BATCH)
-        .map(|t| {
-            (0..H)
-                .map(|i| ((t * 13 + i * 5) % 255) as i64 - 127)
-                .collect()
-        })
-        .collect();
+    let rows = rows(13, 5);
     // Layer 1 is the shared-mask one.
     let plan = plans[1];
     assert!(plan.bodies() >= 2, "{plan:?}");
@@ -363,9 +402,8 @@ fn damaged_shared_mask_requests_and_keys_get_typed_refusals() {
         other => panic!("oversized request: {other:?}"),
     }
     let reply = remote.request(1, 16, good).unwrap();
-    let out = EncryptedOutput::from_bytes(&reply, reply.len(), &plan, &client.key_id()).unwrap();
     assert_eq!(
-        client.decrypt(&plan, &out).unwrap(),
+        decrypt(&client, &plan, &reply),
         product(&rows, H, H),
         "still exact after the refusals"
     );
@@ -383,12 +421,7 @@ fn damaged_shared_mask_requests_and_keys_get_typed_refusals() {
         keys.push((format!("r = {r}"), k));
     }
     for (what, blob) in keys {
-        let remote = served.connect(&bundle);
-        assert!(remote.upload_key(&blob).is_err(), "{what} acknowledged");
-        match remote.take_error() {
-            Some(DeviceError::Closed(ErrorCode::InvalidRequest)) => {}
-            other => panic!("key {what}: expected InvalidRequest, got {other:?}"),
-        }
+        assert_key_closes_session(&served.connect(&bundle), &blob, &format!("key {what}"));
     }
     let remote = served.connect(&bundle);
     for (chunk, bodies) in [(max_chunk, max_bodies + 1), (2 * max_chunk, max_bodies)] {
