@@ -302,24 +302,16 @@ fn he_known_answer_vectors() {
     json.push_str("  \"vectors\": [\n");
     let mut masks = RandomGenerator::<DefaultRandomGenerator>::new(Seed(MASK_SEED));
     for (ci, case) in cases.iter().enumerate() {
-        let weights: Vec<i64> = (0..case.n_in * case.n_out)
-            .map(|i| (i as i64 * 37 % 255) - 127)
-            .collect();
-        let bias: Vec<i64> = (0..case.n_out as i64).map(|r| 1000 * r - 500).collect();
-        let layer = PreparedLayer::prepare(
-            ctx.clone(),
+        let (weights, bias, layer) = kat_layer(
+            &ctx,
             case.mode,
             case.n_in,
             case.n_out,
-            &weights,
-            &bias,
-            128,
             PlanOptions {
                 chunk: case.chunk,
                 ..PlanOptions::default()
             },
-        )
-        .expect("layer");
+        );
         let plan = *layer.plan();
         // The input blob, from the text: plaintexts, masks from the stream, noise, rounding.
         let chunks = case.n_in.div_ceil(plan.chunk);
@@ -434,6 +426,24 @@ fn he_known_answer_vectors() {
          is intended, regenerate with TANDEM_WRITE_HE_KAT=1 cargo test --release -p tandem-he --test kat \
          and update specs/he-formats.md"
     );
+}
+
+/// The vectors' `n_out`×`n_in` weights (entry i is `37·i mod 255 − 127`), biases
+/// `1000·r − 500` and the layer prepared from them with `opts` (plaintext bound 128).
+fn kat_layer(
+    ctx: &Arc<Context>,
+    mode: OutputMode,
+    n_in: usize,
+    n_out: usize,
+    opts: PlanOptions,
+) -> (Vec<i64>, Vec<i64>, PreparedLayer) {
+    let weights: Vec<i64> = (0..n_in * n_out)
+        .map(|i| (i as i64 * 37 % 255) - 127)
+        .collect();
+    let bias: Vec<i64> = (0..n_out as i64).map(|r| 1000 * r - 500).collect();
+    let layer = PreparedLayer::prepare(ctx.clone(), mode, n_in, n_out, &weights, &bias, 128, opts)
+        .expect("layer");
+    (weights, bias, layer)
 }
 
 /// Secrets 0 .. `count` of `SK_SEED` as the device derives them: one tfhe secret generator,
@@ -853,21 +863,7 @@ fn multibody_section(ctx: &Arc<Context>, client: &Client, json: &mut String) {
     json.push_str("    \"vectors\": [\n");
     for (ci, case) in cases.iter().enumerate() {
         let x: Vec<Vec<i64>> = case.x.iter().map(|r| r[..case.n_in].to_vec()).collect();
-        let weights: Vec<i64> = (0..case.n_in * case.n_out)
-            .map(|i| (i as i64 * 37 % 255) - 127)
-            .collect();
-        let bias: Vec<i64> = (0..case.n_out as i64).map(|r| 1000 * r - 500).collect();
-        let planned = PreparedLayer::prepare(
-            ctx.clone(),
-            case.mode,
-            case.n_in,
-            case.n_out,
-            &weights,
-            &bias,
-            128,
-            case.opts,
-        )
-        .expect("layer");
+        let (weights, bias, planned) = kat_layer(ctx, case.mode, case.n_in, case.n_out, case.opts);
         let layer = match case.force {
             None => planned,
             Some((b1, r)) => {
