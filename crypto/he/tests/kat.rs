@@ -182,14 +182,13 @@ fn u64_list(v: &[u64]) -> String {
     format!("[{}]", items.join(", "))
 }
 
+fn i64_list(v: &[i64]) -> String {
+    let items: Vec<String> = v.iter().map(i64::to_string).collect();
+    format!("[{}]", items.join(", "))
+}
+
 fn i64_rows(v: &[Vec<i64>]) -> String {
-    let rows: Vec<String> = v
-        .iter()
-        .map(|r| {
-            let items: Vec<String> = r.iter().map(i64::to_string).collect();
-            format!("[{}]", items.join(", "))
-        })
-        .collect();
+    let rows: Vec<String> = v.iter().map(|r| i64_list(r)).collect();
     format!("[{}]", rows.join(", "))
 }
 
@@ -359,20 +358,7 @@ fn he_known_answer_vectors() {
             .eval(&decoded, key, EvalOptions::default())
             .expect("eval");
         let out_blob = out.to_bytes();
-        let want: Vec<Vec<i64>> = case
-            .x
-            .iter()
-            .map(|x| {
-                (0..case.n_out)
-                    .map(|r| {
-                        (0..case.n_in)
-                            .map(|i| weights[r * case.n_in + i] * x[i])
-                            .sum::<i64>()
-                            + bias[r]
-                    })
-                    .collect()
-            })
-            .collect();
+        let want = affine(&weights, &bias, &case.x, case.n_in, case.n_out);
         // The engine decrypts its own output exactly, and so does the spec's slot rule.
         assert_eq!(
             client.decrypt(&plan, &out).expect("decrypt"),
@@ -386,11 +372,9 @@ fn he_known_answer_vectors() {
             "{}",
             case.id
         );
-        let weights_s: Vec<String> = weights.iter().map(i64::to_string).collect();
-        let bias_s: Vec<String> = bias.iter().map(i64::to_string).collect();
         let _ = write!(
             json,
-            "    {{\"id\": \"{}\", \"plan\": {{\"mode\": \"{}\", \"n_in\": {}, \"n_out\": {}, \"chunk\": {}, \"delta_in_log2\": {}, \"delta_out_log2\": {}, \"upload_bits\": {}, \"download_bits\": {}, \"body_bits\": {}}},\n     \"weights\": [{}], \"bias\": [{}], \"x\": {}, \"y\": {},\n     \"input_blob\": \"{}\",\n     \"output_blob\": \"{}\"}}{}\n",
+            "    {{\"id\": \"{}\", \"plan\": {{\"mode\": \"{}\", \"n_in\": {}, \"n_out\": {}, \"chunk\": {}, \"delta_in_log2\": {}, \"delta_out_log2\": {}, \"upload_bits\": {}, \"download_bits\": {}, \"body_bits\": {}}},\n     \"weights\": {}, \"bias\": {}, \"x\": {}, \"y\": {},\n     \"input_blob\": \"{}\",\n     \"output_blob\": \"{}\"}}{}\n",
             case.id,
             case.mode.name(),
             plan.n_in,
@@ -401,8 +385,8 @@ fn he_known_answer_vectors() {
             plan.upload_bits,
             plan.download_bits,
             plan.body_bits,
-            weights_s.join(", "),
-            bias_s.join(", "),
+            i64_list(&weights),
+            i64_list(&bias),
             i64_rows(&case.x),
             i64_rows(&want),
             hex(&in_blob),
@@ -444,6 +428,23 @@ fn kat_layer(
     let layer = PreparedLayer::prepare(ctx.clone(), mode, n_in, n_out, &weights, &bias, 128, opts)
         .expect("layer");
     (weights, bias, layer)
+}
+
+/// `W·x + b` for each row x: `weights` is `n_out`×`n_in` row-major, the plaintext answer.
+fn affine(
+    weights: &[i64],
+    bias: &[i64],
+    xs: &[Vec<i64>],
+    n_in: usize,
+    n_out: usize,
+) -> Vec<Vec<i64>> {
+    xs.iter()
+        .map(|x| {
+            (0..n_out)
+                .map(|o| (0..n_in).map(|i| weights[o * n_in + i] * x[i]).sum::<i64>() + bias[o])
+                .collect()
+        })
+        .collect()
 }
 
 /// Secrets 0 .. `count` of `SK_SEED` as the device derives them: one tfhe secret generator,
@@ -902,19 +903,7 @@ fn multibody_section(ctx: &Arc<Context>, client: &Client, json: &mut String) {
             .expect("eval");
         let out_blob = out.to_bytes();
         assert_eq!(out_blob[5], if r > 1 { 5 } else { 2 }, "{}: kind", case.id);
-        let want: Vec<Vec<i64>> = x
-            .iter()
-            .map(|x| {
-                (0..case.n_out)
-                    .map(|o| {
-                        (0..case.n_in)
-                            .map(|i| weights[o * case.n_in + i] * x[i])
-                            .sum::<i64>()
-                            + bias[o]
-                    })
-                    .collect()
-            })
-            .collect();
+        let want = affine(&weights, &bias, &x, case.n_in, case.n_out);
         let decoded =
             EncryptedOutput::from_bytes(&out_blob, out_blob.len(), &plan, &key_id).expect("out");
         assert_eq!(
@@ -929,11 +918,9 @@ fn multibody_section(ctx: &Arc<Context>, client: &Client, json: &mut String) {
             "{}",
             case.id
         );
-        let weights_s: Vec<String> = weights.iter().map(i64::to_string).collect();
-        let bias_s: Vec<String> = bias.iter().map(i64::to_string).collect();
         let _ = write!(
             json,
-            "      {{\"id\": \"{}\", \"plan\": {{\"mode\": \"{}\", \"n_in\": {}, \"n_out\": {}, \"chunk\": {}, \"batch_rows\": {}, \"bodies\": {}, \"delta_in_log2\": {}, \"delta_out_log2\": {}, \"upload_bits\": {}, \"download_bits\": {}, \"body_bits\": {}}},\n       \"weights\": [{}], \"bias\": [{}], \"x\": {}, \"y\": {},\n       \"input_blob\": \"{}\",\n       \"output_blob\": \"{}\"}}{}\n",
+            "      {{\"id\": \"{}\", \"plan\": {{\"mode\": \"{}\", \"n_in\": {}, \"n_out\": {}, \"chunk\": {}, \"batch_rows\": {}, \"bodies\": {}, \"delta_in_log2\": {}, \"delta_out_log2\": {}, \"upload_bits\": {}, \"download_bits\": {}, \"body_bits\": {}}},\n       \"weights\": {}, \"bias\": {}, \"x\": {}, \"y\": {},\n       \"input_blob\": \"{}\",\n       \"output_blob\": \"{}\"}}{}\n",
             case.id,
             case.mode.name(),
             plan.n_in,
@@ -946,8 +933,8 @@ fn multibody_section(ctx: &Arc<Context>, client: &Client, json: &mut String) {
             plan.upload_bits,
             plan.download_bits,
             plan.body_bits,
-            weights_s.join(", "),
-            bias_s.join(", "),
+            i64_list(&weights),
+            i64_list(&bias),
             i64_rows(&x),
             i64_rows(&want),
             hex(&in_blob),
