@@ -137,22 +137,33 @@ fn slot(plan: &LayerPlan, j: usize) -> (usize, usize) {
     }
 }
 
+/// The kind-2 output header after the key id (he-formats.md): batch rows, ciphertexts k, mask
+/// bits b, body bits b' and n_out (checked against `plan`).
+fn output_header(blob: &[u8], plan: &LayerPlan) -> (usize, usize, u32, u32, usize) {
+    let batch = u16::from_le_bytes([blob[41], blob[42]]) as usize;
+    let k = u16::from_le_bytes([blob[43], blob[44]]) as usize;
+    let (b, bb) = (u32::from(blob[45]), u32::from(blob[46]));
+    let n_out = u32::from_le_bytes(blob[47..51].try_into().unwrap()) as usize;
+    assert_eq!(n_out, plan.n_out);
+    (batch, k, b, bb, n_out)
+}
+
+/// Outputs per ciphertext with `rows` rows per polynomial: `rows` (no key) or `rows` times the
+/// packed slots per row (he-formats.md).
+fn outputs_per_ciphertext(plan: &LayerPlan, rows: usize) -> usize {
+    match plan.mode {
+        OutputMode::NoKey => rows,
+        OutputMode::Packed => rows * plan.n_out.div_ceil(rows).min(plan.chunk),
+    }
+}
+
 /// Decodes an output blob by the text of he-formats.md alone and decrypts it with `s`.
 fn spec_decrypt_output(blob: &[u8], plan: &LayerPlan, s: &[u64]) -> Vec<Vec<i64>> {
     let n = plan.params.poly_size;
     assert_eq!(&blob[..4], b"TDHE");
     assert_eq!((blob[4], blob[5]), (1, 2));
-    let batch = u16::from_le_bytes([blob[41], blob[42]]) as usize;
-    let k = u16::from_le_bytes([blob[43], blob[44]]) as usize;
-    let b = u32::from(blob[45]);
-    let bb = u32::from(blob[46]);
-    let n_out = u32::from_le_bytes(blob[47..51].try_into().unwrap()) as usize;
-    assert_eq!(n_out, plan.n_out);
-    let r_rows = n / plan.chunk;
-    let per = match plan.mode {
-        OutputMode::NoKey => r_rows,
-        OutputMode::Packed => r_rows * plan.n_out.div_ceil(r_rows).min(plan.chunk),
-    };
+    let (batch, k, b, bb, n_out) = output_header(blob, plan);
+    let per = outputs_per_ciphertext(plan, n / plan.chunk);
     let mut bits = Bits {
         bytes: &blob[51..],
         bit: 0,
@@ -650,16 +661,9 @@ fn spec_decrypt_output_multi(blob: &[u8], plan: &LayerPlan, ss: &[Vec<u64>]) -> 
     // Past the r byte, the kind-2 offsets.
     let blob = &blob[at - 40..];
     assert_eq!(blob[40], u8::from(plan.mode == OutputMode::Packed));
-    let batch = u16::from_le_bytes([blob[41], blob[42]]) as usize;
-    let k = u16::from_le_bytes([blob[43], blob[44]]) as usize;
-    let (b, bb) = (u32::from(blob[45]), u32::from(blob[46]));
-    let n_out = u32::from_le_bytes(blob[47..51].try_into().unwrap()) as usize;
-    assert_eq!(n_out, plan.n_out);
+    let (batch, k, b, bb, n_out) = output_header(blob, plan);
     let rr = n / (plan.chunk * b1);
-    let per = match plan.mode {
-        OutputMode::NoKey => rr,
-        OutputMode::Packed => rr * plan.n_out.div_ceil(rr).min(plan.chunk),
-    };
+    let per = outputs_per_ciphertext(plan, rr);
     let mut bits = Bits {
         bytes: &blob[51..],
         bit: 0,
