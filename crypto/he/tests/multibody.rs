@@ -137,6 +137,21 @@ fn rows(count: u64, n_in: usize, seed: u64) -> Vec<Vec<i64>> {
         .collect()
 }
 
+/// An `n_in`×`n_out` layer on `weights(n_in, n_out, seed)` forced to 8 bodies (chunk 4096,
+/// batch 8): its weights, biases, the layer and 8 input rows.
+#[allow(clippy::type_complexity)]
+fn eight_bodies(
+    mode: OutputMode,
+    n_in: usize,
+    n_out: usize,
+    seed: u64,
+) -> (Vec<i64>, Vec<i64>, PreparedLayer, Vec<Vec<i64>>) {
+    let (w, b) = weights(n_in, n_out, seed);
+    let layer = prepare(mode, n_in, n_out, &w, &b, forced(4096, 8, 8)).unwrap();
+    assert_eq!(layer.plan().bodies, 8);
+    (w, b, layer, rows(8, n_in, 9))
+}
+
 /// Each decrypted row equals the plaintext reference of its input row.
 fn assert_reference(
     xs: &[Vec<i64>],
@@ -282,10 +297,7 @@ fn minilm_shapes_with_shared_masks_decrypt_exactly() {
 fn all_secrets_are_reproduced_from_the_seed() {
     let m = multi();
     let (n_in, n_out) = (64, 8);
-    let (w, b) = weights(n_in, n_out, 1);
-    let layer = prepare(OutputMode::NoKey, n_in, n_out, &w, &b, forced(4096, 8, 8)).unwrap();
-    assert_eq!(layer.plan().bodies, 8);
-    let xs = rows(8, n_in, 9);
+    let (w, b, layer, xs) = eight_bodies(OutputMode::NoKey, n_in, n_out, 1);
     let ct = m.client.lock().unwrap().encrypt(layer.plan(), &xs).unwrap();
     let out = layer.eval(&ct, None, EvalOptions::default()).unwrap();
     let again = Client::from_seed(m.ctx.clone(), SEED);
@@ -306,10 +318,7 @@ fn all_secrets_are_reproduced_from_the_seed() {
 fn key_with_too_few_bodies_is_refused() {
     let m = multi();
     let (n_in, n_out) = (500, 30);
-    let (w, b) = weights(n_in, n_out, 3);
-    let layer = prepare(OutputMode::Packed, n_in, n_out, &w, &b, forced(4096, 8, 8)).unwrap();
-    assert_eq!(layer.plan().bodies, 8);
-    let xs = rows(8, n_in, 9);
+    let (w, b, layer, xs) = eight_bodies(OutputMode::Packed, n_in, n_out, 3);
     let mut client = m.client.lock().unwrap();
     let ct = client.encrypt(layer.plan(), &xs).unwrap();
     for bodies in [1, 2, 4] {
