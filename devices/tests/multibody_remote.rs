@@ -279,57 +279,54 @@ fn assert_key_closes_session(remote: &RemoteLayers, blob: &[u8], what: &str) {
 #[test]
 fn a_key_with_fewer_bodies_than_the_plans_is_refused_and_the_honest_key_is_exact() {
     let tmp = tempfile::tempdir().unwrap();
-    let Session {
-        served,
-        bundle,
-        plans,
-        max_chunk,
-        max_bodies,
-        mut client,
-        mut remote,
-    } = session(tmp.path(), 7);
+    let mut s = session(tmp.path(), 7);
+    let max_bodies = s.max_bodies;
     assert!(
         max_bodies >= 2,
-        "the premise: a shared-mask plan ({plans:?})"
+        "the premise: a shared-mask plan ({:?})",
+        s.plans
     );
 
     // Enough automorphisms, too few bodies (one secret, up to one less than the plans
     // need): refused at registration, never acknowledged; v1 has no per-key refusal, so the
     // cloud closes that session with InvalidRequest (TDM-KEY-8) and a new one works.
     for bodies in 1..max_bodies {
-        let short = client
-            .evaluation_key_for(max_chunk, bodies)
+        let short = s
+            .client
+            .evaluation_key_for(s.max_chunk, bodies)
             .unwrap()
             .to_bytes();
         assert_key_closes_session(
-            &remote,
+            &s.remote,
             &short,
             &format!("a {bodies}-body key for {max_bodies}-body plans"),
         );
-        remote.close();
-        remote = served.connect(&bundle);
+        s.remote.close();
+        s.remote = s.served.connect(&s.bundle);
     }
 
     // The honest key on a new session: every layer exact, the shared-mask one included.
-    let honest = client
-        .evaluation_key_for(max_chunk, max_bodies)
+    let honest = s
+        .client
+        .evaluation_key_for(s.max_chunk, max_bodies)
         .unwrap()
         .to_bytes();
-    remote.upload_key(&honest).unwrap();
+    s.remote.upload_key(&honest).unwrap();
     let rows = rows(31, 7);
-    for (index, (plan, &(_, n_in, n_out))) in plans.iter().zip(&LINEARS).enumerate() {
-        let blob = client.encrypt(plan, &rows).unwrap().to_bytes();
-        let reply = remote
+    for (index, (plan, &(_, n_in, n_out))) in s.plans.iter().zip(&LINEARS).enumerate() {
+        let blob = s.client.encrypt(plan, &rows).unwrap().to_bytes();
+        let reply = s
+            .remote
             .request(index as u32, BATCH as u16, blob)
             .unwrap_or_else(|e| panic!("layer {index}: {e}"));
         assert_eq!(
-            decrypt(&client, plan, &reply),
+            decrypt(&s.client, plan, &reply),
             product(&rows, n_in, n_out),
             "layer {index} ({} bodies)",
             plan.bodies()
         );
     }
-    remote.close();
+    s.remote.close();
 }
 
 /// Byte offset of the body count r in a multi-body blob (kinds 4, 5, 6): after magic (4),
