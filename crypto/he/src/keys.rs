@@ -3,7 +3,7 @@
 use crate::error::HeError;
 use crate::limits::MAX_BODIES;
 use crate::ntt::{Ntt, NttPoly};
-use crate::params::ParameterSet;
+use crate::params::{Modulus, ParameterSet};
 use crate::poly;
 use crate::rng::{mask_generator, NoiseSource};
 use sha2::{Digest, Sha256};
@@ -273,6 +273,20 @@ impl EvaluationKey {
             .into_iter()
             .map(|s| s.coeffs.iter().map(|&c| c as u64).collect())
             .collect();
+        if p.modulus == Modulus::Rns3 {
+            let all = automorphisms
+                .iter()
+                .map(|&g| rns_levels(sk, ntt, g, bodies, &mut masks, &mut noise))
+                .collect();
+            return Ok(Self {
+                params: p,
+                key_id: sk.key_id,
+                mask_seed,
+                secrets: bodies,
+                automorphisms,
+                bodies: all,
+            });
+        }
         let mut all = Vec::with_capacity(automorphisms.len());
         for &g in &automorphisms {
             let ts: Vec<Vec<u64>> = secrets.iter().map(|s| poly::automorphism(s, g)).collect();
@@ -321,6 +335,60 @@ impl EvaluationKey {
     }
 }
 
+/// The two key-switching levels of automorphism `g` for parameter set 2 (`Modulus::Rns3`),
+/// as residues: level j has one mask A_j uniform modulo Q (residues drawn from `masks`, prime
+/// by prime, N values each) and, per secret i, the body A_j·s_i + e_{j,i} + (Q/p_j)·τ_g(s_i)
+/// modulo Q, stored as its three residue vectors (prime-major, secret 0 first: 3·r·N values).
+fn rns_levels(
+    sk: &SecretKey,
+    ntt: &Ntt,
+    g: usize,
+    bodies: usize,
+    masks: &mut crate::rng::MaskGenerator,
+    noise: &mut NoiseSource,
+) -> Vec<Vec<u64>> {
+    let rns = crate::rns::Rns3::get();
+    let n = sk.params.poly_size;
+    let secrets = sk.secrets(ntt, bodies);
+    let taus: Vec<Vec<i64>> = secrets
+        .iter()
+        .map(|s| {
+            let t = poly::automorphism(&s.coeffs.iter().map(|&c| c as u64).collect::<Vec<_>>(), g);
+            t.iter().map(|&c| c as i64).collect()
+        })
+        .collect();
+    (0..2)
+        .map(|j| {
+            let mut a = ntt.zero_with(crate::ntt::PRIMES_RNS);
+            for (i, &p) in rns.p.iter().enumerate() {
+                crate::rns::Rns3::fill_uniform(masks, p, &mut a.0[i * n..(i + 1) * n]);
+            }
+            let mut fa = a.clone();
+            ntt.fwd_residues(&mut fa);
+            let mut level = Vec::with_capacity(3 * n * secrets.len());
+            for (s, tau) in secrets.iter().zip(&taus) {
+                let mut prod = ntt.zero_with(crate::ntt::PRIMES_RNS);
+                ntt.mul_acc(&mut prod, &fa, &s.ntt);
+                ntt.inv_residues(&mut prod);
+                let e = noise.tuniform(n, sk.params.noise_bound_log2);
+                for (i, &p) in rns.p.iter().enumerate() {
+                    let gj = rns.gadget[j][i];
+                    let res = &prod.0[i * n..(i + 1) * n];
+                    for ((&as_, &ei), &t) in res.iter().zip(&e).zip(tau) {
+                        // TUniform noise arrives as a two's-complement u64; t ∈ {−1, 0, 1}
+                        // (a negacyclic automorphism of a binary secret).
+                        let ei = ei as i64;
+                        let noise = (ei.rem_euclid(p as i64)) as u64;
+                        let tg = (t.rem_euclid(p as i64) as u64) * gj % p;
+                        level.push((u64::from(as_) + noise + tg) % p);
+                    }
+                }
+            }
+            level
+        })
+        .collect()
+}
+
 /// An evaluation key expanded on the server: masks re-derived, everything in the NTT domain and
 /// negated so that key switching is a pure multiply-accumulate.
 pub struct PreparedEvaluationKey {
@@ -366,6 +434,58 @@ impl PreparedEvaluationKey {
         }
         let mut masks = mask_generator(key.mask_seed);
         let mut levels = std::collections::HashMap::new();
+        if key.params.modulus == Modulus::Rns3 {
+            let rns = crate::rns::Rns3::get();
+            for (&g, bodies) in key.automorphisms.iter().zip(&key.bodies) {
+                if !ntt.has_automorphism(g) {
+                    return Err(HeError::Malformed {
+                        what: "evaluation key",
+                        reason: "automorphism outside the packing set",
+                    });
+                }
+                let mut per_level = Vec::with_capacity(bodies.len());
+                for body in bodies {
+                    if body.len() != 3 * r * n {
+                        return Err(HeError::Malformed {
+                            what: "evaluation key",
+                            reason: "level length does not match the body count",
+                        });
+                    }
+                    let mut fa = ntt.zero_with(crate::ntt::PRIMES_RNS);
+                    for (i, &p) in rns.p.iter().enumerate() {
+                        let chunk = &mut fa.0[i * n..(i + 1) * n];
+                        crate::rns::Rns3::fill_uniform(&mut masks, p, chunk);
+                        // −A modulo p.
+                        chunk
+                            .iter_mut()
+                            .for_each(|v| *v = ((p - u64::from(*v)) % p) as u32);
+                    }
+                    ntt.fwd_residues(&mut fa);
+                    let mut fbs = Vec::with_capacity(r);
+                    for b in body.chunks_exact(3 * n) {
+                        let mut fb = ntt.zero_with(crate::ntt::PRIMES_RNS);
+                        for (i, &p) in rns.p.iter().enumerate() {
+                            for (o, &v) in fb.0[i * n..(i + 1) * n]
+                                .iter_mut()
+                                .zip(&b[i * n..(i + 1) * n])
+                            {
+                                // The decoder checked v < p.
+                                *o = ((p - v % p) % p) as u32;
+                            }
+                        }
+                        ntt.fwd_residues(&mut fb);
+                        fbs.push(fb);
+                    }
+                    per_level.push((fa, fbs));
+                }
+                levels.insert(g, per_level);
+            }
+            return Ok(Self {
+                key_id: key.key_id,
+                secrets: r,
+                levels,
+            });
+        }
         let mut a = vec![0u64; n];
         for (&g, bodies) in key.automorphisms.iter().zip(&key.bodies) {
             if !ntt.has_automorphism(g) {

@@ -42,6 +42,7 @@ mod params;
 mod plan;
 mod poly;
 mod rng;
+mod rns;
 mod server;
 mod wire;
 
@@ -50,7 +51,8 @@ pub use context::Context;
 pub use error::HeError;
 pub use keys::{EvaluationKey, KeyId, PreparedEvaluationKey};
 pub use params::{
-    ParameterSet, ALL_PARAMETER_SETS, DEFAULT_PARAMETERS, PARAMS_V1_N4096_Q64_TUNIFORM4_SEC132_2M64,
+    Modulus, ParameterSet, ALL_PARAMETER_SETS, DEFAULT_PARAMETERS,
+    PARAMS_V1_N4096_Q64_TUNIFORM4_SEC132_2M64, PARAMS_V2_N4096_Q90RNS_TUNIFORM4_SEC132_2M64,
 };
 pub use plan::{
     log2_fail, plan_cost, plan_cost_on, LayerPlan, LinkModel, OutputMode, PlanOptions,

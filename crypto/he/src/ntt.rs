@@ -21,6 +21,11 @@ const PRIMES: usize = 5;
 /// of such a layer stays below 2^116.1, inside the first four primes' centred range 2^118.9).
 pub const PRIMES_INT8: usize = 4;
 
+/// Three primes: a polynomial over exactly the first three primes is an element of Z_Q[X]
+/// (Q = p_0·p_1·p_2, parameter set 2, `crate::rns`), not an exact integer polynomial: the
+/// conversions from and to 2^64 ([`Ntt::fwd_u64`], [`Ntt::inv`]) scale by Q/2^64 and 2^64/Q.
+pub const PRIMES_RNS: usize = 3;
+
 /// Runs `f` compiled for AVX-512 (or AVX2) when the CPU has it, through pulp's runtime
 /// dispatch, so that the plain loops inside vectorise; `f` must inline (`#[inline(always)]`).
 #[inline(always)]
@@ -253,22 +258,30 @@ impl Ntt {
         NttPoly(pooled(PRIMES * self.n))
     }
 
-    /// The zero polynomial over the first `primes` primes (4 or 5; see [`PRIMES_INT8`]).
+    /// The zero polynomial over the first `primes` primes (3, 4 or 5; see [`PRIMES_RNS`] and
+    /// [`PRIMES_INT8`]).
     /// Every operation works on as many primes as its output has; operands with more primes
     /// (keys, monomials) contribute their first ones.
     pub fn zero_with(&self, primes: usize) -> NttPoly {
-        let mut v = pooled(primes.clamp(PRIMES_INT8, PRIMES) * self.n);
+        let mut v = pooled(primes.clamp(PRIMES_RNS, PRIMES) * self.n);
         v.fill(0);
         NttPoly(v)
     }
 
     /// [`Ntt::uninit`] over the first `primes` primes.
     pub fn uninit_with(&self, primes: usize) -> NttPoly {
-        NttPoly(pooled(primes.clamp(PRIMES_INT8, PRIMES) * self.n))
+        NttPoly(pooled(primes.clamp(PRIMES_RNS, PRIMES) * self.n))
     }
 
     /// Forward transform of a polynomial with arbitrary coefficients modulo 2^64.
+    ///
+    /// Over [`PRIMES_RNS`] primes the result is round(x·Q/2^64) in Z_Q (parameter set 2).
     pub fn fwd_u64(&self, coeffs: &[u64], out: &mut NttPoly) {
+        if out.0.len() == PRIMES_RNS * self.n {
+            crate::rns::Rns3::get().scale_in(coeffs, &mut out.0);
+            self.fwd_residues(out);
+            return;
+        }
         if out.0.len() < PRIMES * self.n {
             for (i, chunk) in out.0.chunks_exact_mut(self.n).enumerate() {
                 let (p, pinv) = (self.crt4.p[i], self.crt4.pinv[i]);
@@ -308,8 +321,49 @@ impl Ntt {
         }
     }
 
+    /// Forward transform of residue vectors in place (each prime's coefficients < p_i).
+    pub fn fwd_residues(&self, poly: &mut NttPoly) {
+        for (i, chunk) in poly.0.chunks_exact_mut(self.n).enumerate() {
+            self.prime_plan(i).fwd(chunk);
+        }
+    }
+
+    /// Inverse transform to residue vectors in place (coefficients < p_i per prime).
+    pub fn inv_residues(&self, poly: &mut NttPoly) {
+        for (i, chunk) in poly.0.chunks_exact_mut(self.n).enumerate() {
+            let plan = self.prime_plan(i);
+            plan.normalize(chunk);
+            plan.inv(chunk);
+            let p = self.primes[i];
+            vectorized(
+                #[inline(always)]
+                || {
+                    for x in chunk.iter_mut() {
+                        *x = (*x).min(x.wrapping_sub(p));
+                    }
+                },
+            );
+        }
+    }
+
+    /// The residue vectors of prime `i` (a chunk of N values).
+    pub fn residues<'a>(&self, poly: &'a NttPoly, i: usize) -> &'a [u32] {
+        &poly.0[i * self.n..(i + 1) * self.n]
+    }
+
     /// Inverse transform into coefficients modulo 2^64. `scratch` is consumed (overwritten).
+    ///
+    /// Over [`PRIMES_RNS`] primes the input is an element x of Z_Q and the output is
+    /// round(x·2^64/Q) (parameter set 2).
     pub fn inv(&self, scratch: &mut NttPoly, out: &mut [u64]) {
+        if scratch.0.len() == PRIMES_RNS * self.n {
+            self.inv_residues(scratch);
+            let n = self.n;
+            let (r0, rest) = scratch.0.split_at(n);
+            let (r1, r2) = rest.split_at(n);
+            crate::rns::Rns3::get().scale_out(r0, r1, r2, out);
+            return;
+        }
         for (i, chunk) in scratch.0.chunks_exact_mut(self.n).enumerate() {
             self.prime_plan(i).normalize(chunk);
         }
@@ -443,12 +497,11 @@ impl Ntt {
     }
 
     /// Applies the ring automorphism `X -> X^g` (g odd) in the NTT domain: a slot permutation.
-    /// (The engine uses the fused [`Ntt::add_automorphism`]; this is the reference for tests.)
+    /// Over as many primes as `out` has.
     ///
     /// Panics only if `g` was not registered with [`Ntt::register_automorphism`] — a local
     /// invariant of the engine, never reachable from peer input (the engine validates which
     /// automorphisms a key carries before use).
-    #[cfg(test)]
     pub fn automorphism(&self, g: usize, input: &NttPoly, out: &mut NttPoly) {
         let Some(perm) = self.perms.get(&g) else {
             unreachable!("automorphism {g} not registered");

@@ -440,13 +440,42 @@ impl LayerPlan {
 
     /// Variance bound of one key switch's added noise: digits counted at their maximum
     /// (B/2)² and the secret at full weight N.
+    ///
+    /// Parameter set 2 (`Modulus::Rns3`), in the same 2^64 units: digits |d_j| ≤ p_j/2 < 2^29
+    /// (`ks_base_log` = 30 bounds (B/2)² by 2^58) times key noise, plus the rounded-away residue
+    /// modulo p_2 (< 2^30) times the secret, all computed modulo Q and scaled by (2^64/Q)².
     pub fn key_switch_variance(&self) -> f64 {
         let half_base = 2f64.powi(self.params.ks_base_log as i32 - 1);
         self.key_switch_variance_with(half_base * half_base, self.params.poly_size as f64)
     }
 
+    /// (2^64/Q)² for parameter set 2 (1 for set 1): the factor that turns a variance modulo Q
+    /// into 2^64 units.
+    fn q_scale_sq(&self) -> f64 {
+        match self.params.modulus {
+            crate::params::Modulus::Pow2_64 => 1.0,
+            crate::params::Modulus::Rns3 => (2.0 * (64.0 - self.params.key_modulus_log2())).exp2(),
+        }
+    }
+
+    /// Variance (2^64 units) of the 2^64 ↔ Q conversions of set 2 per ciphertext: a rounding
+    /// of ≤ 1/2 per coefficient of the mask (times a secret of weight `key_weight`) and of the
+    /// body; 0 for set 1.
+    fn conversion_variance(&self, key_weight: f64) -> f64 {
+        match self.params.modulus {
+            crate::params::Modulus::Pow2_64 => 0.0,
+            crate::params::Modulus::Rns3 => (key_weight + 1.0) / 12.0,
+        }
+    }
+
     fn key_switch_variance_with(&self, digit_sq: f64, key_weight: f64) -> f64 {
         let p = &self.params;
+        if p.modulus == crate::params::Modulus::Rns3 {
+            let dropped = 2f64.powi(p.ks_base_log as i32);
+            return self.q_scale_sq()
+                * (p.ks_levels as f64 * p.poly_size as f64 * digit_sq * p.fresh_noise_variance()
+                    + key_weight * dropped * dropped / 12.0);
+        }
         let dropped = 2f64.powi(64 - (p.ks_base_log * p.ks_levels) as i32);
         p.ks_levels as f64 * p.poly_size as f64 * digit_sq * p.fresh_noise_variance()
             + key_weight * dropped * dropped / 12.0
@@ -467,7 +496,11 @@ impl LayerPlan {
         } else {
             2f64.powi(2 * (64 - upload_bits as i32)) / 12.0
         };
-        let v_in = self.params.fresh_noise_variance() + rounding;
+        // Set 2: the server's scaling to Q adds a rounding of ≤ 1/2 (Q units) per mask and body
+        // coefficient, (2^64/Q)² smaller in 2^64 units.
+        let v_in = self.params.fresh_noise_variance()
+            + rounding
+            + self.q_scale_sq() * self.conversion_variance(self.params.poly_size as f64);
         let product = block_sq_norm * v_in;
         match self.mode {
             OutputMode::NoKey => product,
@@ -493,7 +526,10 @@ impl LayerPlan {
                 2f64.powi(2 * (64 - bits as i32)) / 12.0
             }
         };
-        v_pre + key_weight * rounding(mask_bits) + rounding(body_bits)
+        v_pre
+            + key_weight * rounding(mask_bits)
+            + rounding(body_bits)
+            + self.conversion_variance(key_weight)
     }
 
     /// Average-case prediction of the decrypted output's noise variance (not a bound): digits

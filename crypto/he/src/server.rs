@@ -38,7 +38,8 @@ pub struct PreparedLayer {
     weights: Vec<NttPoly>,
     /// Per block: Δ_in·bias placed at the block's output slots.
     bias: Vec<Option<NttPoly>>,
-    /// CRT primes of the server's arithmetic: 4 when every |w| ≤ 128 (TDM-PAR-HE-4), else 5.
+    /// CRT primes of the server's arithmetic: 4 when every |w| ≤ 128 (TDM-PAR-HE-4), else 5;
+    /// 3 (residues modulo Q) for parameter set 2.
     primes: usize,
 }
 
@@ -232,7 +233,10 @@ impl PreparedLayer {
         let ntt = &ctx.ntt;
         // TDM-PAR-HE-4: int8-sized weights keep every integer of the evaluation below 2^116.1,
         // exact over four primes; larger weights (up to 2^20) need all five.
-        let primes = if weights.iter().all(|w| w.unsigned_abs() <= 128) {
+        // Parameter set 2 computes modulo Q over three primes whatever the weights.
+        let primes = if plan.params.modulus == crate::params::Modulus::Rns3 {
+            crate::ntt::PRIMES_RNS
+        } else if weights.iter().all(|w| w.unsigned_abs() <= 128) {
             crate::ntt::PRIMES_INT8
         } else {
             5

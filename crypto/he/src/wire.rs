@@ -127,7 +127,16 @@ pub fn eval_key_len(params: &ParameterSet, count: usize, bodies: usize) -> usize
     KEY_FIXED
         + multi_extra(bodies)
         + 2 * count
-        + count * params.ks_levels as usize * params.poly_size * 8 * bodies
+        + count * params.ks_levels as usize * params.poly_size * key_coeff_bytes(params) * bodies
+}
+
+/// Bytes per key-body coefficient: a u64 modulo 2^64 (set 1), or three u32 residues modulo
+/// p_0, p_1, p_2 (set 2, `Modulus::Rns3`; prime-major per body on the wire as in memory).
+fn key_coeff_bytes(params: &ParameterSet) -> usize {
+    match params.modulus {
+        crate::params::Modulus::Pow2_64 => 8,
+        crate::params::Modulus::Rns3 => 12,
+    }
 }
 
 struct BitWriter {
@@ -605,10 +614,15 @@ impl EvaluationKey {
         for &g in &self.automorphisms {
             out.extend_from_slice(&(g as u16).to_le_bytes());
         }
+        let rns = p.modulus == crate::params::Modulus::Rns3;
         for levels in &self.bodies {
             for body in levels {
                 for &v in body {
-                    out.extend_from_slice(&v.to_le_bytes());
+                    if rns {
+                        out.extend_from_slice(&(v as u32).to_le_bytes());
+                    } else {
+                        out.extend_from_slice(&v.to_le_bytes());
+                    }
                 }
             }
         }
@@ -662,6 +676,24 @@ impl EvaluationKey {
         for _ in 0..count {
             let mut levels = Vec::with_capacity(params.ks_levels as usize);
             for _ in 0..params.ks_levels {
+                if params.modulus == crate::params::Modulus::Rns3 {
+                    let primes = crate::rns::Rns3::get().p;
+                    let raw = r.take(n * 12 * secrets)?;
+                    let mut level = Vec::with_capacity(3 * n * secrets);
+                    for (k, c) in raw.chunks_exact(4).enumerate() {
+                        let v = u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                        // Residue vectors of N values, primes 0, 1, 2 in turn, per body.
+                        if v >= primes[(k / n) % 3] {
+                            return Err(HeError::Malformed {
+                                what: WHAT,
+                                reason: "key residue not below its prime",
+                            });
+                        }
+                        level.push(v);
+                    }
+                    levels.push(level);
+                    continue;
+                }
                 let raw = r.take(n * 8 * secrets)?;
                 levels.push(
                     raw.chunks_exact(8)

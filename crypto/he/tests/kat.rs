@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use tandem_he::{
     Client, Context, EncryptedInput, EncryptedOutput, EvalOptions, EvaluationKey, LayerPlan,
     OutputMode, ParameterSet, PlanOptions, PreparedEvaluationKey, PreparedLayer,
-    DEFAULT_PARAMETERS,
+    PARAMS_V1_N4096_Q64_TUNIFORM4_SEC132_2M64,
 };
 use tfhe::core_crypto::commons::math::random::{RandomGenerator, Seed};
 use tfhe::core_crypto::prelude::{
@@ -214,7 +214,7 @@ struct Case {
 
 #[test]
 fn he_known_answer_vectors() {
-    let params = DEFAULT_PARAMETERS;
+    let params = PARAMS_V1_N4096_Q64_TUNIFORM4_SEC132_2M64;
     let n = params.poly_size;
     let ctx = Arc::new(Context::new(params));
     let s = secret(n);

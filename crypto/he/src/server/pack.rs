@@ -5,6 +5,7 @@
 use super::{EvalOptions, NttCiphertext, PreparedLayer};
 use crate::context::Context;
 use crate::keys::{automorphism_for_stride, PreparedEvaluationKey};
+use crate::ntt::NttPoly;
 use crate::poly;
 use crate::wire::OutputCiphertext;
 
@@ -208,6 +209,10 @@ pub(crate) fn key_switch_add(
     let Some(levels) = key.levels.get(&g) else {
         unreachable!("key switch without a key for automorphism {g}")
     };
+    if scratch.0.len() == crate::ntt::PRIMES_RNS * n {
+        key_switch_rns(ctx, &mut u, &scratch, g, levels);
+        return u;
+    }
     KS_SCRATCH.with(|cell| {
         // Per-thread buffers, overwritten in full below: no allocation or zeroing per key switch.
         let mut buffers = cell.borrow_mut();
@@ -233,6 +238,50 @@ pub(crate) fn key_switch_add(
         }
     });
     u
+}
+
+/// Parameter set 2: `u += KeySwitch(τ_g(mask))` modulo Q with the RNS gadget. τ_g is a slot
+/// permutation of the mask's residues; each prime's residues go back to coefficients (three
+/// inverse transforms), the two centred digits d_j (|d_j| ≤ p_j/2, the residue modulo p_2
+/// rounded away) are formed coefficient-wise and transformed over the three primes (six forward
+/// transforms), and multiplied with the key's levels.
+fn key_switch_rns(
+    ctx: &Context,
+    u: &mut NttCiphertext,
+    mask: &NttPoly,
+    g: usize,
+    levels: &[(NttPoly, Vec<NttPoly>)],
+) {
+    let ntt = &ctx.ntt;
+    let n = ctx.params().poly_size;
+    let mut t = ntt.uninit_with(crate::ntt::PRIMES_RNS);
+    ntt.automorphism(g, mask, &mut t);
+    ntt.inv_residues(&mut t);
+    RNS_SCRATCH.with(|cell| {
+        let mut d = cell.borrow_mut();
+        let (d0, d1) = &mut *d;
+        d0.resize(n, 0);
+        d1.resize(n, 0);
+        crate::rns::Rns3::get().digits(
+            ntt.residues(&t, 0),
+            ntt.residues(&t, 1),
+            ntt.residues(&t, 2),
+            d0,
+            d1,
+        );
+        for (digit, (neg_a, neg_b)) in [&*d0, &*d1].into_iter().zip(levels) {
+            ntt.fwd_small(digit, &mut t);
+            ntt.mul_acc(&mut u.mask, &t, neg_a);
+            for (ub, kb) in u.body.iter_mut().zip(neg_b) {
+                ntt.mul_acc(ub, &t, kb);
+            }
+        }
+    });
+}
+
+thread_local! {
+    static RNS_SCRATCH: std::cell::RefCell<(Vec<i64>, Vec<i64>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Coefficient-domain buffers of one key switch (the mask, its automorphism, the digits).
