@@ -58,7 +58,7 @@ impl Fixture {
         let key = PreparedEvaluationKey::prepare(&client.evaluation_key_for(4, bodies)?, &ctx)?;
         let coeffs = pseudo_random(n, 1);
         // Ciphertexts and weights over the four primes an int8 layer runs on (TDM-PAR-HE-4).
-        let primes = crate::ntt::PRIMES_INT8;
+        let primes = ctx.int8_primes();
         let mut mask = ctx.ntt.uninit_with(primes);
         ctx.ntt.fwd_u64(&coeffs, &mut mask);
         let body = (0..bodies as u64)
@@ -87,7 +87,7 @@ impl Fixture {
     /// One forward transform of N coefficients modulo 2^64 over the four primes of an int8
     /// layer; returns one residue.
     pub fn ntt_forward(&self) -> u32 {
-        let mut out = self.ctx.ntt.uninit_with(crate::ntt::PRIMES_INT8);
+        let mut out = self.ctx.ntt.uninit_with(self.ctx.int8_primes());
         self.ctx.ntt.fwd_u64(&self.coeffs, &mut out);
         out.0[0]
     }
@@ -117,7 +117,7 @@ impl Fixture {
     /// One ciphertext × plaintext product accumulated in the NTT domain (the mask and every
     /// body).
     pub fn ct_product(&self) -> u32 {
-        let primes = crate::ntt::PRIMES_INT8;
+        let primes = self.ctx.int8_primes();
         let mut a = self.ctx.ntt.zero_with(primes);
         self.ctx.ntt.mul_acc(&mut a, &self.ct.mask, &self.weights);
         let mut x = a.0[0];

@@ -54,4 +54,13 @@ impl Context {
     pub fn params(&self) -> ParameterSet {
         self.params
     }
+
+    /// Primes of the server's NTT-domain ciphertexts for an int8 layer: 3 (residues modulo Q)
+    /// for parameter set 2, 4 for set 1 (TDM-PAR-HE-4).
+    pub(crate) fn int8_primes(&self) -> usize {
+        match self.params.modulus {
+            crate::params::Modulus::Rns3 => crate::ntt::PRIMES_RNS,
+            crate::params::Modulus::Pow2_64 => crate::ntt::PRIMES_INT8,
+        }
+    }
 }
