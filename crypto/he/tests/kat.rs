@@ -5,7 +5,10 @@
 //! accept them and compute with them exactly, and its outputs are decoded again by the spec's
 //! slot rule. The `multibody` section does the same for the shared-mask kinds 4, 5, 6
 //! (secrets 1.. derived from the seed as the spec says, r = 2 and 4, b₁ = 2, full and short
-//! blocks, a kind-6 key with 2 bodies that a packed r = 2 layer evaluates with).
+//! blocks, a kind-6 key with 2 bodies that a packed r = 2 layer evaluates with). The `params2`
+//! section pins parameter set 2 (RNS modulus Q = p₀·p₁·p₂, he-formats.md § Parameter set 2):
+//! kind-3 and kind-6 keys as residues modulo the three primes, built with this file's own
+//! mod-p arithmetic, and packed layers (r = 1 and 2) that decrypt exactly through them.
 //! The result is written to `specs/vectors/he/kat.json`; this test fails if the
 //! committed file differs. Regenerate after an intended format change with
 //! `TANDEM_WRITE_HE_KAT=1 cargo test --release -p tandem-he --test kat`.
@@ -23,7 +26,7 @@ use sha2::{Digest, Sha256};
 use tandem_he::{
     Client, Context, EncryptedInput, EncryptedOutput, EvalOptions, EvaluationKey, LayerPlan,
     OutputMode, ParameterSet, PlanOptions, PreparedEvaluationKey, PreparedLayer,
-    PARAMS_V1_N4096_Q64_TUNIFORM4_SEC132_2M64,
+    PARAMS_V1_N4096_Q64_TUNIFORM4_SEC132_2M64, PARAMS_V2_N4096_Q90RNS_TUNIFORM4_SEC132_2M64,
 };
 use tfhe::core_crypto::commons::math::random::{RandomGenerator, Seed};
 use tfhe::core_crypto::prelude::{
@@ -401,6 +404,10 @@ fn he_known_answer_vectors() {
     }
     json.push_str("  ],\n");
     multibody_section(&ctx, &client, &mut json);
+    // The multibody object gets a comma: params2 follows it (every earlier byte unchanged).
+    json.truncate(json.len() - 1);
+    json.push_str(",\n");
+    params2_section(&mut json);
     json.push_str("}\n");
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../specs/vectors/he/kat.json");
@@ -946,4 +953,411 @@ fn multibody_section(ctx: &Arc<Context>, client: &Client, json: &mut String) {
         );
     }
     json.push_str("    ]\n  }\n");
+}
+
+/// Parameter set 2's primes as he-formats.md names them by value (§ Parameter set 2): the first
+/// three of tfhe-ntt's 30-bit NTT primes, Q = p₀·p₁·p₂ ≈ 2^89.96.
+const P2_PRIMES: [u64; 3] = [1_062_862_849, 1_063_059_457, 1_064_697_857];
+/// Set-2 vectors: their own key-mask and noise seeds.
+const P2_KEY_MASK_SEED: u128 = 0x5032_4B45_5900_0000_0000_0000_0000_0003;
+const P2_MB_KEY_MASK_SEED: u128 = 0x5032_4B45_5900_0000_0000_0000_0000_0006;
+const P2_NOISE_SEED: u128 = 44;
+
+/// `Q/p_j mod p_i` (the RNS gadget of level j seen modulo prime i).
+fn gadget_mod(j: usize, i: usize) -> u64 {
+    let q_over = P2_PRIMES
+        .iter()
+        .enumerate()
+        .filter(|&(k, _)| k != j)
+        .fold(1u128, |acc, (_, &p)| acc * u128::from(p));
+    (q_over % u128::from(P2_PRIMES[i])) as u64
+}
+
+/// N residues uniform modulo `p` by he-formats.md's sampling rule: the mask stream's u64
+/// words 64 at a time; from each word v the candidates `v & (2^30 − 1)`, then
+/// `(v >> 32) & (2^30 − 1)`, kept when < p; the unused words of the last group of 64 are
+/// dropped (the next residue vector starts a fresh group).
+fn rns_uniform(stream: &mut RandomGenerator<DefaultRandomGenerator>, p: u64, n: usize) -> Vec<u64> {
+    const LOW30: u64 = (1 << 30) - 1;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let mut words = [0u64; 64];
+        stream.fill_slice_with_random_uniform(&mut words);
+        for v in words {
+            for c in [v & LOW30, (v >> 32) & LOW30] {
+                if c < p && out.len() < n {
+                    out.push(c);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Negacyclic `a·s` modulo (X^N + 1, p) for a binary `s` and residues `a` < p < 2^30
+/// (schoolbook: at most N additions of values < 2^30 per coefficient, no overflow).
+fn mul_binary_mod(a: &[u64], s: &[u64], p: u64) -> Vec<u64> {
+    let n = a.len();
+    let mut out = vec![0u64; n];
+    for (i, _) in s.iter().enumerate().filter(|(_, &c)| c == 1) {
+        for (t, &v) in a.iter().enumerate() {
+            let k = t + i;
+            if k < n {
+                out[k] += v;
+            } else {
+                out[k - n] += p - v;
+            }
+        }
+    }
+    out.iter().map(|&v| v % p).collect()
+}
+
+/// A set-2 evaluation key (kind 3 when `ss.len()` = 1, else kind 6 with r = `ss.len()`
+/// bodies) for chunks up to 2^`a_count`, from the text of he-formats.md (§ Parameter set 2):
+/// level j of automorphism g_l has the mask A_j uniform modulo Q (three residue vectors drawn
+/// by the sampling rule, prime 0 first) and the bodies A_j·s_i + e_i + (Q/p_j)·τ_g(s_i) mod Q
+/// written as three u32 LE residue vectors each, secret 0 first.
+fn spec_rns_key(
+    params: &ParameterSet,
+    key_id: &[u8; 32],
+    seed: u128,
+    a_count: usize,
+    ss: &[Vec<u64>],
+    noise: &mut RandomGenerator<DefaultRandomGenerator>,
+) -> Vec<u8> {
+    let n = params.poly_size;
+    let r = ss.len();
+    let mut b = Vec::new();
+    b.extend_from_slice(b"TDHE");
+    b.extend_from_slice(&[1, if r > 1 { 6 } else { 3 }]);
+    b.extend_from_slice(&params.id.to_le_bytes());
+    b.extend_from_slice(key_id);
+    if r > 1 {
+        b.push(r as u8);
+    }
+    b.extend_from_slice(&seed.to_le_bytes());
+    b.extend_from_slice(&[30, 2, a_count as u8]);
+    let gs: Vec<usize> = (1..=a_count).map(|l| 2 * n / (1 << l) + 1).collect();
+    for &g in &gs {
+        b.extend_from_slice(&(g as u16).to_le_bytes());
+    }
+    let mut kmasks = RandomGenerator::<DefaultRandomGenerator>::new(Seed(seed));
+    for &g in &gs {
+        let taus: Vec<Vec<u64>> = ss.iter().map(|s| automorphism(s, g)).collect();
+        for j in 0..2 {
+            let a: Vec<Vec<u64>> = P2_PRIMES
+                .iter()
+                .map(|&p| rns_uniform(&mut kmasks, p, n))
+                .collect();
+            for (s, tau) in ss.iter().zip(&taus) {
+                // One noise polynomial per body, the same integers modulo every prime.
+                let e = noise_poly(noise, n);
+                for (i, &p) in P2_PRIMES.iter().enumerate() {
+                    let a_s = mul_binary_mod(&a[i], s, p);
+                    let gj = gadget_mod(j, i);
+                    for t in 0..n {
+                        let e_t = (e[t] as i64).rem_euclid(p as i64) as u64;
+                        let tau_t = (tau[t] as i64).rem_euclid(p as i64) as u64;
+                        let v = (a_s[t] + e_t + tau_t * gj % p) % p;
+                        b.extend_from_slice(&(v as u32).to_le_bytes());
+                    }
+                }
+            }
+        }
+    }
+    let want = 59 + usize::from(r > 1) + 2 * a_count + 12 * a_count * 2 * n * r;
+    assert_eq!(b.len(), want, "set-2 key length of he-formats.md");
+    b
+}
+
+/// Checks any set-2 evaluation key blob (the engine's own included) by the text of
+/// he-formats.md: header, counts, length, every residue below its prime, and every body
+/// minus A_j·s_i minus (Q/p_j)·τ_g(s_i) the same noise integer |e| ≤ 16 modulo each prime.
+/// Returns (A, r).
+fn spec_check_rns_key(blob: &[u8], params: &ParameterSet, ss: &[Vec<u64>]) -> (usize, usize) {
+    let n = params.poly_size;
+    assert_eq!(&blob[..5], b"TDHE\x01");
+    assert_eq!(u16::from_le_bytes([blob[6], blob[7]]), params.id);
+    let (r, at) = match blob[5] {
+        3 => (1, 40),
+        6 => (usize::from(blob[40]), 41),
+        k => panic!("kind {k}"),
+    };
+    let seed = u128::from_le_bytes(blob[at..at + 16].try_into().unwrap());
+    assert_eq!((blob[at + 16], blob[at + 17]), (30, 2), "gadget of set 2");
+    let a_count = usize::from(blob[at + 18]);
+    assert_eq!(blob.len(), at + 19 + 2 * a_count + 12 * a_count * 2 * n * r);
+    let mut pos = at + 19 + 2 * a_count;
+    let mut kmasks = RandomGenerator::<DefaultRandomGenerator>::new(Seed(seed));
+    for l in 1..=a_count {
+        let off = at + 19 + 2 * (l - 1);
+        let g = usize::from(u16::from_le_bytes([blob[off], blob[off + 1]]));
+        assert_eq!(g, 2 * n / (1 << l) + 1);
+        for j in 0..2 {
+            let a: Vec<Vec<u64>> = P2_PRIMES
+                .iter()
+                .map(|&p| rns_uniform(&mut kmasks, p, n))
+                .collect();
+            for s in &ss[..r] {
+                let tau = automorphism(s, g);
+                let mut e = vec![i64::MAX; n];
+                for (i, &p) in P2_PRIMES.iter().enumerate() {
+                    let a_s = mul_binary_mod(&a[i], s, p);
+                    let gj = gadget_mod(j, i);
+                    for t in 0..n {
+                        let v =
+                            u64::from(u32::from_le_bytes(blob[pos..pos + 4].try_into().unwrap()));
+                        pos += 4;
+                        assert!(v < p, "residue {v} not below p_{i}");
+                        let tau_t = (tau[t] as i64).rem_euclid(p as i64) as u64;
+                        let d = (v + 2 * p - a_s[t] - tau_t * gj % p) % p;
+                        let d = if d > p / 2 {
+                            d as i64 - p as i64
+                        } else {
+                            d as i64
+                        };
+                        assert!(
+                            d.abs() <= 16,
+                            "automorphism {l} level {j} coefficient {t}: {d}"
+                        );
+                        if i == 0 {
+                            e[t] = d;
+                        } else {
+                            assert_eq!(e[t], d, "noise differs between primes");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (a_count, r)
+}
+
+/// One layer vector of kat.json (the `multibody` section's shape: batch_rows and bodies given).
+#[allow(clippy::too_many_arguments)]
+fn layer_json(
+    id: &str,
+    plan: &LayerPlan,
+    weights: &[i64],
+    bias: &[i64],
+    x: &[Vec<i64>],
+    y: &[Vec<i64>],
+    in_blob: &[u8],
+    out_blob: &[u8],
+) -> String {
+    format!(
+        "      {{\"id\": \"{id}\", \"plan\": {{\"mode\": \"{}\", \"n_in\": {}, \"n_out\": {}, \"chunk\": {}, \"batch_rows\": {}, \"bodies\": {}, \"delta_in_log2\": {}, \"delta_out_log2\": {}, \"upload_bits\": {}, \"download_bits\": {}, \"body_bits\": {}}},\n       \"weights\": {}, \"bias\": {}, \"x\": {}, \"y\": {},\n       \"input_blob\": \"{}\",\n       \"output_blob\": \"{}\"}}",
+        plan.mode.name(),
+        plan.n_in,
+        plan.n_out,
+        plan.chunk,
+        plan.batch_rows,
+        plan.bodies,
+        plan.delta_in_log2,
+        plan.delta_out_log2,
+        plan.upload_bits,
+        plan.download_bits,
+        plan.body_bits,
+        i64_list(weights),
+        i64_list(bias),
+        i64_rows(x),
+        i64_rows(y),
+        hex(in_blob),
+        hex(out_blob),
+    )
+}
+
+/// The `params2` section of kat.json: parameter set 2 (RNS modulus Q, he-formats.md
+/// § Parameter set 2). The same device seed (so the same secrets; the key id hashes param id
+/// 2), a kind-3 key for chunks ≤ 4 and a kind-6 key with 2 bodies built from the spec text
+/// with this file's own modular arithmetic, and two packed layers (one secret, and r = 2)
+/// whose inputs (from the spec text, modulo 2^64 as in set 1) go through the engine's set-2
+/// evaluation with those keys and decrypt exactly. The engine's own keys (fresh seeds, not
+/// stored) are checked against the same spec text.
+fn params2_section(json: &mut String) {
+    let params = PARAMS_V2_N4096_Q90RNS_TUNIFORM4_SEC132_2M64;
+    let n = params.poly_size;
+    // The primes the spec names are tfhe-ntt's first three Plan32 primes.
+    let plan32 = tfhe_ntt::native64::Plan32::try_new(64).unwrap();
+    assert_eq!(
+        P2_PRIMES,
+        [
+            u64::from(plan32.ntt_0().modulus()),
+            u64::from(plan32.ntt_1().modulus()),
+            u64::from(plan32.ntt_2().modulus()),
+        ],
+        "he-formats.md's primes"
+    );
+    let ctx = Arc::new(Context::new(params));
+    let ss = secrets(n, 2);
+    let mut device = Client::from_seed(ctx.clone(), SK_SEED);
+    let key_id = device.key_id();
+    // TDM-HE-2 with param id 2.
+    let mut h = Sha256::new();
+    h.update(b"tandem-he key id v1");
+    h.update(2u16.to_le_bytes());
+    for &c in &ss[0] {
+        h.update([c as u8]);
+    }
+    assert_eq!(<[u8; 32]>::from(h.finalize()), key_id, "set-2 key id");
+    let mut noise = RandomGenerator::<DefaultRandomGenerator>::new(Seed(P2_NOISE_SEED));
+
+    let kblob = spec_rns_key(&params, &key_id, P2_KEY_MASK_SEED, 2, &ss[..1], &mut noise);
+    assert_eq!(spec_check_rns_key(&kblob, &params, &ss), (2, 1));
+    let ek = EvaluationKey::from_bytes(&kblob, kblob.len(), &params).expect("engine decodes key");
+    assert_eq!(ek.max_chunk(), 4);
+    assert_eq!(
+        ek.to_bytes(),
+        kblob,
+        "engine re-encodes the set-2 kind-3 key"
+    );
+    let pek = PreparedEvaluationKey::prepare(&ek, &ctx).expect("engine prepares key");
+    let mblob = spec_rns_key(&params, &key_id, P2_MB_KEY_MASK_SEED, 1, &ss, &mut noise);
+    assert_eq!(spec_check_rns_key(&mblob, &params, &ss), (1, 2));
+    let mek = EvaluationKey::from_bytes(&mblob, mblob.len(), &params).expect("engine decodes key");
+    assert_eq!(mek.bodies(), 2);
+    assert_eq!(
+        mek.to_bytes(),
+        mblob,
+        "engine re-encodes the set-2 kind-6 key"
+    );
+    let mpek = PreparedEvaluationKey::prepare(&mek, &ctx).expect("engine prepares key");
+
+    // A residue equal to its prime is refused (he-formats.md: residue < p_i), in each prime's
+    // vector: the last coefficient of prime 0, the first of prime 1 and of prime 2.
+    let body0 = 59 + 2 * 2;
+    for (i, at) in [
+        (0, body0 + 4 * (n - 1)),
+        (1, body0 + 4 * n),
+        (2, body0 + 8 * n),
+    ] {
+        let mut bad = kblob.clone();
+        bad[at..at + 4].copy_from_slice(&(P2_PRIMES[i] as u32).to_le_bytes());
+        assert!(
+            EvaluationKey::from_bytes(&bad, bad.len(), &params).is_err(),
+            "residue p_{i} accepted"
+        );
+        bad[at..at + 4].copy_from_slice(&(P2_PRIMES[i] as u32 - 1).to_le_bytes());
+        EvaluationKey::from_bytes(&bad, bad.len(), &params).expect("residue p_i − 1 is in range");
+    }
+
+    // The engine's own set-2 keys follow the same text (their seeds are fresh, so they are
+    // checked, not stored).
+    let own = device.evaluation_key(4).expect("engine key").to_bytes();
+    assert_eq!(own.len(), kblob.len());
+    assert_eq!(spec_check_rns_key(&own, &params, &ss), (2, 1));
+    let own = device
+        .evaluation_key_for(2, 2)
+        .expect("engine key")
+        .to_bytes();
+    assert_eq!(own.len(), mblob.len());
+    assert_eq!(spec_check_rns_key(&own, &params, &ss), (1, 2));
+
+    let mut vectors = Vec::new();
+    // One secret: packed 8 → 3, chunk 4 (two chunks, two key-switching strides), two rows.
+    {
+        let id = "he/p2_packed_8x3_chunk4_batch2";
+        let x = vec![
+            vec![1, -2, 3, -4, 127, -128, 5, 0],
+            vec![-1, 64, -99, 100, 0, 17, -128, 127],
+        ];
+        let (weights, bias, layer) = kat_layer(
+            &ctx,
+            OutputMode::Packed,
+            8,
+            3,
+            PlanOptions {
+                chunk: Some(4),
+                ..PlanOptions::default()
+            },
+        );
+        let plan = *layer.plan();
+        assert_eq!((plan.params.id, plan.chunk, plan.bodies), (2, 4, 1));
+        let in_blob = spec_multi_input(&plan, &key_id, &ss[..1], &x, &mut noise);
+        assert_eq!(spec_decrypt_input_multi(&in_blob, &plan, &ss[..1]), x);
+        let input = EncryptedInput::from_bytes(&in_blob, in_blob.len(), &plan).expect("decode");
+        // The device's own set-2 encryption (fresh seeds) is the set-1 layout modulo 2^64.
+        let own = device.encrypt(&plan, &x).expect("encrypt").to_bytes();
+        assert_eq!(spec_decrypt_input_multi(&own, &plan, &ss[..1]), x, "{id}");
+        let out = layer
+            .eval(&input, Some(&pek), EvalOptions::default())
+            .expect("eval");
+        let out_blob = out.to_bytes();
+        let want = affine(&weights, &bias, &x, 8, 3);
+        assert_decrypts_to(
+            id,
+            device.decrypt(&plan, &out).expect("decrypt"),
+            || spec_decrypt_output_multi(&out_blob, &plan, &ss[..1]),
+            &want,
+        );
+        vectors.push(layer_json(
+            id, &plan, &weights, &bias, &x, &want, &in_blob, &out_blob,
+        ));
+    }
+    // Two bodies per mask (kinds 4, 5 with the kind-6 key): packed 2 → 3, chunk 2, b₁ = 2.
+    {
+        let id = "he/p2_multibody_packed_2x3_r2_b2_batch3";
+        let x = vec![vec![7, -8], vec![-128, 127], vec![3, 99]];
+        let (weights, bias, planned) = kat_layer(
+            &ctx,
+            OutputMode::Packed,
+            2,
+            3,
+            PlanOptions {
+                chunk: Some(2),
+                ..PlanOptions::default()
+            },
+        );
+        let plan = LayerPlan {
+            batch_rows: 2,
+            bodies: 2,
+            ..*planned.plan()
+        };
+        let layer = PreparedLayer::prepare_with_plan(ctx.clone(), plan, &weights, &bias)
+            .expect("layer with a set plan");
+        let plan = *layer.plan();
+        let in_blob = spec_multi_input(&plan, &key_id, &ss, &x, &mut noise);
+        assert_eq!(spec_decrypt_input_multi(&in_blob, &plan, &ss), x);
+        let input = EncryptedInput::from_bytes(&in_blob, in_blob.len(), &plan).expect("decode");
+        // The device's own set-2 encryption (fresh seeds) is the set-1 layout modulo 2^64.
+        let own = device.encrypt(&plan, &x).expect("encrypt").to_bytes();
+        assert_eq!(spec_decrypt_input_multi(&own, &plan, &ss), x, "{id}");
+        let out = layer
+            .eval(&input, Some(&mpek), EvalOptions::default())
+            .expect("eval");
+        let out_blob = out.to_bytes();
+        let want = affine(&weights, &bias, &x, 2, 3);
+        assert_decrypts_to(
+            id,
+            device.decrypt(&plan, &out).expect("decrypt"),
+            || spec_decrypt_output_multi(&out_blob, &plan, &ss),
+            &want,
+        );
+        vectors.push(layer_json(
+            id, &plan, &weights, &bias, &x, &want, &in_blob, &out_blob,
+        ));
+    }
+
+    json.push_str("  \"params2\": {\n");
+    let _ = writeln!(
+        json,
+        "    \"params\": {{\"id\": {}, \"poly_size\": {n}, \"ks_base_log\": {}, \"ks_levels\": {}, \"primes\": [{}, {}, {}]}},",
+        params.id, params.ks_base_log, params.ks_levels, P2_PRIMES[0], P2_PRIMES[1], P2_PRIMES[2]
+    );
+    let _ = writeln!(json, "    \"he_key_id\": \"{}\",", hex(&key_id));
+    let _ = writeln!(
+        json,
+        "    \"evaluation_key\": {{\"id\": \"he/p2_eval_key_a2\", \"blob_sha256\": \"{}\", \"blob\": \"{}\"}},",
+        hex(&Sha256::digest(&kblob)),
+        hex(&kblob)
+    );
+    let _ = writeln!(
+        json,
+        "    \"multibody_evaluation_key\": {{\"id\": \"he/p2_multibody_eval_key_a1_r2\", \"bodies\": 2, \"blob_sha256\": \"{}\", \"blob\": \"{}\"}},",
+        hex(&Sha256::digest(&mblob)),
+        hex(&mblob)
+    );
+    json.push_str("    \"vectors\": [\n");
+    json.push_str(&vectors.join(",\n"));
+    json.push_str("\n    ]\n  }\n");
 }
