@@ -275,3 +275,34 @@ fn output_body_width_is_checked_against_the_plan() {
         }
     }
 }
+
+/// Parameter set 2 sends key bodies as u32 residues: a residue at or above its prime (which
+/// no honest key holds) is a typed refusal, and the same bytes are no set-1 key either.
+#[test]
+fn set2_key_residue_not_below_its_prime_is_refused() {
+    let ctx = Arc::new(Context::new(PARAMS_V2_N4096_Q90RNS_TUNIFORM4_SEC132_2M64));
+    let client = Client::from_seed(ctx.clone(), 11);
+    let key = client.evaluation_key(4).unwrap();
+    let bytes = key.to_bytes();
+    let p = &PARAMS_V2_N4096_Q90RNS_TUNIFORM4_SEC132_2M64;
+    let decoded = EvaluationKey::from_bytes(&bytes, bytes.len(), p).unwrap();
+    assert_eq!(decoded, key);
+    assert!(PreparedEvaluationKey::prepare(&decoded, &ctx).is_ok());
+    // The last 4 bytes are a residue modulo p_2 (< 2^30): 0xFFFF_FFFF is above every prime.
+    let mut bad = bytes.clone();
+    let at = bad.len() - 4;
+    bad[at..].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(
+        EvaluationKey::from_bytes(&bad, bad.len(), p),
+        Err(HeError::Malformed { .. })
+    ));
+    // 2^30 is above every one of the three primes too (each is below 2^30).
+    bad[at..].copy_from_slice(&(1u32 << 30).to_le_bytes());
+    assert!(EvaluationKey::from_bytes(&bad, bad.len(), p).is_err());
+    assert!(EvaluationKey::from_bytes(
+        &bytes,
+        bytes.len(),
+        &PARAMS_V1_N4096_Q64_TUNIFORM4_SEC132_2M64
+    )
+    .is_err());
+}
