@@ -154,6 +154,7 @@ pub struct NttPoly(pub(crate) Vec<u32>);
 const POOL_CAP: usize = 64;
 
 thread_local! {
+    static GATHER: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
     static POOL: std::cell::RefCell<Vec<Vec<u32>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -484,15 +485,22 @@ impl Ntt {
         {
             let p = self.primes[pi];
             let perm = &perm[pi * self.n..(pi + 1) * self.n];
-            vectorized(
-                #[inline(always)]
-                || {
-                    for (x, &src) in acc.iter_mut().zip(perm) {
-                        let s = *x + inp.get(src as usize).copied().unwrap_or(0);
-                        *x = s.min(s.wrapping_sub(p));
-                    }
-                },
-            );
+            // Gather first (a plain indexed load: the permutation's entries are < N by
+            // construction), then add in a separate loop that vectorises.
+            GATHER.with(|cell| {
+                let mut tmp = cell.borrow_mut();
+                tmp.clear();
+                tmp.extend(perm.iter().map(|&src| inp[src as usize]));
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (x, &y) in acc.iter_mut().zip(tmp.iter()) {
+                            let s = *x + y;
+                            *x = s.min(s.wrapping_sub(p));
+                        }
+                    },
+                );
+            });
         }
     }
 

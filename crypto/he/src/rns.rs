@@ -32,8 +32,10 @@ pub(crate) struct Rns3 {
     inv_p0p1_mod_p2: u64,
     /// ⌊2^128/Q⌋, ⌊2^128/(p_1·p_2)⌋, ⌊2^128/p_2⌋.
     scale_out: [u128; 3],
-    /// Digit constants: (p_1·p_2)^−1 mod p_0 and (p_0·p_2)^−1 mod p_1.
+    /// Digit constants: (p_1·p_2)^−1 mod p_0 and (p_0·p_2)^−1 mod p_1, with their Shoup
+    /// companions ⌊k·2^32/p⌋.
     digit_k: [u64; 2],
+    digit_k_shoup: [u64; 2],
     /// The gadget Q/p_0 and Q/p_1, as residues modulo each prime: `gadget[j][i]`.
     pub(crate) gadget: [[u64; 3]; 2],
 }
@@ -64,6 +66,16 @@ pub(crate) fn reduce(x: u64, p: u64, pinv: f64) -> u64 {
     let r = x.wrapping_sub(q.wrapping_mul(p)) as i64;
     let r = r + ((r >> 63) & p as i64);
     let r = r as u64;
+    r.min(r.wrapping_sub(p))
+}
+
+/// `a·w mod p` for a < 2^32 and a constant w < p < 2^31 with `w_shoup` = ⌊w·2^32/p⌋ (Shoup's
+/// product: the quotient estimate is off by at most one, corrected by one conditional
+/// subtraction; plain u64 arithmetic on 32-bit operands, so the loops vectorise).
+#[inline(always)]
+fn mul_shoup(a: u64, w: u64, w_shoup: u64, p: u64) -> u64 {
+    let q = (a * w_shoup) >> 32;
+    let r = (a * w).wrapping_sub(q * p);
     r.min(r.wrapping_sub(p))
 }
 
@@ -103,6 +115,10 @@ impl Rns3 {
                 (p[0] as u128 * p[2] as u128 % p[2] as u128) as u64,
             ],
         ];
+        let digit_k = [
+            inv_mod((p[1] as u128 * p[2] as u128 % p[0] as u128) as u64, p[0]),
+            inv_mod((p[0] as u128 * p[2] as u128 % p[1] as u128) as u64, p[1]),
+        ];
         Self {
             p,
             pinv: p.map(|x| 1.0 / x as f64),
@@ -112,10 +128,8 @@ impl Rns3 {
             inv_p0_mod_p1: inv_mod(p[0], p[1]),
             inv_p0p1_mod_p2: inv_mod((p[0] as u128 * p[1] as u128 % p[2] as u128) as u64, p[2]),
             scale_out: [div(q), div(p[1] as u128 * p[2] as u128), div(p[2] as u128)],
-            digit_k: [
-                inv_mod((p[1] as u128 * p[2] as u128 % p[0] as u128) as u64, p[0]),
-                inv_mod((p[0] as u128 * p[2] as u128 % p[1] as u128) as u64, p[1]),
-            ],
+            digit_k,
+            digit_k_shoup: [(digit_k[0] << 32) / p[0], (digit_k[1] << 32) / p[1]],
             gadget,
         }
     }
@@ -181,8 +195,8 @@ impl Rns3 {
         d1: &mut [i64],
     ) {
         let [p0, p1, p2] = self.p;
-        let [pi0, pi1, _] = self.pinv;
         let [k0, k1] = self.digit_k;
+        let [ks0, ks1] = self.digit_k_shoup;
         let (h0, h1, h2) = (p0 / 2, p1 / 2, p2 / 2);
         crate::ntt::vectorized(
             #[inline(always)]
@@ -196,13 +210,12 @@ impl Rns3 {
                     let c = u64::from(c);
                     // c > p2/2 → c − p2 (centred); shift by p_j so everything stays positive.
                     let neg = u64::from(c > h2);
-                    // x_j − centred(c) + p_j, in [0, 2p_j + p2/2).
+                    // x_j − centred(c) + p_j, in [0, 2p_j + p2/2) ⊂ [0, 2^32): Shoup's product
+                    // with the constant k_j is exact modulo p_j for any input below 2^32.
                     let t0 = u64::from(a) + p0 + neg * p2 - c;
                     let t1 = u64::from(b) + p1 + neg * p2 - c;
-                    let t0 = reduce(t0, p0, pi0);
-                    let t1 = reduce(t1, p1, pi1);
-                    let e0 = reduce(t0 * k0, p0, pi0) as i64;
-                    let e1 = reduce(t1 * k1, p1, pi1) as i64;
+                    let e0 = mul_shoup(t0, k0, ks0, p0) as i64;
+                    let e1 = mul_shoup(t1, k1, ks1, p1) as i64;
                     *o0 = e0 - (p0 as i64 & -i64::from(e0 as u64 > h0));
                     *o1 = e1 - (p1 as i64 & -i64::from(e1 as u64 > h1));
                 }
