@@ -347,12 +347,16 @@ impl std::fmt::Debug for KeyStore {
 /// Bytes of a prepared evaluation key with `automorphisms` packing keys for `bodies` secrets
 /// (shared-mask keys, `tandem_he::EvaluationKey::bodies`) under `params`: per automorphism and
 /// gadget level one mask and `bodies` body polynomials in the NTT domain, each 5 residues of N
-/// 32-bit words (`tandem_he` NTT layout).
+/// 32-bit words for parameter set 1 or 3 residues (modulo Q) for set 2 (`tandem_he` NTT layout).
 pub fn prepared_key_bytes(params: &ParameterSet, automorphisms: usize, bodies: usize) -> usize {
+    let residues = match params.modulus {
+        tandem_he::Modulus::Rns3 => 3,
+        tandem_he::Modulus::Pow2_64 => 5,
+    };
     automorphisms
         .saturating_mul(params.ks_levels as usize)
         .saturating_mul(bodies.max(1).saturating_add(1))
-        .saturating_mul(5 * 4)
+        .saturating_mul(residues * 4)
         .saturating_mul(params.poly_size)
 }
 
