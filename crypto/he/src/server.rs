@@ -41,6 +41,11 @@ pub struct PreparedLayer {
     /// CRT primes of the server's arithmetic: 4 when every |w| ≤ 128 (TDM-PAR-HE-4), else 5;
     /// 3 (residues modulo Q) for parameter set 2.
     primes: usize,
+    /// Packed mode: the bottom level of every packing tree is folded into the weights (see
+    /// [`PreparedLayer::fold_bottom_level`]): the slots of an even leaf e and its odd partner
+    /// o hold W_e + X^k·W_o and W_e − X^k·W_o (biases likewise), so that node's u and v are
+    /// two plain products.
+    folded: bool,
 }
 
 impl std::fmt::Debug for PreparedLayer {
@@ -293,13 +298,65 @@ impl PreparedLayer {
                 f
             }));
         }
-        Ok(Self {
+        let mut layer = Self {
             ctx,
             plan,
             weights: polys,
             bias: bias_polys,
             primes,
-        })
+            folded: false,
+        };
+        layer.fold_bottom_level();
+        Ok(layer)
+    }
+
+    /// The bottom node of a packing tree joins leaves e and o = e + L/2 of a group (L leaves)
+    /// as u = P_e + X^k·P_o and v = P_e − X^k·P_o with k = chunk/2, where P_b = Σ_c x_c·W_{b,c}
+    /// (+ bias_b). Products are linear, so u and v are the products with W_e ± X^k·W_o: stored
+    /// in place of W_e and W_o, they save the node's monomial product and butterfly (on every
+    /// body) at the cost of nothing — the same polynomials, the same integers (so the same
+    /// bounds, TDM-PAR-HE-4, and the same outputs bit for bit). Pairs whose odd leaf is
+    /// missing (a short last group) stay as they are.
+    fn fold_bottom_level(&mut self) {
+        let plan = self.plan;
+        if plan.mode != OutputMode::Packed || plan.leaves_per_group() < 2 {
+            return;
+        }
+        let ntt = &self.ctx.ntt;
+        let Some(mono) = self.ctx.monomials.get(&(plan.chunk / 2)) else {
+            return;
+        };
+        let (leaves, per_group, blocks) = (
+            plan.leaves_per_group(),
+            plan.blocks_per_group(),
+            plan.out_blocks(),
+        );
+        let chunks = plan.in_chunks();
+        for first in (0..blocks).step_by(per_group) {
+            let last = (first + per_group).min(blocks);
+            for t in 0..leaves / 2 {
+                let (e, o) = (first + t, first + t + leaves / 2);
+                if o >= last {
+                    continue;
+                }
+                for c in 0..chunks {
+                    let (lo, hi) = self.weights.split_at_mut(o * chunks + c);
+                    let (we, wo) = (&mut lo[e * chunks + c], &mut hi[0]);
+                    ntt.mul_assign_normalize(wo, mono);
+                    ntt.butterfly(we, wo);
+                }
+                let (be, bo) = (self.bias[e].take(), self.bias[o].take());
+                if be.is_some() || bo.is_some() {
+                    let mut be = be.unwrap_or_else(|| ntt.zero_with(self.primes));
+                    let mut bo = bo.unwrap_or_else(|| ntt.zero_with(self.primes));
+                    ntt.mul_assign_normalize(&mut bo, mono);
+                    ntt.butterfly(&mut be, &mut bo);
+                    self.bias[e] = Some(be);
+                    self.bias[o] = Some(bo);
+                }
+            }
+        }
+        self.folded = true;
     }
 
     /// The layer's plan (public: the device needs it to encrypt and decrypt).

@@ -81,6 +81,14 @@ impl PreparedLayer {
         if width == 1 {
             return Some(self.product(inputs, block));
         }
+        let n = self.plan.params.poly_size;
+        if width == 2 && self.folded && first + offset + step < last {
+            // The bottom level folded into the weights: u and v are plain products.
+            let u = self.product(inputs, block);
+            let v = self.product(inputs, first + offset + step);
+            let g = automorphism_for_stride(n, self.plan.chunk);
+            return Some(self.add_rotated(u, v, g, key));
+        }
         let half = width / 2;
         let (even, odd) = join_maybe_par(
             opts.parallel && width >= 4,
@@ -102,7 +110,6 @@ impl PreparedLayer {
         // Leaves hold data on the multiples of `chunk`, a node of width w on those of
         // 2·chunk/w: its children's data sit on the multiples of s = 2·chunk/w, the odd one
         // moves to s/2, and X -> X^(2N/s + 1) clears the rest.
-        let n = self.plan.params.poly_size;
         let stride = 2 * self.plan.chunk / width;
         let g = automorphism_for_stride(n, stride);
         let k = stride / 2;
