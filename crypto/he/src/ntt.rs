@@ -47,7 +47,7 @@ pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
 /// `x mod p` for any u64 `x` and a prime p < 2^31, `pinv` = 1/p: the quotient from f64 is off
 /// by at most one (x/p < 2^35, relative error < 2^-50), corrected branch-free. Vectorises.
 #[inline(always)]
-fn reduce(x: u64, p: u64, pinv: f64) -> u64 {
+pub(crate) fn reduce(x: u64, p: u64, pinv: f64) -> u64 {
     let q = ((x as f64) * pinv) as u64;
     let r = x.wrapping_sub(q.wrapping_mul(p)) as i64; // in (−2p, 2p)
     let r = r + ((r >> 63) & p as i64); // [0, 2p)
@@ -58,7 +58,7 @@ fn reduce(x: u64, p: u64, pinv: f64) -> u64 {
 /// `a·w mod p` for a < 2^32 and a constant w < p < 2^31 with `w_shoup` = ⌊w·2^32/p⌋
 /// (Shoup's multiplication: the quotient estimate is off by at most one).
 #[inline(always)]
-fn mul_shoup(a: u64, w: u64, w_shoup: u64, p: u64) -> u64 {
+pub(crate) fn mul_shoup(a: u64, w: u64, w_shoup: u64, p: u64) -> u64 {
     let q = (a * w_shoup) >> 32;
     let r = (a * w).wrapping_sub(q * p);
     r.min(r.wrapping_sub(p))
@@ -78,7 +78,7 @@ struct Crt4 {
     m: u64,
 }
 
-fn pow_mod(mut base: u64, mut e: u64, p: u64) -> u64 {
+pub(crate) fn pow_mod(mut base: u64, mut e: u64, p: u64) -> u64 {
     let mut r = 1u64;
     base %= p;
     while e > 0 {

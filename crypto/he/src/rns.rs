@@ -14,6 +14,7 @@
 //!
 //! Every formula is restated with its error bound in `specs/parameters.md` ("Parameter set 2").
 
+use crate::ntt::{mul_shoup, pow_mod, reduce};
 use std::sync::OnceLock;
 
 /// Constants of Q = p_0·p_1·p_2.
@@ -40,43 +41,9 @@ pub(crate) struct Rns3 {
     pub(crate) gadget: [[u64; 3]; 2],
 }
 
-fn pow_mod(mut base: u64, mut e: u64, p: u64) -> u64 {
-    let mut r = 1u64;
-    base %= p;
-    while e > 0 {
-        if e & 1 == 1 {
-            r = r * base % p;
-        }
-        base = base * base % p;
-        e >>= 1;
-    }
-    r
-}
-
 fn inv_mod(a: u64, p: u64) -> u64 {
     // Fermat: a^(p−2) = a^−1 modulo the prime p.
     pow_mod(a % p, p - 2, p)
-}
-
-/// `x mod p` for any u64 `x` and a prime p < 2^31 (`pinv` = 1/p; the f64 quotient is off by at
-/// most one and corrected branch-free, so the loops vectorise).
-#[inline(always)]
-pub(crate) fn reduce(x: u64, p: u64, pinv: f64) -> u64 {
-    let q = ((x as f64) * pinv) as u64;
-    let r = x.wrapping_sub(q.wrapping_mul(p)) as i64;
-    let r = r + ((r >> 63) & p as i64);
-    let r = r as u64;
-    r.min(r.wrapping_sub(p))
-}
-
-/// `a·w mod p` for a < 2^32 and a constant w < p < 2^31 with `w_shoup` = ⌊w·2^32/p⌋ (Shoup's
-/// product: the quotient estimate is off by at most one, corrected by one conditional
-/// subtraction; plain u64 arithmetic on 32-bit operands, so the loops vectorise).
-#[inline(always)]
-fn mul_shoup(a: u64, w: u64, w_shoup: u64, p: u64) -> u64 {
-    let q = (a * w_shoup) >> 32;
-    let r = (a * w).wrapping_sub(q * p);
-    r.min(r.wrapping_sub(p))
 }
 
 impl Rns3 {

@@ -4,48 +4,17 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::{reference, values};
+use common::{fixture_of, reference, run_in, values, Fixture};
 use proptest::prelude::*;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use tandem_he::*;
 
 const SET1: ParameterSet = PARAMS_V1_N4096_Q64_TUNIFORM4_SEC132_2M64;
 
-struct Set1 {
-    ctx: Arc<Context>,
-    client: Mutex<Client>,
-    key: PreparedEvaluationKey,
-}
-
-fn set1() -> &'static Set1 {
-    static F: OnceLock<Set1> = OnceLock::new();
-    F.get_or_init(|| {
-        let ctx = Arc::new(Context::new(SET1));
-        let client = Client::from_seed(ctx.clone(), 0x5e71);
-        // Two bodies: enough for the shared-mask plans below.
-        let key = client.evaluation_key_for(SET1.poly_size, 2).unwrap();
-        let key = PreparedEvaluationKey::prepare(&key, &ctx).unwrap();
-        Set1 {
-            ctx,
-            client: Mutex::new(client),
-            key,
-        }
-    })
-}
-
-fn run(layer: &PreparedLayer, xs: &[Vec<i64>]) -> Vec<Vec<i64>> {
-    let f = set1();
-    let plan = *layer.plan();
-    assert_eq!(plan.params, SET1);
-    let mut client = f.client.lock().unwrap_or_else(|e| e.into_inner());
-    let ct = client.encrypt(&plan, xs).unwrap();
-    let bytes = ct.to_bytes();
-    let ct = EncryptedInput::from_bytes(&bytes, bytes.len(), &plan).unwrap();
-    let key = (plan.mode == OutputMode::Packed).then_some(&f.key);
-    let out = layer.eval(&ct, key, EvalOptions::default()).unwrap();
-    let bytes = out.to_bytes();
-    let out = EncryptedOutput::from_bytes(&bytes, bytes.len(), &plan, &client.key_id()).unwrap();
-    client.decrypt(&plan, &out).unwrap()
+/// Set 1 with a two-body key (enough for the shared-mask plans below).
+fn set1() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| fixture_of(SET1, 2))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -70,7 +39,8 @@ fn check(
         opts,
     )
     .unwrap();
-    for (x, y) in xs.iter().zip(run(&layer, xs)) {
+    assert_eq!(layer.plan().params, SET1);
+    for (x, y) in xs.iter().zip(run_in(set1(), &layer, xs)) {
         assert_eq!(
             y,
             reference(w, b, x, n_in, n_out),

@@ -16,21 +16,24 @@ pub struct Fixture {
     pub prepared_key: PreparedEvaluationKey,
 }
 
-/// The fixture, built once per test binary.
+/// The fixture, built once per test binary (the default parameter set, one-body key).
 pub fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let ctx = Arc::new(Context::new(DEFAULT_PARAMETERS));
-        let client = Client::from_seed(ctx.clone(), FIXTURE_SEED);
-        let eval_key = client.evaluation_key(DEFAULT_PARAMETERS.poly_size).unwrap();
-        let prepared_key = PreparedEvaluationKey::prepare(&eval_key, &ctx).unwrap();
-        Fixture {
-            ctx,
-            client: Mutex::new(client),
-            eval_key,
-            prepared_key,
-        }
-    })
+    F.get_or_init(|| fixture_of(DEFAULT_PARAMETERS, 1))
+}
+
+/// A fixture under `params` with a full packing key for `bodies` secrets per mask.
+pub fn fixture_of(params: ParameterSet, bodies: usize) -> Fixture {
+    let ctx = Arc::new(Context::new(params));
+    let client = Client::from_seed(ctx.clone(), FIXTURE_SEED);
+    let eval_key = client.evaluation_key_for(params.poly_size, bodies).unwrap();
+    let prepared_key = PreparedEvaluationKey::prepare(&eval_key, &ctx).unwrap();
+    Fixture {
+        ctx,
+        client: Mutex::new(client),
+        eval_key,
+        prepared_key,
+    }
 }
 
 const FIXTURE_SEED: u128 = 0x7a6e_d3a0_0000_0000_0000_0000_0000_0001;
@@ -64,7 +67,11 @@ pub fn values(n: usize, seed: u64, lo: i64, hi: i64) -> Vec<i64> {
 
 /// Encrypts, evaluates (through the wire format both ways) and decrypts.
 pub fn run(layer: &PreparedLayer, xs: &[Vec<i64>]) -> Vec<Vec<i64>> {
-    let f = fixture();
+    run_in(fixture(), layer, xs)
+}
+
+/// [`run`] with the client and key of fixture `f`.
+pub fn run_in(f: &Fixture, layer: &PreparedLayer, xs: &[Vec<i64>]) -> Vec<Vec<i64>> {
     let plan = *layer.plan();
     let mut client = f.client.lock().unwrap_or_else(|e| e.into_inner());
     let ct = client.encrypt(&plan, xs).unwrap();
