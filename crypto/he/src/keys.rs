@@ -389,6 +389,69 @@ fn rns_levels(
         .collect()
 }
 
+/// One set-1 level as the server uses it: −A (re-drawn from the seed stream, modulo 2^64) and
+/// each −b_i, in the NTT domain over all five primes.
+fn expand_level_pow2(
+    ntt: &Ntt,
+    masks: &mut crate::rng::MaskGenerator,
+    body: &[u64],
+    n: usize,
+) -> (NttPoly, Vec<NttPoly>) {
+    let mut a = vec![0u64; n];
+    masks.fill(&mut a);
+    let neg_a: Vec<u64> = a.iter().map(|v| v.wrapping_neg()).collect();
+    let mut fa = ntt.zero();
+    ntt.fwd_u64(&neg_a, &mut fa);
+    let fbs = body
+        .chunks_exact(n)
+        .map(|b| {
+            let neg_b: Vec<u64> = b.iter().map(|v| v.wrapping_neg()).collect();
+            let mut fb = ntt.zero();
+            ntt.fwd_u64(&neg_b, &mut fb);
+            fb
+        })
+        .collect();
+    (fa, fbs)
+}
+
+/// One set-2 level as the server uses it: −A (residues re-drawn from the seed stream, prime by
+/// prime) and each −b_i (three residue vectors, each below its prime as the decoder checked),
+/// in the NTT domain over the three primes of Q.
+fn expand_level_rns(
+    ntt: &Ntt,
+    masks: &mut crate::rng::MaskGenerator,
+    body: &[u64],
+    n: usize,
+) -> (NttPoly, Vec<NttPoly>) {
+    let primes = crate::rns::Rns3::get().p;
+    let mut fa = ntt.zero_with(crate::ntt::PRIMES_RNS);
+    for (i, &p) in primes.iter().enumerate() {
+        let chunk = &mut fa.0[i * n..(i + 1) * n];
+        crate::rns::Rns3::fill_uniform(masks, p, chunk);
+        chunk
+            .iter_mut()
+            .for_each(|v| *v = ((p - u64::from(*v)) % p) as u32);
+    }
+    ntt.fwd_residues(&mut fa);
+    let fbs = body
+        .chunks_exact(3 * n)
+        .map(|b| {
+            let mut fb = ntt.zero_with(crate::ntt::PRIMES_RNS);
+            for (i, &p) in primes.iter().enumerate() {
+                for (o, &v) in fb.0[i * n..(i + 1) * n]
+                    .iter_mut()
+                    .zip(&b[i * n..(i + 1) * n])
+                {
+                    *o = ((p - v % p) % p) as u32;
+                }
+            }
+            ntt.fwd_residues(&mut fb);
+            fb
+        })
+        .collect();
+    (fa, fbs)
+}
+
 /// An evaluation key expanded on the server: masks re-derived, everything in the NTT domain and
 /// negated so that key switching is a pure multiply-accumulate.
 pub struct PreparedEvaluationKey {
@@ -434,59 +497,9 @@ impl PreparedEvaluationKey {
         }
         let mut masks = mask_generator(key.mask_seed);
         let mut levels = std::collections::HashMap::new();
-        if key.params.modulus == Modulus::Rns3 {
-            let rns = crate::rns::Rns3::get();
-            for (&g, bodies) in key.automorphisms.iter().zip(&key.bodies) {
-                if !ntt.has_automorphism(g) {
-                    return Err(HeError::Malformed {
-                        what: "evaluation key",
-                        reason: "automorphism outside the packing set",
-                    });
-                }
-                let mut per_level = Vec::with_capacity(bodies.len());
-                for body in bodies {
-                    if body.len() != 3 * r * n {
-                        return Err(HeError::Malformed {
-                            what: "evaluation key",
-                            reason: "level length does not match the body count",
-                        });
-                    }
-                    let mut fa = ntt.zero_with(crate::ntt::PRIMES_RNS);
-                    for (i, &p) in rns.p.iter().enumerate() {
-                        let chunk = &mut fa.0[i * n..(i + 1) * n];
-                        crate::rns::Rns3::fill_uniform(&mut masks, p, chunk);
-                        // −A modulo p.
-                        chunk
-                            .iter_mut()
-                            .for_each(|v| *v = ((p - u64::from(*v)) % p) as u32);
-                    }
-                    ntt.fwd_residues(&mut fa);
-                    let mut fbs = Vec::with_capacity(r);
-                    for b in body.chunks_exact(3 * n) {
-                        let mut fb = ntt.zero_with(crate::ntt::PRIMES_RNS);
-                        for (i, &p) in rns.p.iter().enumerate() {
-                            for (o, &v) in fb.0[i * n..(i + 1) * n]
-                                .iter_mut()
-                                .zip(&b[i * n..(i + 1) * n])
-                            {
-                                // The decoder checked v < p.
-                                *o = ((p - v % p) % p) as u32;
-                            }
-                        }
-                        ntt.fwd_residues(&mut fb);
-                        fbs.push(fb);
-                    }
-                    per_level.push((fa, fbs));
-                }
-                levels.insert(g, per_level);
-            }
-            return Ok(Self {
-                key_id: key.key_id,
-                secrets: r,
-                levels,
-            });
-        }
-        let mut a = vec![0u64; n];
+        let rns = key.params.modulus == Modulus::Rns3;
+        // Set 2 stores three residues per coefficient (TDM-HE-8).
+        let per_body = if rns { 3 * n } else { n };
         for (&g, bodies) in key.automorphisms.iter().zip(&key.bodies) {
             if !ntt.has_automorphism(g) {
                 return Err(HeError::Malformed {
@@ -496,26 +509,17 @@ impl PreparedEvaluationKey {
             }
             let mut per_level = Vec::with_capacity(bodies.len());
             for body in bodies {
-                if body.len() != r * n {
+                if body.len() != r * per_body {
                     return Err(HeError::Malformed {
                         what: "evaluation key",
                         reason: "level length does not match the body count",
                     });
                 }
-                masks.fill(&mut a);
-                let neg_a: Vec<u64> = a.iter().map(|v| v.wrapping_neg()).collect();
-                let mut fa = ntt.zero();
-                ntt.fwd_u64(&neg_a, &mut fa);
-                let fbs = body
-                    .chunks_exact(n)
-                    .map(|b| {
-                        let neg_b: Vec<u64> = b.iter().map(|v| v.wrapping_neg()).collect();
-                        let mut fb = ntt.zero();
-                        ntt.fwd_u64(&neg_b, &mut fb);
-                        fb
-                    })
-                    .collect();
-                per_level.push((fa, fbs));
+                per_level.push(if rns {
+                    expand_level_rns(ntt, &mut masks, body, n)
+                } else {
+                    expand_level_pow2(ntt, &mut masks, body, n)
+                });
             }
             levels.insert(g, per_level);
         }
