@@ -31,7 +31,7 @@
 //! max_key_bytes_per_device = 16777216    # stored key bytes per device [16 MiB]
 //! key_cache_bytes = 268435456            # prepared keys in memory, at least one key [256 MiB]
 //! parallel_eval = true                   # spread each evaluation over all cores [true]
-//! param_sets = [1]                       # parameter sets served, preferred first [all]
+//! param_sets = [2, 1]                    # parameter sets served, preferred first [all, 2 first]
 //! key_expiry_secs = 7776000              # keys unused this long expire [never]
 //! metrics_listen = "127.0.0.1:9443"      # plain-HTTP /healthz and /metrics [not served]
 //! ```

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem_he::{Context, EncryptedInput, OutputMode, ParameterSet, ALL_PARAMETER_SETS};
+use tandem_he::{
+    Context, EncryptedInput, OutputMode, ParameterSet, ALL_PARAMETER_SETS, DEFAULT_PARAMETERS,
+};
 use tandem_model::VerifyingKey;
 use tandem_protocol::{
     CloudConfig, CloudEvent, CloudSession, EncryptedBlock, ErrorCode, InferRequest, Limits,
@@ -125,7 +127,8 @@ pub struct ServerOptions {
     /// Output-mode policy per bundle directory (absent: both modes).
     pub policies: Vec<(PathBuf, ModelPolicy)>,
     /// Parameter-set ids served, in preference order (each must be in
-    /// [`tandem_he::ALL_PARAMETER_SETS`]); empty: all of them.
+    /// [`tandem_he::ALL_PARAMETER_SETS`]); empty: all of them, [`tandem_he::DEFAULT_PARAMETERS`]
+    /// first.
     pub param_sets: Vec<u16>,
     /// Path of the key-store database file (the embedded `redb` store; unused when
     /// `postgres` is set).
@@ -537,7 +540,16 @@ impl std::fmt::Debug for Cloud {
 
 fn contexts_for(ids: &[u16]) -> Result<Vec<Arc<Context>>, CloudError> {
     let sets: Vec<ParameterSet> = if ids.is_empty() {
-        ALL_PARAMETER_SETS.to_vec()
+        // The default set first (TDM-PAR-1: the cloud picks the first of its own order the
+        // device offers), then the older ones still understood.
+        std::iter::once(DEFAULT_PARAMETERS)
+            .chain(
+                ALL_PARAMETER_SETS
+                    .iter()
+                    .copied()
+                    .filter(|p| p.id != DEFAULT_PARAMETERS.id),
+            )
+            .collect()
     } else {
         ids.iter()
             .map(|&id| {

@@ -118,8 +118,9 @@ pub struct DeviceOptions {
     pub verifying_key: VerifyingKey,
     /// HE output mode for encrypted requests.
     pub output_mode: OutputMode,
-    /// HE parameter-set ids offered in the handshake, in preference order (default: every set
-    /// of [`tandem_he::ALL_PARAMETER_SETS`]). The device encrypts under the set the cloud
+    /// HE parameter-set ids offered in the handshake, in preference order (default:
+    /// [`tandem_he::DEFAULT_PARAMETERS`] first, then the other sets of
+    /// [`tandem_he::ALL_PARAMETER_SETS`]). The device encrypts under the set the cloud
     /// chooses; a chosen id this build does not implement is
     /// [`crate::DeviceError::UnknownParameterSet`].
     pub param_sets: Vec<u16>,
@@ -167,7 +168,7 @@ impl DeviceOptions {
             bundle_dir,
             verifying_key,
             output_mode: OutputMode::Packed,
-            param_sets: tandem_he::ALL_PARAMETER_SETS.iter().map(|p| p.id).collect(),
+            param_sets: default_param_sets(),
             ledger_path,
             ledger_id: b"device".to_vec(),
             dp: DpOptions::default(),
@@ -176,4 +177,19 @@ impl DeviceOptions {
             io_timeout: Duration::from_secs(60),
         }
     }
+}
+
+/// Every parameter set this build implements, [`tandem_he::DEFAULT_PARAMETERS`] first (the
+/// device's default offer, preferred first: TDM-PAR-1 lets the cloud pick the first of its own
+/// order that the device offers).
+fn default_param_sets() -> Vec<u16> {
+    let default = tandem_he::DEFAULT_PARAMETERS.id;
+    std::iter::once(default)
+        .chain(
+            tandem_he::ALL_PARAMETER_SETS
+                .iter()
+                .map(|p| p.id)
+                .filter(|&id| id != default),
+        )
+        .collect()
 }
