@@ -16,7 +16,7 @@ use clap::Args;
 use indicatif::ProgressBar;
 use ndarray::Array1;
 use serde::Serialize;
-use tandem_cloud::{Cloud, ModelPolicy, ServerOptions};
+use tandem_cloud::{Cloud, ServerOptions};
 use tandem_device::{RemoteLayers, SentenceDevice};
 use tandem_he::{Context, EvalOptions, OutputMode, DEFAULT_PARAMETERS};
 use tandem_model::{dev_signing_key, read_verifying_key, Bundle, Limits, Part};
@@ -356,23 +356,16 @@ fn start_mtls(model: &MiniLm, mode: OutputMode, progress: &ProgressBar) -> anyho
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let mut opts = ServerOptions::new(
+    let opts = ServerOptions::new(
         "127.0.0.1:0".parse()?,
         server_config(pki.server_credentials())?,
         vk,
         tmp.path().join("keys.redb"),
     );
-    opts.models = vec![bundle_dir.clone()];
-    // Served in the demo's mode only (the other mode's layers would double the memory), up to
-    // the HE engine's batch (the bundle's blobs are sized for its own signed batch).
-    opts.policies = vec![(
-        bundle_dir.clone(),
-        ModelPolicy {
-            packed: mode == OutputMode::Packed,
-            nokey: mode == OutputMode::NoKey,
-        },
-    )];
-    opts.resources.max_batch = tandem_he::limits::MAX_BATCH as u16;
+    // Served in the demo's mode only (the other mode's layers would double the memory) and
+    // under the default parameter set only (the one the device below offers), up to the HE
+    // engine's batch (the bundle's blobs are sized for its own signed batch).
+    let mut opts = super::sentence::loopback_options(opts, &bundle_dir, mode, 2);
     // One known device on loopback: generous handshake budgets, so a machine busy with other
     // work cannot make the demo's own connection miss them (the defaults are tuned against
     // slow-byte attackers, 1 s for the TLS ClientHello).
