@@ -53,7 +53,7 @@ pub mod state;
 pub use early_exit::{Answer, EarlyExit};
 pub use error::DeviceError;
 pub use keys::{cloud_plan, parameter_set, HeState, LayerShape};
-pub use options::{DeviceOptions, DpOptions, RetryPolicy};
+pub use options::{default_param_sets, DeviceOptions, DpOptions, RetryPolicy};
 pub use pipeline::{worst_case_wait, Device};
 pub use remote::{RemoteLayers, RemoteStats, DEFAULT_MAX_IN_FLIGHT};
 pub use sentence::{Encoded, SentenceDevice, SentenceStats, DEFAULT_PIPELINE};

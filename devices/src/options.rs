@@ -182,7 +182,7 @@ impl DeviceOptions {
 /// Every parameter set this build implements, [`tandem_he::DEFAULT_PARAMETERS`] first (the
 /// device's default offer, preferred first: TDM-PAR-1 lets the cloud pick the first of its own
 /// order that the device offers).
-fn default_param_sets() -> Vec<u16> {
+pub fn default_param_sets() -> Vec<u16> {
     let default = tandem_he::DEFAULT_PARAMETERS.id;
     std::iter::once(default)
         .chain(

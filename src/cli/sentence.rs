@@ -239,8 +239,9 @@ impl Endpoint {
         })
     }
 
-    /// A [`RemoteLayers`] session to the endpoint for `bundle` in `mode` (the default HE
-    /// parameter set; `io_timeout` bounds connect, handshake and each answer).
+    /// A [`RemoteLayers`] session to the endpoint for `bundle` in `mode` (offering every HE
+    /// parameter set, the default first; the loopback cloud serves the default only;
+    /// `io_timeout` bounds connect, handshake and each answer).
     ///
     /// # Errors
     /// The cloud cannot be reached or refuses the session.
@@ -256,7 +257,9 @@ impl Endpoint {
             self.tls.clone(),
             bundle,
             mode,
-            &[tandem_he::DEFAULT_PARAMETERS.id],
+            // Every set this build implements, the default first: a `--cloud` serving only
+            // set 1 is met on set 1 (the session's encoder is planned under the set chosen).
+            &tandem_device::default_param_sets(),
             io_timeout,
         )?))
     }
