@@ -3,6 +3,7 @@
 //! over mTLS: the device meets it on set 1 and the embedding equals the loopback cloud's under
 //! the default set 2 (both exact). Before, `embed` offered only the default set and failed with
 //! "session closed by the cloud (UnsupportedParameters)". A tiny synthetic BERT always runs.
+//! And `tandem demo` negotiates the default set 2.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use std::io::{BufRead, BufReader};
@@ -152,4 +153,29 @@ fn embed_meets_a_set1_only_cloud_on_set1() {
     let (a, b) = (embedding(&remote), embedding(&loopback));
     assert_eq!(a.len(), 4);
     assert_eq!(a, b, "set 1 (remote) and set 2 (loopback) are both exact");
+}
+
+/// `tandem demo` (digits, its own loopback cloud and device, both with their default parameter
+/// sets) runs under the default set 2; before, both defaults listed set 1 first and the demo
+/// negotiated set 1. Encrypted predictions still equal the plaintext ones.
+#[test]
+fn demo_runs_the_default_parameter_set() {
+    let out = common::run_ok(&["demo", "--json"]);
+    let v = common::json_lines(&out).pop().expect("a JSON line");
+    assert_eq!(
+        v["param_set"].as_str(),
+        Some(tandem::he::DEFAULT_PARAMETERS.name),
+        "{v}"
+    );
+    assert_eq!(
+        tandem::he::DEFAULT_PARAMETERS.name,
+        "PARAMS_V2_N4096_Q90RNS_TUNIFORM4_SEC132_2M64"
+    );
+    let enc = v["modes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mode"] == "encrypted")
+        .unwrap_or_else(|| panic!("no encrypted mode in {v}"));
+    assert_eq!(enc["predictions_match_plaintext"], true, "{enc}");
 }

@@ -56,6 +56,8 @@ struct DemoJson {
     dp_releases: usize,
     /// The device's default budget (`DpOptions::default`), ε per device per day.
     default_budget_epsilon_per_day: f64,
+    /// The HE parameter set the session negotiated (its frozen name).
+    param_set: &'static str,
     modes: Vec<ModeJson>,
 }
 
@@ -174,6 +176,7 @@ async fn run_async(json: bool) -> anyhow::Result<()> {
     let eps_total = dev.epsilon_spent_total()?;
     let key_blob = dev.key_blob_len();
     let plan_info = *dev.he_plan();
+    let param_set = dev.parameter_set().name;
     dev.close().await;
     cloud.shutdown().await;
 
@@ -181,7 +184,7 @@ async fn run_async(json: bool) -> anyhow::Result<()> {
     if !json {
         println!("tandem demo — digits ({n} test samples), cloud on loopback mTLS, {wall:.1} s");
         println!(
-            "HE plan: chunk {}, upload {} bits, download {} bits, log2 p_fail {:.1}; key upload {} bytes (blob {})",
+            "HE plan ({param_set}): chunk {}, upload {} bits, download {} bits, log2 p_fail {:.1}; key upload {} bytes (blob {})",
             plan_info.chunk, plan_info.upload_bits, plan_info.download_bits, plan_info.log2_p_fail, key_upload, key_blob
         );
         match full.privacy() {
@@ -290,6 +293,7 @@ async fn run_async(json: bool) -> anyhow::Result<()> {
         epsilon_spent_total: eps_total,
         dp_releases: releases,
         default_budget_epsilon_per_day: default_budget,
+        param_set,
         modes,
     };
     if json {
