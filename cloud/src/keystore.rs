@@ -616,7 +616,8 @@ impl KeyStore {
 
     /// The key stored under `(peer, key_id)`, from the cache or (lazily, preparing it) from
     /// the store; records the use for the LRU order and the expiry. `Ok(None)` if this peer
-    /// has no such live key (never registered, evicted, expired). CPU-bound on a cache miss.
+    /// has no such live key (never registered, evicted, expired, or registered under a
+    /// parameter set this cloud no longer serves). CPU-bound on a cache miss.
     ///
     /// # Errors
     /// [`CloudError::Store`] if a record is damaged; [`CloudError::StoreUnavailable`] if the
@@ -657,6 +658,24 @@ impl KeyStore {
             ))
         };
         let mode = OutputMode::from_u8(rec.mode).map_err(|e| err(e.to_string()))?;
+        // A key of a set this build knows but no longer serves (`param_sets` narrowed since it
+        // was registered) is not usable in any session: unknown, not a damaged store.
+        let header_set = rec
+            .blob
+            .get(6..8)
+            .and_then(|b| <[u8; 2]>::try_from(b).ok())
+            .map(u16::from_le_bytes);
+        if let Some(id) = header_set.filter(|_| mode == OutputMode::Packed) {
+            if ParameterSet::from_id(id).is_ok()
+                && !self.contexts.iter().any(|c| c.params().id == id)
+            {
+                tracing::warn!(
+                    param_set = id,
+                    "stored key of a parameter set no longer served: treated as unknown"
+                );
+                return Ok(None);
+            }
+        }
         // The record's parameter set is the one its blob decodes under.
         let mut last = None;
         for ctx in &self.contexts {

@@ -284,3 +284,100 @@ async fn damaged_set2_keys_are_refused_and_a_stored_one_survives_restart() {
     dev.close().await;
     cloud.shutdown().await;
 }
+
+/// Sends, on a fresh session offering only `set`, one encrypted request for digits' cloud
+/// layer naming `key_id` (the ciphertext bytes are junk: the key is looked up first); returns
+/// the first event after the handshake.
+async fn request_with_key(
+    pki: &DevPki,
+    addr: SocketAddr,
+    set: u16,
+    key_id: [u8; 32],
+) -> DeviceEvent {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let cfg = client_config(pki.client_credentials("device-1").unwrap()).unwrap();
+    let mut tls: TlsStream<TcpStream> = TlsConnector::from(cfg)
+        .connect(tandem_tls::server_name("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let est = tandem_tls::established(tls.get_ref().1).unwrap();
+    let b = tandem_model::Bundle::load_part(
+        &digits(),
+        &vk(),
+        &Default::default(),
+        tandem_model::Part::Device,
+    )
+    .unwrap();
+    let layer = u32::try_from(b.cloud_indices()[0]).unwrap();
+    let mut cfg = DeviceConfig::new(b.id(), b.digest());
+    cfg.param_sets = vec![set];
+    let mut s = DeviceSession::new(cfg, est.channel_binding, 0).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        while let Some(f) = s.poll_transmit() {
+            tls.write_all(&f).await.unwrap();
+        }
+        tls.flush().await.unwrap();
+        while let Some(e) = s.poll_event() {
+            match e {
+                DeviceEvent::Connected(n) => {
+                    assert_eq!(n.param_set, set);
+                    let payload = tandem_protocol::RequestPayload::Encrypted(
+                        tandem_protocol::EncryptedBlock {
+                            param_set: set,
+                            key_id,
+                            output_mode: tandem_protocol::OutputMode::Packed,
+                            ciphertexts: vec![vec![0u8; 64]],
+                        },
+                    );
+                    s.send_request(layer, 1, payload, 1).unwrap();
+                }
+                e => return e,
+            }
+        }
+        while let Some(f) = s.poll_transmit() {
+            tls.write_all(&f).await.unwrap();
+        }
+        tls.flush().await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(20), tls.read(&mut buf))
+            .await
+            .expect("no answer from the cloud")
+            .unwrap_or(0);
+        if n == 0 {
+            return DeviceEvent::Closed {
+                code: ErrorCode::NoError,
+                by_peer: false,
+            };
+        }
+        let _ = s.handle_input(&buf[..n], 1);
+    }
+}
+
+/// A set-1 key stored by a cloud serving both sets, named in a request after the cloud was
+/// restarted with `param_sets = [2]` (as `specs/operations.md` suggests to halve memory): the
+/// request fails `UnknownKey` (the key is not usable under any served set), not
+/// `InternalError` with an error log telling the operator the store is damaged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_set1_key_after_set1_is_dropped_is_an_unknown_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = DevPki::generate(1).unwrap();
+    let store = tmp.path().join("keys.redb");
+    let mut o = server_opts(&pki, &store, "127.0.0.1:0".parse().unwrap());
+    let cloud = Cloud::start(o.clone()).await.unwrap();
+    let (k1, _) = device_key(&pki, &cloud, &tmp.path().join("d1"), SET1.id).await;
+    let id1 = tandem_protocol::key_id_of(&k1);
+    // While set 1 is served, a set-2 session naming the set-1 key is refused as a mismatch.
+    match request_with_key(&pki, cloud.local_addr(), SET2.id, id1).await {
+        DeviceEvent::RequestFailed { code, .. } => assert_eq!(code, ErrorCode::InvalidRequest),
+        e => panic!("expected RequestFailed, got {e:?}"),
+    }
+    cloud.shutdown().await;
+    o.param_sets = vec![SET2.id];
+    let cloud = Cloud::start(o).await.unwrap();
+    assert_eq!(cloud.key_store().len().unwrap(), 1);
+    match request_with_key(&pki, cloud.local_addr(), SET2.id, id1).await {
+        DeviceEvent::RequestFailed { code, .. } => assert_eq!(code, ErrorCode::UnknownKey),
+        e => panic!("expected RequestFailed(UnknownKey), got {e:?}"),
+    }
+    cloud.shutdown().await;
+}
