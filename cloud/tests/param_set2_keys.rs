@@ -231,6 +231,24 @@ async fn damaged_set2_keys_are_refused_and_a_stored_one_survives_restart() {
     let mut b = k2.clone();
     b[6..8].copy_from_slice(&SET1.id.to_le_bytes());
     cases.push(("a set-2 key relabelled set 1", SET1.id, b));
+    // Shared-mask kinds: the r byte (offset 40) out of range or disagreeing with the length,
+    // and a kind-3 key claimed as kind 6 (and back).
+    if k2[5] == 6 {
+        for r in [0u8, 1, k2[40] + 1, 9, 255] {
+            let mut b = k2.clone();
+            b[40] = r;
+            cases.push(("kind 6 with a lying r", SET2.id, b));
+        }
+        let mut b = k2.clone();
+        b[5] = 3;
+        cases.push(("kind 6 relabelled kind 3", SET2.id, b));
+    } else {
+        let mut b = k2.clone();
+        b[5] = 6;
+        b.insert(40, 2);
+        b.pop();
+        cases.push(("kind 3 relabelled kind 6, r = 2", SET2.id, b));
+    }
     let total = cases.len() as u64;
     for (what, set, blob) in cases {
         match register(&pki, addr2, set, blob).await {
