@@ -162,3 +162,42 @@ async fn one_set_clouds_and_foreign_key_caches() {
     dev.close().await;
     only2.shutdown().await;
 }
+
+/// A set-2 key cache whose first residue equals its prime (a flipped file, or a careless edit)
+/// is rebuilt from the seed, never uploaded: the cloud would close the session on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_set2_key_cache_is_rebuilt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = DevPki::generate(1).unwrap();
+    let xs = samples(1);
+    let cloud = start_cloud(&pki, &tmp.path().join("keys.redb"), &[SET2.id]).await;
+    let o = dev_opts(&pki, cloud.local_addr(), tmp.path(), Some(&[SET2.id]));
+    let mut dev = Device::connect(o.clone()).await.unwrap();
+    let want = logits(&mut dev, &xs).await;
+    dev.close().await;
+    let dir = tmp.path().join("state");
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("eval-key-p2-"))
+        })
+        .expect("a cached set-2 key");
+    let good = std::fs::read(&file).unwrap();
+    let mut bad = good.clone();
+    // Fixed fields end at 59 (kind 3) or 60 (kind 6), then 2 bytes per automorphism.
+    let h = if bad[5] == 6 { 60 } else { 59 };
+    let body = h + 2 * usize::from(bad[h - 1]);
+    bad[body..body + 4].copy_from_slice(&0x3F5A_0001u32.to_le_bytes());
+    std::fs::write(&file, &bad).unwrap();
+    let mut dev = Device::connect(o).await.unwrap();
+    let got = logits(&mut dev, &xs).await;
+    assert_eq!(got, want);
+    let rebuilt = std::fs::read(&file).unwrap();
+    assert_ne!(rebuilt, bad, "rebuilt from the seed");
+    assert_eq!(rebuilt.len(), good.len());
+    dev.close().await;
+    cloud.shutdown().await;
+}
