@@ -71,6 +71,11 @@ fn start_cloud(dir: &Path, bundle: &Path) -> (Cloud, u16) {
         ),
     )
     .unwrap();
+    serve(dir)
+}
+
+/// `tandem cloud serve --config dir/cloud.toml`; its port.
+fn serve(dir: &Path) -> (Cloud, u16) {
     let mut child = bin()
         .args(["cloud", "serve", "--config"])
         .arg(dir.join("cloud.toml"))
@@ -178,4 +183,58 @@ fn demo_runs_the_default_parameter_set() {
         .find(|m| m["mode"] == "encrypted")
         .unwrap_or_else(|| panic!("no encrypted mode in {v}"));
     assert_eq!(enc["predictions_match_plaintext"], true, "{enc}");
+}
+
+/// `tandem device infer` against a default `tandem cloud serve` (digits): by default the
+/// session runs set 2; `param_sets = [1]` in device.toml pins the device to set 1 (before, the
+/// device.toml had no such key: `deny_unknown_fields` refused it). Same class either way.
+#[test]
+fn device_infer_reports_and_pins_the_parameter_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let pki = tmp.path().join("pki");
+    common::run_ok(&["pki".as_ref(), "init".as_ref(), pki.as_os_str()]);
+    std::fs::write(
+        tmp.path().join("cloud.toml"),
+        format!(
+            "listen = \"127.0.0.1:0\"\npki_dir = {:?}\nmodels = [{:?}]\nverifying_key = {:?}\nkey_store = {:?}\n",
+            pki,
+            root.join("models/digits"),
+            root.join("models/dev-verifying-key.txt"),
+            tmp.path().join("keys.redb"),
+        ),
+    )
+    .unwrap();
+    let (_cloud, port) = serve(tmp.path());
+    let x = common::digits_exit_rows().1.x[0].clone();
+    let input = tmp.path().join("x.json");
+    std::fs::write(&input, serde_json::to_string(&x).unwrap()).unwrap();
+    let mut seen = Vec::new();
+    for (i, sets) in ["", "param_sets = [1]\n"].iter().enumerate() {
+        let conf = tmp.path().join(format!("device{i}.toml"));
+        std::fs::write(
+            &conf,
+            format!(
+                "cloud = \"127.0.0.1:{port}\"\npki_dir = {:?}\ndevice = \"device-1\"\nmodel = {:?}\nverifying_key = {:?}\nstate_dir = {:?}\nprotection = \"encrypted\"\n{sets}",
+                pki,
+                root.join("models/digits"),
+                root.join("models/dev-verifying-key.txt"),
+                tmp.path().join("state"),
+            ),
+        )
+        .unwrap();
+        let out = common::run_ok(&[
+            "device".as_ref(),
+            "infer".as_ref(),
+            "--config".as_ref(),
+            conf.as_os_str(),
+            "--input".as_ref(),
+            input.as_os_str(),
+        ]);
+        let v = common::json_lines(&out).pop().expect("a JSON line");
+        seen.push((v["param_set"].as_u64(), v["class"].as_u64()));
+    }
+    assert_eq!(seen[0].0, Some(2), "{seen:?}");
+    assert_eq!(seen[1].0, Some(1), "{seen:?}");
+    assert_eq!(seen[0].1, seen[1].1);
 }

@@ -153,6 +153,9 @@ struct DeviceToml {
     connect_attempts: Option<usize>,
     /// Give up retrying after this many seconds (default 30).
     connect_deadline_secs: Option<f64>,
+    /// HE parameter-set ids offered, preferred first (default: every set this build knows, the
+    /// default set 2 first); `[1]` pins the device to set 1.
+    param_sets: Option<Vec<u16>>,
 }
 
 /// Warns on stderr when `key` is the public development key: anyone can sign with it.
@@ -229,6 +232,8 @@ struct InferJson {
     bytes_down: usize,
     key_upload_bytes: usize,
     epsilon_spent: f64,
+    /// The HE parameter set the session negotiated (wire id).
+    param_set: u16,
 }
 
 /// `tandem device infer`.
@@ -265,6 +270,18 @@ pub fn device(cmd: DeviceCommand) -> anyhow::Result<()> {
         opts.retry.deadline = Duration::try_from_secs_f64(s)
             .context("connect_deadline_secs must be a non-negative number of seconds")?;
     }
+    if let Some(sets) = c.param_sets {
+        if sets.is_empty() {
+            bail!(
+                "param_sets must name at least one parameter set (known: {:?})",
+                tandem_he::ALL_PARAMETER_SETS
+                    .iter()
+                    .map(|p| p.id)
+                    .collect::<Vec<_>>()
+            );
+        }
+        opts.param_sets = sets;
+    }
     opts.server_name = c.server_name.unwrap_or_else(|| "localhost".into());
     opts.output_mode = parse_mode(c.output_mode.as_deref().unwrap_or("packed"))?;
     opts.ledger_id = c.device.as_bytes().to_vec();
@@ -295,7 +312,9 @@ pub fn device(cmd: DeviceCommand) -> anyhow::Result<()> {
         }
         for x in &rows {
             // `answer` is `infer` plus the exit head: with early exit off it offloads every row.
-            let line = match dev.answer(x, protection).await? {
+            let answer = dev.answer(x, protection).await?;
+            let param_set = dev.parameter_set().id;
+            let line = match answer {
                 Answer::Local {
                     class,
                     confidence,
@@ -312,6 +331,7 @@ pub fn device(cmd: DeviceCommand) -> anyhow::Result<()> {
                     bytes_down: 0,
                     key_upload_bytes: 0,
                     epsilon_spent: 0.0,
+                    param_set,
                 },
                 Answer::Offloaded {
                     confidence,
@@ -327,6 +347,7 @@ pub fn device(cmd: DeviceCommand) -> anyhow::Result<()> {
                     key_upload_bytes: r.key_upload_bytes,
                     epsilon_spent: r.epsilon_spent,
                     logits: r.logits,
+                    param_set,
                 },
             };
             println!("{}", serde_json::to_string(&line)?);
