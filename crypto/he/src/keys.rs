@@ -268,11 +268,6 @@ impl EvaluationKey {
         let mask_seed = crate::rng::fresh_seed();
         let mut masks = mask_generator(mask_seed);
         let mut noise = NoiseSource::new();
-        let secrets: Vec<Vec<u64>> = sk
-            .secrets(ntt, bodies)
-            .into_iter()
-            .map(|s| s.coeffs.iter().map(|&c| c as u64).collect())
-            .collect();
         if p.modulus == Modulus::Rns3 {
             let all = automorphisms
                 .iter()
@@ -287,6 +282,11 @@ impl EvaluationKey {
                 bodies: all,
             });
         }
+        let secrets: Vec<Vec<u64>> = sk
+            .secrets(ntt, bodies)
+            .into_iter()
+            .map(|s| s.coeffs.iter().map(|&c| c as u64).collect())
+            .collect();
         let mut all = Vec::with_capacity(automorphisms.len());
         for &g in &automorphisms {
             let ts: Vec<Vec<u64>> = secrets.iter().map(|s| poly::automorphism(s, g)).collect();
