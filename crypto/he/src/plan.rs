@@ -75,6 +75,11 @@ pub struct LayerPlan {
     pub body_bits: u32,
     /// log2 of the per-output failure probability bound.
     pub log2_p_fail: f64,
+    /// Packed mode: levels L of every packing tree hoisted to the inputs (0 = none; see
+    /// [`LayerPlan::key_switches`] and `specs/parameters.md` § "Hoisted packing levels"). A
+    /// server-side evaluation order: the wire is the same for every L, only the key-switch
+    /// count and the noise differ. [`LayerPlan::new`] chooses it (parameter set 2 only).
+    pub hoisted_levels: u32,
 }
 
 /// Options a caller (e.g. the planner) may set.
@@ -147,6 +152,15 @@ impl LayerPlan {
             if !(1..=64).contains(&bits) {
                 return bad(format!("{name} = {bits} (1..=64)"));
             }
+        }
+        if self.mode == OutputMode::Packed
+            && self.hoisted_levels > self.leaves_per_group().trailing_zeros()
+        {
+            return bad(format!(
+                "hoisted_levels {} above the tree's {} levels",
+                self.hoisted_levels,
+                self.leaves_per_group().trailing_zeros()
+            ));
         }
         if self.delta_out_log2 >= 64 || self.delta_in_log2 > self.delta_out_log2 {
             return bad(format!(
@@ -231,14 +245,14 @@ impl LayerPlan {
     /// per batch block, input chunk and output block; each multiplies the shared mask and
     /// every body present by the same weight polynomial).
     pub fn ct_products_for(&self, batch: usize) -> usize {
-        self.batch_blocks(batch) * self.in_chunks() * self.out_blocks()
+        self.batch_blocks(batch) * self.in_chunks() * self.products_per_chunk()
     }
     /// Polynomial × weight products behind [`LayerPlan::ct_products_for`]: 1 + r per
     /// ciphertext product with r bodies present (2 per product when r = 1).
     pub fn poly_products_for(&self, batch: usize) -> usize {
         (self.batch_blocks(batch) + self.body_blocks_sum(batch))
             * self.in_chunks()
-            * self.out_blocks()
+            * self.products_per_chunk()
     }
     /// Σ over the batch blocks of a `batch`-row request of the bodies present.
     pub(crate) fn body_blocks_sum(&self, batch: usize) -> usize {
@@ -247,16 +261,68 @@ impl LayerPlan {
             .sum()
     }
     /// Key switches the server performs per batch block (packed mode; one row when
-    /// `batch_rows` is 1).
+    /// `batch_rows` is 1): per returned ciphertext, the tree above the hoisted levels
+    /// (leaves/2^L − 1 nodes) and the partial trace; per input chunk, the 2^L − 1 key switches
+    /// of the hoisted inputs ([`LayerPlan::hoisted_levels`]).
     pub fn key_switches(&self) -> usize {
         match self.mode {
             OutputMode::NoKey => 0,
-            OutputMode::Packed => {
-                let per_group = self.leaves_per_group() - 1
-                    + (self.chunk / self.leaves_per_group()).trailing_zeros() as usize;
-                per_group * self.out_ciphertexts()
-            }
+            OutputMode::Packed => self.key_switches_hoisting(self.hoisted_levels()),
         }
+    }
+
+    fn key_switches_hoisting(&self, levels: u32) -> usize {
+        let leaves = self.leaves_per_group();
+        let per_group = (leaves >> levels) - 1 + (self.chunk / leaves).trailing_zeros() as usize;
+        per_group * self.out_ciphertexts() + ((1usize << levels) - 1) * self.in_chunks()
+    }
+
+    /// The order [`LayerPlan::new`] tries hoisting levels in for parameter set 2: every L in
+    /// 1..=log2(leaves) that needs fewer key switches per batch block than L = 0, fewest first
+    /// (ties to the smaller L). Each uploaded ciphertext is key switched once per element of
+    /// the group the bottom L levels' automorphisms generate (2^L − 1 key switches per input
+    /// chunk and batch block) and every tree node of width 2^L becomes 2^L plain products with
+    /// weights combined at preparation, so key switches cost in_chunks·(2^L − 1) +
+    /// K·(leaves/2^L − 1) per batch block (K returned ciphertexts). Set 1 (key-switch noise
+    /// 2^48.4, too large to be multiplied by the weights) and no-key plans get none.
+    fn hoisting_candidates(&self) -> Vec<u32> {
+        if self.mode != OutputMode::Packed
+            || self.params.modulus != crate::params::Modulus::Rns3
+            || self.leaves_per_group() < 2
+        {
+            return Vec::new();
+        }
+        let none = self.key_switches_hoisting(0);
+        let mut c: Vec<u32> = (1..=self.leaves_per_group().trailing_zeros())
+            .filter(|&l| self.key_switches_hoisting(l) < none)
+            .collect();
+        c.sort_by_key(|&l| (self.key_switches_hoisting(l), l));
+        c
+    }
+
+    /// Packed mode: the hoisted levels L (the plan's [`LayerPlan::hoisted_levels`], 0 in
+    /// no-key mode).
+    pub fn hoisted_levels(&self) -> u32 {
+        match self.mode {
+            OutputMode::NoKey => 0,
+            OutputMode::Packed => self.hoisted_levels,
+        }
+    }
+
+    /// Ciphertext products per batch block: per input chunk, every leaf of every packing tree
+    /// (no-key mode: every output block); with L hoisted levels, 2^L per present node of
+    /// width 2^L (a node of a short last group still multiplies all 2^L hoisted inputs).
+    fn products_per_chunk(&self) -> usize {
+        let levels = self.hoisted_levels();
+        if levels == 0 {
+            return self.out_blocks();
+        }
+        let (per_group, blocks) = (self.blocks_per_group(), self.out_blocks());
+        let step = self.leaves_per_group() >> levels;
+        (0..blocks)
+            .step_by(per_group)
+            .map(|first| step.min(blocks - first) << levels)
+            .sum()
     }
     /// Coefficient position of output `j` of the block's row `k`; `(ct, position)`.
     pub fn output_slot_in_row(&self, k: usize, j: usize) -> (usize, usize) {
@@ -394,6 +460,7 @@ impl LayerPlan {
             download_bits: 64,
             body_bits: 64,
             log2_p_fail: 0.0,
+            hoisted_levels: 0,
         };
         let limit = -(params.max_fail_log2 as f64);
         // Narrowest upload that leaves 4 bits of failure margin for the download switch.
@@ -434,6 +501,26 @@ impl LayerPlan {
                 log2_p_fail: plan.log2_p_fail,
                 limit: params.max_fail_log2,
             });
+        }
+        // Hoisting (set 2): the fewest key switches whose added noise still meets the bound
+        // at the widths chosen above, so hoisting never changes a byte on the wire.
+        for l in plan.hoisting_candidates() {
+            let hoisted = Self {
+                hoisted_levels: l,
+                ..plan
+            };
+            let v = hoisted.pre_switch_variance(stats, plan.upload_bits);
+            let p = log2_fail(
+                hoisted.download_variance(v, plan.download_bits, plan.body_bits),
+                plan.delta_out_log2,
+            );
+            if p <= limit {
+                plan = Self {
+                    log2_p_fail: p,
+                    ..hoisted
+                };
+                break;
+            }
         }
         Ok(plan)
     }
@@ -501,12 +588,17 @@ impl LayerPlan {
         let v_in = self.params.fresh_noise_variance()
             + rounding
             + self.q_scale_sq() * self.conversion_variance(self.params.poly_size as f64);
-        let product = block_sq_norm * v_in;
         match self.mode {
-            OutputMode::NoKey => product,
+            OutputMode::NoKey => block_sq_norm * v_in,
             OutputMode::Packed => {
+                // Tree levels double the noise's deviation (4 in variance) per level: f =
+                // chunk² over all of them. With L levels hoisted, each hoisted input carries
+                // ≤ L key switches' noise, multiplied by the weights like the input's own; the
+                // remaining log2(chunk) − L levels add one key switch each.
                 let f = (self.chunk as f64).powi(2);
-                f * product + v_ks * (f - 1.0) / 3.0
+                let l = self.hoisted_levels();
+                let h = 4f64.powi(l as i32);
+                f * block_sq_norm * (v_in + f64::from(l) * v_ks) + v_ks * (f / h - 1.0) / 3.0
             }
         }
     }

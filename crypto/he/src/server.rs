@@ -12,6 +12,7 @@ use crate::poly;
 use crate::wire::{EncryptedInput, EncryptedOutput};
 use std::sync::Arc;
 
+mod hoist;
 mod pack;
 mod planning;
 
@@ -46,6 +47,9 @@ pub struct PreparedLayer {
     /// o hold W_e + X^k·W_o and W_e − X^k·W_o (biases likewise), so that node's u and v are
     /// two plain products.
     folded: bool,
+    /// Packed mode, parameter set 2: the bottom levels of every packing tree hoisted to the
+    /// inputs ([`LayerPlan::hoisted_levels`]); `weights` and `bias` are then empty.
+    hoisted: Option<hoist::Hoisted>,
 }
 
 impl std::fmt::Debug for PreparedLayer {
@@ -305,8 +309,12 @@ impl PreparedLayer {
             bias: bias_polys,
             primes,
             folded: false,
+            hoisted: None,
         };
-        layer.fold_bottom_level();
+        match layer.plan.hoisted_levels() {
+            0 => layer.fold_bottom_level(),
+            levels => layer.hoist(levels),
+        }
         Ok(layer)
     }
 
@@ -444,8 +452,21 @@ impl PreparedLayer {
         let jobs: Vec<(usize, usize)> = (0..blocks)
             .flat_map(|b| (0..per_block).map(move |ct| (b, ct)))
             .collect();
+        // Hoisted levels: every batch block's inputs key-switched through the hoisted
+        // automorphisms once, shared by the block's packing trees.
+        let hoisted: Vec<Vec<NttCiphertext>> = match (&self.hoisted, key) {
+            (Some(_), Some(key)) => (0..blocks)
+                .map(|b| {
+                    self.hoist_inputs(&inputs[b * chunks..(b + 1) * chunks], key, opts.parallel)
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         let cts = map_maybe_par(jobs, opts.parallel, |(b, ct)| {
-            let ins = &inputs[b * chunks..(b + 1) * chunks];
+            let ins = match hoisted.get(b) {
+                Some(h) => &h[..],
+                None => &inputs[b * chunks..(b + 1) * chunks],
+            };
             let rows = plan.rows_in_block(input.batch, b);
             let c = match key {
                 None => self.product(ins, ct),
@@ -473,19 +494,32 @@ impl PreparedLayer {
     /// The accumulated product ciphertext of output block `o` (NTT domain, bias added to every
     /// body): the shared mask and each body times the same weight polynomial (1 + r products).
     fn product(&self, inputs: &[NttCiphertext], o: usize) -> NttCiphertext {
-        let ntt = &self.ctx.ntt;
         let chunks = inputs.len();
+        self.product_of(
+            inputs,
+            &self.weights[o * chunks..(o + 1) * chunks],
+            self.bias[o].as_ref(),
+        )
+    }
+
+    /// Σ_i weights_i·inputs_i (the shared mask and every body), plus `bias` on every body.
+    fn product_of(
+        &self,
+        inputs: &[NttCiphertext],
+        weights: &[NttPoly],
+        bias: Option<&NttPoly>,
+    ) -> NttCiphertext {
+        let ntt = &self.ctx.ntt;
         let r = inputs.first().map_or(1, |i| i.body.len());
         let mut acc_a = ntt.zero_with(self.primes);
         let mut acc_b: Vec<NttPoly> = (0..r).map(|_| ntt.zero_with(self.primes)).collect();
-        for (c, inp) in inputs.iter().enumerate() {
-            let w = &self.weights[o * chunks + c];
+        for (inp, w) in inputs.iter().zip(weights) {
             ntt.mul_acc(&mut acc_a, &inp.mask, w);
             for (acc, body) in acc_b.iter_mut().zip(&inp.body) {
                 ntt.mul_acc(acc, body, w);
             }
         }
-        if let Some(b) = &self.bias[o] {
+        if let Some(b) = bias {
             for acc in &mut acc_b {
                 ntt.add_assign(acc, b);
             }

@@ -259,22 +259,24 @@ fn slower_link_plans_fewer_bytes_and_stays_exact() {
         )
         .unwrap()
     };
-    let fast = plan(25_000);
     assert_eq!(
-        fast,
+        plan(25_000),
         PreparedLayer::plan_int8_batch(DEFAULT_PARAMETERS, OutputMode::Packed, n_in, n_out, 0, b)
             .unwrap(),
         "the default link is 25 Mbit/s"
     );
+    // Parameter set 2's hoisted packing levels make key switches cheap enough that the default
+    // link already plans dense inputs; a 1 Gbit/s link still trades bytes for key switches.
+    let fast = plan(1_000_000);
     let slow = plan(2_000);
     let bytes = |p: &LayerPlan| p.upload_bytes(b) + p.download_bytes(b);
     assert!(bytes(&slow) < bytes(&fast), "{slow:?} vs {fast:?}");
     assert!(slow.upload_bytes(b) * 3 < fast.upload_bytes(b), "{slow:?}");
     assert!(slow.key_switches_for(b) > fast.key_switches_for(b));
     // Each plan is the cheapest at its own link rate.
-    for kbit in [25_000, 2_000] {
+    for kbit in [1_000_000, 2_000] {
         let link = LinkModel { kbit_per_s: kbit };
-        let (own, other) = if kbit == 25_000 {
+        let (own, other) = if kbit == 1_000_000 {
             (fast, slow)
         } else {
             (slow, fast)
@@ -306,10 +308,19 @@ fn signed_row_bounds_plan_fewer_bytes_and_refuse_weights_beyond_them() {
     let bias = vec![0; n_out];
     let bounds = WeightBounds::of(&w, n_in, &bias);
     assert_eq!(bounds.max_abs_weight, 127);
-    let link = LinkModel::default();
-    let worst =
-        PreparedLayer::plan_int8_batch(DEFAULT_PARAMETERS, OutputMode::Packed, n_in, n_out, 0, b)
-            .unwrap();
+    // A link slow enough that bytes decide the layout (at faster ones the planner may spend
+    // the bounds' margin on a cheaper layout instead, see the cost comparison below).
+    let link = LinkModel { kbit_per_s: 1_000 };
+    let worst = PreparedLayer::plan_int8_batch_with_link(
+        DEFAULT_PARAMETERS,
+        OutputMode::Packed,
+        n_in,
+        n_out,
+        0,
+        b,
+        link,
+    )
+    .unwrap();
     let tight = PreparedLayer::plan_int8_batch_bounded(
         DEFAULT_PARAMETERS,
         OutputMode::Packed,
@@ -337,6 +348,27 @@ fn signed_row_bounds_plan_fewer_bytes_and_refuse_weights_beyond_them() {
         "entry bounds alone give the int8 plan"
     );
     assert!(tight.delta_out_log2 > worst.delta_out_log2, "{tight:?}");
+    for kbit in [1_000, 25_000] {
+        let at = LinkModel { kbit_per_s: kbit };
+        let plan_at = |bounds| {
+            PreparedLayer::plan_int8_batch_bounded(
+                DEFAULT_PARAMETERS,
+                OutputMode::Packed,
+                n_in,
+                n_out,
+                bounds,
+                b,
+                at,
+                1,
+            )
+            .unwrap()
+        };
+        let (t, w) = (plan_at(bounds), plan_at(WeightBounds::entries(127, 0)));
+        assert!(
+            plan_cost_on(&t, b, at) <= plan_cost_on(&w, b, at),
+            "{t:?} vs {w:?}"
+        );
+    }
     assert!(
         tight.upload_bytes(b) < worst.upload_bytes(b),
         "{tight:?} vs {worst:?}"

@@ -78,6 +78,12 @@ impl PreparedLayer {
         if block >= last {
             return None;
         }
+        if let Some(h) = &self.hoisted {
+            if width == 1 << h.levels {
+                let node = self.hoisted_node(first, offset)?;
+                return Some(self.hoisted_product(inputs, node));
+            }
+        }
         if width == 1 {
             return Some(self.product(inputs, block));
         }
