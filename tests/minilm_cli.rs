@@ -261,7 +261,8 @@ fn demo(model: &Path, cloud: &str, queries: &[(&str, u64)]) -> Value {
         assert!((0.97..0.99999).contains(&c), "cosine to float {c}");
         // One request per cloud layer (fused Q/K/V: 24), ciphertexts both ways.
         assert_eq!(q["requests"], 24);
-        assert!(f(q, "bytes_up") > 1e6 && f(q, "bytes_down") > 1e6, "{q}");
+        // Ciphertexts, not activations (7 tokens × 384 int8 values would be 2.7 KB).
+        assert!(f(q, "bytes_up") > 1e5 && f(q, "bytes_down") > 1e5, "{q}");
         assert!(f(q, "latency_s") > 0.0);
     }
     v

@@ -371,12 +371,14 @@ fn damaged_shared_mask_requests_and_keys_get_typed_refusals() {
             16,
         ),
         ("batch of 8 declared".into(), good.clone(), 8),
-        (
-            "layer 0's request".into(),
-            client.encrypt(&plans[0], &rows).unwrap().to_bytes(),
-            16,
-        ),
     ];
+    // Another layer's request is malformed here only when its input layout differs (same
+    // chunk, rows, bodies and upload width make the same blob shape: a valid request for
+    // this layer too — the frame, not the blob, names the layer).
+    let other = client.encrypt(&plans[0], &rows).unwrap().to_bytes();
+    if other.len() != good.len() {
+        damaged.push(("layer 0's request".into(), other, 16));
+    }
     for r in [0u8, 1, 3, 4, 8, 9, 255] {
         let mut b = good.clone();
         b[R_AT] = r;
