@@ -6,7 +6,10 @@ use crate::error::HeError;
 use crate::params::ParameterSet;
 
 /// Modelled server time of one key switch (ms, one thread, N = 4096; measured by
-/// `cargo bench -p tandem-he` on the reference machine, BENCHMARKS.md).
+/// `cargo bench -p tandem-he` on the reference machine, BENCHMARKS.md). Parameter set 1's
+/// figure, used for both sets so that device and cloud keep one public table: a set-2 key
+/// switch measures ≈ 0.07–0.1 ms, and set-2 batch plans hoist packing levels
+/// ([`LayerPlan::hoisted_levels`]), which the key-switch count of [`plan_cost_on`] includes.
 pub const COST_KEY_SWITCH_MS: f64 = 0.40;
 /// Modelled time of one ciphertext × plaintext product in the NTT domain (ms). A multi-body
 /// product costs (1 + r)/2 of it: `ct_pt_product` 9.73 µs for mask + body against

@@ -119,7 +119,8 @@ impl PreparedLayer {
         let mut out = inputs.to_vec();
         for j in 1..=h.levels {
             let (g, _) = level(n, self.plan.chunk, 1 << j);
-            let next = map_maybe_par(out.clone(), parallel, |v| {
+            let next = map_maybe_par((0..out.len()).collect(), parallel, |i: usize| {
+                let v = &out[i];
                 let zero = NttCiphertext {
                     mask: self.ctx.ntt.zero_with(self.primes),
                     body: v
@@ -128,7 +129,7 @@ impl PreparedLayer {
                         .map(|_| self.ctx.ntt.zero_with(self.primes))
                         .collect(),
                 };
-                super::key_switch_add(&self.ctx, zero, v, g, key)
+                super::pack::key_switch_add_ref(&self.ctx, zero, v, g, key)
             });
             out.extend(next);
         }

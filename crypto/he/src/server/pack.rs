@@ -253,6 +253,29 @@ pub(crate) fn key_switch_add(
     u
 }
 
+/// [`key_switch_add`] reading `v` in place: parameter set 2's key switch only reads the mask
+/// (set 1 transforms it in place, so it works on a copy).
+pub(crate) fn key_switch_add_ref(
+    ctx: &Context,
+    mut u: NttCiphertext,
+    v: &NttCiphertext,
+    g: usize,
+    key: &PreparedEvaluationKey,
+) -> NttCiphertext {
+    let n = ctx.params().poly_size;
+    let Some(levels) = key.levels.get(&g) else {
+        unreachable!("key switch without a key for automorphism {g}")
+    };
+    if v.mask.0.len() != crate::ntt::PRIMES_RNS * n {
+        return key_switch_add(ctx, u, v.clone(), g, key);
+    }
+    for (ub, vb) in u.body.iter_mut().zip(&v.body) {
+        ctx.ntt.add_automorphism(g, vb, ub);
+    }
+    key_switch_rns(ctx, &mut u, &v.mask, g, levels);
+    u
+}
+
 /// Parameter set 2: `u += KeySwitch(τ_g(mask))` modulo Q with the RNS gadget. τ_g is a slot
 /// permutation of the mask's residues; each prime's residues go back to coefficients (three
 /// inverse transforms), the two centred digits d_j (|d_j| ≤ p_j/2, the residue modulo p_2
