@@ -116,9 +116,10 @@ impl LayerPlan {
     /// Checks the plan's layout fields are consistent before anything indexes polynomials
     /// with them: `chunk` a power of two ≤ N, `chunk · batch_rows` ≤ N (a block's rows fit one
     /// polynomial), `bodies` ≤ [`crate::limits::MAX_BODIES`], non-empty shapes, bit widths in
-    /// `1..=64` and Δ_in ≤ Δ_out < 2^64. Plans from this crate's planner always pass; a plan
-    /// built or edited by hand (the fields are public) gets a typed error instead of an index
-    /// out of bounds.
+    /// `1..=64`, Δ_in ≤ Δ_out < 2^64 and (packed mode) `hoisted_levels` at most the packing
+    /// tree's depth and 0 outside parameter set 2. Plans from this crate's planner always
+    /// pass; a plan built or edited by hand (the fields are public) gets a typed error instead
+    /// of an index out of bounds or an evaluation outside its bounds.
     ///
     /// # Errors
     /// [`HeError::Shape`] naming the first inconsistent field.
@@ -160,6 +161,20 @@ impl LayerPlan {
                 "hoisted_levels {} above the tree's {} levels",
                 self.hoisted_levels,
                 self.leaves_per_group().trailing_zeros()
+            ));
+        }
+        // Set 1 computes exact integers over the CRT primes and reduces modulo 2^64 only at
+        // the end; a hoisted input is a key-switch output (up to ks_levels·N·2^(ks_base_log−1)
+        // ·2^64 before reduction) that the weights then multiply, beyond the range
+        // TDM-PAR-HE-4 bounds. Only parameter set 2 (arithmetic modulo Q) hoists.
+        if self.mode == OutputMode::Packed
+            && self.hoisted_levels > 0
+            && self.params.modulus != crate::params::Modulus::Rns3
+        {
+            return bad(format!(
+                "hoisted_levels {} under parameter set {} (only parameter set 2 hoists packing \
+                 levels; use hoisted_levels = 0)",
+                self.hoisted_levels, self.params.id
             ));
         }
         if self.delta_out_log2 >= 64 || self.delta_in_log2 > self.delta_out_log2 {
