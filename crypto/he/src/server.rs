@@ -449,31 +449,42 @@ impl PreparedLayer {
             NttCiphertext { mask: fa, body }
         });
         let per_block = plan.out_ciphertexts();
-        let jobs: Vec<(usize, usize)> = (0..blocks)
-            .flat_map(|b| (0..per_block).map(move |ct| (b, ct)))
-            .collect();
-        // Hoisted levels: every batch block's inputs key-switched through the hoisted
-        // automorphisms once, shared by the block's packing trees.
-        let hoisted: Vec<Vec<NttCiphertext>> = match (&self.hoisted, key) {
-            (Some(_), Some(key)) => (0..blocks)
-                .map(|b| {
-                    self.hoist_inputs(&inputs[b * chunks..(b + 1) * chunks], key, opts.parallel)
-                })
-                .collect(),
-            _ => Vec::new(),
+        // Hoisted levels: a batch block's inputs key-switched through the hoisted
+        // automorphisms once, shared by the block's packing trees. Those 2^L·chunks
+        // ciphertexts live only while their block is evaluated (one block at a time, each in
+        // parallel inside), so a request of many blocks never holds more than one block's;
+        // plain plans evaluate every (block, ciphertext) job at once as before.
+        let window = match (&self.hoisted, key) {
+            (Some(_), Some(_)) => 1,
+            _ => blocks.max(1),
         };
-        let cts = map_maybe_par(jobs, opts.parallel, |(b, ct)| {
-            let ins = match hoisted.get(b) {
-                Some(h) => &h[..],
-                None => &inputs[b * chunks..(b + 1) * chunks],
+        let mut cts = Vec::with_capacity(blocks * per_block);
+        for start in (0..blocks).step_by(window) {
+            let end = (start + window).min(blocks);
+            let hoisted: Option<Vec<NttCiphertext>> = match (&self.hoisted, key) {
+                (Some(_), Some(key)) => Some(self.hoist_inputs(
+                    &inputs[start * chunks..end * chunks],
+                    key,
+                    opts.parallel,
+                )),
+                _ => None,
             };
-            let rows = plan.rows_in_block(input.batch, b);
-            let c = match key {
-                None => self.product(ins, ct),
-                Some(key) => self.pack(ins, ct, key, opts),
-            };
-            self.finish(c, ct, rows)
-        });
+            let jobs: Vec<(usize, usize)> = (start..end)
+                .flat_map(|b| (0..per_block).map(move |ct| (b, ct)))
+                .collect();
+            cts.extend(map_maybe_par(jobs, opts.parallel, |(b, ct)| {
+                let ins = match &hoisted {
+                    Some(h) => &h[..],
+                    None => &inputs[b * chunks..(b + 1) * chunks],
+                };
+                let rows = plan.rows_in_block(input.batch, b);
+                let c = match key {
+                    None => self.product(ins, ct),
+                    Some(key) => self.pack(ins, ct, key, opts),
+                };
+                self.finish(c, ct, rows)
+            }));
+        }
         let mut it = cts.into_iter();
         let rows_out = (0..blocks)
             .map(|_| it.by_ref().take(per_block).collect())
