@@ -74,6 +74,34 @@ impl Client {
         EvaluationKey::generate_for(&self.sk, &self.ctx.ntt, max_chunk, bodies)
     }
 
+    /// [`Client::evaluation_key_for`] holding only the automorphisms of strides 2^l for
+    /// l = `first_level` ..= log2(`max_chunk`) ([`EvaluationKey::generate_from`]).
+    ///
+    /// # Errors
+    /// As [`EvaluationKey::generate_from`].
+    pub fn evaluation_key_from(
+        &self,
+        first_level: u32,
+        max_chunk: usize,
+        bodies: usize,
+    ) -> Result<EvaluationKey, HeError> {
+        EvaluationKey::generate_from(&self.sk, &self.ctx.ntt, first_level, max_chunk, bodies)
+    }
+
+    /// The packing key that evaluates every plan in `plans` (packed mode): the largest chunk,
+    /// the most bodies, and automorphisms from the smallest first stride level l₀ whose key
+    /// fits [`crate::MAX_PLAN_KEY_BYTES`] — at most the smallest
+    /// [`LayerPlan::key_first_level`] the plans accept (and then that one if none fits);
+    /// parameter set 1 plans accept full keys only (l₀ = 1). Public inputs only, so the cloud
+    /// can expect the same key.
+    ///
+    /// # Errors
+    /// [`HeError::Shape`] if a plan's chunk or bodies are out of range.
+    pub fn evaluation_key_for_plans(&self, plans: &[LayerPlan]) -> Result<EvaluationKey, HeError> {
+        let (first, max_chunk, bodies) = key_shape_for_plans(plans);
+        EvaluationKey::generate_from(&self.sk, &self.ctx.ntt, first, max_chunk, bodies)
+    }
+
     /// Encrypts a batch of input vectors for `plan`'s layer.
     pub fn encrypt(
         &mut self,
@@ -226,4 +254,27 @@ impl Client {
         }
         Ok(result)
     }
+}
+
+/// The key one device registers for `plans` (packed plans of one parameter set): (first stride
+/// level l₀, largest chunk, most bodies), as [`Client::evaluation_key_for_plans`] generates it.
+pub fn key_shape_for_plans(plans: &[LayerPlan]) -> (u32, usize, usize) {
+    let max_chunk = plans.iter().map(|p| p.chunk).max().unwrap_or(2).max(2);
+    let bodies = plans.iter().map(LayerPlan::bodies).max().unwrap_or(1);
+    let accepted = plans
+        .iter()
+        .map(|p| p.key_first_level.max(1))
+        .min()
+        .unwrap_or(1)
+        .min(max_chunk.trailing_zeros());
+    let top = max_chunk.trailing_zeros();
+    let params = plans.first().map(|p| p.params);
+    let fits = |l: u32| {
+        params.is_some_and(|p| {
+            crate::wire::eval_key_len(&p, (top + 1 - l) as usize, bodies)
+                <= crate::MAX_PLAN_KEY_BYTES
+        })
+    };
+    let first = (1..=accepted).find(|&l| fits(l)).unwrap_or(accepted);
+    (first, max_chunk, bodies)
 }

@@ -195,6 +195,21 @@ pub fn automorphism_for_stride(n: usize, stride: usize) -> usize {
     2 * n / stride + 1
 }
 
+/// The largest first stride level l₀ an evaluation key may start at in ring size `n`: the
+/// automorphism of stride 2^l is g_l = 2N/2^l + 1, and g_{l+1}² = 2^(2(log2 2N − l − 1)) + g_l
+/// ≡ g_l (mod 2N) exactly when 2(log2 2N − l − 1) ≥ log2 2N, i.e. l ≤ (log2 N − 1)/2; so every
+/// g_l with l < l₀ is a power of g_{l₀} when l₀ ≤ ⌊(log2 N − 1)/2⌋ + 1 (6 for N = 4096), and a
+/// key holding g_{l₀} … applies the smaller strides as 2^(l₀ − l) key switches under g_{l₀}.
+pub fn max_key_first_level(n: usize) -> u32 {
+    (n.trailing_zeros().saturating_sub(1)) / 2 + 1
+}
+
+/// The stride level l of automorphism `g` (g = 2N/2^l + 1), if it is one.
+pub(crate) fn stride_level(n: usize, g: usize) -> Option<u32> {
+    let s = (2 * n).checked_div(g.checked_sub(1)?)?;
+    (s.is_power_of_two() && automorphism_for_stride(n, s) == g).then(|| s.trailing_zeros())
+}
+
 /// Packing key: one key-switching key per automorphism `X -> X^g`, from τ_g(s_i) back to s_i
 /// for each of the key's r = [`EvaluationKey::bodies`] secrets.
 ///
@@ -250,6 +265,25 @@ impl EvaluationKey {
         max_chunk: usize,
         bodies: usize,
     ) -> Result<Self, HeError> {
+        Self::generate_from(sk, ntt, 1, max_chunk, bodies)
+    }
+
+    /// [`EvaluationKey::generate_for`] holding only the automorphisms of strides 2^l for
+    /// l = `first_level` ..= log2(`max_chunk`) (a plan's
+    /// [`crate::LayerPlan::key_first_level`]): smaller strides are applied as repeated key
+    /// switches under the first one ([`max_key_first_level`]). `first_level` = 1 is
+    /// [`EvaluationKey::generate_for`].
+    ///
+    /// # Errors
+    /// [`HeError::Shape`] as [`EvaluationKey::generate_for`], or if `first_level` is not in
+    /// 1..=min(log2 `max_chunk`, [`max_key_first_level`]).
+    pub fn generate_from(
+        sk: &SecretKey,
+        ntt: &Ntt,
+        first_level: u32,
+        max_chunk: usize,
+        bodies: usize,
+    ) -> Result<Self, HeError> {
         let p = sk.params;
         let n = p.poly_size;
         if !max_chunk.is_power_of_two() || max_chunk < 2 || max_chunk > n {
@@ -257,12 +291,19 @@ impl EvaluationKey {
                 "max_chunk {max_chunk} must be a power of two in 2..={n}"
             )));
         }
+        let top = max_chunk.trailing_zeros();
+        if first_level == 0 || first_level > top.min(max_key_first_level(n)) {
+            return Err(HeError::Shape(format!(
+                "key first level {first_level} (1..={})",
+                top.min(max_key_first_level(n))
+            )));
+        }
         if bodies == 0 || bodies > MAX_BODIES {
             return Err(HeError::Shape(format!(
                 "evaluation key for {bodies} bodies (1..={MAX_BODIES})"
             )));
         }
-        let automorphisms: Vec<usize> = (1..=max_chunk.trailing_zeros())
+        let automorphisms: Vec<usize> = (first_level..=top)
             .map(|l| automorphism_for_stride(n, 1 << l))
             .collect();
         let mask_seed = crate::rng::fresh_seed();
@@ -325,7 +366,16 @@ impl EvaluationKey {
 
     /// The largest input chunk this key can pack.
     pub fn max_chunk(&self) -> usize {
-        1usize << self.automorphisms.len()
+        1usize << (self.first_level() as usize + self.automorphisms.len() - 1)
+    }
+
+    /// The stride level l₀ of the key's first automorphism (1 = every stride from 2 up; see
+    /// [`EvaluationKey::generate_from`]).
+    pub fn first_level(&self) -> u32 {
+        self.automorphisms
+            .first()
+            .and_then(|&g| stride_level(self.params.poly_size, g))
+            .unwrap_or(1)
     }
 
     /// Bodies (secrets) per key-switching level: the most bodies per ciphertext of a plan
@@ -461,6 +511,8 @@ pub struct PreparedEvaluationKey {
     /// For each automorphism g: per level (−A_j, [−b_{j,i} for each secret i]) in the NTT
     /// domain.
     pub(crate) levels: std::collections::HashMap<usize, Vec<(NttPoly, Vec<NttPoly>)>>,
+    /// Stride level of the first automorphism (the one smaller strides are composed from).
+    pub(crate) first_level: u32,
 }
 
 impl std::fmt::Debug for PreparedEvaluationKey {
@@ -527,6 +579,7 @@ impl PreparedEvaluationKey {
             key_id: key.key_id,
             secrets: r,
             levels,
+            first_level: key.first_level(),
         })
     }
 
@@ -538,5 +591,24 @@ impl PreparedEvaluationKey {
     /// Bodies (secrets) per key-switching level.
     pub fn bodies(&self) -> usize {
         self.secrets
+    }
+
+    /// The stride level l₀ of the key's first (smallest-stride) automorphism; smaller strides
+    /// are composed from it (see [`EvaluationKey::generate_from`]).
+    pub fn first_level(&self) -> u32 {
+        self.first_level
+    }
+
+    /// Whether the key can evaluate `plan`: as many bodies, a first stride level the plan
+    /// accepts (at most [`crate::LayerPlan::key_first_level`]; the smaller strides are
+    /// composed from it) and every automorphism from there up to the plan's chunk.
+    pub fn covers(&self, plan: &crate::LayerPlan) -> bool {
+        let n = plan.params.poly_size;
+        self.secrets >= plan.bodies()
+            && self.first_level <= plan.key_first_level.max(1)
+            && (self.first_level..=plan.chunk.trailing_zeros()).all(|l| {
+                self.levels
+                    .contains_key(&automorphism_for_stride(n, 1 << l))
+            })
     }
 }

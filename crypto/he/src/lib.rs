@@ -46,18 +46,18 @@ mod rns;
 mod server;
 mod wire;
 
-pub use client::Client;
+pub use client::{key_shape_for_plans, Client};
 pub use context::Context;
 pub use error::HeError;
-pub use keys::{EvaluationKey, KeyId, PreparedEvaluationKey};
+pub use keys::{max_key_first_level, EvaluationKey, KeyId, PreparedEvaluationKey};
 pub use params::{
     Modulus, ParameterSet, ALL_PARAMETER_SETS, DEFAULT_PARAMETERS,
     PARAMS_V1_N4096_Q64_TUNIFORM4_SEC132_2M64, PARAMS_V2_N4096_Q90RNS_TUNIFORM4_SEC132_2M64,
 };
 pub use plan::{
-    log2_fail, plan_cost, plan_cost_on, LayerPlan, LinkModel, OutputMode, PlanOptions,
+    log2_fail, plan_cost, plan_cost_on, CostModel, LayerPlan, LinkModel, OutputMode, PlanOptions,
     WeightBounds, WeightStats, COST_BODY_TRANSFORM_MS, COST_BYTE_MS, COST_CT_PRODUCT_MS,
-    COST_CT_TRANSFORM_MS, COST_KEY_SWITCH_BODY_MS, COST_KEY_SWITCH_MS,
+    COST_CT_TRANSFORM_MS, COST_KEY_SWITCH_BODY_MS, COST_KEY_SWITCH_MS, MAX_PLAN_KEY_BYTES,
 };
 pub use server::{weight_stats, EvalOptions, PreparedLayer, INT8_LAYER_MAX_INPUT};
 pub use wire::{EncryptedInput, EncryptedOutput, OutputCiphertext};

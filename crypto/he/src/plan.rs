@@ -34,8 +34,8 @@ mod cost;
 pub use bounds::{OutputMode, WeightBounds, WeightStats};
 pub(crate) use cost::{default_chunk, plan_first_fitting};
 pub use cost::{
-    plan_cost, plan_cost_on, LinkModel, COST_BODY_TRANSFORM_MS, COST_BYTE_MS, COST_CT_PRODUCT_MS,
-    COST_CT_TRANSFORM_MS, COST_KEY_SWITCH_BODY_MS, COST_KEY_SWITCH_MS,
+    plan_cost, plan_cost_on, CostModel, LinkModel, COST_BODY_TRANSFORM_MS, COST_BYTE_MS,
+    COST_CT_PRODUCT_MS, COST_CT_TRANSFORM_MS, COST_KEY_SWITCH_BODY_MS, COST_KEY_SWITCH_MS,
 };
 
 use crate::error::HeError;
@@ -80,7 +80,22 @@ pub struct LayerPlan {
     /// server-side evaluation order: the wire is the same for every L, only the key-switch
     /// count and the noise differ. [`LayerPlan::new`] chooses it (parameter set 2 only).
     pub hoisted_levels: u32,
+    /// Packed mode: the largest first stride level l₀ of a packing key this plan accepts
+    /// (its failure bound counts the composed strides of such a key: a key starting at l₀
+    /// holds the automorphisms of strides 2^l for l ≥ l₀ only and applies the smaller ones as
+    /// 2^(l₀ − l) key switches under its first, [`crate::keys::max_key_first_level`],
+    /// `specs/parameters.md` § "Smaller keys"). 1 = only full keys (parameter set 1). Which
+    /// l₀ ≤ this a device's key actually starts at is the device's choice
+    /// ([`crate::Client::evaluation_key_for_plans`]: the smallest whose key fits
+    /// [`MAX_PLAN_KEY_BYTES`]); [`LayerPlan::key_first_level_alone`] is the one this plan
+    /// alone would get, which its key-switch count and [`LayerPlan::eval_key_bytes`] assume.
+    pub key_first_level: u32,
 }
+
+/// The evaluation-key budget (bytes, the issue-9 goal): under parameter set 2 a device's key
+/// starts at the smallest stride level (up to what its plans accept) that keeps it within this
+/// size ([`LayerPlan::key_first_level`]), and the batch planner prefers plans whose key fits.
+pub const MAX_PLAN_KEY_BYTES: usize = 1_000_000;
 
 /// Options a caller (e.g. the planner) may set.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -175,6 +190,17 @@ impl LayerPlan {
                 "hoisted_levels {} under parameter set {} (only parameter set 2 hoists packing \
                  levels; use hoisted_levels = 0)",
                 self.hoisted_levels, self.params.id
+            ));
+        }
+        // Set 1 accepts full keys only; set 2 any first level whose smaller strides compose.
+        let first_max = match self.params.modulus {
+            crate::params::Modulus::Rns3 => crate::keys::max_key_first_level(n),
+            crate::params::Modulus::Pow2_64 => 1,
+        };
+        if self.mode == OutputMode::Packed && !(1..=first_max).contains(&self.key_first_level) {
+            return bad(format!(
+                "key_first_level {} (1..={first_max} under parameter set {})",
+                self.key_first_level, self.params.id
             ));
         }
         if self.delta_out_log2 >= 64 || self.delta_in_log2 > self.delta_out_log2 {
@@ -286,33 +312,89 @@ impl LayerPlan {
         }
     }
 
+    /// Key switches per batch block with `levels` hoisted levels (see
+    /// [`LayerPlan::key_switches`]); a level of stride 2^l below the key's first level l₀
+    /// costs 2^(l₀ − l) key switches per node.
     fn key_switches_hoisting(&self, levels: u32) -> usize {
+        let t = self.chunk.trailing_zeros();
         let leaves = self.leaves_per_group();
-        let per_group = (leaves >> levels) - 1 + (self.chunk / leaves).trailing_zeros() as usize;
-        per_group * self.out_ciphertexts() + ((1usize << levels) - 1) * self.in_chunks()
+        let ll = leaves.trailing_zeros();
+        let first = self.key_first_level_alone();
+        let m = |i: u32| Self::composition(first, t + 1 - i);
+        let tree: usize = (levels + 1..=ll)
+            .map(|i| (leaves >> i) * m(i))
+            .sum::<usize>()
+            + (ll + 1..=t).map(m).sum::<usize>();
+        let hoisted: usize = (1..=levels).map(|i| (1usize << (i - 1)) * m(i)).sum();
+        tree * self.out_ciphertexts() + hoisted * self.in_chunks()
+    }
+
+    /// Key switches one automorphism of stride 2^l takes under a key starting at `first`: 1
+    /// from l = first up, 2^(first − l) below it.
+    fn composition(first: u32, l: u32) -> usize {
+        1usize << first.max(1).saturating_sub(l)
+    }
+
+    /// The first stride level of the key this plan alone would get (packed mode): the smallest
+    /// l₀ ≤ [`LayerPlan::key_first_level`] whose key fits [`MAX_PLAN_KEY_BYTES`], else
+    /// `key_first_level` (the smallest key it accepts).
+    pub fn key_first_level_alone(&self) -> u32 {
+        let top = self.key_first_level.max(1);
+        (1..=top)
+            .find(|&l| self.key_bytes_from(l) <= MAX_PLAN_KEY_BYTES)
+            .unwrap_or(top)
+    }
+
+    /// Wire bytes of a key for this plan's chunk and bodies starting at stride level `first`
+    /// (at least one automorphism).
+    fn key_bytes_from(&self, first: u32) -> usize {
+        let top = self.chunk.trailing_zeros();
+        crate::wire::eval_key_len(
+            &self.params,
+            (top + 1).saturating_sub(first.max(1)).max(1) as usize,
+            self.bodies(),
+        )
     }
 
     /// The order [`LayerPlan::new`] tries hoisting levels in for parameter set 2: every L in
-    /// 1..=log2(leaves) that needs fewer key switches per batch block than L = 0, fewest first
-    /// (ties to the smaller L). Each uploaded ciphertext is key switched once per element of
-    /// the group the bottom L levels' automorphisms generate (2^L − 1 key switches per input
-    /// chunk and batch block) and every tree node of width 2^L becomes 2^L plain products with
-    /// weights combined at preparation, so key switches cost in_chunks·(2^L − 1) +
-    /// K·(leaves/2^L − 1) per batch block (K returned ciphertexts). Set 1 (key-switch noise
-    /// 2^48.4, too large to be multiplied by the weights) and no-key plans get none.
+    /// 0..=log2(leaves), fewest key switches per batch block first (ties to the smaller L).
+    /// Each uploaded ciphertext is key switched once per element of the group the bottom L
+    /// levels' automorphisms generate (2^L − 1 key switches per input chunk and batch block)
+    /// and every tree node of width 2^L becomes 2^L plain products with weights combined at
+    /// preparation, so key switches cost in_chunks·(2^L − 1) + K·(leaves/2^L − 1) per batch
+    /// block (K returned ciphertexts; more below the key's first level). Set 1 (key-switch
+    /// noise 2^48.4, too large to be multiplied by the weights) and no-key plans: [0].
     fn hoisting_candidates(&self) -> Vec<u32> {
         if self.mode != OutputMode::Packed
             || self.params.modulus != crate::params::Modulus::Rns3
             || self.leaves_per_group() < 2
         {
-            return Vec::new();
+            return vec![0];
         }
-        let none = self.key_switches_hoisting(0);
-        let mut c: Vec<u32> = (1..=self.leaves_per_group().trailing_zeros())
-            .filter(|&l| self.key_switches_hoisting(l) < none)
-            .collect();
+        let mut c: Vec<u32> = (0..=self.leaves_per_group().trailing_zeros()).collect();
         c.sort_by_key(|&l| (self.key_switches_hoisting(l), l));
         c
+    }
+
+    /// This plan with the first hoisting candidate ([`LayerPlan::hoisting_candidates`], L = 0
+    /// among them) whose noise meets the bound `limit` (log2) at the plan's widths, and its
+    /// failure bound; `None` if none does.
+    fn with_hoisting(self, stats: WeightStats, limit: f64) -> Option<Self> {
+        self.hoisting_candidates().into_iter().find_map(|l| {
+            let p = Self {
+                hoisted_levels: l,
+                ..self
+            };
+            let v = p.pre_switch_variance(stats, p.upload_bits);
+            let f = log2_fail(
+                p.download_variance(v, p.download_bits, p.body_bits),
+                p.delta_out_log2,
+            );
+            (f <= limit).then_some(Self {
+                log2_p_fail: f,
+                ..p
+            })
+        })
     }
 
     /// Packed mode: the hoisted levels L (the plan's [`LayerPlan::hoisted_levels`], 0 in
@@ -388,11 +470,7 @@ impl LayerPlan {
     pub fn eval_key_bytes(&self) -> usize {
         match self.mode {
             OutputMode::NoKey => 0,
-            OutputMode::Packed => crate::wire::eval_key_len(
-                &self.params,
-                self.chunk.trailing_zeros() as usize,
-                self.bodies(),
-            ),
+            OutputMode::Packed => self.key_bytes_from(self.key_first_level_alone()),
         }
     }
 
@@ -476,6 +554,7 @@ impl LayerPlan {
             body_bits: 64,
             log2_p_fail: 0.0,
             hoisted_levels: 0,
+            key_first_level: 1,
         };
         let limit = -(params.max_fail_log2 as f64);
         // Narrowest upload that leaves 4 bits of failure margin for the download switch.
@@ -517,24 +596,21 @@ impl LayerPlan {
                 limit: params.max_fail_log2,
             });
         }
-        // Hoisting (set 2): the fewest key switches whose added noise still meets the bound
-        // at the widths chosen above, so hoisting never changes a byte on the wire.
-        for l in plan.hoisting_candidates() {
-            let hoisted = Self {
-                hoisted_levels: l,
-                ..plan
-            };
-            let v = hoisted.pre_switch_variance(stats, plan.upload_bits);
-            let p = log2_fail(
-                hoisted.download_variance(v, plan.download_bits, plan.body_bits),
-                plan.delta_out_log2,
-            );
-            if p <= limit {
-                plan = Self {
-                    log2_p_fail: p,
-                    ..hoisted
+        // Set 2: the largest key first level (smallest keys) and the hoisting depth (fewest
+        // key switches) whose added noise still meets the bound at the widths chosen above,
+        // so neither changes a byte on the wire. The composed strides' noise is small (the
+        // top of the tree), so the first try nearly always fits.
+        if params.modulus == crate::params::Modulus::Rns3 && mode == OutputMode::Packed {
+            let base = plan;
+            for first in (1..=crate::keys::max_key_first_level(n)).rev() {
+                let c = Self {
+                    key_first_level: first,
+                    ..base
                 };
-                break;
+                if let Some(h) = c.with_hoisting(stats, limit) {
+                    plan = h;
+                    break;
+                }
             }
         }
         Ok(plan)
@@ -610,10 +686,14 @@ impl LayerPlan {
                 // chunk² over all of them. With L levels hoisted, each hoisted input carries
                 // ≤ L key switches' noise, multiplied by the weights like the input's own; the
                 // remaining log2(chunk) − L levels add one key switch each.
+                // A stride below the key's first level adds 2^(l₀ − l) key switches' noise.
                 let f = (self.chunk as f64).powi(2);
+                let t = self.chunk.trailing_zeros();
+                let m = |i: u32| Self::composition(self.key_first_level, t + 1 - i) as f64;
                 let l = self.hoisted_levels();
-                let h = 4f64.powi(l as i32);
-                f * block_sq_norm * (v_in + f64::from(l) * v_ks) + v_ks * (f / h - 1.0) / 3.0
+                let hoisted: f64 = (1..=l).map(m).sum();
+                let tree: f64 = (l + 1..=t).map(|i| m(i) * 4f64.powi((t - i) as i32)).sum();
+                f * block_sq_norm * (v_in + hoisted * v_ks) + v_ks * tree
             }
         }
     }

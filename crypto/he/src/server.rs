@@ -5,7 +5,7 @@
 
 use crate::context::Context;
 use crate::error::HeError;
-use crate::keys::{automorphism_for_stride, PreparedEvaluationKey};
+use crate::keys::PreparedEvaluationKey;
 use crate::ntt::NttPoly;
 use crate::plan::{LayerPlan, LinkModel, OutputMode, PlanOptions, WeightStats};
 use crate::poly;
@@ -401,11 +401,10 @@ impl PreparedLayer {
                     ))
                 }
                 Some(k) => {
-                    for stride in 1..=plan.chunk.trailing_zeros() {
-                        let g = automorphism_for_stride(plan.params.poly_size, 1 << stride);
-                        if !k.levels.contains_key(&g) {
-                            return Err(HeError::MissingEvaluationKey("automorphism not covered"));
-                        }
+                    // A first stride level the plan accepts and every stride from there up;
+                    // smaller strides are composed from the key's first automorphism.
+                    if !k.covers(plan) {
+                        return Err(HeError::MissingEvaluationKey("automorphism not covered"));
                     }
                     Some(k)
                 }

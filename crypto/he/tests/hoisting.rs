@@ -52,17 +52,21 @@ fn hoisted_and_plain_trees_give_the_same_exact_outputs() {
         .unwrap();
         let plan = *layer.plan();
         assert!(plan.hoisted_levels > 0, "{plan:?}");
+        let full_key = LayerPlan {
+            key_first_level: 1,
+            ..plan
+        };
         let l = plan.hoisted_levels as usize;
         let leaves = plan.leaves_per_group();
         let trace = (plan.chunk / leaves).trailing_zeros() as usize;
         assert_eq!(
-            plan.key_switches(),
+            full_key.key_switches(),
             ((leaves >> l) - 1 + trace) * plan.out_ciphertexts()
                 + ((1 << l) - 1) * plan.in_chunks()
         );
         let plain_plan = LayerPlan {
             hoisted_levels: 0,
-            ..plan
+            ..full_key
         };
         assert!(plain_plan.key_switches() > plan.key_switches());
         assert_eq!(plain_plan.upload_bytes(rows), plan.upload_bytes(rows));
@@ -129,4 +133,107 @@ fn plans_with_impossible_hoisting_are_refused() {
         PreparedLayer::prepare_with_plan(f.ctx.clone(), noisy, &w, &bias),
         Err(HeError::FailureBoundExceeded { .. })
     ));
+}
+
+/// Set 2 keeps keys within `MAX_PLAN_KEY_BYTES` by starting them at a larger stride: the
+/// plan's key (from `evaluation_key_for_plans`) has only the strides from
+/// `key_first_level_alone` up, survives the wire, evaluates exactly (the smaller strides
+/// composed from the first automorphism), and so does a full key; a key that starts above the
+/// level a plan accepts is refused with a typed error, as is a blob whose first automorphism
+/// is not allowed.
+#[test]
+fn keys_from_a_larger_stride_are_within_budget_and_exact() {
+    let f = fixture();
+    let (rows, n_in, n_out) = (16, 384, 1536);
+    let w = values(n_in * n_out, 21, -127, 127);
+    let bias = values(n_out, 22, -1000, 1000);
+    let opts = PlanOptions {
+        chunk: None,
+        batch: Some(rows),
+        max_bodies: 2,
+    };
+    let layer = PreparedLayer::prepare(
+        f.ctx.clone(),
+        OutputMode::Packed,
+        n_in,
+        n_out,
+        &w,
+        &bias,
+        128,
+        opts,
+    )
+    .unwrap();
+    let plan = *layer.plan();
+    assert!(plan.key_first_level > 1, "{plan:?}");
+    assert!(plan.eval_key_bytes() <= MAX_PLAN_KEY_BYTES, "{plan:?}");
+    assert!(
+        LayerPlan {
+            key_first_level: 1,
+            ..plan
+        }
+        .eval_key_bytes()
+            > MAX_PLAN_KEY_BYTES
+    );
+    let client = Client::from_seed(f.ctx.clone(), 0x5eed_0003);
+    let key = client.evaluation_key_for_plans(&[plan]).unwrap();
+    assert_eq!(key.first_level(), plan.key_first_level_alone());
+    assert!(key.first_level() <= plan.key_first_level);
+    assert_eq!(key.max_chunk(), plan.chunk);
+    let blob = key.to_bytes();
+    assert_eq!(blob.len(), plan.eval_key_bytes());
+    let back = EvaluationKey::from_bytes(&blob, blob.len(), &f.ctx.params()).unwrap();
+    assert_eq!(back, key);
+    let full = client.evaluation_key_for(plan.chunk, plan.bodies).unwrap();
+    let xs = inputs(&w, rows, n_in);
+    let want: Vec<Vec<i64>> = xs
+        .iter()
+        .map(|x| reference(&w, &bias, x, n_in, n_out))
+        .collect();
+    let mut client = client;
+    for k in [&back, &full] {
+        let prepared = PreparedEvaluationKey::prepare(k, &f.ctx).unwrap();
+        let ct = client.encrypt(&plan, &xs).unwrap();
+        let out = layer
+            .eval(&ct, Some(&prepared), EvalOptions::default())
+            .unwrap();
+        assert_eq!(client.decrypt(&plan, &out).unwrap(), want);
+    }
+    // A plan that accepts only keys starting below this key's first level refuses it.
+    let strict = PreparedLayer::prepare_with_plan(
+        f.ctx.clone(),
+        LayerPlan {
+            key_first_level: key.first_level() - 1,
+            ..plan
+        },
+        &w,
+        &bias,
+    )
+    .unwrap();
+    let prepared = PreparedEvaluationKey::prepare(&back, &f.ctx).unwrap();
+    let ct = client.encrypt(strict.plan(), &xs).unwrap();
+    assert!(matches!(
+        strict.eval(&ct, Some(&prepared), EvalOptions::default()),
+        Err(HeError::MissingEvaluationKey(_))
+    ));
+    // First automorphisms beyond the composable range (or not a stride's) are refused.
+    assert!(client.evaluation_key_from(7, 4096, 1).is_err());
+    let n = f.ctx.params().poly_size;
+    let count = back.automorphisms().len();
+    let at = 60; // kind 6: header 40, r 1, seed 16, base log, levels, count (he-formats.md)
+    assert_eq!(usize::from(blob[at - 1]), count);
+    for first in [7usize, 0] {
+        let mut bad = blob.clone();
+        for k in 0..count {
+            let g = if first == 0 {
+                3
+            } else {
+                2 * n / (1 << (first + k)) + 1
+            };
+            bad[at + 2 * k..at + 2 * k + 2].copy_from_slice(&(g as u16).to_le_bytes());
+        }
+        assert!(matches!(
+            EvaluationKey::from_bytes(&bad, bad.len(), &f.ctx.params()),
+            Err(HeError::Malformed { .. })
+        ));
+    }
 }

@@ -44,12 +44,14 @@ fn multi() -> &'static Multi {
     })
 }
 
-/// The wire length of an evaluation key for chunks up to `max_chunk` with `bodies` bodies, as
-/// a plan states it.
+/// The wire length of a full evaluation key for chunks up to `max_chunk` with `bodies` bodies,
+/// as a plan states it.
 fn key_len(max_chunk: usize, bodies: usize) -> usize {
     let plan = LayerPlan {
         chunk: max_chunk,
         bodies,
+        // A full key (every stride), as `evaluation_key_for` makes.
+        key_first_level: 1,
         ..PreparedLayer::plan_int8(DEFAULT_PARAMETERS, OutputMode::Packed, 8, 8, 0).unwrap()
     };
     plan.eval_key_bytes()

@@ -7,9 +7,9 @@ use crate::params::ParameterSet;
 
 /// Modelled server time of one key switch (ms, one thread, N = 4096; measured by
 /// `cargo bench -p tandem-he` on the reference machine, BENCHMARKS.md). Parameter set 1's
-/// figure, used for both sets so that device and cloud keep one public table: a set-2 key
-/// switch measures ≈ 0.07–0.1 ms, and set-2 batch plans hoist packing levels
-/// ([`LayerPlan::hoisted_levels`]), which the key-switch count of [`plan_cost_on`] includes.
+/// figure ([`CostModel::SET1`]; set 2 has its own table, [`CostModel::SET2`]). The key-switch
+/// count of [`plan_cost_on`] includes hoisting ([`LayerPlan::hoisted_levels`]) and composed
+/// strides ([`LayerPlan::key_first_level`]).
 pub const COST_KEY_SWITCH_MS: f64 = 0.40;
 /// Modelled time of one ciphertext × plaintext product in the NTT domain (ms). A multi-body
 /// product costs (1 + r)/2 of it: `ct_pt_product` 9.73 µs for mask + body against
@@ -32,6 +32,59 @@ pub const COST_KEY_SWITCH_BODY_MS: f64 = 0.088;
 pub const COST_BODY_TRANSFORM_MS: f64 = 0.035;
 /// Modelled link of the default [`LinkModel`]: 25 Mbit/s, so one byte costs 8 / 25 000 ms.
 pub const COST_BYTE_MS: f64 = 8.0 / 25_000.0;
+
+/// The server-time constants of [`plan_cost_on`] for one parameter set (ms, one thread,
+/// N = 4096). Public and fixed per set, so device and cloud derive the same plans.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CostModel {
+    /// One key switch (one body).
+    pub key_switch_ms: f64,
+    /// One more body of a key switch.
+    pub key_switch_body_ms: f64,
+    /// One ciphertext × plaintext product (mask and one body).
+    pub ct_product_ms: f64,
+    /// Expanding and transforming an uploaded ciphertext, or transforming back and
+    /// modulus-switching a returned one.
+    pub ct_transform_ms: f64,
+    /// One more body of an uploaded or returned ciphertext.
+    pub body_transform_ms: f64,
+}
+
+impl CostModel {
+    /// Parameter set 1: the `COST_*` constants above.
+    pub const SET1: Self = Self {
+        key_switch_ms: COST_KEY_SWITCH_MS,
+        key_switch_body_ms: COST_KEY_SWITCH_BODY_MS,
+        ct_product_ms: COST_CT_PRODUCT_MS,
+        ct_transform_ms: COST_CT_TRANSFORM_MS,
+        body_transform_ms: COST_BODY_TRANSFORM_MS,
+    };
+
+    /// Parameter set 2 (server modulo Q over three primes). Source: `cargo bench -p tandem-he
+    /// --bench he -- "key_switch|ct_pt_product|ntt/"` (criterion, one thread, 2-core CI machine,
+    /// 2026-12-01, set 2 the default): `key_switch` 87.8 µs, `key_switch/bodies4` 123.8 µs (one
+    /// more body (123.8 − 87.8)/3 = 12.0 µs), `ntt/forward_u64` 63.5 µs (scaling to Q and three
+    /// transforms) and `ntt/inverse_u64` 132.1 µs (three inverse transforms and the scaling back)
+    /// per polynomial, so an uploaded mask-and-body pair ≈ 0.13 ms and a returned one ≈ 0.27 ms:
+    /// 0.2 ms per ciphertext and 0.1 ms per further body. `ct_pt_product` 9.1 µs in the cache,
+    /// but a layer's products read their weights from memory (≈ 15 µs per mask-and-body product
+    /// measured inside 16×384@384×1536): set 1's 0.012 ms is kept.
+    pub const SET2: Self = Self {
+        key_switch_ms: 0.088,
+        key_switch_body_ms: 0.012,
+        ct_product_ms: COST_CT_PRODUCT_MS,
+        ct_transform_ms: 0.2,
+        body_transform_ms: 0.1,
+    };
+
+    /// The table of `params` (set 2's for [`crate::params::Modulus::Rns3`], else set 1's).
+    pub fn of(params: &ParameterSet) -> Self {
+        match params.modulus {
+            crate::params::Modulus::Rns3 => Self::SET2,
+            crate::params::Modulus::Pow2_64 => Self::SET1,
+        }
+    }
+}
 
 /// The link rate the batch planner's cost model ([`plan_cost_on`]) weighs bytes at
 /// (TDM-PAR-HE-3). A public setting of a served model: device and cloud must use the same value
@@ -68,11 +121,11 @@ pub fn plan_cost(plan: &LayerPlan, batch: usize) -> f64 {
 
 /// [`plan_cost`] with the bytes weighed at `link`'s rate (ms).
 ///
-/// Multi-body plans (r > 1, TDM-PAR-HE-3): a key switch costs [`COST_KEY_SWITCH_MS`] plus
-/// [`COST_KEY_SWITCH_BODY_MS`] per further body, a ciphertext product (1 + r)/2 ×
-/// [`COST_CT_PRODUCT_MS`] (the mask's product is shared), an uploaded or returned ciphertext
-/// [`COST_CT_TRANSFORM_MS`] plus [`COST_BODY_TRANSFORM_MS`] per further body. Every extra
-/// term is exactly 0 for r = 1, so single-secret plans cost (and are chosen) as before.
+/// The server-time constants are the plan's parameter set's [`CostModel`]. Multi-body plans
+/// (r > 1, TDM-PAR-HE-3): a key switch costs `key_switch_ms` plus `key_switch_body_ms` per
+/// further body, a ciphertext product (1 + r)/2 × `ct_product_ms` (the mask's product is
+/// shared), an uploaded or returned ciphertext `ct_transform_ms` plus `body_transform_ms` per
+/// further body. Every extra term is exactly 0 for r = 1.
 pub fn plan_cost_on(plan: &LayerPlan, batch: usize, link: LinkModel) -> f64 {
     let blocks = plan.batch_blocks(batch);
     let cts = blocks * (plan.in_chunks() + plan.out_ciphertexts());
@@ -82,12 +135,13 @@ pub fn plan_cost_on(plan: &LayerPlan, batch: usize, link: LinkModel) -> f64 {
     let extra_products = plan.poly_products_for(batch) - 2 * plan.ct_products_for(batch);
     let extra_ks = plan.key_switch_bodies_for(batch) - plan.key_switches_for(batch);
     let bytes = plan.upload_bytes(batch) + plan.download_bytes(batch);
-    plan.key_switches_for(batch) as f64 * COST_KEY_SWITCH_MS
-        + extra_ks as f64 * COST_KEY_SWITCH_BODY_MS
-        + plan.ct_products_for(batch) as f64 * COST_CT_PRODUCT_MS
-        + extra_products as f64 * (COST_CT_PRODUCT_MS / 2.0)
-        + cts as f64 * COST_CT_TRANSFORM_MS
-        + extra_bodies as f64 * COST_BODY_TRANSFORM_MS
+    let c = CostModel::of(&plan.params);
+    plan.key_switches_for(batch) as f64 * c.key_switch_ms
+        + extra_ks as f64 * c.key_switch_body_ms
+        + plan.ct_products_for(batch) as f64 * c.ct_product_ms
+        + extra_products as f64 * (c.ct_product_ms / 2.0)
+        + cts as f64 * c.ct_transform_ms
+        + extra_bodies as f64 * c.body_transform_ms
         + bytes as f64 * link.byte_ms()
 }
 
@@ -100,7 +154,8 @@ pub fn plan_cost_on(plan: &LayerPlan, batch: usize, link: LinkModel) -> f64 {
 ///   chunks above the input width up to N with r ≥ 2 (fewer rows per polynomial, more bodies
 ///   per mask), the plan
 ///   with the lowest [`plan_cost_on`] over `link` among those that meet the failure bound
-///   (ties to the smaller chunk, then the fewer bodies).
+///   (ties to the smaller chunk, then the fewer bodies); under parameter set 2, among those
+///   whose evaluation key fits [`super::MAX_PLAN_KEY_BYTES`] if any does.
 ///
 /// A caller's chunk with a batch takes the largest r the batch allows (at most
 /// `opts.max_bodies`). Everything is public (shape, batch, bounds, link, max_bodies), so device
@@ -137,6 +192,10 @@ pub(crate) fn plan_first_fitting(
         } else {
             top
         };
+        // Set 2 keeps the key within MAX_PLAN_KEY_BYTES when any candidate can: the cheapest
+        // such candidate wins over cheaper ones with larger keys.
+        let budget = params.modulus == crate::params::Modulus::Rns3;
+        let mut best_fitting: Option<(f64, LayerPlan)> = None;
         let mut chunk = 2;
         while chunk <= wide {
             let mut r = if chunk > top { 2 } else { 1 };
@@ -150,6 +209,12 @@ pub(crate) fn plan_first_fitting(
                     Ok(plan) if plan.bodies() < r => break,
                     Ok(plan) => {
                         let cost = plan_cost_on(&plan, batch, link);
+                        if budget
+                            && plan.eval_key_bytes() <= super::MAX_PLAN_KEY_BYTES
+                            && best_fitting.as_ref().is_none_or(|(c, _)| cost < *c)
+                        {
+                            best_fitting = Some((cost, plan));
+                        }
                         if best.as_ref().is_none_or(|(c, _)| cost < *c) {
                             best = Some((cost, plan));
                         }
@@ -160,7 +225,7 @@ pub(crate) fn plan_first_fitting(
             }
             chunk *= 2;
         }
-        return best.map_or(last, |(_, p)| Ok(p));
+        return best_fitting.or(best).map_or(last, |(_, p)| Ok(p));
     }
     let first = opts
         .chunk

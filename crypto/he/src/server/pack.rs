@@ -208,6 +208,9 @@ pub(crate) fn key_switch_add(
     g: usize,
     key: &PreparedEvaluationKey,
 ) -> NttCiphertext {
+    if !key.levels.contains_key(&g) {
+        return compose(ctx, u, &v, g, key);
+    }
     let ntt = &ctx.ntt;
     let p = ctx.params();
     let n = p.poly_size;
@@ -264,7 +267,7 @@ pub(crate) fn key_switch_add_ref(
 ) -> NttCiphertext {
     let n = ctx.params().poly_size;
     let Some(levels) = key.levels.get(&g) else {
-        unreachable!("key switch without a key for automorphism {g}")
+        return compose(ctx, u, v, g, key);
     };
     if v.mask.0.len() != crate::ntt::PRIMES_RNS * n {
         return key_switch_add(ctx, u, v.clone(), g, key);
@@ -273,6 +276,40 @@ pub(crate) fn key_switch_add_ref(
         ctx.ntt.add_automorphism(g, vb, ub);
     }
     key_switch_rns(ctx, &mut u, &v.mask, g, levels);
+    u
+}
+
+/// `u + KeySwitch(τ_g(v))` for an automorphism the key does not hold: g = g_l of a stride
+/// below the key's first level l₀ is g_{l₀}^(2^(l₀ − l)) (`keys::max_key_first_level`), so
+/// τ_g(v) is 2^(l₀ − l) rounds of τ_{g_{l₀}} each followed by its key switch.
+fn compose(
+    ctx: &Context,
+    mut u: NttCiphertext,
+    v: &NttCiphertext,
+    g: usize,
+    key: &PreparedEvaluationKey,
+) -> NttCiphertext {
+    let n = ctx.params().poly_size;
+    let first = key.first_level;
+    // eval() checks that the key covers the plan: every stride from the plan's first level
+    // up is held, and the plan's first level is at least the key's.
+    let Some(l) = crate::keys::stride_level(n, g).filter(|&l| l < first) else {
+        unreachable!("key switch without a key for automorphism {g}")
+    };
+    let g0 = automorphism_for_stride(n, 1 << first);
+    let primes = v.mask.0.len() / n;
+    let zero = |c: &NttCiphertext| NttCiphertext {
+        mask: ctx.ntt.zero_with(primes),
+        body: c.body.iter().map(|_| ctx.ntt.zero_with(primes)).collect(),
+    };
+    let mut w = key_switch_add_ref(ctx, zero(v), v, g0, key);
+    for _ in 1..1usize << (first - l) {
+        w = key_switch_add_ref(ctx, zero(&w), &w, g0, key);
+    }
+    ctx.ntt.add_assign(&mut u.mask, &w.mask);
+    for (ub, wb) in u.body.iter_mut().zip(&w.body) {
+        ctx.ntt.add_assign(ub, wb);
+    }
     u
 }
 

@@ -90,10 +90,24 @@ impl EvaluationKey {
         }
         let n = params.poly_size;
         let mut automorphisms = Vec::with_capacity(count);
-        for l in 1..=count {
+        // Keys cover strides 2^l₀, 2^(l₀+1), …, 2^(l₀+count−1) in that order, with
+        // 1 ≤ l₀ ≤ max_key_first_level(N) (the smaller strides are powers of the first).
+        let mut first = 0u32;
+        for k in 0..count {
             let g = r.u16()? as usize;
-            // Keys must cover strides 2, 4, …, 2^count in that order.
-            if g != automorphism_for_stride(n, 1 << l) {
+            if k == 0 {
+                first = crate::keys::stride_level(n, g).unwrap_or(0);
+                if first == 0
+                    || first > crate::keys::max_key_first_level(n)
+                    || first as usize + count - 1 > params.log2_poly_size() as usize
+                {
+                    return Err(HeError::Malformed {
+                        what: WHAT,
+                        reason: "unexpected first automorphism",
+                    });
+                }
+            }
+            if g != automorphism_for_stride(n, 1 << (first as usize + k)) {
                 return Err(HeError::Malformed {
                     what: WHAT,
                     reason: "unexpected automorphism",
