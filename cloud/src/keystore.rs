@@ -232,6 +232,9 @@ pub struct StoredKey {
     /// Bodies (secrets) per key-switching level: the most bodies per mask of a plan it can
     /// serve (`tandem_he::EvaluationKey::bodies`; 0 in no-key mode).
     pub bodies: usize,
+    /// Stride level of the key's first automorphism (`tandem_he::EvaluationKey::first_level`;
+    /// 1 in no-key mode).
+    pub first_level: u32,
     /// The prepared packing key (`None` for no-key mode).
     pub prepared: Option<Arc<PreparedEvaluationKey>>,
     /// Bytes the prepared key occupies in memory.
@@ -493,14 +496,16 @@ impl KeyStore {
     /// Decodes and validates a registration against parameter set `param_set`, the plans'
     /// `min_chunk` (the largest packed chunk; 0 for no-key) and `min_bodies` (the most bodies
     /// per mask of a packed plan, shared-mask plans; 0 or 1 for single-secret plans and
-    /// no-key), prepares the key, then stores it
+    /// no-key) and `first_level` (the smallest `LayerPlan::key_first_level` of the plans: the
+    /// key's first automorphism must not start above it), prepares the key, then stores it
     /// durably under `(peer, key_id)` (committed before this returns), evicting the device's
     /// least recently used keys if the quota requires. CPU-bound for packed keys: call from a
     /// blocking task. Only after `Ok` may the session send `KeyAck` (TDM-KEY-8).
     ///
     /// # Errors
     /// [`CloudError::KeyInvalid`] if the blob does not decode, belongs to another parameter
-    /// set, cannot pack `min_chunk` or carries fewer than `min_bodies` bodies;
+    /// set, cannot pack `min_chunk`, starts above `first_level` or carries fewer than
+    /// `min_bodies` bodies;
     /// [`CloudError::Quota`] if the blob alone exceeds the
     /// per-device byte quota; [`CloudError::Store`] / [`CloudError::StoreUnavailable`] if the
     /// commit fails.
@@ -514,6 +519,7 @@ impl KeyStore {
         param_set: u16,
         min_chunk: usize,
         min_bodies: usize,
+        first_level: u32,
     ) -> Result<(StoredKey, Registration), CloudError> {
         let ctx = self
             .contexts
@@ -527,6 +533,13 @@ impl KeyStore {
             return Err(CloudError::KeyInvalid(format!(
                 "evaluation key packs chunks of at most {} inputs, the model's plan needs {min_chunk}",
                 stored.max_chunk
+            )));
+        }
+        if mode == OutputMode::Packed && stored.first_level > first_level {
+            return Err(CloudError::KeyInvalid(format!(
+                "evaluation key starts at stride 2^{}, the model's plans need every stride from \
+                 2^{first_level}: generate it with Client::evaluation_key_for_plans",
+                stored.first_level
             )));
         }
         if mode == OutputMode::Packed && stored.bodies < min_bodies {
@@ -588,6 +601,7 @@ impl KeyStore {
                     he_key_id: *key_id,
                     max_chunk: 0,
                     bodies: 0,
+                    first_level: 1,
                     prepared: None,
                     prepared_bytes: 0,
                 })
@@ -603,6 +617,7 @@ impl KeyStore {
                     he_key_id: key.key_id(),
                     max_chunk: key.max_chunk(),
                     bodies: key.bodies(),
+                    first_level: key.first_level(),
                     prepared: Some(Arc::new(prepared)),
                     prepared_bytes: prepared_key_bytes(
                         &params,

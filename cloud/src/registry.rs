@@ -154,6 +154,18 @@ impl ServedModel {
             .unwrap_or(1)
     }
 
+    /// The smallest first stride level of the packing key (`LayerPlan::key_first_level`)
+    /// among the model's cloud layers under `param_set` and `mode`: a registered key must start
+    /// at or below it (smaller strides are composed from the key's first automorphism).
+    pub fn key_first_level(&self, param_set: u16, mode: OutputMode) -> u32 {
+        self.layers
+            .iter()
+            .filter(|(_, p, m, _)| *p == param_set && *m == mode)
+            .map(|(_, _, _, l)| l.plan().key_first_level.max(1))
+            .min()
+            .unwrap_or(1)
+    }
+
     fn plans(&self) -> impl Iterator<Item = &LayerPlan> {
         self.layers.iter().map(|(_, _, _, l)| l.plan())
     }
@@ -347,6 +359,8 @@ impl ModelRegistry {
                 let mut widest = **first;
                 widest.chunk = same.clone().map(|p| p.chunk).max().unwrap_or(first.chunk);
                 widest.bodies = same.map(|p| p.bodies()).max().unwrap_or(1);
+                // Any key the plans accept may come, the full one (every stride) the largest.
+                widest.key_first_level = 1;
                 s.key_len = s.key_len.max(widest.eval_key_bytes());
                 s.prepared_key_bytes =
                     s.prepared_key_bytes

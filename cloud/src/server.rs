@@ -1231,12 +1231,13 @@ async fn register_key(
     };
     // One key serves every cloud layer of the model: it must cover the largest chunk and the
     // most bodies per mask among them (shared-mask plans, TDM-PAR-HE-3).
-    let (min_chunk, min_bodies) = match mode {
+    let (min_chunk, min_bodies, first_level) = match mode {
         OutputMode::Packed => (
             model.max_chunk(neg.param_set, mode),
             model.max_bodies(neg.param_set, mode),
+            model.key_first_level(neg.param_set, mode),
         ),
-        OutputMode::NoKey => (0, 0),
+        OutputMode::NoKey => (0, 0, 1),
     };
     let sh = shared.clone();
     let r = tokio::task::spawn_blocking(move || {
@@ -1248,6 +1249,7 @@ async fn register_key(
             neg.param_set,
             min_chunk,
             min_bodies,
+            first_level,
         )
     })
     .await;

@@ -249,6 +249,16 @@ async fn damaged_set2_keys_are_refused_and_a_stored_one_survives_restart() {
         b.pop();
         cases.push(("kind 3 relabelled kind 6, r = 2", SET2.id, b));
     }
+    // A set-1 key that starts at stride 4 (composing stride 2 from it, which only set 2's
+    // plans accept, parameters.md § "Smaller keys"): refused at registration, not acknowledged
+    // and then failing every request.
+    let full1 = tandem_he::EvaluationKey::from_bytes(&k1, k1.len(), &SET1).unwrap();
+    let ctx1 = std::sync::Arc::new(tandem_he::Context::new(SET1));
+    let late1 = tandem_he::Client::from_seed(ctx1, 77)
+        .evaluation_key_from(2, full1.max_chunk(), full1.bodies())
+        .unwrap()
+        .to_bytes();
+    cases.push(("a set-1 key from stride 4 up", SET1.id, late1));
     let total = cases.len() as u64;
     for (what, set, blob) in cases {
         match register(&pki, addr2, set, blob).await {

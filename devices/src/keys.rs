@@ -120,11 +120,16 @@ impl HeState {
         };
         // The key must serve every layer's packing: make it for the largest chunk.
         let chunk = plans.iter().map(|p| p.chunk).max().unwrap_or(plan.chunk);
+        let first_level = plans
+            .iter()
+            .map(|p| p.key_first_level.max(1))
+            .min()
+            .unwrap_or(1);
         let ctx = Arc::new(Context::new(params));
         let make_blob = |client: &Client| -> Result<Vec<u8>, DeviceError> {
             Ok(match mode {
                 OutputMode::NoKey => Vec::new(),
-                OutputMode::Packed => client.evaluation_key(chunk)?.to_bytes(),
+                OutputMode::Packed => client.evaluation_key_for_plans(&plans)?.to_bytes(),
             })
         };
         let (client, key_blob) = match state_dir {
@@ -146,7 +151,11 @@ impl HeState {
                             MAX_EVAL_KEY_FILE as usize,
                             &ctx.params(),
                         )
-                        .is_ok_and(|k| k.key_id() == client.key_id() && k.max_chunk() >= chunk);
+                        .is_ok_and(|k| {
+                            k.key_id() == client.key_id()
+                                && k.max_chunk() >= chunk
+                                && k.first_level() <= first_level
+                        });
                         if !ok {
                             // A cache derived from the seed: rebuilt, never trusted (issue 12).
                             tracing::warn!(

@@ -470,6 +470,8 @@ fn a_cloud_whose_limits_cannot_carry_the_bundle_refuses_to_start() {
     let mut widest = plans[0];
     widest.chunk = plans.iter().map(|p| p.chunk).max().unwrap();
     widest.bodies = plans.iter().map(LayerPlan::bodies).max().unwrap();
+    // The largest key the plans accept: the full one (every stride).
+    widest.key_first_level = 1;
     let need = widest.eval_key_bytes() as u32;
     assert!(widest.bodies >= 2);
     refused("max_key_len", &|o| o.resources.max_key_len = Some(need - 1));

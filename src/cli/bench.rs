@@ -153,7 +153,7 @@ pub fn matmul(
                 let t = Instant::now();
                 let mut client = Client::new(ctx.clone());
                 let eval_key = match mode {
-                    OutputMode::Packed => Some(client.evaluation_key_for(plan.chunk, plan.bodies)?),
+                    OutputMode::Packed => Some(client.evaluation_key_for_plans(&[plan])?),
                     OutputMode::NoKey => None,
                 };
                 keygen.push(ms(t));

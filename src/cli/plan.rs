@@ -281,7 +281,7 @@ pub fn measure(
             let layer = PreparedLayer::prepare_with_plan(ctx.clone(), p, &cl.weights, &cl.bias)?;
             let key = match mode {
                 OutputMode::Packed => Some(PreparedEvaluationKey::prepare(
-                    &client.evaluation_key(p.chunk)?,
+                    &client.evaluation_key_for_plans(&[p])?,
                     &ctx,
                 )?),
                 OutputMode::NoKey => None,

@@ -363,11 +363,9 @@ impl BundleEncoder {
         else {
             return Ok(0);
         };
-        let max_chunk = self.plans.iter().map(|p| p.chunk).max().unwrap_or(1);
-        let bodies = self.plans.iter().map(|p| p.bodies).max().unwrap_or(1);
         let key = session
             .client()
-            .evaluation_key_for(max_chunk, bodies)
+            .evaluation_key_for_plans(&self.plans)
             .map_err(|source| OpsError::He {
                 layer: "evaluation key".into(),
                 source,

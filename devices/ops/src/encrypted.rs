@@ -268,6 +268,8 @@ impl CloudLayers for InProcessCloud {
                     let mut widest = *first;
                     widest.chunk = packed().map(|p| p.chunk).max().unwrap_or(first.chunk);
                     widest.bodies = packed().map(LayerPlan::bodies).max().unwrap_or(1);
+                    // The largest key the plans accept: the full one (every stride).
+                    widest.key_first_level = 1;
                     widest.eval_key_bytes()
                 })
                 .unwrap_or(0)
@@ -585,17 +587,11 @@ impl EncryptedLinears {
         if self.mode == OutputMode::NoKey {
             return Ok(0);
         }
-        let max_chunk = self.planned.iter().map(|p| p.plan.chunk).max().unwrap_or(1);
-        let bodies = self
-            .planned
-            .iter()
-            .map(|p| p.plan.bodies)
-            .max()
-            .unwrap_or(1);
+        let plans: Vec<_> = self.planned.iter().map(|p| p.plan).collect();
         let key = self
             .session
             .client()
-            .evaluation_key_for(max_chunk, bodies)
+            .evaluation_key_for_plans(&plans)
             .map_err(|source| OpsError::He {
                 layer: "evaluation key".into(),
                 source,
