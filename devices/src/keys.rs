@@ -120,11 +120,10 @@ impl HeState {
         };
         // The key must serve every layer's packing: make it for the largest chunk.
         let chunk = plans.iter().map(|p| p.chunk).max().unwrap_or(plan.chunk);
-        let first_level = plans
-            .iter()
-            .map(|p| p.key_first_level.max(1))
-            .min()
-            .unwrap_or(1);
+        // The shape `evaluation_key_for_plans` gives these plans: a cached key is reused only
+        // with exactly that first stride level (an older build's full key, l0 = 1, is valid but
+        // over `MAX_PLAN_KEY_BYTES`: rebuilt as the smaller key) and enough bodies.
+        let (first_level, _, bodies) = tandem_he::key_shape_for_plans(&plans);
         let ctx = Arc::new(Context::new(params));
         let make_blob = |client: &Client| -> Result<Vec<u8>, DeviceError> {
             Ok(match mode {
@@ -154,15 +153,16 @@ impl HeState {
                         .is_ok_and(|k| {
                             k.key_id() == client.key_id()
                                 && k.max_chunk() >= chunk
-                                && k.first_level() <= first_level
+                                && k.first_level() == first_level
+                                && k.bodies() >= bodies
                         });
                         if !ok {
                             // A cache derived from the seed: rebuilt, never trusted (issue 12).
                             tracing::warn!(
                                 file = %path.display(),
                                 bytes = blob.len(),
-                                "cached evaluation key damaged, foreign or too small for this \
-                                 model: rebuilding it from the HE seed"
+                                "cached evaluation key damaged, foreign, too small or not the \
+                                 shape this model's plans take: rebuilding it from the HE seed"
                             );
                         }
                         ok
