@@ -160,7 +160,10 @@ async fn a_key_holding_only_the_top_accepted_stride_serves_exactly_over_tls() {
     let layer = u32::try_from(index).unwrap();
     let mut rows = Vec::new();
     for key in [&full, &small] {
-        let ct = client.encrypt(&plan, std::slice::from_ref(&x)).unwrap().to_bytes();
+        let ct = client
+            .encrypt(&plan, std::slice::from_ref(&x))
+            .unwrap()
+            .to_bytes();
         rows.push(register_and_eval(&pki, &cloud, &client, &plan, layer, key, ct).await);
     }
     assert_eq!(rows[0].len(), spec.n_out);
