@@ -120,9 +120,15 @@ impl HeState {
         };
         // The key must serve every layer's packing: make it for the largest chunk.
         let chunk = plans.iter().map(|p| p.chunk).max().unwrap_or(plan.chunk);
-        // The shape `evaluation_key_for_plans` gives these plans: a cached key is reused only
-        // with exactly that first stride level (an older build's full key, l0 = 1, is valid but
-        // over `MAX_PLAN_KEY_BYTES`: rebuilt as the smaller key) and enough bodies.
+        // The largest first stride level every plan accepts, and the shape
+        // `evaluation_key_for_plans` gives these plans. A cached key is reused if the plans
+        // accept it and it is either that shape or within `MAX_PLAN_KEY_BYTES`: an older
+        // build's full key (l0 = 1, over the budget) is rebuilt as the smaller key.
+        let accepted = plans
+            .iter()
+            .map(|p| p.key_first_level.max(1))
+            .min()
+            .unwrap_or(1);
         let (first_level, _, bodies) = tandem_he::key_shape_for_plans(&plans);
         let ctx = Arc::new(Context::new(params));
         let make_blob = |client: &Client| -> Result<Vec<u8>, DeviceError> {
@@ -153,8 +159,10 @@ impl HeState {
                         .is_ok_and(|k| {
                             k.key_id() == client.key_id()
                                 && k.max_chunk() >= chunk
-                                && k.first_level() == first_level
+                                && k.first_level() <= accepted
                                 && k.bodies() >= bodies
+                                && (k.first_level() == first_level
+                                    || blob.len() <= tandem_he::MAX_PLAN_KEY_BYTES)
                         });
                         if !ok {
                             // A cache derived from the seed: rebuilt, never trusted (issue 12).

@@ -46,4 +46,18 @@ fn an_old_full_key_in_the_cache_is_rebuilt_as_the_smaller_key_and_then_reused() 
     // The rebuilt key is reused as is.
     let third = HeState::load(P2, OutputMode::Packed, shape, Some(dir.path())).unwrap();
     assert_eq!(third.key_blob, again.key_blob);
+    // A smaller key the plans still accept (another model's, same chunk) is within budget:
+    // reused as is, not rebuilt on every switch between models.
+    let accepted = he.plan.key_first_level.min(max_chunk.trailing_zeros());
+    eprintln!("key first level {first}, accepted {accepted}, chunk {max_chunk}");
+    if first < accepted {
+        let other = he
+            .client
+            .evaluation_key_from(accepted, max_chunk, bodies)
+            .unwrap()
+            .to_bytes();
+        std::fs::write(&path, &other).unwrap();
+        let fourth = HeState::load(P2, OutputMode::Packed, shape, Some(dir.path())).unwrap();
+        assert_eq!(fourth.key_blob, other);
+    }
 }
