@@ -332,14 +332,16 @@ impl LayerPlan {
     /// Key switches one automorphism of stride 2^l takes under a key starting at `first`: 1
     /// from l = first up, 2^(first − l) below it.
     fn composition(first: u32, l: u32) -> usize {
-        1usize << first.max(1).saturating_sub(l)
+        // check_layout bounds the first level by 6; the clamp keeps a hand-built plan's
+        // estimates finite without it.
+        1usize << first.clamp(1, 16).saturating_sub(l)
     }
 
     /// The first stride level of the key this plan alone would get (packed mode): the smallest
     /// l₀ ≤ [`LayerPlan::key_first_level`] whose key fits [`MAX_PLAN_KEY_BYTES`], else
     /// `key_first_level` (the smallest key it accepts).
     pub fn key_first_level_alone(&self) -> u32 {
-        let top = self.key_first_level.max(1);
+        let top = self.key_first_level.clamp(1, 16);
         (1..=top)
             .find(|&l| self.key_bytes_from(l) <= MAX_PLAN_KEY_BYTES)
             .unwrap_or(top)
@@ -402,7 +404,11 @@ impl LayerPlan {
     pub fn hoisted_levels(&self) -> u32 {
         match self.mode {
             OutputMode::NoKey => 0,
-            OutputMode::Packed => self.hoisted_levels,
+            // check_layout refuses more than the tree's depth; estimates on a hand-built plan
+            // stay within it.
+            OutputMode::Packed => self
+                .hoisted_levels
+                .min(self.leaves_per_group().trailing_zeros()),
         }
     }
 

@@ -124,3 +124,31 @@ fn huge_noise_is_refused_with_typed_error() {
     .unwrap_err();
     assert!(matches!(e, HeError::FailureBoundExceeded { .. }), "{e}");
 }
+
+#[test]
+fn hand_built_extremes_give_finite_estimates_and_are_refused() {
+    let plan = LayerPlan::new(
+        P,
+        OutputMode::Packed,
+        384,
+        1536,
+        128,
+        WeightStats::worst_case(384, 1536, 128, 0),
+        PlanOptions {
+            batch: Some(16),
+            ..PlanOptions::default()
+        },
+    )
+    .unwrap();
+    let wild = LayerPlan {
+        hoisted_levels: u32::MAX,
+        key_first_level: u32::MAX,
+        ..plan
+    };
+    // Estimates stay finite (no endless loop, no shift overflow)...
+    assert!(wild.key_switches() > 0);
+    assert!(plan_cost(&wild, 16).is_finite());
+    assert!(wild.eval_key_bytes() > 0);
+    // ...and the plan itself is refused before anything evaluates with it.
+    assert!(matches!(wild.check_layout(), Err(HeError::Shape(_))));
+}
