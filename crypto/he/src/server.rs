@@ -31,6 +31,16 @@ pub(crate) struct NttCiphertext {
     pub(crate) body: Vec<NttPoly>,
 }
 
+impl NttCiphertext {
+    /// The zero ciphertext (mask and `bodies` bodies) over `primes` CRT primes.
+    pub(crate) fn zero(ntt: &crate::ntt::Ntt, primes: usize, bodies: usize) -> Self {
+        Self {
+            mask: ntt.zero_with(primes),
+            body: (0..bodies).map(|_| ntt.zero_with(primes)).collect(),
+        }
+    }
+}
+
 /// A layer ready for evaluation: its plan, and its weights and bias in the NTT domain.
 pub struct PreparedLayer {
     ctx: Arc<Context>,
@@ -521,22 +531,18 @@ impl PreparedLayer {
     ) -> NttCiphertext {
         let ntt = &self.ctx.ntt;
         let r = inputs.first().map_or(1, |i| i.body.len());
-        let mut acc_a = ntt.zero_with(self.primes);
-        let mut acc_b: Vec<NttPoly> = (0..r).map(|_| ntt.zero_with(self.primes)).collect();
+        let mut acc = NttCiphertext::zero(ntt, self.primes, r);
         for (inp, w) in inputs.iter().zip(weights) {
-            ntt.mul_acc(&mut acc_a, &inp.mask, w);
-            for (acc, body) in acc_b.iter_mut().zip(&inp.body) {
-                ntt.mul_acc(acc, body, w);
+            ntt.mul_acc(&mut acc.mask, &inp.mask, w);
+            for (a, body) in acc.body.iter_mut().zip(&inp.body) {
+                ntt.mul_acc(a, body, w);
             }
         }
         if let Some(b) = bias {
-            for acc in &mut acc_b {
-                ntt.add_assign(acc, b);
+            for a in &mut acc.body {
+                ntt.add_assign(a, b);
             }
         }
-        NttCiphertext {
-            mask: acc_a,
-            body: acc_b,
-        }
+        acc
     }
 }

@@ -121,14 +121,7 @@ impl PreparedLayer {
             let (g, _) = level(n, self.plan.chunk, 1 << j);
             let next = map_maybe_par((0..out.len()).collect(), parallel, |i: usize| {
                 let v = &out[i];
-                let zero = NttCiphertext {
-                    mask: self.ctx.ntt.zero_with(self.primes),
-                    body: v
-                        .body
-                        .iter()
-                        .map(|_| self.ctx.ntt.zero_with(self.primes))
-                        .collect(),
-                };
+                let zero = NttCiphertext::zero(&self.ctx.ntt, self.primes, v.body.len());
                 super::pack::key_switch_add_ref(&self.ctx, zero, v, g, key)
             });
             out.extend(next);

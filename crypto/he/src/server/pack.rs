@@ -53,12 +53,7 @@ impl PreparedLayer {
         self.subtree(inputs, first, last, offset, step, width, key, opts)
             .unwrap_or_else(|| {
                 let r = inputs.first().map_or(1, |i| i.body.len());
-                NttCiphertext {
-                    mask: self.ctx.ntt.zero_with(self.primes),
-                    body: (0..r)
-                        .map(|_| self.ctx.ntt.zero_with(self.primes))
-                        .collect(),
-                }
+                NttCiphertext::zero(&self.ctx.ntt, self.primes, r)
             })
     }
 
@@ -298,10 +293,7 @@ fn compose(
     };
     let g0 = automorphism_for_stride(n, 1 << first);
     let primes = v.mask.0.len() / n;
-    let zero = |c: &NttCiphertext| NttCiphertext {
-        mask: ctx.ntt.zero_with(primes),
-        body: c.body.iter().map(|_| ctx.ntt.zero_with(primes)).collect(),
-    };
+    let zero = |c: &NttCiphertext| NttCiphertext::zero(&ctx.ntt, primes, c.body.len());
     let mut w = key_switch_add_ref(ctx, zero(v), v, g0, key);
     for _ in 1..1usize << (first - l) {
         w = key_switch_add_ref(ctx, zero(&w), &w, g0, key);
