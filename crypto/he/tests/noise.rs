@@ -82,9 +82,27 @@ fn measure_with(
     )
 }
 
-/// With 4096 samples the variance estimate has a relative standard deviation of about 2–3 %
-/// (sub-Gaussian, light-tailed noise); a ±20 % band is > 6 standard deviations wide, so the
-/// false-failure rate of this test is below 1e-9.
+/// The plan's bound is a bound on the noise *variance* (it feeds the failure probability,
+/// TDM-PAR-HE-1), not on one run's sample variance. Where it is tight — NoKey, whose bound
+/// differs from the prediction only by the largest block norm against the mean one and a
+/// secret of weight N against N/2 (pred/bound 0.993 for 1024×1024) — a sample variance above
+/// the bound is the estimator's noise, not a broken bound. So: the bound must dominate the
+/// prediction, and the measurement may exceed the bound by no more than the band allows.
+fn assert_bound_dominates(mode: OutputMode, predicted: f64, measured: f64, bound: f64) {
+    assert!(
+        predicted <= bound,
+        "{mode:?}: the bound ({bound:.3e}) must dominate the prediction ({predicted:.3e})"
+    );
+    assert!(
+        measured <= 1.25 * bound,
+        "{mode:?}: measured {measured:.3e} is beyond the band above the bound {bound:.3e}"
+    );
+}
+
+/// The sample variance fluctuates around the true variance: over 30 runs of this file
+/// (2026-12-01) the measured/predicted ratio ranged over 0.946–1.066 (a relative standard
+/// deviation of about 2.5 %; the outputs of one block share the same noise polynomial, so they
+/// are not independent samples). The −20 %/+25 % band is > 8 standard deviations wide.
 #[test]
 fn measured_noise_variance_matches_prediction() {
     let row = PlanOptions::default();
@@ -105,10 +123,7 @@ fn measured_noise_variance_matches_prediction() {
         let ratio = measured / predicted;
         eprintln!("{mode:?} {n_in}x{n_out} batch {batch}: measured {measured:.3e}, predicted {predicted:.3e}, ratio {ratio:.3}, max |e| 2^{:.1}, bound std 2^{:.1}", max_abs.log2(), bound.sqrt().log2());
         assert!((0.8..=1.25).contains(&ratio), "{mode:?}: ratio {ratio}");
-        assert!(
-            measured <= bound,
-            "{mode:?}: the bound must dominate the measurement"
-        );
+        assert_bound_dominates(mode, predicted, measured, bound);
     }
 }
 
@@ -134,9 +149,6 @@ fn two_body_noise_variance_matches_the_single_secret_prediction() {
         let ratio = measured / predicted;
         eprintln!("{mode:?} 384x1536 batch 16, r = 2: measured {measured:.3e}, predicted {predicted:.3e}, ratio {ratio:.3}, max |e| 2^{:.1}, bound std 2^{:.1}", max_abs.log2(), bound.sqrt().log2());
         assert!((0.8..=1.25).contains(&ratio), "{mode:?}: ratio {ratio}");
-        assert!(
-            measured <= bound,
-            "{mode:?}: the bound must dominate the measurement"
-        );
+        assert_bound_dominates(mode, predicted, measured, bound);
     }
 }
