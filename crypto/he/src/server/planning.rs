@@ -170,7 +170,10 @@ impl PreparedLayer {
     /// bits per coefficient both ways. `max_bodies` (public, 0 or 1 = one secret) lets the
     /// planner share each mask among up to that many bodies (secrets), searched jointly with
     /// the chunk by the cost model (TDM-PAR-HE-3); the device needs an evaluation key with at
-    /// least the plan's [`LayerPlan::bodies`] (see `Client::evaluation_key_for`).
+    /// least the plan's [`LayerPlan::bodies`] (see `Client::evaluation_key_for`). Both runtimes
+    /// call this; its plans for a fixed grid of inputs are pinned by
+    /// `specs/vectors/he/plans.json` (TDM-PAR-HE-5: a layout change needs a new parameter-set
+    /// id).
     ///
     /// # Errors
     /// As [`PreparedLayer::plan_int8_batch`]; [`HeError::Shape`] if `max_bodies` exceeds
