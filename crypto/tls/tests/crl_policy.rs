@@ -51,11 +51,13 @@ fn crl_history(dir: &Path, devices: usize, revoke: &[&str]) -> Vec<String> {
     history
 }
 
+/// The one CRL of `pem`, read back through `load_crls` from a file of its own: tests run on
+/// parallel threads, and one fixed path shared by two of them let one test read (or delete)
+/// the other's CRL.
 fn der_of(pem: &str) -> CertificateRevocationListDer<'static> {
-    let p = std::env::temp_dir().join(format!("tandem-tls-crl-{}.pem", std::process::id()));
-    fs::write(&p, pem).unwrap();
-    let mut crls = load_crls(&p).unwrap();
-    fs::remove_file(&p).unwrap();
+    let f = tempfile::NamedTempFile::new().unwrap();
+    fs::write(f.path(), pem).unwrap();
+    let mut crls = load_crls(f.path()).unwrap();
     assert_eq!(crls.len(), 1);
     crls.pop().unwrap()
 }
@@ -246,22 +248,29 @@ fn stale_and_future_crls_have_a_stated_policy() {
     }
 }
 
+/// The CRL's nextUpdate is written in whole seconds (rcgen drops the fraction) and checked
+/// against whole seconds, so a CRL signed at `now` "valid for W s" is valid for between W − 1
+/// and W seconds. With W = 2 the first handshake had to finish within about one second of
+/// `now`, which a loaded 2-core CI machine (tests on parallel threads) does not promise; with
+/// W = 6 it has five. Then the test sleeps until nextUpdate has certainly passed.
 #[test]
 fn a_crl_expiring_while_the_cloud_runs_refuses_every_device() {
+    const VALID: Duration = Duration::from_secs(6);
     let pki = DevPki::generate(1).unwrap();
     let now = SystemTime::now();
+    let next_update = now + VALID;
     let mut creds = pki.server_credentials();
     creds.crls = vec![pki
-        .sign_crl_with(
-            2,
-            now - Duration::from_secs(60),
-            now + Duration::from_secs(2),
-        )
+        .sign_crl_with(2, now - Duration::from_secs(60), next_update)
         .unwrap()];
     let server = server_config(creds).unwrap();
     let device = || client_config(pki.client_credentials("device-1").unwrap()).unwrap();
     assert_served(Arc::clone(&server), device());
-    std::thread::sleep(Duration::from_millis(3100));
+    // Past nextUpdate by more than the one-second granularity of both clocks.
+    let expired = next_update + Duration::from_millis(1100);
+    if let Ok(left) = expired.duration_since(SystemTime::now()) {
+        std::thread::sleep(left);
+    }
     let err = expect_server_rejects(server, device(), "localhost");
     assert!(
         matches!(
