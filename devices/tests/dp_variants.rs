@@ -24,14 +24,15 @@ fn vk() -> VerifyingKey {
     read_verifying_key(&repo().join("models/dev-verifying-key.txt")).unwrap()
 }
 
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+/// Any loopback port, chosen when the cloud binds (a probed-and-closed port could be taken
+/// by another test's bind while the cloud prepares its models).
+fn any_addr() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
 }
 
 async fn start_cloud(pki: &DevPki, store: &Path, model: &Path) -> Cloud {
     let tls = server_config(pki.server_credentials()).unwrap();
-    let mut o = ServerOptions::new(free_addr(), tls, vk(), store.to_path_buf());
+    let mut o = ServerOptions::new(any_addr(), tls, vk(), store.to_path_buf());
     o.models = vec![model.to_path_buf()];
     Cloud::start(o).await.unwrap()
 }

@@ -150,7 +150,7 @@ impl Served {
             .build()
             .unwrap();
         let mut o = ServerOptions::new(
-            common::free_addr(),
+            common::any_addr(),
             server_config(pki.server_credentials()).unwrap(),
             key.verifying_key(),
             tmp.join("keys.redb"),

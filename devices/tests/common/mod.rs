@@ -54,10 +54,12 @@ pub fn device_options(pki: &DevPki, c: &Cloud, model: PathBuf, ledger: PathBuf) 
     )
 }
 
-/// A loopback address nobody listens on (yet).
-pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+/// Any loopback port, chosen by the OS when the cloud binds (read it back with
+/// `Cloud::local_addr`). A port probed free and closed before `Cloud::start` binds it (after
+/// preparing the models, which takes seconds for an encoder) can be taken by another test's
+/// bind in between.
+pub fn any_addr() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
 }
 
 /// The MiniLM skip rule and the tiny synthetic model of `tandem-ops`' tests (one copy for
@@ -101,7 +103,7 @@ impl EncoderCloud {
             .build()
             .unwrap();
         let mut o = ServerOptions::new(
-            free_addr(),
+            any_addr(),
             server_config(pki.server_credentials()).unwrap(),
             vk,
             tmp.path().join("keys.redb"),
