@@ -28,11 +28,12 @@ pub(crate) struct Rns3 {
     /// Q mod p_i split as Q = q_hi·2^64 + q_lo: q_hi mod p_i.
     q_hi_mod: [u64; 3],
     q_lo: u64,
-    /// Garner: p_0^−1 mod p_1, (p_0·p_1)^−1 mod p_2.
-    inv_p0_mod_p1: u64,
-    inv_p0p1_mod_p2: u64,
-    /// ⌊2^128/Q⌋, ⌊2^128/(p_1·p_2)⌋, ⌊2^128/p_2⌋.
-    scale_out: [u128; 3],
+    /// ⌊2^128/Q⌋, ⌊2^128/(p_1·p_2)⌋, ⌊2^128/p_2⌋ as four 32-bit limbs each, least
+    /// significant first (`scale_out`).
+    scale_out_limbs: [[u64; 4]; 3],
+    /// Garner in Shoup form: (p_0^−1 mod p_1, its ⌊·2^32/p_1⌋), (p_0 mod p_2, ⌊·2^32/p_2⌋),
+    /// ((p_0·p_1)^−1 mod p_2, ⌊·2^32/p_2⌋).
+    garner_shoup: [(u64, u64); 3],
     /// Digit constants: (p_1·p_2)^−1 mod p_0 and (p_0·p_2)^−1 mod p_1, with their Shoup
     /// companions ⌊k·2^32/p⌋.
     digit_k: [u64; 2],
@@ -82,6 +83,10 @@ impl Rns3 {
                 (p[0] as u128 * p[2] as u128 % p[2] as u128) as u64,
             ],
         ];
+        let shoup = |w: u64, p: u64| (w, (w << 32) / p);
+        let inv_p0_mod_p1 = inv_mod(p[0], p[1]);
+        let inv_p0p1_mod_p2 = inv_mod((p[0] as u128 * p[1] as u128 % p[2] as u128) as u64, p[2]);
+        let scale_out = [div(q), div(p[1] as u128 * p[2] as u128), div(p[2] as u128)];
         let digit_k = [
             inv_mod((p[1] as u128 * p[2] as u128 % p[0] as u128) as u64, p[0]),
             inv_mod((p[0] as u128 * p[2] as u128 % p[1] as u128) as u64, p[1]),
@@ -92,9 +97,13 @@ impl Rns3 {
             q,
             q_hi_mod: p.map(|x| q_hi % x),
             q_lo,
-            inv_p0_mod_p1: inv_mod(p[0], p[1]),
-            inv_p0p1_mod_p2: inv_mod((p[0] as u128 * p[1] as u128 % p[2] as u128) as u64, p[2]),
-            scale_out: [div(q), div(p[1] as u128 * p[2] as u128), div(p[2] as u128)],
+            scale_out_limbs: scale_out
+                .map(|f| [0, 32, 64, 96].map(|s| (f >> s) as u64 & 0xffff_ffff)),
+            garner_shoup: [
+                shoup(inv_p0_mod_p1, p[1]),
+                shoup(p[0] % p[2], p[2]),
+                shoup(inv_p0p1_mod_p2, p[2]),
+            ],
             digit_k,
             digit_k_shoup: [(digit_k[0] << 32) / p[0], (digit_k[1] << 32) / p[1]],
             gadget,
@@ -129,13 +138,55 @@ impl Rns3 {
     }
 
     /// round(x·2^64/Q) mod 2^64 for the integer x ∈ [0, Q) with residues `r0`, `r1`, `r2`
-    /// (each < p_i), coefficient by coefficient.
+    /// (each < p_i), coefficient by coefficient: the same values as
+    /// [`Rns3::scale_out_reference`], in u64 lanes only so that it vectorises. Garner's steps
+    /// are Shoup multiplications (every operand < 2^32); Σ v_i·F_i (F_i the 128-bit constants)
+    /// is taken in 32-bit limbs: with F_i = H_i·2^64 + L_i, the result is
+    /// Σ v_i·H_i + ⌊(Σ v_i·L_i + 2^63)/2^64⌋ modulo 2^64, and with L_i = L1_i·2^32 + L0_i the
+    /// floor is ⌊(Σ v_i·L1_i + ⌊Σ v_i·L0_i/2^32⌋ + 2^31)/2^32⌋ — each sum of three products of
+    /// a 30-bit v_i and a 32-bit limb stays below 2^64.
     pub(crate) fn scale_out(&self, r0: &[u32], r1: &[u32], r2: &[u32], out: &mut [u64]) {
+        let [_, p1, p2] = self.p;
+        let [(i01, i01s), (p0m2, p0m2s), (i012, i012s)] = self.garner_shoup;
+        let [f0, f1, f2] = self.scale_out_limbs;
+        crate::ntt::vectorized(
+            #[inline(always)]
+            || {
+                for ((o, &a), (&b, &c)) in out.iter_mut().zip(r0).zip(r1.iter().zip(r2)) {
+                    let (a, b, c) = (u64::from(a), u64::from(b), u64::from(c));
+                    // a < p0 < 2·p1 and < 2·p2: one conditional subtraction reduces it.
+                    let a1 = a.min(a.wrapping_sub(p1));
+                    let a2 = a.min(a.wrapping_sub(p2));
+                    let v1 = mul_shoup(b + p1 - a1, i01, i01s, p1);
+                    let t = a2 + mul_shoup(v1, p0m2, p0m2s, p2);
+                    let t = t.min(t.wrapping_sub(p2));
+                    let v2 = mul_shoup(c + p2 - t, i012, i012s, p2);
+                    let v0 = a;
+                    let lo0 = v0 * f0[0] + v1 * f1[0] + v2 * f2[0];
+                    let lo1 = v0 * f0[1] + v1 * f1[1] + v2 * f2[1] + (lo0 >> 32) + (1 << 31);
+                    let hi = (v0 * f0[2] + v1 * f1[2] + v2 * f2[2]).wrapping_add(
+                        (v0 * f0[3])
+                            .wrapping_add(v1 * f1[3])
+                            .wrapping_add(v2 * f2[3])
+                            << 32,
+                    );
+                    *o = hi.wrapping_add(lo1 >> 32);
+                }
+            },
+        );
+    }
+
+    /// [`Rns3::scale_out`] in u128 arithmetic, the definition the tests compare it with.
+    #[cfg(test)]
+    pub(crate) fn scale_out_reference(&self, r0: &[u32], r1: &[u32], r2: &[u32], out: &mut [u64]) {
         let [p0, p1, p2] = self.p;
-        let (i01, i012) = (self.inv_p0_mod_p1, self.inv_p0p1_mod_p2);
-        let [pi0, pi1, pi2] = self.pinv;
-        let _ = pi0;
-        let [f0, f1, f2] = self.scale_out;
+        let (i01, i012) = (self.garner_shoup[0].0, self.garner_shoup[2].0);
+        let [_, pi1, pi2] = self.pinv;
+        let [f0, f1, f2] = self.scale_out_limbs.map(|l| {
+            l.iter()
+                .rev()
+                .fold(0u128, |acc, &x| acc << 32 | u128::from(x))
+        });
         for ((o, &a), (&b, &c)) in out.iter_mut().zip(r0).zip(r1.iter().zip(r2)) {
             let (a, b, c) = (u64::from(a), u64::from(b), u64::from(c));
             // Mixed radix: v0 = a, v1 = (b − a)·p0^−1 mod p1, v2 = (c − a − v1·p0)·(p0p1)^−1 mod p2.
@@ -217,6 +268,37 @@ mod tests {
 
     fn to_int(r: &Rns3, x: u128) -> [u32; 3] {
         r.p.map(|p| (x % p as u128) as u32)
+    }
+
+    /// The vectorised conversion equals the u128 definition on every residue triple tried:
+    /// random ones and every combination of the extremes 0, 1, p_i − 2, p_i − 1.
+    #[test]
+    fn scale_out_equals_its_u128_reference() {
+        let r = Rns3::get();
+        let mut s = 0x0bad_cafe_u128;
+        let mut triples: Vec<[u32; 3]> = (0..200_000)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                to_int(r, (s ^ (s >> 17)) % r.q)
+            })
+            .collect();
+        let edge = |p: u64| [0, 1, p - 2, p - 1].map(|v| v as u32);
+        for a in edge(r.p[0]) {
+            for b in edge(r.p[1]) {
+                for c in edge(r.p[2]) {
+                    triples.push([a, b, c]);
+                }
+            }
+        }
+        let col = |i: usize| triples.iter().map(|t| t[i]).collect::<Vec<u32>>();
+        let (a, b, c) = (col(0), col(1), col(2));
+        let mut fast = vec![0u64; triples.len()];
+        let mut slow = vec![0u64; triples.len()];
+        r.scale_out(&a, &b, &c, &mut fast);
+        r.scale_out_reference(&a, &b, &c, &mut slow);
+        assert!(fast == slow);
     }
 
     #[test]
