@@ -91,12 +91,74 @@ fn services(test: &str) -> Option<Services> {
     }
 }
 
+/// A loopback port for a service these tests start themselves (a replica, HAProxy, a private
+/// PostgreSQL cluster), which binds it only later: after process start-up, or after initdb
+/// (seconds). A port from `bind(0)` is free when probed, but every other `bind(0)` on the
+/// machine in that window (the in-process clouds and metrics listeners, the replicas of other
+/// tests) draws at random from the same ephemeral range and takes it with probability
+/// ~1/14 000 each (Linux: the odd half of 32768–60999); two probes of this process could also
+/// return the same port. So the port comes from below the ephemeral range (which `bind(0)`
+/// and outgoing connections never use), is never handed out twice by this process, and is
+/// free when handed out.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (low, high) = (
+        ephemeral_low.saturating_sub(12_000).max(1024),
+        ephemeral_low,
+    );
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    if high > low {
+        let span = u32::from(high - low);
+        // Different processes start at different places (a concurrent run of this binary).
+        let start = std::process::id().wrapping_mul(7919) % span;
+        for i in 0..span {
+            let port = low + ((start + i) % span) as u16;
+            if !given.contains(&port) && std::net::TcpListener::bind(loopback(port)).is_ok() {
+                given.insert(port);
+                return port;
+            }
+        }
+    }
+    // No room below the ephemeral range: an OS-chosen port, still never handed out twice.
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if given.insert(port) {
+            return port;
+        }
+    }
+}
+
+/// Taken by every child-process spawn until the child has exec'd, and by a test around
+/// reopening a file-locked store it has just closed. Between `fork` and `exec` a child holds a
+/// copy of every descriptor of this (multi-threaded) test process, and with it the `flock` of
+/// any redb store a parallel test has open: a reopen in that instant is refused as "in use by
+/// another process" (the same mechanism made `crypto/dp/tests/ledger_lock.rs` fail once in
+/// CI). `Command::spawn` returns after the exec, so holding this across it closes the window.
+static FORK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn fork_guard() -> std::sync::MutexGuard<'static, ()> {
+    FORK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `cmd.spawn()` under [`FORK`].
+fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
+    let _g = fork_guard();
+    cmd.spawn()
+}
+
+/// `cmd.status()` with the spawn under [`FORK`] (not the wait).
+fn status(cmd: &mut Command) -> std::io::Result<std::process::ExitStatus> {
+    spawn(cmd)?.wait()
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -136,7 +198,7 @@ async fn env_script(svc: &Services, args: &[&str]) {
         args.iter().map(|s| s.to_string()).collect(),
     );
     let st =
-        tokio::task::spawn_blocking(move || Command::new("bash").arg(&script).args(&args).status())
+        tokio::task::spawn_blocking(move || status(Command::new("bash").arg(&script).args(&args)))
             .await
             .unwrap()
             .unwrap();
@@ -223,12 +285,13 @@ impl Replica {
         );
         let cfg = dir.join(format!("replica-{port}.toml"));
         std::fs::write(&cfg, toml).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tandem-replica"))
-            .arg(&cfg)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        let mut child = spawn(
+            Command::new(env!("CARGO_BIN_EXE_tandem-replica"))
+                .arg(&cfg)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit()),
+        )
+        .unwrap();
         let out = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -254,10 +317,8 @@ impl Replica {
     }
 
     fn sigterm(&mut self) {
-        let st = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
+        let st =
+            status(Command::new("kill").args(["-TERM", &self.child.id().to_string()])).unwrap();
         assert!(st.success());
         let t = Instant::now();
         while self.child.try_wait().unwrap().is_none() {
@@ -306,13 +367,14 @@ impl Haproxy {
         );
         let path = dir.join(format!("haproxy-{fe}.cfg"));
         std::fs::write(&path, cfg).unwrap();
-        let child = Command::new(&svc.haproxy)
-            .args(["-db", "-f"])
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting haproxy");
+        let child = spawn(
+            Command::new(&svc.haproxy)
+                .args(["-db", "-f"])
+                .arg(&path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("starting haproxy");
         let addr = loopback(fe);
         let t = Instant::now();
         while tokio::net::TcpStream::connect(addr).await.is_err() {
@@ -500,7 +562,12 @@ fn keystore_suite(open: &dyn Fn() -> Arc<dyn KeyBackend>) {
 fn keystore_suite_redb() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.redb");
-    keystore_suite(&|| Arc::new(RedbStore::open(&path).unwrap()));
+    // The suite drops its handle and reopens: under FORK, so no child process forked in
+    // between still holds the store's lock.
+    keystore_suite(&|| {
+        let _g = fork_guard();
+        Arc::new(RedbStore::open(&path).unwrap())
+    });
 }
 
 #[test]
@@ -544,11 +611,7 @@ fn postgres_quota_holds_across_replicas() {
 
 /// `scripts/scaleout-env.sh …` from a synchronous test.
 fn env_script_blocking(svc: &Services, args: &[&str]) {
-    let st = Command::new("bash")
-        .arg(&svc.script)
-        .args(args)
-        .status()
-        .unwrap();
+    let st = status(Command::new("bash").arg(&svc.script).args(args)).unwrap();
     assert!(st.success(), "scaleout-env.sh {args:?} failed");
 }
 
@@ -582,10 +645,11 @@ struct ClusterDown<'a>(&'a Services, String);
 
 impl Drop for ClusterDown<'_> {
     fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(&self.0.script)
-            .args(["pg-down", &self.1])
-            .status();
+        let _ = status(
+            Command::new("bash")
+                .arg(&self.0.script)
+                .args(["pg-down", &self.1]),
+        );
     }
 }
 
