@@ -307,9 +307,11 @@ async fn same_certificate_with_fresh_state_twenty_times_and_after_restart() {
     assert_eq!(cloud.key_store().len().unwrap(), 20);
     cloud.shutdown().await;
     // After a restart with 20 stored keys for this identity, a quota of 6: still served.
-    o.addr = addr;
+    // (On a fresh port: the old one is free while the models load, and another test's bind
+    // could take it.)
     o.resources.key_quota.max_keys = 6;
     let cloud = Cloud::start(o).await.unwrap();
+    let addr = cloud.local_addr();
     for i in 20..24 {
         fresh_device_infers(&pki, addr, tmp.path(), i).await;
     }
