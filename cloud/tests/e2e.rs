@@ -203,7 +203,11 @@ async fn cloud_restart_keeps_keys() {
     assert_eq!(cloud.metrics().key_registrations(), 1);
     cloud.shutdown().await;
 
-    let cloud = start(&pki, &store, addr, 0).await;
+    // The restarted cloud binds a fresh port (the old one is free while the models load, and
+    // another test's bind could take it); the device follows with `set_addr`.
+    let cloud = start(&pki, &store, any_addr(), 0).await;
+    let addr = cloud.local_addr();
+    dev.set_addr(addr);
     let again = dev.infer(&test.x[1], Protection::Encrypted).await.unwrap();
     assert_eq!(again.key_upload_bytes, 0, "no re-upload after a restart");
     assert_eq!(dev.key_uploads(), 1);

@@ -167,7 +167,6 @@ async fn damaged_set2_keys_are_refused_and_a_stored_one_survives_restart() {
     let mut o = server_opts(&pki, &store, "127.0.0.1:0".parse().unwrap());
     o.param_sets = vec![SET2.id, SET1.id];
     let cloud = Cloud::start(o.clone()).await.unwrap();
-    let addr = cloud.local_addr();
     let (k1, _) = device_key(&pki, &cloud, &tmp.path().join("d1"), SET1.id).await;
     let (k2, _) = device_key(&pki, &cloud, &tmp.path().join("d2"), SET2.id).await;
     assert_eq!(k2[6..8], SET2.id.to_le_bytes());
@@ -288,11 +287,13 @@ async fn damaged_set2_keys_are_refused_and_a_stored_one_survives_restart() {
 
     // A set-2 key persisted by the first cloud serves the same device process across a
     // restart of the cloud: no new upload, the same logits.
+    // Each cloud binds a fresh port (o.addr stays 127.0.0.1:0): the first cloud's port has
+    // been free since its shutdown, and any port is free while a restarting cloud loads its
+    // models, so another test's bind could take it. The device follows with `set_addr`.
     let dir = tmp.path().join("d3");
     o.key_store = store.clone();
-    o.addr = addr;
     let cloud = Cloud::start(o.clone()).await.unwrap();
-    let mut dev = Device::connect(dev_opts(&pki, addr, &dir, &[SET2.id]))
+    let mut dev = Device::connect(dev_opts(&pki, cloud.local_addr(), &dir, &[SET2.id]))
         .await
         .unwrap();
     let first = dev.infer(&x0(), Protection::Encrypted).await.unwrap();
@@ -300,6 +301,7 @@ async fn damaged_set2_keys_are_refused_and_a_stored_one_survives_restart() {
     let stored = cloud.key_store().len().unwrap();
     cloud.shutdown().await;
     let cloud = Cloud::start(o).await.unwrap();
+    dev.set_addr(cloud.local_addr());
     assert_eq!(cloud.key_store().len().unwrap(), stored, "reloaded");
     let again = dev.infer(&x0(), Protection::Encrypted).await.unwrap();
     assert_eq!(
