@@ -283,14 +283,9 @@ impl CloudProcess {
         use std::io::BufRead as _;
         let pki_dir = dir.join("pki");
         pki.write(&pki_dir)?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
-        let mport = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let metrics: std::net::SocketAddr = format!("127.0.0.1:{mport}").parse()?;
+        // Port 0 for both: the child binds them and prints what it bound (no port probed here
+        // and released before the child binds it, which a parallel process could take).
+        let (addr, metrics) = ("127.0.0.1:0", "127.0.0.1:0");
         let key_store = match postgres {
             Some(url) => format!("{{ postgres = {url:?}, pool_size = 8 }}"),
             None => format!("{:?}", dir.join("keys.redb").display().to_string()),
@@ -313,21 +308,27 @@ impl CloudProcess {
         let stderr = child.stderr.take().context("child stderr")?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut said = false;
+            // "tandem cloud listening on ADDR", then "… /metrics on http://ADDR".
+            let mut listen = None;
             for line in std::io::BufReader::new(stderr)
                 .lines()
                 .map_while(Result::ok)
             {
-                if !said && line.contains("listening on") {
-                    said = true;
-                    let _ = tx.send(());
+                let last = line.rsplit([' ', '/']).next().unwrap_or("");
+                if line.contains("listening on") {
+                    listen = last.parse::<std::net::SocketAddr>().ok();
+                } else if line.contains("/metrics on") {
+                    let metrics = last.parse::<std::net::SocketAddr>().ok();
+                    if let (Some(a), Some(m)) = (listen, metrics) {
+                        let _ = tx.send((a, m));
+                    }
                 }
             }
         });
-        if rx.recv_timeout(std::time::Duration::from_secs(60)).is_err() {
+        let Ok((addr, metrics)) = rx.recv_timeout(std::time::Duration::from_secs(60)) else {
             let _ = child.kill();
             bail!("`tandem cloud serve` did not start listening within 60 s");
-        }
+        };
         Ok(CloudProcess {
             child,
             addr,

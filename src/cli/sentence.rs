@@ -219,10 +219,8 @@ impl Endpoint {
             .build()?;
         let store =
             std::env::temp_dir().join(format!("tandem-{tag}-{}-keys.redb", std::process::id()));
-        let addr = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-            l.local_addr()?
-        };
+        // Port 0: the cloud binds it and reports the port (`local_addr`).
+        let addr: std::net::SocketAddr = "127.0.0.1:0".parse()?;
         let o = ServerOptions::new(addr, server_config(pki.server_credentials())?, vk, store);
         let o = loopback_options(o, model, mode, threads);
         let cloud = rt.block_on(Cloud::start(o))?;

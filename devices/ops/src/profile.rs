@@ -232,7 +232,9 @@ impl SplitProfile {
         Ok(())
     }
 
-    /// Writes the profile as JSON (parent directories created).
+    /// Writes the profile as JSON (parent directories created), atomically: to a file of its
+    /// own beside `path` (named by process id and a counter), then renamed over `path`, so a reader never sees
+    /// half a profile and concurrent writers each leave a whole one.
     ///
     /// # Errors
     /// [`OpsError::Io`] if it cannot be written.
@@ -248,7 +250,16 @@ impl SplitProfile {
             path: path.to_path_buf(),
             source,
         })?;
-        std::fs::write(path, json).map_err(io)
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{}-{n}.tmp", std::process::id()));
+        let tmp = std::path::PathBuf::from(tmp);
+        std::fs::write(&tmp, json).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io(e)
+        })
     }
 
     /// Device time of the non-linear steps (the same at every split depth), ms.

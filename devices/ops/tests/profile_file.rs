@@ -124,3 +124,33 @@ fn truncated_garbage_and_directories_are_typed_errors() {
         other => panic!("expected InvalidConfig, got {other:?}"),
     }
 }
+
+/// Writers racing on one path (threads here; processes sharing the default cache in use) each
+/// leave a whole profile: a reader in the middle reads a complete one, and no temporary file
+/// stays behind. (Written in place, as before, a reader could see a truncated file.)
+#[test]
+fn concurrent_writes_leave_a_whole_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("profile.json");
+    let p = profile();
+    p.write(&path).unwrap();
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..50 {
+                    p.write(&path).unwrap();
+                }
+            });
+        }
+        s.spawn(|| {
+            for _ in 0..200 {
+                assert_eq!(SplitProfile::read(&path).unwrap(), p);
+            }
+        });
+    });
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["profile.json"]);
+}
