@@ -308,8 +308,10 @@ impl CloudProcess {
         let stderr = child.stderr.take().context("child stderr")?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            // "tandem cloud listening on ADDR", then "… /metrics on http://ADDR".
+            // "tandem cloud listening on ADDR", then "… /metrics on http://ADDR". Until then
+            // every other line is kept: if the child exits first, they say why.
             let mut listen = None;
+            let mut said = Vec::new();
             for line in std::io::BufReader::new(stderr)
                 .lines()
                 .map_while(Result::ok)
@@ -320,14 +322,30 @@ impl CloudProcess {
                 } else if line.contains("/metrics on") {
                     let metrics = last.parse::<std::net::SocketAddr>().ok();
                     if let (Some(a), Some(m)) = (listen, metrics) {
-                        let _ = tx.send((a, m));
+                        let _ = tx.send(Ok((a, m)));
                     }
+                } else if listen.is_none() && said.len() < 40 {
+                    said.push(line);
                 }
             }
+            // End of its stderr: it exited (or closed it) before listening.
+            let _ = tx.send(Err(said.join("\n")));
         });
-        let Ok((addr, metrics)) = rx.recv_timeout(std::time::Duration::from_secs(60)) else {
-            let _ = child.kill();
-            bail!("`tandem cloud serve` did not start listening within 60 s");
+        let (addr, metrics) = match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(Ok(bound)) => bound,
+            Ok(Err(said)) => {
+                let _ = child.kill();
+                let status = child.wait().map_or("unknown".into(), |s| s.to_string());
+                bail!(
+                    "`tandem cloud serve --config {}` exited before listening ({status}):\n{said}",
+                    config.display()
+                );
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("`tandem cloud serve` did not start listening within 60 s");
+            }
         };
         Ok(CloudProcess {
             child,
@@ -346,7 +364,15 @@ impl CloudProcess {
     }
 
     /// Stops the child (this process started it; it is ended by its own id).
-    pub fn stop(mut self) {
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for CloudProcess {
+    /// A bench that fails after the spawn (a device that cannot connect, a refused input)
+    /// must not leave `tandem cloud serve` running: the child is ended by its own id.
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
