@@ -255,11 +255,13 @@ impl SplitProfile {
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(format!(".{}-{n}.tmp", std::process::id()));
         let tmp = std::path::PathBuf::from(tmp);
-        std::fs::write(&tmp, json).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io(e)
-        })
+        // A failed write (disk full) or rename leaves no temporary file behind.
+        std::fs::write(&tmp, json)
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                io(e)
+            })
     }
 
     /// Device time of the non-linear steps (the same at every split depth), ms.
