@@ -5,7 +5,8 @@
 //! being acknowledged and failing every request.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use tandem_he::{
     Client, Context, EncryptedOutput, EvaluationKey, LayerPlan, OutputMode,
     PARAMS_V2_N4096_Q90RNS_TUNIFORM4_SEC132_2M64 as SET2,
 };
-use tandem_model::{read_verifying_key, Bundle, Part, VerifyingKey};
+use tandem_model::{Bundle, Part};
 use tandem_protocol::{
     DeviceConfig, DeviceEvent, DeviceSession, EncryptedBlock, RequestPayload, ResponsePayload,
 };
@@ -23,20 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn vk() -> VerifyingKey {
-    read_verifying_key(&repo().join("models/dev-verifying-key.txt")).unwrap()
-}
-
-fn digits() -> PathBuf {
-    repo().join("models/digits")
-}
+use common::{digits, vk};
 
 /// Registers `key` on a fresh set-2 session, then sends one encrypted request for the
 /// digits cloud layer with `ct` under it; returns the decrypted row (panics on any refusal).

@@ -1,6 +1,8 @@
 //! End-to-end over real mutual TLS on loopback: cloud + device runtimes.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,20 +10,11 @@ use std::sync::Arc;
 use tandem_cloud::{Cloud, ServerOptions};
 use tandem_device::{Device, DeviceError, DeviceOptions, Protection};
 use tandem_he::OutputMode;
-use tandem_model::{read_verifying_key, Bundle, TestSet, VerifyingKey};
+use tandem_model::{Bundle, TestSet};
 use tandem_protocol::ErrorCode;
 use tandem_tls::{client_config, server_config, ClientCredentials, DevPki, DeviceCertProfile};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn vk() -> VerifyingKey {
-    read_verifying_key(&repo().join("models/dev-verifying-key.txt")).unwrap()
-}
+use common::{repo, vk};
 
 fn models() -> Vec<PathBuf> {
     vec![

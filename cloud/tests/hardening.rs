@@ -3,14 +3,16 @@
 //! from the served models, output-mode policy and parameter-set negotiation.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use tandem_cloud::{Cloud, ModelPolicy, ServerOptions};
 use tandem_device::{Device, DeviceError, DeviceOptions, Protection};
 use tandem_he::OutputMode;
-use tandem_model::{read_verifying_key, TestSet, VerifyingKey};
+use tandem_model::TestSet;
 use tandem_protocol::{
     DeviceConfig, DeviceEvent, DeviceSession, ErrorCode, Message, FRAME_HEADER_LEN,
 };
@@ -20,20 +22,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn vk() -> VerifyingKey {
-    read_verifying_key(&repo().join("models/dev-verifying-key.txt")).unwrap()
-}
-
-fn digits() -> PathBuf {
-    repo().join("models/digits")
-}
+use common::{digits, vk};
 
 fn opts(pki: &DevPki, store: &Path, addr: SocketAddr) -> ServerOptions {
     let tls = server_config(pki.server_credentials()).unwrap();

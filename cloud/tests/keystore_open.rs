@@ -3,23 +3,15 @@
 //! is refused at start.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tandem_cloud::{Cloud, CloudError, KeyBackend, KeyQuota, RedbStore, ServerOptions};
-use tandem_model::{read_verifying_key, VerifyingKey};
 use tandem_tls::{server_config, DevPki};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn vk() -> VerifyingKey {
-    read_verifying_key(&repo().join("models/dev-verifying-key.txt")).unwrap()
-}
+use common::{repo, vk};
 
 fn any_addr() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()

@@ -4,8 +4,10 @@
 //! a good set-2 key persisted in the key store serves the same device after a restart.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use tandem_cloud::{Cloud, ServerOptions};
@@ -14,7 +16,7 @@ use tandem_he::{
     PARAMS_V1_N4096_Q64_TUNIFORM4_SEC132_2M64 as SET1,
     PARAMS_V2_N4096_Q90RNS_TUNIFORM4_SEC132_2M64 as SET2,
 };
-use tandem_model::{read_verifying_key, TestSet, VerifyingKey};
+use tandem_model::TestSet;
 use tandem_protocol::{DeviceConfig, DeviceEvent, DeviceSession, ErrorCode};
 use tandem_tls::{client_config, server_config, DevPki};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,20 +27,7 @@ use tokio_rustls::TlsConnector;
 /// Parameter set 2's primes (`specs/he-formats.md`, § Parameter set 2).
 const PRIMES: [u32; 3] = [0x3F5A_0001, 0x3F5D_0001, 0x3F76_0001];
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn vk() -> VerifyingKey {
-    read_verifying_key(&repo().join("models/dev-verifying-key.txt")).unwrap()
-}
-
-fn digits() -> PathBuf {
-    repo().join("models/digits")
-}
+use common::{digits, vk};
 
 fn server_opts(pki: &DevPki, store: &Path, addr: SocketAddr) -> ServerOptions {
     let tls = server_config(pki.server_credentials()).unwrap();
